@@ -1,0 +1,193 @@
+"""HF Llama-family checkpoints -> specjax param pytrees.
+
+The conversion is a literal name map plus an explicit transpose list (torch `Linear` stores
+[out, in]; we store [in, out] so activations multiply on the left). Every checkpoint tensor must
+be used and every shape must match, or the error names the offending key.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Mapping
+
+import numpy as np
+
+from specjax.models.config import ModelConfig
+
+# HF per-layer suffix -> (our stacked name, transpose?)
+LAYER_MAP = {
+    "input_layernorm.weight": ("attn_norm", False),
+    "post_attention_layernorm.weight": ("mlp_norm", False),
+    "self_attn.q_proj.weight": ("wq", True),
+    "self_attn.k_proj.weight": ("wk", True),
+    "self_attn.v_proj.weight": ("wv", True),
+    "self_attn.o_proj.weight": ("wo", True),
+    "self_attn.q_proj.bias": ("bq", False),
+    "self_attn.k_proj.bias": ("bk", False),
+    "self_attn.v_proj.bias": ("bv", False),
+    "mlp.gate_proj.weight": ("w_gate", True),
+    "mlp.up_proj.weight": ("w_up", True),
+    "mlp.down_proj.weight": ("w_down", True),
+}
+TOP_MAP = {
+    "model.embed_tokens.weight": ("embed", False),
+    "model.norm.weight": ("final_norm", False),
+    "lm_head.weight": ("lm_head", True),
+}
+# Non-parameter buffers some checkpoints carry.
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict:
+    """Shapes of our param pytree, flattened as {"layers/wq": shape, ...}."""
+    D, F, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {
+        "embed": (V, D), "final_norm": (D,),
+        "layers/attn_norm": (L, D), "layers/mlp_norm": (L, D),
+        "layers/wq": (L, D, q), "layers/wk": (L, D, kv), "layers/wv": (L, D, kv),
+        "layers/wo": (L, q, D),
+        "layers/w_gate": (L, D, F), "layers/w_up": (L, D, F), "layers/w_down": (L, F, D),
+    }
+    if cfg.attention_bias:
+        shapes.update({"layers/bq": (L, q), "layers/bk": (L, kv), "layers/bv": (L, kv)})
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint does not match the model config (missing, unused or misshapen tensor)."""
+
+
+def convert_state_dict(state: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=np.float32) -> dict:
+    """Map an HF state dict (name -> array) to our nested param dict (numpy, `dtype`)."""
+    shapes = expected_shapes(cfg)
+    per_layer: dict[str, list] = {k.split("/")[1]: [None] * cfg.num_layers
+                                  for k in shapes if k.startswith("layers/")}
+    flat: dict[str, np.ndarray] = {}
+    unused = []
+    for name, value in state.items():
+        if IGNORED.match(name):
+            continue
+        arr = np.asarray(value)
+        m = _LAYER_RE.match(name)
+        if m:
+            layer, suffix = int(m.group(1)), m.group(2)
+            if suffix not in LAYER_MAP or layer >= cfg.num_layers:
+                unused.append(name)
+                continue
+            ours, transpose = LAYER_MAP[suffix]
+            if ours not in per_layer:
+                unused.append(name)
+                continue
+            want = shapes["layers/" + ours][1:]
+            got = arr.T.shape if transpose else arr.shape
+            if got != want:
+                raise CheckpointMismatch(
+                    f"checkpoint tensor {name!r} has shape {arr.shape}; expected "
+                    f"{tuple(reversed(want)) if transpose else want} for this config")
+            per_layer[ours][layer] = arr.T if transpose else arr
+            continue
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            # Tied checkpoints sometimes also store the head; it must be the embedding.
+            emb = state.get("model.embed_tokens.weight")
+            if emb is not None and not np.array_equal(np.asarray(emb), arr):
+                raise CheckpointMismatch(
+                    "config says tie_word_embeddings=True but 'lm_head.weight' differs from "
+                    "'model.embed_tokens.weight'")
+            continue
+        if name not in TOP_MAP:
+            unused.append(name)
+            continue
+        ours, transpose = TOP_MAP[name]
+        val = arr.T if transpose else arr
+        if val.shape != shapes[ours]:
+            raise CheckpointMismatch(
+                f"checkpoint tensor {name!r} has shape {arr.shape}; expected "
+                f"{tuple(reversed(shapes[ours])) if transpose else shapes[ours]} for this config")
+        flat[ours] = val
+    if unused:
+        raise CheckpointMismatch(
+            f"{len(unused)} checkpoint tensor(s) not used by a {cfg.model_type} model with this "
+            f"config: {', '.join(sorted(unused)[:8])}{' ...' if len(unused) > 8 else ''}")
+    missing = [k for k in shapes if not k.startswith("layers/") and k not in flat]
+    for ours, items in per_layer.items():
+        missing += [f"model.layers.{i}.<{ours}>" for i, a in enumerate(items) if a is None]
+    if missing:
+        raise CheckpointMismatch(
+            f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}"
+            f"{' ...' if len(missing) > 8 else ''}")
+    layers = {k: np.stack(v).astype(dtype) for k, v in per_layer.items()}
+    params = {k: v.astype(dtype) for k, v in flat.items()}
+    params["layers"] = layers
+    return params
+
+
+def read_hf_dir(path: str) -> dict:
+    """Read all tensors of an HF checkpoint directory (safetensors, sharded or not, or .bin)."""
+    files = sorted(os.listdir(path))
+    st = [f for f in files if f.endswith(".safetensors")]
+    if st:
+        state = {}
+        for f in st:
+            for k, v in _load_safetensors(os.path.join(path, f)).items():
+                state[k] = v
+        return state
+    bins = [f for f in files if f.endswith(".bin") and f.startswith("pytorch_model")]
+    if bins:
+        import torch  # only needed for legacy .bin checkpoints
+
+        state = {}
+        for f in bins:
+            sd = torch.load(os.path.join(path, f), map_location="cpu", weights_only=True)
+            state.update({k: v.float().numpy() for k, v in sd.items()})
+        return state
+    raise FileNotFoundError(
+        f"no *.safetensors or pytorch_model*.bin files in {path!r}; found: {files[:10]}")
+
+
+def _load_safetensors(file: str) -> dict:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(file)
+    except (TypeError, ValueError):
+        # bfloat16 has no numpy dtype: read through JAX and upcast.
+        from safetensors.flax import load_file as load_jax
+
+        return {k: np.asarray(v, dtype=np.float32) for k, v in load_jax(file).items()}
+
+
+def read_hf_config(path: str) -> dict:
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        raise FileNotFoundError(f"{path!r} has no config.json; is it an HF checkpoint directory?")
+    with open(cfg_file) as f:
+        return json.load(f)
+
+
+def load_hf_dir(path: str, dtype=np.float32):
+    """HF checkpoint directory -> (params as numpy, ModelConfig)."""
+    cfg = ModelConfig.from_hf(read_hf_config(path))
+    return convert_state_dict(read_hf_dir(path), cfg, dtype), cfg
+
+
+def load_gguf(path: str, dtype=np.float32):
+    """GGUF file -> (params as numpy, ModelConfig, tokenizer), via transformers + `gguf`.
+
+    transformers de-quantizes the tensors and undoes llama.cpp's q/k row permutation, so the
+    resulting state dict is in HF layout and goes through the same checked name map.
+    """
+    import torch
+    import transformers
+
+    folder, name = os.path.split(os.path.abspath(path))
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                              dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    cfg = ModelConfig.from_hf(model.config)
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    return convert_state_dict(state, cfg, dtype), cfg, tok

