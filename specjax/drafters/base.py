@@ -1,0 +1,89 @@
+"""The drafter protocol.
+
+A drafter is a frozen, hashable spec (static settings: passed to `jit` as a static argument) plus
+a param pytree (traced). Its three pure functions run inside the decode `while_loop`:
+
+    init(params, prefill: TargetPrefill, max_len) -> state
+    propose(params, state, last [B], key, mode, sp) -> (Draft, state)
+    commit(params, state, draft, accepted, active [B], target: TargetStep) -> state
+
+`last[b]` is the newest token of row b: emitted, but not yet in the target's KV cache. A draft of
+K tokens continues it. After verification the first `accepted.n[b]` draft tokens and
+`accepted.bonus[b]` were emitted; the drafter updates its own state (KV cache rollback, history)
+for rows where `active[b]`, and must leave the other rows' state unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional
+
+import jax
+from flax import struct
+
+from specjax.models.config import ModelConfig
+from specjax.models.llama import Hiddens
+from specjax.models.cache import KVCache
+
+
+class Draft(NamedTuple):
+    tokens: jax.Array  # [B, K] int32
+    logp: Optional[jax.Array]  # [B, K, V] processed draft log-probs; None = deterministic (one-hot)
+
+
+@struct.dataclass
+class TargetPrefill:
+    """What a drafter may read when it starts: the padded prompt and the target's prefill."""
+
+    tokens: jax.Array  # [B, P] int32 right-padded prompts
+    lengths: jax.Array  # [B] int32 prompt lengths
+    first: jax.Array  # [B] int32 first generated token (= `last` at the first propose)
+    cache: KVCache  # target cache after the prefill (lengths = prompt lengths)
+    hiddens: Hiddens  # target hidden states over the prompt
+
+
+@struct.dataclass
+class TargetStep:
+    """The target's verify forward, for drafters that read target features (EAGLE, Medusa)."""
+
+    tokens: jax.Array  # [B, K+1] the verified block: last, then the draft
+    hiddens: Hiddens
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterSpec:
+    """Base of every drafter spec. Subclasses are frozen dataclasses with hashable fields."""
+
+    k: int  # draft tokens per step (static)
+
+    kind = "base"
+    hidden_layers: tuple = ()  # target hidden states the drafter reads (HF hidden_states index)
+
+    def __post_init__(self):
+        if not isinstance(self.k, int) or self.k <= 0:
+            raise ValueError(f"draft length k must be a positive int, got {self.k!r}")
+
+    def init(self, params, prefill: TargetPrefill, max_len: int) -> Any:
+        raise NotImplementedError
+
+    def propose(self, params, state, last, key, mode, sp):
+        raise NotImplementedError
+
+    def commit(self, params, state, draft: Draft, accepted, active, target: TargetStep):
+        raise NotImplementedError
+
+    def check_compatible(self, target_cfg: ModelConfig, target_dtype) -> None:
+        """Raise ValueError when this drafter cannot serve the target."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Drafter:
+    """What users pass as `generate(..., drafter=...)`: a spec plus its params."""
+
+    spec: DrafterSpec
+    params: Any = None
+    name: str = ""
+    tokenizer: Any = None  # the drafter's tokenizer, when it has one (checked against the target)
+
+    @property
+    def k(self) -> int:
+        return self.spec.k

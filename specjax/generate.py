@@ -1,0 +1,226 @@
+"""`specjax.generate`: prompts in, tokens + text + statistics out.
+
+Host side only: tokenization, validation, shape buckets (one compilation per bucket, never per
+prompt), timing. Everything per step runs on device in `engine.decode`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax import engine
+from specjax.drafters.base import Drafter
+from specjax.model import Model
+from specjax.sampling import make_sampling
+
+Prompt = Union[str, Sequence[int]]
+MIN_PROMPT_BUCKET = 16
+MIN_NEW_BUCKET = 16
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    tokens: list  # list[list[int]] generated ids per row (EOS included when hit)
+    text: list  # list[str] decoded generated text per row (special tokens skipped)
+    lengths: list  # list[int] generated tokens per row
+    prompt_lengths: list  # list[int]
+    stats: dict  # timings, forwards, tau, acceptance histogram (see `_stats`)
+
+    def __repr__(self):
+        s = self.stats
+        return (f"GenerateOutput(rows={len(self.tokens)}, lengths={self.lengths}, "
+                f"tok/s={s['tokens_per_s']:.1f}, tau={s['tau']:.2f})")
+
+
+def bucket(n: int, minimum: int) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+def _normalize_prompts(prompts) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, np.ndarray) or isinstance(prompts, jax.Array):
+        arr = np.asarray(prompts)
+        return [arr.tolist()] if arr.ndim == 1 else [list(r) for r in arr.tolist()]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty: pass a string, a list of strings, or token id lists")
+    if all(isinstance(p, (int, np.integer)) for p in prompts):
+        return [prompts]
+    return prompts
+
+
+def encode_prompts(model: Model, prompts, chat: bool) -> list[list[int]]:
+    rows = []
+    for i, p in enumerate(_normalize_prompts(prompts)):
+        if not isinstance(p, str) and not hasattr(p, "__len__"):
+            raise ValueError(f"prompt {i} is {type(p).__name__}; expected a string or token ids")
+        ids = model.encode(p, chat=chat)
+        if len(ids) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        V = model.config.vocab_size
+        bad = [t for t in ids if t < 0 or t >= V]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, {V}): {bad[:5]}")
+        rows.append(ids)
+    return rows
+
+
+def _check_args(model: Model, rows, max_new_tokens, drafter: Optional[Drafter]):
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    ctx = model.config.max_position_embeddings
+    for i, ids in enumerate(rows):
+        if len(ids) + max_new_tokens > ctx:
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that "
+                f"exceeds the model's context of {ctx} positions")
+    if drafter is not None:
+        if not isinstance(drafter, Drafter):
+            raise TypeError(f"drafter must be a specjax Drafter (see specjax.drafters), got "
+                            f"{type(drafter).__name__}")
+        drafter.spec.check_compatible(model.config, model.dtype)
+        if drafter.tokenizer is not None and model.tokenizer is not None:
+            if drafter.tokenizer.get_vocab() != model.tokenizer.get_vocab():
+                raise ValueError(f"drafter {drafter.name!r} uses a different tokenizer than the "
+                                 f"target {model.name!r}: speculative decoding needs one vocabulary")
+
+
+def prepare(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
+            top_k=None, top_p=None, key=None, chat: bool = True,
+            drafter: Optional[Drafter] = None, impl: str = "xla", batch_multiple: int = 1):
+    """Everything `generate` does before running: -> (ec, args for engine.prefill, rows)."""
+    rows = encode_prompts(model, prompts, chat)
+    _check_args(model, rows, max_new_tokens, drafter)
+    mode, sp = make_sampling(temperature, top_k, top_p)
+    n = len(rows)
+    B = bucket(n, 1)
+    B = -(-B // batch_multiple) * batch_multiple
+    P = bucket(max(len(r) for r in rows), MIN_PROMPT_BUCKET)
+    N = bucket(int(max_new_tokens), MIN_NEW_BUCKET)
+    k = 0 if drafter is None else drafter.k
+    # The cache holds the prompt, every emitted token, and one in-flight verify block.
+    max_len = P + N + k + 2
+    tokens = np.zeros((B, P), np.int32)
+    lengths = np.ones((B,), np.int32)
+    budget = np.zeros((B,), np.int32)  # padding rows get no budget: done from the start
+    for i, ids in enumerate(rows):
+        tokens[i, :len(ids)] = ids
+        lengths[i] = len(ids)
+        budget[i] = max_new_tokens
+    if key is None:
+        key = jax.random.key(0)
+    elif isinstance(key, int):
+        key = jax.random.key(key)
+    ec = engine.EngineConfig(target=model.config, mode=mode, max_new=N, eos=model.eos_token_ids,
+                             drafter=None if drafter is None else drafter.spec, impl=impl)
+    dparams = None if drafter is None else drafter.params
+    args = dict(tokens=jnp.asarray(tokens), lengths=jnp.asarray(lengths),
+                max_new=jnp.asarray(budget), key=key, sp=sp, dparams=dparams, max_len=max_len)
+    return ec, args, rows
+
+
+def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, key=None,
+             chat: bool = True, drafter: Optional[Drafter] = None, impl: str = "xla",
+             mesh: Optional[jax.sharding.Mesh] = None) -> GenerateOutput:
+    """Generate from one prompt or a batch (strings get the chat template when `chat`).
+
+    temperature 0 is greedy; otherwise sampling with optional top-k / top-p and an explicit
+    `key` (int seed or `jax.random` key). With `drafter`, speculative decoding: the output
+    equals (greedy) or is distributed exactly as (sampling) plain decoding of `model`.
+    With `mesh` (a `jax.sharding.Mesh` with a "data" axis) the batch is sharded over it.
+    """
+    from specjax import sharding
+
+    multiple = 1 if mesh is None else mesh.shape["data"]
+    ec, args, rows = prepare(model, prompts, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p, key=key,
+                             chat=chat, drafter=drafter, impl=impl, batch_multiple=multiple)
+    params, dparams = model.params, args.pop("dparams")
+    if mesh is not None:
+        params, dparams, args = sharding.place(mesh, params, dparams, args)
+    before = sum(engine.TRACE_COUNTS.values())
+    max_len = args.pop("max_len")
+    t0 = time.perf_counter()
+    state = engine.prefill(params, dparams, **args, ec=ec, max_len=max_len)
+    jax.block_until_ready(state.out)
+    t1 = time.perf_counter()
+    state = engine.decode(params, dparams, state, args["sp"], ec=ec)
+    jax.block_until_ready(state.out)
+    t2 = time.perf_counter()
+    compiled = sum(engine.TRACE_COUNTS.values()) > before
+    return finish(model, state, rows, t1 - t0, t2 - t1, compiled)
+
+
+def finish(model: Model, state: engine.LoopState, rows, prefill_s, decode_s, compiled):
+    out = np.asarray(state.out)
+    n_out = np.asarray(state.n_out)
+    tokens = [out[i, :n_out[i]].tolist() for i in range(len(rows))]
+    return GenerateOutput(tokens=tokens, text=[model.decode(t) for t in tokens],
+                          lengths=[len(t) for t in tokens], prompt_lengths=[len(r) for r in rows],
+                          stats=_stats(state, len(rows), prefill_s, decode_s, compiled))
+
+
+def _stats(state: engine.LoopState, n: int, prefill_s: float, decode_s: float, compiled) -> dict:
+    n_out = np.asarray(state.n_out)[:n]
+    row_steps = np.asarray(state.row_steps)[:n]
+    new = int(n_out.sum())
+    # tau (Spec-Bench): tokens emitted per target verify forward, bonus token included. The
+    # first token comes from the prefill forward, so it is not counted.
+    decode_tokens = np.maximum(n_out - 1, 0)
+    tau = float(decode_tokens.sum() / max(row_steps.sum(), 1))
+    total = prefill_s + decode_s
+    return {
+        "new_tokens": new,
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "total_s": total,
+        "tokens_per_s": new / total if total > 0 else 0.0,
+        "decode_tokens_per_s": float(decode_tokens.sum()) / decode_s if decode_s > 0 else 0.0,
+        "steps": int(state.steps),
+        "target_forwards": (1 + row_steps).tolist(),
+        "tau": tau,
+        "acceptance_histogram": np.asarray(state.accept_hist).tolist(),
+        "compiled": bool(compiled),
+    }
+
+
+def generate_stream(model: Model, prompt: Prompt, *, max_new_tokens: int = 128,
+                    temperature: float = 0.0, top_k=None, top_p=None, key=None,
+                    chat: bool = True, drafter: Optional[Drafter] = None,
+                    impl: str = "xla") -> Iterator[str]:
+    """Yield decoded text pieces of one prompt as they are produced.
+
+    Uses the Python-loop twin of the decode step (one jitted call per step) so the host can see
+    each step's tokens; same step function, same tokens as `generate`.
+    """
+    ec, args, rows = prepare(model, [prompt] if isinstance(prompt, str) else prompt,
+                             max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, key=key, chat=chat, drafter=drafter,
+                             impl=impl)
+    if len(rows) != 1:
+        raise ValueError(f"generate_stream takes one prompt, got {len(rows)}")
+    dparams, max_len, sp = args.pop("dparams"), args.pop("max_len"), args["sp"]
+    state = engine.prefill(model.params, dparams, **args, ec=ec, max_len=max_len)
+    emitted_text = ""
+    while True:
+        n = int(state.n_out[0])
+        text = model.decode(np.asarray(state.out[0, :n]).tolist())
+        if len(text) > len(emitted_text) and not text.endswith("\ufffd"):
+            yield text[len(emitted_text):]
+            emitted_text = text
+        if bool(state.done[0]):
+            break
+        state = engine.decode_one(model.params, dparams, state, sp, ec=ec)
+    if len(text) > len(emitted_text):
+        yield text[len(emitted_text):]

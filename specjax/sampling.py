@@ -1,0 +1,65 @@
+"""Logit processing and sampling, applied identically to target and draft distributions.
+
+Order follows HF `generate`: temperature, then top-k, then top-p. The static part (greedy or not,
+top-k, whether top-p is on) is a hashable `SamplingMode`; temperature and top-p values are traced
+scalars, so changing them does not recompile.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingMode:
+    greedy: bool = True
+    top_k: Optional[int] = None
+    use_top_p: bool = False
+
+
+def make_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]):
+    """Validate user settings -> (SamplingMode, traced params dict)."""
+    if temperature is None or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    greedy = temperature == 0.0
+    mode = SamplingMode(greedy=greedy, top_k=None if greedy else top_k,
+                        use_top_p=(not greedy) and top_p is not None and top_p < 1.0)
+    params = {"temperature": jnp.float32(temperature if not greedy else 1.0),
+              "top_p": jnp.float32(top_p if top_p is not None else 1.0)}
+    return mode, params
+
+
+def process_logits(logits: jax.Array, mode: SamplingMode, sp: dict) -> jax.Array:
+    """float32 logits [..., V] -> normalized log-probs [..., V] (-inf outside top-k / top-p)."""
+    x = logits.astype(jnp.float32) / sp["temperature"]
+    if mode.top_k is not None and mode.top_k < x.shape[-1]:
+        kth = jax.lax.top_k(x, mode.top_k)[0][..., -1:]
+        x = jnp.where(x < kth, NEG_INF, x)
+    logp = jax.nn.log_softmax(x, axis=-1)
+    if mode.use_top_p:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p (HF semantics:
+        # a token is kept while the mass strictly before it is < top_p; the top token always).
+        p = jnp.exp(logp)
+        sorted_p = jnp.sort(p, axis=-1)[..., ::-1]
+        before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
+        keep_sorted = before < sp["top_p"]
+        keep_sorted = keep_sorted.at[..., 0].set(True)
+        min_kept = jnp.min(jnp.where(keep_sorted, sorted_p, jnp.inf), axis=-1, keepdims=True)
+        logp = jax.nn.log_softmax(jnp.where(p >= min_kept, logp, NEG_INF), axis=-1)
+    return logp
+
+
+def sample_token(key: jax.Array, logits: jax.Array, mode: SamplingMode, sp: dict) -> jax.Array:
+    """[..., V] logits -> [...] int32 token (argmax when greedy)."""
+    if mode.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, process_logits(logits, mode, sp), axis=-1).astype(jnp.int32)
