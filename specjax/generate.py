@@ -88,11 +88,25 @@ def _check_args(model: Model, rows, max_new_tokens, drafter: Optional[Drafter]):
         if not isinstance(drafter, Drafter):
             raise TypeError(f"drafter must be a specjax Drafter (see specjax.drafters), got "
                             f"{type(drafter).__name__}")
-        drafter.spec.check_compatible(model.config, model.dtype)
         if drafter.tokenizer is not None and model.tokenizer is not None:
             if drafter.tokenizer.get_vocab() != model.tokenizer.get_vocab():
                 raise ValueError(f"drafter {drafter.name!r} uses a different tokenizer than the "
                                  f"target {model.name!r}: speculative decoding needs one vocabulary")
+
+
+def _bind_drafter(model: Model, drafter: Optional[Drafter]):
+    """-> (spec, params) of the drafter for this target, after compatibility checks."""
+    if drafter is None:
+        return None, None
+    from specjax.drafters import resolve
+
+    spec, dparams = resolve(drafter, model)
+    spec.check_compatible(model.config, model.dtype)
+    dtypes = {x.dtype for x in jax.tree.leaves(dparams) if jnp.issubdtype(x.dtype, jnp.floating)}
+    if dtypes and dtypes != {model.dtype}:
+        raise ValueError(f"drafter {drafter.name!r} has dtype {sorted(map(str, dtypes))} but the "
+                         f"target is {model.dtype}: convert one with Model.astype(...)")
+    return spec, dparams
 
 
 def prepare(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
@@ -102,6 +116,7 @@ def prepare(model: Model, prompts, *, max_new_tokens: int, temperature: float = 
     rows = encode_prompts(model, prompts, chat)
     _check_args(model, rows, max_new_tokens, drafter)
     mode, sp = make_sampling(temperature, top_k, top_p)
+    spec, dparams = _bind_drafter(model, drafter)
     n = len(rows)
     B = bucket(n, 1)
     B = -(-B // batch_multiple) * batch_multiple
@@ -122,8 +137,7 @@ def prepare(model: Model, prompts, *, max_new_tokens: int, temperature: float = 
     elif isinstance(key, int):
         key = jax.random.key(key)
     ec = engine.EngineConfig(target=model.config, mode=mode, max_new=N, eos=model.eos_token_ids,
-                             drafter=None if drafter is None else drafter.spec, impl=impl)
-    dparams = None if drafter is None else drafter.params
+                             drafter=spec, impl=impl)
     args = dict(tokens=jnp.asarray(tokens), lengths=jnp.asarray(lengths),
                 max_new=jnp.asarray(budget), key=key, sp=sp, dparams=dparams, max_len=max_len)
     return ec, args, rows
