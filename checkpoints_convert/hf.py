@@ -113,9 +113,13 @@ def convert_state_dict(state: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=
         raise CheckpointMismatch(
             f"{len(unused)} checkpoint tensor(s) not used by a {cfg.model_type} model with this "
             f"config: {', '.join(sorted(unused)[:8])}{' ...' if len(unused) > 8 else ''}")
-    missing = [k for k in shapes if not k.startswith("layers/") and k not in flat]
+    # Name missing tensors by their HF checkpoint keys.
+    hf_top = {ours: name for name, (ours, _) in TOP_MAP.items()}
+    hf_layer = {ours: suffix for suffix, (ours, _) in LAYER_MAP.items()}
+    missing = [hf_top[k] for k in shapes if not k.startswith("layers/") and k not in flat]
     for ours, items in per_layer.items():
-        missing += [f"model.layers.{i}.<{ours}>" for i, a in enumerate(items) if a is None]
+        missing += [f"model.layers.{i}.{hf_layer[ours]}"
+                    for i, a in enumerate(items) if a is None]
     if missing:
         raise CheckpointMismatch(
             f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}"

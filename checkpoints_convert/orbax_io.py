@@ -54,17 +54,33 @@ def load_converted(path: str):
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path!r} has checkpoint format {meta.get('format_version')!r}; this "
                          f"specjax reads format {FORMAT_VERSION}: convert the model again")
-    cfg = ModelConfig.from_dict(meta["config"])
+    try:
+        cfg = ModelConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{os.path.join(path, CONFIG_FILE)!r} holds an invalid model config "
+                         f"({type(e).__name__}: {e}): convert the model again") from e
+    params_dir = os.path.join(path, "params")
+    if not os.path.isdir(params_dir):
+        raise FileNotFoundError(f"converted checkpoint {path!r} has no params/ directory: "
+                                f"convert the model again")
     with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(path, "params"))
+        params = ckptr.restore(params_dir)
     params = jax.tree.map(np.asarray, params)
     from checkpoints_convert.hf import expected_shapes, CheckpointMismatch
 
     flat = {"/".join(str(getattr(k, "key", k)) for k in kp): v.shape
             for kp, v in jax.tree_util.tree_leaves_with_path(params)}
-    if flat != expected_shapes(cfg):
-        raise CheckpointMismatch(f"converted checkpoint {path!r} does not match its config: "
-                                 f"{sorted(set(flat.items()) ^ set(expected_shapes(cfg).items()))[:6]}")
+    want = expected_shapes(cfg)
+    if flat != want:
+        problems = [f"{k}: checkpoint has shape {flat[k]}, config needs {want[k]}"
+                    for k in sorted(flat.keys() & want.keys()) if flat[k] != want[k]]
+        problems += [f"{k}: needed by the config, absent from the checkpoint"
+                     for k in sorted(want.keys() - flat.keys())]
+        problems += [f"{k}: in the checkpoint, unknown to the config"
+                     for k in sorted(flat.keys() - want.keys())]
+        raise CheckpointMismatch(
+            f"converted checkpoint {path!r} does not match its {CONFIG_FILE} "
+            f"({len(problems)} problem(s)): {'; '.join(problems)}. Convert the model again.")
     tok = None
     tok_dir = os.path.join(path, "tokenizer")
     if os.path.isdir(tok_dir):

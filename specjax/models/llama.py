@@ -30,7 +30,10 @@ ATTENTION_IMPLS = ("xla", "pallas")
 
 class Hiddens(NamedTuple):
     last: jax.Array  # [B, T, D] final hidden state after the final norm (what the LM head reads)
-    layers: Optional[jax.Array]  # [n, B, T, D] HF `hidden_states[i]` for each requested i, or None
+    # [n, B, T, D] for each requested i: the residual stream entering layer i (i=0: embeddings;
+    # i=num_layers: last layer output), never normed. Equals HF `hidden_states[i]` for
+    # i < num_layers; HF's `hidden_states[num_layers]` is post-norm, i.e. `last`. None if none.
+    layers: Optional[jax.Array]
 
 
 # ----------------------------------------------------------------------------- RoPE

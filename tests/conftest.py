@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random-weight HF transformers models built on the fly (no downloads)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+_FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+}
+
+
+def build_hf_model(family: str = "llama", seed: int = 0, **overrides):
+    """A float32 eval-mode HF causal LM with 2 layers (by default) and O(1)-scale random weights.
+
+    HF's own init (std 0.02, zero biases, unit norms) gives near-uniform attention and tiny
+    logits, under which a wrong RoPE or mask could still pass a 1e-4 parity check. So every
+    weight is redrawn: embeddings ~ N(0, 1), matrices ~ N(0, 1/fan_in), norm weights ~ 1 + N(0,
+    0.1^2), biases ~ N(0, 1) (non-zero, so a dropped Qwen2 bias is caught).
+    """
+    cfg_cls, model_cls = _FAMILIES[family]
+    kw = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              rms_norm_eps=1e-6, attn_implementation="eager")
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**kw)).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        # named_parameters() yields a tied lm_head/embedding only once.
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("bias"):
+                p.copy_(noise)
+            elif p.ndim == 1:  # RMSNorm weights
+                p.copy_(1.0 + 0.1 * noise)
+            elif "embed_tokens" in name:
+                p.copy_(noise)
+            else:  # torch Linear weight: [out, in]
+                p.copy_(noise / p.shape[1] ** 0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def make_hf_model():
+    """Factory fixture: `make_hf_model(family, seed=0, **config_overrides)` -> HF model."""
+    return build_hf_model

@@ -1,0 +1,265 @@
+"""Checkpoint loading: HF safetensors directories (single file and sharded), checked name/shape
+mapping with errors that name the offending tensor, and orbax round trips of converted models."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+import specjax
+from checkpoints_convert import (CheckpointMismatch, is_converted_dir, load_converted,
+                                 save_converted)
+from specjax.models.config import SUPPORTED_MODEL_TYPES
+
+ATOL = 1e-4
+
+
+def hf_logits(hf_model, ids):
+    with torch.no_grad():
+        return hf_model(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+
+
+def max_err(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return np.random.default_rng(0).integers(0, 101, size=(2, 16)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, make_hf_model):
+    """A tiny untied GQA Llama saved with save_pretrained (one model.safetensors)."""
+    hf = make_hf_model("llama", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    path = tmp_path_factory.mktemp("hf") / "llama"
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def edited_copy(src, dst, edit):
+    """Copy an HF checkpoint dir, applying `edit(tensors: dict)` to its model.safetensors."""
+    os.makedirs(dst)
+    for f in os.listdir(src):
+        if f != "model.safetensors":
+            with open(os.path.join(src, f), "rb") as a, open(os.path.join(dst, f), "wb") as b:
+                b.write(a.read())
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+# ----------------------------------------------------------------------------- HF directories
+
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", dict()),
+    ("qwen2", dict()),  # q/k/v biases
+    ("llama", dict(tie_word_embeddings=True)),  # save_pretrained drops the tied lm_head
+], ids=["llama", "qwen2", "llama-tied"])
+def test_load_hf_safetensors_dir(family, overrides, tmp_path, make_hf_model, ids):
+    hf = make_hf_model(family, **overrides)
+    hf.save_pretrained(tmp_path)
+    assert os.path.isfile(tmp_path / "model.safetensors")
+    model = specjax.load_model(str(tmp_path))
+    assert model.config.model_type == family
+    assert model.config.tie_word_embeddings == bool(overrides.get("tie_word_embeddings"))
+    assert model.tokenizer is None  # none was saved
+    assert max_err(model.logits(ids), hf_logits(hf, ids)) < ATOL
+    # Same params as the in-memory conversion.
+    np.testing.assert_array_equal(np.asarray(model.logits(ids)),
+                                  np.asarray(specjax.model_from_hf(hf).logits(ids)))
+
+
+def test_load_sharded_safetensors(tmp_path, make_hf_model, ids):
+    hf = make_hf_model("llama", tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
+    assert len(shards) > 2 and os.path.isfile(tmp_path / "model.safetensors.index.json")
+    model = specjax.load_model(str(tmp_path))
+    assert max_err(model.logits(ids), hf_logits(hf, ids)) < ATOL
+
+
+MISMATCHES = {
+    # name -> (edit of the tensor dict, key that the error must name)
+    "missing-layer-tensor": (lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"),
+                             "model.layers.1.self_attn.k_proj.weight"),
+    "missing-top-tensor": (lambda t: t.pop("model.norm.weight"), "model.norm.weight"),
+    "missing-lm-head": (lambda t: t.pop("lm_head.weight"), "lm_head.weight"),
+    "unknown-tensor": (lambda t: t.update({"model.layers.0.self_attn.q_norm.weight":
+                                           np.ones(8, np.float32)}),
+                       "model.layers.0.self_attn.q_norm.weight"),
+    "extra-layer": (lambda t: t.update({"model.layers.2.mlp.up_proj.weight":
+                                        t["model.layers.1.mlp.up_proj.weight"]}),
+                    "model.layers.2.mlp.up_proj.weight"),
+    "extra-top-level": (lambda t: t.update({"model.extra_head.weight": np.ones((2, 2),
+                                                                               np.float32)}),
+                        "model.extra_head.weight"),
+    "wrong-shape-layer": (lambda t: t.update({"model.layers.0.mlp.up_proj.weight":
+                                              t["model.layers.0.mlp.up_proj.weight"][:-1]}),
+                          "model.layers.0.mlp.up_proj.weight"),
+    "transposed-layer": (lambda t: t.update({"model.layers.1.mlp.down_proj.weight":
+                                             t["model.layers.1.mlp.down_proj.weight"].T.copy()}),
+                         "model.layers.1.mlp.down_proj.weight"),
+    "wrong-shape-embed": (lambda t: t.update({"model.embed_tokens.weight":
+                                              t["model.embed_tokens.weight"][:50]}),
+                          "model.embed_tokens.weight"),
+}
+
+
+@pytest.mark.parametrize("case", list(MISMATCHES))
+def test_checkpoint_mismatch_names_the_tensor(case, llama_dir, tmp_path):
+    _, src = llama_dir
+    edit, key = MISMATCHES[case]
+    bad = edited_copy(src, tmp_path / "bad", edit)
+    with pytest.raises(CheckpointMismatch, match=re.escape(key)):
+        specjax.load_model(str(bad))
+
+
+def test_config_disagreeing_with_tensors(llama_dir, tmp_path):
+    """config.json says 1 layer, the tensors hold 2: layer 1's tensors are reported unused."""
+    _, src = llama_dir
+    bad = edited_copy(src, tmp_path / "bad", lambda t: None)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointMismatch, match=re.escape("model.layers.1.")):
+        specjax.load_model(str(bad))
+
+
+def test_unmodified_copy_loads(llama_dir, tmp_path, ids):
+    """Control for the mismatch tests: the same copy with no edit loads and matches HF."""
+    hf, src = llama_dir
+    good = edited_copy(src, tmp_path / "good", lambda t: None)
+    assert max_err(specjax.load_model(str(good)).logits(ids), hf_logits(hf, ids)) < ATOL
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 50,
+        "n_embd": 16, "n_layer": 2, "n_head": 2}))
+    with pytest.raises(ValueError) as err:
+        specjax.load_model(str(tmp_path))
+    msg = str(err.value)
+    assert "gpt2" in msg
+    for supported in SUPPORTED_MODEL_TYPES:
+        assert supported in msg
+
+
+def test_unknown_model_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # so "no-such-model" is not a path either
+    with pytest.raises(ValueError) as err:
+        specjax.load_model("no-such-model")
+    msg = str(err.value)
+    assert "no-such-model" in msg
+    for name in specjax.model.KNOWN_MODELS:
+        assert name in msg
+
+
+def test_dir_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10,
+        "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+        "num_attention_heads": 2}))
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        specjax.load_model(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- orbax
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, make_hf_model):
+    hf = make_hf_model("qwen2", num_hidden_layers=2)
+    model = specjax.model_from_hf(hf)
+    dst = tmp_path_factory.mktemp("conv") / "qwen"
+    out = save_converted(str(dst), model.params, model.config, tokenizer=None)
+    return model, out
+
+
+def test_orbax_round_trip(converted, ids):
+    model, path = converted
+    assert is_converted_dir(path)
+    assert not os.path.exists(path + ".partial")
+    assert not os.path.exists(os.path.join(path, "tokenizer"))
+    loaded = specjax.load_model(path)
+    assert loaded.config == model.config
+    assert loaded.tokenizer is None
+    np.testing.assert_array_equal(np.asarray(loaded.logits(ids)), np.asarray(model.logits(ids)))
+    params, cfg, tok = load_converted(path)
+    assert cfg == model.config and tok is None
+    np.testing.assert_array_equal(params["layers"]["bq"], np.asarray(model.params["layers"]["bq"]))
+
+
+def test_save_converted_overwrites(converted, tmp_path, make_hf_model, ids):
+    """Saving over an existing converted dir replaces it completely."""
+    model, _ = converted
+    dst = str(tmp_path / "m")
+    other = specjax.model_from_hf(make_hf_model("llama", seed=5))
+    save_converted(dst, other.params, other.config)
+    save_converted(dst, model.params, model.config)
+    np.testing.assert_array_equal(np.asarray(specjax.load_model(dst).logits(ids)),
+                                  np.asarray(model.logits(ids)))
+
+
+def _corrupt_config(src_path, dst, mutate):
+    import shutil
+
+    shutil.copytree(src_path, dst)
+    cfg_file = os.path.join(dst, "specjax_config.json")
+    with open(cfg_file) as f:
+        meta = json.load(f)
+    mutate(meta)
+    with open(cfg_file, "w") as f:
+        json.dump(meta, f)
+    return str(dst)
+
+
+def test_corrupted_converted_num_layers(converted, tmp_path):
+    _, path = converted
+
+    def more_layers(meta):
+        meta["config"]["num_layers"] += 1
+
+    bad = _corrupt_config(path, tmp_path / "bad", more_layers)
+    with pytest.raises(CheckpointMismatch) as err:
+        specjax.load_model(bad)
+    msg = str(err.value)
+    assert "specjax_config.json" in msg and "layers/wq" in msg
+    assert "(2, 32, 32)" in msg and "(3, 32, 32)" in msg  # what is there vs what is needed
+    assert "convert the model again" in msg.lower()
+
+
+def test_corrupted_converted_hidden_size(converted, tmp_path):
+    _, path = converted
+
+    def wider(meta):
+        meta["config"]["hidden_size"] = 48
+
+    bad = _corrupt_config(path, tmp_path / "bad", wider)
+    with pytest.raises(CheckpointMismatch, match="embed"):
+        specjax.load_model(bad)
+
+
+def test_corrupted_converted_config_json(converted, tmp_path):
+    _, path = converted
+    bad = _corrupt_config(path, tmp_path / "bad", lambda m: m["config"].pop("vocab_size"))
+    with pytest.raises(ValueError, match="specjax_config.json"):
+        specjax.load_model(bad)
+    bad2 = _corrupt_config(path, tmp_path / "bad2", lambda m: m.update(format_version=99))
+    with pytest.raises(ValueError, match="format"):
+        specjax.load_model(bad2)
+
+
+def test_converted_without_params(converted, tmp_path):
+    import shutil
+
+    _, path = converted
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    shutil.rmtree(bad / "params")
+    with pytest.raises(FileNotFoundError, match="params"):
+        specjax.load_model(str(bad))
