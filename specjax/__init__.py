@@ -1,6 +1,17 @@
-"""specjax: lossless speculative decoding for Hugging Face language models in JAX."""
+"""specjax: lossless speculative decoding for Hugging Face language models in JAX.
+
+    model = specjax.load_model("smollm2-135m")
+    out = specjax.generate(model, "Hello!", max_new_tokens=64,
+                           drafter=specjax.drafters.ngram(k=8))
+"""
+from specjax import drafters
 from specjax.model import Model, load_model, model_from_hf
 from specjax.models.config import ModelConfig
+# The function shadows the module name on the package; `from specjax.generate import ...` still
+# reaches the module.
+from specjax.generate import GenerateOutput, generate, generate_stream
+from specjax.sharding import generate_pmap, make_mesh
 
 __version__ = "0.1.0"
-__all__ = ["Model", "ModelConfig", "load_model", "model_from_hf"]
+__all__ = ["Model", "ModelConfig", "GenerateOutput", "drafters", "generate", "generate_stream",
+           "generate_pmap", "load_model", "make_mesh", "model_from_hf"]
