@@ -76,7 +76,8 @@ def encode_prompts(model: Model, prompts, chat: bool) -> list[list[int]]:
 
 
 def _check_args(model: Model, rows, max_new_tokens, drafter: Optional[Drafter]):
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
+    if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer))
+            or max_new_tokens <= 0):
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     ctx = model.config.max_position_embeddings
     for i, ids in enumerate(rows):
@@ -156,7 +157,8 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     """
     from specjax import sharding
 
-    multiple = 1 if mesh is None else mesh.shape["data"]
+    # A mesh without a "data" axis is rejected with a clear message by `sharding.place`.
+    multiple = 1 if mesh is None else dict(mesh.shape).get("data", 1)
     ec, args, rows = prepare(model, prompts, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, top_p=top_p, key=key,
                              chat=chat, drafter=drafter, impl=impl, batch_multiple=multiple)
