@@ -79,22 +79,31 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 
 def build_attention_mask(lengths: jax.Array, positions: jax.Array, block_mask: jax.Array,
-                         max_len: int, sliding_window: Optional[int]) -> jax.Array:
-    """Visibility [B, T, S] of cache slots for the T block tokens written at [length, length+T).
+                         max_len: int, sliding_window: Optional[int],
+                         write_offset: Optional[jax.Array] = None) -> jax.Array:
+    """Visibility [B, T, S] of cache slots for T block tokens.
 
-    Committed slots (< length) are visible to every block token; block slots follow `block_mask`
-    [B, T, T] (causal for a chain, ancestor-or-self for a tree); later slots are hidden.
+    Committed slots (< length) are visible to every block token. The W slots after them,
+    [length, length + W), follow `block_mask` [B, T, W]: for a verify block W = T (causal for a
+    chain, ancestor-or-self for a tree); a drafter growing a tree one depth at a time writes
+    each depth after the previous ones (`write_offset`) and sees its ancestors through W > T.
+    Later slots are hidden.
     """
-    T = positions.shape[1]
+    B, T, W = block_mask.shape
     slot = jnp.arange(max_len)[None, :]  # [1, S]
-    rel = slot - lengths[:, None]  # [B, S] offset inside the block
-    in_block = (rel >= 0) & (rel < T)
-    rel_c = jnp.clip(rel, 0, T - 1)
-    block_vis = jnp.take_along_axis(block_mask, jnp.broadcast_to(rel_c[:, None, :], (
-        block_mask.shape[0], T, max_len)), axis=2)  # [B, T, S]
-    mask = jnp.where(in_block[:, None, :], block_vis, (rel < 0)[:, None, :])
+    rel = slot - lengths[:, None]  # [B, S] offset inside the window
+    in_window = (rel >= 0) & (rel < W)
+    rel_c = jnp.clip(rel, 0, W - 1)
+    win_vis = jnp.take_along_axis(block_mask, jnp.broadcast_to(rel_c[:, None, :], (B, T, max_len)),
+                                  axis=2)  # [B, T, S]
+    mask = jnp.where(in_window[:, None, :], win_vis, (rel < 0)[:, None, :])
     if sliding_window is not None:
-        key_pos = jnp.where(in_block, jnp.take_along_axis(positions, rel_c, axis=1), slot)  # [B, S]
+        # Key positions: committed slot s holds position s; this block's slots hold `positions`
+        # (other window slots are treated as their slot index, an upper bound of their position).
+        off = jnp.zeros_like(lengths) if write_offset is None else write_offset
+        in_block = (rel >= off[:, None]) & (rel < off[:, None] + T)
+        blk = jnp.clip(rel - off[:, None], 0, T - 1)
+        key_pos = jnp.where(in_block, jnp.take_along_axis(positions, blk, axis=1), slot)  # [B, S]
         mask &= (positions[:, :, None] - key_pos[:, None, :]) < sliding_window
     return mask
 
@@ -146,12 +155,14 @@ def _layer(cfg: ModelConfig, impl: str, inv_freq, lp: dict, h: jax.Array, positi
 def forward_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
                    cache: KVCache, *, block_mask: Optional[jax.Array] = None,
                    hidden_layers: Sequence[int] = (), impl: str = "xla",
-                   embeds: Optional[jax.Array] = None):
+                   embeds: Optional[jax.Array] = None, write_offset: Optional[jax.Array] = None):
     """Run the decoder over a block of T tokens per row.
 
     tokens, positions: [B, T] int32; the block is written at cache slots [lengths, lengths + T)
     and attends to committed slots plus itself under `block_mask` [B, T, T] (default causal).
     `embeds` [B, T, D], when given, replaces the token embeddings (multimodal inputs).
+    `write_offset` [B] moves the block to slots [lengths + off, lengths + off + T) and
+    `block_mask` may then be [B, T, W] over the window [lengths, lengths + W) (draft trees).
     Returns (Hiddens, cache) with the block's K/V written and `cache.lengths` unchanged.
     """
     B, T = tokens.shape
@@ -160,8 +171,9 @@ def forward_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, positions:
     inv_freq = rope_inv_freq(cfg)
     h = params["embed"][tokens] if embeds is None else embeds.astype(params["embed"].dtype)
     mask = build_attention_mask(cache.lengths, positions, block_mask, cache.max_len,
-                                cfg.sliding_window)
-    slots = cache.lengths[:, None] + jnp.arange(T)[None, :]  # [B, T]
+                                cfg.sliding_window, write_offset)
+    start = cache.lengths if write_offset is None else cache.lengths + write_offset
+    slots = start[:, None] + jnp.arange(T)[None, :]  # [B, T]
     want_layers = tuple(hidden_layers)
 
     def body(carry, xs):
@@ -194,14 +206,15 @@ def lm_head(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
 def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
             cache: KVCache, *, block_mask: Optional[jax.Array] = None,
             hidden_layers: Sequence[int] = (), logits_at: Optional[jax.Array] = None,
-            impl: str = "xla"):
+            impl: str = "xla", write_offset: Optional[jax.Array] = None):
     """`forward_hidden` plus the LM head -> (logits, hiddens, cache).
 
     `logits_at` [B, M] picks the block positions whose logits are needed (prefill needs only the
     last prompt token; the head over a whole prompt would dominate prefill time).
     """
     hiddens, cache = forward_hidden(params, cfg, tokens, positions, cache, block_mask=block_mask,
-                                    hidden_layers=hidden_layers, impl=impl)
+                                    hidden_layers=hidden_layers, impl=impl,
+                                    write_offset=write_offset)
     h = hiddens.last
     if logits_at is not None:
         h = jnp.take_along_axis(h, logits_at[..., None], axis=1)  # [B, M, D]
