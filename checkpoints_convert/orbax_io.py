@@ -16,12 +16,21 @@ import numpy as np
 
 from specjax.models.config import ModelConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fused wqkv / w_gate_up runtime layout
 CONFIG_FILE = "specjax_config.json"
 
 
 def is_converted_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def converted_format(path: str):
+    """The format version of a converted checkpoint directory (None if unreadable)."""
+    try:
+        with open(os.path.join(path, CONFIG_FILE)) as f:
+            return json.load(f).get("format_version")
+    except (OSError, ValueError):
+        return None
 
 
 def save_converted(dst: str, params: dict, cfg: ModelConfig, tokenizer=None) -> str:

@@ -123,7 +123,7 @@ def run_bench(model, prompts: list[dict], methods: dict, *, warmup: bool = True,
         # Compile every prompt-length bucket once per method so timings exclude compilation.
         seen = {}
         for ids in encoded:
-            seen.setdefault(bucket(len(ids), MIN_PROMPT_BUCKET), ids)
+            seen.setdefault(bucket(len(ids), MIN_PROMPT_BUCKET, half_steps=True), ids)
         for name, run in tqdm(list(methods.items()), desc="warm-up", disable=not progress):
             for ids in seen.values():
                 run(ids)

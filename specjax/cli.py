@@ -129,7 +129,7 @@ def cmd_bench(a, ar_only=False):
         for name in [d for d in a.drafters.split(",") if d]:
             methods[name] = bench._spec_runner(model, make_drafter(name, a.k, model),
                                                a.max_new_tokens)
-    if a.hf_baseline or ar_only:
+    if ar_only or a.hf_baseline:
         hf = bench.load_hf_twin(model)
         eos = model.eos_token_ids
         methods["hf"] = bench._hf_runner(hf, a.max_new_tokens, eos)

@@ -37,12 +37,17 @@ class GenerateOutput:
                 f"tok/s={s['tokens_per_s']:.1f}, tau={s['tau']:.2f})")
 
 
-def bucket(n: int, minimum: int) -> int:
-    """Smallest power of two >= max(n, minimum)."""
+def bucket(n: int, minimum: int, half_steps: bool = False) -> int:
+    """Smallest power of two >= max(n, minimum); with `half_steps` also 1.5x powers of two
+    (16, 24, 32, 48, ...). Prompt lengths use half steps, so padding wastes at most a third of a
+    prefill while the number of compilations stays logarithmic in the length."""
     b = minimum
-    while b < n:
+    while True:
+        if b >= n:
+            return b
+        if half_steps and b * 3 // 2 >= n and (b * 3) % 2 == 0:
+            return b * 3 // 2
         b *= 2
-    return b
 
 
 def _normalize_prompts(prompts) -> list:
@@ -119,9 +124,9 @@ def prepare(model: Model, prompts, *, max_new_tokens: int, temperature: float = 
     mode, sp = make_sampling(temperature, top_k, top_p)
     spec, dparams = _bind_drafter(model, drafter)
     n = len(rows)
-    B = bucket(n, 1)
+    B = 1 << (n - 1).bit_length()  # batch: next power of two
     B = -(-B // batch_multiple) * batch_multiple
-    P = bucket(max(len(r) for r in rows), MIN_PROMPT_BUCKET)
+    P = bucket(max(len(r) for r in rows), MIN_PROMPT_BUCKET, half_steps=True)
     N = bucket(int(max_new_tokens), MIN_NEW_BUCKET)
     k = 0 if drafter is None else drafter.k
     # The cache holds the prompt, every emitted token, and one in-flight verify block.

@@ -142,11 +142,13 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None) -> Model:
     under $SPECJAX_CACHE (default ~/.cache/specjax)."""
     from checkpoints_convert import (is_converted_dir, load_converted, load_gguf, load_hf_dir,
                                      save_converted)
+    from checkpoints_convert.orbax_io import FORMAT_VERSION, converted_format
 
     key = ALIASES.get(str(name_or_path).lower(), str(name_or_path).lower())
     if key in KNOWN_MODELS:
         cached = os.path.join(cache_root(), "models", key)
-        if not is_converted_dir(cached):
+        # Convert on first use, and again when the cache predates the current format.
+        if converted_format(cached) != FORMAT_VERSION:
             params, cfg, tok = load_gguf(find_gguf(key))
             save_converted(cached, params, cfg, tok)
         params, cfg, tok = load_converted(cached)

@@ -191,7 +191,8 @@ def test_orbax_round_trip(converted, ids):
     np.testing.assert_array_equal(np.asarray(loaded.logits(ids)), np.asarray(model.logits(ids)))
     params, cfg, tok = load_converted(path)
     assert cfg == model.config and tok is None
-    np.testing.assert_array_equal(params["layers"]["bq"], np.asarray(model.params["layers"]["bq"]))
+    np.testing.assert_array_equal(params["layers"]["bqkv"],
+                                  np.asarray(model.params["layers"]["bqkv"]))
 
 
 def test_save_converted_overwrites(converted, tmp_path, make_hf_model, ids):

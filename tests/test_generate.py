@@ -290,9 +290,9 @@ def test_one_compilation_per_shape_bucket(target, other):
             assert out.lengths == [new] * b
             assert out.stats["compiled"] == (seed == 0)
         assert _delta(before) == {"prefill": 1, "decode": 1}
-        # A prompt of 17 tokens puts the batch in the next prompt bucket: one more of each
-        # (batch and new-token buckets unchanged); a second such batch compiles nothing.
-        for plen, new, temp in ((17, 20, 0.8), (30, 24, 1.1)):
+        # A prompt of 17 tokens puts the batch in the next prompt bucket (24): one more of each
+        # (batch and new-token buckets unchanged); a second batch in that bucket compiles nothing.
+        for plen, new, temp in ((17, 20, 0.8), (24, 24, 1.1)):
             prompts = [list(range(plen)), [5, 6], [7]]
             generate(model, prompts, max_new_tokens=new, temperature=temp, top_p=0.9,
                      drafter=drafter_fn())

@@ -103,7 +103,7 @@ def test_parity_cases_are_discriminative(make_hf_model):
                        lambda m: with_config(m, sliding_window=None)) > 1e-2
 
     def zero_bias(m):
-        layers = dict(m.params["layers"], bq=jnp.zeros_like(m.params["layers"]["bq"]))
+        layers = dict(m.params["layers"], bqkv=jnp.zeros_like(m.params["layers"]["bqkv"]))
         return dataclasses.replace(m, params=dict(m.params, layers=layers))
 
     assert err_without("qwen2-qkv-bias", zero_bias) > 1e-2
@@ -127,11 +127,13 @@ def test_qwen2_biases_are_converted(make_hf_model):
     hf = make_hf_model("qwen2")
     m = specjax.model_from_hf(hf)
     assert m.config.attention_bias
-    for ours, theirs in (("bq", "q_proj"), ("bk", "k_proj"), ("bv", "v_proj")):
-        want = np.stack([getattr(layer.self_attn, theirs).bias.detach().numpy()
-                         for layer in hf.model.layers])
-        assert np.abs(want).max() > 0.5  # really non-zero (HF's init zeroes them)
-        np.testing.assert_array_equal(np.asarray(m.params["layers"][ours]), want)
+    # Runtime layout: q, k, v biases side by side in `bqkv`.
+    want = np.concatenate([
+        np.stack([getattr(layer.self_attn, theirs).bias.detach().numpy()
+                  for layer in hf.model.layers]) for theirs in ("q_proj", "k_proj", "v_proj")],
+        axis=-1)
+    assert np.abs(want).max() > 0.5  # really non-zero (HF's init zeroes them)
+    np.testing.assert_array_equal(np.asarray(m.params["layers"]["bqkv"]), want)
 
 
 # ----------------------------------------------------------------------------- KV cache

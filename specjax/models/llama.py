@@ -4,9 +4,9 @@ Params (layers stacked on a leading axis L and run with `lax.scan`):
 
     embed        [V, D]
     layers/attn_norm [L, D]      layers/mlp_norm [L, D]
-    layers/wq    [L, D, H*hd]    layers/wk, wv [L, D, KV*hd]    layers/wo [L, H*hd, D]
-    layers/bq    [L, H*hd]       layers/bk, bv [L, KV*hd]       (only when cfg.attention_bias)
-    layers/w_gate, w_up [L, D, F]   layers/w_down [L, F, D]
+    layers/wqkv  [L, D, (H + 2 KV) hd]   q, k, v projections side by side   layers/wo [L, H*hd, D]
+    layers/bqkv  [L, (H + 2 KV) hd]      (only when cfg.attention_bias)
+    layers/w_gate_up [L, D, 2F]          gate then up                        layers/w_down [L, F, D]
     final_norm   [D]
     lm_head      [D, V]          (absent when cfg.tie_word_embeddings: the head is embed.T)
 
@@ -113,14 +113,14 @@ def causal_block_mask(batch: int, T: int) -> jax.Array:
 
 
 def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Reference attention. q [B,T,H,hd], k/v [B,S,KV,hd], mask [B,T,S] -> [B,T,H,hd]."""
+    """Reference attention. q [B,T,H,hd], k/v [B,KV,S,hd], mask [B,T,S] -> [B,T,H,hd]."""
     B, T, H, hd = q.shape
-    KV = k.shape[2]
+    KV = k.shape[1]
     qg = q.reshape(B, T, KV, H // KV, hd)  # [B, T, KV, G, hd]
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    s = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
     s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v)  # [B, T, KV, G, hd]
+    o = jnp.einsum("bkgts,bksd->btkgd", p, v)  # [B, T, KV, G, hd]
     return o.reshape(B, T, H, hd)
 
 
@@ -130,25 +130,42 @@ def _attention(impl: str, q, k, v, mask):
     raise ValueError(f"unknown attention impl {impl!r}; valid: {ATTENTION_IMPLS}")
 
 
+def write_block(c: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Write new [B, KV, T, hd] into cache c [L, B, KV, S, hd] at slots [start[b], start[b]+T).
+
+    Small batches use one dynamic-update-slice per row, which XLA applies in place to the
+    while-loop carry; large batches use a scatter (out-of-range slots are dropped)."""
+    B, KV, T, hd = new.shape
+    new = new.astype(c.dtype)
+    if B <= 8:
+        for b in range(B):
+            c = jax.lax.dynamic_update_slice(c, new[b][None, None], (layer, b, 0, start[b], 0))
+        return c
+    slots = start[:, None] + jnp.arange(T)[None, :]  # [B, T]
+    return c.at[layer, jnp.arange(B)[:, None, None], jnp.arange(KV)[None, :, None],
+                slots[:, None, :]].set(new, mode="drop")
+
+
 def _layer(cfg: ModelConfig, impl: str, inv_freq, lp: dict, h: jax.Array, positions: jax.Array,
-           mask: jax.Array, ck: jax.Array, cv: jax.Array, slots: jax.Array, layer: jax.Array):
+           mask: jax.Array, ck: jax.Array, cv: jax.Array, start: jax.Array, layer: jax.Array):
     """One decoder layer. Writes this block's K/V into layer `layer` of the cache carry."""
     B, T, _ = h.shape
+    H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = x @ lp["wq"], x @ lp["wk"], x @ lp["wv"]
+    qkv = x @ lp["wqkv"]
     if cfg.attention_bias:
-        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-    q = apply_rope(q.reshape(B, T, cfg.num_heads, cfg.head_dim), positions, inv_freq)
-    k = apply_rope(k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
-    v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    b_idx = jnp.arange(B)[:, None]
-    # Scatter into the carried cache: XLA updates it in place (no copy of the whole cache).
-    ck = ck.at[layer, b_idx, slots].set(k.astype(ck.dtype), mode="drop")
-    cv = cv.at[layer, b_idx, slots].set(v.astype(cv.dtype), mode="drop")
+        qkv = qkv + lp["bqkv"]
+    q, k, v = jnp.split(qkv, [H * hd, (H + KV) * hd], axis=-1)
+    q = apply_rope(q.reshape(B, T, H, hd), positions, inv_freq)
+    k = apply_rope(k.reshape(B, T, KV, hd), positions, inv_freq)
+    v = v.reshape(B, T, KV, hd)
+    ck = write_block(ck, layer, jnp.swapaxes(k, 1, 2), start)  # [B, KV, T, hd] into the carry
+    cv = write_block(cv, layer, jnp.swapaxes(v, 1, 2), start)
     o = _attention(impl, q, ck[layer], cv[layer], mask)  # [B, T, H, hd]
     h = h + o.reshape(B, T, -1) @ lp["wo"]
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-    h = h + (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
+    gate, up = jnp.split(x @ lp["w_gate_up"], 2, axis=-1)
+    h = h + (jax.nn.silu(gate) * up) @ lp["w_down"]
     return h, ck, cv
 
 
@@ -172,14 +189,13 @@ def forward_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, positions:
     h = params["embed"][tokens] if embeds is None else embeds.astype(params["embed"].dtype)
     mask = build_attention_mask(cache.lengths, positions, block_mask, cache.max_len,
                                 cfg.sliding_window, write_offset)
-    start = cache.lengths if write_offset is None else cache.lengths + write_offset
-    slots = start[:, None] + jnp.arange(T)[None, :]  # [B, T]
+    start = cache.lengths if write_offset is None else cache.lengths + write_offset  # [B]
     want_layers = tuple(hidden_layers)
 
     def body(carry, xs):
         h, ck, cv = carry
         lp, layer = xs
-        h, ck, cv = _layer(cfg, impl, inv_freq, lp, h, positions, mask, ck, cv, slots, layer)
+        h, ck, cv = _layer(cfg, impl, inv_freq, lp, h, positions, mask, ck, cv, start, layer)
         return (h, ck, cv), (h if want_layers else None)
 
     h0 = h
