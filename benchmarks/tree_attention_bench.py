@@ -3,7 +3,8 @@
     python benchmarks/tree_attention_bench.py                      # SmolLM2-135M-like heads
     python benchmarks/tree_attention_bench.py --batch 8 --max-len 4096 --tree 64 --dtype bfloat16
 
-Rows of the table (median ms over --iters calls, each jitted and warmed up):
+K/V are [B, KV, S, hd] (one layer of the model's head-major cache). Rows of the table (median ms
+over --iters calls, each jitted and warmed up):
   xla causal      attention_xla with a causal mask from iota compares (the chain baseline)
   xla tree        attention_xla with the dense [B, T, S] tree mask precomputed (the model's path:
                   the mask is built once per forward and shared by all layers)
@@ -50,7 +51,7 @@ def random_tree_mask(rng: np.random.Generator, B: int, T: int) -> np.ndarray:
 
 def causal_xla(q, k, v, lengths):
     """Chain verification: slot s visible to block token t iff s <= lengths + t (no gather)."""
-    T, S = q.shape[1], k.shape[1]
+    T, S = q.shape[1], k.shape[2]  # k [B, KV, S, hd]
     slot = jnp.arange(S)[None, None, :]
     mask = slot <= (lengths[:, None] + jnp.arange(T)[None, :])[:, :, None]  # [B, T, S]
     return attention_xla(q, k, v, mask)
@@ -87,8 +88,8 @@ def main(argv=None) -> None:
                           args.head_dim)
     rng = np.random.default_rng(args.seed)
     q = jnp.asarray(rng.normal(size=(B, T, H, hd)), dtype)
-    k = jnp.asarray(rng.normal(size=(B, S, KV, hd)), dtype)
-    v = jnp.asarray(rng.normal(size=(B, S, KV, hd)), dtype)
+    k = jnp.asarray(rng.normal(size=(B, KV, S, hd)), dtype)  # head-major, as the model's cache
+    v = jnp.asarray(rng.normal(size=(B, KV, S, hd)), dtype)
     lengths = jnp.asarray(rng.integers(S // 2, S - T + 1, size=B), jnp.int32)  # ragged rows
     tree = jnp.asarray(random_tree_mask(rng, B, T))
     chain = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))

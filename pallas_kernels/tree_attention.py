@@ -1,7 +1,8 @@
 """Tree attention for speculative verification: a flash-attention Pallas kernel and its reference.
 
 Verification runs the target over the T tokens of a draft tree (a chain is the tree whose parents
-are i - 1) in one forward. Row b of the batch has a committed prefix in KV-cache slots
+are i - 1) in one forward. The cache is head-major, k/v [B, KV, S, hd] (one layer of the model's
+[L, B, KV, S, hd] cache). Row b of the batch has a committed prefix in KV-cache slots
 [0, lengths[b]); the block's own K/V were just written at [lengths[b], lengths[b] + T); slots
 beyond hold stale or garbage entries (rejected drafts) and must be ignored. Query t sees
 
@@ -18,10 +19,10 @@ Kernel design (FlashAttention-2, Dao 2023, Alg. 1, specialised to a short query 
   kv head and the T block tokens are folded into R = T * G query rows (row r = t * G + g, padded
   to a multiple of block_q), so the whole GQA group shares every K/V load: one pass over the
   cache per kv head instead of per query head.
-- K/V are read in place from the cache layout [B, S, KV, hd], viewed (a free reshape) as
-  [B, S, KV * hd] so that kv head h is the h-th hd-wide column block: no transpose or copy of the
-  cache per call (the cache dominates the bytes moved; a copy would double them). Exceptions,
-  which do copy: S not a multiple of block_k (padded), and a head dim padded for GPU/TPU tiles.
+- K/V are read in place from the head-major cache [B, KV, S, hd]: the program of (b, kv head)
+  reads the contiguous [S, hd] slab k[b, h], with no transpose or copy of the cache per call (the
+  cache dominates the bytes moved; a copy would double them). Exceptions, which do copy: S not a
+  multiple of block_k (padded), and a head dim padded to a power of two for GPU (Triton) tiles.
 - `lax.fori_loop` over KV blocks of `block_k` slots, only up to ceil(min(lengths[b] + T, S) /
   block_k): work is proportional to the row's real length, not to max_len, so ragged rows cost
   what they hold. Blocks lying wholly inside the committed prefix need no mask at all (the first
@@ -53,11 +54,11 @@ Backends (checked against the source of the installed jax 0.10.2):
   zero-padded to a power of two (>= 16) when it is not one. A Mosaic GPU (Hopper wgmma/TMA)
   version would be a separate kernel written with `plgpu.kernel`.
 - TPU: Mosaic TPU, `pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)`, lengths in
-  SMEM; the head dim is zero-padded to a multiple of 128 when KV > 1 (a block's minor dimension
-  must be a multiple of 128 or the full dimension). The whole [S, hd] K/V column block of a kv
+  SMEM. A block's last two dims must be multiples of (8, 128) or the full dims: the [S_pad, hd]
+  K/V slab has the full head dim and S_pad a multiple of block_k >= 8, so no head-dim padding
+  (hence no cache copy) is needed, e.g. for hd = 64 (SmolLM2). The whole [S, hd] slab of a kv
   head is staged in VMEM (S * hd * 2 bytes * 2 buffers each for K and V), so very long caches may
-  need `vmem_limit_bytes`. With hd = 64 and KV > 1 (SmolLM2) the 128-padding copies the cache
-  every call; a [B, KV, S, hd] cache layout would avoid it on TPU.
+  need `vmem_limit_bytes`.
 - What is tested: numerics only in interpret mode on CPU; in addition the tests *lower* the GPU
   variant to Triton IR and the TPU variant to Mosaic MLIR from the CPU machine (the TPU device
   kind faked as v5e), which catches unsupported ops and tile shapes. Compiling those modules
@@ -174,10 +175,10 @@ def _check_inputs(q, k, v, lengths, block_mask) -> None:
         raise ValueError(f"q must be [B, T, H, hd], got shape {q.shape}")
     B, T, H, hd = q.shape
     if k.ndim != 4:
-        raise ValueError(f"k must be [B, S, KV, hd], got shape {k.shape}")
+        raise ValueError(f"k must be [B, KV, S, hd] (head-major cache), got shape {k.shape}")
     if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {k.shape} ([B, S, KV, hd]), got {v.shape}")
-    Bk, S, KV, hdk = k.shape
+        raise ValueError(f"v must have k's shape {k.shape} ([B, KV, S, hd]), got {v.shape}")
+    Bk, KV, S, hdk = k.shape
     if Bk != B:
         raise ValueError(f"k/v batch {Bk} (shape {k.shape}) must equal q's batch {B} "
                          f"(shape {q.shape})")
@@ -214,7 +215,7 @@ def _tree_attention_kernel(lengths_ref, q_ref, k_ref, v_ref, bits_ref, o_ref, *,
     """One (row b, kv head, query block) program.
 
     lengths_ref [B'] int32 (whole array), q_ref [bq, hd], k_ref/v_ref [S', hd] (the kv head's
-    column block of the row's cache), bits_ref [bq, W] int32, o_ref [bq, hd].
+    slab of the row's cache), bits_ref [bq, W] int32, o_ref [bq, hd].
     """
     b = pl.program_id(0)
     length = lengths_ref[b]  # wrapper clipped it to [0, seq_len]
@@ -285,12 +286,9 @@ def _backend_params(backend: Optional[str], block_sizes: BlockSizes):
     return None, pl.BlockSpec()
 
 
-def _padded_head_dim(backend: Optional[str], hd: int, KV: int) -> int:
-    if backend == "gpu":
-        return max(16, _next_pow2(hd))
-    if backend == "tpu" and KV > 1:
-        return _round_up(hd, 128)
-    return hd
+def _padded_head_dim(backend: Optional[str], hd: int) -> int:
+    # Triton tiles are powers of two >= 16; TPU and interpret take the full head dim as it is.
+    return max(16, _next_pow2(hd)) if backend == "gpu" else hd
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
@@ -299,9 +297,10 @@ def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
                    interpret: bool = False) -> jax.Array:
     """Tree attention of a block of T tokens against each row's KV cache (Pallas kernel).
 
-    q [B, T, H, hd]; k, v [B, S, KV, hd] (the cache, block K/V already at [lengths, lengths + T));
-    lengths [B] int (committed prefix per row, in [0, S]); block_mask [B, T, T] bool (query t sees
-    block key u iff block_mask[b, t, u]). Returns [B, T, H, hd] in q.dtype.
+    q [B, T, H, hd]; k, v [B, KV, S, hd] (head-major cache, block K/V already at slots
+    [lengths, lengths + T)); lengths [B] int (committed prefix per row, in [0, S]); block_mask
+    [B, T, T] bool (query t sees block key u iff block_mask[b, t, u]). Returns [B, T, H, hd] in
+    q.dtype.
 
     q is cast to k's dtype for the matmuls when they differ. `interpret=True` runs the Pallas
     interpreter (the only mode on CPU). S is padded up to a multiple of block_k when needed,
@@ -321,7 +320,7 @@ def _tree_attention_call(q, k, v, lengths, block_mask, *, block_sizes: BlockSize
     """Layout + pallas_call for `backend` ("gpu", "tpu", or None = interpret). Unjitted, so tests
     can lower the GPU/TPU variants from a CPU machine (`lower(lowering_platforms=...)`)."""
     B, T, H, hd = q.shape
-    S, KV = k.shape[1], k.shape[2]
+    KV, S = k.shape[1], k.shape[2]
     G = H // KV
     if backend == "gpu" and (block_sizes.block_k < 16 or block_sizes.rows_block(T * G) < 16):
         raise ValueError(f"on GPU (Triton) block_k and block_q must be >= 16, got {block_sizes}")
@@ -330,7 +329,7 @@ def _tree_attention_call(q, k, v, lengths, block_mask, *, block_sizes: BlockSize
     block_q = block_sizes.rows_block(rows)
     R = _round_up(rows, block_q)
     S_pad = _round_up(S, block_k)
-    hdp = _padded_head_dim(backend, hd, KV)
+    hdp = _padded_head_dim(backend, hd)
     W = -(-T // _BITS)  # int32 mask words per query
 
     # Queries: rows (t, g) of each kv head, so a GQA group shares its K/V loads.
@@ -338,15 +337,10 @@ def _tree_attention_call(q, k, v, lengths, block_mask, *, block_sizes: BlockSize
     qg = qg.transpose(0, 2, 1, 3, 4).reshape(B, KV, rows, hd)  # [B, KV, T*G, hd]
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, R - rows), (0, hdp - hd)))  # [B, KV, R, hdp]
 
-    # K/V: view the cache as [B, S, KV * hd]; kv head h is column block h. Pads copy: rare.
-    if hdp != hd:
-        k = jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, hdp - hd)))
-        v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, hdp - hd)))
-    kf = k.reshape(B, S, KV * hdp)  # [B, S, KV*hdp]
-    vf = v.reshape(B, S, KV * hdp)
-    if S_pad != S:
-        kf = jnp.pad(kf, ((0, 0), (0, S_pad - S), (0, 0)))
-        vf = jnp.pad(vf, ((0, 0), (0, S_pad - S), (0, 0)))
+    # K/V: used in place ([B, KV, S, hd]: program (b, h) reads the slab k[b, h]). Pads copy: rare.
+    if S_pad != S or hdp != hd:
+        pad = ((0, 0), (0, 0), (0, S_pad - S), (0, hdp - hd))
+        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
 
     bits = tree_mask_bits(block_mask)  # [B, T, W]
     bits = jnp.repeat(bits, G, axis=1)  # [B, T*G, W]: row r = t*G + g has token t's bits
@@ -369,8 +363,8 @@ def _tree_attention_call(q, k, v, lengths, block_mask, *, block_sizes: BlockSize
         in_specs=[
             lengths_spec,
             pl.BlockSpec((None, None, block_q, hdp), lambda b, h, i: (b, h, i, 0)),
-            pl.BlockSpec((None, S_pad, hdp), lambda b, h, i: (b, 0, h)),
-            pl.BlockSpec((None, S_pad, hdp), lambda b, h, i: (b, 0, h)),
+            pl.BlockSpec((None, None, S_pad, hdp), lambda b, h, i: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, S_pad, hdp), lambda b, h, i: (b, h, 0, 0)),
             pl.BlockSpec((None, block_q, W), lambda b, h, i: (b, i, 0)),
         ],
         out_specs=pl.BlockSpec((None, None, block_q, hdp), lambda b, h, i: (b, h, i, 0)),
@@ -379,7 +373,7 @@ def _tree_attention_call(q, k, v, lengths, block_mask, *, block_sizes: BlockSize
         cost_estimate=cost,
         interpret=backend is None,
         name="tree_attention",
-    )(lens, qg, kf, vf, bits)
+    )(lens, qg, k, v, bits)
     out = out[:, :, :rows, :hd].reshape(B, KV, T, G, hd)
     return out.transpose(0, 2, 1, 3, 4).reshape(B, T, H, hd)  # [B, T, H, hd]
 
@@ -398,10 +392,10 @@ def tree_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: 
     del block_sizes, interpret
     _check_inputs(q, k, v, lengths, block_mask)
     B, T, H, hd = q.shape
-    S, KV = k.shape[1], k.shape[2]
+    KV, S = k.shape[1], k.shape[2]
     f32 = jnp.float32
     qg = q.astype(f32).reshape(B, T, KV, H // KV, hd)  # [B, T, KV, G, hd]
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(f32),
+    s = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(f32),
                    precision=lax.Precision.HIGHEST) / math.sqrt(hd)  # [B, KV, G, T, S]
     mask = dense_tree_mask(lengths, block_mask, S)[:, None, None]  # [B, 1, 1, T, S]
     s = jnp.where(mask, s, -jnp.inf)
@@ -409,5 +403,5 @@ def tree_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: 
     p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
     l = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(l == 0.0, 1.0, l)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(f32), precision=lax.Precision.HIGHEST)
+    o = jnp.einsum("bkgts,bksd->btkgd", p, v.astype(f32), precision=lax.Precision.HIGHEST)
     return o.reshape(B, T, H, hd).astype(q.dtype)

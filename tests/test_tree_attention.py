@@ -4,6 +4,8 @@ Invariants: kernel == reference on random trees with ragged prefix lengths (0, 1
 block_k + 1, long, and a block that ends exactly at S), GQA ratios 1/2/3, T in {1, 5, 16} (and 40:
 two mask words), float32 and bfloat16; reference == plain numpy softmax over the visible slots;
 garbage beyond lengths + T never changes the output; bad shapes raise clear ValueErrors.
+K/V use the model's head-major cache layout [B, KV, S, hd]. The model with impl="pallas" (prefill,
+decode, tree verify, and speculative `generate`) matches impl="xla".
 Every case is one kernel compile (~1 s in interpret mode), so the sweep is kept deliberate.
 """
 from __future__ import annotations
@@ -57,7 +59,7 @@ def numpy_tree_attention(q, k, v, lengths, block_mask) -> np.ndarray:
     """Independent float64 oracle: loop over rows/queries/heads, softmax over visible slots."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     B, T, H, hd = q.shape
-    S, KV = k.shape[1], k.shape[2]
+    KV, S = k.shape[1], k.shape[2]
     G = H // KV
     out = np.zeros((B, T, H, hd))
     for b in range(B):
@@ -68,17 +70,17 @@ def numpy_tree_attention(q, k, v, lengths, block_mask) -> np.ndarray:
                 kv = h // G
                 if not slots:  # no visible slot: zeros by convention
                     continue
-                s = k[b, slots, kv] @ q[b, t, h] / math.sqrt(hd)
+                s = k[b, kv, slots] @ q[b, t, h] / math.sqrt(hd)
                 p = np.exp(s - s.max())
-                out[b, t, h] = (p / p.sum()) @ v[b, slots, kv]
+                out[b, t, h] = (p / p.sum()) @ v[b, kv, slots]
     return out
 
 
 def make_inputs(seed, B, T, H, KV, hd, S, dtype, lengths):
     rng = np.random.default_rng(seed)
     q = rng.normal(size=(B, T, H, hd)).astype(np.float32)
-    k = rng.normal(size=(B, S, KV, hd)).astype(np.float32)
-    v = rng.normal(size=(B, S, KV, hd)).astype(np.float32)
+    k = rng.normal(size=(B, KV, S, hd)).astype(np.float32)  # head-major cache layout
+    v = rng.normal(size=(B, KV, S, hd)).astype(np.float32)
     mask = random_tree_masks(rng, B, T)
     lengths = np.asarray(lengths, np.int32)
     cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
@@ -189,7 +191,7 @@ def test_garbage_beyond_block_is_ignored():
     B, T, H, KV, hd, S = 6, 5, 4, 2, 16, 64
     q, k, v, lengths, bm = make_inputs(7, B, T, H, KV, hd, S, jnp.float32, ragged_lengths(S, T))
     bm = bm.at[0, T - 1].set(False)
-    stale = (jnp.arange(S)[None, :] >= (lengths + T)[:, None])[:, :, None, None]  # [B, S, 1, 1]
+    stale = (jnp.arange(S)[None, :] >= (lengths + T)[:, None])[:, None, :, None]  # [B, 1, S, 1]
     clean_k, clean_v = jnp.where(stale, 0.0, k), jnp.where(stale, 0.0, v)
     dirty_k, dirty_v = jnp.where(stale, 1e30, k), jnp.where(stale, -3e29, v)
     bs = BlockSizes(block_k=BK)
@@ -223,36 +225,125 @@ def test_kernel_lowers_for_gpu_and_tpu(platform, monkeypatch):
         monkeypatch.setattr(tpu_info, "get_num_device_cores", lambda: 1)
     B, T, H, KV, hd, S = 3, 40, 6, 2, 80, 200
     sds = jax.ShapeDtypeStruct
-    args = (sds((B, T, H, hd), jnp.bfloat16), sds((B, S, KV, hd), jnp.bfloat16),
-            sds((B, S, KV, hd), jnp.bfloat16), sds((B,), jnp.int32), sds((B, T, T), jnp.bool_))
+    args = (sds((B, T, H, hd), jnp.bfloat16), sds((B, KV, S, hd), jnp.bfloat16),
+            sds((B, KV, S, hd), jnp.bfloat16), sds((B,), jnp.int32), sds((B, T, T), jnp.bool_))
     call = functools.partial(ta._tree_attention_call, block_sizes=BlockSizes(block_k=64),
                              backend={"cuda": "gpu", "tpu": "tpu"}[platform])
     text = jax.jit(call).trace(*args).lower(lowering_platforms=(platform,)).as_text()
     assert marker in text
 
 
+# ----------------------------------------------------------------------------- model
+
+MODEL_ATOL = 1e-5  # float32 logits, impl="pallas" vs impl="xla"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(make_hf_model):
+    """2 layers, 4 query heads over 2 kv heads (GQA), hd 8, vocab 101; no EOS so every row runs
+    its whole budget in `generate`."""
+    specjax = pytest.importorskip("specjax")
+    return specjax.model_from_hf(make_hf_model("llama", eos_token_id=None), dtype=jnp.float32)
+
+
+def test_model_forward_pallas_matches_xla(tiny_model):
+    """Whole-model logits, impl="pallas" vs "xla", on ragged rows: causal prefill (row 0's pad
+    slots are written but never committed), one decode token, then a random-tree verify block.
+    Drafter-style calls (write_offset, block_mask wider than the block) fall back to XLA."""
+    from specjax import tree
+    from specjax.models import llama
+    from specjax.models.cache import init_cache
+
+    params, cfg = tiny_model.params, tiny_model.config
+    fwd = jax.jit(llama.forward, static_argnums=1, static_argnames=("impl",))
+    rng = np.random.default_rng(9)
+    B, P, S, N = 2, 11, 48, 6
+
+    def both(tokens, positions, cache, **kw):
+        args = (params, cfg, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
+                cache)
+        uses_kernel = "pallas_call" in str(jax.make_jaxpr(
+            functools.partial(llama.forward, impl="pallas", **kw), static_argnums=1)(*args))
+        lx, _, cx = fwd(*args, impl="xla", **kw)
+        lp, _, cp = fwd(*args, impl="pallas", **kw)
+        err = float(jnp.max(jnp.abs(lp - lx)))
+        assert err < MODEL_ATOL, err
+        assert_close(cp.k, cx.k, F32_TOL)
+        return cx, uses_kernel
+
+    # Prefill (causal), then commit 7 and 11 prompt tokens.
+    ids = rng.integers(0, cfg.vocab_size, (B, P))
+    cache, used = both(ids, np.broadcast_to(np.arange(P), (B, P)), init_cache(cfg, B, S))
+    assert used
+    cache = cache.replace(lengths=jnp.asarray([7, P], jnp.int32))
+
+    # One decode token per row.
+    tok = rng.integers(0, cfg.vocab_size, (B, 1))
+    cache, used = both(tok, cache.lengths[:, None], cache)
+    assert used
+    cache = cache.replace(lengths=cache.lengths + 1)
+
+    # Verify a random tree per row: [root, node_0 .. node_{N-1}] with ancestor-or-self masks.
+    parents = jnp.asarray(np.stack([random_parents(rng, N + 1)[1:] - 1 for _ in range(B)]),
+                          jnp.int32)  # node i's parent in [-1, i): -1 is the root
+    depth = tree.depth_from_parents(parents)
+    block = rng.integers(0, cfg.vocab_size, (B, N + 1))
+    _, used = both(block, tree.block_positions(depth, cache.lengths), cache,
+                   block_mask=tree.block_mask(parents))
+    assert used
+
+    # A drafter growing a tree: 2 tokens written after a 3-slot window prefix -> XLA fallback.
+    wmask = jnp.broadcast_to(jnp.asarray([[1, 0, 0, 1, 0], [1, 1, 0, 0, 1]], bool), (B, 2, 5))
+    _, used = both(block[:, :2], cache.lengths[:, None] + jnp.asarray([[1, 2]]), cache,
+                   block_mask=wmask, write_offset=jnp.full((B,), 3, jnp.int32))
+    assert not used
+
+
+def test_generate_pallas_matches_xla(tiny_model, monkeypatch):
+    """Speculative greedy generation with the n-gram drafter: same tokens with either impl, and
+    the pallas run really traces the kernel (prefill and the verify block)."""
+    specjax = pytest.importorskip("specjax")
+    from specjax.models import llama
+
+    blocks = []
+
+    def spy(q, *args, **kw):
+        blocks.append(q.shape[1])
+        return tree_attention(q, *args, **kw)
+
+    monkeypatch.setattr(llama, "tree_attention", spy)
+    prompts = [[7, 8, 9, 10] * 3, [40, 41, 42, 5, 40, 41]]
+    kw = dict(max_new_tokens=8, drafter=specjax.drafters.ngram(k=3))
+    want = specjax.generate(tiny_model, prompts, impl="xla", **kw).tokens
+    assert not blocks
+    got = specjax.generate(tiny_model, prompts, impl="pallas", **kw).tokens
+    assert 4 in blocks  # the verify block [last token, 3 drafts]
+    assert [len(t) for t in want] == [8, 8]
+    assert got == want
+
+
 # ----------------------------------------------------------------------------- errors
 
 def _ok(B=2, T=3, H=4, KV=2, hd=8, S=16):
-    return dict(q=jnp.zeros((B, T, H, hd)), k=jnp.zeros((B, S, KV, hd)),
-                v=jnp.zeros((B, S, KV, hd)), lengths=jnp.zeros((B,), jnp.int32),
+    return dict(q=jnp.zeros((B, T, H, hd)), k=jnp.zeros((B, KV, S, hd)),
+                v=jnp.zeros((B, KV, S, hd)), lengths=jnp.zeros((B,), jnp.int32),
                 block_mask=jnp.ones((B, T, T), bool))
 
 
 @pytest.mark.parametrize("change,match", [
     (dict(q=jnp.zeros((2, 3, 4))), r"q must be \[B, T, H, hd\], got shape \(2, 3, 4\)"),
-    (dict(k=jnp.zeros((2, 16, 8))), r"k must be \[B, S, KV, hd\]"),
-    (dict(v=jnp.zeros((2, 16, 2, 4))), r"v must have k's shape \(2, 16, 2, 8\)"),
-    (dict(k=jnp.zeros((3, 16, 2, 8)), v=jnp.zeros((3, 16, 2, 8))), r"k/v batch 3"),
-    (dict(k=jnp.zeros((2, 16, 2, 4)), v=jnp.zeros((2, 16, 2, 4))), r"k/v head dim 4"),
-    (dict(k=jnp.zeros((2, 16, 3, 8)), v=jnp.zeros((2, 16, 3, 8))),
+    (dict(k=jnp.zeros((2, 16, 8))), r"k must be \[B, KV, S, hd\]"),
+    (dict(v=jnp.zeros((2, 2, 16, 4))), r"v must have k's shape \(2, 2, 16, 8\)"),
+    (dict(k=jnp.zeros((3, 2, 16, 8)), v=jnp.zeros((3, 2, 16, 8))), r"k/v batch 3"),
+    (dict(k=jnp.zeros((2, 2, 16, 4)), v=jnp.zeros((2, 2, 16, 4))), r"k/v head dim 4"),
+    (dict(k=jnp.zeros((2, 3, 16, 8)), v=jnp.zeros((2, 3, 16, 8))),
      r"H=4 must be a positive multiple of kv heads KV=3"),
     (dict(k=jnp.zeros((2, 2, 2, 8)), v=jnp.zeros((2, 2, 2, 8))), r"T=3 must satisfy 1 <= T <= S=2"),
     (dict(lengths=jnp.zeros((3,), jnp.int32)), r"lengths must be \[B\] = \(2,\)"),
     (dict(lengths=jnp.zeros((2,), jnp.float32)), r"lengths must be an integer dtype"),
     (dict(block_mask=jnp.ones((2, 3, 4), bool)), r"block_mask must be \[B, T, T\] = \(2, 3, 3\)"),
     (dict(block_mask=jnp.ones((2, 3, 3), jnp.int32)), r"block_mask must be bool"),
-    (dict(v=jnp.zeros((2, 16, 2, 8), jnp.bfloat16)), r"k and v must share a dtype"),
+    (dict(v=jnp.zeros((2, 2, 16, 8), jnp.bfloat16)), r"k and v must share a dtype"),
 ])
 @pytest.mark.parametrize("fn", [tree_attention, tree_attention_reference],
                          ids=["kernel", "reference"])

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import tree_attention
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
 
@@ -124,9 +125,14 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     return o.reshape(B, T, H, hd)
 
 
-def _attention(impl: str, q, k, v, mask):
+def _attention(impl: str, q, k, v, mask, lengths, block_mask):
+    """q [B,T,H,hd], k/v [B,KV,S,hd]. "xla" reads the dense `mask` [B,T,S]; "pallas" derives the
+    same visibility from `lengths` [B] and `block_mask` [B,T,T] (block written at `lengths`)."""
     if impl == "xla":
         return attention_xla(q, k, v, mask)
+    if impl == "pallas":
+        return tree_attention(q, k, v, lengths, block_mask,
+                              interpret=(jax.default_backend() == "cpu"))
     raise ValueError(f"unknown attention impl {impl!r}; valid: {ATTENTION_IMPLS}")
 
 
@@ -147,7 +153,8 @@ def write_block(c: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Array
 
 
 def _layer(cfg: ModelConfig, impl: str, inv_freq, lp: dict, h: jax.Array, positions: jax.Array,
-           mask: jax.Array, ck: jax.Array, cv: jax.Array, start: jax.Array, layer: jax.Array):
+           mask: Optional[jax.Array], ck: jax.Array, cv: jax.Array, start: jax.Array,
+           layer: jax.Array, lengths: jax.Array, block_mask: jax.Array):
     """One decoder layer. Writes this block's K/V into layer `layer` of the cache carry."""
     B, T, _ = h.shape
     H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -161,7 +168,7 @@ def _layer(cfg: ModelConfig, impl: str, inv_freq, lp: dict, h: jax.Array, positi
     v = v.reshape(B, T, KV, hd)
     ck = write_block(ck, layer, jnp.swapaxes(k, 1, 2), start)  # [B, KV, T, hd] into the carry
     cv = write_block(cv, layer, jnp.swapaxes(v, 1, 2), start)
-    o = _attention(impl, q, ck[layer], cv[layer], mask)  # [B, T, H, hd]
+    o = _attention(impl, q, ck[layer], cv[layer], mask, lengths, block_mask)  # [B, T, H, hd]
     h = h + o.reshape(B, T, -1) @ lp["wo"]
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     gate, up = jnp.split(x @ lp["w_gate_up"], 2, axis=-1)
@@ -185,17 +192,24 @@ def forward_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, positions:
     B, T = tokens.shape
     if block_mask is None:
         block_mask = causal_block_mask(B, T)
+    # The Pallas kernel covers a block written at `lengths` with block_mask [B, T, T] (prefill,
+    # decode, verify) and no sliding window. Growing a draft tree (write_offset, W > T) and
+    # windowed models use the XLA path.
+    if impl == "pallas" and (write_offset is not None or block_mask.shape[2] != T
+                             or cfg.sliding_window is not None):
+        impl = "xla"
     inv_freq = rope_inv_freq(cfg)
     h = params["embed"][tokens] if embeds is None else embeds.astype(params["embed"].dtype)
-    mask = build_attention_mask(cache.lengths, positions, block_mask, cache.max_len,
-                                cfg.sliding_window, write_offset)
+    mask = None if impl == "pallas" else build_attention_mask(
+        cache.lengths, positions, block_mask, cache.max_len, cfg.sliding_window, write_offset)
     start = cache.lengths if write_offset is None else cache.lengths + write_offset  # [B]
     want_layers = tuple(hidden_layers)
 
     def body(carry, xs):
         h, ck, cv = carry
         lp, layer = xs
-        h, ck, cv = _layer(cfg, impl, inv_freq, lp, h, positions, mask, ck, cv, start, layer)
+        h, ck, cv = _layer(cfg, impl, inv_freq, lp, h, positions, mask, ck, cv, start, layer,
+                           cache.lengths, block_mask)
         return (h, ck, cv), (h if want_layers else None)
 
     h0 = h
