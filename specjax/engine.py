@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, TargetStep
-from specjax.models.cache import KVCache, init_cache
+from specjax import tree as tree_lib
+from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, TargetStep, TreeDraft
+from specjax.models.cache import KVCache, gather_slots, init_cache
 from specjax.models.config import ModelConfig
 from specjax.models.llama import forward
-from specjax.sampling import SamplingMode, sample_token
+from specjax.sampling import SamplingMode, process_logits, sample_token
 from specjax.verify import Accepted, verify_chain
 
 # Incremented each time a jitted entry point is traced (= compiled); tests read it.
@@ -40,7 +41,13 @@ class EngineConfig:
 
     @property
     def k(self) -> int:
+        """Draft tokens (chain) or nodes (tree) verified per step."""
         return 0 if self.drafter is None else self.drafter.k
+
+    @property
+    def max_accept(self) -> int:
+        """Most draft tokens one step can accept (chain length or tree depth)."""
+        return 0 if self.drafter is None else self.drafter.max_accept
 
     @property
     def hidden_layers(self) -> tuple:
@@ -61,7 +68,7 @@ class LoopState:
     key: jax.Array
     steps: jax.Array  # [] int32 loop iterations (= target verify forwards)
     row_steps: jax.Array  # [B] int32 verify forwards while the row was active
-    accept_hist: jax.Array  # [K+1] int32 how often n = 0..K draft tokens were accepted
+    accept_hist: jax.Array  # [A+1] int32 how often n = 0..A draft tokens were accepted
 
 
 def _is_eos(tokens: jax.Array, eos: tuple[int, ...]) -> jax.Array:
@@ -97,47 +104,73 @@ def prefill(params, dparams, tokens, lengths, max_new, key, sp, *, ec: EngineCon
     return LoopState(out=out, n_out=n_out, max_new=max_new, done=done, last=first, cache=cache,
                      dstate=dstate, key=key, steps=jnp.int32(0),
                      row_steps=jnp.zeros((B,), jnp.int32),
-                     accept_hist=jnp.zeros((ec.k + 1,), jnp.int32))
+                     accept_hist=jnp.zeros((ec.max_accept + 1,), jnp.int32))
+
+
+def _verify(params, dparams, state: LoopState, draft, sp, ec: EngineConfig, key):
+    """One target forward over [last, draft] -> (accepted tokens [B, A], Accepted-like with .n
+    and .bonus, target cache with the accepted path committed, hiddens, block)."""
+    cfg, cache = ec.target, state.cache
+    lengths = cache.lengths
+    if draft is None:  # plain AR step
+        block = state.last[:, None]
+        logits, hiddens, cache = forward(params, cfg, block, lengths[:, None], cache,
+                                         hidden_layers=ec.hidden_layers, impl=ec.impl)
+        acc = Accepted(n=jnp.zeros_like(lengths), bonus=sample_token(key, logits[:, 0], ec.mode, sp))
+        cache = cache.replace(lengths=lengths + (~state.done).astype(jnp.int32))
+        return jnp.zeros((block.shape[0], 0), jnp.int32), acc, cache, hiddens, block
+    if isinstance(draft, TreeDraft):
+        t, D = draft.tree, ec.max_accept
+        block = jnp.concatenate([state.last[:, None], t.tokens], axis=1)  # [B, N+1]
+        logits, hiddens, cache = forward(
+            params, cfg, block, tree_lib.block_positions(t.depth, lengths), cache,
+            block_mask=tree_lib.block_mask(t.parents), hidden_layers=ec.hidden_layers,
+            impl=ec.impl)
+        if ec.mode.greedy:
+            acc = tree_lib.verify_tree_greedy(logits, t, D)
+        else:
+            acc = tree_lib.verify_tree_sampling(key, process_logits(logits, ec.mode, sp), t,
+                                                draft.child_logp, D, ec.drafter.without_replacement)
+        tokens = jnp.take_along_axis(t.tokens, jnp.maximum(acc.path, 0), axis=1)  # [B, D]
+        # Compact the accepted branch: block offset 0 (`last`) stays, path node i -> offset i+1.
+        src = jnp.concatenate([jnp.zeros_like(acc.path[:, :1]), jnp.maximum(acc.path, -1) + 1], 1)
+        cache = gather_slots(cache, src, jnp.where(~state.done, acc.n + 1, 0))
+        return tokens, acc, cache, hiddens, block
+    K = ec.k
+    block = jnp.concatenate([state.last[:, None], draft.tokens], axis=1)  # [B, K+1]
+    positions = lengths[:, None] + jnp.arange(K + 1, dtype=jnp.int32)[None, :]
+    logits, hiddens, cache = forward(params, cfg, block, positions, cache,
+                                     hidden_layers=ec.hidden_layers, impl=ec.impl)
+    acc = verify_chain(key, logits, draft.tokens, draft.logp, ec.mode, sp)
+    # A chain's accepted tokens are already in place after `last`.
+    cache = cache.replace(lengths=lengths + jnp.where(~state.done, acc.n + 1, 0))
+    return draft.tokens, acc, cache, hiddens, block
 
 
 def decode_step(params, dparams, state: LoopState, sp, ec: EngineConfig) -> LoopState:
     """One draft -> verify -> accept -> commit step (K = 0: one plain decode step)."""
-    cfg, K = ec.target, ec.k
     key, k_draft, k_verify = jax.random.split(state.key, 3)
+    draft, dstate = None, None
     if ec.drafter is not None:
         draft, dstate = ec.drafter.propose(dparams, state.dstate, state.last, k_draft, ec.mode, sp)
-        block = jnp.concatenate([state.last[:, None], draft.tokens], axis=1)  # [B, K+1]
-    else:
-        draft, dstate, block = None, None, state.last[:, None]  # [B, 1]
-    B = block.shape[0]
-    positions = state.cache.lengths[:, None] + jnp.arange(K + 1, dtype=jnp.int32)[None, :]
-    logits, hiddens, cache = forward(params, cfg, block, positions, state.cache,
-                                     hidden_layers=ec.hidden_layers, impl=ec.impl)
-    if ec.drafter is not None:
-        acc = verify_chain(k_verify, logits, draft.tokens, draft.logp, ec.mode, sp)
-    else:
-        acc = Accepted(n=jnp.zeros((B,), jnp.int32),
-                       bonus=sample_token(k_verify, logits[:, 0], ec.mode, sp))
+    accepted, acc, cache, hiddens, block = _verify(params, dparams, state, draft, sp, ec, k_verify)
     active = ~state.done
+    B, A = accepted.shape
 
     # Emitted this step: the n accepted draft tokens, then the bonus token.
-    j = jnp.arange(K + 1)[None, :]
-    drafted = block[:, 1:] if K else jnp.zeros((B, 0), jnp.int32)
-    drafted = jnp.concatenate([drafted, jnp.zeros((B, 1), jnp.int32)], axis=1)  # [B, K+1]
-    emitted = jnp.where(j < acc.n[:, None], drafted, acc.bonus[:, None])  # [B, K+1]
+    j = jnp.arange(A + 1)[None, :]
+    padded = jnp.concatenate([accepted, jnp.zeros((B, 1), jnp.int32)], axis=1)  # [B, A+1]
+    emitted = jnp.where(j < acc.n[:, None], padded, acc.bonus[:, None])
     count = acc.n + 1
     eos_at = _is_eos(emitted, ec.eos) & (j < count[:, None])
-    first_eos = jnp.where(eos_at.any(axis=1), jnp.argmax(eos_at, axis=1), K + 1)
+    first_eos = jnp.where(eos_at.any(axis=1), jnp.argmax(eos_at, axis=1), A + 1)
     count = jnp.minimum(jnp.minimum(count, first_eos + 1), state.max_new - state.n_out)
     count = jnp.where(active, count, 0)
-    b_idx = jnp.arange(B)[:, None]
     col = jnp.where(j < count[:, None], state.n_out[:, None] + j, state.out.shape[1])  # drop
-    out = state.out.at[b_idx, col].set(emitted, mode="drop")
+    out = state.out.at[jnp.arange(B)[:, None], col].set(emitted, mode="drop")
     n_out = state.n_out + count
     done = state.done | (active & ((first_eos <= acc.n) | (n_out >= state.max_new)))
 
-    # Commit: `last` and the accepted draft tokens are already in place in the target cache.
-    cache = cache.replace(lengths=cache.lengths + jnp.where(active, acc.n + 1, 0))
     if ec.drafter is not None:
         dstate = ec.drafter.commit(dparams, dstate, draft, acc, active,
                                    TargetStep(tokens=block, hiddens=hiddens))

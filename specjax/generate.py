@@ -128,9 +128,10 @@ def prepare(model: Model, prompts, *, max_new_tokens: int, temperature: float = 
     B = -(-B // batch_multiple) * batch_multiple
     P = bucket(max(len(r) for r in rows), MIN_PROMPT_BUCKET, half_steps=True)
     N = bucket(int(max_new_tokens), MIN_NEW_BUCKET)
-    k = 0 if drafter is None else drafter.k
-    # The cache holds the prompt, every emitted token, and one in-flight verify block.
-    max_len = P + N + k + 2
+    slack = 0 if spec is None else max(spec.k, spec.cache_slack)
+    # The cache holds the prompt, every emitted token, and one in-flight verify block (and the
+    # drafter's own in-flight tokens, for drafters that keep a cache).
+    max_len = P + N + slack + 2
     tokens = np.zeros((B, P), np.int32)
     lengths = np.ones((B,), np.int32)
     budget = np.zeros((B,), np.int32)  # padding rows get no budget: done from the start

@@ -47,3 +47,16 @@ def build_hf_model(family: str = "llama", seed: int = 0, **overrides):
 def make_hf_model():
     """Factory fixture: `make_hf_model(family, seed=0, **config_overrides)` -> HF model."""
     return build_hf_model
+
+
+def byte_bpe(corpus, size=300):
+    """A tiny byte-level BPE tokenizer (trained in milliseconds, no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")

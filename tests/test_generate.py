@@ -22,6 +22,7 @@ import torch
 import transformers
 
 import specjax
+from conftest import byte_bpe
 from specjax import drafters, engine
 from specjax.drafters.ngram import NgramSpec
 from specjax.model import Model
@@ -90,23 +91,10 @@ def ar_out(target):
     return generate(target, PROMPTS, max_new_tokens=NEW)
 
 
-def _byte_bpe(corpus, size=300):
-    """A tiny byte-level BPE tokenizer (trained in milliseconds, no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-
-
 @pytest.fixture(scope="module")
 def tok_model(make_hf_model):
     """A 1-layer model with a real (byte-level BPE) tokenizer; EOS = the tokenizer's <eos>."""
-    tok = _byte_bpe(["hello world, the quick brown fox jumps over the lazy dog. " * 3,
+    tok = byte_bpe(["hello world, the quick brown fox jumps over the lazy dog. " * 3,
                      "héllo wörld 你好 ✓ ünïcödé"])
     hf = make_hf_model("llama", seed=5, vocab_size=len(tok), num_hidden_layers=1,
                        eos_token_id=None)
@@ -427,7 +415,7 @@ def test_bad_drafters_are_rejected(target, other, tok_model, make_hf_model):
             target, PROMPTS, max_new_tokens=4,
             drafter=drafters.small_model(other.astype(jnp.bfloat16), k=2))
     # Another tokenizer, same vocabulary size.
-    tok_b = _byte_bpe(["lorem ipsum dolor sit amet consectetur adipiscing elit " * 3,
+    tok_b = byte_bpe(["lorem ipsum dolor sit amet consectetur adipiscing elit " * 3,
                        "日本語 テキスト"], size=len(tok_model.tokenizer))
     assert tok_b.get_vocab() != tok_model.tokenizer.get_vocab()
     hf_b = make_hf_model("llama", seed=4, vocab_size=len(tok_b), num_hidden_layers=1)

@@ -9,25 +9,51 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 from specjax.drafters.base import Draft, Drafter, DrafterSpec, TargetPrefill, TargetStep
-from specjax.drafters.lm import LMDrafterSpec, layer_skip_params
+import dataclasses
+from typing import Optional
+
+from specjax.drafters.lm import LMDrafterSpec, LMTreeSpec, layer_skip_params
 from specjax.drafters.ngram import NgramSpec
 
 NAMES = ("ngram", "model", "layer_skip")
 
 
-def ngram(max_ngram: int = 3, min_ngram: int = 1, k: int = 8) -> Drafter:
-    """Prompt-lookup drafting over the prompt and the generated tokens."""
-    return Drafter(spec=NgramSpec(k=k, max_ngram=max_ngram, min_ngram=min_ngram),
-                   name=f"ngram(n={min_ngram}..{max_ngram}, k={k})")
+def ngram(max_ngram: int = 3, min_ngram: int = 1, k: int = 8, branches: int = 1) -> Drafter:
+    """Prompt-lookup drafting over the prompt and the generated tokens. With `branches` > 1 it
+    drafts a tree of that many candidate continuations of k tokens (shared prefixes merged)."""
+    spec = NgramSpec(k=k, max_ngram=max_ngram, min_ngram=min_ngram, branches=branches)
+    tree = f", branches={branches}" if branches > 1 else ""
+    return Drafter(spec=spec, name=f"ngram(n={min_ngram}..{max_ngram}, k={k}{tree})")
 
 
-def small_model(model, k: int = 5) -> Drafter:
-    """An independent small LM with the target's tokenizer (its own KV cache)."""
-    return Drafter(spec=LMDrafterSpec(k=k, cfg=model.config), params=model.params,
-                   name=f"model({model.name}, k={k})", tokenizer=model.tokenizer)
+@dataclasses.dataclass(frozen=True)
+class DynamicTree:
+    """EAGLE-2 style dynamic draft tree: `nodes` kept out of the candidates expanded over
+    `depth` levels with `top_k` children per frontier node and a frontier of `top_k` nodes."""
+
+    nodes: int = 8
+    depth: int = 4
+    top_k: int = 3
 
 
-def layer_skip(layers: Union[int, Sequence[int]] = 8, k: int = 4) -> Drafter:
+def _lm_spec(cfg, k, tree: Optional[DynamicTree], reuse_target_cache=False):
+    if tree is None:
+        return LMDrafterSpec(k=k, cfg=cfg, reuse_target_cache=reuse_target_cache)
+    return LMTreeSpec(k=tree.nodes, cfg=cfg, depth=tree.depth, top_k=tree.top_k,
+                      reuse_target_cache=reuse_target_cache)
+
+
+def small_model(model, k: int = 5, tree: Optional[DynamicTree] = None) -> Drafter:
+    """An independent small LM with the target's tokenizer (its own KV cache). Drafts a chain of
+    k tokens, or a dynamic tree when `tree` is given."""
+    spec = _lm_spec(model.config, k, tree)
+    shape = f"tree={tree}" if tree else f"k={k}"
+    return Drafter(spec=spec, params=model.params, name=f"model({model.name}, {shape})",
+                   tokenizer=model.tokenizer)
+
+
+def layer_skip(layers: Union[int, Sequence[int]] = 8, k: int = 4,
+               tree: Optional[DynamicTree] = None) -> Drafter:
     """Self-speculation: the target's first `layers` layers (or the listed subset) with its head.
 
     The params are taken from the target when `generate` runs (`params` is a function of it).
@@ -39,18 +65,17 @@ def layer_skip(layers: Union[int, Sequence[int]] = 8, k: int = 4) -> Drafter:
     chosen = layers if isinstance(layers, int) else tuple(int(i) for i in layers)
 
     def bind(target):
-        import dataclasses
-
         L = target.config.num_layers
         top = chosen if isinstance(chosen, int) else max(chosen) + 1
         if top > L or (not isinstance(chosen, int) and min(chosen) < 0):
             raise ValueError(f"layer_skip layers={layers!r} not valid for a target with {L} layers")
-        spec = LMDrafterSpec(k=k, cfg=dataclasses.replace(target.config, num_layers=n),
-                             reuse_target_cache=prefix)
+        spec = _lm_spec(dataclasses.replace(target.config, num_layers=n), k, tree,
+                        reuse_target_cache=prefix)
         return spec, layer_skip_params(target.params, chosen)
 
-    return Drafter(spec=LMDrafterSpec(k=k, cfg=None), params=bind,
-                   name=f"layer_skip(layers={layers}, k={k})")
+    shape = f"tree={tree}" if tree else f"k={k}"
+    return Drafter(spec=_lm_spec(None, k, tree), params=bind,
+                   name=f"layer_skip(layers={layers}, {shape})")
 
 
 def resolve(drafter: Drafter, target):
@@ -60,5 +85,5 @@ def resolve(drafter: Drafter, target):
     return drafter.spec, drafter.params
 
 
-__all__ = ["Draft", "Drafter", "DrafterSpec", "TargetPrefill", "TargetStep", "LMDrafterSpec",
-           "NgramSpec", "ngram", "small_model", "layer_skip", "resolve", "NAMES"]
+__all__ = ["Draft", "Drafter", "DrafterSpec", "DynamicTree", "TargetPrefill", "TargetStep",
+           "LMDrafterSpec", "LMTreeSpec", "NgramSpec", "ngram", "small_model", "layer_skip", "resolve", "NAMES"]

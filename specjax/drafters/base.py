@@ -26,8 +26,19 @@ from specjax.models.cache import KVCache
 
 
 class Draft(NamedTuple):
+    """A chain of K draft tokens."""
+
     tokens: jax.Array  # [B, K] int32
     logp: Optional[jax.Array]  # [B, K, V] processed draft log-probs; None = deterministic (one-hot)
+
+
+class TreeDraft(NamedTuple):
+    """A padded tree of N draft nodes (see specjax.tree)."""
+
+    tree: Any  # specjax.tree.Tree
+    # [B, N+1, V] draft distribution the children of each block position were drawn from, or
+    # None: the children are deterministic candidates (top-k, n-gram branches).
+    child_logp: Optional[jax.Array] = None
 
 
 @struct.dataclass
@@ -61,6 +72,22 @@ class DrafterSpec:
     def __post_init__(self):
         if not isinstance(self.k, int) or self.k <= 0:
             raise ValueError(f"draft length k must be a positive int, got {self.k!r}")
+
+    # A chain drafter proposes k tokens and can have all k accepted. A tree drafter proposes k
+    # nodes (`is_tree`), of which at most `max_accept` (the tree depth) lie on one path.
+    is_tree = False
+    # Tree drafters that sample siblings without replacement from `child_logp` set this (see
+    # specjax.tree.verify_tree_sampling); ignored for deterministic candidates.
+    without_replacement = False
+
+    @property
+    def max_accept(self) -> int:
+        return self.k
+
+    @property
+    def cache_slack(self) -> int:
+        """Cache slots the drafter's own state may use beyond the committed tokens."""
+        return self.k
 
     def init(self, params, prefill: TargetPrefill, max_len: int) -> Any:
         raise NotImplementedError

@@ -120,3 +120,142 @@ def layer_skip_params(target_params: dict, layers) -> dict:
     out = {k: v for k, v in target_params.items() if k != "layers"}
     out["layers"] = jax.tree.map(lambda x: x[idx], target_params["layers"])
     return out
+
+
+@struct.dataclass
+class LMTreeState:
+    lm: LMDraftState
+    fed: jax.Array  # [B, N] window offset where each proposed node's K/V sits (-1: not fed)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMTreeSpec(LMDrafterSpec):
+    """EAGLE-2 style dynamic tree from an LM drafter (Li et al. 2024, "EAGLE-2").
+
+    Depth 1 takes the `top_k` best tokens of the draft distribution after `last`. Each further
+    depth feeds the current frontier (`top_k` nodes) as one block with a tree mask, expands
+    every frontier node by its `top_k` best tokens, and keeps the `top_k` expansions with the
+    highest cumulative draft log-probability as the next frontier. Finally the `k` nodes with
+    the highest cumulative log-probability over everything expanded form the tree. A child
+    never scores above its parent (log-probs are <= 0) and ties rank the earlier-expanded
+    parent first, so the kept set always contains every kept node's ancestors.
+
+    Children are deterministic (top-k) candidates, so verification under sampling uses the
+    one-hot construction (accept x with probability p(x), else remove x from p), which is exact
+    for any candidate list chosen independently of the target's randomness.
+    """
+
+    depth: int = 4
+    top_k: int = 4
+
+    kind = "model_tree"
+    is_tree = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.depth < 1 or self.top_k < 1:
+            raise ValueError(f"tree depth and top_k must be >= 1, got depth={self.depth}, "
+                             f"top_k={self.top_k}")
+        if self.k > self.pool_size:
+            raise ValueError(f"a tree of {self.k} nodes needs more candidates than depth="
+                             f"{self.depth}, top_k={self.top_k} expand ({self.pool_size})")
+
+    @property
+    def pool_size(self) -> int:
+        return self.top_k + (self.depth - 1) * self.top_k ** 2
+
+    @property
+    def max_accept(self) -> int:
+        return self.depth
+
+    @property
+    def cache_slack(self) -> int:
+        return max(self.k, (self.depth - 1) * self.top_k) + 2
+
+    def init(self, params, prefill: TargetPrefill, max_len: int) -> LMTreeState:
+        lm = super().init(params, prefill, max_len)
+        return LMTreeState(lm=lm, fed=jnp.full((prefill.tokens.shape[0], self.k), -1, jnp.int32))
+
+    def _rank_logp(self, logits, mode, sp):
+        # Rank candidates by the draft distribution that sampling would use.
+        return jax.nn.log_softmax(logits, -1) if mode.greedy else process_logits(logits, mode, sp)
+
+    def propose(self, params, state: LMTreeState, last, key, mode, sp):
+        from specjax.drafters.base import TreeDraft
+        from specjax.tree import Tree
+
+        cfg, kk, D, N = self.cfg, self.top_k, self.depth, self.k
+        st = state.lm
+        cache = st.cache
+        B = last.shape[0]
+        positions = cache.lengths[:, None] + jnp.arange(2, dtype=jnp.int32)[None, :]
+        logits, _, cache = forward(params, cfg, st.pending, positions, cache,
+                                   logits_at=(st.n_pending - 1)[:, None])
+        cache = cache.replace(lengths=cache.lengths + st.n_pending)  # base of the tree window
+        score, tok = jax.lax.top_k(self._rank_logp(logits[:, 0], mode, sp), kk)  # [B, kk]
+        pool_tok, pool_score = [tok], [score]
+        pool_parent = [jnp.full((B, kk), -1, jnp.int32)]
+        pool_depth = [jnp.ones((B, kk), jnp.int32)]
+        fed_ids, fed_offs = [], []  # pool ids of each fed frontier and their window offsets
+        front_idx = jnp.broadcast_to(jnp.arange(kk, dtype=jnp.int32), (B, kk))  # pool ids
+        W = max((D - 1) * kk, 1)
+        front_vis = jnp.zeros((B, kk, W), bool)  # window slots each frontier node may see
+        for d in range(2, D + 1):
+            off = (d - 2) * kk
+            own = jax.nn.one_hot(off + jnp.arange(kk), W, dtype=bool)  # [kk, W]
+            vis = front_vis | own[None]
+            pos = jnp.broadcast_to(cache.lengths[:, None] + (d - 2), (B, kk))
+            logits, _, cache = forward(params, cfg, tok, pos, cache, block_mask=vis,
+                                       write_offset=jnp.full((B,), off, jnp.int32))
+            fed_ids.append(front_idx)
+            fed_offs.append(jnp.broadcast_to(off + jnp.arange(kk, dtype=jnp.int32), (B, kk)))
+            child_lp, child_tok = jax.lax.top_k(self._rank_logp(logits, mode, sp), kk)  # [B,kk,kk]
+            cum = (score[:, :, None] + child_lp).reshape(B, kk * kk)
+            base = kk + (d - 2) * kk * kk
+            pool_tok.append(child_tok.reshape(B, kk * kk))
+            pool_score.append(cum)
+            pool_parent.append(jnp.repeat(front_idx, kk, axis=1))
+            pool_depth.append(jnp.full((B, kk * kk), d, jnp.int32))
+            score, pick = jax.lax.top_k(cum, kk)  # next frontier
+            tok = jnp.take_along_axis(child_tok.reshape(B, kk * kk), pick, axis=1)
+            front_idx = base + pick
+            front_vis = jnp.take_along_axis(vis, (pick // kk)[:, :, None], axis=1)
+        cat = lambda xs: jnp.concatenate(xs, axis=1)  # noqa: E731
+        p_tok, p_score, p_parent, p_depth = map(cat, (pool_tok, pool_score, pool_parent, pool_depth))
+        # Only the frontiers of depths 1..D-1 were fed (their K/V sit in the window); the
+        # other candidates are leaves.
+        p_fed = jnp.full(p_tok.shape, -1, jnp.int32)
+        if fed_ids:
+            p_fed = p_fed.at[jnp.arange(B)[:, None], cat(fed_ids)].set(cat(fed_offs))
+        # Keep the N best (stable: ties keep pool order, parents before children), then list
+        # them in pool order, which is topological.
+        keep = jnp.sort(jnp.argsort(-p_score, axis=1, stable=True)[:, :N], axis=1)  # [B, N]
+        take = lambda x: jnp.take_along_axis(x, keep, axis=1)  # noqa: E731
+        node_of = jnp.full((B, p_tok.shape[1]), -1, jnp.int32).at[
+            jnp.arange(B)[:, None], keep].set(jnp.arange(N, dtype=jnp.int32)[None, :])
+        par_pool = take(p_parent)
+        parents = jnp.where(par_pool >= 0, jnp.take_along_axis(
+            node_of, jnp.maximum(par_pool, 0), axis=1), -1)
+        tree = Tree(tokens=take(p_tok), parents=parents, depth=take(p_depth),
+                    valid=take(p_score) > -jnp.inf)
+        lm = st.replace(cache=cache, len_before=st.cache.lengths)
+        return TreeDraft(tree=tree), LMTreeState(lm=lm, fed=take(p_fed))
+
+    def commit(self, params, state: LMTreeState, draft, acc, active, target):
+        from specjax.models.cache import gather_slots
+
+        st = state.lm
+        fed_path = jnp.where(acc.path >= 0, jnp.take_along_axis(
+            state.fed, jnp.maximum(acc.path, 0), axis=1), -1)  # [B, D]
+        m = jnp.sum(fed_path >= 0, axis=1)  # fed nodes form a prefix of the path
+        cache = gather_slots(st.cache, jnp.maximum(fed_path, 0), jnp.zeros_like(m))
+        leaf = jnp.take_along_axis(draft.tree.tokens, jnp.maximum(acc.node, 0)[:, None], 1)[:, 0]
+        two = acc.n > m  # the accepted leaf was never fed: it goes first in the pending block
+        pending = jnp.where(two[:, None], jnp.stack([leaf, acc.bonus], 1),
+                            jnp.stack([acc.bonus, jnp.zeros_like(acc.bonus)], 1))
+        kept = st.len_before + st.n_pending + m
+        lm = st.replace(
+            cache=cache.replace(lengths=jnp.where(active, kept, st.len_before)),
+            pending=jnp.where(active[:, None], pending, st.pending),
+            n_pending=jnp.where(active, jnp.where(two, 2, 1), st.n_pending).astype(jnp.int32))
+        return state.replace(lm=lm)

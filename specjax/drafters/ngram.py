@@ -8,12 +8,14 @@ so the draft distribution is one-hot (verification handles that exactly).
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill
+from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, TreeDraft
+from specjax.tree import Tree
 
 
 @struct.dataclass
@@ -22,27 +24,68 @@ class NgramState:
     hist_len: jax.Array  # [B] int32
 
 
-def latest_match(hist: jax.Array, hist_len: jax.Array, n: int):
-    """Latest start i with hist[i:i+n] == last n tokens and i + n < hist_len (so at least one
-    token follows). -> (found [B] bool, start of the continuation i + n [B] int32)."""
+def continuation_starts(hist: jax.Array, hist_len: jax.Array, sizes: Sequence[int],
+                        count: int):
+    """The `count` best places to copy a continuation from: positions s such that the n tokens
+    before s equal the last n tokens of the history (s < hist_len, so at least one token
+    follows), ranked by longer n first, then the most recent s. Distinct s, so candidate
+    continuations differ. -> (starts [B, count] int32, found [B, count] bool)."""
     B, H = hist.shape
     idx = jnp.arange(H)[None, :]  # [1, H]
-    suffix_pos = hist_len[:, None] - n + jnp.arange(n)[None, :]  # [B, n]
-    suffix = jnp.take_along_axis(hist, jnp.clip(suffix_pos, 0, H - 1), axis=1)  # [B, n]
-    match = jnp.ones((B, H), bool)
-    for j in range(n):  # n is small and static
-        shifted = jnp.roll(hist, -j, axis=1)  # shifted[:, i] = hist[:, i + j]
-        match &= shifted == suffix[:, j:j + 1]
-    match &= (idx + n < hist_len[:, None]) & (hist_len[:, None] >= n + 1)
-    found = match.any(axis=1)
-    start = jnp.max(jnp.where(match, idx, -1), axis=1) + n
-    return found, start.astype(jnp.int32)
+    score = jnp.full((B, H), -1, jnp.int32)
+    for n in sizes:  # n is small and static
+        suffix_pos = hist_len[:, None] - n + jnp.arange(n)[None, :]  # [B, n]
+        suffix = jnp.take_along_axis(hist, jnp.clip(suffix_pos, 0, H - 1), axis=1)  # [B, n]
+        match = jnp.ones((B, H), bool)  # match[:, s]: hist[s-n : s] == suffix
+        for j in range(n):
+            match &= jnp.roll(hist, n - j, axis=1) == suffix[:, j:j + 1]  # hist[:, s - n + j]
+        match &= (idx >= n) & (idx < hist_len[:, None]) & (hist_len[:, None] >= n + 1)
+        score = jnp.maximum(score, jnp.where(match, n * H + idx, -1))
+    best, starts = jax.lax.top_k(score, count)
+    return starts.astype(jnp.int32), best >= 0
+
+
+def copy_continuations(hist: jax.Array, hist_len: jax.Array, starts: jax.Array, k: int):
+    """[B, C] starts -> [B, C, k] tokens hist[s : s+k]; past the known history, repeat its last
+    known token (an unknown continuation: any guess is exact after verification)."""
+    B, H = hist.shape
+    pos = starts[..., None] + jnp.arange(k)  # [B, C, k]
+    known = jnp.clip(jnp.minimum(pos, hist_len[:, None, None] - 1), 0, H - 1)
+    return jnp.take_along_axis(hist[:, None, :], known, axis=2)
+
+
+def merge_prefixes(tokens: jax.Array, found: jax.Array) -> Tree:
+    """C candidate chains [B, C, K] -> a tree of C*K nodes sharing common prefixes.
+
+    Node c*K + j is token j of chain c. A chain that repeats the first m tokens of an earlier
+    chain marks those m nodes invalid and hangs its token m under the earlier chain's node m-1.
+    """
+    B, C, K = tokens.shape
+    j = jnp.arange(K)
+    parents = [jnp.broadcast_to(j - 1, (B, K))]
+    valid = [jnp.broadcast_to(found[:, :1], (B, K))]
+    for c in range(1, C):
+        same = jnp.cumprod((tokens[:, None, c] == tokens[:, :c]).astype(jnp.int32), axis=2)
+        lcp = jnp.where(found[:, :c], same.sum(axis=2), 0)  # [B, c] common prefix with chain c'
+        m = jnp.max(lcp, axis=1)  # [B]
+        other = jnp.argmax(lcp, axis=1)  # [B]
+        own = c * K + j - 1  # [K]
+        hang = jnp.where(m > 0, other * K + m - 1, -1)  # [B]
+        parents.append(jnp.where(j[None, :] == m[:, None], hang[:, None], own[None, :]))
+        valid.append(found[:, c:c + 1] & (j[None, :] >= m[:, None]))
+    parents = jnp.concatenate(parents, axis=1).astype(jnp.int32)  # [B, C*K]
+    depth = jnp.broadcast_to(jnp.tile(j + 1, C), (B, C * K)).astype(jnp.int32)
+    return Tree(tokens=tokens.reshape(B, C * K), parents=parents, depth=depth,
+                valid=jnp.concatenate(valid, axis=1))
 
 
 @dataclasses.dataclass(frozen=True)
 class NgramSpec(DrafterSpec):
     max_ngram: int = 3
     min_ngram: int = 1
+    # > 1: propose a tree of that many candidate continuations (k tokens each, common prefixes
+    # merged) instead of one chain.
+    branches: int = 1
 
     kind = "ngram"
 
@@ -51,6 +94,16 @@ class NgramSpec(DrafterSpec):
         if not (1 <= self.min_ngram <= self.max_ngram):
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={self.min_ngram}, "
                              f"max_ngram={self.max_ngram}")
+        if not isinstance(self.branches, int) or self.branches < 1:
+            raise ValueError(f"branches must be a positive int, got {self.branches!r}")
+
+    @property
+    def is_tree(self) -> bool:
+        return self.branches > 1
+
+    @property
+    def cache_slack(self) -> int:
+        return self.branches * self.k  # tree nodes in the verify block
 
     def init(self, params, prefill: TargetPrefill, max_len: int) -> NgramState:
         B, P = prefill.tokens.shape
@@ -59,26 +112,24 @@ class NgramSpec(DrafterSpec):
         return NgramState(hist=hist, hist_len=prefill.lengths + 1)
 
     def propose(self, params, state: NgramState, last, key, mode, sp):
-        B, H = state.hist.shape
-        start = jnp.full((B,), -1, jnp.int32)
-        for n in range(self.min_ngram, self.max_ngram + 1):  # longer matches override shorter
-            found, s = latest_match(state.hist, state.hist_len, n)
-            start = jnp.where(found, s, start)
+        sizes = range(self.max_ngram, self.min_ngram - 1, -1)
+        starts, found = continuation_starts(state.hist, state.hist_len, sizes, self.branches)
+        tokens = copy_continuations(state.hist, state.hist_len, starts, self.k)  # [B, C, k]
+        if self.is_tree:
+            return TreeDraft(tree=merge_prefixes(tokens, found)), state
         # No match: propose a repeat of `last` (cheap guess; verification keeps it exact).
-        pos = start[:, None] + jnp.arange(self.k)[None, :]  # [B, K]
-        tokens = jnp.take_along_axis(state.hist, jnp.clip(pos, 0, H - 1), axis=1)
-        # Past the known history the continuation is unknown: repeat its last known token.
-        known = jnp.clip(pos, 0, state.hist_len[:, None] - 1)
-        tokens = jnp.where(pos < state.hist_len[:, None], tokens,
-                           jnp.take_along_axis(state.hist, known, axis=1))
-        tokens = jnp.where((start >= 0)[:, None], tokens, last[:, None])
-        return Draft(tokens=tokens.astype(jnp.int32), logp=None), state
+        chain = jnp.where(found[:, :1], tokens[:, 0], last[:, None])
+        return Draft(tokens=chain.astype(jnp.int32), logp=None), state
 
     def commit(self, params, state: NgramState, draft, acc, active, target):
         B, H = state.hist.shape
         K = self.k
         j = jnp.arange(K + 1)[None, :]
-        padded = jnp.concatenate([draft.tokens, jnp.zeros((B, 1), jnp.int32)], axis=1)
+        if self.is_tree:  # the accepted branch, root to leaf
+            drafted = jnp.take_along_axis(draft.tree.tokens, jnp.maximum(acc.path, 0), axis=1)
+        else:
+            drafted = draft.tokens
+        padded = jnp.concatenate([drafted, jnp.zeros((B, 1), jnp.int32)], axis=1)
         emitted = jnp.where(j < acc.n[:, None], padded, acc.bonus[:, None])  # [B, K+1]
         count = jnp.where(active, acc.n + 1, 0)
         col = jnp.where(j < count[:, None], state.hist_len[:, None] + j, H)  # H = dropped

@@ -1,0 +1,80 @@
+"""The `specjax` command line on a tiny HF checkpoint with a real (byte-level BPE) tokenizer:
+convert, generate (plain, streamed, speculative), bench (JSON + Markdown + PNG), and errors."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import specjax
+from conftest import byte_bpe
+from specjax import cli
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, make_hf_model):
+    tok = byte_bpe(["the cat sat on the mat. the dog sat on the log. " * 4])
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                         "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    hf = make_hf_model("llama", seed=3, vocab_size=len(tok), num_hidden_layers=2,
+                       eos_token_id=tok.eos_token_id)
+    path = str(tmp_path_factory.mktemp("tiny") / "hf")
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("generate", "convert", "demo", "bench", "bench-ar"):
+        assert cmd in out
+
+
+def test_convert_then_generate(tiny_dir, tmp_path, capsys):
+    dst = str(tmp_path / "converted")
+    cli.main(["convert", tiny_dir, dst])
+    assert "converted" in capsys.readouterr().out
+    a, b = specjax.load_model(tiny_dir), specjax.load_model(dst)
+    assert a.config == b.config and b.tokenizer is not None
+    ids = a.encode("the cat")
+    assert (a.logits(ids) == b.logits(ids)).all()
+
+    cli.main(["generate", "--model", dst, "the cat sat", "--max-new-tokens", "12"])
+    plain = capsys.readouterr().out
+    cli.main(["generate", "--model", dst, "the cat sat", "--max-new-tokens", "12",
+              "--drafter", "ngram", "--k", "3"])
+    spec = capsys.readouterr().out
+    assert plain == spec  # greedy speculative output is the plain output
+    cli.main(["generate", "--model", dst, "the cat sat", "--max-new-tokens", "12", "--stream"])
+    streamed = capsys.readouterr().out
+    assert streamed.strip() in plain
+
+
+def test_bench_writes_reports(tiny_dir, tmp_path, capsys):
+    q = tmp_path / "q.jsonl"
+    q.write_text("\n".join(json.dumps({"question_id": i, "category": c, "turns": [t]})
+                           for i, (c, t) in enumerate([("a", "the cat sat on"), ("b", "the dog"),
+                                                       ("a", "on the mat the")])))
+    out = tmp_path / "bench"
+    cli.main(["bench", "--model", tiny_dir, "--questions", str(q), "--limit", "1",
+              "--max-new-tokens", "8", "--drafters", "ngram,layer_skip:1", "--out", str(out)])
+    table = capsys.readouterr().out
+    assert "| a |" in table and "| b |" in table and "| overall |" in table
+    res = json.load(open(out / "results.json"))
+    assert {r["method"] for r in res["records"]} == {"ar", "ngram", "layer_skip:1"}
+    assert len(res["records"]) == 2 * 3  # limit 1 per category, 2 categories, 3 methods
+    assert os.path.getsize(out / "speedup.png") > 1000
+    assert (out / "results.md").read_text().startswith("| category |")
+
+
+def test_cli_errors(tiny_dir):
+    with pytest.raises(SystemExit, match="unknown drafter"):
+        cli.main(["generate", "--model", tiny_dir, "hi", "--drafter", "medusa2"])
+    with pytest.raises(ValueError, match="unknown model"):
+        cli.main(["generate", "--model", "not-a-model", "hi"])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        cli.main(["generate", "--model", tiny_dir, "hi", "--max-new-tokens", "0"])
