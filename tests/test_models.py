@@ -103,6 +103,7 @@ def test_parity_cases_are_discriminative(make_hf_model):
                        lambda m: with_config(m, sliding_window=None)) > 1e-2
 
     def zero_bias(m):
+        m = m.with_layout("scan")
         layers = dict(m.params["layers"], bqkv=jnp.zeros_like(m.params["layers"]["bqkv"]))
         return dataclasses.replace(m, params=dict(m.params, layers=layers))
 
@@ -133,7 +134,7 @@ def test_qwen2_biases_are_converted(make_hf_model):
                   for layer in hf.model.layers]) for theirs in ("q_proj", "k_proj", "v_proj")],
         axis=-1)
     assert np.abs(want).max() > 0.5  # really non-zero (HF's init zeroes them)
-    np.testing.assert_array_equal(np.asarray(m.params["layers"]["bqkv"]), want)
+    np.testing.assert_array_equal(np.asarray(m.with_layout("scan").params["layers"]["bqkv"]), want)
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -282,3 +283,24 @@ def test_hidden_layers_match_hf_hidden_states(make_hf_model):
     assert max_err(h2.layers[1], hs[1]) < ATOL and max_err(h2.layers[2], hs[1]) < ATOL
     _, h3, _ = _forward(params, cfg, jnp.asarray(ids), positions, init_cache(cfg, B, T))
     assert h3.layers is None
+
+
+def test_scan_and_unrolled_layouts_agree(make_hf_model):
+    """Both runtime layouts (stacked layers under lax.scan, per-layer dicts unrolled) give the
+    same logits, the same incremental decoding and the same generations."""
+    hf = make_hf_model("qwen2", num_hidden_layers=3)
+    unrolled = specjax.model_from_hf(hf)
+    scan = unrolled.with_layout("scan")
+    assert unrolled.layout == "unrolled" and scan.layout == "scan"
+    assert scan.with_layout("unrolled").layout == "unrolled"
+    ids = random_ids(hf.config.vocab_size, (2, 20), seed=3)
+    np.testing.assert_allclose(np.asarray(scan.logits(ids)), np.asarray(unrolled.logits(ids)),
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(scan.logits(ids)), hf_logits(hf, ids), atol=1e-4)
+    prompts = [ids[0, :7].tolist(), ids[1].tolist()]
+    a = specjax.generate(scan, prompts, max_new_tokens=12,
+                         drafter=specjax.drafters.layer_skip(layers=1, k=2))
+    b = specjax.generate(unrolled, prompts, max_new_tokens=12)
+    assert a.tokens == b.tokens
+    with pytest.raises(ValueError, match="layout"):
+        unrolled.with_layout("stacked")

@@ -18,7 +18,7 @@ from flax import struct
 from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill
 from specjax.models.cache import KVCache, init_cache
 from specjax.models.config import ModelConfig
-from specjax.models.llama import forward
+from specjax.models.llama import forward, is_unrolled
 from specjax.sampling import SamplingMode, process_logits
 
 
@@ -60,7 +60,8 @@ class LMDrafterSpec(DrafterSpec):
             n = self.cfg.num_layers
             cache = KVCache(k=tc.k[:n], v=tc.v[:n], lengths=prefill.lengths)
         else:
-            cache = init_cache(self.cfg, B, max_len, params["embed"].dtype)
+            cache = init_cache(self.cfg, B, max_len, params["embed"].dtype,
+                               per_layer=is_unrolled(params))
             positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
             _, _, cache = forward(params, self.cfg, prefill.tokens, positions, cache,
                                   logits_at=jnp.zeros((B, 1), jnp.int32))
@@ -116,9 +117,12 @@ class LMDrafterSpec(DrafterSpec):
 
 def layer_skip_params(target_params: dict, layers) -> dict:
     """The target's first `layers` layers (or the chosen subset) with its final norm and head."""
-    idx = jnp.arange(layers) if isinstance(layers, int) else jnp.asarray(tuple(layers))
+    idx = list(range(layers)) if isinstance(layers, int) else [int(i) for i in layers]
     out = {k: v for k, v in target_params.items() if k != "layers"}
-    out["layers"] = jax.tree.map(lambda x: x[idx], target_params["layers"])
+    if is_unrolled(target_params):  # per-layer dicts: share the target's arrays, no copy
+        out["layers"] = [target_params["layers"][i] for i in idx]
+    else:
+        out["layers"] = jax.tree.map(lambda x: x[jnp.asarray(idx)], target_params["layers"])
     return out
 
 
