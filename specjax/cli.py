@@ -24,23 +24,26 @@ DEMO_PROMPTS = [
 
 
 def make_drafter(name: str, k, model=None):
-    """CLI drafter names: ngram, layer_skip[:N], model:PATH_OR_NAME, none."""
+    """CLI drafter names: ngram[:BRANCHES], layer_skip[:N], layer_skip_tree[:N],
+    model:PATH_OR_NAME, model_tree:PATH_OR_NAME, none."""
     from specjax import drafters, load_model
 
     if name in (None, "", "none", "ar"):
         return None
     base, _, arg = name.partition(":")
+    tree = drafters.DynamicTree(nodes=k or 8) if base.endswith("_tree") else None
     if base == "ngram":
-        return drafters.ngram(k=k or 8)
-    if base == "layer_skip":
-        return drafters.layer_skip(layers=int(arg) if arg else 8, k=k or 4)
-    if base == "model":
+        branches = int(arg) if arg else 1
+        return drafters.ngram(k=k or (8 if branches == 1 else 4), branches=branches)
+    if base in ("layer_skip", "layer_skip_tree"):
+        return drafters.layer_skip(layers=int(arg) if arg else 8, k=k or 4, tree=tree)
+    if base in ("model", "model_tree"):
         if not arg:
-            raise SystemExit("--drafter model:PATH needs the draft model (name, HF dir, .gguf)")
-        return drafters.small_model(load_model(arg, dtype=None if model is None else model.dtype),
-                                    k=k or 5)
-    raise SystemExit(f"unknown drafter {name!r}; valid: ngram, layer_skip[:LAYERS], "
-                     f"model:PATH, none")
+            raise SystemExit(f"--drafter {base}:PATH needs the draft model (name, HF dir, .gguf)")
+        draft = load_model(arg, dtype=None if model is None else model.dtype)
+        return drafters.small_model(draft, k=k or 5, tree=tree)
+    raise SystemExit(f"unknown drafter {name!r}; valid: ngram[:BRANCHES], layer_skip[:LAYERS], "
+                     f"layer_skip_tree[:LAYERS], model:PATH, model_tree:PATH, none")
 
 
 def _add_sampling(p):
@@ -159,8 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="smollm2-135m",
                    help="model name, HF checkpoint dir, .gguf file or converted dir")
     g.add_argument("--drafter", default="none",
-                   help="none | ngram | layer_skip[:LAYERS] | model:PATH (speculative decoding)")
-    g.add_argument("--k", type=int, default=None, help="draft tokens per step")
+                   help="none | ngram[:BRANCHES] | layer_skip[:LAYERS] | layer_skip_tree[:LAYERS] "
+                        "| model:PATH | model_tree:PATH (speculative decoding; *_tree and "
+                        "ngram:B>1 draft trees)")
+    g.add_argument("--k", type=int, default=None,
+                   help="draft tokens per step (chain), tokens per branch (ngram:B), or tree "
+                        "nodes (*_tree)")
     g.add_argument("--stream", action="store_true", help="print text as it is produced")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     _add_sampling(g)
