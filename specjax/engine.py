@@ -153,8 +153,28 @@ def decode_step(params, dparams, state: LoopState, sp, ec: EngineConfig) -> Loop
     draft, dstate = None, None
     if ec.drafter is not None:
         draft, dstate = ec.drafter.propose(dparams, state.dstate, state.last, k_draft, ec.mode, sp)
-    accepted, acc, cache, hiddens, block = _verify(params, dparams, state, draft, sp, ec, k_verify)
     active = ~state.done
+    if draft is not None and getattr(draft, "worth", None) is not None:
+        # The drafter says whether its draft is worth verifying (an n-gram drafter that found
+        # no match is not): when no active row's is, take a plain one-token step instead of
+        # paying for a (K+1)-token verify that can only yield the bonus token.
+        def spec(_):
+            accepted, acc, cache, _, _ = _verify(params, dparams, state, draft, sp, ec, k_verify)
+            return accepted, acc, cache
+
+        def plain(_):
+            none, acc, cache, _, _ = _verify(params, dparams, state, None, sp, ec, k_verify)
+            B, D = none.shape[0], ec.max_accept
+            if isinstance(draft, TreeDraft):  # same record as the tree branch returns
+                acc = tree_lib.TreeAccepted(node=jnp.full((B,), -1, jnp.int32), n=acc.n,
+                                            path=jnp.full((B, D), -1, jnp.int32), bonus=acc.bonus)
+            return jnp.zeros((B, D), jnp.int32), acc, cache
+
+        accepted, acc, cache = jax.lax.cond(jnp.any(draft.worth & active), spec, plain, None)
+        hiddens = block = None  # such drafters read no target features
+    else:
+        accepted, acc, cache, hiddens, block = _verify(params, dparams, state, draft, sp, ec,
+                                                       k_verify)
     B, A = accepted.shape
 
     # Emitted this step: the n accepted draft tokens, then the bonus token.

@@ -30,6 +30,9 @@ class Draft(NamedTuple):
 
     tokens: jax.Array  # [B, K] int32
     logp: Optional[jax.Array]  # [B, K, V] processed draft log-probs; None = deterministic (one-hot)
+    # [B] bool, optional: whether the draft is worth a verify forward. When no active row's is,
+    # the engine takes a plain one-token step (only for drafters that read no target features).
+    worth: Optional[jax.Array] = None
 
 
 class TreeDraft(NamedTuple):
@@ -39,6 +42,7 @@ class TreeDraft(NamedTuple):
     # [B, N+1, V] draft distribution the children of each block position were drawn from, or
     # None: the children are deterministic candidates (top-k, n-gram branches).
     child_logp: Optional[jax.Array] = None
+    worth: Optional[jax.Array] = None  # as in `Draft`
 
 
 @struct.dataclass

@@ -115,11 +115,11 @@ class NgramSpec(DrafterSpec):
         sizes = range(self.max_ngram, self.min_ngram - 1, -1)
         starts, found = continuation_starts(state.hist, state.hist_len, sizes, self.branches)
         tokens = copy_continuations(state.hist, state.hist_len, starts, self.k)  # [B, C, k]
+        worth = found[:, 0]  # no match anywhere: the engine takes a plain step instead
         if self.is_tree:
-            return TreeDraft(tree=merge_prefixes(tokens, found)), state
-        # No match: propose a repeat of `last` (cheap guess; verification keeps it exact).
+            return TreeDraft(tree=merge_prefixes(tokens, found), worth=worth), state
         chain = jnp.where(found[:, :1], tokens[:, 0], last[:, None])
-        return Draft(tokens=chain.astype(jnp.int32), logp=None), state
+        return Draft(tokens=chain.astype(jnp.int32), logp=None, worth=worth), state
 
     def commit(self, params, state: NgramState, draft, acc, active, target):
         B, H = state.hist.shape
