@@ -14,6 +14,7 @@ A chain of K tokens is the tree with parents[i] = i - 1. Everything below is der
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import jax
@@ -53,6 +54,34 @@ def parents_from_choices(choices: Sequence[Sequence[int]]) -> tuple[np.ndarray, 
         parents.append(index[p[:-1]] if len(p) > 1 else -1)
         rank.append(p[-1])
     return np.asarray(parents, np.int32), np.asarray(rank, np.int32)
+
+
+TREES_DIR = Path(__file__).resolve().parent / "configs" / "trees"
+
+
+def available_trees() -> list[str]:
+    """Names of the tree presets in specjax/configs/trees/ (NAME.yaml)."""
+    return sorted(p.stem for p in TREES_DIR.glob("*.yaml"))
+
+
+def load_choices(name_or_path: str) -> list[list[int]]:
+    """A named tree preset (specjax/configs/trees/NAME.yaml) or a YAML file path -> its choice
+    list. The file holds `{name, description, choices: [[0], [1], [0, 0], ...]}`."""
+    import yaml
+
+    path = Path(name_or_path)
+    is_path = path.suffix in (".yaml", ".yml") or len(path.parts) > 1
+    if not is_path:
+        path = TREES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        what = f"no tree file {str(path)!r}" if is_path else f"unknown tree {name_or_path!r}"
+        raise ValueError(f"{what}; available presets: {', '.join(available_trees()) or '(none)'} "
+                         f"(or give a path to a .yaml file)")
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+        raise ValueError(f"{path}: a tree file needs a `choices:` list of lists of ints")
+    return data["choices"]
 
 
 def depth_from_parents(parents: jax.Array) -> jax.Array:

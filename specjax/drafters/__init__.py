@@ -3,16 +3,21 @@
     specjax.drafters.ngram(max_ngram=3, k=8)
     specjax.drafters.small_model(model_b, k=5)
     specjax.drafters.layer_skip(layers=8, k=4)
+
+LM drafters draft a chain of k tokens, or a tree: `tree=DynamicTree(...)` (EAGLE-2, grown from
+the draft's confidence) or `tree=StaticTree(choices)` (a fixed Medusa / EAGLE-1 shape, e.g.
+`StaticTree("eagle_small")` from specjax/configs/trees/).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Sequence, Union
 
 from specjax.drafters.base import Draft, Drafter, DrafterSpec, TargetPrefill, TargetStep
 import dataclasses
 from typing import Optional
 
-from specjax.drafters.lm import LMDrafterSpec, LMTreeSpec, layer_skip_params
+from specjax.drafters.lm import LMDrafterSpec, LMStaticTreeSpec, LMTreeSpec, layer_skip_params
 from specjax.drafters.ngram import NgramSpec
 
 NAMES = ("ngram", "model", "layer_skip")
@@ -36,16 +41,78 @@ class DynamicTree:
     top_k: int = 3
 
 
-def _lm_spec(cfg, k, tree: Optional[DynamicTree], reuse_target_cache=False):
+def _is_rank(c) -> bool:
+    return isinstance(c, numbers.Integral) and not isinstance(c, bool) and c >= 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticTree:
+    """A fixed draft tree given as a Medusa / EAGLE-1 choice list: each choice is the path of
+    sibling ranks from the root, e.g. [[0], [1], [0, 0]] = the two best tokens after `last`
+    and the best token after the first of them. Every prefix of a choice must be listed too.
+    `choices` may also name a preset in specjax/configs/trees/ (or a YAML path): see
+    `specjax.tree.load_choices`."""
+
+    choices: Union[str, tuple]
+    name: Optional[str] = None
+
+    def __post_init__(self):
+        from specjax.tree import load_choices, parents_from_choices
+
+        choices, name = self.choices, self.name
+        if isinstance(choices, str):
+            choices, name = load_choices(choices), name or choices
+        if not isinstance(choices, (list, tuple)):
+            raise ValueError(f"tree choices must be a list of lists of ints, got {choices!r}")
+        norm = []
+        for ch in choices:
+            if not isinstance(ch, (list, tuple)) or not ch or not all(map(_is_rank, ch)):
+                raise ValueError(f"invalid tree choice {ch!r}: each choice must be a non-empty "
+                                 f"list of sibling ranks (ints >= 0)")
+            norm.append(tuple(int(c) for c in ch))
+        dup = sorted({c for c in norm if norm.count(c) > 1})
+        if dup:
+            raise ValueError(f"tree choices listed more than once: {[list(c) for c in dup]}")
+        parents_from_choices(norm)  # raises on an empty list or a missing parent
+        object.__setattr__(self, "choices", tuple(norm))
+        object.__setattr__(self, "name", name)
+
+    @property
+    def parents_rank(self) -> tuple[tuple, tuple]:
+        from specjax.tree import parents_from_choices
+
+        parents, rank = parents_from_choices(self.choices)
+        return tuple(parents.tolist()), tuple(rank.tolist())
+
+    @property
+    def nodes(self) -> int:
+        return len(self.choices)
+
+    @property
+    def depth(self) -> int:
+        return max(len(c) for c in self.choices)
+
+    def __str__(self) -> str:
+        return f"StaticTree({self.name or 'custom'}, nodes={self.nodes}, depth={self.depth})"
+
+
+def _lm_spec(cfg, k, tree: Union[DynamicTree, StaticTree, None], reuse_target_cache=False):
     if tree is None:
         return LMDrafterSpec(k=k, cfg=cfg, reuse_target_cache=reuse_target_cache)
-    return LMTreeSpec(k=tree.nodes, cfg=cfg, depth=tree.depth, top_k=tree.top_k,
-                      reuse_target_cache=reuse_target_cache)
+    if isinstance(tree, StaticTree):
+        parents, rank = tree.parents_rank
+        return LMStaticTreeSpec(k=tree.nodes, cfg=cfg, parents=parents, rank=rank,
+                                reuse_target_cache=reuse_target_cache)
+    if isinstance(tree, DynamicTree):
+        return LMTreeSpec(k=tree.nodes, cfg=cfg, depth=tree.depth, top_k=tree.top_k,
+                          reuse_target_cache=reuse_target_cache)
+    raise TypeError(f"tree must be a DynamicTree or a StaticTree, got {tree!r}")
 
 
-def small_model(model, k: int = 5, tree: Optional[DynamicTree] = None) -> Drafter:
+def small_model(model, k: int = 5,
+                tree: Union[DynamicTree, StaticTree, None] = None) -> Drafter:
     """An independent small LM with the target's tokenizer (its own KV cache). Drafts a chain of
-    k tokens, or a dynamic tree when `tree` is given."""
+    k tokens, or a tree (`DynamicTree` or `StaticTree`) when `tree` is given."""
     spec = _lm_spec(model.config, k, tree)
     shape = f"tree={tree}" if tree else f"k={k}"
     return Drafter(spec=spec, params=model.params, name=f"model({model.name}, {shape})",
@@ -53,7 +120,7 @@ def small_model(model, k: int = 5, tree: Optional[DynamicTree] = None) -> Drafte
 
 
 def layer_skip(layers: Union[int, Sequence[int]] = 8, k: int = 4,
-               tree: Optional[DynamicTree] = None) -> Drafter:
+               tree: Union[DynamicTree, StaticTree, None] = None) -> Drafter:
     """Self-speculation: the target's first `layers` layers (or the listed subset) with its head.
 
     The params are taken from the target when `generate` runs (`params` is a function of it).
@@ -85,5 +152,6 @@ def resolve(drafter: Drafter, target):
     return drafter.spec, drafter.params
 
 
-__all__ = ["Draft", "Drafter", "DrafterSpec", "DynamicTree", "TargetPrefill", "TargetStep",
-           "LMDrafterSpec", "LMTreeSpec", "NgramSpec", "ngram", "small_model", "layer_skip", "resolve", "NAMES"]
+__all__ = ["Draft", "Drafter", "DrafterSpec", "DynamicTree", "StaticTree", "TargetPrefill",
+           "TargetStep", "LMDrafterSpec", "LMTreeSpec", "LMStaticTreeSpec", "NgramSpec", "ngram",
+           "small_model", "layer_skip", "resolve", "NAMES"]

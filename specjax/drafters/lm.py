@@ -6,13 +6,20 @@ yet in that cache. After a step accepts n of K draft tokens, the cache already h
 `last, d_1 .. d_min(n, K-1)`; the pending tokens are `bonus` (or `d_K, bonus` when all K were
 accepted, since d_K was never fed). The first draft forward feeds both pending slots as one
 2-token block and reads the logits at the last valid one, so shapes stay static.
+
+Tree drafters (`LMTreeBase`) keep the same state and grow a tree instead of a chain: EAGLE-2
+dynamic trees (`LMTreeSpec`) or fixed Medusa / EAGLE-1 shapes from choice lists
+(`LMStaticTreeSpec`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill
@@ -70,16 +77,20 @@ class LMDrafterSpec(DrafterSpec):
         return LMDraftState(cache=cache, pending=pending, n_pending=jnp.ones((B,), jnp.int32),
                             len_before=cache.lengths)
 
+    def _feed_pending(self, params, state: LMDraftState):
+        """Feed the 1-2 pending tokens as one 2-token block -> (draft logits [B, V] after the
+        newest one (`last`), cache with the pending tokens committed)."""
+        cache = state.cache
+        positions = cache.lengths[:, None] + jnp.arange(2, dtype=jnp.int32)[None, :]
+        logits, _, cache = forward(params, self.cfg, state.pending, positions, cache,
+                                   logits_at=(state.n_pending - 1)[:, None])
+        return logits[:, 0], cache.replace(lengths=cache.lengths + state.n_pending)
+
     def propose(self, params, state: LMDraftState, last, key, mode, sp):
         cfg, K = self.cfg, self.k
-        cache = state.cache
-        B = last.shape[0]
         keys = jax.random.split(key, K)
-        positions = cache.lengths[:, None] + jnp.arange(2, dtype=jnp.int32)[None, :]
-        logits, _, cache = forward(params, cfg, state.pending, positions, cache,
-                                   logits_at=(state.n_pending - 1)[:, None])
-        cache = cache.replace(lengths=cache.lengths + state.n_pending)
-        tok, logp = _pick(logits[:, 0], keys[0], mode, sp)
+        logits, cache = self._feed_pending(params, state)
+        tok, logp = _pick(logits, keys[0], mode, sp)
 
         def step(carry, k):
             cache, tok = carry
@@ -133,7 +144,58 @@ class LMTreeState:
 
 
 @dataclasses.dataclass(frozen=True)
-class LMTreeSpec(LMDrafterSpec):
+class LMTreeBase(LMDrafterSpec):
+    """What LM tree drafters share: the state (the LM state plus where each node's K/V sits in
+    the draft window), candidate ranking, feeding one depth of the tree, and the commit.
+
+    A propose feeds the pending tokens (the cache then ends at the window base, right after
+    `last`), then grows the tree depth by depth: the nodes of one depth that get children are
+    fed as one block written at `write_offset` inside the window, each seeing the committed
+    cache plus its own ancestors' window slots (`block_mask` [B, T, W]). `fed[b, i]` records
+    node i's window offset (-1: never fed, i.e. a leaf).
+    """
+
+    is_tree = True
+
+    def init(self, params, prefill: TargetPrefill, max_len: int) -> LMTreeState:
+        lm = super().init(params, prefill, max_len)
+        return LMTreeState(lm=lm, fed=jnp.full((prefill.tokens.shape[0], self.k), -1, jnp.int32))
+
+    def _rank_logp(self, logits, mode, sp):
+        # Rank candidates by the draft distribution that sampling would use.
+        return jax.nn.log_softmax(logits, -1) if mode.greedy else process_logits(logits, mode, sp)
+
+    def _feed_depth(self, params, cache, tok, depth: int, vis, off: int):
+        """Feed tok [B, T] (tree nodes of depth `depth`) at window offset `off`, visibility
+        vis [B, T, W] -> (logits [B, T, V], cache). `cache.lengths` is the window base."""
+        B, T = tok.shape
+        pos = jnp.broadcast_to(cache.lengths[:, None] + (depth - 1), (B, T))
+        logits, _, cache = forward(params, self.cfg, tok, pos, cache, block_mask=vis,
+                                   write_offset=jnp.full((B,), off, jnp.int32))
+        return logits, cache
+
+    def commit(self, params, state: LMTreeState, draft, acc, active, target):
+        from specjax.models.cache import gather_slots
+
+        st = state.lm
+        fed_path = jnp.where(acc.path >= 0, jnp.take_along_axis(
+            state.fed, jnp.maximum(acc.path, 0), axis=1), -1)  # [B, D]
+        m = jnp.sum(fed_path >= 0, axis=1)  # fed nodes form a prefix of the path
+        cache = gather_slots(st.cache, jnp.maximum(fed_path, 0), jnp.zeros_like(m))
+        leaf = jnp.take_along_axis(draft.tree.tokens, jnp.maximum(acc.node, 0)[:, None], 1)[:, 0]
+        two = acc.n > m  # the accepted leaf was never fed: it goes first in the pending block
+        pending = jnp.where(two[:, None], jnp.stack([leaf, acc.bonus], 1),
+                            jnp.stack([acc.bonus, jnp.zeros_like(acc.bonus)], 1))
+        kept = st.len_before + st.n_pending + m
+        lm = st.replace(
+            cache=cache.replace(lengths=jnp.where(active, kept, st.len_before)),
+            pending=jnp.where(active[:, None], pending, st.pending),
+            n_pending=jnp.where(active, jnp.where(two, 2, 1), st.n_pending).astype(jnp.int32))
+        return state.replace(lm=lm)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMTreeSpec(LMTreeBase):
     """EAGLE-2 style dynamic tree from an LM drafter (Li et al. 2024, "EAGLE-2").
 
     Depth 1 takes the `top_k` best tokens of the draft distribution after `last`. Each further
@@ -153,7 +215,6 @@ class LMTreeSpec(LMDrafterSpec):
     top_k: int = 4
 
     kind = "model_tree"
-    is_tree = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -176,27 +237,15 @@ class LMTreeSpec(LMDrafterSpec):
     def cache_slack(self) -> int:
         return max(self.k, (self.depth - 1) * self.top_k) + 2
 
-    def init(self, params, prefill: TargetPrefill, max_len: int) -> LMTreeState:
-        lm = super().init(params, prefill, max_len)
-        return LMTreeState(lm=lm, fed=jnp.full((prefill.tokens.shape[0], self.k), -1, jnp.int32))
-
-    def _rank_logp(self, logits, mode, sp):
-        # Rank candidates by the draft distribution that sampling would use.
-        return jax.nn.log_softmax(logits, -1) if mode.greedy else process_logits(logits, mode, sp)
-
     def propose(self, params, state: LMTreeState, last, key, mode, sp):
         from specjax.drafters.base import TreeDraft
         from specjax.tree import Tree
 
-        cfg, kk, D, N = self.cfg, self.top_k, self.depth, self.k
+        kk, D, N = self.top_k, self.depth, self.k
         st = state.lm
-        cache = st.cache
         B = last.shape[0]
-        positions = cache.lengths[:, None] + jnp.arange(2, dtype=jnp.int32)[None, :]
-        logits, _, cache = forward(params, cfg, st.pending, positions, cache,
-                                   logits_at=(st.n_pending - 1)[:, None])
-        cache = cache.replace(lengths=cache.lengths + st.n_pending)  # base of the tree window
-        score, tok = jax.lax.top_k(self._rank_logp(logits[:, 0], mode, sp), kk)  # [B, kk]
+        logits, cache = self._feed_pending(params, st)  # cache.lengths: base of the tree window
+        score, tok = jax.lax.top_k(self._rank_logp(logits, mode, sp), kk)  # [B, kk]
         pool_tok, pool_score = [tok], [score]
         pool_parent = [jnp.full((B, kk), -1, jnp.int32)]
         pool_depth = [jnp.ones((B, kk), jnp.int32)]
@@ -208,9 +257,7 @@ class LMTreeSpec(LMDrafterSpec):
             off = (d - 2) * kk
             own = jax.nn.one_hot(off + jnp.arange(kk), W, dtype=bool)  # [kk, W]
             vis = front_vis | own[None]
-            pos = jnp.broadcast_to(cache.lengths[:, None] + (d - 2), (B, kk))
-            logits, _, cache = forward(params, cfg, tok, pos, cache, block_mask=vis,
-                                       write_offset=jnp.full((B,), off, jnp.int32))
+            logits, cache = self._feed_depth(params, cache, tok, d - 1, vis, off)
             fed_ids.append(front_idx)
             fed_offs.append(jnp.broadcast_to(off + jnp.arange(kk, dtype=jnp.int32), (B, kk)))
             child_lp, child_tok = jax.lax.top_k(self._rank_logp(logits, mode, sp), kk)  # [B,kk,kk]
@@ -245,21 +292,131 @@ class LMTreeSpec(LMDrafterSpec):
         lm = st.replace(cache=cache, len_before=st.cache.lengths)
         return TreeDraft(tree=tree), LMTreeState(lm=lm, fed=take(p_fed))
 
-    def commit(self, params, state: LMTreeState, draft, acc, active, target):
-        from specjax.models.cache import gather_slots
 
+class _Expansion(NamedTuple):
+    """How one depth d of a static tree is drafted (all static numpy)."""
+
+    fed: np.ndarray  # [T] depth d-1 nodes fed as one block (empty for d = 1: the root)
+    off: int  # their window offset
+    vis: np.ndarray  # [T, W] window slots each fed node sees (its ancestors and itself)
+    kids: np.ndarray  # [C] the depth-d nodes
+    slot: np.ndarray  # [C] index of each kid's parent in `fed` (0 = the root for d = 1)
+    rank: np.ndarray  # [C] which candidate of its parent each kid takes
+    top: int  # candidates per fed node (max rank + 1)
+
+
+@functools.lru_cache(maxsize=None)
+def static_tree_schedule(parents: tuple, rank: tuple):
+    """-> (expansions per depth 1..D, depth [N], window offset [N] (-1: leaf, never fed), W).
+
+    Window layout: the fed nodes (those with children) depth by depth, so each depth's block is
+    contiguous and written at one `write_offset`."""
+    par, rk = np.asarray(parents, np.int32), np.asarray(rank, np.int32)
+    N = len(par)
+    depth = np.zeros(N, np.int32)
+    for i in range(N):  # parents[i] < i
+        depth[i] = 1 if par[i] < 0 else depth[par[i]] + 1
+    has_kids = np.zeros(N, bool)
+    has_kids[par[par >= 0]] = True
+    fed_off = np.full(N, -1, np.int32)
+    W = int(has_kids.sum())
+    exps, off = [], 0
+    for d in range(1, int(depth.max()) + 1):
+        kids = np.flatnonzero(depth == d).astype(np.int32)
+        if d == 1:
+            fed = np.zeros(0, np.int32)
+            slot = np.zeros(len(kids), np.int32)
+        else:
+            fed = np.flatnonzero((depth == d - 1) & has_kids).astype(np.int32)
+            fed_off[fed] = off + np.arange(len(fed))
+            slot = np.searchsorted(fed, par[kids]).astype(np.int32)
+        vis = np.zeros((len(fed), W), bool)
+        for j, f in enumerate(fed):
+            a = f
+            while a >= 0:  # itself and its ancestors, all fed at earlier depths
+                vis[j, fed_off[a]] = True
+                a = par[a]
+        exps.append(_Expansion(fed=fed, off=off, vis=vis, kids=kids, slot=slot, rank=rk[kids],
+                               top=int(rk[kids].max()) + 1))
+        off += len(fed)
+    return tuple(exps), depth, fed_off, W
+
+
+@dataclasses.dataclass(frozen=True)
+class LMStaticTreeSpec(LMTreeBase):
+    """A static tree from an LM drafter (Medusa / EAGLE-1 style choice lists).
+
+    Node i hangs under `parents[i]` (-1: under `last`) and takes the `rank[i]`-th best token
+    of the draft distribution at its parent (see `specjax.tree.parents_from_choices`). Depth 1
+    reads the draft's top tokens after `last`; each further depth feeds the previous depth's
+    nodes that have children as one block (window mask, as in `LMTreeSpec`) and hands each
+    child its parent's rank-th candidate. The shape is the same every step, so nothing but
+    the tokens is traced. Children are deterministic top-k candidates: verification under
+    sampling uses the exact one-hot construction (`child_logp` None).
+    """
+
+    parents: tuple = ()
+    rank: tuple = ()
+
+    kind = "model_static_tree"
+
+    def __post_init__(self):
+        super().__post_init__()
+        par, rk, N = tuple(self.parents), tuple(self.rank), self.k
+        if len(par) != N or len(rk) != N:
+            raise ValueError(f"a static tree of k={N} nodes needs {N} parents and ranks, got "
+                             f"{len(par)} and {len(rk)}")
+        seen = set()
+        for i, (p, r) in enumerate(zip(par, rk)):
+            if not (isinstance(p, int) and isinstance(r, int)):
+                raise ValueError(f"static tree parents and ranks must be ints, node {i} has "
+                                 f"parent {p!r}, rank {r!r}")
+            if not -1 <= p < i:
+                raise ValueError(f"node {i} has parent {p}: parents must come first (-1 <= "
+                                 f"parent < index)")
+            if r < 0 or (p, r) in seen:
+                raise ValueError(f"node {i} has rank {r} under parent {p}: ranks must be >= 0 "
+                                 f"and distinct among siblings")
+            seen.add((p, r))
+
+    @property
+    def _schedule(self):
+        return static_tree_schedule(tuple(self.parents), tuple(self.rank))
+
+    @property
+    def max_accept(self) -> int:
+        return len(self._schedule[0])  # the tree depth
+
+    @property
+    def cache_slack(self) -> int:
+        return max(self.k, self._schedule[3]) + 2  # pending tokens + the fed window
+
+    def check_compatible(self, target_cfg: ModelConfig, target_dtype) -> None:
+        super().check_compatible(target_cfg, target_dtype)
+        top = max(self.rank) + 1
+        if top > target_cfg.vocab_size:
+            raise ValueError(f"static tree takes the top {top} tokens, more than the "
+                             f"vocabulary ({target_cfg.vocab_size})")
+
+    def propose(self, params, state: LMTreeState, last, key, mode, sp):
+        from specjax.drafters.base import TreeDraft
+        from specjax.tree import Tree
+
+        exps, depth, fed_off, W = self._schedule
         st = state.lm
-        fed_path = jnp.where(acc.path >= 0, jnp.take_along_axis(
-            state.fed, jnp.maximum(acc.path, 0), axis=1), -1)  # [B, D]
-        m = jnp.sum(fed_path >= 0, axis=1)  # fed nodes form a prefix of the path
-        cache = gather_slots(st.cache, jnp.maximum(fed_path, 0), jnp.zeros_like(m))
-        leaf = jnp.take_along_axis(draft.tree.tokens, jnp.maximum(acc.node, 0)[:, None], 1)[:, 0]
-        two = acc.n > m  # the accepted leaf was never fed: it goes first in the pending block
-        pending = jnp.where(two[:, None], jnp.stack([leaf, acc.bonus], 1),
-                            jnp.stack([acc.bonus, jnp.zeros_like(acc.bonus)], 1))
-        kept = st.len_before + st.n_pending + m
-        lm = st.replace(
-            cache=cache.replace(lengths=jnp.where(active, kept, st.len_before)),
-            pending=jnp.where(active[:, None], pending, st.pending),
-            n_pending=jnp.where(active, jnp.where(two, 2, 1), st.n_pending).astype(jnp.int32))
-        return state.replace(lm=lm)
+        B, N = last.shape[0], self.k
+        logits, cache = self._feed_pending(params, st)  # cache.lengths: base of the tree window
+        logits = logits[:, None]  # [B, 1, V]: the root's draft distribution
+        tokens = jnp.zeros((B, N), jnp.int32)
+        for d, e in enumerate(exps, start=1):
+            if d > 1:
+                vis = jnp.broadcast_to(jnp.asarray(e.vis), (B,) + e.vis.shape)  # [B, T, W]
+                logits, cache = self._feed_depth(params, cache, tokens[:, e.fed], d - 1, vis,
+                                                 e.off)
+            _, cand = jax.lax.top_k(self._rank_logp(logits, mode, sp), e.top)  # [B, T, top]
+            tokens = tokens.at[:, e.kids].set(cand[:, e.slot, e.rank])
+        row = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (B, N))  # noqa: E731
+        tree = Tree(tokens=tokens, parents=row(self.parents), depth=row(depth),
+                    valid=jnp.ones((B, N), bool))
+        lm = st.replace(cache=cache, len_before=st.cache.lengths)
+        return TreeDraft(tree=tree), LMTreeState(lm=lm, fed=row(fed_off))
