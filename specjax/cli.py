@@ -5,6 +5,8 @@
     specjax convert SRC DST            HF dir / GGUF / model name -> converted orbax checkpoint
     specjax bench-ar                   specjax AR decode vs HF transformers generate
     specjax bench                      AR vs drafters on Spec-Bench (JSON + Markdown + PNG)
+    specjax bench-verify               cost of one verify forward of T tokens, causal vs tree mask
+    specjax tune-tree                  pick the draft-tree size with the best measured tokens/s
 """
 from __future__ import annotations
 
@@ -152,6 +154,78 @@ def cmd_bench(a, ar_only=False):
     print(f"\nwrote {a.out}/results.json, results.md, speedup.png")
 
 
+def cmd_bench_verify(a):
+    import jax
+
+    from specjax import autotune, load_model
+
+    model = load_model(a.model)
+    sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
+    table = autotune.verify_cost_table(model, sizes, prompt_len=a.prompt_len, batch=a.batch,
+                                       impl=a.impl, repeats=a.repeats)
+    print(f"One verify forward of T tokens: {a.model} ({model.dtype}, {jax.default_backend()}), "
+          f"prefix {a.prompt_len}, batch {a.batch}, impl {a.impl}; medians of {a.repeats} "
+          f"interleaved runs; tree = ancestor-or-self mask of a random tree of T tokens.\n")
+    print(autotune.cost_markdown(table))
+
+
+def tree_factory(name: str, model):
+    """`tune-tree` drafter names -> a function DynamicTree -> Drafter: layer_skip_tree[:LAYERS],
+    model_tree:PATH, or ngram (a candidate of N nodes and top_k K drafts K branches of N // K
+    tokens)."""
+    from specjax import drafters, load_model
+
+    base, _, arg = name.partition(":")
+    if base == "ngram":
+        return lambda t: drafters.ngram(k=max(1, t.nodes // t.top_k), branches=t.top_k)
+    if base == "layer_skip_tree":
+        layers = int(arg) if arg else 8
+        return lambda t: drafters.layer_skip(layers=layers, tree=t)
+    if base == "model_tree" and arg:
+        draft = load_model(arg, dtype=model.dtype)
+        return lambda t: drafters.small_model(draft, tree=t)
+    raise SystemExit(f"tune-tree needs a tree drafter, got {name!r}; valid: "
+                     f"layer_skip_tree[:LAYERS], model_tree:PATH, ngram")
+
+
+def _parse_candidates(text):
+    from specjax.drafters import DynamicTree
+
+    out = []
+    for c in (c for c in text.split(",") if c.strip()):
+        parts = c.split(":")
+        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            raise SystemExit(f"bad tree candidate {c!r}: expected NODES:DEPTH:TOP_K, e.g. 8:4:3")
+        out.append(DynamicTree(*(int(p) for p in parts)))
+    return tuple(out)
+
+
+def _spread_prompts(path, limit):
+    """The first `limit` questions taken round-robin over the categories (first turns)."""
+    import itertools
+
+    from specjax import bench
+
+    groups: dict = {}
+    for q in bench.load_questions(path):
+        groups.setdefault(q["category"], []).append(q["prompt"])
+    spread = [p for tier in itertools.zip_longest(*groups.values()) for p in tier if p is not None]
+    return spread[:limit]
+
+
+def cmd_tune_tree(a):
+    from specjax import autotune, bench, load_model
+
+    cands = _parse_candidates(a.candidates) if a.candidates else autotune.DEFAULT_CANDIDATES
+    model = load_model(a.model)
+    prompts = _spread_prompts(a.questions or bench.default_questions(), a.limit)
+    best, table = autotune.tune_tree(model, tree_factory(a.drafter, model), prompts, cands,
+                                     max_new_tokens=a.max_new_tokens, repeats=a.repeats)
+    print(f"{a.drafter} on {len(prompts)} prompts, {a.max_new_tokens} new tokens each:\n")
+    print(autotune.tune_markdown(table, best))
+    print(f"\nchosen: {best}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specjax", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,6 +271,28 @@ def build_parser() -> argparse.ArgumentParser:
     ar = sub.add_parser("bench-ar", help="specjax AR decode vs HF transformers generate")
     _bench_common(ar)
     ar.set_defaults(fn=lambda a: cmd_bench(a, ar_only=True), limit=None)
+
+    bv = sub.add_parser("bench-verify",
+                        help="cost of one verify forward of T tokens, causal vs tree mask")
+    bv.add_argument("--model", default="smollm2-135m")
+    bv.add_argument("--sizes", default="1,2,4,8,16,32", help="comma-separated block lengths T")
+    bv.add_argument("--prompt-len", type=int, default=256, help="committed tokens in the cache")
+    bv.add_argument("--batch", type=int, default=1)
+    bv.add_argument("--impl", default="xla", help="attention: xla | pallas")
+    bv.add_argument("--repeats", type=int, default=20)
+    bv.set_defaults(fn=cmd_bench_verify)
+
+    tt = sub.add_parser("tune-tree", help="pick the draft tree with the best measured tokens/s")
+    tt.add_argument("--model", default="smollm2-135m")
+    tt.add_argument("--drafter", default="layer_skip_tree:8",
+                    help="layer_skip_tree[:LAYERS] | model_tree:PATH | ngram")
+    tt.add_argument("--candidates", default=None,
+                    help="comma-separated NODES:DEPTH:TOP_K (default: 4:3:2,8:4:3,12:5:3,16:6:4)")
+    tt.add_argument("--questions", default=None, help="question .jsonl (default: Spec-Bench)")
+    tt.add_argument("--limit", type=int, default=4, help="prompts (round-robin over categories)")
+    tt.add_argument("--max-new-tokens", type=int, default=64)
+    tt.add_argument("--repeats", type=int, default=1)
+    tt.set_defaults(fn=cmd_tune_tree)
     return p
 
 

@@ -1,0 +1,185 @@
+"""Measure, don't guess: the cost of verifying T tokens, and the draft-tree size per device.
+
+`verify_cost_table` times one target verify forward of T tokens against a KV cache that holds a
+realistic prefix, once as the engine verifies a chain (causal block mask) and once as it verifies
+a tree of the same size (ancestor-or-self mask of a random tree, positions `length + depth`).
+Tree verification should cost no more than causal verification of the same length: sglang-jax
+once saw its tree-mask verify run 61x slower than causal (DESIGN.md). The causal curve
+cost(T) / cost(1) bounds what a block of T tokens can gain: speedup <= tau / cost(T).
+
+`tune_tree` picks a draft tree by measured tokens/s on a few prompts, as EAGLE-2 does with
+`total_token=-1`: the best tree size depends on the device's cost curve, not only on acceptance.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import statistics
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax import tree as tree_lib
+from specjax.drafters import DynamicTree
+from specjax.models.cache import KVCache, init_cache
+from specjax.models.llama import forward, is_unrolled
+
+DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32)
+# Small trees first: on a 2-core CPU a verify block of 32 tokens costs ~3x one of 1 token.
+DEFAULT_CANDIDATES = (DynamicTree(nodes=4, depth=3, top_k=2), DynamicTree(nodes=8, depth=4, top_k=3),
+                      DynamicTree(nodes=12, depth=5, top_k=3), DynamicTree(nodes=16, depth=6, top_k=4))
+
+
+# ----------------------------------------------------------------------------- verify cost
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
+def verify_forward(params, tokens, parents, cache: KVCache, *, cfg, impl: str = "xla"):
+    """The engine's verify forward over the block `tokens` [B, T] written at `cache.lengths`.
+
+    `parents` None: a chain (causal mask, positions length + i; `engine._verify`'s chain path).
+    `parents` [B, T-1]: a tree whose nodes are tokens[:, 1:] under the root tokens[:, 0]
+    (ancestor-or-self mask and positions built from `parents` on device, as the tree path does).
+    -> (logits [B, T, V], cache with the block's K/V written; the cache is donated).
+    """
+    lengths, T = cache.lengths, tokens.shape[1]
+    if parents is None:
+        positions = lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        mask = None
+    else:
+        depth = tree_lib.depth_from_parents(parents)
+        # T = 1: a tree of the root alone (block_positions expects at least one node).
+        positions = lengths[:, None] if T == 1 else tree_lib.block_positions(depth, lengths)
+        mask = tree_lib.block_mask(parents)
+    logits, _, cache = forward(params, cfg, tokens, positions, cache, block_mask=mask, impl=impl)
+    return logits, cache
+
+
+def random_parents(rng: np.random.Generator, batch: int, n: int) -> np.ndarray:
+    """[batch, n] random topologically ordered parents: node i hangs under the root (-1) or
+    under any earlier node, uniformly."""
+    return (np.floor(rng.random((batch, n)) * (np.arange(n) + 1)) - 1).astype(np.int32)
+
+
+def prefilled_cache(model, batch: int, prefix: int, max_len: int, seed: int = 0) -> KVCache:
+    """A KV cache in the model's layout whose rows hold `prefix` committed tokens of random K/V
+    (the cost of a forward does not depend on the values)."""
+    cache = init_cache(model.config, batch, max_len, model.dtype, per_layer=is_unrolled(model.params))
+    leaves, treedef = jax.tree.flatten((cache.k, cache.v))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    k, v = jax.tree.unflatten(treedef, [jax.random.normal(kk, x.shape, x.dtype)
+                                        for x, kk in zip(leaves, keys)])
+    return cache.replace(k=k, v=v, lengths=jnp.full((batch,), prefix, jnp.int32))
+
+
+def _timed(fn, cache):
+    t0 = time.perf_counter()
+    logits, cache = fn(cache)
+    logits.block_until_ready()
+    return (time.perf_counter() - t0) * 1e3, cache
+
+
+def verify_cost_table(model, sizes: Sequence[int] = DEFAULT_SIZES, prompt_len: int = 256,
+                      batch: int = 1, impl: str = "xla", repeats: int = 10, max_new: int = 128,
+                      seed: int = 0, progress: bool = True) -> dict:
+    """Milliseconds of one jitted verify forward of T tokens -> {T: (causal_ms, tree_ms)}.
+
+    The cache holds `prompt_len` committed tokens and is sized as `generate` sizes it for
+    `max_new` new tokens. Every (T, mask) program is compiled and run twice before timing; the
+    timed calls are interleaved over all programs, `repeats` rounds, and each entry is a median.
+    """
+    sizes = sorted({int(t) for t in sizes})
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"sizes must be positive block lengths, got {sizes}")
+    from tqdm import tqdm
+
+    cfg, rng = model.config, np.random.default_rng(seed)
+    cache = prefilled_cache(model, batch, prompt_len, prompt_len + max_new + sizes[-1] + 2, seed)
+    calls = {}
+    for T in sizes:
+        tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, T)), jnp.int32)
+        parents = jnp.asarray(random_parents(rng, batch, T - 1))
+        for kind, par in (("causal", None), ("tree", parents)):
+            calls[T, kind] = functools.partial(verify_forward, model.params, tokens, par,
+                                               cfg=cfg, impl=impl)
+    for fn in tqdm(calls.values(), desc="compile verify", disable=not progress):
+        for _ in range(2):
+            _, cache = _timed(fn, cache)
+    times = collections.defaultdict(list)
+    for r in tqdm(range(repeats), desc="time verify", disable=not progress):
+        order = list(calls.items())
+        for key, fn in order if r % 2 == 0 else order[::-1]:  # alternate to cancel drift
+            ms, cache = _timed(fn, cache)
+            times[key].append(ms)
+    return {T: (statistics.median(times[T, "causal"]), statistics.median(times[T, "tree"]))
+            for T in sizes}
+
+
+def cost_markdown(table: dict) -> str:
+    """The cost table as Markdown: T, causal ms, tree ms, tree/causal, causal cost vs the
+    smallest T."""
+    t0 = min(table)
+    base = table[t0][0]
+    lines = [f"| T | causal ms | tree ms | tree/causal | cost vs T={t0} |", "|---|---|---|---|---|"]
+    for T, (c, t) in sorted(table.items()):
+        lines.append(f"| {T} | {c:.2f} | {t:.2f} | {t / c:.2f} | {c / base:.2f}x |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- tree size
+
+def tune_tree(model, drafter_factory: Callable, prompts: Sequence,
+              candidates: Sequence = DEFAULT_CANDIDATES, *, max_new_tokens: int = 64,
+              repeats: int = 1, chat: bool = True, impl: str = "xla",
+              progress: bool = True) -> tuple:
+    """Pick the draft tree with the best measured tokens/s -> (best candidate, table).
+
+    `drafter_factory(candidate)` builds the drafter of one candidate (usually a `DynamicTree`),
+    e.g. `lambda t: drafters.layer_skip(8, tree=t)`. Each candidate first runs `generate` once per
+    prompt-length bucket (compilation), then on every prompt (`repeats` times), interleaved with
+    the other candidates. The table has one row per candidate, in order: candidate, drafter
+    name, tokens_per_s (new tokens over wall time, prefill included, as `specjax bench`), tau
+    (mean tokens per target forward), new_tokens, seconds.
+    """
+    from tqdm import tqdm
+
+    from specjax.generate import MIN_PROMPT_BUCKET, bucket, generate
+
+    if not candidates:
+        raise ValueError("tune_tree needs at least one candidate")
+    drafters = [drafter_factory(c) for c in candidates]
+    rows = [model.encode(p, chat=chat) for p in prompts]
+    if not rows:
+        raise ValueError("tune_tree needs at least one prompt")
+    run = functools.partial(generate, model, max_new_tokens=max_new_tokens, impl=impl)
+    warm = {bucket(len(ids), MIN_PROMPT_BUCKET, half_steps=True): ids for ids in rows}
+    for d in tqdm(drafters, desc="compile trees", disable=not progress):
+        for ids in warm.values():
+            run([ids], drafter=d)
+    toks, secs, taus = np.zeros(len(drafters)), np.zeros(len(drafters)), [[] for _ in drafters]
+    bar = tqdm(total=repeats * len(rows) * len(drafters), desc="tune tree", disable=not progress)
+    for _ in range(repeats):
+        for ids in rows:
+            for i, d in enumerate(drafters):
+                s = run([ids], drafter=d).stats
+                toks[i] += s["new_tokens"]
+                secs[i] += s["total_s"]
+                taus[i].append(s["tau"])
+                bar.update()
+    bar.close()
+    table = [{"candidate": c, "drafter": d.name, "tokens_per_s": float(toks[i] / secs[i]),
+              "tau": float(np.mean(taus[i])), "new_tokens": int(toks[i]), "seconds": float(secs[i])}
+             for i, (c, d) in enumerate(zip(candidates, drafters))]
+    best = max(range(len(table)), key=lambda i: table[i]["tokens_per_s"])
+    return candidates[best], table
+
+
+def tune_markdown(table: Sequence[dict], best=None) -> str:
+    """The `tune_tree` table as Markdown (the chosen candidate marked)."""
+    lines = ["| drafter | tokens/s | tau | chosen |", "|---|---|---|---|"]
+    for r in table:
+        mark = "<-" if best is not None and r["candidate"] == best else ""
+        lines.append(f"| {r['drafter']} | {r['tokens_per_s']:.1f} | {r['tau']:.2f} | {mark} |")
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""`specjax.autotune` on a tiny random model: the verify cost table (every size, both masks), the
+correctness anchors of the timed verify forward (a chain tree equals causal verification; every
+node of a random tree sees exactly its root path), tree-size tuning, and the CLI commands.
+No timing assertions: speed is for benchmarks, not unit tests."""
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import specjax
+from conftest import byte_bpe
+from specjax import autotune, cli, drafters
+from specjax import tree as tree_lib
+
+
+@pytest.fixture(scope="module")
+def model(make_hf_model):
+    return specjax.model_from_hf(make_hf_model("llama", seed=5))
+
+
+def test_verify_cost_table_is_sane(model):
+    sizes = (1, 3, 8)
+    table = autotune.verify_cost_table(model, sizes, prompt_len=24, repeats=2, progress=False)
+    assert sorted(table) == list(sizes)
+    for causal, tree in table.values():
+        assert np.isfinite(causal) and np.isfinite(tree) and causal > 0 and tree > 0
+    md = autotune.cost_markdown(table).splitlines()
+    assert md[0].startswith("| T | causal ms | tree ms | tree/causal |") and len(md) == 2 + len(sizes)
+    assert md[2].endswith("| 1.00x |")  # T=1 relative to itself
+    with pytest.raises(ValueError, match="positive"):
+        autotune.verify_cost_table(model, (0, 2), progress=False)
+
+
+def _verify(model, tokens, parents, prefix=10, max_len=40):
+    cache = autotune.prefilled_cache(model, tokens.shape[0], prefix, max_len, seed=1)
+    logits, _ = autotune.verify_forward(model.params, tokens, parents, cache, cfg=model.config)
+    return np.asarray(logits)
+
+
+def test_chain_tree_verify_equals_causal_verify(model):
+    B, T = 2, 7
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (B, T)),
+                         jnp.int32)
+    chain = jnp.broadcast_to(jnp.asarray(tree_lib.chain_parents(T - 1)), (B, T - 1))
+    causal = _verify(model, tokens, None)
+    np.testing.assert_array_equal(_verify(model, tokens, chain), causal)
+    assert np.abs(causal).max() > 1.0  # a non-degenerate model: the check has teeth
+
+
+def test_random_tree_nodes_see_their_root_path(model):
+    B, N = 2, 6
+    rng = np.random.default_rng(1)
+    parents = autotune.random_parents(rng, B, N)
+    assert ((parents >= -1) & (parents < np.arange(N))).all() and (parents[:, 0] == -1).all()
+    tokens = rng.integers(0, model.config.vocab_size, (B, N + 1)).astype(np.int32)
+    tree_logits = _verify(model, jnp.asarray(tokens), jnp.asarray(parents))
+    for b in range(B):
+        for i in range(N):
+            path, p = [i], parents[b, i]
+            while p >= 0:
+                path, p = [p] + path, parents[b, p]
+            chain = np.concatenate([tokens[b, :1], tokens[b, 1:][path]])
+            # Same B-row cache (row b holds the same prefix K/V), the path as a causal chain.
+            ref = _verify(model, jnp.asarray(np.tile(chain, (B, 1))), None)[b, -1]
+            np.testing.assert_allclose(tree_logits[b, i + 1], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tune_tree_returns_a_candidate(model):
+    cands = (drafters.DynamicTree(nodes=2, depth=2, top_k=2),
+             drafters.DynamicTree(nodes=4, depth=2, top_k=2))
+    prompts = [[1, 2, 3, 4, 5] * 3, [7, 8, 9, 10]]
+    best, table = autotune.tune_tree(model, lambda t: drafters.layer_skip(1, tree=t), prompts,
+                                     cands, max_new_tokens=8, progress=False)
+    assert best in cands
+    assert [r["candidate"] for r in table] == list(cands)
+    for r, c in zip(table, cands):
+        assert r["tokens_per_s"] > 0 and 0 < r["new_tokens"] <= 2 * 8 and r["seconds"] > 0
+        assert 1.0 <= r["tau"] <= c.depth + 1
+    assert best == max(table, key=lambda r: r["tokens_per_s"])["candidate"]
+    md = autotune.tune_markdown(table, best)
+    assert md.count("<-") == 1 and len(md.splitlines()) == 2 + len(cands)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, make_hf_model):
+    tok = byte_bpe(["the cat sat on the mat. the dog sat on the log. " * 4])
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                         "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    hf = make_hf_model("llama", seed=3, vocab_size=len(tok), eos_token_id=tok.eos_token_id)
+    path = str(tmp_path_factory.mktemp("tiny") / "hf")
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_cli_bench_verify(tiny_dir, capsys):
+    cli.main(["bench-verify", "--model", tiny_dir, "--sizes", "1,4", "--prompt-len", "16",
+              "--repeats", "2"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split("|")[1].strip() for r in rows] == ["1", "4"]
+    for r in rows:
+        causal, tree, ratio = (float(x) for x in r.split("|")[2:5])
+        assert causal > 0 and tree > 0 and ratio > 0
+
+
+def test_cli_tune_tree(tiny_dir, tmp_path, capsys):
+    q = tmp_path / "q.jsonl"
+    q.write_text("\n".join(json.dumps({"question_id": i, "category": c, "turns": [t]})
+                           for i, (c, t) in enumerate([("a", "the cat sat on"), ("b", "the dog"),
+                                                       ("a", "on the mat the")])))
+    cli.main(["tune-tree", "--model", tiny_dir, "--drafter", "ngram", "--candidates",
+              "4:2:2", "--questions", str(q), "--limit", "2", "--max-new-tokens", "8"])
+    out = capsys.readouterr().out
+    assert "on 2 prompts" in out and out.count("k=2, branches=2) |") == 1 and out.count("<-") == 1
+    assert "chosen: DynamicTree(nodes=" in out
+    with pytest.raises(SystemExit, match="NODES:DEPTH:TOP_K"):
+        cli.main(["tune-tree", "--model", tiny_dir, "--candidates", "8:4", "--questions", str(q)])
+    with pytest.raises(SystemExit, match="tree drafter"):
+        cli.main(["tune-tree", "--model", tiny_dir, "--drafter", "layer_skip:2",
+                  "--questions", str(q)])
