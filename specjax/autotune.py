@@ -50,8 +50,7 @@ def verify_forward(params, tokens, parents, cache: KVCache, *, cfg, impl: str = 
         mask = None
     else:
         depth = tree_lib.depth_from_parents(parents)
-        # T = 1: a tree of the root alone (block_positions expects at least one node).
-        positions = lengths[:, None] if T == 1 else tree_lib.block_positions(depth, lengths)
+        positions = tree_lib.block_positions(depth, lengths)
         mask = tree_lib.block_mask(parents)
     logits, _, cache = forward(params, cfg, tokens, positions, cache, block_mask=mask, impl=impl)
     return logits, cache

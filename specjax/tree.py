@@ -120,7 +120,8 @@ def block_mask(parents: jax.Array) -> jax.Array:
 
 def block_positions(depth: jax.Array, lengths: jax.Array) -> jax.Array:
     """Position ids [B, N+1] of the verify block: the root at `length`, node i at length+depth."""
-    return lengths[:, None] + jnp.concatenate([jnp.zeros_like(depth[:, :1]), depth], axis=1)
+    root = jnp.zeros((depth.shape[0], 1), depth.dtype)  # also right for a tree of 0 nodes
+    return lengths[:, None] + jnp.concatenate([root, depth], axis=1)
 
 
 def path_to(parents: jax.Array, node: jax.Array, max_depth: int) -> jax.Array:
