@@ -211,7 +211,11 @@ def load_gguf(path: str, dtype=np.float32):
     transformers de-quantizes the tensors and undoes llama.cpp's q/k row permutation, so the
     resulting state dict is in HF layout and goes through the same checked name map.
     """
-    import torch
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError("converting a GGUF file needs torch (transformers de-quantizes GGUF "
+                          "with it): pip install 'specjax[convert]'") from e
     import transformers
 
     folder, name = os.path.split(os.path.abspath(path))

@@ -85,8 +85,11 @@ class Model:
                     ids = ids["input_ids"]
                 return [int(i) for i in ids]
             return [int(i) for i in self.tokenizer.encode(prompt)]
-        ids = [int(i) for i in np.asarray(prompt).reshape(-1)]
-        return ids
+        arr = np.asarray(prompt)
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"token ids must be integers, got dtype {arr.dtype} "
+                             f"(first values: {arr.reshape(-1)[:5].tolist()})")
+        return [int(i) for i in arr.reshape(-1)]
 
     def decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:

@@ -24,11 +24,11 @@ class SamplingMode:
 
 def make_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]):
     """Validate user settings -> (SamplingMode, traced params dict)."""
-    if temperature is None or temperature < 0:
+    if temperature is None or not (0 <= temperature < float("inf")):  # rejects NaN and inf too
         raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
+    if top_p is not None and not (0.0 < top_p <= 1.0):  # NaN fails this too
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
     greedy = temperature == 0.0
     mode = SamplingMode(greedy=greedy, top_k=None if greedy else top_k,

@@ -352,6 +352,7 @@ def test_bad_prompts_are_rejected(target, tok_model):
     _raises(ValueError, "prompt 0 is empty", generate, tok_model, "", chat=False)
     _raises(ValueError, "prompt 0 is empty", generate, tok_model, [""], chat=False)
     _raises(ValueError, "prompt 1 is float", generate, target, [[1, 2], 3.5])
+    _raises(ValueError, "token ids must be integers", generate, target, [[1, 2], [1.5, 2.0]])
     _raises(ValueError, "no tokenizer", generate, target, "hello")
     _raises(ValueError, rf"prompt 0 has {ctx + 1} tokens.*context of {ctx}", generate,
             target, [[1] * (ctx + 1)])
@@ -373,6 +374,7 @@ def test_bad_prompts_are_rejected(target, tok_model):
     (dict(max_new_tokens=True), "max_new_tokens must be a positive int, got True"),
     (dict(temperature=-0.5), "temperature must be >= 0"),
     (dict(temperature=None), "temperature must be >= 0"),
+    (dict(temperature=float("nan")), "temperature must be >= 0"),
     (dict(temperature=1.0, top_k=0), "top_k must be a positive int"),
     (dict(temperature=1.0, top_k=-2), "top_k must be a positive int"),
     (dict(temperature=1.0, top_k=2.5), "top_k must be a positive int"),

@@ -87,4 +87,6 @@ def test_mesh_and_pmap_match_single_device(make_hf_model, tmp_path):
     # The drafter did draft (and was verified) on every path.
     for name in ("ngram_single", "ngram_mesh", "ngram_pmap"):
         assert sum(res[name]["hist"][1:]) > 0, name
-    assert res["ngram_mesh"]["hist"] == res["ngram_single"]["hist"] == res["ngram_pmap"]["hist"]
+    # Acceptance histograms are not compared: when no row of a batch has an n-gram match the
+    # engine takes a plain step, so the step schedule depends on how rows are grouped (per
+    # device under pmap). The emitted tokens above are the invariant.
