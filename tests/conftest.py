@@ -60,3 +60,21 @@ def byte_bpe(corpus, size=300):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def target(make_hf_model):
+    """The shared tiny target: a 3-layer GQA Llama (vocab 101) without EOS, as specjax model."""
+    import specjax
+
+    return specjax.model_from_hf(make_hf_model("llama", seed=0, num_hidden_layers=3,
+                                               eos_token_id=None), name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def other(make_hf_model):
+    """An independent 1-layer draft model with the target's vocabulary."""
+    import specjax
+
+    return specjax.model_from_hf(make_hf_model("llama", seed=1, num_hidden_layers=1,
+                                               eos_token_id=None), name="tiny-draft")

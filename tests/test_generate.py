@@ -79,11 +79,7 @@ def hf_qwen(make_hf_model):
     return make_hf_model("qwen2", seed=2, eos_token_id=None)
 
 
-@pytest.fixture(scope="module")
-def other(make_hf_model):
-    """An independent 1-layer draft model with the target's vocabulary."""
-    return specjax.model_from_hf(make_hf_model("llama", seed=1, num_hidden_layers=1,
-                                               eos_token_id=None), name="tiny-draft")
+# `other` (an independent 1-layer draft model) comes from conftest.py.
 
 
 @pytest.fixture(scope="module")

@@ -56,16 +56,7 @@ def test_schedule_feeds_internal_nodes_depth_by_depth():
 
 # ------------------------------------------------------------------------ greedy identity
 
-@pytest.fixture(scope="module")
-def target(make_hf_model):
-    return specjax.model_from_hf(make_hf_model("llama", seed=0, num_hidden_layers=3,
-                                               eos_token_id=None), name="tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def other(make_hf_model):
-    return specjax.model_from_hf(make_hf_model("llama", seed=1, num_hidden_layers=1,
-                                               eos_token_id=None), name="tiny-draft")
+# `target` (3-layer tiny Llama) and `other` (independent 1-layer draft) come from conftest.py.
 
 
 @pytest.fixture(scope="module")
