@@ -1,9 +1,21 @@
 """Shared fixtures: tiny random-weight HF transformers models built on the fly (no downloads)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers
+
+VOCAB = 101  # build_hf_model's default vocabulary
+_rng = np.random.default_rng(0)
+# Ragged (5, 12, 16, 9 tokens: one prompt bucket of 16), two of them repetitive so that prompt
+# lookup has something to find. Token 0 appears on purpose (it is not special here).
+RAGGED_PROMPTS = [
+    _rng.integers(0, VOCAB, 5).tolist(),
+    [7, 8, 9, 10] * 3,
+    [63, 54, 56, 94, 28, 82, 67, 0, 39, 86, 55, 3, 77, 73, 85, 17],
+    [40, 41, 42] * 3,
+]
 
 _FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),

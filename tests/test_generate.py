@@ -22,7 +22,7 @@ import torch
 import transformers
 
 import specjax
-from conftest import byte_bpe
+from conftest import RAGGED_PROMPTS, VOCAB, byte_bpe
 from specjax import drafters, engine
 from specjax.drafters.ngram import NgramSpec
 from specjax.model import Model
@@ -32,17 +32,8 @@ gen = importlib.import_module("specjax.generate")
 generate, generate_stream, prepare, finish = (gen.generate, gen.generate_stream, gen.prepare,
                                               gen.finish)
 
-VOCAB = 101
 NEW = 32
-_rng = np.random.default_rng(0)
-# Ragged (5, 12, 16, 9 tokens: one prompt bucket of 16), two of them repetitive so that prompt
-# lookup has something to find. Token 0 appears on purpose (it is not special here).
-PROMPTS = [
-    _rng.integers(0, VOCAB, 5).tolist(),
-    [7, 8, 9, 10] * 3,
-    [63, 54, 56, 94, 28, 82, 67, 0, 39, 86, 55, 3, 77, 73, 85, 17],
-    [40, 41, 42] * 3,
-]
+PROMPTS = RAGGED_PROMPTS
 
 
 def hf_greedy(hf_model, prompt, new_tokens):

@@ -277,6 +277,23 @@ def make_drafter(name: str, target, draft):
     raise ValueError(name)
 
 
+def assert_no_degenerate_boundary(logits, reach, mode, mode_kw):
+    """In every reachable context (`reach` selects rows of `logits` [..., V]), no top-k / top-p
+    cut-off lies within 1e-4 of a decision, so float rounding cannot change the kept set."""
+    x = np.sort(np.asarray(logits, np.float64) / mode_kw["temperature"], axis=-1)[..., ::-1]
+    x = x[reach]
+    if mode.top_k is not None:
+        gap = x[:, mode.top_k - 1] - x[:, mode.top_k]
+        assert gap.min() > 1e-4, f"a top-k boundary is degenerate (logit gap {gap.min():.2g})"
+        x = x[:, :mode.top_k]
+    if mode.use_top_p:
+        s = np.exp(x - x[:, :1])
+        s /= s.sum(-1, keepdims=True)
+        before = np.cumsum(s, -1) - s
+        margin = np.abs(before[:, 1:] - mode_kw["top_p"]).min()
+        assert margin > 1e-4, f"a top-p boundary is degenerate (margin {margin:.2g})"
+
+
 def next_token_dists(model: specjax.Model, mode_kw: dict, check_margins: bool = False):
     """Exact processed next-token distributions after PROMPT, PROMPT+[a], PROMPT+[a, b]:
     -> p1 [V], p2 [V, V] (p2[a] = p(. | a)), p3 [V, V, V] (p3[a, b] = p(. | a, b)), float64.
@@ -295,18 +312,7 @@ def next_token_dists(model: specjax.Model, mode_kw: dict, check_margins: bool = 
     if check_margins:
         reach = np.stack([np.ones(V * V, bool), np.repeat(p1 > 0, V),
                           (p1[:, None] * p2 > 0).ravel()], axis=1)  # [V*V, 3]
-        x = np.sort(np.asarray(logits, np.float64) / mode_kw["temperature"], axis=-1)[..., ::-1]
-        x = x[reach]
-        if mode.top_k is not None:
-            gap = x[:, mode.top_k - 1] - x[:, mode.top_k]
-            assert gap.min() > 1e-4, f"a top-k boundary is degenerate (logit gap {gap.min():.2g})"
-            x = x[:, :mode.top_k]
-        if mode.use_top_p:
-            s = np.exp(x - x[:, :1])
-            s /= s.sum(-1, keepdims=True)
-            before = np.cumsum(s, -1) - s
-            margin = np.abs(before[:, 1:] - mode_kw["top_p"]).min()
-            assert margin > 1e-4, f"a top-p boundary is degenerate (margin {margin:.2g})"
+        assert_no_degenerate_boundary(logits, reach, mode, mode_kw)
     return p1, p2, p3
 
 

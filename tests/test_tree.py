@@ -11,19 +11,14 @@ import pytest
 from scipy import stats
 
 import specjax
+from conftest import RAGGED_PROMPTS
 from specjax import drafters, tree
 
 gen = importlib.import_module("specjax.generate")
 
-VOCAB = 101
 NEW = 32
-_rng = np.random.default_rng(0)
-PROMPTS = [
-    _rng.integers(0, VOCAB, 5).tolist(),
-    [7, 8, 9, 10] * 3,
-    [63, 54, 56, 94, 28, 82, 67, 0, 39, 86, 55, 3, 77, 73, 85, 17],
-    [40, 41, 42] * 3 + [40, 5, 6, 40, 41],
-]
+# The shared ragged prompts, the last one extended so n-gram branches have several candidates.
+PROMPTS = RAGGED_PROMPTS[:3] + [RAGGED_PROMPTS[3] + [40, 5, 6, 40, 41]]
 
 
 # ------------------------------------------------------------------------------ structure

@@ -87,7 +87,8 @@ from specjax.sampling import make_sampling, process_logits
 
 # Shared with the chain-drafter test: statistics helpers and the target / draft model fixture.
 from test_spec_sampling import (  # noqa: F401  (`models` is a pytest fixture)
-    ALPHA, MIN_POWER, MODES, N_ROWS, V, chi_square, detectable_tv, models, pooled_bins, power)
+    ALPHA, MIN_POWER, MODES, N_ROWS, V, assert_no_degenerate_boundary, chi_square, detectable_tv,
+    models, pooled_bins, power)
 
 NEW_TOKENS = 4
 # After each likely t1 the history holds the newest tokens several times with different
@@ -136,18 +137,7 @@ def next_token_dists(model: specjax.Model, mode_kw: dict, prompt=None, check_mar
         j3 = p1[:, None, None] * p2[:, :, None] * p3
         reach = np.stack([np.arange(V ** 3) == 0, np.repeat(p1 > 0, V * V),
                           np.repeat((p1[:, None] * p2 > 0).ravel(), V), (j3 > 0).ravel()], 1)
-        x = np.sort(np.asarray(logits, np.float64) / mode_kw["temperature"], axis=-1)[..., ::-1]
-        x = x[reach]
-        if mode.top_k is not None:
-            gap = x[:, mode.top_k - 1] - x[:, mode.top_k]
-            assert gap.min() > 1e-4, f"a top-k boundary is degenerate (logit gap {gap.min():.2g})"
-            x = x[:, :mode.top_k]
-        if mode.use_top_p:
-            s = np.exp(x - x[:, :1])
-            s /= s.sum(-1, keepdims=True)
-            before = np.cumsum(s, -1) - s
-            margin = np.abs(before[:, 1:] - mode_kw["top_p"]).min()
-            assert margin > 1e-4, f"a top-p boundary is degenerate (margin {margin:.2g})"
+        assert_no_degenerate_boundary(logits, reach, mode, mode_kw)
     return [p1, p2, p3, p4]
 
 
