@@ -19,6 +19,9 @@ from typing import Optional
 
 from specjax.drafters.lm import LMDrafterSpec, LMStaticTreeSpec, LMTreeSpec, layer_skip_params
 from specjax.drafters.ngram import NgramSpec
+# Importing the submodule binds `specjax.drafters.medusa` to it; the constructor `medusa` below
+# rebinds the name, and later imports of the submodule find it in sys.modules.
+from specjax.drafters.medusa import MedusaConfig, MedusaHeads, MedusaSpec, MedusaTreeSpec
 
 NAMES = ("ngram", "model", "layer_skip")
 
@@ -145,6 +148,115 @@ def layer_skip(layers: Union[int, Sequence[int]] = 8, k: int = 4,
                    name=f"layer_skip(layers={layers}, {shape})")
 
 
+def eagle(source, k: int = 5, tree: Union[DynamicTree, None] = None, name: str = "") -> Drafter:
+    """An EAGLE-1/2 or EAGLE-3 feature-level drafter (module `specjax.drafters.feature`).
+
+    `source`: an (EagleConfig, params) pair (e.g. from `specjax.train`), a directory holding a
+    drafter in the HF EAGLE format (config.json + safetensors/bin, as SafeAILab, vLLM and
+    SGLang ship them, and as `specjax train-drafter` exports), or the name of a drafter bundled
+    with specjax (see `BUNDLED_DRAFTERS`). Drafts a chain of k tokens, or an EAGLE-2 dynamic
+    tree when `tree=DynamicTree(...)` is given.
+    """
+    eagle_lib = _eagle_module()
+    if tree is not None and not isinstance(tree, DynamicTree):
+        raise TypeError(f"EAGLE drafts dynamic trees: tree must be a DynamicTree, got {tree!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ValueError(f"draft length k must be a positive int, got {k!r}")
+    label = name or (source if isinstance(source, str) else "custom")
+
+    def bind(target):
+        cfg, params = _eagle_weights(source, target)
+        if tree is None:
+            spec = eagle_lib.EagleSpec(k=k, eagle=cfg, target_cfg=target.config)
+        else:
+            spec = eagle_lib.EagleTreeSpec(k=tree.nodes, depth=tree.depth, top_k=tree.top_k,
+                                           eagle=cfg, target_cfg=target.config)
+        params = jax_cast(params, target.dtype)
+        return spec, eagle_lib.bind_target(params, target.params)
+
+    shape = f"tree={tree}" if tree else f"k={k}"
+    return Drafter(spec=None, params=bind, name=f"eagle({label}, {shape})")
+
+
+# Drafters shipped inside the package: name -> (target model name, directory under specjax/).
+BUNDLED_DRAFTERS = {
+    "smollm2-135m-eagle3": ("smollm2-135m", "weights/smollm2-135m-eagle3"),
+    "smollm2-135m-eagle": ("smollm2-135m", "weights/smollm2-135m-eagle"),
+}
+
+
+def _eagle_module():
+    import importlib
+
+    return importlib.import_module("specjax.drafters.feature")
+
+
+def _eagle_weights(source, target):
+    """-> (EagleConfig, params) for `target` from any accepted `source`."""
+    import os
+    from pathlib import Path
+
+    if isinstance(source, tuple) and len(source) == 2:
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"EAGLE source must be an (EagleConfig, params) pair, a directory or a "
+                        f"bundled name, got {type(source).__name__}")
+    path = Path(source)
+    if str(source) in BUNDLED_DRAFTERS:
+        path = Path(__file__).resolve().parents[1] / BUNDLED_DRAFTERS[str(source)][1]
+        if not path.exists():
+            raise FileNotFoundError(f"bundled drafter {source!r} is missing from this install "
+                                    f"({path})")
+    elif not path.is_dir():
+        raise ValueError(f"EAGLE drafter {source!r} is neither a directory nor a bundled drafter "
+                         f"({sorted(BUNDLED_DRAFTERS)})")
+    from checkpoints_convert.eagle_hf import load_eagle_hf
+
+    return load_eagle_hf(path, target.config)
+
+
+def jax_cast(params, dtype):
+    """Cast the floating leaves of a param tree (integer maps such as d2t stay)."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                        else x, params)
+
+
+def medusa(heads, k: Optional[int] = None, tree: Optional[StaticTree] = None) -> Drafter:
+    """Medusa-1 heads over the target's final hidden state (`specjax.drafters.medusa`).
+
+    `heads`: a `MedusaHeads` or a (MedusaConfig, params) pair. Drafts a chain of k tokens (head
+    i drafts token i; default k = the number of heads), or Medusa's static tree when
+    `tree=StaticTree(choices)` is given (depth at most the number of heads; k then unused).
+    """
+    from specjax.drafters.medusa import bind_target, check_params
+
+    if isinstance(heads, MedusaHeads):
+        heads = (heads.config, heads.params)
+    if not (isinstance(heads, tuple) and len(heads) == 2 and isinstance(heads[0], MedusaConfig)):
+        raise TypeError(f"Medusa heads must be a MedusaHeads or a (MedusaConfig, params) pair, "
+                        f"got {type(heads).__name__}")
+    cfg, params = heads
+    check_params(cfg, params)
+    if tree is not None and not isinstance(tree, StaticTree):
+        raise TypeError(f"Medusa drafts static trees: tree must be a StaticTree, got {tree!r}")
+    if tree is None:
+        spec = MedusaSpec(k=cfg.num_heads if k is None else k, medusa=cfg)
+    else:
+        parents, rank = tree.parents_rank
+        spec = MedusaTreeSpec(k=tree.nodes, medusa=cfg, parents=parents, rank=rank)
+
+    def bind(target):
+        own = jax_cast(params, target.dtype)
+        return dataclasses.replace(spec, target_cfg=target.config), bind_target(
+            own, target.params)
+
+    shape = f"tree={tree}" if tree else f"k={spec.k}"
+    return Drafter(spec=spec, params=bind, name=f"medusa(heads={cfg.num_heads}, {shape})")
+
+
 def resolve(drafter: Drafter, target):
     """-> (spec, params) for this target (binds target-derived drafters such as layer skip)."""
     if callable(drafter.params):
@@ -154,4 +266,5 @@ def resolve(drafter: Drafter, target):
 
 __all__ = ["Draft", "Drafter", "DrafterSpec", "DynamicTree", "StaticTree", "TargetPrefill",
            "TargetStep", "LMDrafterSpec", "LMTreeSpec", "LMStaticTreeSpec", "NgramSpec", "ngram",
-           "small_model", "layer_skip", "resolve", "NAMES"]
+           "small_model", "layer_skip", "eagle", "medusa", "MedusaConfig", "MedusaHeads",
+           "MedusaSpec", "MedusaTreeSpec", "resolve", "NAMES", "BUNDLED_DRAFTERS"]

@@ -239,58 +239,84 @@ class LMTreeSpec(LMTreeBase):
 
     def propose(self, params, state: LMTreeState, last, key, mode, sp):
         from specjax.drafters.base import TreeDraft
-        from specjax.tree import Tree
 
-        kk, D, N = self.top_k, self.depth, self.k
         st = state.lm
-        B = last.shape[0]
         logits, cache = self._feed_pending(params, st)  # cache.lengths: base of the tree window
-        score, tok = jax.lax.top_k(self._rank_logp(logits, mode, sp), kk)  # [B, kk]
-        pool_tok, pool_score = [tok], [score]
-        pool_parent = [jnp.full((B, kk), -1, jnp.int32)]
-        pool_depth = [jnp.ones((B, kk), jnp.int32)]
-        fed_ids, fed_offs = [], []  # pool ids of each fed frontier and their window offsets
-        front_idx = jnp.broadcast_to(jnp.arange(kk, dtype=jnp.int32), (B, kk))  # pool ids
-        W = max((D - 1) * kk, 1)
-        front_vis = jnp.zeros((B, kk, W), bool)  # window slots each frontier node may see
-        for d in range(2, D + 1):
-            off = (d - 2) * kk
-            own = jax.nn.one_hot(off + jnp.arange(kk), W, dtype=bool)  # [kk, W]
-            vis = front_vis | own[None]
-            logits, cache = self._feed_depth(params, cache, tok, d - 1, vis, off)
-            fed_ids.append(front_idx)
-            fed_offs.append(jnp.broadcast_to(off + jnp.arange(kk, dtype=jnp.int32), (B, kk)))
-            child_lp, child_tok = jax.lax.top_k(self._rank_logp(logits, mode, sp), kk)  # [B,kk,kk]
-            cum = (score[:, :, None] + child_lp).reshape(B, kk * kk)
-            base = kk + (d - 2) * kk * kk
-            pool_tok.append(child_tok.reshape(B, kk * kk))
-            pool_score.append(cum)
-            pool_parent.append(jnp.repeat(front_idx, kk, axis=1))
-            pool_depth.append(jnp.full((B, kk * kk), d, jnp.int32))
-            score, pick = jax.lax.top_k(cum, kk)  # next frontier
-            tok = jnp.take_along_axis(child_tok.reshape(B, kk * kk), pick, axis=1)
-            front_idx = base + pick
-            front_vis = jnp.take_along_axis(vis, (pick // kk)[:, :, None], axis=1)
-        cat = lambda xs: jnp.concatenate(xs, axis=1)  # noqa: E731
-        p_tok, p_score, p_parent, p_depth = map(cat, (pool_tok, pool_score, pool_parent, pool_depth))
-        # Only the frontiers of depths 1..D-1 were fed (their K/V sit in the window); the
-        # other candidates are leaves.
-        p_fed = jnp.full(p_tok.shape, -1, jnp.int32)
-        if fed_ids:
-            p_fed = p_fed.at[jnp.arange(B)[:, None], cat(fed_ids)].set(cat(fed_offs))
-        # Keep the N best (stable: ties keep pool order, parents before children), then list
-        # them in pool order, which is topological.
-        keep = jnp.sort(jnp.argsort(-p_score, axis=1, stable=True)[:, :N], axis=1)  # [B, N]
-        take = lambda x: jnp.take_along_axis(x, keep, axis=1)  # noqa: E731
-        node_of = jnp.full((B, p_tok.shape[1]), -1, jnp.int32).at[
-            jnp.arange(B)[:, None], keep].set(jnp.arange(N, dtype=jnp.int32)[None, :])
-        par_pool = take(p_parent)
-        parents = jnp.where(par_pool >= 0, jnp.take_along_axis(
-            node_of, jnp.maximum(par_pool, 0), axis=1), -1)
-        tree = Tree(tokens=take(p_tok), parents=parents, depth=take(p_depth),
-                    valid=take(p_score) > -jnp.inf)
+
+        def feed(cache, tok, _feat, depth, vis, off):
+            logits, cache = self._feed_depth(params, cache, tok, depth, vis, off)
+            return self._rank_logp(logits, mode, sp), None, cache
+
+        tree, fed, cache = grow_dynamic_tree(self._rank_logp(logits, mode, sp), feed, cache,
+                                             None, top_k=self.top_k, depth=self.depth, nodes=self.k)
         lm = st.replace(cache=cache, len_before=st.cache.lengths)
-        return TreeDraft(tree=tree), LMTreeState(lm=lm, fed=take(p_fed))
+        return TreeDraft(tree=tree), LMTreeState(lm=lm, fed=fed)
+
+
+def grow_dynamic_tree(root_lp, feed, carry, root_feat, *, top_k: int, depth: int, nodes: int):
+    """EAGLE-2 tree growth shared by every drafter that returns a distribution.
+
+    root_lp [B, V]: ranking log-probs after `last`. `feed(carry, tok [B, kk], feat [B, kk, ...]
+    or None, frontier_depth, vis [B, kk, W], off)` feeds one frontier as a block at window
+    offset `off` and returns (log-probs of its children [B, kk, V], per-node output features
+    [B, kk, ...] or None, carry). A frontier node's `feat` is its parent's output feature
+    (`root_feat` [B, ...] for depth 1; feature drafters such as EAGLE draft on their own
+    features; LM drafters pass None).
+    -> (Tree of `nodes` nodes, window offset of each node's K/V [B, nodes] (-1: leaf), carry).
+    """
+    from specjax.tree import Tree
+
+    kk, D, N = top_k, depth, nodes
+    B = root_lp.shape[0]
+    score, tok = jax.lax.top_k(root_lp, kk)  # [B, kk]
+    feat = None if root_feat is None else jnp.repeat(root_feat[:, None], kk, axis=1)
+    pool_tok, pool_score = [tok], [score]
+    pool_parent = [jnp.full((B, kk), -1, jnp.int32)]
+    pool_depth = [jnp.ones((B, kk), jnp.int32)]
+    fed_ids, fed_offs = [], []  # pool ids of each fed frontier and their window offsets
+    front_idx = jnp.broadcast_to(jnp.arange(kk, dtype=jnp.int32), (B, kk))  # pool ids
+    W = max((D - 1) * kk, 1)
+    front_vis = jnp.zeros((B, kk, W), bool)  # window slots each frontier node may see
+    for d in range(2, D + 1):
+        off = (d - 2) * kk
+        own = jax.nn.one_hot(off + jnp.arange(kk), W, dtype=bool)  # [kk, W]
+        vis = front_vis | own[None]
+        child_all, out_feat, carry = feed(carry, tok, feat, d - 1, vis, off)
+        fed_ids.append(front_idx)
+        fed_offs.append(jnp.broadcast_to(off + jnp.arange(kk, dtype=jnp.int32), (B, kk)))
+        child_lp, child_tok = jax.lax.top_k(child_all, kk)  # [B, kk, kk]
+        cum = (score[:, :, None] + child_lp).reshape(B, kk * kk)
+        base = kk + (d - 2) * kk * kk
+        pool_tok.append(child_tok.reshape(B, kk * kk))
+        pool_score.append(cum)
+        pool_parent.append(jnp.repeat(front_idx, kk, axis=1))
+        pool_depth.append(jnp.full((B, kk * kk), d, jnp.int32))
+        score, pick = jax.lax.top_k(cum, kk)  # next frontier
+        tok = jnp.take_along_axis(child_tok.reshape(B, kk * kk), pick, axis=1)
+        front_idx = base + pick
+        front_vis = jnp.take_along_axis(vis, (pick // kk)[:, :, None], axis=1)
+        if out_feat is not None:  # each new frontier node drafts from its parent's output
+            idx = (pick // kk).reshape((B, kk) + (1,) * (out_feat.ndim - 2))
+            feat = jnp.take_along_axis(out_feat, idx, axis=1)
+    cat = lambda xs: jnp.concatenate(xs, axis=1)  # noqa: E731
+    p_tok, p_score, p_parent, p_depth = map(cat, (pool_tok, pool_score, pool_parent, pool_depth))
+    # Only the frontiers of depths 1..D-1 were fed (their K/V sit in the window); the other
+    # candidates are leaves.
+    p_fed = jnp.full(p_tok.shape, -1, jnp.int32)
+    if fed_ids:
+        p_fed = p_fed.at[jnp.arange(B)[:, None], cat(fed_ids)].set(cat(fed_offs))
+    # Keep the N best (stable: ties keep pool order, parents before children), then list them
+    # in pool order, which is topological.
+    keep = jnp.sort(jnp.argsort(-p_score, axis=1, stable=True)[:, :N], axis=1)  # [B, N]
+    take = lambda x: jnp.take_along_axis(x, keep, axis=1)  # noqa: E731
+    node_of = jnp.full((B, p_tok.shape[1]), -1, jnp.int32).at[
+        jnp.arange(B)[:, None], keep].set(jnp.arange(N, dtype=jnp.int32)[None, :])
+    par_pool = take(p_parent)
+    parents = jnp.where(par_pool >= 0, jnp.take_along_axis(
+        node_of, jnp.maximum(par_pool, 0), axis=1), -1)
+    tree = Tree(tokens=take(p_tok), parents=parents, depth=take(p_depth),
+                valid=take(p_score) > -jnp.inf)
+    return tree, take(p_fed), carry
 
 
 class _Expansion(NamedTuple):

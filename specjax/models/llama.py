@@ -160,12 +160,16 @@ def write_block(c: jax.Array, layer: Optional[jax.Array], new: jax.Array,
 
 def _layer(cfg: ModelConfig, impl: str, inv_freq, lp: dict, h: jax.Array, positions: jax.Array,
            mask: Optional[jax.Array], ck: jax.Array, cv: jax.Array, start: jax.Array,
-           layer: jax.Array, lengths: jax.Array, block_mask: jax.Array):
+           layer: jax.Array, lengths: jax.Array, block_mask: jax.Array,
+           x: Optional[jax.Array] = None):
     """One decoder layer. Writes this block's K/V into layer `layer` of the stacked cache carry
-    (or into the per-layer buffers ck, cv when `layer` is None)."""
+    (or into the per-layer buffers ck, cv when `layer` is None). `x`, when given, is the
+    attention input in place of `rms_norm(h)` (EAGLE layers feed [embedding; feature] there,
+    with `h` as the residual)."""
     B, T, _ = h.shape
     H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+    if x is None:
+        x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
     qkv = x @ lp["wqkv"]
     if cfg.attention_bias:
         qkv = qkv + lp["bqkv"]
@@ -249,6 +253,25 @@ def forward_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, positions:
         layers = all_h[np.asarray(want_layers)]
     last = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     return Hiddens(last=last, layers=layers), cache.replace(k=ck, v=cv)
+
+
+def single_layer(cfg: ModelConfig, lp: dict, h: jax.Array, x: Optional[jax.Array],
+                 positions: jax.Array, cache: KVCache, *, block_mask: Optional[jax.Array] = None,
+                 write_offset: Optional[jax.Array] = None):
+    """One decoder layer `lp` over a block (drafters built from a single layer, e.g. EAGLE).
+
+    h [B, T, D] is the residual stream, x [B, T, Din] the attention input (None: rms_norm(h)).
+    The cache holds one layer (per-layer layout); the block goes where `forward_hidden` would
+    put it. -> (h after the layer [B, T, D], cache with the block's K/V written)."""
+    B, T = positions.shape
+    if block_mask is None:
+        block_mask = causal_block_mask(B, T)
+    mask = build_attention_mask(cache.lengths, positions, block_mask, cache.max_len,
+                                cfg.sliding_window, write_offset)
+    start = cache.lengths if write_offset is None else cache.lengths + write_offset
+    h, ck, cv = _layer(cfg, "xla", rope_inv_freq(cfg), lp, h, positions, mask, cache.k[0],
+                       cache.v[0], start, None, cache.lengths, block_mask, x=x)
+    return h, cache.replace(k=(ck,), v=(cv,))
 
 
 def is_unrolled(params: dict) -> bool:

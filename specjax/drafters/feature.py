@@ -1,0 +1,370 @@
+"""Feature-level drafters: EAGLE-1/2 and EAGLE-3 (Li et al. 2024, 2025).
+
+One decoder layer drafts on *features* instead of tokens. Drafter slot j holds the pair
+(g_j, x_{j+1}): the feature at position j and the token after it, at RoPE position j. Its output
+o_j estimates the feature at j+1, and the head over o_j gives the token x_{j+2}.
+
+- committed slots (j < target length) pair the **target's** features with the emitted tokens;
+- draft slots pair the drafter's **own** previous output with the draft token it chose.
+
+Versions (`EagleConfig.version`):
+
+- 1 (EAGLE-1/2): g = the target's final hidden state (after the final norm, what its LM head
+  reads). Attention input = fc([embed(x); g]) + bias, which is also the residual; the layer has
+  no input norm; the target's LM head reads o directly. Trained to regress the next feature
+  plus a token loss.
+- 3 (EAGLE-3): g = fc([h_low; h_mid; h_high]), three target layers fused (no bias). Attention
+  input = [rms(embed(x)); rms(g)] (2D wide), residual g; own final norm and LM head over a draft
+  vocabulary (`d2t` maps draft ids to target ids; tokens outside it get probability 0). Trained
+  on tokens only, with training-time test.
+
+The target's embedding (and for version 1 its LM head) are shared, never copied: `bind_target`
+adds them to the drafter's params under "target" when `generate` runs.
+
+State per row: the drafter's one-layer KV cache whose committed length always equals the
+target's, and `feat` = the drafter output at the last committed slot (it gives the first draft
+distribution and is the input feature of the first draft token). The engine's verify forward
+hands the block's target features to `commit`, which feeds the accepted path as one block of
+pairs (static size: the longest accept plus the bonus, extra slots ignored).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, TargetStep, TreeDraft
+from specjax.models.cache import KVCache, init_cache
+from specjax.models.config import ModelConfig
+from specjax.models.llama import lm_head, rms_norm, single_layer
+from specjax.sampling import SamplingMode, process_logits
+
+VERSIONS = (1, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleConfig:
+    """Static shape of an EAGLE drafter (hashable: part of the compiled program)."""
+
+    version: int  # 1 or 3
+    layer: ModelConfig  # the one decoder layer (num_layers=1, hidden size = the target's)
+    feature_layers: tuple = ()  # version 3: HF hidden_states indices fused by fc (low, mid, high)
+    draft_vocab: int = 0  # version 3: size of the drafter's own head (0: the target's head)
+    fc_bias: bool = True  # version 1 (SafeAILab's default)
+
+    def __post_init__(self):
+        if self.version not in VERSIONS:
+            raise ValueError(f"EAGLE version must be one of {VERSIONS}, got {self.version!r}")
+        if self.version == 3 and not self.feature_layers:
+            raise ValueError("EAGLE-3 needs feature_layers (the target layers fc fuses)")
+        if self.version == 3 and self.draft_vocab <= 0:
+            raise ValueError(f"EAGLE-3 needs a draft_vocab > 0, got {self.draft_vocab}")
+
+    @property
+    def hidden(self) -> int:
+        return self.layer.hidden_size
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layer"] = self.layer.to_dict()
+        d["feature_layers"] = list(self.feature_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EagleConfig":
+        d = dict(d)
+        d["layer"] = ModelConfig.from_dict(d["layer"])
+        d["feature_layers"] = tuple(d.get("feature_layers", ()))
+        return cls(**d)
+
+
+def default_feature_layers(num_layers: int) -> tuple:
+    """EAGLE-3's choice: the residual streams entering layers 2, L/2 and L-3 (clamped for tiny
+    models to valid HF hidden_states indices 0..L)."""
+    pick = (2, num_layers // 2, num_layers - 3)
+    return tuple(min(max(i, 0), num_layers) for i in pick)
+
+
+def make_config(target: ModelConfig, version: int = 3, *, intermediate_size: Optional[int] = None,
+                draft_vocab: Optional[int] = None,
+                feature_layers: Optional[tuple] = None) -> EagleConfig:
+    """An EAGLE drafter shaped for `target`: its heads, head size and RoPE, one layer."""
+    layer = dataclasses.replace(target, num_layers=1, sliding_window=None,
+                                attention_bias=False,
+                                intermediate_size=intermediate_size or target.intermediate_size)
+    if version == 1:
+        return EagleConfig(version=1, layer=layer)
+    fl = tuple(feature_layers) if feature_layers else default_feature_layers(target.num_layers)
+    return EagleConfig(version=3, layer=layer, feature_layers=fl,
+                       draft_vocab=int(draft_vocab or target.vocab_size), fc_bias=False)
+
+
+def init_params(cfg: EagleConfig, key, dtype=jnp.float32, d2t=None) -> dict:
+    """Random drafter params (the target's embedding/head are bound later, not stored).
+
+    `d2t` [draft_vocab]: the target id of each draft-vocabulary entry (version 3; default: the
+    first `draft_vocab` ids)."""
+    L, D = cfg.layer, cfg.hidden
+    H, KV, hd, F = L.num_heads, L.num_kv_heads, L.head_dim, L.intermediate_size
+    keys = iter(jax.random.split(key, 8))
+
+    def dense(shape, fan_in):
+        return (jax.random.normal(next(keys), shape, jnp.float32) / jnp.sqrt(fan_in)).astype(dtype)
+
+    d_in = 2 * D
+    layer = {"wqkv": dense((d_in if cfg.version == 3 else D, (H + 2 * KV) * hd),
+                           d_in if cfg.version == 3 else D),
+             "wo": dense((H * hd, D), H * hd) * 0.5,
+             "mlp_norm": jnp.ones((D,), dtype),
+             "w_gate_up": dense((D, 2 * F), D),
+             "w_down": dense((F, D), F) * 0.5}
+    if cfg.version == 1:
+        fc_in = 2 * D
+        p = {"fc": dense((fc_in, D), fc_in), "layer": layer}
+        if cfg.fc_bias:
+            p["fc_b"] = jnp.zeros((D,), dtype)
+        return p
+    layer["embed_norm"] = jnp.ones((D,), dtype)
+    layer["hidden_norm"] = jnp.ones((D,), dtype)
+    n = len(cfg.feature_layers)
+    if d2t is None:
+        d2t = jnp.arange(cfg.draft_vocab, dtype=jnp.int32)
+    return {"fc": dense((n * D, D), n * D), "layer": layer, "norm": jnp.ones((D,), dtype),
+            "lm_head": dense((D, cfg.draft_vocab), D), "d2t": jnp.asarray(d2t, jnp.int32)}
+
+
+def bind_target(params: dict, target_params: dict) -> dict:
+    """Drafter params plus the target's shared embedding (and head) under "target"."""
+    shared = {"embed": target_params["embed"]}
+    if "lm_head" in target_params:
+        shared["lm_head"] = target_params["lm_head"]
+    return dict(params, target=shared)
+
+
+# ----------------------------------------------------------------------------- pure functions
+# Shared by inference (below) and training (specjax.train).
+
+def target_features(cfg: EagleConfig, params: dict, hiddens) -> jax.Array:
+    """The target's features at each block position [B, T, D] (what committed slots read)."""
+    if cfg.version == 1:
+        return hiddens.last
+    fused = jnp.concatenate(list(hiddens.layers), axis=-1)  # [B, T, n*D] low, mid, high
+    return fused @ params["fc"]
+
+
+def layer_inputs(cfg: EagleConfig, params: dict, feat: jax.Array, tokens: jax.Array):
+    """-> (residual h [B, T, D], attention input x [B, T, Din])."""
+    e = params["target"]["embed"][tokens].astype(feat.dtype)
+    lp, eps = params["layer"], cfg.layer.rms_norm_eps
+    if cfg.version == 1:
+        h = jnp.concatenate([e, feat], axis=-1) @ params["fc"]
+        if "fc_b" in params:
+            h = h + params["fc_b"]
+        return h, h  # layer 0 of EAGLE-1 has no input norm
+    x = jnp.concatenate([rms_norm(e, lp["embed_norm"], eps), rms_norm(feat, lp["hidden_norm"], eps)],
+                        axis=-1)
+    return feat, x
+
+
+def draft_block(cfg: EagleConfig, params: dict, feat, tokens, positions, cache: KVCache, *,
+                block_mask=None, write_offset=None):
+    """Run the drafter layer over pairs (feat [B, T, D], tokens [B, T]) -> (output features
+    [B, T, D], cache)."""
+    h, x = layer_inputs(cfg, params, feat, tokens)
+    return single_layer(cfg.layer, params["layer"], h, x, positions, cache,
+                        block_mask=block_mask, write_offset=write_offset)
+
+
+def draft_logits(cfg: EagleConfig, params: dict, out: jax.Array, target_cfg: ModelConfig,
+                 full: bool = True) -> jax.Array:
+    """Output features [..., D] -> float32 logits over the target vocabulary [..., V] (version 3:
+    -inf outside the draft vocabulary), or over the draft vocabulary when `full` is False."""
+    if cfg.version == 1:
+        return lm_head(params["target"], target_cfg, out)
+    logits = (rms_norm(out, params["norm"], cfg.layer.rms_norm_eps) @ params["lm_head"]).astype(
+        jnp.float32)
+    if not full:
+        return logits
+    flat = logits.reshape(-1, logits.shape[-1])
+    big = jnp.full((flat.shape[0], target_cfg.vocab_size), -jnp.inf, jnp.float32)
+    big = big.at[:, params["d2t"]].set(flat)
+    return big.reshape(logits.shape[:-1] + (target_cfg.vocab_size,))
+
+
+# ----------------------------------------------------------------------------- the drafter
+
+@struct.dataclass
+class EagleState:
+    cache: KVCache  # the drafter layer's cache; committed length = the target's
+    feat: jax.Array  # [B, D] drafter output at the last committed slot
+
+
+def _pick(logits, key, mode: SamplingMode, sp):
+    if mode.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+    logp = process_logits(logits, mode, sp)
+    return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32), logp
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleSpec(DrafterSpec):
+    """EAGLE drafting a chain of k tokens (each sampled from the drafter's distribution)."""
+
+    eagle: EagleConfig = None
+    target_cfg: ModelConfig = None
+
+    kind = "eagle"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.eagle is not None:  # the target layers the engine must return (version 3)
+            layers = tuple(self.eagle.feature_layers) if self.eagle.version == 3 else ()
+            object.__setattr__(self, "hidden_layers", layers)
+
+    @property
+    def cache_slack(self) -> int:
+        return self.max_accept + self.k + 2  # the commit block, then the draft slots
+
+    def check_compatible(self, target_cfg: ModelConfig, target_dtype) -> None:
+        e = self.eagle
+        if e.hidden != target_cfg.hidden_size:
+            raise ValueError(f"EAGLE drafter hidden size {e.hidden} differs from the target's "
+                             f"{target_cfg.hidden_size}: it was trained for another model")
+        if e.version == 3 and max(e.feature_layers) > target_cfg.num_layers:
+            raise ValueError(f"EAGLE-3 feature_layers {e.feature_layers} name layers beyond the "
+                             f"target's {target_cfg.num_layers}")
+        if e.version == 3 and e.draft_vocab > target_cfg.vocab_size:
+            raise ValueError(f"EAGLE-3 draft vocabulary {e.draft_vocab} is larger than the "
+                             f"target's {target_cfg.vocab_size}")
+        if self.target_cfg is not None and self.target_cfg.vocab_size != target_cfg.vocab_size:
+            raise ValueError(f"EAGLE drafter built for vocabulary {self.target_cfg.vocab_size}, "
+                             f"target has {target_cfg.vocab_size}")
+
+    def _logits(self, params, out):
+        return draft_logits(self.eagle, params, out, self.target_cfg)
+
+    def _feed_committed(self, params, cache: KVCache, feat, tokens, last_idx):
+        """Feed pairs (feat [B, T, D], tokens [B, T]) at the committed end of the cache; the
+        first last_idx[b] + 1 are real -> (drafter output at last_idx [B, D], cache)."""
+        B, T = tokens.shape
+        positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        out, cache = draft_block(self.eagle, params, feat, tokens, positions, cache)
+        at = jnp.take_along_axis(out, last_idx[:, None, None], axis=1)[:, 0]
+        return at, cache
+
+    def init(self, params, prefill: TargetPrefill, max_len: int) -> EagleState:
+        B, P = prefill.tokens.shape
+        cache = init_cache(self.eagle.layer, B, max_len, params["layer"]["wo"].dtype,
+                           per_layer=True)
+        feat = target_features(self.eagle, params, prefill.hiddens)  # [B, P, D]
+        j = jnp.arange(P)[None, :]
+        nxt = jnp.concatenate([prefill.tokens[:, 1:], jnp.zeros((B, 1), jnp.int32)], axis=1)
+        last = (prefill.lengths - 1)[:, None]
+        pair_tok = jnp.where(j == last, prefill.first[:, None], jnp.where(j < last, nxt, 0))
+        out, cache = self._feed_committed(params, cache, feat, pair_tok, prefill.lengths - 1)
+        return EagleState(cache=cache.replace(lengths=prefill.lengths), feat=out)
+
+    def propose(self, params, state: EagleState, last, key, mode, sp):
+        K, cache = self.k, state.cache
+        keys = jax.random.split(key, K)
+        tok, logp = _pick(self._logits(params, state.feat), keys[0], mode, sp)
+
+        def step(carry, k):
+            cache, feat, tok = carry
+            out, cache = draft_block(self.eagle, params, feat[:, None], tok[:, None],
+                                     cache.lengths[:, None], cache)
+            cache = cache.replace(lengths=cache.lengths + 1)
+            nxt, lp = _pick(self._logits(params, out[:, 0]), k, mode, sp)
+            return (cache, out[:, 0], nxt), (nxt, lp)
+
+        toks, logps = [tok[:, None]], [None if logp is None else logp[:, None]]
+        if K > 1:
+            (cache, _, _), (rest, rest_lp) = jax.lax.scan(step, (cache, state.feat, tok), keys[1:])
+            toks.append(rest.T)
+            if rest_lp is not None:
+                logps.append(jnp.swapaxes(rest_lp, 0, 1))
+        # The draft slots are scratch after the committed length, which does not move: the next
+        # commit overwrites them with the accepted path's target features.
+        draft_logp = None if mode.greedy else jnp.concatenate(logps, axis=1)
+        return Draft(tokens=jnp.concatenate(toks, axis=1), logp=draft_logp), state.replace(
+            cache=cache.replace(lengths=state.cache.lengths))
+
+    def _commit_path(self, params, state: EagleState, feats, path_tok, acc, active):
+        """feats [B, A+1, D]: target features along the accepted path (block offset 0 = `last`);
+        path_tok [B, A]: the path's draft tokens."""
+        B, A1 = feats.shape[:2]
+        i = jnp.arange(A1)[None, :]
+        path_tok = jnp.concatenate([path_tok, jnp.zeros((B, 1), jnp.int32)], axis=1)
+        pair_tok = jnp.where(i < acc.n[:, None], path_tok,
+                             jnp.where(i == acc.n[:, None], acc.bonus[:, None], 0))
+        out, cache = self._feed_committed(params, state.cache, feats, pair_tok, acc.n)
+        lengths = jnp.where(active, state.cache.lengths + acc.n + 1, state.cache.lengths)
+        feat = jnp.where(active[:, None], out, state.feat)
+        return EagleState(cache=cache.replace(lengths=lengths), feat=feat)
+
+    def commit(self, params, state: EagleState, draft: Draft, acc, active, target: TargetStep):
+        feats = target_features(self.eagle, params, target.hiddens)  # [B, K+1, D]
+        return self._commit_path(params, state, feats, draft.tokens, acc, active)
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleTreeSpec(EagleSpec):
+    """EAGLE-2: a dynamic tree grown from the drafter's confidence (see
+    `specjax.drafters.lm.grow_dynamic_tree`), every node drafting from its parent's output
+    feature. Children are deterministic top-k candidates, so verification under sampling uses
+    the exact one-hot construction (no `child_logp`)."""
+
+    depth: int = 4
+    top_k: int = 4
+
+    kind = "eagle_tree"
+    is_tree = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.depth < 1 or self.top_k < 1:
+            raise ValueError(f"tree depth and top_k must be >= 1, got depth={self.depth}, "
+                             f"top_k={self.top_k}")
+        pool = self.top_k + (self.depth - 1) * self.top_k ** 2
+        if self.k > pool:
+            raise ValueError(f"a tree of {self.k} nodes needs more candidates than depth="
+                             f"{self.depth}, top_k={self.top_k} expand ({pool})")
+
+    @property
+    def max_accept(self) -> int:
+        return self.depth
+
+    @property
+    def cache_slack(self) -> int:
+        return max(self.depth + 1, (self.depth - 1) * self.top_k) + 2
+
+    def _rank_logp(self, logits, mode, sp):
+        return jax.nn.log_softmax(logits, -1) if mode.greedy else process_logits(logits, mode, sp)
+
+    def propose(self, params, state: EagleState, last, key, mode, sp):
+        from specjax.drafters.lm import grow_dynamic_tree
+
+        B = last.shape[0]
+
+        def feed(cache, tok, feat, depth, vis, off):
+            pos = jnp.broadcast_to(cache.lengths[:, None] + (depth - 1), tok.shape)
+            out, cache = draft_block(self.eagle, params, feat, tok, pos, cache, block_mask=vis,
+                                     write_offset=jnp.full((B,), off, jnp.int32))
+            return self._rank_logp(self._logits(params, out), mode, sp), out, cache
+
+        root = self._rank_logp(self._logits(params, state.feat), mode, sp)
+        tree, _, cache = grow_dynamic_tree(root, feed, state.cache, state.feat,
+                                           top_k=self.top_k, depth=self.depth, nodes=self.k)
+        # The window's K/V are scratch (`lengths` did not move): commit re-feeds the accepted
+        # path with the target's features.
+        return TreeDraft(tree=tree), state.replace(cache=cache)
+
+    def commit(self, params, state: EagleState, draft: TreeDraft, acc, active, target: TargetStep):
+        feats = target_features(self.eagle, params, target.hiddens)  # [B, N+1, D]
+        idx = jnp.concatenate([jnp.zeros_like(acc.path[:, :1]), jnp.maximum(acc.path, -1) + 1], 1)
+        path_feats = jnp.take_along_axis(feats, idx[:, :, None], axis=1)  # [B, D+1, D]
+        path_tok = jnp.take_along_axis(draft.tree.tokens, jnp.maximum(acc.path, 0), axis=1)
+        return self._commit_path(params, state, path_feats, path_tok, acc, active)

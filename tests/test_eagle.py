@@ -1,0 +1,195 @@
+"""EAGLE-1/2 and EAGLE-3 drafters: exactness (greedy identity, sampling law), and the feature
+bookkeeping that decides their acceptance rate.
+
+Greedy identity and the chi-square law test prove the engine stays lossless with these
+drafters whatever they propose. They cannot see a drafter that reads the wrong features (it
+would only draft worse), so `test_state_follows_cache_free_reference` checks the state after
+prefill and after commits against a cache-free teacher-forced run of the drafter over the
+whole sequence, for chain and tree acceptances.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import specjax
+from specjax import drafters
+from specjax.drafters import feature as E
+from specjax.drafters.base import TargetPrefill, TargetStep
+from specjax.models.cache import init_cache
+from specjax.models.llama import forward_hidden
+from specjax.tree import Tree, TreeAccepted
+from specjax.verify import Accepted
+
+from conftest import RAGGED_PROMPTS
+from test_spec_sampling import (  # noqa: F401  (`models` is a pytest fixture)
+    ALPHA, MODES, N_ROWS, PROMPT, V, chi_square, models)
+from test_tree_sampling import cell_counts, exact  # noqa: F401  (a fixture)
+
+NEW = 20
+
+
+def random_eagle(target, version, seed=0, draft_vocab=None):
+    """A random EAGLE drafter for `target`; version 3 gets a reduced vocabulary of a random
+    subset of target ids (so d2t is not the identity)."""
+    V_t = target.config.vocab_size
+    dv = draft_vocab or V_t
+    cfg = E.make_config(target.config, version, draft_vocab=dv)
+    d2t = None
+    if version == 3:
+        d2t = np.sort(np.random.default_rng(seed).choice(V_t, dv, replace=False)).astype(np.int32)
+    return cfg, E.init_params(cfg, jax.random.key(seed), d2t=d2t)
+
+
+CASES = {
+    "eagle1-chain-k3": (1, None, 3),
+    "eagle3-chain-k4": (3, 80, 4),
+    "eagle1-tree-8": (1, None, drafters.DynamicTree(nodes=8, depth=3, top_k=3)),
+    "eagle3-tree-6": (3, 80, drafters.DynamicTree(nodes=6, depth=4, top_k=2)),
+}
+
+
+def make(target, case, seed=0):
+    version, dv, shape = CASES[case]
+    weights = random_eagle(target, version, seed, dv)
+    if isinstance(shape, int):
+        return drafters.eagle(weights, k=shape)
+    return drafters.eagle(weights, tree=shape)
+
+
+@pytest.fixture(scope="module")
+def ar(target):
+    return specjax.generate(target, RAGGED_PROMPTS, max_new_tokens=NEW)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_equals_ar(case, target, ar):
+    out = specjax.generate(target, RAGGED_PROMPTS, max_new_tokens=NEW, drafter=make(target, case))
+    assert out.tokens == ar.tokens
+    hist = out.stats["acceptance_histogram"]
+    assert sum(hist) == sum(out.stats["target_forwards"]) - len(RAGGED_PROMPTS)
+
+
+# ------------------------------------------------------------------ state bookkeeping
+
+def _reference_outputs(target, cfg, params, seq):
+    """Cache-free teacher-forced drafter run: out[j] for pairs (g_j, seq[j+1]), j < T-1."""
+    tp = target.params
+    T = len(seq)
+    toks = jnp.asarray([seq], jnp.int32)
+    pos = jnp.arange(T, dtype=jnp.int32)[None]
+    hid, _ = forward_hidden(tp, target.config, toks, pos,
+                            init_cache(target.config, 1, T, per_layer=True),
+                            hidden_layers=cfg.feature_layers)
+    feats = E.target_features(cfg, params, hid)[:, :T - 1]
+    cache = init_cache(cfg.layer, 1, T, per_layer=True)
+    out, _ = E.draft_block(cfg, params, feats, toks[:, 1:], pos[:, :T - 1], cache)
+    return np.asarray(out[0]), hid
+
+
+@pytest.mark.parametrize("version", [1, 3])
+def test_state_follows_cache_free_reference(target, version):
+    cfg, raw = random_eagle(target, version, seed=3, draft_vocab=60)
+    params = E.bind_target(raw, target.params)
+    rng = np.random.default_rng(version)
+    seq = rng.integers(0, target.config.vocab_size, 24).tolist()
+    ref, hid = _reference_outputs(target, cfg, params, seq)
+    P, K = 9, 3
+    spec = E.EagleSpec(k=K, eagle=cfg, target_cfg=target.config)
+    tok = jnp.asarray([seq[:P] + [0] * 7], jnp.int32)  # right-padded prompt of P tokens
+    sl = lambda h, a, b: type(h)(last=h.last[:, a:b],  # noqa: E731
+                                 layers=None if h.layers is None else h.layers[:, :, a:b])
+    pre = TargetPrefill(tokens=tok, lengths=jnp.asarray([P]), first=jnp.asarray([seq[P]]),
+                        cache=None, hiddens=sl(hid, 0, 16))
+    st = spec.init(params, pre, 64)
+    np.testing.assert_allclose(st.feat[0], ref[P - 1], atol=1e-4)
+    n_len = P  # target cache length; `last` = seq[n_len]
+    active = jnp.asarray([True])
+    for n_acc in (0, K, 1):  # chain commits: rejected at once, all accepted, one accepted
+        block = seq[n_len:n_len + K + 1]
+        draft = specjax.drafters.Draft(tokens=jnp.asarray([block[1:]]), logp=None)
+        acc = Accepted(n=jnp.asarray([n_acc]), bonus=jnp.asarray([seq[n_len + n_acc + 1]]))
+        step = TargetStep(tokens=jnp.asarray([block]), hiddens=sl(hid, n_len, n_len + K + 1))
+        st = spec.commit(params, st, draft, acc, active, step)
+        n_len += n_acc + 1
+        assert int(st.cache.lengths[0]) == n_len
+        np.testing.assert_allclose(st.feat[0], ref[n_len - 1], atol=1e-4)
+    # An inactive row keeps its state.
+    same = spec.commit(params, st, draft, acc, jnp.asarray([False]), step)
+    np.testing.assert_array_equal(same.feat, st.feat)
+    assert int(same.cache.lengths[0]) == n_len
+    # A tree commit: the accepted path is nodes 1 -> 3 of a 5-node tree whose block puts the
+    # sequence's next tokens at offsets 2 and 4 (the others are decoys).
+    tspec = E.EagleTreeSpec(k=5, depth=3, top_k=2, eagle=cfg, target_cfg=target.config)
+    nxt = seq[n_len + 1:n_len + 3]
+    node_tok = [7, nxt[0], 9, nxt[1], 11]
+    tree = Tree(tokens=jnp.asarray([node_tok]), parents=jnp.asarray([[-1, -1, 0, 1, 1]]),
+                depth=jnp.asarray([[1, 1, 2, 2, 2]]), valid=jnp.ones((1, 5), bool))
+    order = [0, 0, 1, 0, 2, 0]  # block offset -> which true position its hidden state is
+    true_hid = sl(hid, n_len, n_len + 3)
+    pick = jnp.asarray(order)
+    fake = type(hid)(last=true_hid.last[:, pick],
+                     layers=None if hid.layers is None else true_hid.layers[:, :, pick])
+    tacc = TreeAccepted(node=jnp.asarray([3]), n=jnp.asarray([2]), path=jnp.asarray([[1, 3, -1]]),
+                        bonus=jnp.asarray([seq[n_len + 3]]))
+    tstep = TargetStep(tokens=jnp.asarray([[seq[n_len]] + node_tok]), hiddens=fake)
+    st = tspec.commit(params, st, specjax.drafters.base.TreeDraft(tree=tree), tacc, active, tstep)
+    n_len += 3
+    assert int(st.cache.lengths[0]) == n_len
+    np.testing.assert_allclose(st.feat[0], ref[n_len - 1], atol=1e-4)
+
+
+# ------------------------------------------------------------------ sampling law
+
+def _sample(target, drafter, mode_kw, seed):
+    out = specjax.generate(target, [PROMPT] * N_ROWS, max_new_tokens=4, key=seed,
+                           drafter=drafter, **mode_kw)
+    return np.asarray(out.tokens), np.asarray(out.stats["acceptance_histogram"])
+
+
+SAMPLING = {  # drafter -> (version, draft vocab, chain k or tree)
+    "eagle3-chain-reduced": (3, 12, 2),
+    "eagle1-tree": (1, None, drafters.DynamicTree(nodes=6, depth=3, top_k=2)),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", list(SAMPLING))
+def test_sampling_matches_target(models, exact, name, mode):
+    """Chi-square tests of (t1, t2, t3) and (t2, t3, t4) against the exact target law (setup,
+    size and power as in test_tree_sampling.py: 8192 rows, alpha 1e-3)."""
+    target, _ = models
+    version, dv, shape = SAMPLING[name]
+    weights = random_eagle(target, version, seed=11, draft_vocab=dv)
+    d = (drafters.eagle(weights, k=shape) if isinstance(shape, int)
+         else drafters.eagle(weights, tree=shape))
+    toks, hist = _sample(target, d, MODES[mode], seed=2024 + len(name) + len(mode))
+    ex = exact[mode]
+    for cols, law in (((0, 1, 2), ex["joint123"]), ((1, 2, 3), ex["marg234"])):
+        fit = chi_square(cell_counts(toks, cols), law)
+        print(f"{name}/{mode} {cols}: {fit}, histogram {hist.tolist()}")
+        assert fit.impossible == 0
+        assert fit.pvalue > ALPHA, f"{name}/{mode}: differs from the target: {fit}"
+    # Both verification outcomes happen often, so p/q and the residual are exercised.
+    assert hist[0] >= 0.05 * hist.sum() and hist[1:].sum() >= 0.05 * hist.sum(), hist
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_bad_eagle_input(target, make_hf_model):
+    cfg, p = random_eagle(target, 3, draft_vocab=50)
+    with pytest.raises(ValueError, match="positive int"):
+        drafters.eagle((cfg, p), k=0)
+    with pytest.raises(TypeError, match="DynamicTree"):
+        drafters.eagle((cfg, p), tree=drafters.StaticTree([[0]]))
+    wide = specjax.model_from_hf(make_hf_model("llama", hidden_size=48, num_attention_heads=4,
+                                               num_key_value_heads=2, eos_token_id=None))
+    with pytest.raises(ValueError, match="hidden size 32 differs from the target's 48"):
+        specjax.generate(wide, [[1, 2, 3]], max_new_tokens=4, drafter=drafters.eagle((cfg, p)))
+    with pytest.raises(ValueError, match="neither a directory nor a bundled drafter"):
+        specjax.generate(target, [[1, 2, 3]], max_new_tokens=4,
+                         drafter=drafters.eagle("/no/such/dir"))
+    with pytest.raises(ValueError, match="EAGLE version"):
+        E.EagleConfig(version=2, layer=cfg.layer)
