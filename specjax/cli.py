@@ -7,6 +7,7 @@
     specjax bench                      AR vs drafters on Spec-Bench (JSON + Markdown + PNG)
     specjax bench-verify               cost of one verify forward of T tokens, causal vs tree mask
     specjax tune-tree                  pick the draft-tree size with the best measured tokens/s
+    specjax train-drafter              train an EAGLE / EAGLE-3 drafter for a target (optax)
 """
 from __future__ import annotations
 
@@ -25,15 +26,40 @@ DEMO_PROMPTS = [
 ]
 
 
+DRAFTER_NAMES = ("ngram[:BRANCHES]", "layer_skip[:LAYERS]", "layer_skip_tree[:LAYERS]",
+                 "model:PATH", "model_tree:PATH", "eagle3[:PATH]", "eagle3_tree[:PATH]",
+                 "eagle[:PATH]", "eagle_tree[:PATH]", "none")
+# The EAGLE tree shape used when none is given: measured best on the 2-core CPU for SmolLM2
+# (see README, `specjax tune-tree --drafter eagle3_tree`).
+EAGLE_TREE = dict(nodes=8, depth=4, top_k=3)
+
+
+def default_eagle(base: str, model) -> str:
+    """The bundled drafter of `model` for eagle / eagle3 names without a PATH."""
+    from specjax.drafters import BUNDLED_DRAFTERS
+
+    version = "eagle3" if base.startswith("eagle3") else "eagle"
+    name = f"{getattr(model, 'name', '')}-{version}"
+    if name not in BUNDLED_DRAFTERS:
+        raise SystemExit(f"no bundled {version} drafter for model {getattr(model, 'name', '?')!r} "
+                         f"(bundled: {sorted(BUNDLED_DRAFTERS)}); give one as "
+                         f"--drafter {base}:PATH or train one with `specjax train-drafter`")
+    return name
+
+
 def make_drafter(name: str, k, model=None):
-    """CLI drafter names: ngram[:BRANCHES], layer_skip[:N], layer_skip_tree[:N],
-    model:PATH_OR_NAME, model_tree:PATH_OR_NAME, none."""
+    """CLI drafter names (see DRAFTER_NAMES)."""
     from specjax import drafters, load_model
 
     if name in (None, "", "none", "ar"):
         return None
     base, _, arg = name.partition(":")
     tree = drafters.DynamicTree(nodes=k or 8) if base.endswith("_tree") else None
+    if base in ("eagle", "eagle_tree", "eagle3", "eagle3_tree"):
+        src = arg or default_eagle(base, model)
+        if tree is not None:
+            tree = drafters.DynamicTree(**dict(EAGLE_TREE, nodes=k or EAGLE_TREE["nodes"]))
+        return drafters.eagle(src, k=k or 4, tree=tree, name=arg or src)
     if base == "ngram":
         branches = int(arg) if arg else 1
         return drafters.ngram(k=k or (8 if branches == 1 else 4), branches=branches)
@@ -44,8 +70,7 @@ def make_drafter(name: str, k, model=None):
             raise SystemExit(f"--drafter {base}:PATH needs the draft model (name, HF dir, .gguf)")
         draft = load_model(arg, dtype=None if model is None else model.dtype)
         return drafters.small_model(draft, k=k or 5, tree=tree)
-    raise SystemExit(f"unknown drafter {name!r}; valid: ngram[:BRANCHES], layer_skip[:LAYERS], "
-                     f"layer_skip_tree[:LAYERS], model:PATH, model_tree:PATH, none")
+    raise SystemExit(f"unknown drafter {name!r}; valid: {', '.join(DRAFTER_NAMES)}")
 
 
 def _add_sampling(p):
@@ -238,9 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="smollm2-135m",
                    help="model name, HF checkpoint dir, .gguf file or converted dir")
     g.add_argument("--drafter", default="none",
-                   help="none | ngram[:BRANCHES] | layer_skip[:LAYERS] | layer_skip_tree[:LAYERS] "
-                        "| model:PATH | model_tree:PATH (speculative decoding; *_tree and "
-                        "ngram:B>1 draft trees)")
+                   help=" | ".join(DRAFTER_NAMES) + " (speculative decoding; *_tree and "
+                        "ngram:B>1 draft trees; eagle* without PATH: the model's bundled "
+                        "drafter)")
     g.add_argument("--k", type=int, default=None,
                    help="draft tokens per step (chain), tokens per branch (ngram:B), or tree "
                         "nodes (*_tree)")
@@ -295,7 +320,41 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--max-new-tokens", type=int, default=64)
     tt.add_argument("--repeats", type=int, default=1)
     tt.set_defaults(fn=cmd_tune_tree)
+
+    tr = sub.add_parser("train-drafter", help="train an EAGLE / EAGLE-3 drafter (optax, orbax)")
+    tr.add_argument("--target", default="smollm2-135m", help="target model (name or path)")
+    tr.add_argument("--kind", default=None, help="eagle3 | eagle (default: from --config)")
+    tr.add_argument("--out", required=True, help="run directory (resumed when it exists)")
+    tr.add_argument("--config", default="eagle3_smollm2",
+                    help="training config: a name in specjax/configs/train/ or a YAML path")
+    tr.add_argument("--steps", type=int, default=None)
+    tr.add_argument("--batch", type=int, default=None)
+    tr.add_argument("--lr", type=float, default=None)
+    tr.add_argument("--prompts", type=int, default=None, help="training prompts (self-distilled)")
+    tr.add_argument("--heldout", type=int, default=None, help="held-out prompts for tau")
+    tr.add_argument("--responses", default=None, help="self (regenerate) | given (teacher-forced)")
+    tr.add_argument("--dataset", default=None,
+                    help="existing dataset directory (default: OUT/data, built if missing)")
+    tr.set_defaults(fn=cmd_train_drafter)
     return p
+
+
+def cmd_train_drafter(a):
+    from specjax import load_model
+    from specjax.train import run_training
+
+    target = load_model(a.target)
+    overrides = dict(kind=a.kind, steps=a.steps, batch=a.batch, lr=a.lr)
+    data_over = dict(prompts=a.prompts, heldout=a.heldout, responses=a.responses)
+    ecfg, _, hist = run_training(target, a.config, a.out, dataset=a.dataset,
+                                 train_overrides=overrides, data_overrides=data_over)
+    last = [r for r in hist if "loss" in r][-1:]
+    taus = [r["tau"] for r in hist if "tau" in r]
+    print(f"trained EAGLE-{ecfg.version} drafter -> {os.path.join(a.out, 'drafter')}"
+          + (f"; final loss {last[0]['loss']:.3f}, acc {last[0]['acc']}" if last else "")
+          + (f"; held-out tau {taus[-1]:.2f}" if taus else ""))
+    print(f"use it: specjax generate --drafter eagle{'3' if ecfg.version == 3 else ''}_tree:"
+          f"{os.path.join(a.out, 'drafter')} \"...\"")
 
 
 def main(argv=None):

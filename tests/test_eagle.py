@@ -25,8 +25,8 @@ from specjax.verify import Accepted
 
 from conftest import RAGGED_PROMPTS
 from test_spec_sampling import (  # noqa: F401  (`models` is a pytest fixture)
-    ALPHA, MODES, N_ROWS, PROMPT, V, chi_square, models)
-from test_tree_sampling import cell_counts, exact  # noqa: F401  (a fixture)
+    ALPHA, MODES, N_ROWS, chi_square, models)
+from test_tree_sampling import NEW_TOKENS, PROMPT, cell_counts, exact  # noqa: F401  (a fixture)
 
 NEW = 20
 
@@ -144,7 +144,7 @@ def test_state_follows_cache_free_reference(target, version):
 # ------------------------------------------------------------------ sampling law
 
 def _sample(target, drafter, mode_kw, seed):
-    out = specjax.generate(target, [PROMPT] * N_ROWS, max_new_tokens=4, key=seed,
+    out = specjax.generate(target, [PROMPT] * N_ROWS, max_new_tokens=NEW_TOKENS, key=seed,
                            drafter=drafter, **mode_kw)
     return np.asarray(out.tokens), np.asarray(out.stats["acceptance_histogram"])
 

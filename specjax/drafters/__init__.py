@@ -19,9 +19,9 @@ from typing import Optional
 
 from specjax.drafters.lm import LMDrafterSpec, LMStaticTreeSpec, LMTreeSpec, layer_skip_params
 from specjax.drafters.ngram import NgramSpec
-# Importing the submodule binds `specjax.drafters.medusa` to it; the constructor `medusa` below
-# rebinds the name, and later imports of the submodule find it in sys.modules.
-from specjax.drafters.medusa import MedusaConfig, MedusaHeads, MedusaSpec, MedusaTreeSpec
+# Drafter modules whose constructor shares the drafter's name are named apart from it
+# (`feature` for `eagle`, `medusa_heads` for `medusa`): a submodule import would rebind the name.
+from specjax.drafters.medusa_heads import MedusaConfig, MedusaHeads, MedusaSpec, MedusaTreeSpec
 
 NAMES = ("ngram", "model", "layer_skip")
 
@@ -225,13 +225,13 @@ def jax_cast(params, dtype):
 
 
 def medusa(heads, k: Optional[int] = None, tree: Optional[StaticTree] = None) -> Drafter:
-    """Medusa-1 heads over the target's final hidden state (`specjax.drafters.medusa`).
+    """Medusa-1 heads over the target's final hidden state (module `specjax.drafters.medusa_heads`).
 
     `heads`: a `MedusaHeads` or a (MedusaConfig, params) pair. Drafts a chain of k tokens (head
     i drafts token i; default k = the number of heads), or Medusa's static tree when
     `tree=StaticTree(choices)` is given (depth at most the number of heads; k then unused).
     """
-    from specjax.drafters.medusa import bind_target, check_params
+    from specjax.drafters.medusa_heads import bind_target, check_params
 
     if isinstance(heads, MedusaHeads):
         heads = (heads.config, heads.params)

@@ -1,0 +1,75 @@
+"""EAGLE drafter training with optax (see `trainer` for the pipeline, `losses` for the
+objective, `data` for the self-distilled dataset). Entry point: `run_training`, or
+`specjax train-drafter` on the command line."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+from specjax.train import data
+from specjax.train.trainer import CheckpointError, TrainConfig, evaluate_tau, train
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    sources: tuple = data.SOURCES
+    prompts: int = 1024  # training prompts
+    heldout: int = 64  # held-out prompts (tau evaluation), disjoint from the training ones
+    responses: str = "self"  # self-distillation, or "given" answers
+    seq_len: int = 384
+    max_new_tokens: int = 256
+    gen_batch: int = 16
+    seed: int = 0
+
+
+def config_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    q = CONFIG_DIR / f"{name_or_path}.yaml"
+    if q.exists():
+        return q
+    names = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+    raise ValueError(f"training config {name_or_path!r} not found; give a YAML path or one of "
+                     f"{names}")
+
+
+def load_configs(name_or_path: str, train_overrides: Optional[dict] = None,
+                 data_overrides: Optional[dict] = None):
+    """-> (TrainConfig, DataConfig) from a YAML file (its `data:` section is the DataConfig)."""
+    import yaml
+
+    path = config_path(name_or_path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    d = dict(raw.get("data") or {})
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    bad = sorted(set(d) - known)
+    if bad:
+        raise ValueError(f"unknown data keys {bad} in {path}; valid: {sorted(known)}")
+    d.update({k: v for k, v in (data_overrides or {}).items() if v is not None})
+    if "sources" in d:
+        d["sources"] = tuple(d["sources"])
+    return TrainConfig.from_yaml(path, **(train_overrides or {})), DataConfig(**d)
+
+
+def run_training(target, config: str, out_dir, *, dataset=None, train_overrides=None,
+                 data_overrides=None, progress: bool = True):
+    """Build (or reuse) the dataset, then train; everything lands in out_dir."""
+    tc, dc = load_configs(config, train_overrides, data_overrides)
+    out = Path(out_dir)
+    prompts = data.load_prompts(dc.sources)
+    train_p, held = data.split_prompts(prompts, dc.prompts, dc.heldout, dc.seed)
+    ds = Path(dataset) if dataset else out / "data"
+    if dataset is None or not any(ds.glob("shard_*.npz")):
+        data.build_dataset(target, train_p, ds, seq_len=dc.seq_len, responses=dc.responses,
+                           max_new_tokens=dc.max_new_tokens, batch=dc.gen_batch,
+                           shard_rows=4 * dc.gen_batch, progress=progress)
+    return train(target, tc, ds, out, heldout_prompts=[p["prompt"] for p in held],
+                 progress=progress)
+
+
+__all__ = ["TrainConfig", "DataConfig", "train", "run_training", "load_configs",
+           "evaluate_tau", "CheckpointError", "data"]

@@ -1,0 +1,169 @@
+"""Drafter training data: prompts from ../shared/data/train (never the eval files), answered by
+the target itself (self-distillation, EAGLE's recipe) or by the given answers (teacher forcing).
+
+A dataset is a directory of `.npz` shards, each with `tokens` [n, S] int32 (chat-templated prompt
+then response, right-padded) and `loss_mask` [n, S] bool (True on response tokens). Shards are
+written as they are produced, so an interrupted run keeps what it finished and resumes after it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+SOURCES = ("gsm8k", "codealpaca")
+
+
+def default_data_dir() -> Path:
+    """../shared/data/train relative to the repository, or $SPECJAX_TRAIN_DATA."""
+    env = os.environ.get("SPECJAX_TRAIN_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "train"
+
+
+def load_prompts(sources: Sequence[str] = SOURCES, data_dir=None) -> list[dict]:
+    """-> [{"prompt": str, "answer": str, "source": str}] in file order, sources interleaved
+    (so any prefix mixes them)."""
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    bad = [s for s in sources if s not in SOURCES]
+    if bad:
+        raise ValueError(f"unknown training sources {bad}; valid: {list(SOURCES)}")
+    per = []
+    for s in sources:
+        if s == "gsm8k":
+            path = data_dir / "gsm8k_train.jsonl"
+            rows = [json.loads(line) for line in _read(path).splitlines() if line.strip()]
+            per.append([{"prompt": r["question"], "answer": r["answer"], "source": s}
+                        for r in rows])
+        else:
+            path = data_dir / "codealpaca.json"
+            rows = json.loads(_read(path))
+            per.append([{"prompt": r["instruction"] + (f"\n\n{r['input']}" if r.get("input")
+                                                        else ""),
+                         "answer": r.get("output") or r.get("response", ""), "source": s}
+                        for r in rows])
+    out = []
+    for i in range(max(map(len, per))):
+        out.extend(rows[i] for rows in per if i < len(rows))
+    return out
+
+
+def _read(path: Path) -> str:
+    if not path.exists():
+        raise FileNotFoundError(f"training data file {path} not found (set SPECJAX_TRAIN_DATA to "
+                                f"the directory holding gsm8k_train.jsonl and codealpaca.json)")
+    return path.read_text()
+
+
+def split_prompts(prompts: list, n_train: int, n_heldout: int, seed: int = 0):
+    """A fixed shuffle, then the first n_train for training and the next n_heldout held out."""
+    if n_train + n_heldout > len(prompts):
+        raise ValueError(f"asked for {n_train} + {n_heldout} prompts, only {len(prompts)} exist")
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    pick = [prompts[i] for i in order[:n_train + n_heldout]]
+    return pick[:n_train], pick[n_train:]
+
+
+def _pack(rows: list, seq_len: int):
+    """rows: [(prompt ids, response ids)] -> tokens [n, S], loss_mask [n, S] (truncated)."""
+    tokens = np.zeros((len(rows), seq_len), np.int32)
+    mask = np.zeros((len(rows), seq_len), bool)
+    for i, (p, r) in enumerate(rows):
+        ids = (list(p) + list(r))[:seq_len]
+        tokens[i, :len(ids)] = ids
+        mask[i, len(p):len(ids)] = True
+    return tokens, mask
+
+
+def build_dataset(model, prompts: list, out_dir, *, seq_len: int = 384, responses: str = "self",
+                  max_new_tokens: int = 256, batch: int = 16, shard_rows: int = 64,
+                  progress: bool = True) -> Path:
+    """Write `prompts` as a dataset of shards under out_dir (resuming after existing shards).
+
+    responses="self": the target answers each prompt greedily (self-distillation);
+    "given": the dataset's own answers, teacher-forced. Prompts longer than seq_len - 16
+    tokens are skipped (they would leave nothing to learn)."""
+    from tqdm.auto import tqdm
+
+    if responses not in ("self", "given"):
+        raise ValueError(f"responses must be 'self' or 'given', got {responses!r}")
+    if shard_rows % batch:
+        raise ValueError(f"shard_rows ({shard_rows}) must be a multiple of batch ({batch})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    encoded = [model.encode(p["prompt"]) for p in prompts]
+    keep = [i for i, ids in enumerate(encoded) if len(ids) <= seq_len - 16]
+    n_shards = -(-len(keep) // shard_rows)
+    bar = tqdm(total=len(keep), desc=f"dataset ({responses} responses)", disable=not progress)
+    for s in range(n_shards):
+        path = out / f"shard_{s:05d}.npz"
+        idx = keep[s * shard_rows:(s + 1) * shard_rows]
+        if path.exists():
+            bar.update(len(idx))
+            continue
+        rows = []
+        for b in range(0, len(idx), batch):
+            chunk = idx[b:b + batch]
+            if responses == "self":
+                room = min(max_new_tokens, seq_len - max(len(encoded[i]) for i in chunk))
+                res = model_generate(model, [encoded[i] for i in chunk], room)
+            else:
+                res = [model.tokenizer.encode(prompts[i]["answer"], add_special_tokens=False)
+                       for i in chunk]
+            rows.extend((encoded[i], r) for i, r in zip(chunk, res))
+            bar.update(len(chunk))
+        tokens, mask = _pack(rows, seq_len)
+        np.savez(str(path) + ".tmp.npz", tokens=tokens, loss_mask=mask)
+        os.replace(str(path) + ".tmp.npz", path)  # a shard is complete or absent
+    bar.close()
+    meta = {"rows": len(keep), "seq_len": seq_len, "responses": responses, "model": model.name}
+    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def model_generate(model, rows: list, max_new_tokens: int) -> list:
+    """Greedy responses of the target (token ids, EOS included when hit)."""
+    from specjax.generate import generate
+
+    return generate(model, rows, max_new_tokens=max_new_tokens, chat=False).tokens
+
+
+def read_dataset(path) -> tuple[np.ndarray, np.ndarray]:
+    """All shards -> (tokens [N, S], loss_mask [N, S])."""
+    shards = sorted(Path(path).glob("shard_*.npz"))
+    if not shards:
+        raise FileNotFoundError(f"no dataset shards (shard_*.npz) in {path}")
+    parts = [np.load(s) for s in shards]
+    return (np.concatenate([p["tokens"] for p in parts]),
+            np.concatenate([p["loss_mask"] for p in parts]))
+
+
+def iterate_batches(n_rows: int, batch: int, seed: int, start_step: int = 0) -> Iterator:
+    """Row indices per step: epochs of fixed-seed permutations. Step i's batch depends only on
+    (seed, i), so a run resumed at step i sees exactly the batches it would have seen."""
+    if n_rows < batch:
+        raise ValueError(f"the dataset has {n_rows} rows, fewer than one batch of {batch}")
+    per_epoch = n_rows // batch
+    step = start_step
+    while True:
+        epoch, i = divmod(step, per_epoch)
+        perm = np.random.default_rng([seed, epoch]).permutation(n_rows)
+        yield step, perm[i * batch:(i + 1) * batch]
+        step += 1
+
+
+def draft_vocab(tokens: np.ndarray, mask: np.ndarray, size: int, vocab: int,
+                always: Optional[Sequence[int]] = None) -> np.ndarray:
+    """EAGLE-3's reduced draft vocabulary: the `size` most frequent response tokens (ties by id)
+    plus `always` (e.g. EOS), as sorted target ids."""
+    if not 0 < size <= vocab:
+        raise ValueError(f"draft vocabulary size must be in 1..{vocab}, got {size}")
+    counts = np.bincount(tokens[mask], minlength=vocab).astype(np.int64)
+    forced = [int(t) for t in (always or ()) if 0 <= int(t) < vocab]
+    counts[forced] = counts.max() + 1
+    top = np.argsort(-counts, kind="stable")[:size]
+    return np.sort(top).astype(np.int32)

@@ -1,0 +1,403 @@
+"""Train an EAGLE-1 or EAGLE-3 drafter for a target with optax; orbax checkpoints that resume
+exactly.
+
+Pipeline (each stage resumable, each with a progress bar):
+  1. a dataset of token rows (`specjax.train.data.build_dataset`: self-distilled or given answers);
+  2. the target's features over every row, computed once and cached to disk as memory-mapped
+     `.npy` shards (`cache_features`), so training reads batches with bounded memory and never
+     runs the 30-layer target again;
+  3. AdamW with linear warmup + cosine decay and global-norm clipping, one jitted train step;
+     the batch of step i depends only on (seed, i), so a run restored from the checkpoint of step
+     i continues with exactly the losses an uninterrupted run would have produced;
+  4. periodic tau on held-out prompts (`generate` with the drafter), then an export in the HF
+     EAGLE format that `specjax.drafters.eagle(DIR)`, vLLM and SGLang can load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax.drafters import feature as F
+from specjax.models.llama import Hiddens, forward_hidden, lm_head
+from specjax.models.cache import init_cache
+from specjax.train import data as data_lib
+from specjax.train.losses import eagle_loss
+
+KINDS = {"eagle": 1, "eagle3": 3}
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    kind: str = "eagle3"  # eagle (EAGLE-1/2) | eagle3
+    steps: int = 2000
+    batch: int = 8
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    clip: float = 1.0  # global-norm gradient clipping
+    ttt_steps: int = 3  # training-time test steps (1: plain teacher forcing)
+    ttt_decay: float = 0.8
+    draft_vocab: int = 8192  # eagle3: the most frequent response tokens
+    intermediate_size: Optional[int] = None  # the drafter's MLP width (default: the target's)
+    dtype: str = "float32"  # compute dtype of the step (optimizer state stays float32)
+    feature_dtype: str = "float16"  # of the on-disk feature cache
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 200
+    eval_every: int = 0  # tau on held-out prompts every N steps (0: at the end only)
+    eval_prompts: int = 16
+    eval_new_tokens: int = 64
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown drafter kind {self.kind!r}; valid: {sorted(KINDS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("steps", "batch", "ttt_steps", "log_every", "save_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+
+    @property
+    def version(self) -> int:
+        return KINDS[self.kind]
+
+    @classmethod
+    def from_yaml(cls, path, **overrides) -> "TrainConfig":
+        import yaml
+
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(raw) - known - {"data"})
+        if extra:
+            raise ValueError(f"unknown keys {extra} in {path}; valid: {sorted(known)}")
+        raw = {k: v for k, v in raw.items() if k in known}
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**raw)
+
+
+# ----------------------------------------------------------------------------- features
+
+def _feature_fn(target, layers: tuple):
+    cfg = target.config
+
+    @jax.jit
+    def run(params, tokens):
+        B, S = tokens.shape
+        pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        cache = init_cache(cfg, B, S, params["embed"].dtype, per_layer=isinstance(
+            params["layers"], (list, tuple)))
+        hid, _ = forward_hidden(params, cfg, tokens, pos, cache, hidden_layers=layers)
+        return hid.last, hid.layers
+
+    return run
+
+
+def cache_features(target, dataset_dir, out_dir, layers: tuple, *, batch: int = 8,
+                   dtype: str = "float16", progress: bool = True) -> Path:
+    """The target's final hidden state (and `layers`) over every dataset row, one `.npy` pair
+    per dataset shard (`last` [n, S, D], `layers` [n, len(layers), S, D]). Existing shards are
+    kept, so an interrupted run resumes; memory holds one shard at a time."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"layers": list(layers), "dtype": dtype, "model": target.name}
+    mfile = out / "features.json"
+    if mfile.exists() and json.loads(mfile.read_text()) != meta:
+        raise ValueError(f"feature cache {out} was written for {mfile.read_text()}, not {meta}: "
+                         f"use another directory")
+    mfile.write_text(json.dumps(meta))
+    run = _feature_fn(target, tuple(layers))
+    shards = sorted(Path(dataset_dir).glob("shard_*.npz"))
+    rows = sum(np.load(s)["tokens"].shape[0] for s in shards)
+    bar = tqdm(total=rows, desc="target features", disable=not progress, unit="row")
+    for s in shards:
+        toks = np.load(s)["tokens"]
+        stem = out / s.stem
+        if Path(f"{stem}.last.npy").exists() and Path(f"{stem}.layers.npy").exists():
+            bar.update(len(toks))
+            continue
+        lasts, lays = [], []
+        for b in range(0, len(toks), batch):
+            chunk = toks[b:b + batch]
+            pad = batch - len(chunk)  # one compiled shape
+            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+            last, lay = run(target.params, jnp.asarray(chunk))
+            lasts.append(np.asarray(last[:batch - pad], dtype))
+            lay = np.zeros((batch, 0) + last.shape[1:], dtype) if lay is None else \
+                np.asarray(jnp.swapaxes(lay, 0, 1), dtype)
+            lays.append(lay[:batch - pad])
+            bar.update(batch - pad)
+        for name, arr in (("last", lasts), ("layers", lays)):
+            tmp = f"{stem}.{name}.tmp.npy"
+            np.save(tmp, np.concatenate(arr))
+            Path(tmp).rename(f"{stem}.{name}.npy")
+    bar.close()
+    return out
+
+
+class FeatureStore:
+    """Rows of a dataset with their cached features, memory-mapped (bounded memory)."""
+
+    def __init__(self, dataset_dir, features_dir):
+        shards = sorted(Path(dataset_dir).glob("shard_*.npz"))
+        if not shards:
+            raise FileNotFoundError(f"no dataset shards (shard_*.npz) in {dataset_dir}")
+        self.tokens, self.mask, self.last, self.layers = [], [], [], []
+        for s in shards:
+            z = np.load(s)
+            stem = Path(features_dir) / s.stem
+            if not Path(f"{stem}.last.npy").exists():
+                raise FileNotFoundError(f"features of {s.name} missing in {features_dir}: run "
+                                        f"cache_features first")
+            self.tokens.append(z["tokens"])
+            self.mask.append(z["loss_mask"])
+            self.last.append(np.load(f"{stem}.last.npy", mmap_mode="r"))
+            self.layers.append(np.load(f"{stem}.layers.npy", mmap_mode="r"))
+        sizes = [len(t) for t in self.tokens]
+        self.offsets = np.cumsum([0] + sizes)
+        self.rows = int(self.offsets[-1])
+
+    def batch(self, idx: np.ndarray):
+        """-> numpy (tokens [B, S], mask [B, S], last [B, S, D], layers [n, B, S, D])."""
+        parts = []
+        for i in idx:
+            s = int(np.searchsorted(self.offsets, i, side="right") - 1)
+            r = int(i - self.offsets[s])
+            parts.append((self.tokens[s][r], self.mask[s][r], self.last[s][r],
+                          self.layers[s][r]))
+        t, m, la, ly = (np.stack(x) for x in zip(*parts))
+        return t, m, la, np.swapaxes(ly, 0, 1)
+
+
+# ----------------------------------------------------------------------------- the step
+
+def make_optimizer(cfg: TrainConfig):
+    import optax
+
+    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup, cfg.steps - 1) or 1,
+                                               cfg.steps, end_value=cfg.lr * 0.05)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip),
+                       optax.adamw(sched, weight_decay=cfg.weight_decay)), sched
+
+
+def make_train_step(tc: TrainConfig, ecfg: F.EagleConfig, target, optimizer):
+    tcfg = target.config
+    compute = jnp.dtype(tc.dtype)
+
+    def loss_fn(params, shared, tokens, mask, last, layers):
+        p = jax.tree.map(lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating)
+                         else x, dict(params, target=shared))
+        hid = Hiddens(last=last[:, :-1].astype(compute),
+                      layers=None if ecfg.version == 1 else layers[:, :, :-1].astype(compute))
+        # The target's next-token logits at positions 1..S-1 (version 3: on the draft vocab).
+        h1 = last[:, 1:].astype(jnp.float32)
+        if ecfg.version == 1:
+            tl = lm_head(jax.tree.map(lambda x: x.astype(jnp.float32), shared), tcfg, h1)
+        else:
+            head = shared["embed"].T if tcfg.tie_word_embeddings else shared["lm_head"]
+            tl = h1 @ head[:, params["d2t"]].astype(jnp.float32)
+        loss, metrics = eagle_loss(ecfg, p, tcfg, hid, tl, tokens, mask, steps=tc.ttt_steps,
+                                   decay=tc.ttt_decay)
+        return loss.astype(jnp.float32), metrics
+
+    @jax.jit
+    def step(params, opt_state, shared, tokens, mask, last, layers):
+        trainable = {k: v for k, v in params.items() if k != "d2t"}
+        fixed = {k: v for k, v in params.items() if k == "d2t"}
+        (loss, metrics), grads = jax.value_and_grad(
+            lambda tr: loss_fn(dict(tr, **fixed), shared, tokens, mask, last, layers),
+            has_aux=True)(trainable)
+        import optax
+
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return dict(trainable, **fixed), opt_state, loss, metrics
+
+    return step
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _manager(ckpt_dir: Path, keep: int = 2):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(ckpt_dir.absolute(), options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True))
+
+
+def _save(mgr, step: int, params, opt_state):
+    import orbax.checkpoint as ocp
+
+    mgr.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+    mgr.wait_until_finished()
+
+
+def _restore(mgr, step: int, params, opt_state, ckpt_dir):
+    import orbax.checkpoint as ocp
+
+    like = {"params": params, "opt_state": opt_state}
+    try:
+        got = mgr.restore(step, args=ocp.args.StandardRestore(like))
+    except Exception as e:  # orbax raises many types for unreadable or mismatched trees
+        raise CheckpointError(f"cannot restore the checkpoint of step {step} in {ckpt_dir}: "
+                              f"{type(e).__name__}: {str(e)[:300]}") from e
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(like)[0],
+                            jax.tree.leaves(got)):
+        if np.shape(a) != np.shape(b):
+            raise CheckpointError(f"checkpoint {ckpt_dir} step {step}: "
+                                  f"{jax.tree_util.keystr(path)} has shape {np.shape(b)}, this run "
+                                  f"expects {np.shape(a)}")
+    return got["params"], got["opt_state"]
+
+
+def _check_run_config(out: Path, record: dict):
+    """A run directory belongs to one configuration: refuse to resume another one into it."""
+    f = out / "run.json"
+    record = json.loads(json.dumps(record))  # tuples -> lists, as the saved file has them
+    if f.exists():
+        old = json.loads(f.read_text())
+        diff = {k: (old.get(k), record.get(k)) for k in set(old) | set(record)
+                if old.get(k) != record.get(k)}
+        if diff:
+            raise CheckpointError(f"{out} holds a run with a different configuration; differing "
+                                  f"(saved, requested): {diff}. Use a new --out directory.")
+    else:
+        f.write_text(json.dumps(record, indent=1, sort_keys=True))
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(target, tc: TrainConfig, dataset_dir, out_dir, *, heldout_prompts=(),
+          progress: bool = True, stop_after: Optional[int] = None, log=print):
+    """Train (or resume) a drafter -> (EagleConfig, params, history list of dicts).
+
+    `stop_after`: stop once this many steps are done in total (to simulate an interruption;
+    the schedule still spans `tc.steps`). The drafter is exported to out_dir/drafter in the HF
+    EAGLE format when training completes."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens_all, mask_all = data_lib.read_dataset(dataset_dir)
+    ecfg = _eagle_config(target, tc, tokens_all, mask_all, out)
+    _check_run_config(out, {"train": dataclasses.asdict(tc), "eagle": ecfg.to_dict(),
+                            "target": target.name, "dataset": str(Path(dataset_dir).absolute()),
+                            "rows": int(tokens_all.shape[0])})
+    feat_dir = cache_features(target, dataset_dir, out / "features", ecfg.feature_layers,
+                              dtype=tc.feature_dtype, progress=progress)
+    store = FeatureStore(dataset_dir, feat_dir)
+    d2t = np.load(out / "d2t.npy") if ecfg.version == 3 else None
+    params = F.init_params(ecfg, jax.random.key(tc.seed), jnp.float32, d2t=d2t)
+    optimizer, sched = make_optimizer(tc)
+    opt_state = optimizer.init({k: v for k, v in params.items() if k != "d2t"})
+    mgr = _manager(out / "checkpoints")
+    start = 0
+    if mgr.latest_step() is not None:
+        start = int(mgr.latest_step())
+        params, opt_state = _restore(mgr, start, params, opt_state, out / "checkpoints")
+        log(f"resumed from step {start} ({out / 'checkpoints'})")
+    history = _read_history(out, start)
+    shared = {k: target.params[k] for k in ("embed", "lm_head") if k in target.params}
+    step_fn = make_train_step(tc, ecfg, target, optimizer)
+    end = tc.steps if stop_after is None else min(tc.steps, stop_after)
+    bar = tqdm(total=tc.steps, initial=start, desc=f"train {tc.kind}", disable=not progress)
+    t0, seen = time.perf_counter(), 0
+    batches = data_lib.iterate_batches(store.rows, tc.batch, tc.seed, start)
+    for step, idx in batches:
+        if step >= end:
+            break
+        t, m, la, ly = store.batch(idx)
+        params, opt_state, loss, metrics = step_fn(params, opt_state, shared, jnp.asarray(t),
+                                                   jnp.asarray(m), jnp.asarray(la),
+                                                   jnp.asarray(ly))
+        seen += int(m.sum())
+        done = step + 1
+        if done % tc.log_every == 0 or done == end:
+            acc = np.asarray(metrics["acc"]).round(3).tolist()
+            rec = {"step": done, "loss": float(loss), "acc": acc,
+                   "ce": np.asarray(metrics["ce"]).round(4).tolist(), "lr": float(sched(step)),
+                   "tok_per_s": seen / (time.perf_counter() - t0)}
+            history.append(rec)
+            _append_history(out, rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=acc, tok_s=f"{rec['tok_per_s']:.0f}")
+        if tc.eval_every and done % tc.eval_every == 0 and heldout_prompts:
+            _log_tau(target, ecfg, params, heldout_prompts, tc, done, out, history, log)
+        if done % tc.save_every == 0 or done == end:
+            _save(mgr, done, params, opt_state)
+        bar.update(1)
+    bar.close()
+    if end == tc.steps:
+        if heldout_prompts and (not tc.eval_every or tc.steps % tc.eval_every):
+            _log_tau(target, ecfg, params, heldout_prompts, tc, tc.steps, out, history, log)
+        from checkpoints_convert.eagle_hf import save_eagle_hf
+
+        save_eagle_hf(out / "drafter", ecfg, jax.device_get(params), target.config)
+    return ecfg, params, history
+
+
+def _eagle_config(target, tc: TrainConfig, tokens, mask, out: Path) -> F.EagleConfig:
+    if tc.version == 1:
+        return F.make_config(target.config, 1, intermediate_size=tc.intermediate_size)
+    vocab = target.config.vocab_size
+    f = out / "d2t.npy"
+    if not f.exists():  # fixed once per run: a resumed run must keep the same head
+        np.save(f, data_lib.draft_vocab(tokens, mask, min(tc.draft_vocab, vocab), vocab,
+                                        always=target.eos_token_ids))
+    size = int(np.load(f).shape[0])
+    return F.make_config(target.config, 3, intermediate_size=tc.intermediate_size,
+                         draft_vocab=size)
+
+
+def _read_history(out: Path, upto: int) -> list:
+    f = out / "history.jsonl"
+    if not f.exists():
+        return []
+    recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    keep = [r for r in recs if r["step"] <= upto]
+    f.write_text("".join(json.dumps(r) + "\n" for r in keep))  # drop steps after the checkpoint
+    return keep
+
+
+def _append_history(out: Path, rec: dict):
+    with open(out / "history.jsonl", "a") as fh:
+        fh.write(json.dumps(rec) + "\n")
+
+
+def evaluate_tau(target, ecfg, params, prompts, *, new_tokens: int = 64, tree=None):
+    """Greedy tau and tokens/s of the drafter on `prompts` (batch 1 each, as Spec-Bench)."""
+    from specjax import drafters
+    from specjax.generate import generate
+
+    d = drafters.eagle((ecfg, params), tree=tree or drafters.DynamicTree(nodes=8, depth=4,
+                                                                         top_k=3))
+    fwd = emitted = 0
+    for p in prompts:
+        o = generate(target, [p], max_new_tokens=new_tokens, drafter=d)
+        fwd += sum(o.stats["target_forwards"]) - 1
+        emitted += o.lengths[0] - 1
+    return emitted / max(fwd, 1)
+
+
+def _log_tau(target, ecfg, params, prompts, tc, step, out, history, log):
+    tau = evaluate_tau(target, ecfg, jax.device_get(params), prompts[:tc.eval_prompts],
+                       new_tokens=tc.eval_new_tokens)
+    rec = {"step": step, "tau": tau}
+    history.append(rec)
+    _append_history(out, rec)
+    log(f"step {step}: held-out tau {tau:.2f}")
