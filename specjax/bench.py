@@ -20,14 +20,23 @@ import numpy as np
 DATA_ENV = "SPECJAX_DATA"
 
 
-def default_questions() -> str:
-    """The Spec-Bench file: $SPECJAX_DATA/eval/spec_bench.jsonl, else ../shared/data/eval/."""
+def data_file(sub: str) -> Optional[str]:
+    """$SPECJAX_DATA/SUB, else ../shared/data/SUB (from the working directory or from the
+    repository); None when absent."""
     roots = [os.environ.get(DATA_ENV, ""), os.path.join(os.getcwd(), "..", "shared", "data"),
              os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")]
     for root in roots:
-        path = os.path.join(root, "eval", "spec_bench.jsonl")
-        if root and os.path.isfile(path):
+        path = os.path.join(root, sub)
+        if root and os.path.exists(path):
             return os.path.abspath(path)
+    return None
+
+
+def default_questions() -> str:
+    """The Spec-Bench file: $SPECJAX_DATA/eval/spec_bench.jsonl, else ../shared/data/eval/."""
+    path = data_file(os.path.join("eval", "spec_bench.jsonl"))
+    if path:
+        return path
     raise FileNotFoundError("Spec-Bench questions not found: pass --questions FILE or set "
                             f"${DATA_ENV} to the data folder (holding eval/spec_bench.jsonl)")
 

@@ -48,11 +48,18 @@ def default_eagle(base: str, model) -> str:
 
 
 def make_drafter(name: str, k, model=None):
-    """CLI drafter names (see DRAFTER_NAMES)."""
+    """CLI drafter names (see DRAFTER_NAMES). A suffix `@K` sets this drafter's draft length
+    or tree size, overriding `k` (e.g. `eagle3@8` vs `eagle3_tree@8` compares a chain and a
+    tree of 8 draft tokens)."""
     from specjax import drafters, load_model
 
     if name in (None, "", "none", "ar"):
         return None
+    name, at, k_own = name.partition("@")
+    if at:
+        if not k_own.isdigit() or int(k_own) <= 0:
+            raise SystemExit(f"bad draft size in {name}@{k_own}: use NAME@K with K a positive int")
+        k = int(k_own)
     base, _, arg = name.partition(":")
     tree = drafters.DynamicTree(nodes=k or 8) if base.endswith("_tree") else None
     if base in ("eagle", "eagle_tree", "eagle3", "eagle3_tree"):
@@ -120,8 +127,12 @@ def cmd_demo(a):
     from specjax import load_model
     from specjax.generate import generate
 
+    from specjax.drafters import BUNDLED_DRAFTERS
+
     print(f"loading {a.model} ...", flush=True)
     model = load_model(a.model)
+    if a.drafter is None:
+        a.drafter = "eagle3_tree" if f"{model.name}-eagle3" in BUNDLED_DRAFTERS else "ngram"
     drafter = make_drafter(a.drafter, None, model)
     # Compile every prompt's shape bucket first, so the printed speeds exclude compilation.
     for prompt in DEMO_PROMPTS:
@@ -281,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="load the default model, answer a few prompts, print tok/s")
     d.add_argument("--model", default="smollm2-135m")
-    d.add_argument("--drafter", default="ngram")
+    d.add_argument("--drafter", default=None,
+                   help="default: the model's bundled EAGLE-3 drafter (dynamic tree) when it "
+                        "has one, else ngram")
     d.add_argument("--max-new-tokens", type=int, default=96)
     d.set_defaults(fn=cmd_demo)
 

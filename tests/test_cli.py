@@ -78,3 +78,32 @@ def test_cli_errors(tiny_dir):
         cli.main(["generate", "--model", "not-a-model", "hi"])
     with pytest.raises(ValueError, match="max_new_tokens"):
         cli.main(["generate", "--model", tiny_dir, "hi", "--max-new-tokens", "0"])
+
+
+def test_train_drafter_then_generate_with_it(tiny_dir, tmp_path, monkeypatch, capsys):
+    from test_train import write_train_data
+
+    monkeypatch.setenv("SPECJAX_DATA", str(write_train_data(tmp_path / "data")))
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("kind: eagle3\nsteps: 4\nbatch: 4\nwarmup: 1\nlog_every: 2\nsave_every: 2\n"
+                   "draft_vocab: 64\neval_every: 4\neval_prompts: 2\neval_new_tokens: 8\n"
+                   "data:\n  prompts: 8\n  given_prompts: 4\n  heldout: 2\n  seq_len: 48\n"
+                   "  max_new_tokens: 16\n  gen_batch: 4\n")
+    out = tmp_path / "run"
+    cli.main(["train-drafter", "--target", tiny_dir, "--out", str(out), "--config", str(cfg)])
+    said = capsys.readouterr().out
+    assert "trained EAGLE-3 drafter" in said and "held-out tau" in said
+    shards = sorted(p.name for p in (out / "data").glob("shard_*.npz"))
+    assert shards == ["shard_given_00000.npz", "shard_self_00000.npz"]
+    hist = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in hist if "loss" in r] == [2, 4]
+    args = ["generate", "--model", tiny_dir, "the cat sat", "--max-new-tokens", "12"]
+    cli.main(args)
+    plain = capsys.readouterr().out
+    for name in ("eagle3", "eagle3_tree"):
+        cli.main(args + ["--drafter", f"{name}:{out / 'drafter'}"])
+        assert capsys.readouterr().out == plain
+    with pytest.raises(SystemExit, match="no bundled eagle3 drafter"):
+        cli.main(args + ["--drafter", "eagle3"])
+    with pytest.raises(ValueError, match="not found; give a YAML path or one of"):
+        cli.main(["train-drafter", "--target", tiny_dir, "--out", str(out), "--config", "nope"])

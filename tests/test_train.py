@@ -138,10 +138,30 @@ def test_data_helpers(tmp_path):
         trainer.TrainConfig(steps=0)
 
 
-def test_shipped_prompts_interleave_sources():
+def write_train_data(root, n_gsm=30, n_code=20):
+    """Files in the format of ../shared/data/train (tests must not depend on that folder)."""
+    d = root / "train"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "gsm8k_train.jsonl").write_text("".join(
+        json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = <<{i}+{i}={2 * i}>>"
+                    f"{2 * i}\n#### {2 * i}"}) + "\n" for i in range(n_gsm)))
+    (d / "codealpaca.json").write_text(json.dumps([
+        {"instruction": f"Write a function returning {i}.", "input": "" if i % 2 else f"n={i}",
+         "output": f"def f():\n    return {i}"} for i in range(n_code)]))
+    return root
+
+
+def test_prompts_interleave_sources(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECJAX_DATA", str(write_train_data(tmp_path)))
     prompts = data.load_prompts()
-    assert len(prompts) == 7473 + 4535
+    assert len(prompts) == 50
     assert [p["source"] for p in prompts[:4]] == ["gsm8k", "codealpaca"] * 2
-    train, held = data.split_prompts(prompts, 100, 10)
-    assert len(train) == 100 and len(held) == 10
+    assert prompts[3]["prompt"] == "Write a function returning 1."
+    assert prompts[1]["prompt"] == "Write a function returning 0.\n\nn=0"
+    train, held = data.split_prompts(prompts, 30, 10)
+    assert len(train) == 30 and len(held) == 10
     assert not {p["prompt"] for p in train} & {p["prompt"] for p in held}
+    with pytest.raises(ValueError, match="only 50 exist"):
+        data.split_prompts(prompts, 45, 10)
+    with pytest.raises(FileNotFoundError, match="gsm8k_train.jsonl not found.*SPECJAX_DATA"):
+        data.load_prompts(data_dir=tmp_path / "nowhere")

@@ -19,6 +19,10 @@ class DataConfig:
     prompts: int = 1024  # training prompts
     heldout: int = 64  # held-out prompts (tau evaluation), disjoint from the training ones
     responses: str = "self"  # self-distillation, or "given" answers
+    # Further prompts (after the training and held-out ones in the shuffle) trained on with
+    # their given answers, teacher-forced: cheap extra data (no generation), still labelled by
+    # the target's own distributions.
+    given_prompts: int = 0
     seq_len: int = 384
     max_new_tokens: int = 256
     gen_batch: int = 16
@@ -61,12 +65,18 @@ def run_training(target, config: str, out_dir, *, dataset=None, train_overrides=
     tc, dc = load_configs(config, train_overrides, data_overrides)
     out = Path(out_dir)
     prompts = data.load_prompts(dc.sources)
-    train_p, held = data.split_prompts(prompts, dc.prompts, dc.heldout, dc.seed)
+    train_p, rest = data.split_prompts(prompts, dc.prompts, dc.heldout + dc.given_prompts,
+                                       dc.seed)
+    held, extra = rest[:dc.heldout], rest[dc.heldout:]
     ds = Path(dataset) if dataset else out / "data"
-    if dataset is None or not any(ds.glob("shard_*.npz")):
+    if dataset is None:  # build_dataset resumes after the shards that already exist
         data.build_dataset(target, train_p, ds, seq_len=dc.seq_len, responses=dc.responses,
                            max_new_tokens=dc.max_new_tokens, batch=dc.gen_batch,
                            shard_rows=4 * dc.gen_batch, progress=progress)
+        if extra:
+            data.build_dataset(target, extra, ds, seq_len=dc.seq_len, responses="given",
+                               batch=dc.gen_batch, shard_rows=4 * dc.gen_batch,
+                               progress=progress)
     return train(target, tc, ds, out, heldout_prompts=[p["prompt"] for p in held],
                  progress=progress)
 

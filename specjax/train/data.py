@@ -18,11 +18,14 @@ SOURCES = ("gsm8k", "codealpaca")
 
 
 def default_data_dir() -> Path:
-    """../shared/data/train relative to the repository, or $SPECJAX_TRAIN_DATA."""
-    env = os.environ.get("SPECJAX_TRAIN_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "train"
+    """$SPECJAX_DATA/train, else ../shared/data/train (see `specjax.bench.data_file`)."""
+    from specjax.bench import DATA_ENV, data_file
+
+    found = data_file("train")
+    if found is None:
+        raise FileNotFoundError(f"training prompts not found: set ${DATA_ENV} to the data folder "
+                                f"holding train/gsm8k_train.jsonl and train/codealpaca.json")
+    return Path(found)
 
 
 def load_prompts(sources: Sequence[str] = SOURCES, data_dir=None) -> list[dict]:
@@ -54,8 +57,8 @@ def load_prompts(sources: Sequence[str] = SOURCES, data_dir=None) -> list[dict]:
 
 def _read(path: Path) -> str:
     if not path.exists():
-        raise FileNotFoundError(f"training data file {path} not found (set SPECJAX_TRAIN_DATA to "
-                                f"the directory holding gsm8k_train.jsonl and codealpaca.json)")
+        raise FileNotFoundError(f"training data file {path} not found (set SPECJAX_DATA to the "
+                                f"folder holding train/gsm8k_train.jsonl, train/codealpaca.json)")
     return path.read_text()
 
 
@@ -85,7 +88,8 @@ def build_dataset(model, prompts: list, out_dir, *, seq_len: int = 384, response
     """Write `prompts` as a dataset of shards under out_dir (resuming after existing shards).
 
     responses="self": the target answers each prompt greedily (self-distillation);
-    "given": the dataset's own answers, teacher-forced. Prompts longer than seq_len - 16
+    "given": the dataset's own answers, teacher-forced. Both kinds may share one directory
+    (shards are named by kind) as long as they use the same seq_len. Prompts longer than seq_len - 16
     tokens are skipped (they would leave nothing to learn)."""
     from tqdm.auto import tqdm
 
@@ -100,7 +104,7 @@ def build_dataset(model, prompts: list, out_dir, *, seq_len: int = 384, response
     n_shards = -(-len(keep) // shard_rows)
     bar = tqdm(total=len(keep), desc=f"dataset ({responses} responses)", disable=not progress)
     for s in range(n_shards):
-        path = out / f"shard_{s:05d}.npz"
+        path = out / f"shard_{responses}_{s:05d}.npz"
         idx = keep[s * shard_rows:(s + 1) * shard_rows]
         if path.exists():
             bar.update(len(idx))
@@ -117,11 +121,12 @@ def build_dataset(model, prompts: list, out_dir, *, seq_len: int = 384, response
             rows.extend((encoded[i], r) for i, r in zip(chunk, res))
             bar.update(len(chunk))
         tokens, mask = _pack(rows, seq_len)
-        np.savez(str(path) + ".tmp.npz", tokens=tokens, loss_mask=mask)
-        os.replace(str(path) + ".tmp.npz", path)  # a shard is complete or absent
+        tmp = out / f"partial_{path.name}"  # outside the shard_*.npz pattern
+        np.savez(tmp, tokens=tokens, loss_mask=mask)
+        os.replace(tmp, path)  # a shard is complete or absent
     bar.close()
     meta = {"rows": len(keep), "seq_len": seq_len, "responses": responses, "model": model.name}
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    (out / f"dataset_{responses}.json").write_text(json.dumps(meta, indent=1))
     return out
 
 
