@@ -222,8 +222,17 @@ def tree_factory(name: str, model):
     if base == "model_tree" and arg:
         draft = load_model(arg, dtype=model.dtype)
         return lambda t: drafters.small_model(draft, tree=t)
+    if base in ("eagle_tree", "eagle3_tree"):
+        from checkpoints_convert.eagle_hf import load_eagle_hf
+        from specjax.drafters import BUNDLED_DRAFTERS, bundled_path
+
+        src = arg or default_eagle(base, model)
+        weights = load_eagle_hf(bundled_path(src) if src in BUNDLED_DRAFTERS else src,
+                                model.config)  # read once for every candidate
+        return lambda t: drafters.eagle(weights, tree=t, name=src)
     raise SystemExit(f"tune-tree needs a tree drafter, got {name!r}; valid: "
-                     f"layer_skip_tree[:LAYERS], model_tree:PATH, ngram")
+                     f"layer_skip_tree[:LAYERS], model_tree:PATH, eagle3_tree[:PATH], "
+                     f"eagle_tree[:PATH], ngram")
 
 
 def _parse_candidates(text):
@@ -325,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt = sub.add_parser("tune-tree", help="pick the draft tree with the best measured tokens/s")
     tt.add_argument("--model", default="smollm2-135m")
     tt.add_argument("--drafter", default="layer_skip_tree:8",
-                    help="layer_skip_tree[:LAYERS] | model_tree:PATH | ngram")
+                    help="layer_skip_tree[:LAYERS] | model_tree:PATH | eagle3_tree[:PATH] | "
+                         "eagle_tree[:PATH] | ngram")
     tt.add_argument("--candidates", default=None,
                     help="comma-separated NODES:DEPTH:TOP_K (default: 4:3:2,8:4:3,12:5:3,16:6:4)")
     tt.add_argument("--questions", default=None, help="question .jsonl (default: Spec-Bench)")

@@ -81,7 +81,7 @@ def trained(tmp_path_factory):
     """train_eagle_drafter.ipynb with a tiny budget -> (executed notebook, its run directory)."""
     tmp = tmp_path_factory.mktemp("train_nb")
     out = tmp / "run"
-    nb = run_notebook("train_eagle_drafter.ipynb", tmp, NB_PROMPTS=8, NB_EVAL_PROMPTS=2,
+    nb = run_notebook("train_eagle_drafter.ipynb", tmp, NB_PROMPTS=8, NB_EVAL_PROMPTS=1,
                       NB_STEPS=6, NB_NEW_TOKENS=16, NB_SEQ_LEN=144, NB_DRAFT_VOCAB=512,
                       NB_OUT=out)
     return nb, out

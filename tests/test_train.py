@@ -165,3 +165,24 @@ def test_prompts_interleave_sources(tmp_path, monkeypatch):
         data.split_prompts(prompts, 45, 10)
     with pytest.raises(FileNotFoundError, match="gsm8k_train.jsonl not found.*SPECJAX_DATA"):
         data.load_prompts(data_dir=tmp_path / "nowhere")
+
+
+def test_medusa_kind_trains_and_exports(target, dataset, tmp_path):
+    """kind=medusa: sampled-position training from the shared feature cache, export, load by
+    path, exact greedy decoding with the trained heads."""
+    import specjax
+
+    ds, held = dataset
+    tc = small(kind="medusa", steps=30, log_every=10, save_every=30, lr=1e-2, medusa_heads=3,
+               medusa_positions=128)
+    cfg, _, hist = trainer.train(target, tc, ds, tmp_path / "m", progress=False,
+                                 heldout_prompts=held)
+    accs = [r["acc"] for r in hist if "acc" in r]
+    assert len(accs[0]) == 3 and accs[-1][0] > accs[0][0], accs
+    d = specjax.drafters.medusa(str(tmp_path / "m/drafter"),
+                                tree=specjax.drafters.StaticTree([[0], [1], [0, 0], [0, 0, 0]]))
+    prompts = [list(p) for p in held]
+    ar = specjax.generate(target, prompts, max_new_tokens=12)
+    assert specjax.generate(target, prompts, max_new_tokens=12, drafter=d).tokens == ar.tokens
+    with pytest.raises(ValueError, match="no config.json"):
+        specjax.drafters.medusa(str(tmp_path))

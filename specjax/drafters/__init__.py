@@ -11,6 +11,7 @@ the draft's confidence) or `tree=StaticTree(choices)` (a fixed Medusa / EAGLE-1 
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Sequence, Union
 
 from specjax.drafters.base import Draft, Drafter, DrafterSpec, TargetPrefill, TargetStep
@@ -182,7 +183,18 @@ def eagle(source, k: int = 5, tree: Union[DynamicTree, None] = None, name: str =
 BUNDLED_DRAFTERS = {
     "smollm2-135m-eagle3": ("smollm2-135m", "weights/smollm2-135m-eagle3"),
     "smollm2-135m-eagle": ("smollm2-135m", "weights/smollm2-135m-eagle"),
+    "smollm2-135m-medusa": ("smollm2-135m", "weights/smollm2-135m-medusa"),
 }
+
+
+def bundled_path(name: str):
+    """Directory of a drafter shipped with specjax (see BUNDLED_DRAFTERS)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / BUNDLED_DRAFTERS[name][1]
+    if not path.exists():
+        raise FileNotFoundError(f"bundled drafter {name!r} is missing from this install ({path})")
+    return path
 
 
 def _eagle_module():
@@ -203,10 +215,7 @@ def _eagle_weights(source, target):
                         f"bundled name, got {type(source).__name__}")
     path = Path(source)
     if str(source) in BUNDLED_DRAFTERS:
-        path = Path(__file__).resolve().parents[1] / BUNDLED_DRAFTERS[str(source)][1]
-        if not path.exists():
-            raise FileNotFoundError(f"bundled drafter {source!r} is missing from this install "
-                                    f"({path})")
+        path = bundled_path(str(source))
     elif not path.is_dir():
         raise ValueError(f"EAGLE drafter {source!r} is neither a directory nor a bundled drafter "
                          f"({sorted(BUNDLED_DRAFTERS)})")
@@ -227,12 +236,18 @@ def jax_cast(params, dtype):
 def medusa(heads, k: Optional[int] = None, tree: Optional[StaticTree] = None) -> Drafter:
     """Medusa-1 heads over the target's final hidden state (module `specjax.drafters.medusa_heads`).
 
-    `heads`: a `MedusaHeads` or a (MedusaConfig, params) pair. Drafts a chain of k tokens (head
+    `heads`: a `MedusaHeads`, a (MedusaConfig, params) pair, a directory written by
+    `medusa_heads.save_medusa` (what `specjax train-drafter --kind medusa` exports) or a
+    bundled name (see BUNDLED_DRAFTERS). Drafts a chain of k tokens (head
     i drafts token i; default k = the number of heads), or Medusa's static tree when
     `tree=StaticTree(choices)` is given (depth at most the number of heads; k then unused).
     """
-    from specjax.drafters.medusa_heads import bind_target, check_params
+    from specjax.drafters.medusa_heads import bind_target, check_params, load_medusa
 
+    if isinstance(heads, str) and heads in BUNDLED_DRAFTERS:
+        heads = load_medusa(bundled_path(heads))
+    elif isinstance(heads, (str, os.PathLike)):
+        heads = load_medusa(heads)
     if isinstance(heads, MedusaHeads):
         heads = (heads.config, heads.params)
     if not (isinstance(heads, tuple) and len(heads) == 2 and isinstance(heads[0], MedusaConfig)):

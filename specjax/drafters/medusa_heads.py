@@ -108,6 +108,17 @@ def head_logits(params: dict, target_cfg: ModelConfig, h: jax.Array, n: int) -> 
     return lm_head(params["target"], target_cfg, jnp.stack(outs, axis=1))
 
 
+def _head_ce(params: dict, target_cfg: ModelConfig, i: int, h, labels, valid):
+    """Head i's mean cross-entropy and top-1 accuracy over features h [..., D] with labels
+    [...] where valid [...] (float)."""
+    logits = lm_head(params["target"], target_cfg, head_hidden(params["heads"][i], h))
+    count = jnp.maximum(valid.sum(), 1.0)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    hit = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return jnp.sum(nll * valid) / count, jnp.sum(hit * valid) / count
+
+
 def medusa_loss(cfg: MedusaConfig, params: dict, target_cfg: ModelConfig,
                 hiddens_last: jax.Array, tokens: jax.Array, mask: jax.Array):
     """Medusa-1 training loss over target features -> (loss, top-1 accuracy per head [H]).
@@ -125,17 +136,70 @@ def medusa_loss(cfg: MedusaConfig, params: dict, target_cfg: ModelConfig,
         if shift >= T:  # no position has a label this far ahead
             accs.append(jnp.float32(0.0))
             continue
-        logits = lm_head(params["target"], target_cfg,
-                         head_hidden(params["heads"][i], hiddens_last[:, :T - shift]))
-        labels = tokens[:, shift:]
-        valid = mask[:, shift:].astype(jnp.float32)
-        count = jnp.maximum(valid.sum(), 1.0)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-        loss = loss + LOSS_DECAY ** i * jnp.sum(nll * valid) / count
-        hit = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-        accs.append(jnp.sum(hit * valid) / count)
+        ce, acc = _head_ce(params, target_cfg, i, hiddens_last[:, :T - shift], tokens[:, shift:],
+                           mask[:, shift:].astype(jnp.float32))
+        loss = loss + LOSS_DECAY ** i * ce
+        accs.append(acc)
     return loss, jnp.stack(accs)
+
+
+def medusa_position_loss(cfg: MedusaConfig, params: dict, target_cfg: ModelConfig,
+                         h: jax.Array, labels: jax.Array, valid: jax.Array):
+    """`medusa_loss` on sampled positions: h [P, D] target features, labels [P, H] the tokens
+    2..H+1 ahead, valid [P, H]. Heads need no context, so training on a random subset of
+    positions cuts the cost of the H full-vocabulary heads (the dominant cost on CPU)."""
+    loss, accs = jnp.float32(0.0), []
+    for i in range(cfg.num_heads):
+        ce, acc = _head_ce(params, target_cfg, i, h, labels[:, i], valid[:, i].astype(jnp.float32))
+        loss = loss + LOSS_DECAY ** i * ce
+        accs.append(acc)
+    return loss, jnp.stack(accs)
+
+
+def save_medusa(path, cfg: MedusaConfig, params: dict) -> None:
+    """config.json + model.safetensors (keys heads.{i}.w / heads.{i}.b); the target's head is
+    shared, never stored."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"architecture": "specjax-medusa",
+                                                 **cfg.to_dict()}, indent=1))
+    tensors = {f"heads.{i}.{n}": np.asarray(h[n]) for i, h in enumerate(params["heads"])
+               for n in ("w", "b")}
+    save_file(tensors, str(out / "model.safetensors"))
+
+
+def load_medusa(path) -> MedusaHeads:
+    """Inverse of `save_medusa`, with clear errors for a wrong directory or shapes."""
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    d = Path(path)
+    cfile = d / "config.json"
+    if not cfile.exists():
+        raise ValueError(f"{d} holds no Medusa heads (no config.json)")
+    raw = json.loads(cfile.read_text())
+    if raw.pop("architecture", None) != "specjax-medusa":
+        raise ValueError(f"{cfile} does not describe specjax Medusa heads")
+    cfg = MedusaConfig.from_dict(raw)
+    t = load_file(str(d / "model.safetensors"))
+    extra = sorted(set(t) - {f"heads.{i}.{n}" for i in range(cfg.num_heads) for n in "wb"})
+    if extra:
+        raise ValueError(f"unexpected tensors in {d}: {extra}")
+    try:
+        params = {"heads": [{"w": jnp.asarray(t[f"heads.{i}.w"]), "b": jnp.asarray(t[f"heads.{i}.b"])}
+                            for i in range(cfg.num_heads)]}
+    except KeyError as e:
+        raise ValueError(f"{d} misses tensor {e.args[0]}") from None
+    check_params(cfg, params)
+    return MedusaHeads(cfg, params, name=d.name)
 
 
 # ----------------------------------------------------------------------------- the drafter

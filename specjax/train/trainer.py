@@ -30,7 +30,7 @@ from specjax.models.cache import init_cache
 from specjax.train import data as data_lib
 from specjax.train.losses import eagle_loss
 
-KINDS = {"eagle": 1, "eagle3": 3}
+KINDS = {"eagle": 1, "eagle3": 3, "medusa": 0}  # kind -> EAGLE version (0: Medusa heads)
 DTYPES = ("float32", "bfloat16")
 
 
@@ -47,6 +47,8 @@ class TrainConfig:
     ttt_decay: float = 0.8
     draft_vocab: int = 8192  # eagle3: the most frequent response tokens
     intermediate_size: Optional[int] = None  # the drafter's MLP width (default: the target's)
+    medusa_heads: int = 4  # medusa: number of heads
+    medusa_positions: int = 512  # medusa: positions sampled per step (heads need no context)
     dtype: str = "float32"  # compute dtype of the step (optimizer state stays float32)
     feature_dtype: str = "float16"  # of the on-disk feature cache
     seed: int = 0
@@ -114,10 +116,16 @@ def cache_features(target, dataset_dir, out_dir, layers: tuple, *, batch: int = 
     out.mkdir(parents=True, exist_ok=True)
     meta = {"layers": list(layers), "dtype": dtype, "model": target.name}
     mfile = out / "features.json"
-    if mfile.exists() and json.loads(mfile.read_text()) != meta:
-        raise ValueError(f"feature cache {out} was written for {mfile.read_text()}, not {meta}: "
-                         f"use another directory")
-    mfile.write_text(json.dumps(meta))
+    if mfile.exists():
+        old = json.loads(mfile.read_text())
+        # A cache holding more layers serves a drafter that reads fewer (`FeatureStore` picks).
+        if (old["dtype"], old["model"]) != (dtype, target.name) or not set(layers) <= set(
+                old["layers"]):
+            raise ValueError(f"feature cache {out} was written for {old}, not {meta}: use "
+                             f"another directory")
+        layers = tuple(old["layers"])
+    else:
+        mfile.write_text(json.dumps(meta))
     run = _feature_fn(target, tuple(layers))
     shards = sorted(Path(dataset_dir).glob("shard_*.npz"))
     rows = sum(np.load(s)["tokens"].shape[0] for s in shards)
@@ -150,7 +158,9 @@ def cache_features(target, dataset_dir, out_dir, layers: tuple, *, batch: int = 
 class FeatureStore:
     """Rows of a dataset with their cached features, memory-mapped (bounded memory)."""
 
-    def __init__(self, dataset_dir, features_dir):
+    def __init__(self, dataset_dir, features_dir, layers: tuple = ()):
+        cached = json.loads((Path(features_dir) / "features.json").read_text())["layers"]
+        self.pick = [cached.index(i) for i in layers]  # the requested layers, in order
         shards = sorted(Path(dataset_dir).glob("shard_*.npz"))
         if not shards:
             raise FileNotFoundError(f"no dataset shards (shard_*.npz) in {dataset_dir}")
@@ -178,7 +188,7 @@ class FeatureStore:
             parts.append((self.tokens[s][r], self.mask[s][r], self.last[s][r],
                           self.layers[s][r]))
         t, m, la, ly = (np.stack(x) for x in zip(*parts))
-        return t, m, la, np.swapaxes(ly, 0, 1)
+        return t, m, la, np.swapaxes(ly[:, self.pick], 0, 1)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -226,6 +236,42 @@ def make_train_step(tc: TrainConfig, ecfg: F.EagleConfig, target, optimizer):
         return dict(trainable, **fixed), opt_state, loss, metrics
 
     return step
+
+
+def make_medusa_step(tc: TrainConfig, mcfg, target, optimizer):
+    from specjax.drafters.medusa_heads import medusa_position_loss
+
+    tcfg = target.config
+
+    @jax.jit
+    def step(params, opt_state, shared, h, labels, valid):
+        def loss_fn(p):
+            return medusa_position_loss(mcfg, dict(p, target=shared), tcfg,
+                                        h.astype(jnp.float32), labels, valid)
+
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        import optax
+
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, {"acc": acc}
+
+    return step
+
+
+def medusa_positions(tokens, mask, last, heads: int, n: int, rng):
+    """Sample n positions t of a batch whose first label (t + 2) is trained -> features
+    [n, D], labels [n, heads] (tokens t+2 .. t+1+heads), valid [n, heads]."""
+    B, S = tokens.shape
+    ok = np.zeros((B, S), bool)
+    ok[:, :S - 2] = mask[:, 2:]
+    rows, cols = np.nonzero(ok)
+    pick = rng.choice(len(rows), n, replace=len(rows) < n)
+    r, c = rows[pick], cols[pick]
+    ahead = c[:, None] + 2 + np.arange(heads)[None, :]
+    inside = ahead < S
+    ahead = np.minimum(ahead, S - 1)
+    return (last[r, c], tokens[r[:, None], ahead],
+            inside & mask[r[:, None], ahead])
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -284,8 +330,12 @@ def _check_run_config(out: Path, record: dict):
 # ----------------------------------------------------------------------------- training
 
 def train(target, tc: TrainConfig, dataset_dir, out_dir, *, heldout_prompts=(),
-          progress: bool = True, stop_after: Optional[int] = None, log=print):
-    """Train (or resume) a drafter -> (EagleConfig, params, history list of dicts).
+          progress: bool = True, stop_after: Optional[int] = None, log=print,
+          features_dir=None):
+    """Train (or resume) a drafter -> (EagleConfig or MedusaConfig, params, history).
+
+    `features_dir`: where the target's features are cached (default OUT/features; drafters
+    of one target can share a cache: one holding more layers serves one reading fewer).
 
     `stop_after`: stop once this many steps are done in total (to simulate an interruption;
     the schedule still spans `tc.steps`). The drafter is exported to out_dir/drafter in the HF
@@ -295,15 +345,15 @@ def train(target, tc: TrainConfig, dataset_dir, out_dir, *, heldout_prompts=(),
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokens_all, mask_all = data_lib.read_dataset(dataset_dir)
-    ecfg = _eagle_config(target, tc, tokens_all, mask_all, out)
-    _check_run_config(out, {"train": dataclasses.asdict(tc), "eagle": ecfg.to_dict(),
+    ecfg = _drafter_config(target, tc, tokens_all, mask_all, out)
+    _check_run_config(out, {"train": dataclasses.asdict(tc), "drafter": ecfg.to_dict(),
                             "target": target.name, "dataset": str(Path(dataset_dir).absolute()),
                             "rows": int(tokens_all.shape[0])})
-    feat_dir = cache_features(target, dataset_dir, out / "features", ecfg.feature_layers,
+    layers = tuple(getattr(ecfg, "feature_layers", ()))
+    feat_dir = cache_features(target, dataset_dir, features_dir or out / "features", layers,
                               dtype=tc.feature_dtype, progress=progress)
-    store = FeatureStore(dataset_dir, feat_dir)
-    d2t = np.load(out / "d2t.npy") if ecfg.version == 3 else None
-    params = F.init_params(ecfg, jax.random.key(tc.seed), jnp.float32, d2t=d2t)
+    store = FeatureStore(dataset_dir, feat_dir, layers)
+    params = _init_params(tc, ecfg, out)
     optimizer, sched = make_optimizer(tc)
     opt_state = optimizer.init({k: v for k, v in params.items() if k != "d2t"})
     mgr = _manager(out / "checkpoints")
@@ -314,7 +364,8 @@ def train(target, tc: TrainConfig, dataset_dir, out_dir, *, heldout_prompts=(),
         log(f"resumed from step {start} ({out / 'checkpoints'})")
     history = _read_history(out, start)
     shared = {k: target.params[k] for k in ("embed", "lm_head") if k in target.params}
-    step_fn = make_train_step(tc, ecfg, target, optimizer)
+    medusa = tc.kind == "medusa"
+    step_fn = (make_medusa_step if medusa else make_train_step)(tc, ecfg, target, optimizer)
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
     bar = tqdm(total=tc.steps, initial=start, desc=f"train {tc.kind}", disable=not progress)
     t0, seen = time.perf_counter(), 0
@@ -323,16 +374,22 @@ def train(target, tc: TrainConfig, dataset_dir, out_dir, *, heldout_prompts=(),
         if step >= end:
             break
         t, m, la, ly = store.batch(idx)
-        params, opt_state, loss, metrics = step_fn(params, opt_state, shared, jnp.asarray(t),
-                                                   jnp.asarray(m), jnp.asarray(la),
-                                                   jnp.asarray(ly))
-        seen += int(m.sum())
+        if medusa:
+            args = medusa_positions(t, m, la, ecfg.num_heads, tc.medusa_positions,
+                                    np.random.default_rng([tc.seed, step, 1]))
+            seen += tc.medusa_positions
+        else:
+            args = (t, m, la, ly)
+            seen += int(m.sum())
+        params, opt_state, loss, metrics = step_fn(params, opt_state, shared,
+                                                   *map(jnp.asarray, args))
         done = step + 1
         if done % tc.log_every == 0 or done == end:
             acc = np.asarray(metrics["acc"]).round(3).tolist()
-            rec = {"step": done, "loss": float(loss), "acc": acc,
-                   "ce": np.asarray(metrics["ce"]).round(4).tolist(), "lr": float(sched(step)),
+            rec = {"step": done, "loss": float(loss), "acc": acc, "lr": float(sched(step)),
                    "tok_per_s": seen / (time.perf_counter() - t0)}
+            if "ce" in metrics:
+                rec["ce"] = np.asarray(metrics["ce"]).round(4).tolist()
             history.append(rec)
             _append_history(out, rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=acc, tok_s=f"{rec['tok_per_s']:.0f}")
@@ -345,13 +402,38 @@ def train(target, tc: TrainConfig, dataset_dir, out_dir, *, heldout_prompts=(),
     if end == tc.steps:
         if heldout_prompts and (not tc.eval_every or tc.steps % tc.eval_every):
             _log_tau(target, ecfg, params, heldout_prompts, tc, tc.steps, out, history, log)
-        from checkpoints_convert.eagle_hf import save_eagle_hf
-
-        save_eagle_hf(out / "drafter", ecfg, jax.device_get(params), target.config)
+        export(out / "drafter", ecfg, jax.device_get(params), target.config)
     return ecfg, params, history
 
 
-def _eagle_config(target, tc: TrainConfig, tokens, mask, out: Path) -> F.EagleConfig:
+def export(path, cfg, params, target_cfg) -> None:
+    """The trained drafter in its shareable format (HF EAGLE, or specjax Medusa heads)."""
+    if isinstance(cfg, F.EagleConfig):
+        from checkpoints_convert.eagle_hf import save_eagle_hf
+
+        save_eagle_hf(path, cfg, params, target_cfg)
+    else:
+        from specjax.drafters.medusa_heads import save_medusa
+
+        save_medusa(path, cfg, params)
+
+
+def _init_params(tc: TrainConfig, cfg, out: Path) -> dict:
+    key = jax.random.key(tc.seed)
+    if tc.kind == "medusa":
+        from specjax.drafters import medusa_heads
+
+        # Zero init (Medusa's): every head starts as the target's next-token head.
+        return medusa_heads.init_params(cfg, key)
+    d2t = np.load(out / "d2t.npy") if cfg.version == 3 else None
+    return F.init_params(cfg, key, jnp.float32, d2t=d2t)
+
+
+def _drafter_config(target, tc: TrainConfig, tokens, mask, out: Path):
+    if tc.kind == "medusa":
+        from specjax.drafters.medusa_heads import MedusaConfig
+
+        return MedusaConfig(num_heads=tc.medusa_heads, hidden=target.config.hidden_size)
     if tc.version == 1:
         return F.make_config(target.config, 1, intermediate_size=tc.intermediate_size)
     vocab = target.config.vocab_size
@@ -384,8 +466,13 @@ def evaluate_tau(target, ecfg, params, prompts, *, new_tokens: int = 64, tree=No
     from specjax import drafters
     from specjax.generate import generate
 
-    d = drafters.eagle((ecfg, params), tree=tree or drafters.DynamicTree(nodes=8, depth=4,
-                                                                         top_k=3))
+    if isinstance(ecfg, F.EagleConfig):
+        d = drafters.eagle((ecfg, params), tree=tree or drafters.DynamicTree(nodes=8, depth=4,
+                                                                             top_k=3))
+    else:  # Medusa: a static tree no deeper than the heads
+        d = drafters.medusa((ecfg, params), tree=tree or drafters.StaticTree(
+            [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 0, 0]][
+                :8 if ecfg.num_heads >= 4 else 3]))
     fwd = emitted = 0
     for p in prompts:
         o = generate(target, [p], max_new_tokens=new_tokens, drafter=d)
