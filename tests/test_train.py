@@ -173,12 +173,13 @@ def test_medusa_kind_trains_and_exports(target, dataset, tmp_path):
     import specjax
 
     ds, held = dataset
-    tc = small(kind="medusa", steps=30, log_every=10, save_every=30, lr=1e-2, medusa_heads=3,
-               medusa_positions=128)
+    tc = small(kind="medusa", steps=60, log_every=1, save_every=60, lr=3e-3, medusa_heads=3,
+               medusa_positions=256)
     cfg, _, hist = trainer.train(target, tc, ds, tmp_path / "m", progress=False,
                                  heldout_prompts=held)
-    accs = [r["acc"] for r in hist if "acc" in r]
-    assert len(accs[0]) == 3 and accs[-1][0] > accs[0][0], accs
+    loss = [r["loss"] for r in hist if "loss" in r]
+    assert len(hist[0]["acc"]) == 3
+    assert np.mean(loss[-10:]) < 0.97 * np.mean(loss[:10]), loss  # it learns (slowly: 256 positions a step)
     d = specjax.drafters.medusa(str(tmp_path / "m/drafter"),
                                 tree=specjax.drafters.StaticTree([[0], [1], [0, 0], [0, 0, 0]]))
     prompts = [list(p) for p in held]
