@@ -36,11 +36,28 @@ def _kernel_manager(tmp: Path) -> AsyncKernelManager:
     return AsyncKernelManager(kernel_name="specjax-notebook-test", kernel_spec_manager=ksm)
 
 
+def data_root(tmp: Path) -> Path:
+    """A data folder in the layout of ../shared/data (train/ prompts, eval/spec_bench.jsonl),
+    so the notebooks run the same with or without the shared folder next to the checkout."""
+    from test_train import write_train_data
+
+    root = write_train_data(tmp / "data")
+    (root / "eval").mkdir()
+    cats = ["extraction", "coding", "translation", "summarization", "qa", "math_reasoning",
+            "rag", "roleplay"]  # Spec-Bench's names (the tour picks some)
+    (root / "eval" / "spec_bench.jsonl").write_text("".join(
+        json.dumps({"question_id": i, "category": c,
+                    "turns": [f"Question {i} about {c}: explain it in a few sentences."]}) + "\n"
+        for i, c in enumerate(cats * 2)))
+    return root
+
+
 def run_notebook(name: str, tmp: Path, **knobs) -> nbformat.NotebookNode:
     """Execute notebooks/NAME with the NB_* knobs -> the executed notebook (cells with outputs).
     Raises nbclient's CellExecutionError (with the cell's traceback) when a cell fails."""
     nb = nbformat.read(NB_DIR / name, as_version=4)
     env = dict(os.environ, **{k: str(v) for k, v in knobs.items()})
+    env["SPECJAX_DATA"] = str(data_root(tmp))
     env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # figures as outputs
     client = NotebookClient(nb, km=_kernel_manager(tmp), timeout=CELL_TIMEOUT,
                             resources={"metadata": {"path": str(NB_DIR)}})

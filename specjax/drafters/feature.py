@@ -93,7 +93,7 @@ def make_config(target: ModelConfig, version: int = 3, *, intermediate_size: Opt
                 feature_layers: Optional[tuple] = None) -> EagleConfig:
     """An EAGLE drafter shaped for `target`: its heads, head size and RoPE, one layer."""
     layer = dataclasses.replace(target, num_layers=1, sliding_window=None,
-                                attention_bias=False,
+                                attention_bias=False, tie_word_embeddings=False,
                                 intermediate_size=intermediate_size or target.intermediate_size)
     if version == 1:
         return EagleConfig(version=1, layer=layer)

@@ -196,7 +196,9 @@ class FeatureStore:
 def make_optimizer(cfg: TrainConfig):
     import optax
 
-    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup, cfg.steps - 1) or 1,
+    warm = min(cfg.warmup, cfg.steps - 1) or 1
+    # Warmup starts at lr / warmup, not 0, so the first step already updates.
+    sched = optax.warmup_cosine_decay_schedule(cfg.lr / warm, cfg.lr, warm,
                                                cfg.steps, end_value=cfg.lr * 0.05)
     return optax.chain(optax.clip_by_global_norm(cfg.clip),
                        optax.adamw(sched, weight_decay=cfg.weight_decay)), sched
@@ -385,11 +387,11 @@ def train(target, tc: TrainConfig, dataset_dir, out_dir, *, heldout_prompts=(),
                                                    *map(jnp.asarray, args))
         done = step + 1
         if done % tc.log_every == 0 or done == end:
-            acc = np.asarray(metrics["acc"]).round(3).tolist()
+            acc = np.asarray(metrics["acc"], np.float64).round(3).tolist()
             rec = {"step": done, "loss": float(loss), "acc": acc, "lr": float(sched(step)),
                    "tok_per_s": seen / (time.perf_counter() - t0)}
             if "ce" in metrics:
-                rec["ce"] = np.asarray(metrics["ce"]).round(4).tolist()
+                rec["ce"] = np.asarray(metrics["ce"], np.float64).round(4).tolist()
             history.append(rec)
             _append_history(out, rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=acc, tok_s=f"{rec['tok_per_s']:.0f}")
