@@ -63,3 +63,18 @@ def sample_token(key: jax.Array, logits: jax.Array, mode: SamplingMode, sp: dict
     if mode.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, process_logits(logits, mode, sp), axis=-1).astype(jnp.int32)
+
+
+def pick_token(logits: jax.Array, key, mode: SamplingMode, sp):
+    """A drafter's choice -> (token [B], processed log-probs [B, V] or None when greedy): the
+    argmax at temperature 0, else a sample from the processed distribution (which speculative
+    sampling then needs as q)."""
+    if mode.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+    logp = process_logits(logits, mode, sp)
+    return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32), logp
+
+
+def rank_logp(logits: jax.Array, mode: SamplingMode, sp) -> jax.Array:
+    """Log-probs that rank a drafter's tree candidates: the distribution sampling would use."""
+    return jax.nn.log_softmax(logits, -1) if mode.greedy else process_logits(logits, mode, sp)

@@ -332,53 +332,41 @@ def _load(target, path, cfg_json, sd):
     return load_eagle_hf(write_ckpt(path, cfg_json, sd), target.config)
 
 
-def test_missing_key(target, tmp_path):
-    sd = hf_state(target, 1)
-    del sd["layers.0.mlp.down_proj.weight"]
-    with pytest.raises(CheckpointMismatch, match=r"missing .*'?layers\.0\.mlp\.down_proj\.weight"):
-        _load(target, tmp_path / "x", hf_config(target, 1), sd)
-    sd = hf_state(target, 3)
-    del sd["midlayer.hidden_norm.weight"]
-    with pytest.raises(CheckpointMismatch, match=r"missing .*midlayer\.hidden_norm\.weight"):
-        _load(target, tmp_path / "y", hf_config(target, 3), sd)
+MISSING = [  # (version, deleted key, expected message)
+    (1, "layers.0.mlp.down_proj.weight", r"missing .*'?layers\.0\.mlp\.down_proj\.weight"),
+    (3, "midlayer.hidden_norm.weight", r"missing .*midlayer\.hidden_norm\.weight"),
     # fc.bias: expected by default (SafeAILab's "bias" default), with a hint.
-    sd = hf_state(target, 1)
-    del sd["fc.bias"]
-    with pytest.raises(CheckpointMismatch, match=r"fc\.bias.*\"bias\": false"):
-        _load(target, tmp_path / "z", hf_config(target, 1), sd)
+    (1, "fc.bias", r"fc\.bias.*\"bias\": false"),
     # A reduced draft vocabulary needs d2t.
-    sd = hf_state(target, 3)
-    del sd["d2t"]
-    with pytest.raises(CheckpointMismatch, match=r"missing .*d2t"):
-        _load(target, tmp_path / "w", hf_config(target, 3), sd)
+    (3, "d2t", r"missing .*d2t"),
+]
 
 
-def test_extra_key(target, tmp_path):
-    sd = hf_state(target, 1)
-    sd["layers.0.input_layernorm.weight"] = torch.ones(32)  # EAGLE-1's layer 0 has none
-    with pytest.raises(CheckpointMismatch, match=r"not used .*layers\.0\.input_layernorm"):
-        _load(target, tmp_path / "x", hf_config(target, 1), sd)
-    sd = hf_state(target, 3)
-    sd["extra_head.weight"] = torch.ones(3, 3)
-    with pytest.raises(CheckpointMismatch, match=r"not used by an EAGLE-3 .*extra_head\.weight"):
-        _load(target, tmp_path / "y", hf_config(target, 3), sd)
+@pytest.mark.parametrize("version,key,message", MISSING)
+def test_missing_key(target, tmp_path, version, key, message):
+    sd = hf_state(target, version)
+    del sd[key]
+    with pytest.raises(CheckpointMismatch, match=message):
+        _load(target, tmp_path / "x", hf_config(target, version), sd)
 
 
-def test_wrong_shape(target, tmp_path):
-    sd = hf_state(target, 1)
-    sd["fc.weight"] = torch.zeros(32, 96)
-    with pytest.raises(CheckpointMismatch,
-                       match=r"'fc\.weight' has shape \(32, 96\); expected \(32, 64\)"):
-        _load(target, tmp_path / "x", hf_config(target, 1), sd)
-    sd = hf_state(target, 3)
-    sd["lm_head.weight"] = torch.zeros(70, 32)  # draft_vocab_size says 64
-    with pytest.raises(CheckpointMismatch,
-                       match=r"'lm_head\.weight' has shape \(70, 32\); expected \(64, 32\)"):
-        _load(target, tmp_path / "y", hf_config(target, 3), sd)
-    sd = hf_state(target, 3)
-    sd["embed_tokens.weight"] = torch.zeros(100, 32)
-    with pytest.raises(CheckpointMismatch, match=r"'embed_tokens\.weight' has shape \(100, 32\)"):
-        _load(target, tmp_path / "z", hf_config(target, 3), sd)
+ALTERED = [  # (version, key, tensor written there, expected message)
+    (1, "layers.0.input_layernorm.weight", (32,),  # EAGLE-1's layer 0 has none
+     r"not used .*layers\.0\.input_layernorm"),
+    (3, "extra_head.weight", (3, 3), r"not used by an EAGLE-3 .*extra_head\.weight"),
+    (1, "fc.weight", (32, 96), r"'fc\.weight' has shape \(32, 96\); expected \(32, 64\)"),
+    (3, "lm_head.weight", (70, 32),  # draft_vocab_size says 64
+     r"'lm_head\.weight' has shape \(70, 32\); expected \(64, 32\)"),
+    (3, "embed_tokens.weight", (100, 32), r"'embed_tokens\.weight' has shape \(100, 32\)"),
+]
+
+
+@pytest.mark.parametrize("version,key,shape,message", ALTERED)
+def test_extra_key_or_wrong_shape(target, tmp_path, version, key, shape, message):
+    sd = hf_state(target, version)
+    sd[key] = torch.ones(shape)
+    with pytest.raises(CheckpointMismatch, match=message):
+        _load(target, tmp_path / "x", hf_config(target, version), sd)
 
 
 def test_two_layer_eagle1(target, tmp_path):

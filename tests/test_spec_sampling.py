@@ -340,18 +340,25 @@ def sample_joint(target, drafter, mode_kw, seed, n=N_ROWS):
     return np.bincount(idx, minlength=V ** 3), out.stats
 
 
+def assert_follows_target(counts, joint, hist, label: str) -> Fit:
+    """The chi-square check of `test_first_tokens_match_target` (shared with other drafters'
+    test files): no impossible sample, enough bins, p-value above ALPHA."""
+    fit = chi_square(counts, joint)
+    print(f"{label}: {fit}, bins={fit.n_bins}, acceptance histogram={hist.tolist()}")
+    assert fit.impossible == 0, f"{fit.impossible} samples outside the top-k/top-p support"
+    assert fit.n_bins >= 15
+    assert fit.pvalue > ALPHA, f"{label}: distribution differs from the target: {fit}"
+    return fit
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("drafter", DRAFTERS)
 def test_first_tokens_match_target(models, exact, drafter, mode):
     target, draft = models
     counts, st = sample_joint(target, make_drafter(drafter, target, draft), MODES[mode],
                               SEEDS[drafter, mode])
-    fit = chi_square(counts, exact[mode]["joint"])
     hist = np.asarray(st["acceptance_histogram"])
-    print(f"{drafter}/{mode}: {fit}, bins={fit.n_bins}, acceptance histogram={hist.tolist()}")
-    assert fit.impossible == 0, f"{fit.impossible} samples outside the top-k/top-p support"
-    assert fit.n_bins >= 15
-    assert fit.pvalue > ALPHA, f"{drafter}/{mode}: distribution differs from the target: {fit}"
+    assert_follows_target(counts, exact[mode]["joint"], hist, f"{drafter}/{mode}")
     # The test exercises the paths it claims to.
     if drafter == "self":  # q == p (up to float noise): everything accepted
         assert hist[-1] >= 0.999 * hist.sum(), hist

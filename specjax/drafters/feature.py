@@ -40,7 +40,7 @@ from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, TargetStep,
 from specjax.models.cache import KVCache, init_cache
 from specjax.models.config import ModelConfig
 from specjax.models.llama import lm_head, rms_norm, single_layer
-from specjax.sampling import SamplingMode, process_logits
+from specjax.sampling import pick_token, rank_logp
 
 VERSIONS = (1, 3)
 
@@ -202,13 +202,6 @@ class EagleState:
     feat: jax.Array  # [B, D] drafter output at the last committed slot
 
 
-def _pick(logits, key, mode: SamplingMode, sp):
-    if mode.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
-    logp = process_logits(logits, mode, sp)
-    return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32), logp
-
-
 @dataclasses.dataclass(frozen=True)
 class EagleSpec(DrafterSpec):
     """EAGLE drafting a chain of k tokens (each sampled from the drafter's distribution)."""
@@ -270,14 +263,14 @@ class EagleSpec(DrafterSpec):
     def propose(self, params, state: EagleState, last, key, mode, sp):
         K, cache = self.k, state.cache
         keys = jax.random.split(key, K)
-        tok, logp = _pick(self._logits(params, state.feat), keys[0], mode, sp)
+        tok, logp = pick_token(self._logits(params, state.feat), keys[0], mode, sp)
 
         def step(carry, k):
             cache, feat, tok = carry
             out, cache = draft_block(self.eagle, params, feat[:, None], tok[:, None],
                                      cache.lengths[:, None], cache)
             cache = cache.replace(lengths=cache.lengths + 1)
-            nxt, lp = _pick(self._logits(params, out[:, 0]), k, mode, sp)
+            nxt, lp = pick_token(self._logits(params, out[:, 0]), k, mode, sp)
             return (cache, out[:, 0], nxt), (nxt, lp)
 
         toks, logps = [tok[:, None]], [None if logp is None else logp[:, None]]
@@ -341,9 +334,6 @@ class EagleTreeSpec(EagleSpec):
     def cache_slack(self) -> int:
         return max(self.depth + 1, (self.depth - 1) * self.top_k) + 2
 
-    def _rank_logp(self, logits, mode, sp):
-        return jax.nn.log_softmax(logits, -1) if mode.greedy else process_logits(logits, mode, sp)
-
     def propose(self, params, state: EagleState, last, key, mode, sp):
         from specjax.drafters.lm import grow_dynamic_tree
 
@@ -353,9 +343,9 @@ class EagleTreeSpec(EagleSpec):
             pos = jnp.broadcast_to(cache.lengths[:, None] + (depth - 1), tok.shape)
             out, cache = draft_block(self.eagle, params, feat, tok, pos, cache, block_mask=vis,
                                      write_offset=jnp.full((B,), off, jnp.int32))
-            return self._rank_logp(self._logits(params, out), mode, sp), out, cache
+            return rank_logp(self._logits(params, out), mode, sp), out, cache
 
-        root = self._rank_logp(self._logits(params, state.feat), mode, sp)
+        root = rank_logp(self._logits(params, state.feat), mode, sp)
         tree, _, cache = grow_dynamic_tree(root, feed, state.cache, state.feat,
                                            top_k=self.top_k, depth=self.depth, nodes=self.k)
         # The window's K/V are scratch (`lengths` did not move): commit re-feeds the accepted

@@ -26,7 +26,7 @@ from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill
 from specjax.models.cache import KVCache, init_cache
 from specjax.models.config import ModelConfig
 from specjax.models.llama import forward, is_unrolled
-from specjax.sampling import SamplingMode, process_logits
+from specjax.sampling import pick_token, rank_logp
 
 
 @struct.dataclass
@@ -35,14 +35,6 @@ class LMDraftState:
     pending: jax.Array  # [B, 2] int32
     n_pending: jax.Array  # [B] int32 in {1, 2}
     len_before: jax.Array  # [B] int32 cache length before the last propose
-
-
-def _pick(logits: jax.Array, key, mode: SamplingMode, sp):
-    """-> (token [B], processed log-probs [B, V] or None when greedy)."""
-    if mode.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
-    logp = process_logits(logits, mode, sp)
-    return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32), logp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +82,13 @@ class LMDrafterSpec(DrafterSpec):
         cfg, K = self.cfg, self.k
         keys = jax.random.split(key, K)
         logits, cache = self._feed_pending(params, state)
-        tok, logp = _pick(logits, keys[0], mode, sp)
+        tok, logp = pick_token(logits, keys[0], mode, sp)
 
         def step(carry, k):
             cache, tok = carry
             logits, _, cache = forward(params, cfg, tok[:, None], cache.lengths[:, None], cache)
             cache = cache.replace(lengths=cache.lengths + 1)
-            nxt, lp = _pick(logits[:, 0], k, mode, sp)
+            nxt, lp = pick_token(logits[:, 0], k, mode, sp)
             return (cache, nxt), (nxt, lp)
 
         toks, logps = [tok[:, None]], [None if logp is None else logp[:, None]]
@@ -160,10 +152,6 @@ class LMTreeBase(LMDrafterSpec):
     def init(self, params, prefill: TargetPrefill, max_len: int) -> LMTreeState:
         lm = super().init(params, prefill, max_len)
         return LMTreeState(lm=lm, fed=jnp.full((prefill.tokens.shape[0], self.k), -1, jnp.int32))
-
-    def _rank_logp(self, logits, mode, sp):
-        # Rank candidates by the draft distribution that sampling would use.
-        return jax.nn.log_softmax(logits, -1) if mode.greedy else process_logits(logits, mode, sp)
 
     def _feed_depth(self, params, cache, tok, depth: int, vis, off: int):
         """Feed tok [B, T] (tree nodes of depth `depth`) at window offset `off`, visibility
@@ -245,9 +233,9 @@ class LMTreeSpec(LMTreeBase):
 
         def feed(cache, tok, _feat, depth, vis, off):
             logits, cache = self._feed_depth(params, cache, tok, depth, vis, off)
-            return self._rank_logp(logits, mode, sp), None, cache
+            return rank_logp(logits, mode, sp), None, cache
 
-        tree, fed, cache = grow_dynamic_tree(self._rank_logp(logits, mode, sp), feed, cache,
+        tree, fed, cache = grow_dynamic_tree(rank_logp(logits, mode, sp), feed, cache,
                                              None, top_k=self.top_k, depth=self.depth, nodes=self.k)
         lm = st.replace(cache=cache, len_before=st.cache.lengths)
         return TreeDraft(tree=tree), LMTreeState(lm=lm, fed=fed)
@@ -439,7 +427,7 @@ class LMStaticTreeSpec(LMTreeBase):
                 vis = jnp.broadcast_to(jnp.asarray(e.vis), (B,) + e.vis.shape)  # [B, T, W]
                 logits, cache = self._feed_depth(params, cache, tokens[:, e.fed], d - 1, vis,
                                                  e.off)
-            _, cand = jax.lax.top_k(self._rank_logp(logits, mode, sp), e.top)  # [B, T, top]
+            _, cand = jax.lax.top_k(rank_logp(logits, mode, sp), e.top)  # [B, T, top]
             tokens = tokens.at[:, e.kids].set(cand[:, e.slot, e.rank])
         row = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (B, N))  # noqa: E731
         tree = Tree(tokens=tokens, parents=row(self.parents), depth=row(depth),

@@ -31,11 +31,10 @@ from flax import struct
 
 from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, TargetStep, TreeDraft
 # Shared with EAGLE: the target's embedding and LM head go under params["target"].
-from specjax.drafters.feature import bind_target  # noqa: F401  (re-exported)
-from specjax.drafters.lm import _pick
+from specjax.drafters.feature import bind_target  # noqa: F401  (re-exported)  # noqa: F401  (re-exported)
 from specjax.models.config import ModelConfig
 from specjax.models.llama import lm_head
-from specjax.sampling import process_logits
+from specjax.sampling import pick_token, process_logits
 
 LOSS_DECAY = 0.8  # Medusa's per-head loss weight decay: head i is weighted 0.8**i
 
@@ -254,7 +253,7 @@ class MedusaSpec(MedusaBase):
         logits = head_logits(params, self.target_cfg, state.feat, self.k)  # [B, K, V]
         # Each token is drawn from its own head's distribution (independent of the earlier
         # draft tokens): verify_chain is exact for any such q.
-        tokens, logp = _pick(logits, key, mode, sp)
+        tokens, logp = pick_token(logits, key, mode, sp)
         return Draft(tokens=tokens, logp=logp), state
 
     def commit(self, params, state: MedusaState, draft: Draft, acc, active, target: TargetStep):
