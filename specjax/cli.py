@@ -28,17 +28,19 @@ DEMO_PROMPTS = [
 
 DRAFTER_NAMES = ("ngram[:BRANCHES]", "layer_skip[:LAYERS]", "layer_skip_tree[:LAYERS]",
                  "model:PATH", "model_tree:PATH", "eagle3[:PATH]", "eagle3_tree[:PATH]",
-                 "eagle[:PATH]", "eagle_tree[:PATH]", "none")
+                 "eagle[:PATH]", "eagle_tree[:PATH]", "medusa[:PATH]", "medusa_tree[:PATH]", "none")
+# Medusa's static tree when none is given (depth 4: needs 4 heads).
+MEDUSA_TREE = "eagle_small"
 # The EAGLE tree shape used when none is given: measured best on the 2-core CPU for SmolLM2
 # (see README, `specjax tune-tree --drafter eagle3_tree`).
 EAGLE_TREE = dict(nodes=8, depth=4, top_k=3)
 
 
 def default_eagle(base: str, model) -> str:
-    """The bundled drafter of `model` for eagle / eagle3 names without a PATH."""
+    """The bundled drafter of `model` for eagle / eagle3 / medusa names without a PATH."""
     from specjax.drafters import BUNDLED_DRAFTERS
 
-    version = "eagle3" if base.startswith("eagle3") else "eagle"
+    version = base.removesuffix("_tree")
     name = f"{getattr(model, 'name', '')}-{version}"
     if name not in BUNDLED_DRAFTERS:
         raise SystemExit(f"no bundled {version} drafter for model {getattr(model, 'name', '?')!r} "
@@ -67,6 +69,10 @@ def make_drafter(name: str, k, model=None):
         if tree is not None:
             tree = drafters.DynamicTree(**dict(EAGLE_TREE, nodes=k or EAGLE_TREE["nodes"]))
         return drafters.eagle(src, k=k or 4, tree=tree, name=arg or src)
+    if base in ("medusa", "medusa_tree"):
+        src = arg or default_eagle(base, model)
+        return drafters.medusa(src, k=k, tree=drafters.StaticTree(MEDUSA_TREE)
+                               if base == "medusa_tree" else None)
     if base == "ngram":
         branches = int(arg) if arg else 1
         return drafters.ngram(k=k or (8 if branches == 1 else 4), branches=branches)
@@ -358,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--responses", default=None, help="self (regenerate) | given (teacher-forced)")
     tr.add_argument("--dataset", default=None,
                     help="existing dataset directory (default: OUT/data, built if missing)")
+    tr.add_argument("--features", default=None,
+                    help="feature cache to share (default: OUT/features); one written for more "
+                         "target layers serves drafters that read fewer")
     tr.set_defaults(fn=cmd_train_drafter)
     return p
 
@@ -369,15 +378,16 @@ def cmd_train_drafter(a):
     target = load_model(a.target)
     overrides = dict(kind=a.kind, steps=a.steps, batch=a.batch, lr=a.lr)
     data_over = dict(prompts=a.prompts, heldout=a.heldout, responses=a.responses)
-    ecfg, _, hist = run_training(target, a.config, a.out, dataset=a.dataset,
+    ecfg, _, hist = run_training(target, a.config, a.out, dataset=a.dataset, features=a.features,
                                  train_overrides=overrides, data_overrides=data_over)
     last = [r for r in hist if "loss" in r][-1:]
     taus = [r["tau"] for r in hist if "tau" in r]
-    print(f"trained EAGLE-{ecfg.version} drafter -> {os.path.join(a.out, 'drafter')}"
+    what = f"EAGLE-{ecfg.version}" if hasattr(ecfg, "version") else "Medusa"
+    print(f"trained {what} drafter -> {os.path.join(a.out, 'drafter')}"
           + (f"; final loss {last[0]['loss']:.3f}, acc {last[0]['acc']}" if last else "")
           + (f"; held-out tau {taus[-1]:.2f}" if taus else ""))
-    print(f"use it: specjax generate --drafter eagle{'3' if ecfg.version == 3 else ''}_tree:"
-          f"{os.path.join(a.out, 'drafter')} \"...\"")
+    name = {1: "eagle_tree", 3: "eagle3_tree"}.get(getattr(ecfg, "version", 0), "medusa_tree")
+    print(f"use it: specjax generate --drafter {name}:{os.path.join(a.out, 'drafter')} \"...\"")
 
 
 def main(argv=None):

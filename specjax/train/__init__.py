@@ -59,9 +59,10 @@ def load_configs(name_or_path: str, train_overrides: Optional[dict] = None,
     return TrainConfig.from_yaml(path, **(train_overrides or {})), DataConfig(**d)
 
 
-def run_training(target, config: str, out_dir, *, dataset=None, train_overrides=None,
-                 data_overrides=None, progress: bool = True):
-    """Build (or reuse) the dataset, then train; everything lands in out_dir."""
+def run_training(target, config: str, out_dir, *, dataset=None, features=None,
+                 train_overrides=None, data_overrides=None, progress: bool = True):
+    """Build (or reuse) the dataset, then train; everything lands in out_dir (the dataset and
+    the feature cache too, unless `dataset` / `features` name existing ones to share)."""
     tc, dc = load_configs(config, train_overrides, data_overrides)
     out = Path(out_dir)
     prompts = data.load_prompts(dc.sources)
@@ -78,7 +79,7 @@ def run_training(target, config: str, out_dir, *, dataset=None, train_overrides=
                                batch=dc.gen_batch, shard_rows=4 * dc.gen_batch,
                                progress=progress)
     return train(target, tc, ds, out, heldout_prompts=[p["prompt"] for p in held],
-                 progress=progress)
+                 progress=progress, features_dir=features)
 
 
 __all__ = ["TrainConfig", "DataConfig", "train", "run_training", "load_configs",
