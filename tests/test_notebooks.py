@@ -19,7 +19,6 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
-from specjax.drafters import BUNDLED_DRAFTERS
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 CELL_TIMEOUT = 600  # seconds per cell; the tiny budgets below need far less
@@ -117,15 +116,8 @@ def test_train_notebook(trained):
 
 
 @pytest.mark.slow  # loads SmolLM2-135M
-def test_tour_notebook(tmp_path, request):
-    knobs = dict(NB_PROMPTS=1, NB_NEW_TOKENS=16)
-    bundled = Path(__file__).resolve().parents[1] / "specjax" / BUNDLED_DRAFTERS[
-        "smollm2-135m-eagle3"][1]
-    if not bundled.exists():
-        # The bundled EAGLE-3 weights are not in this checkout: use the (barely trained)
-        # drafter that the training notebook exports, in the same HF format.
-        _, out = request.getfixturevalue("trained")
-        knobs["NB_EAGLE3"] = out / "run" / "drafter"
+def test_tour_notebook(tmp_path):
+    knobs = dict(NB_PROMPTS=1, NB_NEW_TOKENS=16)  # the bundled EAGLE-3 (and Medusa) drafters
     nb = run_notebook("speculative_decoding_tour.ipynb", tmp_path, **knobs)
     text = text_of(nb)
     table = [line for line in text.splitlines() if line.startswith("| ")]
