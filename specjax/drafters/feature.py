@@ -239,6 +239,13 @@ class EagleSpec(DrafterSpec):
     def _logits(self, params, out):
         return draft_logits(self.eagle, params, out, self.target_cfg)
 
+    def _choose(self, params, out, key, mode, sp):
+        """The next chain token from output features out [B, D] -> (token, logp or None)."""
+        if self.eagle.version == 3 and mode.greedy:  # argmax on the draft vocabulary, no scatter
+            small = draft_logits(self.eagle, params, out, self.target_cfg, full=False)
+            return params["d2t"][jnp.argmax(small, axis=-1)].astype(jnp.int32), None
+        return pick_token(self._logits(params, out), key, mode, sp)
+
     def _feed_committed(self, params, cache: KVCache, feat, tokens, last_idx):
         """Feed pairs (feat [B, T, D], tokens [B, T]) at the committed end of the cache; the
         first last_idx[b] + 1 are real -> (drafter output at last_idx [B, D], cache)."""
@@ -263,14 +270,14 @@ class EagleSpec(DrafterSpec):
     def propose(self, params, state: EagleState, last, key, mode, sp):
         K, cache = self.k, state.cache
         keys = jax.random.split(key, K)
-        tok, logp = pick_token(self._logits(params, state.feat), keys[0], mode, sp)
+        tok, logp = self._choose(params, state.feat, keys[0], mode, sp)
 
         def step(carry, k):
             cache, feat, tok = carry
             out, cache = draft_block(self.eagle, params, feat[:, None], tok[:, None],
                                      cache.lengths[:, None], cache)
             cache = cache.replace(lengths=cache.lengths + 1)
-            nxt, lp = pick_token(self._logits(params, out[:, 0]), k, mode, sp)
+            nxt, lp = self._choose(params, out[:, 0], k, mode, sp)
             return (cache, out[:, 0], nxt), (nxt, lp)
 
         toks, logps = [tok[:, None]], [None if logp is None else logp[:, None]]
@@ -339,15 +346,25 @@ class EagleTreeSpec(EagleSpec):
 
         B = last.shape[0]
 
+        # Rank candidates over the drafter's own vocabulary (version 3: 4096 of 49152 ids)
+        # and map the winners to target ids, instead of scattering every node's logits into
+        # the target vocabulary: any candidate ranking keeps verification exact.
+        small = self.eagle.version == 3
+        token_map = params["d2t"] if small else None
+
+        def rank(out):
+            logits = draft_logits(self.eagle, params, out, self.target_cfg, full=not small)
+            return rank_logp(logits, mode, sp)
+
         def feed(cache, tok, feat, depth, vis, off):
             pos = jnp.broadcast_to(cache.lengths[:, None] + (depth - 1), tok.shape)
             out, cache = draft_block(self.eagle, params, feat, tok, pos, cache, block_mask=vis,
                                      write_offset=jnp.full((B,), off, jnp.int32))
-            return rank_logp(self._logits(params, out), mode, sp), out, cache
+            return rank(out), out, cache
 
-        root = rank_logp(self._logits(params, state.feat), mode, sp)
-        tree, _, cache = grow_dynamic_tree(root, feed, state.cache, state.feat,
-                                           top_k=self.top_k, depth=self.depth, nodes=self.k)
+        tree, _, cache = grow_dynamic_tree(rank(state.feat), feed, state.cache, state.feat,
+                                           top_k=self.top_k, depth=self.depth, nodes=self.k,
+                                           token_map=token_map)
         # The window's K/V are scratch (`lengths` did not move): commit re-feeds the accepted
         # path with the target's features.
         return TreeDraft(tree=tree), state.replace(cache=cache)

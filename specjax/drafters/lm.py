@@ -241,7 +241,8 @@ class LMTreeSpec(LMTreeBase):
         return TreeDraft(tree=tree), LMTreeState(lm=lm, fed=fed)
 
 
-def grow_dynamic_tree(root_lp, feed, carry, root_feat, *, top_k: int, depth: int, nodes: int):
+def grow_dynamic_tree(root_lp, feed, carry, root_feat, *, top_k: int, depth: int, nodes: int,
+                      token_map=None):
     """EAGLE-2 tree growth shared by every drafter that returns a distribution.
 
     root_lp [B, V]: ranking log-probs after `last`. `feed(carry, tok [B, kk], feat [B, kk, ...]
@@ -249,14 +250,17 @@ def grow_dynamic_tree(root_lp, feed, carry, root_feat, *, top_k: int, depth: int
     offset `off` and returns (log-probs of its children [B, kk, V], per-node output features
     [B, kk, ...] or None, carry). A frontier node's `feat` is its parent's output feature
     (`root_feat` [B, ...] for depth 1; feature drafters such as EAGLE draft on their own
-    features; LM drafters pass None).
+    features; LM drafters pass None). `token_map` [V'] maps the log-prob axis to target ids
+    when the drafter ranks over its own smaller vocabulary (EAGLE-3's draft vocabulary).
     -> (Tree of `nodes` nodes, window offset of each node's K/V [B, nodes] (-1: leaf), carry).
     """
     from specjax.tree import Tree
 
     kk, D, N = top_k, depth, nodes
     B = root_lp.shape[0]
+    ids = (lambda t: t) if token_map is None else (lambda t: token_map[t])  # noqa: E731
     score, tok = jax.lax.top_k(root_lp, kk)  # [B, kk]
+    tok = ids(tok)
     feat = None if root_feat is None else jnp.repeat(root_feat[:, None], kk, axis=1)
     pool_tok, pool_score = [tok], [score]
     pool_parent = [jnp.full((B, kk), -1, jnp.int32)]
@@ -273,6 +277,7 @@ def grow_dynamic_tree(root_lp, feed, carry, root_feat, *, top_k: int, depth: int
         fed_ids.append(front_idx)
         fed_offs.append(jnp.broadcast_to(off + jnp.arange(kk, dtype=jnp.int32), (B, kk)))
         child_lp, child_tok = jax.lax.top_k(child_all, kk)  # [B, kk, kk]
+        child_tok = ids(child_tok)
         cum = (score[:, :, None] + child_lp).reshape(B, kk * kk)
         base = kk + (d - 2) * kk * kk
         pool_tok.append(child_tok.reshape(B, kk * kk))
