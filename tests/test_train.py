@@ -187,3 +187,14 @@ def test_medusa_kind_trains_and_exports(target, dataset, tmp_path):
     assert specjax.generate(target, prompts, max_new_tokens=12, drafter=d).tokens == ar.tokens
     with pytest.raises(ValueError, match="no config.json"):
         specjax.drafters.medusa(str(tmp_path))
+
+
+def test_bfloat16_compute(target, dataset, tmp_path):
+    """dtype=bfloat16 runs the step in bfloat16 (optimizer state and the saved params stay
+    float32) and still learns: the loss falls over a few steps."""
+    ds, _ = dataset
+    _, params, hist = trainer.train(target, small(dtype="bfloat16", steps=8, save_every=8), ds,
+                                    tmp_path / "bf", progress=False)
+    loss = [r["loss"] for r in hist if "loss" in r]
+    assert np.all(np.isfinite(loss)) and loss[-1] < loss[0], loss
+    assert {str(x.dtype) for x in jax.tree.leaves(params)} == {"float32", "int32"}

@@ -31,10 +31,10 @@ def default_data_dir() -> Path:
 def load_prompts(sources: Sequence[str] = SOURCES, data_dir=None) -> list[dict]:
     """-> [{"prompt": str, "answer": str, "source": str}] in file order, sources interleaved
     (so any prefix mixes them)."""
-    data_dir = Path(data_dir) if data_dir else default_data_dir()
     bad = [s for s in sources if s not in SOURCES]
     if bad:
         raise ValueError(f"unknown training sources {bad}; valid: {list(SOURCES)}")
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
     per = []
     for s in sources:
         if s == "gsm8k":
