@@ -25,8 +25,8 @@ from specjax.verify import Accepted
 
 from conftest import RAGGED_PROMPTS
 from test_spec_sampling import (  # noqa: F401  (`models` is a pytest fixture)
-    ALPHA, MODES, N_ROWS, chi_square, models)
-from test_tree_sampling import NEW_TOKENS, PROMPT, cell_counts, exact  # noqa: F401  (a fixture)
+    ALPHA, MODES, chi_square, models)
+from test_tree_sampling import cell_counts, exact, sample_tokens  # noqa: F401  (a fixture)
 
 NEW = 20
 
@@ -143,12 +143,6 @@ def test_state_follows_cache_free_reference(target, version):
 
 # ------------------------------------------------------------------ sampling law
 
-def _sample(target, drafter, mode_kw, seed):
-    out = specjax.generate(target, [PROMPT] * N_ROWS, max_new_tokens=NEW_TOKENS, key=seed,
-                           drafter=drafter, **mode_kw)
-    return np.asarray(out.tokens), np.asarray(out.stats["acceptance_histogram"])
-
-
 SAMPLING = {  # drafter -> (version, draft vocab, chain k or tree)
     "eagle3-chain-reduced": (3, 12, 2),
     "eagle1-tree": (1, None, drafters.DynamicTree(nodes=6, depth=3, top_k=2)),
@@ -165,7 +159,8 @@ def test_sampling_matches_target(models, exact, name, mode):
     weights = random_eagle(target, version, seed=11, draft_vocab=dv)
     d = (drafters.eagle(weights, k=shape) if isinstance(shape, int)
          else drafters.eagle(weights, tree=shape))
-    toks, hist = _sample(target, d, MODES[mode], seed=2024 + len(name) + len(mode))
+    toks, st = sample_tokens(target, d, MODES[mode], seed=2024 + len(name) + len(mode))
+    hist = np.asarray(st["acceptance_histogram"])
     ex = exact[mode]
     for cols, law in (((0, 1, 2), ex["joint123"]), ((1, 2, 3), ex["marg234"])):
         fit = chi_square(cell_counts(toks, cols), law)

@@ -330,14 +330,20 @@ def exact(models):
     return out
 
 
-def sample_joint(target, drafter, mode_kw, seed, n=N_ROWS):
-    """-> (counts [V^3] of (t1, t2, t3) over n independent rows, generate stats)."""
-    out = specjax.generate(target, [PROMPT] * n, max_new_tokens=NEW_TOKENS, key=seed,
+def sample_rows(target, drafter, mode_kw, seed, prompt, new_tokens, n=N_ROWS):
+    """-> (tokens [n, new_tokens] of n independent rows decoding `prompt`, generate stats)."""
+    out = specjax.generate(target, [prompt] * n, max_new_tokens=new_tokens, key=seed,
                            drafter=drafter, **mode_kw)
     toks = np.asarray(out.tokens)
-    assert toks.shape == (n, NEW_TOKENS)
+    assert toks.shape == (n, new_tokens)
+    return toks, out.stats
+
+
+def sample_joint(target, drafter, mode_kw, seed, n=N_ROWS):
+    """-> (counts [V^3] of (t1, t2, t3) over n independent rows, generate stats)."""
+    toks, stats = sample_rows(target, drafter, mode_kw, seed, PROMPT, NEW_TOKENS, n)
     idx = (toks[:, 0] * V + toks[:, 1]) * V + toks[:, 2]
-    return np.bincount(idx, minlength=V ** 3), out.stats
+    return np.bincount(idx, minlength=V ** 3), stats
 
 
 def assert_follows_target(counts, joint, hist, label: str) -> Fit:

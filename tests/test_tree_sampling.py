@@ -88,7 +88,7 @@ from specjax.sampling import make_sampling, process_logits
 # Shared with the chain-drafter test: statistics helpers and the target / draft model fixture.
 from test_spec_sampling import (  # noqa: F401  (`models` is a pytest fixture)
     ALPHA, MIN_POWER, MODES, N_ROWS, V, assert_no_degenerate_boundary, chi_square, detectable_tv,
-    models, pooled_bins, power)
+    models, pooled_bins, power, sample_rows)
 
 NEW_TOKENS = 4
 # After each likely t1 the history holds the newest tokens several times with different
@@ -157,11 +157,7 @@ def exact(models):
 
 def sample_tokens(target, drafter, mode_kw, seed, n=N_ROWS):
     """-> (tokens [n, NEW_TOKENS] of n independent rows, generate stats)."""
-    out = specjax.generate(target, [PROMPT] * n, max_new_tokens=NEW_TOKENS, key=seed,
-                           drafter=drafter, **mode_kw)
-    toks = np.asarray(out.tokens)
-    assert toks.shape == (n, NEW_TOKENS)
-    return toks, out.stats
+    return sample_rows(target, drafter, mode_kw, seed, PROMPT, NEW_TOKENS, n)
 
 
 def cell_counts(toks: np.ndarray, cols) -> np.ndarray:
