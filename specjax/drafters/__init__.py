@@ -10,14 +10,12 @@ the draft's confidence) or `tree=StaticTree(choices)` (a fixed Medusa / EAGLE-1 
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import os
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from specjax.drafters.base import Draft, Drafter, DrafterSpec, TargetPrefill, TargetStep
-import dataclasses
-from typing import Optional
-
 from specjax.drafters.lm import LMDrafterSpec, LMStaticTreeSpec, LMTreeSpec, layer_skip_params
 from specjax.drafters.ngram import NgramSpec
 # Drafter modules whose constructor shares the drafter's name are named apart from it

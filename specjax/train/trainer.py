@@ -23,6 +23,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from specjax.drafters import feature as F
 from specjax.models.llama import Hiddens, forward_hidden, lm_head
@@ -194,8 +195,6 @@ class FeatureStore:
 # ----------------------------------------------------------------------------- the step
 
 def make_optimizer(cfg: TrainConfig):
-    import optax
-
     warm = min(cfg.warmup, cfg.steps - 1) or 1
     # Warmup starts at lr / warmup, not 0, so the first step already updates.
     sched = optax.warmup_cosine_decay_schedule(cfg.lr / warm, cfg.lr, warm,
@@ -231,8 +230,6 @@ def make_train_step(tc: TrainConfig, ecfg: F.EagleConfig, target, optimizer):
         (loss, metrics), grads = jax.value_and_grad(
             lambda tr: loss_fn(dict(tr, **fixed), shared, tokens, mask, last, layers),
             has_aux=True)(trainable)
-        import optax
-
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         return dict(trainable, **fixed), opt_state, loss, metrics
@@ -252,8 +249,6 @@ def make_medusa_step(tc: TrainConfig, mcfg, target, optimizer):
                                         h.astype(jnp.float32), labels, valid)
 
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        import optax
-
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, {"acc": acc}
 
