@@ -87,7 +87,7 @@ def prefill(params, dparams, tokens, lengths, max_new, key, sp, *, ec: EngineCon
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     logits, hiddens, cache = forward(params, cfg, tokens, positions, cache,
                                      logits_at=(lengths - 1)[:, None],
-                                     hidden_layers=ec.hidden_layers, impl=ec.impl)
+                                     hidden_layers=ec.hidden_layers, impl=ec.impl, fresh=True)
     cache = cache.replace(lengths=lengths)
     key, k0, kd = jax.random.split(key, 3)
     first = sample_token(k0, logits[:, 0], ec.mode, sp)

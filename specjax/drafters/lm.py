@@ -63,7 +63,7 @@ class LMDrafterSpec(DrafterSpec):
                                per_layer=is_unrolled(params))
             positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
             _, _, cache = forward(params, self.cfg, prefill.tokens, positions, cache,
-                                  logits_at=jnp.zeros((B, 1), jnp.int32))
+                                  logits_at=jnp.zeros((B, 1), jnp.int32), fresh=True)
             cache = cache.replace(lengths=prefill.lengths)
         pending = jnp.stack([prefill.first, jnp.zeros_like(prefill.first)], axis=1)
         return LMDraftState(cache=cache, pending=pending, n_pending=jnp.ones((B,), jnp.int32),

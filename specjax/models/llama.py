@@ -111,6 +111,28 @@ def build_attention_mask(lengths: jax.Array, positions: jax.Array, block_mask: j
     return mask
 
 
+def split_attention_masks(lengths: jax.Array, positions: jax.Array, block_mask: jax.Array,
+                          max_len: int, sliding_window: Optional[int],
+                          write_offset: Optional[jax.Array] = None):
+    """`build_attention_mask` cut in two for `attention_split`: -> (cache_mask [B, T, S] over
+    the cache as it was before this block was written, block_mask [B, T, T] among the block's
+    own tokens). The block's own slots are hidden in the first part (the old buffer holds
+    garbage there); together the two parts show exactly what the dense mask shows."""
+    B, T, W = block_mask.shape
+    off = jnp.zeros_like(lengths) if write_offset is None else write_offset  # [B]
+    dense = build_attention_mask(lengths, positions, block_mask, max_len, sliding_window,
+                                 write_offset)
+    rel = jnp.arange(max_len)[None, :] - lengths[:, None]  # [B, S]
+    own = (rel >= off[:, None]) & (rel < off[:, None] + T)
+    cache_mask = dense & ~own[:, None, :]
+    cols = off[:, None] + jnp.arange(T)[None, :]  # [B, T] window columns of the block
+    own_mask = jnp.take_along_axis(block_mask, jnp.broadcast_to(cols[:, None, :], (B, T, T)),
+                                   axis=2)
+    if sliding_window is not None:
+        own_mask &= (positions[:, :, None] - positions[:, None, :]) < sliding_window
+    return cache_mask, own_mask
+
+
 def causal_block_mask(batch: int, T: int) -> jax.Array:
     return jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (batch, T, T))
 
@@ -124,6 +146,37 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     o = jnp.einsum("bkgts,bksd->btkgd", p, v)  # [B, T, KV, G, hd]
+    return o.reshape(B, T, H, hd)
+
+
+def attention_split(q: jax.Array, k: jax.Array, v: jax.Array, k_new: jax.Array,
+                    v_new: jax.Array, cache_mask: jax.Array, own_mask: jax.Array) -> jax.Array:
+    """`attention_xla` over the cache as it was before the block was written (k, v
+    [B, KV, S, hd] under cache_mask [B, T, S]) plus the block's own keys (k_new, v_new
+    [B, KV, T, hd] under own_mask [B, T, T]), one softmax over both. k = v = None: the cache
+    is empty (a prefill) and only the block is attended to.
+
+    Why: the layer can then write the block into the cache after attention has read it, so the
+    written buffer feeds only the loop carry and XLA updates it in place. Reading the updated
+    buffer instead made XLA CPU duplicate the dynamic-update-slice into both consumers and copy
+    every layer's cache twice per decode step. The cache is the left operand of the score dot
+    (contracting its minor axis), which XLA CPU runs without transposing the cache."""
+    B, T, H, hd = q.shape
+    KV = k_new.shape[1]
+    qg = q.reshape(B, T, KV, H // KV, hd) / math.sqrt(hd)  # [B, T, KV, G, hd]
+    lo = jnp.finfo(jnp.float32).min
+    s_n = jnp.einsum("btkgd,bkud->bkgtu", qg, k_new, preferred_element_type=jnp.float32)
+    s_n = jnp.where(own_mask[:, None, None], s_n, lo)
+    if k is None:  # an empty cache (prefill): the block attends only to itself
+        p_n = jax.nn.softmax(s_n, axis=-1).astype(v_new.dtype)
+        return jnp.einsum("bkgtu,bkud->btkgd", p_n, v_new).reshape(B, T, H, hd)
+    s_c = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    s_c = jnp.where(cache_mask[:, None, None], s_c, lo)
+    m = jnp.maximum(s_c.max(axis=-1, keepdims=True), s_n.max(axis=-1, keepdims=True))
+    p_c, p_n = jnp.exp(s_c - m), jnp.exp(s_n - m)
+    denom = p_c.sum(axis=-1, keepdims=True) + p_n.sum(axis=-1, keepdims=True)
+    o = (jnp.einsum("bkgts,bksd->btkgd", (p_c / denom).astype(v.dtype), v)
+         + jnp.einsum("bkgtu,bkud->btkgd", (p_n / denom).astype(v.dtype), v_new))
     return o.reshape(B, T, H, hd)
 
 
@@ -158,6 +211,15 @@ def write_block(c: jax.Array, layer: Optional[jax.Array], new: jax.Array,
                        slots[:, None, :])].set(new, mode="drop")
 
 
+def _ordered_after(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """`idx`, made data-dependent on `x` (a comparison that is never true, not even for NaN).
+
+    XLA orders a cache write after the reads of the old buffer only when the write depends on
+    them; otherwise it copies the whole buffer (per layer, per decode step) to be safe. An
+    optimization barrier does not create that dependency; this does, at the cost of one scalar."""
+    return idx + (x.reshape(-1)[0] > jnp.inf).astype(idx.dtype)
+
+
 def _layer(cfg: ModelConfig, impl: str, inv_freq, lp: dict, h: jax.Array, positions: jax.Array,
            mask: Optional[jax.Array], ck: jax.Array, cv: jax.Array, start: jax.Array,
            layer: jax.Array, lengths: jax.Array, block_mask: jax.Array,
@@ -177,10 +239,18 @@ def _layer(cfg: ModelConfig, impl: str, inv_freq, lp: dict, h: jax.Array, positi
     q = apply_rope(q.reshape(B, T, H, hd), positions, inv_freq)
     k = apply_rope(k.reshape(B, T, KV, hd), positions, inv_freq)
     v = v.reshape(B, T, KV, hd)
-    ck = write_block(ck, layer, jnp.swapaxes(k, 1, 2), start)  # [B, KV, T, hd] into the carry
-    cv = write_block(cv, layer, jnp.swapaxes(v, 1, 2), start)
-    kl, vl = (ck, cv) if layer is None else (ck[layer], cv[layer])  # [B, KV, S, hd]
-    o = _attention(impl, q, kl, vl, mask, lengths, block_mask)  # [B, T, H, hd]
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KV, T, hd]
+    if impl == "xla":  # attend first, then write (see attention_split)
+        kl, vl = (ck, cv) if layer is None else (ck[layer], cv[layer])  # [B, KV, S, hd]
+        if mask[0] is None:  # fresh cache
+            kl = vl = None
+        o = attention_split(q, kl, vl, k.astype(ck.dtype), v.astype(cv.dtype), *mask)
+        start = _ordered_after(o, start)
+        ck, cv = write_block(ck, layer, k, start), write_block(cv, layer, v, start)
+    else:  # the kernel reads the block from the cache
+        ck, cv = write_block(ck, layer, k, start), write_block(cv, layer, v, start)
+        kl, vl = (ck, cv) if layer is None else (ck[layer], cv[layer])
+        o = _attention(impl, q, kl, vl, mask, lengths, block_mask)  # [B, T, H, hd]
     h = h + o.reshape(B, T, -1) @ lp["wo"]
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     gate, up = jnp.split(x @ lp["w_gate_up"], 2, axis=-1)
@@ -191,7 +261,8 @@ def _layer(cfg: ModelConfig, impl: str, inv_freq, lp: dict, h: jax.Array, positi
 def forward_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
                    cache: KVCache, *, block_mask: Optional[jax.Array] = None,
                    hidden_layers: Sequence[int] = (), impl: str = "xla",
-                   embeds: Optional[jax.Array] = None, write_offset: Optional[jax.Array] = None):
+                   embeds: Optional[jax.Array] = None, write_offset: Optional[jax.Array] = None,
+                   fresh: bool = False):
     """Run the decoder over a block of T tokens per row.
 
     tokens, positions: [B, T] int32; the block is written at cache slots [lengths, lengths + T)
@@ -199,6 +270,8 @@ def forward_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, positions:
     `embeds` [B, T, D], when given, replaces the token embeddings (multimodal inputs).
     `write_offset` [B] moves the block to slots [lengths + off, lengths + off + T) and
     `block_mask` may then be [B, T, W] over the window [lengths, lengths + W) (draft trees).
+    `fresh` (static): the cache holds nothing yet (a prefill at length 0), so attention skips
+    it and costs T x T instead of T x (S + T).
     Returns (Hiddens, cache) with the block's K/V written and `cache.lengths` unchanged.
     """
     B, T = tokens.shape
@@ -212,8 +285,10 @@ def forward_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, positions:
         impl = "xla"
     inv_freq = rope_inv_freq(cfg)
     h = params["embed"][tokens] if embeds is None else embeds.astype(params["embed"].dtype)
-    mask = None if impl == "pallas" else build_attention_mask(
+    mask = None if impl == "pallas" else split_attention_masks(
         cache.lengths, positions, block_mask, cache.max_len, cfg.sliding_window, write_offset)
+    if fresh and mask is not None:
+        mask = (None, mask[1])
     start = cache.lengths if write_offset is None else cache.lengths + write_offset  # [B]
     want_layers = tuple(hidden_layers)
 
@@ -266,8 +341,8 @@ def single_layer(cfg: ModelConfig, lp: dict, h: jax.Array, x: Optional[jax.Array
     B, T = positions.shape
     if block_mask is None:
         block_mask = causal_block_mask(B, T)
-    mask = build_attention_mask(cache.lengths, positions, block_mask, cache.max_len,
-                                cfg.sliding_window, write_offset)
+    mask = split_attention_masks(cache.lengths, positions, block_mask, cache.max_len,
+                                 cfg.sliding_window, write_offset)
     start = cache.lengths if write_offset is None else cache.lengths + write_offset
     h, ck, cv = _layer(cfg, "xla", rope_inv_freq(cfg), lp, h, positions, mask, cache.k[0],
                        cache.v[0], start, None, cache.lengths, block_mask, x=x)
@@ -305,7 +380,7 @@ def lm_head(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
 def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
             cache: KVCache, *, block_mask: Optional[jax.Array] = None,
             hidden_layers: Sequence[int] = (), logits_at: Optional[jax.Array] = None,
-            impl: str = "xla", write_offset: Optional[jax.Array] = None):
+            impl: str = "xla", write_offset: Optional[jax.Array] = None, fresh: bool = False):
     """`forward_hidden` plus the LM head -> (logits, hiddens, cache).
 
     `logits_at` [B, M] picks the block positions whose logits are needed (prefill needs only the
@@ -313,7 +388,7 @@ def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Ar
     """
     hiddens, cache = forward_hidden(params, cfg, tokens, positions, cache, block_mask=block_mask,
                                     hidden_layers=hidden_layers, impl=impl,
-                                    write_offset=write_offset)
+                                    write_offset=write_offset, fresh=fresh)
     h = hiddens.last
     if logits_at is not None:
         h = jnp.take_along_axis(h, logits_at[..., None], axis=1)  # [B, M, D]
@@ -327,5 +402,5 @@ def full_logits(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     B, T = tokens.shape
     cache = init_cache(cfg, B, T, params["embed"].dtype, per_layer=is_unrolled(params))
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    logits, _, _ = forward(params, cfg, tokens, positions, cache)
+    logits, _, _ = forward(params, cfg, tokens, positions, cache, fresh=True)
     return logits

@@ -100,7 +100,7 @@ def _feature_fn(target, layers: tuple):
         pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         cache = init_cache(cfg, B, S, params["embed"].dtype, per_layer=isinstance(
             params["layers"], (list, tuple)))
-        hid, _ = forward_hidden(params, cfg, tokens, pos, cache, hidden_layers=layers)
+        hid, _ = forward_hidden(params, cfg, tokens, pos, cache, hidden_layers=layers, fresh=True)
         return hid.last, hid.layers
 
     return run
