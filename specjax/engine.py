@@ -136,7 +136,7 @@ def _verify(params, dparams, state: LoopState, draft, sp, ec: EngineConfig, key)
         src = jnp.concatenate([jnp.zeros_like(acc.path[:, :1]), jnp.maximum(acc.path, -1) + 1], 1)
         cache = gather_slots(cache, src, jnp.where(~state.done, acc.n + 1, 0))
         return tokens, acc, cache, hiddens, block
-    K = ec.k
+    K = draft.tokens.shape[1]  # ec.k, or fewer (see _verify_sized)
     block = jnp.concatenate([state.last[:, None], draft.tokens], axis=1)  # [B, K+1]
     positions = lengths[:, None] + jnp.arange(K + 1, dtype=jnp.int32)[None, :]
     logits, hiddens, cache = forward(params, cfg, block, positions, cache,
@@ -147,6 +147,36 @@ def _verify(params, dparams, state: LoopState, draft, sp, ec: EngineConfig, key)
     return draft.tokens, acc, cache, hiddens, block
 
 
+def verify_bucket(size: jax.Array, active: jax.Array, sizes: tuple) -> jax.Array:
+    """Index into (0,) + sizes of the smallest verify length covering every active row's
+    request `size` [B] (0 = a plain step)."""
+    need = jnp.max(jnp.where(active, size, 0))
+    return jnp.minimum(jnp.sum(jnp.asarray((0,) + sizes) < need), len(sizes))
+
+
+def _verify_sized(params, dparams, state: LoopState, draft: Draft, sp, ec: EngineConfig, key):
+    """Verify only as many draft tokens as the drafter asked for (`Draft.size`), rounded up to
+    one of its static `verify_sizes`; every length is its own branch of a `lax.switch`, so a
+    short verify costs a short forward. -> (accepted [B, K] zero-padded, Accepted, cache)."""
+    K, sizes = ec.k, tuple(ec.drafter.verify_sizes)
+    if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] != K:
+        raise ValueError(f"verify_sizes must ascend from >= 1 to k={K}, got {sizes}")
+
+    def branch(n: int):
+        def run(_):
+            if n == 0:
+                _, acc, cache, _, _ = _verify(params, dparams, state, None, sp, ec, key)
+                return jnp.zeros((state.last.shape[0], K), jnp.int32), acc, cache
+            short = draft._replace(tokens=draft.tokens[:, :n],
+                                   logp=None if draft.logp is None else draft.logp[:, :n])
+            tokens, acc, cache, _, _ = _verify(params, dparams, state, short, sp, ec, key)
+            return jnp.pad(tokens, ((0, 0), (0, K - n))), acc, cache
+        return run
+
+    idx = verify_bucket(draft.size, ~state.done, sizes)
+    return jax.lax.switch(idx, [branch(n) for n in (0,) + sizes], None)
+
+
 def decode_step(params, dparams, state: LoopState, sp, ec: EngineConfig) -> LoopState:
     """One draft -> verify -> accept -> commit step (K = 0: one plain decode step)."""
     key, k_draft, k_verify = jax.random.split(state.key, 3)
@@ -154,7 +184,10 @@ def decode_step(params, dparams, state: LoopState, sp, ec: EngineConfig) -> Loop
     if ec.drafter is not None:
         draft, dstate = ec.drafter.propose(dparams, state.dstate, state.last, k_draft, ec.mode, sp)
     active = ~state.done
-    if draft is not None and getattr(draft, "worth", None) is not None:
+    if isinstance(draft, Draft) and draft.size is not None:
+        accepted, acc, cache = _verify_sized(params, dparams, state, draft, sp, ec, k_verify)
+        hiddens = block = None  # such drafters read no target features
+    elif isinstance(draft, TreeDraft) and draft.worth is not None:
         # The drafter says whether its draft is worth verifying (an n-gram drafter that found
         # no match is not): when no active row's is, take a plain one-token step instead of
         # paying for a (K+1)-token verify that can only yield the bonus token.
@@ -165,9 +198,9 @@ def decode_step(params, dparams, state: LoopState, sp, ec: EngineConfig) -> Loop
         def plain(_):
             none, acc, cache, _, _ = _verify(params, dparams, state, None, sp, ec, k_verify)
             B, D = none.shape[0], ec.max_accept
-            if isinstance(draft, TreeDraft):  # same record as the tree branch returns
-                acc = tree_lib.TreeAccepted(node=jnp.full((B,), -1, jnp.int32), n=acc.n,
-                                            path=jnp.full((B, D), -1, jnp.int32), bonus=acc.bonus)
+            # the same record as the tree branch returns
+            acc = tree_lib.TreeAccepted(node=jnp.full((B,), -1, jnp.int32), n=acc.n,
+                                        path=jnp.full((B, D), -1, jnp.int32), bonus=acc.bonus)
             return jnp.zeros((B, D), jnp.int32), acc, cache
 
         accepted, acc, cache = jax.lax.cond(jnp.any(draft.worth & active), spec, plain, None)

@@ -26,6 +26,7 @@ from conftest import RAGGED_PROMPTS, VOCAB, byte_bpe
 from specjax import drafters, engine
 from specjax.drafters.ngram import NgramSpec
 from specjax.model import Model
+from test_spec_sampling import sized_drafter
 
 # `specjax.generate` is the function (re-exported by the package); these are the module's.
 gen = importlib.import_module("specjax.generate")
@@ -210,6 +211,9 @@ DRAFTERS = {
     "small_model-self-k4": lambda target, other: drafters.small_model(target, k=4),
     "layer_skip-1-k3": lambda target, other: drafters.layer_skip(layers=1, k=3),
     "layer_skip-0,2-k2": lambda target, other: drafters.layer_skip(layers=(0, 2), k=2),
+    "ngram-fixed-k4": lambda target, other: drafters.ngram(k=4, adaptive=False),
+    # Verify 0, 1, 3 or 5 of 5 draft tokens, as the rows' requests differ step by step.
+    "sized-other-k5": lambda target, other: sized_drafter(other, k=5, sizes=(1, 3)),
 }
 
 

@@ -80,6 +80,7 @@ from scipy import optimize, stats
 
 import specjax
 from specjax import engine, verify
+from specjax.drafters.lm import LMDrafterSpec
 from specjax.sampling import make_sampling, process_logits
 from specjax.verify import Accepted
 
@@ -100,7 +101,7 @@ MODES = {
     "plain": dict(temperature=0.7, top_k=None, top_p=None),
     "topk5_topp0.8": dict(temperature=1.0, top_k=5, top_p=0.8),
 }
-DRAFTERS = ("ar", "ngram", "small_model", "self", "layer_skip")
+DRAFTERS = ("ar", "ngram", "small_model", "self", "layer_skip", "short_verify")
 SEEDS = {(d, m): 1000 + 10 * i + j for i, d in enumerate(DRAFTERS) for j, m in enumerate(MODES)}
 
 
@@ -263,6 +264,32 @@ def models(make_hf_model):
     return target, draft
 
 
+@dataclasses.dataclass(frozen=True)
+class SizedLMSpec(LMDrafterSpec):
+    """Test drafter: a small LM that drafts k tokens but asks (`Draft.size`) for `size(...)` of
+    them to be verified, rounded up by the engine to one of `sizes`. `fixed` >= 0 asks for that
+    many in every row; -1 asks for (first draft token + last) % (k + 1), which differs by row."""
+
+    sizes: tuple = (1,)
+    fixed: int = -1
+
+    @property
+    def verify_sizes(self) -> tuple:
+        return self.sizes + (self.k,)
+
+    def propose(self, params, state, last, key, mode, sp):
+        draft, state = super().propose(params, state, last, key, mode, sp)
+        size = ((draft.tokens[:, 0] + last) % (self.k + 1) if self.fixed < 0
+                else jnp.full_like(last, self.fixed))
+        return draft._replace(size=size.astype(jnp.int32)), state
+
+
+def sized_drafter(model, k: int, sizes: tuple, fixed: int = -1):
+    base = specjax.drafters.small_model(model, k=k)
+    return dataclasses.replace(base, spec=SizedLMSpec(k=k, cfg=base.spec.cfg, sizes=sizes,
+                                                      fixed=fixed), name="sized")
+
+
 def make_drafter(name: str, target, draft):
     if name == "ar":
         return None
@@ -274,6 +301,8 @@ def make_drafter(name: str, target, draft):
         return specjax.drafters.small_model(target, k=1)
     if name == "layer_skip":
         return specjax.drafters.layer_skip(layers=1, k=1)
+    if name == "short_verify":  # drafts 2 tokens, verifies only the first (Draft.size = 1)
+        return sized_drafter(draft, k=2, sizes=(1,), fixed=1)
     raise ValueError(name)
 
 
@@ -370,6 +399,8 @@ def test_first_tokens_match_target(models, exact, drafter, mode):
         assert hist[-1] >= 0.999 * hist.sum(), hist
     elif drafter != "ar":  # both rejections and acceptances happen, often
         assert hist[0] >= 0.05 * hist.sum() and hist[1:].sum() >= 0.05 * hist.sum(), hist
+    if drafter == "short_verify":  # the second draft token was never verified
+        assert hist[2] == 0, hist
 
 
 def test_stated_power(exact):

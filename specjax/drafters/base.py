@@ -30,9 +30,11 @@ class Draft(NamedTuple):
 
     tokens: jax.Array  # [B, K] int32
     logp: Optional[jax.Array]  # [B, K, V] processed draft log-probs; None = deterministic (one-hot)
-    # [B] bool, optional: whether the draft is worth a verify forward. When no active row's is,
-    # the engine takes a plain one-token step (only for drafters that read no target features).
-    worth: Optional[jax.Array] = None
+    # [B] int32, optional: how many leading draft tokens are worth verifying (0: none). The
+    # engine verifies the smallest of the spec's `verify_sizes` (or 0: a plain one-token step)
+    # that covers every active row's request, so a weak draft costs a short verify forward.
+    # Only for drafters that read no target features.
+    size: Optional[jax.Array] = None
 
 
 class TreeDraft(NamedTuple):
@@ -42,7 +44,9 @@ class TreeDraft(NamedTuple):
     # [B, N+1, V] draft distribution the children of each block position were drawn from, or
     # None: the children are deterministic candidates (top-k, n-gram branches).
     child_logp: Optional[jax.Array] = None
-    worth: Optional[jax.Array] = None  # as in `Draft`
+    # [B] bool, optional: whether the tree is worth a verify forward; when no active row's is,
+    # the engine takes a plain one-token step (drafters that read no target features only).
+    worth: Optional[jax.Array] = None
 
 
 @struct.dataclass
@@ -92,6 +96,12 @@ class DrafterSpec:
     def cache_slack(self) -> int:
         """Cache slots the drafter's own state may use beyond the committed tokens."""
         return self.k
+
+    @property
+    def verify_sizes(self) -> tuple:
+        """Static verify block lengths (draft tokens, ascending, the last = k) a chain drafter
+        that sets `Draft.size` may be verified with; each is one compiled branch."""
+        return (self.k,)
 
     def init(self, params, prefill: TargetPrefill, max_len: int) -> Any:
         raise NotImplementedError
