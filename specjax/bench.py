@@ -5,6 +5,8 @@ and a PNG plot.
 Each method sees the same prompts (first turn, chat template). tokens/s is total new tokens over
 total wall time (prefill + decode) per category; speedup is relative to specjax AR; tau is mean
 tokens emitted per target forward (Spec-Bench's "mean accepted tokens", bonus included).
+decode speedup compares decode time alone (prefill excluded). The lookup ceiling (from the AR
+outputs) bounds what any prompt-lookup drafter could reach on the same prompts.
 """
 from __future__ import annotations
 
@@ -65,6 +67,17 @@ def load_questions(path: str, limit: Optional[int] = None,
 
 
 @dataclasses.dataclass
+class Run:
+    """One method on one prompt. prefill_s is NaN where the method does not split its time."""
+    tokens: list
+    seconds: float
+    tau: float = float("nan")
+    forwards: int = 0
+    prefill_s: float = float("nan")
+    compiled: bool = False
+
+
+@dataclasses.dataclass
 class Record:
     method: str
     category: str
@@ -73,6 +86,11 @@ class Record:
     seconds: float
     tau: float
     forwards: int
+    prefill_s: float = float("nan")
+    tokens: list = dataclasses.field(default_factory=list)
+    # AR records only: fewest decode steps any prompt-lookup drafter could have used.
+    ceiling_steps: Optional[int] = None
+    compiled: bool = False  # the timed call traced/compiled something (warm-up missed a shape)
 
 
 def _spec_runner(model, drafter, max_new_tokens: int) -> Callable:
@@ -81,7 +99,8 @@ def _spec_runner(model, drafter, max_new_tokens: int) -> Callable:
     def run(ids):
         out = generate(model, [ids], max_new_tokens=max_new_tokens, drafter=drafter)
         s = out.stats
-        return out.tokens[0], s["total_s"], s["tau"], s["target_forwards"][0]
+        return Run(out.tokens[0], s["total_s"], s["tau"], s["target_forwards"][0], s["prefill_s"],
+                   s["compiled"])
 
     return run
 
@@ -97,8 +116,7 @@ def _hf_runner(hf_model, max_new_tokens: int, eos: Sequence[int], **gen_kwargs) 
                                   max_new_tokens=max_new_tokens, eos_token_id=list(eos),
                                   pad_token_id=eos[0], **gen_kwargs)
         dt = time.perf_counter() - t0
-        new = y[0, len(ids):].tolist()
-        return new, dt, float("nan"), 0
+        return Run(y[0, len(ids):].tolist(), dt)
 
     return run
 
@@ -122,7 +140,7 @@ def load_hf_twin(model):
 
 def run_bench(model, prompts: list[dict], methods: dict, *, warmup: bool = True,
               progress: bool = True) -> list[Record]:
-    """methods: name -> runner(ids) -> (new_tokens, seconds, tau, forwards)."""
+    """methods: name -> runner(ids) -> Run. The "ar" method also gets its lookup ceiling."""
     from tqdm import tqdm
 
     from specjax.generate import MIN_PROMPT_BUCKET, bucket
@@ -140,49 +158,116 @@ def run_bench(model, prompts: list[dict], methods: dict, *, warmup: bool = True,
     bar = tqdm(total=len(prompts) * len(methods), desc="bench", disable=not progress)
     for p, ids in zip(prompts, encoded):
         for name, run in methods.items():
-            toks, secs, tau, fwd = run(ids)
-            records.append(Record(name, p["category"], p["id"], len(toks), secs, tau, fwd))
-            bar.set_postfix(method=name, tok_s=f"{len(toks) / max(secs, 1e-9):.1f}")
+            r = run(ids)
+            ceiling = lookup_ceiling(ids, r.tokens) if name == "ar" else None
+            records.append(Record(name, p["category"], p["id"], len(r.tokens), r.seconds, r.tau,
+                                  r.forwards, r.prefill_s, list(r.tokens), ceiling, r.compiled))
+            bar.set_postfix(method=name, tok_s=f"{len(r.tokens) / max(r.seconds, 1e-9):.1f}")
             bar.update()
     bar.close()
     return records
 
 
+def lookup_ceiling(prompt: Sequence[int], output: Sequence[int],
+                   k: Optional[int] = None) -> int:
+    """Fewest decode steps in which any prompt-lookup drafter could emit `output` greedily.
+
+    A step verifies a draft of at most k tokens copied from the context seen so far (prompt plus
+    output so far) and emits the accepted tokens plus one; the first output token comes from
+    prefill, as in `generate`. Taking the longest copy every step is optimal: if a copy from
+    position j accepts a tokens at output position t, the copy from j + 1 accepts a - 1 at
+    t + 1, so the farthest reachable position never decreases with t. No lookup drafter (any n,
+    any tie-break, any tree of copies) can use fewer target forwards.
+    """
+    ctx = np.asarray(list(prompt) + list(output), dtype=np.int64)
+    out, p = ctx[len(prompt):], len(prompt)
+    n = len(out)
+    t, steps = 1, 0
+    while t < n:
+        seen = p + t  # tokens of context a draft may copy from at this step
+        want = out[t:t + (k or n)]
+        d = np.arange(len(want))
+        idx = np.arange(seen)[:, None] + d[None, :]  # [seen, L] candidate copy positions
+        ok = (idx < seen) & (ctx[np.minimum(idx, seen - 1)] == want[None, :])
+        accepted = int(np.cumprod(ok, axis=1).sum(axis=1).max())
+        t += min(accepted, n - t - 1) + 1
+        steps += 1
+    return steps
+
+
 def summarize(records: list[Record], baseline: str = "ar") -> dict:
-    """-> {category: {method: {"tokens_per_s", "speedup", "tau"}}} plus an "overall" row."""
+    """-> {category: {method: stats}} plus an "overall" row.
+
+    stats: tokens_per_s, speedup, tau, decode_tokens_per_s / decode_speedup (methods that
+    split prefill from decode), same_as_ar (greedy outputs identical to the baseline's), and
+    for the baseline the lookup ceiling: ceiling_tau and ceiling_speedup, the total-time speedup
+    a lookup drafter would reach with ceiling_steps target forwards each costing one AR step.
+    """
     table: dict = collections.defaultdict(dict)
     groups = collections.defaultdict(list)
+    base_tokens = {(r.category, r.qid): r.tokens for r in records if r.method == baseline}
     for r in records:
         groups[(r.category, r.method)].append(r)
         groups[("overall", r.method)].append(r)
     for (cat, method), rs in groups.items():
         toks = sum(r.new_tokens for r in rs)
         secs = sum(r.seconds for r in rs)
-        taus = [r.tau for r in rs if not np.isnan(r.tau)]
-        table[cat][method] = {"tokens_per_s": toks / secs if secs else 0.0,
-                              "tau": float(np.mean(taus)) if taus else float("nan"),
-                              "prompts": len(rs), "new_tokens": toks}
+        # tau over all steps of the group (not a mean of per-prompt taus), like ceiling_tau.
+        spec = [r for r in rs if not np.isnan(r.tau)]
+        steps = sum(r.forwards - 1 for r in spec)
+        tau = sum(max(r.new_tokens - 1, 0) for r in spec) / steps if steps else float("nan")
+        stats = {"tokens_per_s": toks / secs if secs else 0.0, "tau": tau,
+                 "prompts": len(rs), "new_tokens": toks,
+                 "same_as_ar": sum(base_tokens.get((r.category, r.qid)) == r.tokens for r in rs)}
+        if not any(np.isnan(r.prefill_s) for r in rs):
+            dec_s = sum(r.seconds - r.prefill_s for r in rs)
+            dec_toks = sum(max(r.new_tokens - 1, 0) for r in rs)
+            stats["decode_tokens_per_s"] = dec_toks / dec_s if dec_s > 0 else 0.0
+        if all(r.ceiling_steps is not None for r in rs):
+            steps = sum(r.ceiling_steps for r in rs)
+            stats["ceiling_tau"] = sum(max(r.new_tokens - 1, 0) for r in rs) / max(steps, 1)
+            # Decode time scaled by (ceiling steps / AR steps); verify forwards cost at least
+            # one AR step, so this is an upper bound on a lookup drafter's speedup.
+            best = sum(r.prefill_s + (r.seconds - r.prefill_s) * r.ceiling_steps
+                       / max(r.new_tokens - 1, 1) for r in rs)
+            stats["ceiling_speedup"] = secs / best if best > 0 else float("nan")
+        table[cat][method] = stats
     for cat, row in table.items():
-        base = row.get(baseline, {}).get("tokens_per_s")
+        base = row.get(baseline, {})
         for stats in row.values():
-            stats["speedup"] = stats["tokens_per_s"] / base if base else float("nan")
+            for key, ref in (("speedup", "tokens_per_s"), ("decode_speedup", "decode_tokens_per_s")):
+                if ref in stats and base.get(ref):
+                    stats[key] = stats[ref] / base[ref]
     cats = sorted(c for c in table if c != "overall") + ["overall"]
     return {c: table[c] for c in cats}
 
 
-def markdown(summary: dict, methods: Sequence[str]) -> str:
-    head = "| category | " + " | ".join(f"{m} tok/s | {m} speedup | {m} tau" for m in methods)
-    lines = [head + " |", "|" + "---|" * (1 + 3 * len(methods))]
+def _cell(s: dict) -> str:
+    parts = [f"{s['speedup']:.2f}x"]
+    if "decode_speedup" in s:
+        parts.append(f"dec {s['decode_speedup']:.2f}x")
+    if not np.isnan(s["tau"]):
+        parts.append(f"tau {s['tau']:.2f}")
+    return f"{s['tokens_per_s']:.1f} ({', '.join(parts)})"
+
+
+def markdown(summary: dict, methods: Sequence[str], baseline: str = "ar") -> str:
+    """Table: tokens/s (total speedup, decode-only speedup, tau) per method and category."""
+    others = [m for m in methods if m != baseline]
+    lines = ["| category | " + " | ".join([f"{baseline} tok/s", "lookup ceiling"] + others)
+             + " |", "|" + "---|" * (3 + len(others))]
     for cat, row in summary.items():
-        cells = []
-        for m in methods:
-            s = row.get(m)
-            if s is None:
-                cells += ["", "", ""]
-                continue
-            tau = "" if np.isnan(s["tau"]) else f"{s['tau']:.2f}"
-            cells += [f"{s['tokens_per_s']:.1f}", f"{s['speedup']:.2f}x", tau]
+        base = row.get(baseline, {})
+        cells = [f"{base['tokens_per_s']:.1f}" if base else ""]
+        cells.append(f"tau {base['ceiling_tau']:.2f}, <= {base['ceiling_speedup']:.2f}x"
+                     if "ceiling_tau" in base else "")
+        cells += [_cell(row[m]) if m in row else "" for m in others]
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    overall = summary.get("overall", {})
+    same = [f"{m} {overall[m]['same_as_ar']}/{overall[m]['prompts']}" for m in others
+            if m in overall]
+    if same:
+        lines += ["", f"Greedy outputs identical to {baseline}: " + ", ".join(same) + "."]
     return "\n".join(lines)
 
 

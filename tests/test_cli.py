@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 import specjax
@@ -69,6 +70,44 @@ def test_bench_writes_reports(tiny_dir, tmp_path, capsys):
     assert len(res["records"]) == 2 * 3  # limit 1 per category, 2 categories, 3 methods
     assert os.path.getsize(out / "speedup.png") > 1000
     assert (out / "results.md").read_text().startswith("| category |")
+    # Greedy speculative outputs are the AR outputs, and the bench says so.
+    assert "Greedy outputs identical to ar: ngram 2/2, layer_skip:1 2/2." in table
+    ar = [r for r in res["records"] if r["method"] == "ar"]
+    assert all(1 <= r["ceiling_steps"] <= max(r["new_tokens"] - 1, 1) for r in ar)
+    overall = res["summary"]["overall"]
+    assert overall["ngram"]["tau"] <= overall["ar"]["ceiling_tau"] + 1e-9
+    assert overall["ngram"]["decode_speedup"] > 0
+
+
+def _min_steps_exhaustive(prompt, output, k):
+    """Fewest steps over every choice of accepted length (0..longest copy) at every step."""
+    ctx, n, p = list(prompt) + list(output), len(output), len(prompt)
+    best = {n: 0}
+    for t in range(n - 1, 0, -1):
+        seen, longest = p + t, 0
+        for j in range(seen):
+            a = 0
+            while (a < k and t + a < n and j + a < seen and ctx[j + a] == output[t + a]):
+                a += 1
+            longest = max(longest, a)
+        best[t] = 1 + min(best[min(t + a + 1, n)] for a in range(longest + 1))
+    return best.get(1, 0)
+
+
+def test_lookup_ceiling_is_the_fewest_steps():
+    from specjax.bench import lookup_ceiling
+
+    assert lookup_ceiling([1, 2, 3, 4, 5], [9, 1, 2, 3, 4, 5]) == 1  # one copy of 4 + bonus
+    assert lookup_ceiling([1, 2, 3, 4, 5], [9, 1, 2, 3, 4, 5], k=2) == 2
+    assert lookup_ceiling([1, 2, 3], [7, 8, 9, 10]) == 3  # nothing to copy: AR
+    assert lookup_ceiling([1, 2], [5, 5, 5, 5, 5]) == 2  # copies its own output once seen
+    rng = np.random.default_rng(0)
+    for _ in range(60):  # small vocabularies make many overlapping copies
+        prompt = rng.integers(0, 3, rng.integers(1, 12)).tolist()
+        output = rng.integers(0, 3, rng.integers(1, 16)).tolist()
+        for k in (1, 3, None):
+            assert lookup_ceiling(prompt, output, k) == _min_steps_exhaustive(
+                prompt, output, k or len(output)), (prompt, output, k)
 
 
 def test_cli_errors(tiny_dir):
