@@ -26,7 +26,7 @@ DEMO_PROMPTS = [
 ]
 
 
-DRAFTER_NAMES = ("ngram[:BRANCHES]", "layer_skip[:LAYERS]", "layer_skip_tree[:LAYERS]",
+DRAFTER_NAMES = ("ngram[:BRANCHES]", "ngram_fixed", "layer_skip[:LAYERS]", "layer_skip_tree[:LAYERS]",
                  "model:PATH", "model_tree:PATH", "eagle3[:PATH]", "eagle3_tree[:PATH]",
                  "eagle[:PATH]", "eagle_tree[:PATH]", "medusa[:PATH]", "medusa_tree[:PATH]", "none")
 # Medusa's static tree when none is given (depth 4: needs 4 heads).
@@ -76,6 +76,8 @@ def make_drafter(name: str, k, model=None):
     if base == "ngram":
         branches = int(arg) if arg else 1
         return drafters.ngram(k=k or (8 if branches == 1 else 4), branches=branches)
+    if base == "ngram_fixed":  # always verifies k tokens after a match (no adaptive length)
+        return drafters.ngram(k=k or 8, adaptive=False)
     if base in ("layer_skip", "layer_skip_tree"):
         return drafters.layer_skip(layers=int(arg) if arg else 8, k=k or 4, tree=tree)
     if base in ("model", "model_tree"):

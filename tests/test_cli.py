@@ -110,6 +110,12 @@ def test_lookup_ceiling_is_the_fewest_steps():
                 prompt, output, k or len(output)), (prompt, output, k)
 
 
+def test_ngram_names():
+    assert cli.make_drafter("ngram", None).spec.adaptive
+    fixed = cli.make_drafter("ngram_fixed@4", None)
+    assert not fixed.spec.adaptive and fixed.spec.k == 4
+
+
 def test_cli_errors(tiny_dir):
     with pytest.raises(SystemExit, match="unknown drafter"):
         cli.main(["generate", "--model", tiny_dir, "hi", "--drafter", "medusa2"])
