@@ -138,6 +138,29 @@ def load_hf_twin(model):
     return hf
 
 
+def machine() -> str:
+    """The processor and core count, plus the library versions that set the speed."""
+    import platform
+
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    parts = [f"{cpu}, {os.cpu_count()} cores", f"jax {jax.__version__} ({jax.default_backend()})"]
+    try:
+        import torch
+        import transformers
+
+        parts.append(f"torch {torch.__version__}, transformers {transformers.__version__}")
+    except ImportError:
+        pass
+    return "; ".join(parts)
+
+
 def run_bench(model, prompts: list[dict], methods: dict, *, warmup: bool = True,
               progress: bool = True) -> list[Record]:
     """methods: name -> runner(ids) -> Run. The "ar" method also gets its lookup ceiling."""

@@ -194,7 +194,8 @@ def cmd_bench(a, ar_only=False):
     records = bench.run_bench(model, prompts, methods)
     meta = {"model": a.model, "questions": path, "limit": a.limit,
             "max_new_tokens": a.max_new_tokens, "dtype": str(model.dtype), "batch": 1,
-            "command": " ".join(sys.argv)}
+            "command": " ".join(sys.argv), "machine": bench.machine()}
+    print(f"machine: {meta['machine']}")
     md = bench.write_report(records, list(methods), a.out, meta)
     print(md)
     print(f"\nwrote {a.out}/results.json, results.md, speedup.png")

@@ -87,6 +87,22 @@ def test_logits_match_hf(case, make_hf_model):
     assert cfg.head_dim == overrides.get("head_dim", hf.config.hidden_size // cfg.num_heads)
 
 
+@pytest.mark.parametrize("case, blk", [("smollm2-tied", 5), ("mistral-sliding-window", 10)])
+def test_blocked_causal_prefill_matches_hf(case, blk, make_hf_model, monkeypatch):
+    """Long prefills attend in query blocks (`PREFILL_BLOCK`, 256 in use); a small block makes
+    the tiny models take that path. Runs eagerly, so the spy sees every call."""
+    family, overrides, T = PARITY_CASES[case]
+    hf = make_hf_model(family, **overrides)
+    model = specjax.model_from_hf(hf, dtype=jnp.float32)
+    calls, real = [], llama._causal_blocks
+    monkeypatch.setattr(llama, "_causal_blocks", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(llama, "PREFILL_BLOCK", blk)
+    ids = random_ids(hf.config.vocab_size, (2, T), seed=1)
+    got = llama.full_logits(model.params, model.config, jnp.asarray(ids))
+    assert calls and set(calls) == {blk}  # every layer took the blocked path
+    assert max_err(got, hf_logits(hf, ids)) < ATOL
+
+
 def test_parity_cases_are_discriminative(make_hf_model):
     """The parity checks above can fail: each feature under test changes the logits by far more
     than ATOL, so dropping it (wrong RoPE scaling, no sliding window, no bias) is caught."""

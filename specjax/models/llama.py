@@ -29,6 +29,10 @@ from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
 
 ATTENTION_IMPLS = ("xla", "pallas")
+# Query block of a causal prefill (`_causal_blocks`); 0 computes the full T x T scores.
+# Measured for SmolLM2-135M on a 2-core CPU (one fresh forward): T = 1024: 3.65 s unblocked,
+# 2.98 s at 256, 2.3-2.6 s at 128 and 64; T = 768: 2.22 s -> 1.54 s at 128.
+PREFILL_BLOCK = 128
 
 
 class Hiddens(NamedTuple):
@@ -150,11 +154,15 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
 
 
 def attention_split(q: jax.Array, k: jax.Array, v: jax.Array, k_new: jax.Array,
-                    v_new: jax.Array, cache_mask: jax.Array, own_mask: jax.Array) -> jax.Array:
+                    v_new: jax.Array, cache_mask: jax.Array, own_mask: jax.Array,
+                    causal_block: int = 0) -> jax.Array:
     """`attention_xla` over the cache as it was before the block was written (k, v
     [B, KV, S, hd] under cache_mask [B, T, S]) plus the block's own keys (k_new, v_new
     [B, KV, T, hd] under own_mask [B, T, T]), one softmax over both. k = v = None: the cache
-    is empty (a prefill) and only the block is attended to.
+    is empty (a prefill) and only the block is attended to; then `causal_block` > 0 (static)
+    promises own_mask is zero above the diagonal, and queries are taken causal_block at a time
+    against the keys up to their block only (a long causal prefill skips most of the masked
+    upper triangle).
 
     Why: the layer can then write the block into the cache after attention has read it, so the
     written buffer feeds only the loop carry and XLA updates it in place. Reading the updated
@@ -168,6 +176,8 @@ def attention_split(q: jax.Array, k: jax.Array, v: jax.Array, k_new: jax.Array,
     s_n = jnp.einsum("btkgd,bkud->bkgtu", qg, k_new, preferred_element_type=jnp.float32)
     s_n = jnp.where(own_mask[:, None, None], s_n, lo)
     if k is None:  # an empty cache (prefill): the block attends only to itself
+        if causal_block and T > causal_block and T % causal_block == 0:
+            return _causal_blocks(qg, k_new, v_new, own_mask, causal_block).reshape(B, T, H, hd)
         p_n = jax.nn.softmax(s_n, axis=-1).astype(v_new.dtype)
         return jnp.einsum("bkgtu,bkud->btkgd", p_n, v_new).reshape(B, T, H, hd)
     s_c = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
@@ -178,6 +188,23 @@ def attention_split(q: jax.Array, k: jax.Array, v: jax.Array, k_new: jax.Array,
     o = (jnp.einsum("bkgts,bksd->btkgd", (p_c / denom).astype(v.dtype), v)
          + jnp.einsum("bkgtu,bkud->btkgd", (p_n / denom).astype(v.dtype), v_new))
     return o.reshape(B, T, H, hd)
+
+
+def _causal_blocks(qg: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                   blk: int) -> jax.Array:
+    """Causal self-attention in query blocks: qg [B, T, KV, G, hd] (already scaled), k/v
+    [B, KV, T, hd], mask [B, T, T] zero above the diagonal -> [B, T, KV, G, hd]. Query block
+    i reads keys [0, (i + 1) * blk): (n + 1) / 2n of the full T x T scores for n blocks."""
+    lo = jnp.finfo(jnp.float32).min
+    outs = []
+    for i in range(qg.shape[1] // blk):
+        rows, end = slice(i * blk, (i + 1) * blk), (i + 1) * blk
+        s = jnp.einsum("btkgd,bkud->bkgtu", qg[:, rows], k[:, :, :end],
+                       preferred_element_type=jnp.float32)
+        s = jnp.where(mask[:, rows, :end][:, None, None], s, lo)
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bkgtu,bkud->btkgd", p, v[:, :, :end]))
+    return jnp.concatenate(outs, axis=1)
 
 
 def _attention(impl: str, q, k, v, mask, lengths, block_mask):
@@ -275,7 +302,8 @@ def forward_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, positions:
     Returns (Hiddens, cache) with the block's K/V written and `cache.lengths` unchanged.
     """
     B, T = tokens.shape
-    if block_mask is None:
+    causal = block_mask is None
+    if causal:
         block_mask = causal_block_mask(B, T)
     # The Pallas kernel covers a block written at `lengths` with block_mask [B, T, T] (prefill,
     # decode, verify) and no sliding window. Growing a draft tree (write_offset, W > T) and
@@ -288,7 +316,8 @@ def forward_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, positions:
     mask = None if impl == "pallas" else split_attention_masks(
         cache.lengths, positions, block_mask, cache.max_len, cfg.sliding_window, write_offset)
     if fresh and mask is not None:
-        mask = (None, mask[1])
+        # A default (causal) mask lets the prefill skip the upper triangle in query blocks.
+        mask = (None, mask[1], PREFILL_BLOCK if causal else 0)
     start = cache.lengths if write_offset is None else cache.lengths + write_offset  # [B]
     want_layers = tuple(hidden_layers)
 
