@@ -25,15 +25,15 @@ from specjax.drafters.medusa_heads import MedusaConfig, MedusaHeads, MedusaSpec,
 NAMES = ("ngram", "model", "layer_skip")
 
 
-def ngram(max_ngram: int = 3, min_ngram: int = 1, k: int = 8, branches: int = 1,
-          adaptive: bool = True) -> Drafter:
+def ngram(max_ngram: int = 4, min_ngram: int = 1, k: int = 8, branches: int = 1,
+          adaptive: bool = True, short: int = 1) -> Drafter:
     """Prompt-lookup drafting over the prompt and the generated tokens. With `branches` > 1 it
     drafts a tree of that many candidate continuations of k tokens (shared prefixes merged).
-    `adaptive` (chains): verify k tokens after a max_ngram match, 2 after a one shorter match,
-    and take a plain step after shorter ones (see `NgramSpec.adaptive`); False verifies k
-    tokens after any match."""
+    `adaptive` (chains): verify k tokens after a max_ngram match, `short` after a one shorter
+    match, and take a plain step after shorter ones (see `NgramSpec.adaptive`); False verifies
+    k tokens after any match."""
     spec = NgramSpec(k=k, max_ngram=max_ngram, min_ngram=min_ngram, branches=branches,
-                     adaptive=adaptive)
+                     adaptive=adaptive, short=short)
     tree = f", branches={branches}" if branches > 1 else ""
     fixed = "" if adaptive or branches > 1 else ", fixed k"
     return Drafter(spec=spec, name=f"ngram(n={min_ngram}..{max_ngram}, k={k}{tree}{fixed})")
