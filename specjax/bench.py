@@ -87,7 +87,7 @@ class Record:
     tau: float
     forwards: int
     prefill_s: float = float("nan")
-    tokens: list = dataclasses.field(default_factory=list)
+    tokens: list = dataclasses.field(default_factory=list)  # the Run fields, then:
     # AR records only: fewest decode steps any prompt-lookup drafter could have used.
     ceiling_steps: Optional[int] = None
     compiled: bool = False  # the timed call traced/compiled something (warm-up missed a shape)
@@ -183,8 +183,8 @@ def run_bench(model, prompts: list[dict], methods: dict, *, warmup: bool = True,
         for name, run in methods.items():
             r = run(ids)
             ceiling = lookup_ceiling(ids, r.tokens) if name == "ar" else None
-            records.append(Record(name, p["category"], p["id"], len(r.tokens), r.seconds, r.tau,
-                                  r.forwards, r.prefill_s, list(r.tokens), ceiling, r.compiled))
+            records.append(Record(name, p["category"], p["id"], len(r.tokens),
+                                  ceiling_steps=ceiling, **dataclasses.asdict(r)))
             bar.set_postfix(method=name, tok_s=f"{len(r.tokens) / max(r.seconds, 1e-9):.1f}")
             bar.update()
     bar.close()
@@ -218,6 +218,11 @@ def lookup_ceiling(prompt: Sequence[int], output: Sequence[int],
     return steps
 
 
+def _decoded(r: Record) -> int:
+    """Tokens emitted by decode steps (the first comes from prefill)."""
+    return max(r.new_tokens - 1, 0)
+
+
 def summarize(records: list[Record], baseline: str = "ar") -> dict:
     """-> {category: {method: stats}} plus an "overall" row.
 
@@ -238,21 +243,20 @@ def summarize(records: list[Record], baseline: str = "ar") -> dict:
         # tau over all steps of the group (not a mean of per-prompt taus), like ceiling_tau.
         spec = [r for r in rs if not np.isnan(r.tau)]
         steps = sum(r.forwards - 1 for r in spec)
-        tau = sum(max(r.new_tokens - 1, 0) for r in spec) / steps if steps else float("nan")
+        tau = sum(map(_decoded, spec)) / steps if steps else float("nan")
         stats = {"tokens_per_s": toks / secs if secs else 0.0, "tau": tau,
                  "prompts": len(rs), "new_tokens": toks,
                  "same_as_ar": sum(base_tokens.get((r.category, r.qid)) == r.tokens for r in rs)}
         if not any(np.isnan(r.prefill_s) for r in rs):
             dec_s = sum(r.seconds - r.prefill_s for r in rs)
-            dec_toks = sum(max(r.new_tokens - 1, 0) for r in rs)
-            stats["decode_tokens_per_s"] = dec_toks / dec_s if dec_s > 0 else 0.0
+            stats["decode_tokens_per_s"] = sum(map(_decoded, rs)) / dec_s if dec_s > 0 else 0.0
         if all(r.ceiling_steps is not None for r in rs):
             steps = sum(r.ceiling_steps for r in rs)
-            stats["ceiling_tau"] = sum(max(r.new_tokens - 1, 0) for r in rs) / max(steps, 1)
+            stats["ceiling_tau"] = sum(map(_decoded, rs)) / max(steps, 1)
             # Decode time scaled by (ceiling steps / AR steps); verify forwards cost at least
             # one AR step, so this is an upper bound on a lookup drafter's speedup.
             best = sum(r.prefill_s + (r.seconds - r.prefill_s) * r.ceiling_steps
-                       / max(r.new_tokens - 1, 1) for r in rs)
+                       / max(_decoded(r), 1) for r in rs)
             stats["ceiling_speedup"] = secs / best if best > 0 else float("nan")
         table[cat][method] = stats
     for cat, row in table.items():

@@ -26,8 +26,8 @@ DEMO_PROMPTS = [
 ]
 
 
-DRAFTER_NAMES = ("ngram[:BRANCHES]", "ngram_fixed", "layer_skip[:LAYERS]", "layer_skip_tree[:LAYERS]",
-                 "model:PATH", "model_tree:PATH", "eagle3[:PATH]", "eagle3_tree[:PATH]",
+DRAFTER_NAMES = ("ngram[:BRANCHES]", "ngram_fixed", "layer_skip[:LAYERS]",
+                 "layer_skip_tree[:LAYERS]", "model:PATH", "model_tree:PATH", "eagle3[:PATH]", "eagle3_tree[:PATH]",
                  "eagle[:PATH]", "eagle_tree[:PATH]", "medusa[:PATH]", "medusa_tree[:PATH]", "none")
 # Medusa's static tree when none is given (depth 4: needs 4 heads).
 MEDUSA_TREE = "eagle_small"

@@ -173,11 +173,11 @@ def attention_split(q: jax.Array, k: jax.Array, v: jax.Array, k_new: jax.Array,
     KV = k_new.shape[1]
     qg = q.reshape(B, T, KV, H // KV, hd) / math.sqrt(hd)  # [B, T, KV, G, hd]
     lo = jnp.finfo(jnp.float32).min
+    if k is None and causal_block and T > causal_block and T % causal_block == 0:
+        return _causal_blocks(qg, k_new, v_new, own_mask, causal_block).reshape(B, T, H, hd)
     s_n = jnp.einsum("btkgd,bkud->bkgtu", qg, k_new, preferred_element_type=jnp.float32)
     s_n = jnp.where(own_mask[:, None, None], s_n, lo)
     if k is None:  # an empty cache (prefill): the block attends only to itself
-        if causal_block and T > causal_block and T % causal_block == 0:
-            return _causal_blocks(qg, k_new, v_new, own_mask, causal_block).reshape(B, T, H, hd)
         p_n = jax.nn.softmax(s_n, axis=-1).astype(v_new.dtype)
         return jnp.einsum("bkgtu,bkud->btkgd", p_n, v_new).reshape(B, T, H, hd)
     s_c = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
