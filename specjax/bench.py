@@ -88,8 +88,10 @@ class Record:
     forwards: int
     prefill_s: float = float("nan")
     tokens: list = dataclasses.field(default_factory=list)  # the Run fields, then:
-    # AR records only: fewest decode steps any prompt-lookup drafter could have used.
+    # AR records only: fewest decode steps any prompt-lookup drafter could have used, and the
+    # least decode cost (in single-token forwards) at the run's measured verify costs.
     ceiling_steps: Optional[int] = None
+    ceiling_cost: Optional[float] = None
     compiled: bool = False  # the timed call traced/compiled something (warm-up missed a shape)
 
 
@@ -162,8 +164,9 @@ def machine() -> str:
 
 
 def run_bench(model, prompts: list[dict], methods: dict, *, warmup: bool = True,
-              progress: bool = True) -> list[Record]:
-    """methods: name -> runner(ids) -> Run. The "ar" method also gets its lookup ceiling."""
+              progress: bool = True, verify_costs: Optional[dict] = None) -> list[Record]:
+    """methods: name -> runner(ids) -> Run. The "ar" method also gets its lookup ceiling, and
+    with verify_costs ({T: relative cost}, see `lookup_bound`) its cost-aware bound."""
     from tqdm import tqdm
 
     from specjax.generate import MIN_PROMPT_BUCKET, bucket
@@ -182,13 +185,38 @@ def run_bench(model, prompts: list[dict], methods: dict, *, warmup: bool = True,
     for p, ids in zip(prompts, encoded):
         for name, run in methods.items():
             r = run(ids)
-            ceiling = lookup_ceiling(ids, r.tokens) if name == "ar" else None
+            ceiling = bound = None
+            if name == "ar":
+                ceiling = lookup_ceiling(ids, r.tokens)
+                bound = lookup_bound(ids, r.tokens, verify_costs) if verify_costs else None
             records.append(Record(name, p["category"], p["id"], len(r.tokens),
-                                  ceiling_steps=ceiling, **dataclasses.asdict(r)))
+                                  ceiling_steps=ceiling, ceiling_cost=bound,
+                                  **dataclasses.asdict(r)))
             bar.set_postfix(method=name, tok_s=f"{len(r.tokens) / max(r.seconds, 1e-9):.1f}")
             bar.update()
     bar.close()
     return records
+
+
+def _longest_copies(prompt: Sequence[int], output: Sequence[int],
+                    k: Optional[int] = None) -> np.ndarray:
+    """L[t] (t >= 1): the longest prefix of output[t:t + k] that is a copy of some span of the
+    context seen before output position t (prompt plus output[:t]); L[0] = 0."""
+    ctx = np.asarray(list(prompt) + list(output), dtype=np.int64)
+    p, n = len(prompt), len(output)
+    L = np.zeros(n + 1, dtype=np.int64)
+    for t in range(1, n):
+        seen = p + t
+        want = ctx[seen:seen + (k or n)]
+        cand, a = np.arange(seen), 0  # sources j whose copy matches want[:a]
+        while a < len(want):
+            j = cand + a  # a copy may only read tokens already seen
+            cand = cand[(j < seen) & (ctx[np.minimum(j, seen - 1)] == want[a])]
+            if not cand.size:
+                break
+            a += 1
+        L[t] = a
+    return L
 
 
 def lookup_ceiling(prompt: Sequence[int], output: Sequence[int],
@@ -202,25 +230,101 @@ def lookup_ceiling(prompt: Sequence[int], output: Sequence[int],
     t + 1, so the farthest reachable position never decreases with t. No lookup drafter (any n,
     any tie-break, any tree of copies) can use fewer target forwards.
     """
-    ctx = np.asarray(list(prompt) + list(output), dtype=np.int64)
-    out, p = ctx[len(prompt):], len(prompt)
-    n = len(out)
+    L, n = _longest_copies(prompt, output, k), len(output)
     t, steps = 1, 0
     while t < n:
-        seen = p + t  # tokens of context a draft may copy from at this step
-        want = out[t:t + (k or n)]
-        d = np.arange(len(want))
-        idx = np.arange(seen)[:, None] + d[None, :]  # [seen, L] candidate copy positions
-        ok = (idx < seen) & (ctx[np.minimum(idx, seen - 1)] == want[None, :])
-        accepted = int(np.cumprod(ok, axis=1).sum(axis=1).max())
-        t += min(accepted, n - t - 1) + 1
+        t += min(int(L[t]), n - t - 1) + 1
         steps += 1
     return steps
+
+
+def check_costs(costs: dict) -> dict:
+    """{T: cost of verifying T tokens, relative to T = 1} with T = 1 present, costs positive and
+    non-decreasing in T (a longer block never costs less); -> a sorted copy."""
+    out = {int(t): float(c) for t, c in sorted(costs.items())}
+    if not out or min(out) != 1 or any(t < 1 for t in out):
+        raise ValueError(f"verify costs need T = 1 and only T >= 1, got sizes {sorted(out)}")
+    vals = list(out.values())
+    if min(vals) <= 0 or any(b < a for a, b in zip(vals, vals[1:])):
+        raise ValueError(f"verify costs must be positive and non-decreasing in T, got {out}")
+    return out
+
+
+BOUND_SIZES = (1, 2, 3, 4, 5, 9, 17, 33)
+
+
+def measure_verify_costs(model, prompts: list[dict], max_new_tokens: int,
+                         sizes: Sequence[int] = BOUND_SIZES, repeats: int = 5,
+                         progress: bool = True) -> dict:
+    """{T: cost of one verify forward of T tokens / cost of T = 1} on this machine, with the
+    cache holding the median prompt length of `prompts`. Each T takes the cheaper of a causal
+    block and a random tree (a tree drafter could use either), then costs are made
+    non-decreasing (a longer block can always be padded from a shorter one's program)."""
+    from specjax import autotune
+
+    lengths = sorted(len(model.encode(p["prompt"], chat=True)) for p in prompts)
+    table = autotune.verify_cost_table(model, sizes, prompt_len=lengths[len(lengths) // 2],
+                                       max_new=max_new_tokens, repeats=repeats,
+                                       progress=progress)
+    ms = {T: min(c, t) for T, (c, t) in sorted(table.items())}
+    costs, low = {}, float("inf")
+    for T in sorted(ms, reverse=True):  # a T block is never cheaper than a shorter one
+        low = min(low, ms[T])
+        costs[T] = low
+    return {T: costs[T] / costs[1] for T in sorted(costs)}
+
+
+def parse_costs(text: str) -> dict:
+    """"1:1,2:1.6,9:2.8" -> {1: 1.0, 2: 1.6, 9: 2.8} (checked by `check_costs`)."""
+    try:
+        pairs = [item.split(":") for item in text.split(",") if item.strip()]
+        costs = {int(t): float(c) for t, c in pairs}
+    except ValueError:
+        raise ValueError(f"bad verify costs {text!r}: expected T:COST pairs like "
+                         "1:1,2:1.6,9:2.8, or auto, or none") from None
+    return check_costs(costs)
+
+
+def lookup_bound(prompt: Sequence[int], output: Sequence[int], costs: dict,
+                 k: Optional[int] = None) -> float:
+    """Least decode cost, in single-token target forwards, at which any prompt-lookup drafter
+    could emit `output` greedily when verifying T tokens costs costs[T].
+
+    A size between two measured ones is charged the smaller size's cost, so with non-decreasing
+    true costs this is a lower bound on cost and the speedup it implies an upper bound. The
+    context seen before each output position is fixed by the output itself, whatever was drafted
+    before, so an exact dynamic program over output positions finds the optimum: at position t
+    draft r <= L[t] copied tokens (all accepted) for costs[r + 1], or move on with a plain step.
+    Drafting past L[t] (tokens that get rejected) or a tree of copies never helps: it costs at
+    least as much and accepts no more than the longest copy.
+    """
+    costs = check_costs(costs)
+    sizes = np.asarray(list(costs))
+    table = np.asarray(list(costs.values()))
+
+    def cost(T: int) -> float:
+        return float(table[np.searchsorted(sizes, T, side="right") - 1])
+
+    L, n = _longest_copies(prompt, output, k), len(output)
+    best = np.zeros(n + 1)
+    for t in range(n - 1, 0, -1):
+        best[t] = min(cost(r + 1) + best[min(t + r + 1, n)]
+                      for r in range(min(int(L[t]), n - t - 1) + 1))
+    return float(best[1]) if n > 1 else 0.0
 
 
 def _decoded(r: Record) -> int:
     """Tokens emitted by decode steps (the first comes from prefill)."""
     return max(r.new_tokens - 1, 0)
+
+
+def _scaled_speedup(rs: list[Record], decode_units: list) -> float:
+    """Total-time speedup over the records `rs` if each prompt's decode took decode_units[i]
+    AR steps (prefill unchanged)."""
+    secs = sum(r.seconds for r in rs)
+    best = sum(r.prefill_s + (r.seconds - r.prefill_s) * u / max(_decoded(r), 1)
+               for r, u in zip(rs, decode_units))
+    return secs / best if best > 0 else float("nan")
 
 
 def summarize(records: list[Record], baseline: str = "ar") -> dict:
@@ -229,7 +333,8 @@ def summarize(records: list[Record], baseline: str = "ar") -> dict:
     stats: tokens_per_s, speedup, tau, decode_tokens_per_s / decode_speedup (methods that
     split prefill from decode), same_as_ar (greedy outputs identical to the baseline's), and
     for the baseline the lookup ceiling: ceiling_tau and ceiling_speedup, the total-time speedup
-    a lookup drafter would reach with ceiling_steps target forwards each costing one AR step.
+    a lookup drafter would reach with ceiling_steps target forwards each costing one AR step,
+    and bound_speedup, the same at the measured verify costs (records with ceiling_cost).
     """
     table: dict = collections.defaultdict(dict)
     groups = collections.defaultdict(list)
@@ -255,9 +360,10 @@ def summarize(records: list[Record], baseline: str = "ar") -> dict:
             stats["ceiling_tau"] = sum(map(_decoded, rs)) / max(steps, 1)
             # Decode time scaled by (ceiling steps / AR steps); verify forwards cost at least
             # one AR step, so this is an upper bound on a lookup drafter's speedup.
-            best = sum(r.prefill_s + (r.seconds - r.prefill_s) * r.ceiling_steps
-                       / max(_decoded(r), 1) for r in rs)
-            stats["ceiling_speedup"] = secs / best if best > 0 else float("nan")
+            stats["ceiling_speedup"] = _scaled_speedup(rs, [r.ceiling_steps for r in rs])
+        if rs and all(r.ceiling_cost is not None for r in rs):
+            # The same with each verify forward charged its measured cost (`lookup_bound`).
+            stats["bound_speedup"] = _scaled_speedup(rs, [r.ceiling_cost for r in rs])
         table[cat][method] = stats
     for cat, row in table.items():
         base = row.get(baseline, {})
@@ -278,7 +384,8 @@ def _cell(s: dict) -> str:
     return f"{s['tokens_per_s']:.1f} ({', '.join(parts)})"
 
 
-def markdown(summary: dict, methods: Sequence[str], baseline: str = "ar") -> str:
+def markdown(summary: dict, methods: Sequence[str], baseline: str = "ar",
+             verify_costs: Optional[dict] = None) -> str:
     """Table: tokens/s (total speedup, decode-only speedup, tau) per method and category."""
     others = [m for m in methods if m != baseline]
     lines = ["| category | " + " | ".join([f"{baseline} tok/s", "lookup ceiling"] + others)
@@ -286,8 +393,12 @@ def markdown(summary: dict, methods: Sequence[str], baseline: str = "ar") -> str
     for cat, row in summary.items():
         base = row.get(baseline, {})
         cells = [f"{base['tokens_per_s']:.1f}" if base else ""]
-        cells.append(f"tau {base['ceiling_tau']:.2f}, <= {base['ceiling_speedup']:.2f}x"
-                     if "ceiling_tau" in base else "")
+        ceiling = ""
+        if "ceiling_tau" in base:
+            ceiling = f"tau {base['ceiling_tau']:.2f}, <= {base['ceiling_speedup']:.2f}x"
+            if "bound_speedup" in base:
+                ceiling += f" ({base['bound_speedup']:.2f}x)"
+        cells.append(ceiling)
         cells += [_cell(row[m]) if m in row else "" for m in others]
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")
     overall = summary.get("overall", {})
@@ -295,6 +406,11 @@ def markdown(summary: dict, methods: Sequence[str], baseline: str = "ar") -> str
             if m in overall]
     if same:
         lines += ["", f"Greedy outputs identical to {baseline}: " + ", ".join(same) + "."]
+    if verify_costs and any("bound_speedup" in row.get(baseline, {}) for row in summary.values()):
+        listed = ", ".join(f"{t}: {c:.2f}" for t, c in sorted(verify_costs.items()))
+        lines += ["", "Lookup ceiling: fewest forwards of any prompt-lookup drafter (tau) and the "
+                  "speedup if each cost one AR step; in brackets, the bound at the verify costs "
+                  f"measured here (T: cost vs T=1; {listed})."]
     return "\n".join(lines)
 
 
@@ -323,7 +439,9 @@ def plot(summary: dict, methods: Sequence[str], path: str) -> None:
 def write_report(records: list[Record], methods: Sequence[str], out_dir: str, meta: dict) -> str:
     os.makedirs(out_dir, exist_ok=True)
     summary = summarize(records)
-    md = markdown(summary, methods)
+    costs = meta.get("verify_costs")
+    md = markdown(summary, methods, verify_costs={int(t): c for t, c in costs.items()}
+                  if costs else None)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"meta": meta, "summary": summary,
                    "records": [dataclasses.asdict(r) for r in records]}, f, indent=1,

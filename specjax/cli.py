@@ -168,6 +168,27 @@ def _bench_common(p):
     p.add_argument("--out", default="bench_out")
 
 
+def _costs_arg(text: str):
+    """--verify-costs: "auto", "none" or T:COST pairs (checked while parsing the command)."""
+    from specjax import bench
+
+    if text in ("auto", "none"):
+        return text
+    try:
+        return bench.parse_costs(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _verify_costs(a, model, prompts):
+    from specjax import bench
+
+    choice = getattr(a, "verify_costs", "none")
+    if choice == "auto":
+        return bench.measure_verify_costs(model, prompts, a.max_new_tokens)
+    return None if choice == "none" else choice
+
+
 def cmd_bench(a, ar_only=False):
     from specjax import bench, load_model
 
@@ -191,10 +212,11 @@ def cmd_bench(a, ar_only=False):
                 assistant = bench.load_hf_twin(load_model(a.hf_assistant))
                 methods["hf_assisted"] = bench._hf_runner(hf, a.max_new_tokens, eos,
                                                           assistant_model=assistant)
-    records = bench.run_bench(model, prompts, methods)
+    costs = _verify_costs(a, model, prompts)
+    records = bench.run_bench(model, prompts, methods, verify_costs=costs)
     meta = {"model": a.model, "questions": path, "limit": a.limit,
             "max_new_tokens": a.max_new_tokens, "dtype": str(model.dtype), "batch": 1,
-            "command": " ".join(sys.argv), "machine": bench.machine()}
+            "command": " ".join(sys.argv), "machine": bench.machine(), "verify_costs": costs}
     print(f"machine: {meta['machine']}")
     md = bench.write_report(records, list(methods), a.out, meta)
     print(md)
@@ -323,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hf-baseline", action="store_true",
                    help="also time HF transformers greedy and prompt lookup")
     b.add_argument("--hf-lookup-tokens", type=int, default=10)
+    b.add_argument("--verify-costs", default="auto", type=_costs_arg,
+                   help="verify cost per block length for the lookup bound: auto (measure "
+                        "here), none, or T:COST pairs relative to T=1, e.g. 1:1,2:1.6,9:2.8")
     b.add_argument("--hf-assistant", default=None, help="small model for HF assisted generation")
     b.set_defaults(fn=cmd_bench)
 

@@ -62,7 +62,8 @@ def test_bench_writes_reports(tiny_dir, tmp_path, capsys):
                                                        ("a", "on the mat the")])))
     out = tmp_path / "bench"
     cli.main(["bench", "--model", tiny_dir, "--questions", str(q), "--limit", "1",
-              "--max-new-tokens", "8", "--drafters", "ngram,layer_skip:1", "--out", str(out)])
+              "--max-new-tokens", "8", "--drafters", "ngram,layer_skip:1", "--out", str(out),
+              "--verify-costs", "1:1,2:1.5,9:2"])
     table = capsys.readouterr().out
     assert "| a |" in table and "| b |" in table and "| overall |" in table
     res = json.load(open(out / "results.json"))
@@ -77,6 +78,27 @@ def test_bench_writes_reports(tiny_dir, tmp_path, capsys):
     overall = res["summary"]["overall"]
     assert overall["ngram"]["tau"] <= overall["ar"]["ceiling_tau"] + 1e-9
     assert overall["ngram"]["decode_speedup"] > 0
+    # Charging verify forwards their cost can only lower the ceiling.
+    assert all(r["ceiling_steps"] <= r["ceiling_cost"] <= max(r["new_tokens"] - 1, 1)
+               for r in ar)
+    assert overall["ar"]["bound_speedup"] <= overall["ar"]["ceiling_speedup"] + 1e-9
+    assert res["meta"]["verify_costs"] == {"1": 1.0, "2": 1.5, "9": 2.0}
+    assert "(T: cost vs T=1; 1: 1.00, 2: 1.50, 9: 2.00)" in table
+    for bad, why in (("2=1", "bad verify costs"), ("1:1,2:3,4:2", "non-decreasing")):
+        with pytest.raises(SystemExit):  # refused while parsing, before any model is loaded
+            cli.main(["bench", "--model", "not-a-model", "--verify-costs", bad])
+        assert why in capsys.readouterr().err
+
+
+def test_measured_verify_costs(tiny_dir):
+    from specjax import bench, load_model
+
+    model = load_model(tiny_dir)
+    prompts = [{"prompt": "the cat sat on"}, {"prompt": "the dog ran after the cat"}]
+    costs = bench.measure_verify_costs(model, prompts, 8, sizes=(1, 2, 5), repeats=2,
+                                       progress=False)
+    assert list(costs) == [1, 2, 5] and costs[1] == 1.0
+    assert bench.check_costs(costs) == costs  # positive, non-decreasing
 
 
 def _min_steps_exhaustive(prompt, output, k):
@@ -92,6 +114,48 @@ def _min_steps_exhaustive(prompt, output, k):
             longest = max(longest, a)
         best[t] = 1 + min(best[min(t + a + 1, n)] for a in range(longest + 1))
     return best.get(1, 0)
+
+
+def _min_cost_exhaustive(prompt, output, k, cost):
+    """Least total cost over every draft a lookup drafter could make at every step: any
+    source j, any length r <= k (rejected tokens included), emitting the accepted prefix + 1."""
+    ctx, n, p = list(prompt) + list(output), len(output), len(prompt)
+    best = {n: 0.0}
+    for t in range(n - 1, 0, -1):
+        seen, options = p + t, [cost(1) + best[t + 1]]
+        for j in range(seen):
+            for r in range(1, min(k, seen - j) + 1):
+                a = 0
+                while a < r and t + a < n - 1 and ctx[j + a] == output[t + a]:
+                    a += 1
+                options.append(cost(r + 1) + best[t + a + 1])
+        best[t] = min(options)
+    return best.get(1, 0.0)
+
+
+def test_lookup_bound_is_the_least_cost():
+    from specjax.bench import check_costs, lookup_bound
+
+    # Copying 4 tokens at once (T=5) costs 2.0; at T=5 costing 6, two shorter steps win.
+    assert lookup_bound([1, 2, 3, 4, 5], [9, 1, 2, 3, 4, 5], {1: 1, 2: 1.5, 5: 2.0}) == 2.0
+    assert lookup_bound([1, 2, 3, 4, 5], [9, 1, 2, 3, 4, 5], {1: 1, 2: 1.5, 5: 6}) == 2.5
+    assert lookup_bound([1, 2, 3], [7, 8, 9, 10], {1: 1, 2: 1.5}) == 3.0  # AR
+    with pytest.raises(ValueError, match="T = 1"):
+        check_costs({2: 1.0})
+    with pytest.raises(ValueError, match="non-decreasing"):
+        check_costs({1: 1.0, 2: 0.9})
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        prompt = rng.integers(0, 3, rng.integers(1, 10)).tolist()
+        output = rng.integers(0, 3, rng.integers(1, 12)).tolist()
+        table = {1: 1.0, 2: 1.0 + rng.random(), 4: 2.0 + rng.random(), 9: 3.0 + rng.random()}
+        cost = lambda T: table[max(s for s in table if s <= T)]  # noqa: E731
+        for k in (2, 5):
+            assert abs(lookup_bound(prompt, output, table, k)
+                       - _min_cost_exhaustive(prompt, output, k, cost)) < 1e-9, (prompt, output)
+        # With every block costing one forward it is the fewest steps.
+        assert lookup_bound(prompt, output, {1: 1.0}) == _min_steps_exhaustive(
+            prompt, output, len(output))
 
 
 def test_lookup_ceiling_is_the_fewest_steps():
