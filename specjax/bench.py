@@ -239,15 +239,16 @@ def lookup_ceiling(prompt: Sequence[int], output: Sequence[int],
 
 
 def check_costs(costs: dict) -> dict:
-    """{T: cost of verifying T tokens, relative to T = 1} with T = 1 present, costs positive and
-    non-decreasing in T (a longer block never costs less); -> a sorted copy."""
+    """{T: cost of verifying T tokens} (any unit, e.g. ms) with T = 1 present, costs positive
+    and non-decreasing in T (a longer block never costs less) -> a sorted copy relative to
+    T = 1 (T = 1 costs 1.0, one AR step)."""
     out = {int(t): float(c) for t, c in sorted(costs.items())}
-    if not out or min(out) != 1 or any(t < 1 for t in out):
+    if not out or min(out) != 1:
         raise ValueError(f"verify costs need T = 1 and only T >= 1, got sizes {sorted(out)}")
     vals = list(out.values())
     if min(vals) <= 0 or any(b < a for a, b in zip(vals, vals[1:])):
         raise ValueError(f"verify costs must be positive and non-decreasing in T, got {out}")
-    return out
+    return {t: c / out[1] for t, c in out.items()}
 
 
 BOUND_SIZES = (1, 2, 3, 4, 5, 9, 17, 33)
@@ -275,7 +276,7 @@ def measure_verify_costs(model, prompts: list[dict], max_new_tokens: int,
 
 
 def parse_costs(text: str) -> dict:
-    """"1:1,2:1.6,9:2.8" -> {1: 1.0, 2: 1.6, 9: 2.8} (checked by `check_costs`)."""
+    """"1:1,2:1.6,9:2.8" -> {1: 1.0, 2: 1.6, 9: 2.8} (checked and scaled by `check_costs`)."""
     try:
         pairs = [item.split(":") for item in text.split(",") if item.strip()]
         costs = {int(t): float(c) for t, c in pairs}

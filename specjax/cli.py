@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hf-lookup-tokens", type=int, default=10)
     b.add_argument("--verify-costs", default="auto", type=_costs_arg,
                    help="verify cost per block length for the lookup bound: auto (measure "
-                        "here), none, or T:COST pairs relative to T=1, e.g. 1:1,2:1.6,9:2.8")
+                        "here), none, or T:COST pairs in any unit (scaled so T=1 costs 1), "
+                        "e.g. 1:1,2:1.6,9:2.8")
     b.add_argument("--hf-assistant", default=None, help="small model for HF assisted generation")
     b.set_defaults(fn=cmd_bench)
 

@@ -140,8 +140,11 @@ def test_lookup_bound_is_the_least_cost():
     assert lookup_bound([1, 2, 3, 4, 5], [9, 1, 2, 3, 4, 5], {1: 1, 2: 1.5, 5: 2.0}) == 2.0
     assert lookup_bound([1, 2, 3, 4, 5], [9, 1, 2, 3, 4, 5], {1: 1, 2: 1.5, 5: 6}) == 2.5
     assert lookup_bound([1, 2, 3], [7, 8, 9, 10], {1: 1, 2: 1.5}) == 3.0  # AR
+    assert check_costs({2: 45.0, 1: 30.0}) == {1: 1.0, 2: 1.5}  # e.g. milliseconds
     with pytest.raises(ValueError, match="T = 1"):
         check_costs({2: 1.0})
+    with pytest.raises(ValueError, match="T = 1"):
+        check_costs({0: 0.5, 1: 1.0})
     with pytest.raises(ValueError, match="non-decreasing"):
         check_costs({1: 1.0, 2: 0.9})
     rng = np.random.default_rng(1)
