@@ -267,12 +267,10 @@ def measure_verify_costs(model, prompts: list[dict], max_new_tokens: int,
     table = autotune.verify_cost_table(model, sizes, prompt_len=lengths[len(lengths) // 2],
                                        max_new=max_new_tokens, repeats=repeats,
                                        progress=progress)
-    ms = {T: min(c, t) for T, (c, t) in sorted(table.items())}
-    costs, low = {}, float("inf")
-    for T in sorted(ms, reverse=True):  # a T block is never cheaper than a shorter one
-        low = min(low, ms[T])
-        costs[T] = low
-    return {T: costs[T] / costs[1] for T in sorted(costs)}
+    sizes = sorted(table)
+    ms = np.array([min(table[T]) for T in sizes])
+    # A T block is never cheaper than a shorter one: take the cheapest of T and all longer.
+    return check_costs(dict(zip(sizes, np.minimum.accumulate(ms[::-1])[::-1].tolist())))
 
 
 def parse_costs(text: str) -> dict:
@@ -300,17 +298,14 @@ def lookup_bound(prompt: Sequence[int], output: Sequence[int], costs: dict,
     least as much and accepts no more than the longest copy.
     """
     costs = check_costs(costs)
-    sizes = np.asarray(list(costs))
-    table = np.asarray(list(costs.values()))
-
-    def cost(T: int) -> float:
-        return float(table[np.searchsorted(sizes, T, side="right") - 1])
-
+    sizes, table = np.asarray(list(costs)), np.asarray(list(costs.values()))
     L, n = _longest_copies(prompt, output, k), len(output)
+    # step[r]: a step drafting r tokens verifies r + 1 (the smaller measured size's cost).
+    step = table[np.searchsorted(sizes, np.arange(1, n + 1), side="right") - 1]
     best = np.zeros(n + 1)
     for t in range(n - 1, 0, -1):
-        best[t] = min(cost(r + 1) + best[min(t + r + 1, n)]
-                      for r in range(min(int(L[t]), n - t - 1) + 1))
+        r = min(int(L[t]), n - t - 1)
+        best[t] = np.min(step[:r + 1] + best[t + 1:t + r + 2])
     return float(best[1]) if n > 1 else 0.0
 
 

@@ -8,8 +8,6 @@ import transformers
 
 VOCAB = 101  # build_hf_model's default vocabulary
 _rng = np.random.default_rng(0)
-# Ragged (5, 12, 16, 9 tokens: one prompt bucket of 16), two of them repetitive so that prompt
-# lookup has something to find. Token 0 appears on purpose (it is not special here).
 
 
 def pytest_sessionstart(session):
@@ -23,6 +21,8 @@ def pytest_sessionstart(session):
         specjax.load_model("smollm2-135m")
 
 
+# Ragged (5, 12, 16, 9 tokens: one prompt bucket of 16), two of them repetitive so that prompt
+# lookup has something to find. Token 0 appears on purpose (it is not special here).
 RAGGED_PROMPTS = [
     _rng.integers(0, VOCAB, 5).tolist(),
     [7, 8, 9, 10] * 3,
