@@ -9,8 +9,8 @@ from specjax.model import Model, load_model, model_from_hf
 from specjax.models.config import ModelConfig
 # The function shadows the module name on the package; `from specjax.generate import ...` still
 # reaches the module.
-from specjax.generate import GenerateOutput, generate, generate_stream
-from specjax.sharding import generate_pmap, make_mesh
+from specjax.generate import GenerateOutput, generate, generate_pmap, generate_stream
+from specjax.sharding import make_mesh
 
 __version__ = "0.1.0"
 __all__ = ["Model", "ModelConfig", "GenerateOutput", "drafters", "generate", "generate_stream",

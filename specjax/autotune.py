@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax import tree as tree_lib
+from specjax.engine import tree as tree_lib
 from specjax.drafters import DynamicTree
 from specjax.models.cache import KVCache, init_cache
 from specjax.models.llama import forward, is_unrolled
@@ -39,7 +39,7 @@ DEFAULT_CANDIDATES = (DynamicTree(nodes=4, depth=3, top_k=2), DynamicTree(nodes=
 def verify_forward(params, tokens, parents, cache: KVCache, *, cfg, impl: str = "xla"):
     """The engine's verify forward over the block `tokens` [B, T] written at `cache.lengths`.
 
-    `parents` None: a chain (causal mask, positions length + i; `engine._verify`'s chain path).
+    `parents` None: a chain (causal mask, positions length + i; the engine's chain verifier).
     `parents` [B, T-1]: a tree whose nodes are tokens[:, 1:] under the root tokens[:, 0]
     (ancestor-or-self mask and positions built from `parents` on device, as the tree path does).
     -> (logits [B, T, V], cache with the block's K/V written; the cache is donated).

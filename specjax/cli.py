@@ -26,66 +26,38 @@ DEMO_PROMPTS = [
 ]
 
 
-DRAFTER_NAMES = ("ngram[:BRANCHES]", "ngram_fixed", "layer_skip[:LAYERS]",
-                 "layer_skip_tree[:LAYERS]", "model:PATH", "model_tree:PATH", "eagle3[:PATH]", "eagle3_tree[:PATH]",
-                 "eagle[:PATH]", "eagle_tree[:PATH]", "medusa[:PATH]", "medusa_tree[:PATH]", "none")
-# Medusa's static tree when none is given (depth 4: needs 4 heads).
-MEDUSA_TREE = "eagle_small"
-# The EAGLE tree shape used when none is given: measured best on the 2-core CPU for SmolLM2
-# (see README, `specjax tune-tree --drafter eagle3_tree`).
-EAGLE_TREE = dict(nodes=8, depth=4, top_k=3)
-
-
-def default_eagle(base: str, model) -> str:
-    """The bundled drafter of `model` for eagle / eagle3 / medusa names without a PATH."""
-    from specjax.drafters import BUNDLED_DRAFTERS
-
-    version = base.removesuffix("_tree")
-    name = f"{getattr(model, 'name', '')}-{version}"
-    if name not in BUNDLED_DRAFTERS:
-        raise SystemExit(f"no bundled {version} drafter for model {getattr(model, 'name', '?')!r} "
-                         f"(bundled: {sorted(BUNDLED_DRAFTERS)}); give one as "
-                         f"--drafter {base}:PATH or train one with `specjax train-drafter`")
-    return name
-
-
 def make_drafter(name: str, k, model=None):
-    """CLI drafter names (see DRAFTER_NAMES). A suffix `@K` sets this drafter's draft length
-    or tree size, overriding `k` (e.g. `eagle3@8` vs `eagle3_tree@8` compares a chain and a
-    tree of 8 draft tokens)."""
-    from specjax import drafters, load_model
+    """A `--drafter` value -> Drafter (None for none): `NAME[:ARG][@K]` from the drafter registry
+    (`specjax.drafters.registry`); `@K` overrides `k`."""
+    from specjax.drafters import registry
 
-    if name in (None, "", "none", "ar"):
-        return None
-    name, at, k_own = name.partition("@")
-    if at:
-        if not k_own.isdigit() or int(k_own) <= 0:
-            raise SystemExit(f"bad draft size in {name}@{k_own}: use NAME@K with K a positive int")
-        k = int(k_own)
-    base, _, arg = name.partition(":")
-    tree = drafters.DynamicTree(nodes=k or 8) if base.endswith("_tree") else None
-    if base in ("eagle", "eagle_tree", "eagle3", "eagle3_tree"):
-        src = arg or default_eagle(base, model)
-        if tree is not None:
-            tree = drafters.DynamicTree(**dict(EAGLE_TREE, nodes=k or EAGLE_TREE["nodes"]))
-        return drafters.eagle(src, k=k or 4, tree=tree, name=arg or src)
-    if base in ("medusa", "medusa_tree"):
-        src = arg or default_eagle(base, model)
-        return drafters.medusa(src, k=k, tree=drafters.StaticTree(MEDUSA_TREE)
-                               if base == "medusa_tree" else None)
-    if base == "ngram":
-        branches = int(arg) if arg else 1
-        return drafters.ngram(k=k or (8 if branches == 1 else 4), branches=branches)
-    if base == "ngram_fixed":  # always verifies k tokens after a match (no adaptive length)
-        return drafters.ngram(k=k or 8, adaptive=False)
-    if base in ("layer_skip", "layer_skip_tree"):
-        return drafters.layer_skip(layers=int(arg) if arg else 8, k=k or 4, tree=tree)
-    if base in ("model", "model_tree"):
-        if not arg:
-            raise SystemExit(f"--drafter {base}:PATH needs the draft model (name, HF dir, .gguf)")
-        draft = load_model(arg, dtype=None if model is None else model.dtype)
-        return drafters.small_model(draft, k=k or 5, tree=tree)
-    raise SystemExit(f"unknown drafter {name!r}; valid: {', '.join(DRAFTER_NAMES)}")
+    try:
+        return registry.make(name, k, model)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+def drafter_arg(text: str) -> str:
+    """argparse type for --drafter: checked against the registry before any model loads."""
+    from specjax.drafters import registry
+
+    try:
+        registry.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def drafter_list_arg(text: str) -> str:
+    for name in (n for n in text.split(",") if n):
+        drafter_arg(name)
+    return text
+
+
+def _drafter_usage() -> str:
+    from specjax.drafters import registry
+
+    return " | ".join(registry.names() + ["none"])
 
 
 def _add_sampling(p):
@@ -135,7 +107,7 @@ def cmd_demo(a):
     from specjax import load_model
     from specjax.generate import generate
 
-    from specjax.drafters import BUNDLED_DRAFTERS
+    from specjax.drafters.bundled import BUNDLED_DRAFTERS
 
     print(f"loading {a.model} ...", flush=True)
     model = load_model(a.model)
@@ -239,31 +211,19 @@ def cmd_bench_verify(a):
 
 
 def tree_factory(name: str, model):
-    """`tune-tree` drafter names -> a function DynamicTree -> Drafter: layer_skip_tree[:LAYERS],
-    model_tree:PATH, or ngram (a candidate of N nodes and top_k K drafts K branches of N // K
-    tokens)."""
-    from specjax import drafters, load_model
+    """`tune-tree` drafter names -> a function DynamicTree -> Drafter (any registered drafter
+    that drafts a dynamic tree; ngram: a candidate of N nodes and top_k K drafts K branches of
+    N // K tokens)."""
+    from specjax.drafters import registry
 
-    base, _, arg = name.partition(":")
-    if base == "ngram":
-        return lambda t: drafters.ngram(k=max(1, t.nodes // t.top_k), branches=t.top_k)
-    if base == "layer_skip_tree":
-        layers = int(arg) if arg else 8
-        return lambda t: drafters.layer_skip(layers=layers, tree=t)
-    if base == "model_tree" and arg:
-        draft = load_model(arg, dtype=model.dtype)
-        return lambda t: drafters.small_model(draft, tree=t)
-    if base in ("eagle_tree", "eagle3_tree"):
-        from checkpoints_convert.eagle_hf import load_eagle_hf
-        from specjax.drafters import BUNDLED_DRAFTERS, bundled_path
-
-        src = arg or default_eagle(base, model)
-        weights = load_eagle_hf(bundled_path(src) if src in BUNDLED_DRAFTERS else src,
-                                model.config)  # read once for every candidate
-        return lambda t: drafters.eagle(weights, tree=t, name=src)
-    raise SystemExit(f"tune-tree needs a tree drafter, got {name!r}; valid: "
-                     f"layer_skip_tree[:LAYERS], model_tree:PATH, eagle3_tree[:PATH], "
-                     f"eagle_tree[:PATH], ngram")
+    try:
+        parsed = registry.parse(name)
+        if parsed is None or not parsed.entry.tree:
+            raise ValueError(f"tune-tree needs a tree drafter, got {name!r}; valid: "
+                             f"{', '.join(e.usage for e in registry.REGISTRY.values() if e.tree)}")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    return lambda t: registry.make(name, None, model, tree=t)
 
 
 def _parse_candidates(text):
@@ -313,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompts", nargs="+")
     g.add_argument("--model", default="smollm2-135m",
                    help="model name, HF checkpoint dir, .gguf file or converted dir")
-    g.add_argument("--drafter", default="none",
-                   help=" | ".join(DRAFTER_NAMES) + " (speculative decoding; *_tree and "
+    g.add_argument("--drafter", default="none", type=drafter_arg,
+                   help=_drafter_usage() + " (speculative decoding; *_tree and "
                         "ngram:B>1 draft trees; eagle* without PATH: the model's bundled "
                         "drafter)")
     g.add_argument("--k", type=int, default=None,
@@ -332,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="load the default model, answer a few prompts, print tok/s")
     d.add_argument("--model", default="smollm2-135m")
-    d.add_argument("--drafter", default=None,
+    d.add_argument("--drafter", default=None, type=drafter_arg,
                    help="default: the model's bundled EAGLE-3 drafter (dynamic tree) when it "
                         "has one, else ngram")
     d.add_argument("--max-new-tokens", type=int, default=96)
@@ -340,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="AR vs drafters on Spec-Bench prompts (+ HF baselines)")
     _bench_common(b)
-    b.add_argument("--drafters", default="ngram", help="comma-separated drafter names")
+    b.add_argument("--drafters", default="ngram", type=drafter_list_arg,
+                   help="comma-separated drafter names: " + _drafter_usage())
     b.add_argument("--k", type=int, default=None)
     b.add_argument("--hf-baseline", action="store_true",
                    help="also time HF transformers greedy and prompt lookup")
@@ -368,9 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tt = sub.add_parser("tune-tree", help="pick the draft tree with the best measured tokens/s")
     tt.add_argument("--model", default="smollm2-135m")
-    tt.add_argument("--drafter", default="layer_skip_tree:8",
-                    help="layer_skip_tree[:LAYERS] | model_tree:PATH | eagle3_tree[:PATH] | "
-                         "eagle_tree[:PATH] | ngram")
+    tt.add_argument("--drafter", default="layer_skip_tree:8", type=drafter_arg,
+                    help="a drafter that drafts a dynamic tree: layer_skip_tree[:LAYERS] | "
+                         "model_tree:PATH | eagle3_tree[:PATH] | eagle_tree[:PATH] | ngram")
     tt.add_argument("--candidates", default=None,
                     help="comma-separated NODES:DEPTH:TOP_K (default: 4:3:2,8:4:3,12:5:3,16:6:4)")
     tt.add_argument("--questions", default=None, help="question .jsonl (default: Spec-Bench)")

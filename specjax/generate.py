@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax import engine
+from specjax import engine, sharding
+from specjax.engine import accept
 from specjax.drafters.base import Drafter
 from specjax.model import Model
 from specjax.sampling import make_sampling
@@ -104,10 +105,7 @@ def _bind_drafter(model: Model, drafter: Optional[Drafter]):
     """-> (spec, params) of the drafter for this target, after compatibility checks."""
     if drafter is None:
         return None, None
-    from specjax.drafters import resolve
-
-    spec, dparams = resolve(drafter, model)
-    spec.check_compatible(model.config, model.dtype)
+    spec, dparams = drafter.bind(model)
     dtypes = {x.dtype for x in jax.tree.leaves(dparams) if jnp.issubdtype(x.dtype, jnp.floating)}
     if dtypes and dtypes != {model.dtype}:
         raise ValueError(f"drafter {drafter.name!r} has dtype {sorted(map(str, dtypes))} but the "
@@ -143,10 +141,12 @@ def prepare(model: Model, prompts, *, max_new_tokens: int, temperature: float = 
         key = jax.random.key(0)
     elif isinstance(key, int):
         key = jax.random.key(key)
+    # The acceptance rules are read here, not at import: a swapped default is a new config.
     ec = engine.EngineConfig(target=model.config, mode=mode, max_new=N, eos=model.eos_token_ids,
-                             drafter=spec, impl=impl)
-    args = dict(tokens=jnp.asarray(tokens), lengths=jnp.asarray(lengths),
-                max_new=jnp.asarray(budget), key=key, sp=sp, dparams=dparams, max_len=max_len)
+                             drafter=spec, impl=impl, rules=accept.DEFAULT_RULES)
+    inp = engine.PrefillInput.from_tokens(jnp.asarray(tokens), jnp.asarray(lengths))
+    args = dict(inp=inp, max_new=jnp.asarray(budget), key=key, sp=sp, dparams=dparams,
+                max_len=max_len)
     return ec, args, rows
 
 
@@ -161,8 +161,6 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     equals (greedy) or is distributed exactly as (sampling) plain decoding of `model`.
     With `mesh` (a `jax.sharding.Mesh` with a "data" axis) the batch is sharded over it.
     """
-    from specjax import sharding
-
     # A mesh without a "data" axis is rejected with a clear message by `sharding.place`.
     multiple = 1 if mesh is None else dict(mesh.shape).get("data", 1)
     ec, args, rows = prepare(model, prompts, max_new_tokens=max_new_tokens,
@@ -246,3 +244,38 @@ def generate_stream(model: Model, prompt: Prompt, *, max_new_tokens: int = 128,
         state = engine.decode_one(model.params, dparams, state, sp, ec=ec)
     if len(text) > len(emitted_text):
         yield text[len(emitted_text):]
+
+
+def generate_pmap(model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
+                  top_k=None, top_p=None, key=None, chat: bool = True, drafter=None,
+                  devices: Optional[Sequence] = None):
+    """`generate` with the batch split over devices by `jax.pmap`.
+
+    Each device runs its own while_loop over its rows, so a device whose rows finish early stops
+    early. Sampling uses one key per device (folded from `key`), so sampled tokens differ from a
+    single-device run; greedy tokens are identical.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    D = len(devices)
+    ec, args, rows = prepare(model, prompts, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p, key=key,
+                             chat=chat, drafter=drafter, batch_multiple=D)
+    max_len, dparams, sp, key = args.pop("max_len"), args.pop("dparams"), args.pop("sp"), args.pop("key")
+    split = jax.tree.map(lambda v: v.reshape((D, -1) + v.shape[1:]), args)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(D))
+
+    def run(params, dparams, inp, max_new, key, sp):
+        st = engine.prefill(params, dparams, inp, max_new, key, sp, ec=ec, max_len=max_len)
+        return engine.decode(params, dparams, st, sp, ec=ec)
+
+    fn = jax.pmap(run, in_axes=(None, None, 0, 0, 0, None), devices=devices)
+    t0 = time.perf_counter()
+    state = fn(model.params, dparams, split["inp"], split["max_new"], keys, sp)
+    jax.block_until_ready(state.out)
+    dt = time.perf_counter() - t0
+    # Merge the device axis back into the batch axis.
+    state = state.replace(
+        out=state.out.reshape((-1,) + state.out.shape[2:]), n_out=state.n_out.reshape(-1),
+        row_steps=state.row_steps.reshape(-1), steps=jnp.max(state.steps),
+        accept_hist=jnp.sum(state.accept_hist, axis=0))
+    return finish(model, state, rows, 0.0, dt, True)

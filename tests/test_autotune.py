@@ -13,7 +13,7 @@ import pytest
 import specjax
 from conftest import byte_bpe
 from specjax import autotune, cli, drafters
-from specjax import tree as tree_lib
+from specjax.engine import tree as tree_lib
 
 
 @pytest.fixture(scope="module")

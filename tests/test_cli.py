@@ -178,9 +178,10 @@ def test_lookup_ceiling_is_the_fewest_steps():
 
 
 def test_ngram_names():
-    assert cli.make_drafter("ngram", None).spec.adaptive
+    assert cli.make_drafter("ngram", None).binder(None)[0].adaptive
     fixed = cli.make_drafter("ngram_fixed@4", None)
-    assert not fixed.spec.adaptive and fixed.spec.k == 4
+    spec = fixed.binder(None)[0]
+    assert not spec.adaptive and spec.k == 4
 
 
 def test_cli_errors(tiny_dir):

@@ -20,8 +20,7 @@ from specjax.drafters import feature as E
 from specjax.drafters.base import TargetPrefill, TargetStep
 from specjax.models.cache import init_cache
 from specjax.models.llama import forward_hidden
-from specjax.tree import Tree, TreeAccepted
-from specjax.verify import Accepted
+from specjax.drafters.base import PrefillInput, Tree, Verified
 
 from conftest import RAGGED_PROMPTS
 from test_spec_sampling import (  # noqa: F401  (`models` is a pytest fixture)
@@ -101,8 +100,8 @@ def test_state_follows_cache_free_reference(target, version):
     tok = jnp.asarray([seq[:P] + [0] * 7], jnp.int32)  # right-padded prompt of P tokens
     sl = lambda h, a, b: type(h)(last=h.last[:, a:b],  # noqa: E731
                                  layers=None if h.layers is None else h.layers[:, :, a:b])
-    pre = TargetPrefill(tokens=tok, lengths=jnp.asarray([P]), first=jnp.asarray([seq[P]]),
-                        cache=None, hiddens=sl(hid, 0, 16))
+    pre = TargetPrefill(input=PrefillInput.from_tokens(tok, jnp.asarray([P])),
+                        first=jnp.asarray([seq[P]]), cache=None, hiddens=sl(hid, 0, 16))
     st = spec.init(params, pre, 64)
     np.testing.assert_allclose(st.feat[0], ref[P - 1], atol=1e-4)
     n_len = P  # target cache length; `last` = seq[n_len]
@@ -110,7 +109,9 @@ def test_state_follows_cache_free_reference(target, version):
     for n_acc in (0, K, 1):  # chain commits: rejected at once, all accepted, one accepted
         block = seq[n_len:n_len + K + 1]
         draft = specjax.drafters.Draft(tokens=jnp.asarray([block[1:]]), logp=None)
-        acc = Accepted(n=jnp.asarray([n_acc]), bonus=jnp.asarray([seq[n_len + n_acc + 1]]))
+        acc = Verified(tokens=draft.tokens, n=jnp.asarray([n_acc]),
+                       bonus=jnp.asarray([seq[n_len + n_acc + 1]]),
+                       path=jnp.asarray([[i if i < n_acc else -1 for i in range(K)]]))
         step = TargetStep(tokens=jnp.asarray([block]), hiddens=sl(hid, n_len, n_len + K + 1))
         st = spec.commit(params, st, draft, acc, active, step)
         n_len += n_acc + 1
@@ -132,8 +133,8 @@ def test_state_follows_cache_free_reference(target, version):
     pick = jnp.asarray(order)
     fake = type(hid)(last=true_hid.last[:, pick],
                      layers=None if hid.layers is None else true_hid.layers[:, :, pick])
-    tacc = TreeAccepted(node=jnp.asarray([3]), n=jnp.asarray([2]), path=jnp.asarray([[1, 3, -1]]),
-                        bonus=jnp.asarray([seq[n_len + 3]]))
+    tacc = Verified(tokens=jnp.asarray([[nxt[0], nxt[1], node_tok[0]]]), n=jnp.asarray([2]),
+                    path=jnp.asarray([[1, 3, -1]]), bonus=jnp.asarray([seq[n_len + 3]]))
     tstep = TargetStep(tokens=jnp.asarray([[seq[n_len]] + node_tok]), hiddens=fake)
     st = tspec.commit(params, st, specjax.drafters.base.TreeDraft(tree=tree), tacc, active, tstep)
     n_len += 3

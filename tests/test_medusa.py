@@ -18,6 +18,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,8 +33,7 @@ from specjax.drafters.medusa_heads import (LOSS_DECAY, MedusaConfig, MedusaHeads
                                      MedusaState, head_logits, init_params, medusa_loss)
 from specjax.models.llama import Hiddens, lm_head
 from specjax.sampling import make_sampling
-from specjax.tree import TreeAccepted
-from specjax.verify import Accepted
+from specjax.drafters.base import PrefillInput, Verified
 
 # Shared with the chain-drafter sampling test: statistics, the V = 16 target and its exact law.
 from test_spec_sampling import (  # noqa: F401  (`models`, `exact` are pytest fixtures)
@@ -89,7 +90,7 @@ B, P, K = 4, 6, 3
 
 def bound(target, heads, tree=None, k=None):
     """-> (spec, params) as `generate` binds them."""
-    return drafters.resolve(drafters.medusa(heads, k=k, tree=tree), target)
+    return drafters.medusa(heads, k=k, tree=tree).bind(target)
 
 
 def test_state_reads_the_feature_that_produced_last(target):
@@ -98,7 +99,7 @@ def test_state_reads_the_feature_that_produced_last(target):
     rng = np.random.default_rng(0)
     prompt_h = jnp.asarray(rng.standard_normal((B, P, D)), jnp.float32)
     lengths = jnp.asarray([6, 1, 3, 5], jnp.int32)
-    pre = TargetPrefill(tokens=jnp.zeros((B, P), jnp.int32), lengths=lengths,
+    pre = TargetPrefill(input=PrefillInput.from_tokens(jnp.zeros((B, P), jnp.int32), lengths),
                         first=jnp.zeros((B,), jnp.int32), cache=None,
                         hiddens=Hiddens(last=prompt_h, layers=None))
     state = spec.init(params, pre, max_len=32)
@@ -110,7 +111,10 @@ def test_state_reads_the_feature_that_produced_last(target):
     block_h = jnp.asarray(rng.standard_normal((B, K + 1, D)), jnp.float32)
     step = TargetStep(tokens=jnp.zeros((B, K + 1), jnp.int32),
                       hiddens=Hiddens(last=block_h, layers=None))
-    acc = Accepted(n=jnp.asarray([0, 3, 1, 2], jnp.int32), bonus=jnp.zeros((B,), jnp.int32))
+    n = jnp.asarray([0, 3, 1, 2], jnp.int32)
+    i = jnp.arange(K)[None, :]
+    acc = Verified(tokens=jnp.zeros((B, K), jnp.int32), n=n, bonus=jnp.zeros((B,), jnp.int32),
+                   path=jnp.where(i < n[:, None], i, -1))
     active = jnp.asarray([True, True, True, False])
     new = spec.commit(params, state, None, acc, active, step)
     want = np.stack([block_h[0, 0], block_h[1, 3], block_h[2, 1], state.feat[3]])
@@ -124,7 +128,7 @@ def test_tree_state_reads_the_feature_that_produced_last(target):
     N = len(TREE3_PARENTS)
     rng = np.random.default_rng(1)
     state = spec.init(params, TargetPrefill(
-        tokens=jnp.zeros((B, P), jnp.int32), lengths=jnp.full((B,), P, jnp.int32),
+        input=PrefillInput.from_tokens(jnp.zeros((B, P), jnp.int32), jnp.full((B,), P, jnp.int32)),
         first=jnp.zeros((B,), jnp.int32), cache=None,
         hiddens=Hiddens(last=jnp.asarray(rng.standard_normal((B, P, D)), jnp.float32),
                         layers=None)), max_len=32)
@@ -133,7 +137,7 @@ def test_tree_state_reads_the_feature_that_produced_last(target):
                       hiddens=Hiddens(last=block_h, layers=None))
     # Row 0: nothing accepted (bonus from `last`, offset 0). Row 1: node 1 ([1], offset 2).
     # Row 2: the whole depth-3 branch 0 -> 2 -> 4 (offset 5). Row 3: node 3 ([0, 1]), inactive.
-    acc = TreeAccepted(node=jnp.asarray([-1, 1, 4, 3], jnp.int32),
+    acc = Verified(tokens=jnp.zeros((B, 3), jnp.int32),
                        n=jnp.asarray([0, 1, 3, 2], jnp.int32),
                        path=jnp.asarray([[-1, -1, -1], [1, -1, -1], [0, 2, 4], [0, 3, -1]],
                                         jnp.int32),
@@ -194,28 +198,28 @@ def test_sampling_matches_target(models, exact, shape, mode):
     assert len(hist) == 3 and np.all(hist >= 0.1 * hist.sum()), hist
 
 
-def test_wrong_draft_logp_is_detected(models, exact, monkeypatch):
+def test_wrong_draft_logp_is_detected(models, exact):
     """Negative control: a chain that samples token i from head i but reports the other head's
     distribution as q (rows of Draft.logp swapped) is rejected by the same test (observed
-    chi2 ~ 10^4 on 155 df). The decode loop is jitted with a static config, so the jit caches
-    are cleared around the patch."""
+    chi2 ~ 10^4 on 155 df). The swapped drafter is a spec of its own class, so it compiles its
+    own decode program (no jit cache is cleared or patched)."""
     target, _ = models
-    real = MedusaSpec.propose
     calls = []
 
-    def swapped(self, *args):
-        calls.append(1)
-        draft, state = real(self, *args)
-        return draft._replace(logp=draft.logp[:, ::-1]), state
+    class Swapped(MedusaSpec):
+        def propose(self, *args):
+            calls.append(1)
+            draft, state = super().propose(*args)
+            return draft._replace(logp=draft.logp[:, ::-1]), state
 
-    jax.clear_caches()
-    monkeypatch.setattr(MedusaSpec, "propose", swapped)
-    try:
-        d = drafters.medusa(random_heads(2, target.config.hidden_size, 0.5, seed=6))
-        counts, _ = sample_joint(target, d, MODES["plain"], SEEDS["chain", "plain"] + 5)
-    finally:
-        monkeypatch.setattr(MedusaSpec, "propose", real)
-        jax.clear_caches()
+    base = drafters.medusa(random_heads(2, target.config.hidden_size, 0.5, seed=6))
+
+    def bind(t):
+        spec, params = base.binder(t)
+        return Swapped(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}), params
+
+    d = dataclasses.replace(base, binder=bind)
+    counts, _ = sample_joint(target, d, MODES["plain"], SEEDS["chain", "plain"] + 5)
     assert calls, "the engine did not use the patched drafter"
     fit = chi_square(counts, exact["plain"]["joint"])
     print(f"swapped draft logp: {fit}")
@@ -232,7 +236,7 @@ def test_loss_matches_direct_computation(target):
     h = jnp.asarray(rng.standard_normal((Bl, T, cfg_t.hidden_size)), jnp.float32)
     tokens = jnp.asarray(rng.integers(0, cfg_t.vocab_size, (Bl, T)), jnp.int32)
     mask = jnp.asarray(rng.random((Bl, T)) < 0.8)
-    params = drafters.resolve(drafters.medusa(heads), target)[1]
+    params = drafters.medusa(heads).bind(target)[1]
     loss, acc = jax.jit(medusa_loss, static_argnums=(0, 2))(heads.config, params, cfg_t, h,
                                                            tokens, mask)
     want_loss, want_acc = 0.0, []
@@ -250,7 +254,7 @@ def test_loss_matches_direct_computation(target):
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     np.testing.assert_allclose(acc, want_acc, rtol=1e-6)
     # Zero heads: head i's loss is the target head's cross-entropy two or more tokens ahead.
-    zero = drafters.resolve(drafters.medusa(zero_heads(1, cfg_t.hidden_size)), target)[1]
+    zero = drafters.medusa(zero_heads(1, cfg_t.hidden_size)).bind(target)[1]
     l0, _ = medusa_loss(MedusaConfig(1, cfg_t.hidden_size), zero, cfg_t, h, tokens,
                         jnp.ones((Bl, T), bool))
     lp = jax.nn.log_softmax(lm_head(target.params, cfg_t, h[:, :-2]), -1)

@@ -34,8 +34,8 @@ Power. After pooling, the plain joint has 156 cells and the top-k/top-p joint 34
 support). With N = 8192 at ALPHA, any distribution whose TV distance from the target over those
 cells is at least 0.062 (plain) / 0.047 (top-k/top-p) is rejected with probability >= 0.99
 (noncentral chi-square with lambda = N sum (pi_1 - pi_0)^2 / pi_0 >= 4 N TV^2; checked by
-`test_stated_power`). Negative controls: `engine.verify_chain` is monkeypatched with the correct
-rule changed in one place: (a) the token after a rejection is drawn from p instead of
+`test_stated_power`). Negative controls: the engine's chain rule (`EngineConfig.rules.chain`) is
+replaced by the correct rule changed in one place: (a) the token after a rejection is drawn from p instead of
 norm(max(p - q, 0)); (b) every draft token is accepted; (c) the bonus token after a fully accepted
 draft is drawn from the target's distribution one position too early. For each, the exact law of
 (t1, t2, t3) under the broken rule is computed as well, which gives its TV distance from the
@@ -49,9 +49,8 @@ target and the power of the test against it:
 asserts power >= 0.999, an observed p-value below ALPHA, and that the observed statistic is
 typical of samples from the computed broken law (chi-square 1741 / 64442 / 42124 observed,
 1644 +- 89 / 65066 +- 1765 / 45356 +- 2886 simulated), so the power is computed against the
-alternative the engine actually produced. A monkeypatched rule only takes effect after
-`jax.clear_caches()`: the decode loop is jitted with a static config (`patched_verify_chain`
-clears the caches on entry and exit).
+alternative the engine actually produced. The rules are a static field of the engine config, so
+a broken rule compiles a program of its own (`patched_verify_chain`).
 
 Unit level (`verify_chain` alone): fixed target distributions p_0..p_K (K = 2, V = 8) and a draft
 distribution q per position; B = 2^17 rows drafted from q (or a fixed token for one-hot q, or
@@ -79,10 +78,10 @@ import pytest
 from scipy import optimize, stats
 
 import specjax
-from specjax import engine, verify
+from specjax.engine import accept
 from specjax.drafters.lm import LMDrafterSpec
 from specjax.sampling import make_sampling, process_logits
-from specjax.verify import Accepted
+from specjax.engine.accept import AcceptRules, Accepted
 
 ALPHA = 1e-3
 MIN_EXPECTED = 5.0
@@ -190,7 +189,7 @@ def power(null: np.ndarray, alt: np.ndarray, n: int) -> tuple[float, float, floa
 # ---------------------------------------------------------------------------------------------
 
 def broken_verify_chain(flaw: str):
-    real = verify.verify_chain
+    real = accept.verify_chain
 
     def broken(key, target_logits, draft_tokens, draft_logp, mode, sp):
         broken.traced += 1
@@ -214,18 +213,12 @@ def broken_verify_chain(flaw: str):
     return broken
 
 
-@contextlib.contextmanager
 def patched_verify_chain(monkeypatch, fn):
-    """Swap the rule the engine calls. The decode loop is jitted with a static config, so the jit
-    caches are cleared on entry and exit: otherwise the compiled correct (or broken) program would
-    be reused."""
-    jax.clear_caches()
-    monkeypatch.setattr(engine, "verify_chain", fn)
-    try:
-        yield
-    finally:
-        monkeypatch.setattr(engine, "verify_chain", verify.verify_chain)
-        jax.clear_caches()
+    """Swap the chain rule `generate` compiles with: the rules are a static field of the engine
+    config (`EngineConfig.rules`, read from `accept.DEFAULT_RULES` when the config is built), so
+    the broken rule gets a program of its own and no jit cache needs clearing."""
+    monkeypatch.setattr(accept, "DEFAULT_RULES", AcceptRules(chain=fn))
+    return contextlib.nullcontext()
 
 
 def step_law(p: np.ndarray, q: np.ndarray, flaw=None) -> np.ndarray:
@@ -286,8 +279,9 @@ class SizedLMSpec(LMDrafterSpec):
 
 def sized_drafter(model, k: int, sizes: tuple, fixed: int = -1):
     base = specjax.drafters.small_model(model, k=k)
-    return dataclasses.replace(base, spec=SizedLMSpec(k=k, cfg=base.spec.cfg, sizes=sizes,
-                                                      fixed=fixed), name="sized")
+    spec, params = base.binder(None)
+    return specjax.drafters.Drafter.fixed("sized", SizedLMSpec(k=k, cfg=spec.cfg, sizes=sizes,
+                                                                fixed=fixed), params)
 
 
 def make_drafter(name: str, target, draft):
@@ -596,7 +590,7 @@ def emitted_counts(emitted: np.ndarray, n: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("draft_kind", UNIT_DRAFTS)
 def test_verify_chain_is_lossless(draft_kind, mode):
     seed = 10 * UNIT_DRAFTS.index(draft_kind) + list(UNIT_MODES).index(mode)
-    emitted, n, p, q = run_verify(verify.verify_chain, draft_kind, mode, seed)
+    emitted, n, p, q = run_verify(accept.verify_chain, draft_kind, mode, seed)
     target = np.ravel(np.einsum("a,b,c->abc", *p))
     law = exact_emitted_law(p, q)
     # The exact law of the algorithm, completed with fresh target samples, is the target's.

@@ -12,7 +12,11 @@ from scipy import stats
 
 import specjax
 from conftest import RAGGED_PROMPTS
-from specjax import drafters, tree
+from specjax import drafters
+from specjax.drafters import shapes
+from specjax.drafters.base import Tree
+from specjax.engine import accept
+from specjax.engine import tree
 
 gen = importlib.import_module("specjax.generate")
 
@@ -36,7 +40,7 @@ def naive_ancestors(parents):
 
 def test_choices_mask_depth_and_paths():
     choices = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [2]]
-    parents, rank = tree.parents_from_choices(choices)
+    parents, rank = shapes.parents_from_choices(choices)
     assert parents.tolist() == [-1, -1, -1, 0, 0, 1, 3]
     assert rank.tolist() == [0, 1, 2, 0, 1, 0, 0]
     P = jnp.asarray(parents)[None]
@@ -64,9 +68,9 @@ def test_random_trees_ancestor_matrix():
 
 def test_bad_choices():
     with pytest.raises(ValueError, match="no parent"):
-        tree.parents_from_choices([[0], [1, 0]])
+        shapes.parents_from_choices([[0], [1, 0]])
     with pytest.raises(ValueError, match="empty"):
-        tree.parents_from_choices([])
+        shapes.parents_from_choices([])
 
 
 def test_ngram_branches_merge_common_prefixes():
@@ -153,12 +157,12 @@ def test_verify_tree_sampling_first_token_follows_target(construction):
             g = jax.random.gumbel(kd, (V,))
             kids = jax.lax.top_k(jnp.log(jnp.asarray(q_root)) + g, 3)[1]
         toks = jnp.concatenate([kids, kids[:1]]).astype(jnp.int32)
-        t = tree.Tree(tokens=toks[None], parents=parents[None], depth=depth[None],
+        t = Tree(tokens=toks[None], parents=parents[None], depth=depth[None],
                       valid=jnp.ones((1, 4), bool))
         logp = jnp.log(jnp.stack([jnp.asarray(p_root)] + [jnp.asarray(p_child)] * 4))[None]
         child = None if construction == "deterministic" else jnp.log(
             jnp.stack([jnp.asarray(q_root)] * 5))[None]
-        acc = tree.verify_tree_sampling(kv, logp, t, child, 2,
+        acc = accept.verify_tree_sampling(kv, logp, t, child, 2,
                                         without_replacement=construction == "without_replacement")
         first = jnp.where(acc.n > 0, toks[jnp.maximum(acc.path[0, 0], 0)], acc.bonus[0])
         return first[0] if first.ndim else first
@@ -181,10 +185,10 @@ def test_verify_tree_sampling_negative_control():
 
     def one(kd, kv):
         kids = jax.lax.top_k(jnp.log(q_root) + jax.random.gumbel(kd, (V,)), 3)[1].astype(jnp.int32)
-        t = tree.Tree(tokens=kids[None], parents=parents, depth=jnp.ones((1, 3), jnp.int32),
+        t = Tree(tokens=kids[None], parents=parents, depth=jnp.ones((1, 3), jnp.int32),
                       valid=jnp.ones((1, 3), bool))
         logp = jnp.log(jnp.stack([p_root] * 4))[None]
-        acc = tree.verify_tree_sampling(kv, logp, t, jnp.log(jnp.stack([q_root] * 4))[None], 1,
+        acc = accept.verify_tree_sampling(kv, logp, t, jnp.log(jnp.stack([q_root] * 4))[None], 1,
                                         without_replacement=False)  # wrong for this draw
         return jnp.where(acc.n > 0, kids[jnp.maximum(acc.path[0, 0], 0)], acc.bonus)[0]
 

@@ -249,7 +249,7 @@ def test_model_forward_pallas_matches_xla(tiny_model):
     """Whole-model logits, impl="pallas" vs "xla", on ragged rows: causal prefill (row 0's pad
     slots are written but never committed), one decode token, then a random-tree verify block.
     Drafter-style calls (write_offset, block_mask wider than the block) fall back to XLA."""
-    from specjax import tree
+    from specjax.engine import tree
     from specjax.models import llama
     from specjax.models.cache import init_cache
 

@@ -2,7 +2,7 @@
 
 Claim under test: with a tree drafter, the tokens `generate` emits at temperature > 0 are
 distributed exactly as plain autoregressive sampling from the target, after the same temperature
-/ top-k / top-p processing. The tree path of the engine is `engine._verify` -> target forward over
+/ top-k / top-p processing. The tree path of the engine is `engine.verify` -> target forward over
 [last, nodes] with the ancestor mask and depth positions -> `tree.verify_tree_sampling`
 (recursive rejection sampling over siblings; all drafters here propose deterministic candidates,
 so q is one-hot: accept x with probability p(x), else remove x from p and renormalize) -> the
@@ -49,8 +49,8 @@ support); with N = 8192 at ALPHA, any law whose TV distance from the target over
 checked by `test_stated_power`). The (t2, t3, t4) marginal: 212 / 98 cells (the latter its whole
 support), TV >= 0.065 / 0.056.
 
-Negative controls: `specjax.tree.verify_tree_sampling` (which the engine calls as
-`tree_lib.verify_tree_sampling`) is monkeypatched with the same loop changed in one place (the
+Negative controls: the engine's tree sampling rule (`EngineConfig.rules.tree_sampling`) is
+replaced by the same loop changed in one place (the
 unchanged loop is checked to reproduce the library bit for bit): (a) after a rejection the
 rejected candidate is not removed from p (residual = p); (b) the first valid child is always
 accepted. The exact law of (t1, t2, t3) under the broken rule is computed from the n-gram trees
@@ -66,8 +66,8 @@ under the computed broken law 2084 +- 95 / 970741 +- 9656.
 
 The test asserts power >= 0.999, an observed p-value below ALPHA, and that the observed statistic
 is typical of samples from the computed broken law (|z| < 5), so the power is computed against
-the alternative the engine actually produced. A monkeypatched rule takes effect only after
-`jax.clear_caches()` (the decode loop is jitted with a static config).
+the alternative the engine actually produced. The rules are a static field of the engine config,
+so a broken rule compiles a program of its own (`patched_tree_rule`).
 """
 from __future__ import annotations
 
@@ -81,7 +81,10 @@ import pytest
 
 import specjax
 from specjax import drafters
-from specjax import tree as tree_lib
+from specjax.drafters.base import Tree
+from specjax.engine import accept
+from specjax.engine import tree as tree_lib
+from specjax.engine.accept import AcceptRules, TreeAccepted
 from specjax.drafters.ngram import NgramState
 from specjax.sampling import make_sampling, process_logits
 
@@ -240,26 +243,19 @@ def tree_rule(flaw=None):
         bonus = jax.random.categorical(keys[N], jnp.log(p), axis=-1).astype(jnp.int32)
         depth = jnp.where(cur >= 0, jnp.take_along_axis(
             tree.depth, jnp.maximum(cur, 0)[:, None], 1)[:, 0], 0).astype(jnp.int32)
-        return tree_lib.TreeAccepted(node=cur, n=depth,
-                                     path=tree_lib.path_to(tree.parents, cur, max_depth),
-                                     bonus=bonus)
+        return TreeAccepted(node=cur, n=depth, path=tree_lib.path_to(tree.parents, cur, max_depth),
+                            bonus=bonus)
 
     rule.traced = 0
     return rule
 
 
-@contextlib.contextmanager
 def patched_tree_rule(monkeypatch, fn):
-    """Swap the rule the engine calls (`tree_lib.verify_tree_sampling`); the jit caches are
-    cleared on entry and exit so that no compiled correct (or broken) program is reused."""
-    real = tree_lib.verify_tree_sampling
-    jax.clear_caches()
-    monkeypatch.setattr(tree_lib, "verify_tree_sampling", fn)
-    try:
-        yield
-    finally:
-        monkeypatch.setattr(tree_lib, "verify_tree_sampling", real)
-        jax.clear_caches()
+    """Swap the tree sampling rule `generate` compiles with: the rules are a static field of the
+    engine config (read from `accept.DEFAULT_RULES` when the config is built), so the broken
+    rule gets a program of its own and no jit cache needs clearing."""
+    monkeypatch.setattr(accept, "DEFAULT_RULES", AcceptRules(tree_sampling=fn))
+    return contextlib.nullcontext()
 
 
 def test_unbroken_rule_is_the_library_rule():
@@ -273,7 +269,7 @@ def test_unbroken_rule_is_the_library_rule():
         for i in range(1, N):
             parents[b, i] = rng.integers(-1, i)
     depth = tree_lib.depth_from_parents(jnp.asarray(parents))
-    t = tree_lib.Tree(tokens=jnp.asarray(rng.integers(0, Vu, (B, N)), jnp.int32),
+    t = Tree(tokens=jnp.asarray(rng.integers(0, Vu, (B, N)), jnp.int32),
                       parents=jnp.asarray(parents), depth=depth,
                       valid=jnp.asarray(rng.random((B, N)) < 0.85))
     logits = rng.standard_normal((B, N + 1, Vu)) * 1.5
@@ -281,7 +277,7 @@ def test_unbroken_rule_is_the_library_rule():
     logits[..., 0] = np.maximum(logits[..., 0], 0.0)
     logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), -1)
     key = jax.random.key(3)
-    want = tree_lib.verify_tree_sampling(key, logp, t, None, D, False)
+    want = accept.verify_tree_sampling(key, logp, t, None, D, False)
     got = tree_rule()(key, logp, t, None, D, False)
     for name in want._fields:
         np.testing.assert_array_equal(np.asarray(getattr(got, name)),
@@ -360,7 +356,7 @@ def ngram_joint(spec, p, flaw=None):
 def test_ngram_tree_setup(models, exact):
     """The n-gram tree drafter really drafts trees after PROMPT (the claims of the docstring), and
     the exact law of the algorithm computed from its trees is the target's."""
-    spec = drafters.ngram(k=2, branches=3).spec
+    spec = drafters.ngram(k=2, branches=3).binder(None)[0]
     p1 = exact["plain"]["p"][0]
     trees1 = ngram_trees(spec, [PROMPT + [a] for a in range(V)])
     branching = sum(p1[a] for a in range(V) if len(kids_of(trees1[a], -1)) >= 2)
@@ -379,7 +375,7 @@ BROKEN_CASES = [("residual_is_p", "plain"), ("accept_first", "topk5_topp0.8")]
 @pytest.mark.parametrize("flaw,mode", BROKEN_CASES)
 def test_broken_tree_rule_is_detected(models, exact, monkeypatch, flaw, mode):
     target, draft = models
-    spec = drafters.ngram(k=2, branches=3).spec
+    spec = drafters.ngram(k=2, branches=3).binder(None)[0]
     null = exact[mode]["joint123"]
     alt, _ = ngram_joint(spec, exact[mode]["p"], flaw)
     tv, pw, lam = power(null, alt, N_ROWS)

@@ -1,28 +1,40 @@
-"""Drafter constructors. Each returns a `Drafter` to pass as `generate(..., drafter=...)`.
+"""Drafters. Each constructor returns a `Drafter` to pass as `generate(..., drafter=...)`.
 
-    specjax.drafters.ngram(max_ngram=3, k=8)
+    specjax.drafters.ngram(max_ngram=4, k=8)
     specjax.drafters.small_model(model_b, k=5)
     specjax.drafters.layer_skip(layers=8, k=4)
+    specjax.drafters.eagle("smollm2-135m-eagle3", tree=DynamicTree(nodes=8, depth=4, top_k=3))
+    specjax.drafters.medusa("smollm2-135m-medusa", tree=StaticTree("eagle_small"))
 
 LM drafters draft a chain of k tokens, or a tree: `tree=DynamicTree(...)` (EAGLE-2, grown from
 the draft's confidence) or `tree=StaticTree(choices)` (a fixed Medusa / EAGLE-1 shape, e.g.
 `StaticTree("eagle_small")` from specjax/configs/trees/).
+
+Layout: `base.py` the protocol and records, `shapes.py` tree shapes (validation, growth),
+`registry.py` CLI names -> constructors, `bundled.py` drafters shipped with specjax, then one
+file per drafter (`ngram.py`, `lm.py`: small model and layer skip, `feature.py`: EAGLE-1/2/3,
+`medusa_heads.py`). A new drafter is one new file (its spec: init / propose / commit, and a
+constructor returning a `Drafter`) plus one line in `registry.py`.
 """
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import os
 from typing import Optional, Sequence, Union
 
-from specjax.drafters.base import Draft, Drafter, DrafterSpec, TargetPrefill, TargetStep
+import jax
+import jax.numpy as jnp
+
+from specjax.drafters import feature as eagle_lib
+from specjax.drafters.base import (Draft, Drafter, DrafterSpec, TargetPrefill, TargetStep, Tree,
+                                   TreeDraft, Verified)
+from specjax.drafters.bundled import BUNDLED_DRAFTERS, bundled_path
 from specjax.drafters.lm import LMDrafterSpec, LMStaticTreeSpec, LMTreeSpec, layer_skip_params
-from specjax.drafters.ngram import NgramSpec
 # Drafter modules whose constructor shares the drafter's name are named apart from it
 # (`feature` for `eagle`, `medusa_heads` for `medusa`): a submodule import would rebind the name.
 from specjax.drafters.medusa_heads import MedusaConfig, MedusaHeads, MedusaSpec, MedusaTreeSpec
-
-NAMES = ("ngram", "model", "layer_skip")
+from specjax.drafters.ngram import NgramSpec
+from specjax.drafters.shapes import DynamicTree, StaticTree
 
 
 def ngram(max_ngram: int = 4, min_ngram: int = 1, k: int = 8, branches: int = 1,
@@ -36,72 +48,7 @@ def ngram(max_ngram: int = 4, min_ngram: int = 1, k: int = 8, branches: int = 1,
                      adaptive=adaptive, short=short)
     tree = f", branches={branches}" if branches > 1 else ""
     fixed = "" if adaptive or branches > 1 else ", fixed k"
-    return Drafter(spec=spec, name=f"ngram(n={min_ngram}..{max_ngram}, k={k}{tree}{fixed})")
-
-
-@dataclasses.dataclass(frozen=True)
-class DynamicTree:
-    """EAGLE-2 style dynamic draft tree: `nodes` kept out of the candidates expanded over
-    `depth` levels with `top_k` children per frontier node and a frontier of `top_k` nodes."""
-
-    nodes: int = 8
-    depth: int = 4
-    top_k: int = 3
-
-
-def _is_rank(c) -> bool:
-    return isinstance(c, numbers.Integral) and not isinstance(c, bool) and c >= 0
-
-
-@dataclasses.dataclass(frozen=True)
-class StaticTree:
-    """A fixed draft tree given as a Medusa / EAGLE-1 choice list: each choice is the path of
-    sibling ranks from the root, e.g. [[0], [1], [0, 0]] = the two best tokens after `last`
-    and the best token after the first of them. Every prefix of a choice must be listed too.
-    `choices` may also name a preset in specjax/configs/trees/ (or a YAML path): see
-    `specjax.tree.load_choices`."""
-
-    choices: Union[str, tuple]
-    name: Optional[str] = None
-
-    def __post_init__(self):
-        from specjax.tree import load_choices, parents_from_choices
-
-        choices, name = self.choices, self.name
-        if isinstance(choices, str):
-            choices, name = load_choices(choices), name or choices
-        if not isinstance(choices, (list, tuple)):
-            raise ValueError(f"tree choices must be a list of lists of ints, got {choices!r}")
-        norm = []
-        for ch in choices:
-            if not isinstance(ch, (list, tuple)) or not ch or not all(map(_is_rank, ch)):
-                raise ValueError(f"invalid tree choice {ch!r}: each choice must be a non-empty "
-                                 f"list of sibling ranks (ints >= 0)")
-            norm.append(tuple(int(c) for c in ch))
-        dup = sorted({c for c in norm if norm.count(c) > 1})
-        if dup:
-            raise ValueError(f"tree choices listed more than once: {[list(c) for c in dup]}")
-        parents_from_choices(norm)  # raises on an empty list or a missing parent
-        object.__setattr__(self, "choices", tuple(norm))
-        object.__setattr__(self, "name", name)
-
-    @property
-    def parents_rank(self) -> tuple[tuple, tuple]:
-        from specjax.tree import parents_from_choices
-
-        parents, rank = parents_from_choices(self.choices)
-        return tuple(parents.tolist()), tuple(rank.tolist())
-
-    @property
-    def nodes(self) -> int:
-        return len(self.choices)
-
-    @property
-    def depth(self) -> int:
-        return max(len(c) for c in self.choices)
-
-    def __str__(self) -> str:
-        return f"StaticTree({self.name or 'custom'}, nodes={self.nodes}, depth={self.depth})"
+    return Drafter.fixed(f"ngram(n={min_ngram}..{max_ngram}, k={k}{tree}{fixed})", spec)
 
 
 def _lm_spec(cfg, k, tree: Union[DynamicTree, StaticTree, None], reuse_target_cache=False):
@@ -123,15 +70,15 @@ def small_model(model, k: int = 5,
     k tokens, or a tree (`DynamicTree` or `StaticTree`) when `tree` is given."""
     spec = _lm_spec(model.config, k, tree)
     shape = f"tree={tree}" if tree else f"k={k}"
-    return Drafter(spec=spec, params=model.params, name=f"model({model.name}, {shape})",
-                   tokenizer=model.tokenizer)
+    return Drafter.fixed(f"model({model.name}, {shape})", spec, model.params,
+                         tokenizer=model.tokenizer)
 
 
 def layer_skip(layers: Union[int, Sequence[int]] = 8, k: int = 4,
                tree: Union[DynamicTree, StaticTree, None] = None) -> Drafter:
     """Self-speculation: the target's first `layers` layers (or the listed subset) with its head.
 
-    The params are taken from the target when `generate` runs (`params` is a function of it).
+    The params are taken from the target when the drafter is bound to it.
     """
     prefix = isinstance(layers, int) or tuple(layers) == tuple(range(len(layers)))
     n = layers if isinstance(layers, int) else len(tuple(layers))
@@ -149,8 +96,8 @@ def layer_skip(layers: Union[int, Sequence[int]] = 8, k: int = 4,
         return spec, layer_skip_params(target.params, chosen)
 
     shape = f"tree={tree}" if tree else f"k={k}"
-    return Drafter(spec=_lm_spec(None, k, tree), params=bind,
-                   name=f"layer_skip(layers={layers}, {shape})")
+    return Drafter(name=f"layer_skip(layers={layers}, {shape})", k=_lm_spec(None, k, tree).k,
+                   binder=bind)
 
 
 def eagle(source, k: int = 5, tree: Union[DynamicTree, None] = None, name: str = "") -> Drafter:
@@ -162,7 +109,6 @@ def eagle(source, k: int = 5, tree: Union[DynamicTree, None] = None, name: str =
     with specjax (see `BUNDLED_DRAFTERS`). Drafts a chain of k tokens, or an EAGLE-2 dynamic
     tree when `tree=DynamicTree(...)` is given.
     """
-    eagle_lib = _eagle_module()
     if tree is not None and not isinstance(tree, DynamicTree):
         raise TypeError(f"EAGLE drafts dynamic trees: tree must be a DynamicTree, got {tree!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
@@ -180,36 +126,11 @@ def eagle(source, k: int = 5, tree: Union[DynamicTree, None] = None, name: str =
         return spec, eagle_lib.bind_target(params, target.params)
 
     shape = f"tree={tree}" if tree else f"k={k}"
-    return Drafter(spec=None, params=bind, name=f"eagle({label}, {shape})")
-
-
-# Drafters shipped inside the package: name -> (target model name, directory under specjax/).
-BUNDLED_DRAFTERS = {
-    "smollm2-135m-eagle3": ("smollm2-135m", "weights/smollm2-135m-eagle3"),
-    "smollm2-135m-eagle": ("smollm2-135m", "weights/smollm2-135m-eagle"),
-    "smollm2-135m-medusa": ("smollm2-135m", "weights/smollm2-135m-medusa"),
-}
-
-
-def bundled_path(name: str):
-    """Directory of a drafter shipped with specjax (see BUNDLED_DRAFTERS)."""
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / BUNDLED_DRAFTERS[name][1]
-    if not path.exists():
-        raise FileNotFoundError(f"bundled drafter {name!r} is missing from this install ({path})")
-    return path
-
-
-def _eagle_module():
-    import importlib
-
-    return importlib.import_module("specjax.drafters.feature")
+    return Drafter(name=f"eagle({label}, {shape})", k=tree.nodes if tree else k, binder=bind)
 
 
 def _eagle_weights(source, target):
     """-> (EagleConfig, params) for `target` from any accepted `source`."""
-    import os
     from pathlib import Path
 
     if isinstance(source, tuple) and len(source) == 2:
@@ -230,9 +151,6 @@ def _eagle_weights(source, target):
 
 def jax_cast(params, dtype):
     """Cast the floating leaves of a param tree (integer maps such as d2t stay)."""
-    import jax
-    import jax.numpy as jnp
-
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
                         else x, params)
 
@@ -273,17 +191,11 @@ def medusa(heads, k: Optional[int] = None, tree: Optional[StaticTree] = None) ->
             own, target.params)
 
     shape = f"tree={tree}" if tree else f"k={spec.k}"
-    return Drafter(spec=spec, params=bind, name=f"medusa(heads={cfg.num_heads}, {shape})")
-
-
-def resolve(drafter: Drafter, target):
-    """-> (spec, params) for this target (binds target-derived drafters such as layer skip)."""
-    if callable(drafter.params):
-        return drafter.params(target)
-    return drafter.spec, drafter.params
+    return Drafter(name=f"medusa(heads={cfg.num_heads}, {shape})", k=spec.k, binder=bind)
 
 
 __all__ = ["Draft", "Drafter", "DrafterSpec", "DynamicTree", "StaticTree", "TargetPrefill",
-           "TargetStep", "LMDrafterSpec", "LMTreeSpec", "LMStaticTreeSpec", "NgramSpec", "ngram",
-           "small_model", "layer_skip", "eagle", "medusa", "MedusaConfig", "MedusaHeads",
-           "MedusaSpec", "MedusaTreeSpec", "resolve", "NAMES", "BUNDLED_DRAFTERS"]
+           "TargetStep", "Tree", "TreeDraft", "Verified", "LMDrafterSpec", "LMTreeSpec",
+           "LMStaticTreeSpec", "NgramSpec", "ngram", "small_model", "layer_skip", "eagle",
+           "medusa", "MedusaConfig", "MedusaHeads", "MedusaSpec", "MedusaTreeSpec",
+           "BUNDLED_DRAFTERS", "bundled_path"]

@@ -36,7 +36,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, TargetStep, TreeDraft
+from specjax.drafters.base import (Draft, DrafterSpec, TargetPrefill, TargetStep, TreeDraft,
+                                   Verified)
+from specjax.drafters.shapes import check_dynamic_tree, grow_dynamic_tree
 from specjax.models.cache import KVCache, init_cache
 from specjax.models.config import ModelConfig
 from specjax.models.llama import lm_head, rms_norm, single_layer
@@ -209,7 +211,6 @@ class EagleSpec(DrafterSpec):
     eagle: EagleConfig = None
     target_cfg: ModelConfig = None
 
-    kind = "eagle"
 
     def __post_init__(self):
         super().__post_init__()
@@ -292,46 +293,41 @@ class EagleSpec(DrafterSpec):
         return Draft(tokens=jnp.concatenate(toks, axis=1), logp=draft_logp), state.replace(
             cache=cache.replace(lengths=state.cache.lengths))
 
-    def _commit_path(self, params, state: EagleState, feats, path_tok, acc, active):
-        """feats [B, A+1, D]: target features along the accepted path (block offset 0 = `last`);
-        path_tok [B, A]: the path's draft tokens."""
-        B, A1 = feats.shape[:2]
+    def commit(self, params, state: EagleState, draft, verified: Verified, active,
+               target: TargetStep) -> EagleState:
+        """Feed the accepted path as pairs (the target's feature at block offset i, the token
+        after it): offset 0 is `last`, offset i + 1 the path's i-th node; the pair at offset n
+        holds the bonus token. Chains and trees alike (a chain's path is 0, 1, ..)."""
+        feats = target_features(self.eagle, params, target.hiddens)  # [B, T, D]
+        n, path = verified.n, verified.path
+        idx = jnp.concatenate([jnp.zeros_like(path[:, :1]), jnp.maximum(path, -1) + 1], 1)
+        path_feats = jnp.take_along_axis(feats, idx[:, :, None], axis=1)  # [B, A+1, D]
+        B, A1 = path_feats.shape[:2]
         i = jnp.arange(A1)[None, :]
-        path_tok = jnp.concatenate([path_tok, jnp.zeros((B, 1), jnp.int32)], axis=1)
-        pair_tok = jnp.where(i < acc.n[:, None], path_tok,
-                             jnp.where(i == acc.n[:, None], acc.bonus[:, None], 0))
-        out, cache = self._feed_committed(params, state.cache, feats, pair_tok, acc.n)
-        lengths = jnp.where(active, state.cache.lengths + acc.n + 1, state.cache.lengths)
+        path_tok = jnp.concatenate([verified.tokens, jnp.zeros((B, 1), jnp.int32)], axis=1)
+        pair_tok = jnp.where(i < n[:, None], path_tok,
+                             jnp.where(i == n[:, None], verified.bonus[:, None], 0))
+        out, cache = self._feed_committed(params, state.cache, path_feats, pair_tok, n)
+        lengths = jnp.where(active, state.cache.lengths + n + 1, state.cache.lengths)
         feat = jnp.where(active[:, None], out, state.feat)
         return EagleState(cache=cache.replace(lengths=lengths), feat=feat)
-
-    def commit(self, params, state: EagleState, draft: Draft, acc, active, target: TargetStep):
-        feats = target_features(self.eagle, params, target.hiddens)  # [B, K+1, D]
-        return self._commit_path(params, state, feats, draft.tokens, acc, active)
 
 
 @dataclasses.dataclass(frozen=True)
 class EagleTreeSpec(EagleSpec):
     """EAGLE-2: a dynamic tree grown from the drafter's confidence (see
-    `specjax.drafters.lm.grow_dynamic_tree`), every node drafting from its parent's output
+    `specjax.drafters.shapes.grow_dynamic_tree`), every node drafting from its parent's output
     feature. Children are deterministic top-k candidates, so verification under sampling uses
     the exact one-hot construction (no `child_logp`)."""
 
     depth: int = 4
     top_k: int = 4
 
-    kind = "eagle_tree"
     is_tree = True
 
     def __post_init__(self):
         super().__post_init__()
-        if self.depth < 1 or self.top_k < 1:
-            raise ValueError(f"tree depth and top_k must be >= 1, got depth={self.depth}, "
-                             f"top_k={self.top_k}")
-        pool = self.top_k + (self.depth - 1) * self.top_k ** 2
-        if self.k > pool:
-            raise ValueError(f"a tree of {self.k} nodes needs more candidates than depth="
-                             f"{self.depth}, top_k={self.top_k} expand ({pool})")
+        check_dynamic_tree(self.k, self.depth, self.top_k)
 
     @property
     def max_accept(self) -> int:
@@ -342,8 +338,6 @@ class EagleTreeSpec(EagleSpec):
         return max(self.depth + 1, (self.depth - 1) * self.top_k) + 2
 
     def propose(self, params, state: EagleState, last, key, mode, sp):
-        from specjax.drafters.lm import grow_dynamic_tree
-
         B = last.shape[0]
 
         # Rank candidates over the drafter's own vocabulary (version 3: 4096 of 49152 ids)
@@ -368,10 +362,3 @@ class EagleTreeSpec(EagleSpec):
         # The window's K/V are scratch (`lengths` did not move): commit re-feeds the accepted
         # path with the target's features.
         return TreeDraft(tree=tree), state.replace(cache=cache)
-
-    def commit(self, params, state: EagleState, draft: TreeDraft, acc, active, target: TargetStep):
-        feats = target_features(self.eagle, params, target.hiddens)  # [B, N+1, D]
-        idx = jnp.concatenate([jnp.zeros_like(acc.path[:, :1]), jnp.maximum(acc.path, -1) + 1], 1)
-        path_feats = jnp.take_along_axis(feats, idx[:, :, None], axis=1)  # [B, D+1, D]
-        path_tok = jnp.take_along_axis(draft.tree.tokens, jnp.maximum(acc.path, 0), axis=1)
-        return self._commit_path(params, state, path_feats, path_tok, acc, active)

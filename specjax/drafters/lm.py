@@ -14,16 +14,15 @@ dynamic trees (`LMTreeSpec`) or fixed Medusa / EAGLE-1 shapes from choice lists
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
-from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill
-from specjax.models.cache import KVCache, init_cache
+from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, Tree, TreeDraft
+from specjax.drafters.shapes import (check_dynamic_tree, check_static_tree, dynamic_pool_size,
+                                     grow_dynamic_tree, static_tree_schedule)
+from specjax.models.cache import KVCache, gather_slots, init_cache
 from specjax.models.config import ModelConfig
 from specjax.models.llama import forward, is_unrolled
 from specjax.sampling import pick_token, rank_logp
@@ -44,7 +43,6 @@ class LMDrafterSpec(DrafterSpec):
     # the drafter would) instead of running a separate draft prefill.
     reuse_target_cache: bool = False
 
-    kind = "model"
 
     def check_compatible(self, target_cfg: ModelConfig, target_dtype) -> None:
         if self.cfg.vocab_size != target_cfg.vocab_size:
@@ -102,14 +100,15 @@ class LMDrafterSpec(DrafterSpec):
         new_state = state.replace(cache=cache, len_before=state.cache.lengths)
         return Draft(tokens=tokens, logp=draft_logp), new_state
 
-    def commit(self, params, state: LMDraftState, draft, acc, active, target):
+    def commit(self, params, state: LMDraftState, draft, verified, active, target):
         K = self.k
+        n, bonus = verified.n, verified.bonus
         # The last draft forward fed d_{K-1}; the cache holds pending + d_1..d_{K-1}.
-        kept = state.len_before + state.n_pending + jnp.minimum(acc.n, K - 1)
-        all_in = acc.n == K
+        kept = state.len_before + state.n_pending + jnp.minimum(n, K - 1)
+        all_in = n == K
         pending = jnp.where(all_in[:, None],
-                            jnp.stack([draft.tokens[:, K - 1], acc.bonus], axis=1),
-                            jnp.stack([acc.bonus, jnp.zeros_like(acc.bonus)], axis=1))
+                            jnp.stack([draft.tokens[:, K - 1], bonus], axis=1),
+                            jnp.stack([bonus, jnp.zeros_like(bonus)], axis=1))
         n_pending = jnp.where(all_in, 2, 1).astype(jnp.int32)
         lengths = jnp.where(active, kept, state.len_before)
         return state.replace(
@@ -162,18 +161,17 @@ class LMTreeBase(LMDrafterSpec):
                                    write_offset=jnp.full((B,), off, jnp.int32))
         return logits, cache
 
-    def commit(self, params, state: LMTreeState, draft, acc, active, target):
-        from specjax.models.cache import gather_slots
-
+    def commit(self, params, state: LMTreeState, draft, verified, active, target):
         st = state.lm
-        fed_path = jnp.where(acc.path >= 0, jnp.take_along_axis(
-            state.fed, jnp.maximum(acc.path, 0), axis=1), -1)  # [B, D]
+        n, bonus, path = verified.n, verified.bonus, verified.path
+        fed_path = jnp.where(path >= 0, jnp.take_along_axis(
+            state.fed, jnp.maximum(path, 0), axis=1), -1)  # [B, D]
         m = jnp.sum(fed_path >= 0, axis=1)  # fed nodes form a prefix of the path
         cache = gather_slots(st.cache, jnp.maximum(fed_path, 0), jnp.zeros_like(m))
-        leaf = jnp.take_along_axis(draft.tree.tokens, jnp.maximum(acc.node, 0)[:, None], 1)[:, 0]
-        two = acc.n > m  # the accepted leaf was never fed: it goes first in the pending block
-        pending = jnp.where(two[:, None], jnp.stack([leaf, acc.bonus], 1),
-                            jnp.stack([acc.bonus, jnp.zeros_like(acc.bonus)], 1))
+        leaf = jnp.take_along_axis(verified.tokens, jnp.maximum(n - 1, 0)[:, None], 1)[:, 0]
+        two = n > m  # the accepted leaf was never fed: it goes first in the pending block
+        pending = jnp.where(two[:, None], jnp.stack([leaf, bonus], 1),
+                            jnp.stack([bonus, jnp.zeros_like(bonus)], 1))
         kept = st.len_before + st.n_pending + m
         lm = st.replace(
             cache=cache.replace(lengths=jnp.where(active, kept, st.len_before)),
@@ -202,20 +200,14 @@ class LMTreeSpec(LMTreeBase):
     depth: int = 4
     top_k: int = 4
 
-    kind = "model_tree"
 
     def __post_init__(self):
         super().__post_init__()
-        if self.depth < 1 or self.top_k < 1:
-            raise ValueError(f"tree depth and top_k must be >= 1, got depth={self.depth}, "
-                             f"top_k={self.top_k}")
-        if self.k > self.pool_size:
-            raise ValueError(f"a tree of {self.k} nodes needs more candidates than depth="
-                             f"{self.depth}, top_k={self.top_k} expand ({self.pool_size})")
+        check_dynamic_tree(self.k, self.depth, self.top_k)
 
     @property
     def pool_size(self) -> int:
-        return self.top_k + (self.depth - 1) * self.top_k ** 2
+        return dynamic_pool_size(self.depth, self.top_k)
 
     @property
     def max_accept(self) -> int:
@@ -226,8 +218,6 @@ class LMTreeSpec(LMTreeBase):
         return max(self.k, (self.depth - 1) * self.top_k) + 2
 
     def propose(self, params, state: LMTreeState, last, key, mode, sp):
-        from specjax.drafters.base import TreeDraft
-
         st = state.lm
         logits, cache = self._feed_pending(params, st)  # cache.lengths: base of the tree window
 
@@ -241,132 +231,12 @@ class LMTreeSpec(LMTreeBase):
         return TreeDraft(tree=tree), LMTreeState(lm=lm, fed=fed)
 
 
-def grow_dynamic_tree(root_lp, feed, carry, root_feat, *, top_k: int, depth: int, nodes: int,
-                      token_map=None):
-    """EAGLE-2 tree growth shared by every drafter that returns a distribution.
-
-    root_lp [B, V]: ranking log-probs after `last`. `feed(carry, tok [B, kk], feat [B, kk, ...]
-    or None, frontier_depth, vis [B, kk, W], off)` feeds one frontier as a block at window
-    offset `off` and returns (log-probs of its children [B, kk, V], per-node output features
-    [B, kk, ...] or None, carry). A frontier node's `feat` is its parent's output feature
-    (`root_feat` [B, ...] for depth 1; feature drafters such as EAGLE draft on their own
-    features; LM drafters pass None). `token_map` [V'] maps the log-prob axis to target ids
-    when the drafter ranks over its own smaller vocabulary (EAGLE-3's draft vocabulary).
-    -> (Tree of `nodes` nodes, window offset of each node's K/V [B, nodes] (-1: leaf), carry).
-    """
-    from specjax.tree import Tree
-
-    kk, D, N = top_k, depth, nodes
-    B = root_lp.shape[0]
-    ids = (lambda t: t) if token_map is None else (lambda t: token_map[t])  # noqa: E731
-    score, tok = jax.lax.top_k(root_lp, kk)  # [B, kk]
-    tok = ids(tok)
-    feat = None if root_feat is None else jnp.repeat(root_feat[:, None], kk, axis=1)
-    pool_tok, pool_score = [tok], [score]
-    pool_parent = [jnp.full((B, kk), -1, jnp.int32)]
-    pool_depth = [jnp.ones((B, kk), jnp.int32)]
-    fed_ids, fed_offs = [], []  # pool ids of each fed frontier and their window offsets
-    front_idx = jnp.broadcast_to(jnp.arange(kk, dtype=jnp.int32), (B, kk))  # pool ids
-    W = max((D - 1) * kk, 1)
-    front_vis = jnp.zeros((B, kk, W), bool)  # window slots each frontier node may see
-    for d in range(2, D + 1):
-        off = (d - 2) * kk
-        own = jax.nn.one_hot(off + jnp.arange(kk), W, dtype=bool)  # [kk, W]
-        vis = front_vis | own[None]
-        child_all, out_feat, carry = feed(carry, tok, feat, d - 1, vis, off)
-        fed_ids.append(front_idx)
-        fed_offs.append(jnp.broadcast_to(off + jnp.arange(kk, dtype=jnp.int32), (B, kk)))
-        child_lp, child_tok = jax.lax.top_k(child_all, kk)  # [B, kk, kk]
-        child_tok = ids(child_tok)
-        cum = (score[:, :, None] + child_lp).reshape(B, kk * kk)
-        base = kk + (d - 2) * kk * kk
-        pool_tok.append(child_tok.reshape(B, kk * kk))
-        pool_score.append(cum)
-        pool_parent.append(jnp.repeat(front_idx, kk, axis=1))
-        pool_depth.append(jnp.full((B, kk * kk), d, jnp.int32))
-        score, pick = jax.lax.top_k(cum, kk)  # next frontier
-        tok = jnp.take_along_axis(child_tok.reshape(B, kk * kk), pick, axis=1)
-        front_idx = base + pick
-        front_vis = jnp.take_along_axis(vis, (pick // kk)[:, :, None], axis=1)
-        if out_feat is not None:  # each new frontier node drafts from its parent's output
-            idx = (pick // kk).reshape((B, kk) + (1,) * (out_feat.ndim - 2))
-            feat = jnp.take_along_axis(out_feat, idx, axis=1)
-    cat = lambda xs: jnp.concatenate(xs, axis=1)  # noqa: E731
-    p_tok, p_score, p_parent, p_depth = map(cat, (pool_tok, pool_score, pool_parent, pool_depth))
-    # Only the frontiers of depths 1..D-1 were fed (their K/V sit in the window); the other
-    # candidates are leaves.
-    p_fed = jnp.full(p_tok.shape, -1, jnp.int32)
-    if fed_ids:
-        p_fed = p_fed.at[jnp.arange(B)[:, None], cat(fed_ids)].set(cat(fed_offs))
-    # Keep the N best (stable: ties keep pool order, parents before children), then list them
-    # in pool order, which is topological.
-    keep = jnp.sort(jnp.argsort(-p_score, axis=1, stable=True)[:, :N], axis=1)  # [B, N]
-    take = lambda x: jnp.take_along_axis(x, keep, axis=1)  # noqa: E731
-    node_of = jnp.full((B, p_tok.shape[1]), -1, jnp.int32).at[
-        jnp.arange(B)[:, None], keep].set(jnp.arange(N, dtype=jnp.int32)[None, :])
-    par_pool = take(p_parent)
-    parents = jnp.where(par_pool >= 0, jnp.take_along_axis(
-        node_of, jnp.maximum(par_pool, 0), axis=1), -1)
-    tree = Tree(tokens=take(p_tok), parents=parents, depth=take(p_depth),
-                valid=take(p_score) > -jnp.inf)
-    return tree, take(p_fed), carry
-
-
-class _Expansion(NamedTuple):
-    """How one depth d of a static tree is drafted (all static numpy)."""
-
-    fed: np.ndarray  # [T] depth d-1 nodes fed as one block (empty for d = 1: the root)
-    off: int  # their window offset
-    vis: np.ndarray  # [T, W] window slots each fed node sees (its ancestors and itself)
-    kids: np.ndarray  # [C] the depth-d nodes
-    slot: np.ndarray  # [C] index of each kid's parent in `fed` (0 = the root for d = 1)
-    rank: np.ndarray  # [C] which candidate of its parent each kid takes
-    top: int  # candidates per fed node (max rank + 1)
-
-
-@functools.lru_cache(maxsize=None)
-def static_tree_schedule(parents: tuple, rank: tuple):
-    """-> (expansions per depth 1..D, depth [N], window offset [N] (-1: leaf, never fed), W).
-
-    Window layout: the fed nodes (those with children) depth by depth, so each depth's block is
-    contiguous and written at one `write_offset`."""
-    par, rk = np.asarray(parents, np.int32), np.asarray(rank, np.int32)
-    N = len(par)
-    depth = np.zeros(N, np.int32)
-    for i in range(N):  # parents[i] < i
-        depth[i] = 1 if par[i] < 0 else depth[par[i]] + 1
-    has_kids = np.zeros(N, bool)
-    has_kids[par[par >= 0]] = True
-    fed_off = np.full(N, -1, np.int32)
-    W = int(has_kids.sum())
-    exps, off = [], 0
-    for d in range(1, int(depth.max()) + 1):
-        kids = np.flatnonzero(depth == d).astype(np.int32)
-        if d == 1:
-            fed = np.zeros(0, np.int32)
-            slot = np.zeros(len(kids), np.int32)
-        else:
-            fed = np.flatnonzero((depth == d - 1) & has_kids).astype(np.int32)
-            fed_off[fed] = off + np.arange(len(fed))
-            slot = np.searchsorted(fed, par[kids]).astype(np.int32)
-        vis = np.zeros((len(fed), W), bool)
-        for j, f in enumerate(fed):
-            a = f
-            while a >= 0:  # itself and its ancestors, all fed at earlier depths
-                vis[j, fed_off[a]] = True
-                a = par[a]
-        exps.append(_Expansion(fed=fed, off=off, vis=vis, kids=kids, slot=slot, rank=rk[kids],
-                               top=int(rk[kids].max()) + 1))
-        off += len(fed)
-    return tuple(exps), depth, fed_off, W
-
-
 @dataclasses.dataclass(frozen=True)
 class LMStaticTreeSpec(LMTreeBase):
     """A static tree from an LM drafter (Medusa / EAGLE-1 style choice lists).
 
     Node i hangs under `parents[i]` (-1: under `last`) and takes the `rank[i]`-th best token
-    of the draft distribution at its parent (see `specjax.tree.parents_from_choices`). Depth 1
+    of the draft distribution at its parent (see `specjax.drafters.shapes.parents_from_choices`). Depth 1
     reads the draft's top tokens after `last`; each further depth feeds the previous depth's
     nodes that have children as one block (window mask, as in `LMTreeSpec`) and hands each
     child its parent's rank-th candidate. The shape is the same every step, so nothing but
@@ -377,26 +247,10 @@ class LMStaticTreeSpec(LMTreeBase):
     parents: tuple = ()
     rank: tuple = ()
 
-    kind = "model_static_tree"
 
     def __post_init__(self):
         super().__post_init__()
-        par, rk, N = tuple(self.parents), tuple(self.rank), self.k
-        if len(par) != N or len(rk) != N:
-            raise ValueError(f"a static tree of k={N} nodes needs {N} parents and ranks, got "
-                             f"{len(par)} and {len(rk)}")
-        seen = set()
-        for i, (p, r) in enumerate(zip(par, rk)):
-            if not (isinstance(p, int) and isinstance(r, int)):
-                raise ValueError(f"static tree parents and ranks must be ints, node {i} has "
-                                 f"parent {p!r}, rank {r!r}")
-            if not -1 <= p < i:
-                raise ValueError(f"node {i} has parent {p}: parents must come first (-1 <= "
-                                 f"parent < index)")
-            if r < 0 or (p, r) in seen:
-                raise ValueError(f"node {i} has rank {r} under parent {p}: ranks must be >= 0 "
-                                 f"and distinct among siblings")
-            seen.add((p, r))
+        check_static_tree(self.k, self.parents, self.rank)
 
     @property
     def _schedule(self):
@@ -418,9 +272,6 @@ class LMStaticTreeSpec(LMTreeBase):
                              f"vocabulary ({target_cfg.vocab_size})")
 
     def propose(self, params, state: LMTreeState, last, key, mode, sp):
-        from specjax.drafters.base import TreeDraft
-        from specjax.tree import Tree
-
         exps, depth, fed_off, W = self._schedule
         st = state.lm
         B, N = last.shape[0], self.k

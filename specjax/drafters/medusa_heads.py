@@ -29,9 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, TargetStep, TreeDraft
+from specjax.drafters.base import (Draft, DrafterSpec, TargetPrefill, TargetStep, Tree,
+                                   TreeDraft, Verified)
 # Shared with EAGLE: the target's embedding and LM head go under params["target"].
-from specjax.drafters.feature import bind_target  # noqa: F401  (re-exported)  # noqa: F401  (re-exported)
+from specjax.drafters.feature import bind_target  # noqa: F401  (re-exported)
+from specjax.drafters.shapes import check_static_tree, tree_depths
 from specjax.models.config import ModelConfig
 from specjax.models.llama import lm_head
 from specjax.sampling import pick_token, process_logits
@@ -241,7 +243,6 @@ class MedusaBase(DrafterSpec):
 class MedusaSpec(MedusaBase):
     """A chain of k tokens, token i drafted by head i."""
 
-    kind = "medusa"
 
     def __post_init__(self):
         super().__post_init__()
@@ -256,31 +257,26 @@ class MedusaSpec(MedusaBase):
         tokens, logp = pick_token(logits, key, mode, sp)
         return Draft(tokens=tokens, logp=logp), state
 
-    def commit(self, params, state: MedusaState, draft: Draft, acc, active, target: TargetStep):
-        # Chain block offset j holds draft token j (0: `last`); offset n produced the bonus.
-        return self._commit_at(state, acc.n, active, target)
+    def commit(self, params, state: MedusaState, draft, verified: Verified, active,
+               target: TargetStep):
+        # The deepest accepted node (-1: none, the bonus came from `last` at block offset 0)
+        # produced the bonus; draft node i sits at block offset i + 1 (chains and trees).
+        return self._commit_at(state, verified.deepest + 1, active, target)
 
 
 @dataclasses.dataclass(frozen=True)
 class MedusaTreeSpec(MedusaBase):
     """Medusa's static tree: node i hangs under `parents[i]` (-1: under `last`) and takes the
-    `rank[i]`-th best token of head depth(i) - 1 (see `specjax.tree.parents_from_choices`)."""
+    `rank[i]`-th best token of head depth(i) - 1 (see `specjax.drafters.shapes.parents_from_choices`)."""
 
     parents: tuple = ()
     rank: tuple = ()
 
-    kind = "medusa_tree"
     is_tree = True
 
     def __post_init__(self):
         super().__post_init__()
-        par, rk = tuple(self.parents), tuple(self.rank)
-        if len(par) != self.k or len(rk) != self.k:
-            raise ValueError(f"a static tree of k={self.k} nodes needs {self.k} parents and "
-                             f"ranks, got {len(par)} and {len(rk)}")
-        if any(not -1 <= p < i for i, p in enumerate(par)) or min(rk) < 0:
-            raise ValueError(f"invalid static tree parents {par} / ranks {rk}: a parent must "
-                             f"come before its child, ranks must be >= 0")
+        check_static_tree(self.k, self.parents, self.rank)
         if self.medusa is not None and self.max_accept > self.medusa.num_heads:
             raise ValueError(f"a Medusa tree of depth {self.max_accept} needs that many heads, "
                              f"there are {self.medusa.num_heads}")
@@ -288,10 +284,7 @@ class MedusaTreeSpec(MedusaBase):
     @property
     def depths(self) -> np.ndarray:
         """[N] depth of each node (1: children of `last`), static."""
-        depth = np.zeros(self.k, np.int32)
-        for i, p in enumerate(self.parents):  # parents come first
-            depth[i] = 1 if p < 0 else depth[p] + 1
-        return depth
+        return tree_depths(self.parents)
 
     @property
     def max_accept(self) -> int:
@@ -304,8 +297,6 @@ class MedusaTreeSpec(MedusaBase):
                              f"than the vocabulary ({target_cfg.vocab_size})")
 
     def propose(self, params, state: MedusaState, last, key, mode, sp):
-        from specjax.tree import Tree
-
         B, N = last.shape[0], self.k
         depth = self.depths
         logits = head_logits(params, self.target_cfg, state.feat, self.max_accept)  # [B, D, V]
@@ -318,9 +309,3 @@ class MedusaTreeSpec(MedusaBase):
         tree = Tree(tokens=tokens, parents=row(self.parents), depth=row(depth),
                     valid=jnp.ones((B, N), bool))
         return TreeDraft(tree=tree), state
-
-    def commit(self, params, state: MedusaState, draft: TreeDraft, acc, active,
-               target: TargetStep):
-        # The deepest accepted node (-1: none, the bonus came from `last` at block offset 0)
-        # produced the bonus; tree node i sits at block offset i + 1.
-        return self._commit_at(state, acc.node + 1, active, target)

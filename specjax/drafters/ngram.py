@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, TreeDraft
-from specjax.tree import Tree
+from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, Tree, TreeDraft
 
 
 @struct.dataclass
@@ -97,7 +96,6 @@ class NgramSpec(DrafterSpec):
     adaptive: bool = True
     short: int = 1
 
-    kind = "ngram"
 
     def __post_init__(self):
         super().__post_init__()
@@ -114,14 +112,19 @@ class NgramSpec(DrafterSpec):
         return self.branches > 1
 
     @property
+    def nodes(self) -> int:
+        return self.branches * self.k
+
+    @property
     def cache_slack(self) -> int:
-        return self.branches * self.k  # tree nodes in the verify block
+        return self.nodes  # tree nodes in the verify block
 
     @property
     def verify_sizes(self) -> tuple:
+        # Trees: the whole tree or (size 0) a plain step when no branch found a match.
         if self.adaptive and not self.is_tree and self.max_ngram > self.min_ngram:
             return tuple(sorted({s for s in (self.short, self.k) if s > 0}))
-        return (self.k,)
+        return (self.nodes,)
 
     def request(self, n: jax.Array, known: jax.Array) -> jax.Array:
         """Draft tokens worth verifying [B] for a match of length n [B] (0 = none) whose
@@ -144,22 +147,21 @@ class NgramSpec(DrafterSpec):
         found = n > 0
         tokens = copy_continuations(state.hist, state.hist_len, starts, self.k)  # [B, C, k]
         if self.is_tree:  # no match anywhere: the engine takes a plain step instead
-            return TreeDraft(tree=merge_prefixes(tokens, found), worth=found[:, 0]), state
+            size = jnp.where(found[:, 0], self.nodes, 0).astype(jnp.int32)
+            return TreeDraft(tree=merge_prefixes(tokens, found), size=size), state
         chain = jnp.where(found[:, :1], tokens[:, 0], last[:, None])
         size = self.request(n[:, 0], state.hist_len - starts[:, 0])
         return Draft(tokens=chain.astype(jnp.int32), logp=None, size=size), state
 
-    def commit(self, params, state: NgramState, draft, acc, active, target):
+    def commit(self, params, state: NgramState, draft, verified, active, target):
         B, H = state.hist.shape
         K = self.k
         j = jnp.arange(K + 1)[None, :]
-        if self.is_tree:  # the accepted branch, root to leaf
-            drafted = jnp.take_along_axis(draft.tree.tokens, jnp.maximum(acc.path, 0), axis=1)
-        else:
-            drafted = draft.tokens
-        padded = jnp.concatenate([drafted, jnp.zeros((B, 1), jnp.int32)], axis=1)
-        emitted = jnp.where(j < acc.n[:, None], padded, acc.bonus[:, None])  # [B, K+1]
-        count = jnp.where(active, acc.n + 1, 0)
+        # The accepted tokens (a tree's accepted branch, root to leaf) are K wide: a tree's
+        # depth is k too.
+        padded = jnp.concatenate([verified.tokens, jnp.zeros((B, 1), jnp.int32)], axis=1)
+        emitted = jnp.where(j < verified.n[:, None], padded, verified.bonus[:, None])  # [B, K+1]
+        count = jnp.where(active, verified.n + 1, 0)
         col = jnp.where(j < count[:, None], state.hist_len[:, None] + j, H)  # H = dropped
         hist = state.hist.at[jnp.arange(B)[:, None], col].set(emitted, mode="drop")
         return NgramState(hist=hist, hist_len=jnp.minimum(state.hist_len + count, H))

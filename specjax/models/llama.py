@@ -286,16 +286,29 @@ def _layer(cfg: ModelConfig, impl: str, inv_freq, lp: dict, h: jax.Array, positi
     return h, ck, cv
 
 
+def embed_tokens(params: dict, tokens: jax.Array, embeds: Optional[jax.Array] = None,
+                 embed_mask: Optional[jax.Array] = None) -> jax.Array:
+    """Input embeddings [B, T, D]: the token embeddings, with `embeds` [B, T, D] in their place
+    everywhere (no mask) or where `embed_mask` [B, T] is True."""
+    if embeds is None:
+        return params["embed"][tokens]
+    embeds = embeds.astype(params["embed"].dtype)
+    if embed_mask is None:
+        return embeds
+    return jnp.where(embed_mask[..., None], embeds, params["embed"][tokens])
+
+
 def forward_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
                    cache: KVCache, *, block_mask: Optional[jax.Array] = None,
                    hidden_layers: Sequence[int] = (), impl: str = "xla",
-                   embeds: Optional[jax.Array] = None, write_offset: Optional[jax.Array] = None,
-                   fresh: bool = False):
+                   embeds: Optional[jax.Array] = None, embed_mask: Optional[jax.Array] = None,
+                   write_offset: Optional[jax.Array] = None, fresh: bool = False):
     """Run the decoder over a block of T tokens per row.
 
     tokens, positions: [B, T] int32; the block is written at cache slots [lengths, lengths + T)
     and attends to committed slots plus itself under `block_mask` [B, T, T] (default causal).
-    `embeds` [B, T, D], when given, replaces the token embeddings (multimodal inputs).
+    `embeds` [B, T, D], when given, replaces the token embeddings (multimodal inputs): all of
+    them, or only where `embed_mask` [B, T] is True.
     `write_offset` [B] moves the block to slots [lengths + off, lengths + off + T) and
     `block_mask` may then be [B, T, W] over the window [lengths, lengths + W) (draft trees).
     `fresh` (static): the cache holds nothing yet (a prefill at length 0), so attention skips
@@ -313,7 +326,7 @@ def forward_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, positions:
                              or cfg.sliding_window is not None):
         impl = "xla"
     inv_freq = rope_inv_freq(cfg)
-    h = params["embed"][tokens] if embeds is None else embeds.astype(params["embed"].dtype)
+    h = embed_tokens(params, tokens, embeds, embed_mask)
     mask = None if impl == "pallas" else split_attention_masks(
         cache.lengths, positions, block_mask, cache.max_len, cfg.sliding_window, write_offset)
     if fresh and mask is not None:
@@ -410,7 +423,8 @@ def lm_head(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
 def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
             cache: KVCache, *, block_mask: Optional[jax.Array] = None,
             hidden_layers: Sequence[int] = (), logits_at: Optional[jax.Array] = None,
-            impl: str = "xla", write_offset: Optional[jax.Array] = None, fresh: bool = False):
+            impl: str = "xla", write_offset: Optional[jax.Array] = None, fresh: bool = False,
+            embeds: Optional[jax.Array] = None, embed_mask: Optional[jax.Array] = None):
     """`forward_hidden` plus the LM head -> (logits, hiddens, cache).
 
     `logits_at` [B, M] picks the block positions whose logits are needed (prefill needs only the
@@ -418,7 +432,8 @@ def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Ar
     """
     hiddens, cache = forward_hidden(params, cfg, tokens, positions, cache, block_mask=block_mask,
                                     hidden_layers=hidden_layers, impl=impl,
-                                    write_offset=write_offset, fresh=fresh)
+                                    write_offset=write_offset, fresh=fresh, embeds=embeds,
+                                    embed_mask=embed_mask)
     h = hiddens.last
     if logits_at is not None:
         h = jnp.take_along_axis(h, logits_at[..., None], axis=1)  # [B, M, D]

@@ -1,0 +1,198 @@
+"""Drafter names -> constructors: what `--drafter NAME[:ARG][@K]` (CLI, bench, tune-tree) means.
+
+The CLI's name list, its parser and `tune-tree`'s tree drafters all come from `REGISTRY`. Adding
+a drafter is its own file plus one `register(...)` line here (or in the user's code: the
+registry is a plain dict).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+from specjax.drafters.base import Drafter
+from specjax.drafters.shapes import DynamicTree, StaticTree
+
+# Medusa's static tree when none is given (depth 4: needs 4 heads).
+MEDUSA_TREE = "eagle_small"
+# The EAGLE tree shape used when none is given: measured best on the 2-core CPU for SmolLM2
+# (see README, `specjax tune-tree --drafter eagle3_tree`).
+EAGLE_TREE = dict(nodes=8, depth=4, top_k=3)
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterEntry:
+    """One CLI drafter name.
+
+    `make(arg, k, model, tree)` -> Drafter: `arg` is the text after ':' ("" when absent), `k` the
+    draft size from `@K` or `--k` (None: the drafter's default), `model` the target (some
+    drafters read its name or dtype), `tree` a `DynamicTree` to use instead of the default (only
+    for entries with `tree=True`; `tune-tree` passes its candidates)."""
+
+    name: str
+    make: Callable[..., Drafter]
+    arg: str = ""  # what ":ARG" names, e.g. "PATH" ("" = takes none)
+    arg_required: bool = False
+    arg_type: Callable = str  # checks ARG before any model is loaded (raises ValueError)
+    tree: bool = False  # drafts a dynamic tree (`tune-tree` can size it)
+
+    @property
+    def usage(self) -> str:
+        if not self.arg:
+            return self.name
+        return f"{self.name}:{self.arg}" if self.arg_required else f"{self.name}[:{self.arg}]"
+
+
+REGISTRY: dict[str, DrafterEntry] = {}
+
+
+def register(entry: DrafterEntry) -> DrafterEntry:
+    REGISTRY[entry.name] = entry
+    return entry
+
+
+def names() -> list[str]:
+    """Usage strings of every registered drafter (for help texts and errors)."""
+    return [e.usage for e in REGISTRY.values()]
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterName:
+    """A parsed `NAME[:ARG][@K]`."""
+
+    entry: DrafterEntry
+    arg: str
+    k: Optional[int]
+
+
+def parse(text: str) -> Optional[DrafterName]:
+    """Check a drafter name without loading anything (None: no drafter). Raises ValueError
+    naming what is wrong and what is valid."""
+    if text in (None, "", "none", "ar"):
+        return None
+    name, at, k_text = text.partition("@")
+    k = None
+    if at:
+        if not k_text.isdigit() or int(k_text) <= 0:
+            raise ValueError(f"bad draft size in {text!r}: use NAME@K with K a positive int")
+        k = int(k_text)
+    base, colon, arg = name.partition(":")
+    entry = REGISTRY.get(base)
+    if entry is None:
+        raise ValueError(f"unknown drafter {base!r}; valid: {', '.join(names())}, none")
+    if colon and not entry.arg:
+        raise ValueError(f"drafter {base!r} takes no ':{arg}' (usage: {entry.usage})")
+    if entry.arg_required and not arg:
+        raise ValueError(f"drafter {base!r} needs an argument: {entry.usage}")
+    if arg:
+        try:
+            entry.arg_type(arg)
+        except ValueError:
+            raise ValueError(f"bad {entry.arg} {arg!r} in drafter {text!r} (usage: "
+                             f"{entry.usage})") from None
+    return DrafterName(entry, arg, k)
+
+
+def make(text: str, k: Optional[int] = None, model=None,
+         tree: Optional[DynamicTree] = None) -> Optional[Drafter]:
+    """Build the drafter `text` names for target `model`. `@K` in the name overrides `k`."""
+    parsed = parse(text)
+    if parsed is None:
+        return None
+    if tree is not None and not parsed.entry.tree:
+        raise ValueError(f"drafter {parsed.entry.name!r} drafts no dynamic tree; tree drafters: "
+                         f"{', '.join(e.usage for e in REGISTRY.values() if e.tree)}")
+    return parsed.entry.make(parsed.arg, parsed.k or k, model, tree)
+
+
+# ----------------------------------------------------------------------------- built-ins
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+def bundled_for(kind: str, model) -> str:
+    """The bundled drafter of `model` for eagle / eagle3 / medusa names without a PATH."""
+    from specjax.drafters.bundled import BUNDLED_DRAFTERS
+
+    name = f"{getattr(model, 'name', '')}-{kind}"
+    if name not in BUNDLED_DRAFTERS:
+        raise ValueError(f"no bundled {kind} drafter for model {getattr(model, 'name', '?')!r} "
+                         f"(bundled: {sorted(BUNDLED_DRAFTERS)}); give one as {kind}:PATH or "
+                         f"train one with `specjax train-drafter`")
+    return name
+
+
+def _ngram(arg, k, model, tree):
+    from specjax.drafters import ngram
+
+    if tree is not None:  # a tune-tree candidate of N nodes, top_k K: K branches of N // K
+        return ngram(k=max(1, tree.nodes // tree.top_k), branches=tree.top_k)
+    branches = int(arg) if arg else 1
+    return ngram(k=k or (8 if branches == 1 else 4), branches=branches)
+
+
+def _ngram_fixed(arg, k, model, tree):  # always verifies k tokens after a match
+    from specjax.drafters import ngram
+
+    return ngram(k=k or 8, adaptive=False)
+
+
+def _dynamic(tree, k, default=None):
+    return tree or DynamicTree(**dict(default or {}, nodes=k or (default or {}).get("nodes", 8)))
+
+
+def _layer_skip(is_tree):
+    def make(arg, k, model, tree):
+        from specjax.drafters import layer_skip
+
+        return layer_skip(layers=int(arg) if arg else 8, k=k or 4,
+                          tree=_dynamic(tree, k) if is_tree else None)
+    return make
+
+
+def _small_model(is_tree):
+    def make(arg, k, model, tree):
+        from specjax import load_model
+        from specjax.drafters import small_model
+
+        draft = load_model(arg, dtype=None if model is None else model.dtype)
+        return small_model(draft, k=k or 5, tree=_dynamic(tree, k) if is_tree else None)
+    return make
+
+
+def _eagle(kind, is_tree):
+    def make(arg, k, model, tree):
+        from specjax.drafters import eagle
+
+        src = arg or bundled_for(kind, model)
+        return eagle(src, k=k or 4, tree=_dynamic(tree, k, EAGLE_TREE) if is_tree else None,
+                     name=src)
+    return make
+
+
+def _medusa(is_tree):
+    def make(arg, k, model, tree):
+        from specjax.drafters import medusa
+
+        src = arg or bundled_for("medusa", model)
+        return medusa(src, k=k, tree=StaticTree(MEDUSA_TREE) if is_tree else None)
+    return make
+
+
+register(DrafterEntry("ngram", _ngram, arg="BRANCHES", arg_type=_positive_int, tree=True))
+register(DrafterEntry("ngram_fixed", _ngram_fixed))
+register(DrafterEntry("layer_skip", _layer_skip(False), arg="LAYERS", arg_type=_positive_int))
+register(DrafterEntry("layer_skip_tree", _layer_skip(True), arg="LAYERS",
+                      arg_type=_positive_int, tree=True))
+register(DrafterEntry("model", _small_model(False), arg="PATH", arg_required=True))
+register(DrafterEntry("model_tree", _small_model(True), arg="PATH", arg_required=True,
+                      tree=True))
+register(DrafterEntry("eagle3", _eagle("eagle3", False), arg="PATH"))
+register(DrafterEntry("eagle3_tree", _eagle("eagle3", True), arg="PATH", tree=True))
+register(DrafterEntry("eagle", _eagle("eagle", False), arg="PATH"))
+register(DrafterEntry("eagle_tree", _eagle("eagle", True), arg="PATH", tree=True))
+register(DrafterEntry("medusa", _medusa(False), arg="PATH"))
+register(DrafterEntry("medusa_tree", _medusa(True), arg="PATH"))

@@ -1,0 +1,18 @@
+"""The decode engine: prefill, then one on-device `lax.while_loop` of
+propose -> verify -> emit -> commit steps.
+
+    state.py   EngineConfig (static settings of one compiled program), LoopState (the carry)
+    loop.py    prefill, the step, decode (while_loop) and decode_one (its Python-loop twin)
+    verify.py  one verifier per draft shape (plain step, chain, tree) and the size choice
+    accept.py  the acceptance rules (greedy, lossless rejection sampling), AcceptRules
+    tree.py    masks, positions and paths derived from a draft tree's parents
+"""
+from specjax.drafters.base import PrefillInput, Verified
+from specjax.engine.accept import DEFAULT_RULES, AcceptRules
+from specjax.engine.loop import TRACE_COUNTS, decode, decode_one, decode_step, emit, prefill
+from specjax.engine.state import EngineConfig, LoopState
+from specjax.engine.verify import verify, verify_block
+
+__all__ = ["AcceptRules", "DEFAULT_RULES", "EngineConfig", "LoopState", "PrefillInput",
+           "TRACE_COUNTS", "Verified", "decode", "decode_one", "decode_step", "emit", "prefill",
+           "verify", "verify_block"]

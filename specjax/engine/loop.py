@@ -1,0 +1,132 @@
+"""The on-device decode loop: prefill, then one `lax.while_loop` whose step reads top to bottom
+
+    propose -> verify -> emit -> commit
+
+until every row hit EOS or its budget.
+
+Plain autoregressive decoding is the same step with no drafter: nothing is proposed, the
+verified block is just `last`, nothing is accepted, and the bonus token is the ordinary next
+token. So AR and speculative decoding share every line of bookkeeping, and their outputs are
+comparable exactly.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from specjax.drafters.base import PrefillInput, TargetPrefill, Verified
+from specjax.engine.state import EngineConfig, LoopState
+from specjax.engine.verify import verify
+from specjax.models.cache import init_cache
+from specjax.models.llama import forward, is_unrolled
+from specjax.sampling import sample_token
+
+# Incremented each time a jitted entry point is traced (= compiled); tests read it.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+def _is_eos(tokens: jax.Array, eos: tuple[int, ...]) -> jax.Array:
+    if not eos:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(eos, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("ec", "max_len"))
+def prefill(params, dparams, inp: PrefillInput, max_new, key, sp, *, ec: EngineConfig,
+            max_len: int) -> LoopState:
+    """Run the target over the padded prompts and sample the first token -> LoopState."""
+    TRACE_COUNTS["prefill"] += 1
+    B, P = inp.tokens.shape
+    cfg = ec.target
+    cache = init_cache(cfg, B, max_len, params["embed"].dtype, per_layer=is_unrolled(params))
+    logits, hiddens, cache = forward(params, cfg, inp.tokens, inp.positions, cache,
+                                     logits_at=(inp.lengths - 1)[:, None],
+                                     hidden_layers=ec.hidden_layers, impl=ec.impl, fresh=True,
+                                     embeds=inp.embeds, embed_mask=inp.embed_mask)
+    cache = cache.replace(lengths=inp.lengths)
+    key, k0, kd = jax.random.split(key, 3)
+    first = sample_token(k0, logits[:, 0], ec.mode, sp)
+    width = ec.max_new + ec.k + 1
+    has_budget = max_new > 0
+    out = jnp.zeros((B, width), jnp.int32).at[:, 0].set(jnp.where(has_budget, first, 0))
+    n_out = has_budget.astype(jnp.int32)
+    done = (~has_budget) | (n_out >= max_new) | _is_eos(first, ec.eos)
+    dstate = None
+    if ec.drafter is not None:
+        pre = TargetPrefill(input=inp, first=first, cache=cache, hiddens=hiddens)
+        dstate = ec.drafter.init(dparams, pre, max_len)
+    return LoopState(out=out, n_out=n_out, max_new=max_new, done=done, last=first,
+                     pos=inp.next_position, cache=cache, dstate=dstate, key=key,
+                     steps=jnp.int32(0), row_steps=jnp.zeros((B,), jnp.int32),
+                     accept_hist=jnp.zeros((ec.max_accept + 1,), jnp.int32))
+
+
+def emit(state: LoopState, v: Verified, ec: EngineConfig):
+    """Write the n accepted draft tokens and the bonus token of each active row to the output,
+    cut at EOS and at the row's budget -> (out, n_out, done, count [B] tokens written)."""
+    B, A = v.tokens.shape
+    active = ~state.done
+    j = jnp.arange(A + 1)[None, :]
+    padded = jnp.concatenate([v.tokens, jnp.zeros((B, 1), jnp.int32)], axis=1)  # [B, A+1]
+    emitted = jnp.where(j < v.n[:, None], padded, v.bonus[:, None])
+    count = v.n + 1
+    eos_at = _is_eos(emitted, ec.eos) & (j < count[:, None])
+    first_eos = jnp.where(eos_at.any(axis=1), jnp.argmax(eos_at, axis=1), A + 1)
+    count = jnp.minimum(jnp.minimum(count, first_eos + 1), state.max_new - state.n_out)
+    count = jnp.where(active, count, 0)
+    col = jnp.where(j < count[:, None], state.n_out[:, None] + j, state.out.shape[1])  # drop
+    out = state.out.at[jnp.arange(B)[:, None], col].set(emitted, mode="drop")
+    n_out = state.n_out + count
+    done = state.done | (active & ((first_eos <= v.n) | (n_out >= state.max_new)))
+    return out, n_out, done
+
+
+def decode_step(params, dparams, state: LoopState, sp, ec: EngineConfig) -> LoopState:
+    """One propose -> verify -> emit -> commit step (no drafter: one plain decode step)."""
+    key, k_draft, k_verify = jax.random.split(state.key, 3)
+    active = ~state.done
+    spec = ec.drafter
+
+    # propose: the drafter continues `last` with a chain or a tree (nothing without a drafter)
+    draft, dstate = None, state.dstate
+    if spec is not None:
+        draft, dstate = spec.propose(dparams, dstate, state.last, k_draft, ec.mode, sp)
+
+    # verify: one target forward over [last, draft]; accept; the target cache keeps the
+    # accepted tokens
+    verified, cache, target_step = verify(params, state, draft, k_verify, sp, ec)
+
+    # emit: accepted tokens, then the bonus token, into the output
+    out, n_out, done = emit(state, verified, ec)
+
+    # commit: the drafter catches up with what was emitted
+    if spec is not None:
+        dstate = spec.commit(dparams, dstate, draft, verified, active, target_step)
+    moved = jnp.where(active, verified.n + 1, 0)
+    return state.replace(
+        out=out, n_out=n_out, done=done, last=jnp.where(active, verified.bonus, state.last),
+        pos=state.pos + moved, cache=cache, dstate=dstate, key=key, steps=state.steps + 1,
+        row_steps=state.row_steps + active.astype(jnp.int32),
+        accept_hist=state.accept_hist.at[verified.n].add(active.astype(jnp.int32)))
+
+
+@functools.partial(jax.jit, static_argnames=("ec",), donate_argnums=(2,))
+def decode(params, dparams, state: LoopState, sp, *, ec: EngineConfig) -> LoopState:
+    """The whole decode phase as one on-device `lax.while_loop`."""
+    TRACE_COUNTS["decode"] += 1
+
+    def cond(s):
+        # Every step emits >= 1 token for each active row, so max_new steps always suffice.
+        return jnp.any(~s.done) & (s.steps < ec.max_new)
+
+    return jax.lax.while_loop(cond, lambda s: decode_step(params, dparams, s, sp, ec), state)
+
+
+@functools.partial(jax.jit, static_argnames=("ec",), donate_argnums=(2,))
+def decode_one(params, dparams, state: LoopState, sp, *, ec: EngineConfig) -> LoopState:
+    """The Python-loop twin: one step per call (streaming and debugging)."""
+    TRACE_COUNTS["decode_one"] += 1
+    return decode_step(params, dparams, state, sp, ec)

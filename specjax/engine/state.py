@@ -1,0 +1,63 @@
+"""The static settings of one compiled decode program and the state its while_loop carries."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+from flax import struct
+
+from specjax.drafters.base import DrafterSpec
+from specjax.engine.accept import DEFAULT_RULES, AcceptRules
+from specjax.models.cache import KVCache
+from specjax.models.config import ModelConfig
+from specjax.sampling import SamplingMode
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Static settings of one compiled decode program (hashable: a static jit argument)."""
+
+    target: ModelConfig
+    mode: SamplingMode
+    max_new: int  # output capacity per row (a bucket, >= every row's max_new_tokens)
+    eos: tuple[int, ...]
+    drafter: Optional[DrafterSpec] = None
+    impl: str = "xla"
+    rules: AcceptRules = DEFAULT_RULES
+
+    @property
+    def k(self) -> int:
+        """Draft tokens (chain) or nodes (tree) verified per step."""
+        return 0 if self.drafter is None else self.drafter.k
+
+    @property
+    def max_accept(self) -> int:
+        """Most draft tokens one step can accept (chain length or tree depth)."""
+        return 0 if self.drafter is None else self.drafter.max_accept
+
+    @property
+    def hidden_layers(self) -> tuple:
+        return () if self.drafter is None else tuple(self.drafter.hidden_layers)
+
+
+@struct.dataclass
+class LoopState:
+    """Decode state carried by the while_loop (all arrays on device).
+
+    Cache slots and positions are counted apart: `cache.lengths[b]` is the number of filled
+    slots of row b, `pos[b]` the position id of `last`. For text they are equal; a
+    vision-language prompt may give its image tokens positions of their own."""
+
+    out: jax.Array  # [B, max_new + K + 1] int32 emitted tokens (tail is scratch)
+    n_out: jax.Array  # [B] int32 tokens emitted so far
+    max_new: jax.Array  # [B] int32 per-row budget
+    done: jax.Array  # [B] bool
+    last: jax.Array  # [B] int32 newest token, not yet in the target cache
+    pos: jax.Array  # [B] int32 position id of `last`
+    cache: KVCache
+    dstate: Any  # drafter state (None for AR)
+    key: jax.Array
+    steps: jax.Array  # [] int32 loop iterations (= target verify forwards)
+    row_steps: jax.Array  # [B] int32 verify forwards while the row was active
+    accept_hist: jax.Array  # [A+1] int32 how often n = 0..A draft tokens were accepted

@@ -1,0 +1,181 @@
+"""Verification: one target forward over [last, draft], the acceptance rule, the target cache
+commit. One verifier per draft shape, one record (`Verified`) for all of them, and one place
+(`verify`) that decides how much of a draft is worth a forward.
+
+Draft shapes and their verifiers:
+
+    None (a plain step)  block [last]                       n = 0, bonus = next token
+    Draft (a chain)      block [last, d_1 .. d_K], causal   accepted tokens stay in place
+    TreeDraft (a tree)   block [last, nodes], tree mask     the accepted path is compacted
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from specjax.drafters.base import Draft, TargetStep, TreeDraft, Verified
+from specjax.engine import tree as tree_lib
+from specjax.engine.state import EngineConfig, LoopState
+from specjax.models.cache import KVCache, gather_slots
+from specjax.models.llama import forward
+from specjax.sampling import process_logits, sample_token
+
+AnyDraft = Union[None, Draft, TreeDraft]
+
+
+class Block(NamedTuple):
+    """What the target reads for one verification."""
+
+    tokens: jax.Array  # [B, T] last, then the draft
+    positions: jax.Array  # [B, T]
+    mask: Optional[jax.Array]  # [B, T, T] among the block's tokens (None: causal)
+
+
+class Verifier(NamedTuple):
+    """How one draft shape is verified: its block, its acceptance, its cache commit."""
+
+    block: Callable  # (draft, last [B], pos [B]) -> Block
+    accept: Callable  # (key, logits [B, T, V], draft, sp, ec) -> Verified padded to ec.max_accept
+    commit: Callable  # (cache with the block written, Verified, active [B]) -> cache
+
+
+def _pad(x: jax.Array, width: int, value: int) -> jax.Array:
+    return jnp.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)
+
+
+def _advance(cache: KVCache, v: Verified, active: jax.Array) -> KVCache:
+    """Chains (and plain steps): the accepted tokens already sit right after `last`."""
+    return cache.replace(lengths=cache.lengths + jnp.where(active, v.n + 1, 0))
+
+
+# ----------------------------------------------------------------------------- plain step
+
+def _plain_block(draft, last, pos) -> Block:
+    return Block(last[:, None], pos[:, None], None)
+
+
+def _plain_accept(key, logits, draft, sp, ec: EngineConfig) -> Verified:
+    B, A = logits.shape[0], ec.max_accept
+    return Verified(tokens=jnp.zeros((B, A), jnp.int32), n=jnp.zeros((B,), jnp.int32),
+                    bonus=sample_token(key, logits[:, 0], ec.mode, sp),
+                    path=jnp.full((B, A), -1, jnp.int32))
+
+
+# ----------------------------------------------------------------------------- chain
+
+def _chain_block(draft: Draft, last, pos) -> Block:
+    T = draft.tokens.shape[1] + 1
+    tokens = jnp.concatenate([last[:, None], draft.tokens], axis=1)  # [B, K+1]
+    return Block(tokens, pos[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :], None)
+
+
+def _chain_accept(key, logits, draft: Draft, sp, ec: EngineConfig) -> Verified:
+    acc = ec.rules.chain(key, logits, draft.tokens, draft.logp, ec.mode, sp)
+    K, A = draft.tokens.shape[1], ec.max_accept
+    i = jnp.arange(K, dtype=jnp.int32)[None, :]
+    path = jnp.where(i < acc.n[:, None], i, -1)
+    return Verified(tokens=_pad(draft.tokens, A, 0), n=acc.n, bonus=acc.bonus,
+                    path=_pad(path, A, -1))
+
+
+# ----------------------------------------------------------------------------- tree
+
+def _tree_block(draft: TreeDraft, last, pos) -> Block:
+    t = draft.tree
+    tokens = jnp.concatenate([last[:, None], t.tokens], axis=1)  # [B, N+1]
+    return Block(tokens, tree_lib.block_positions(t.depth, pos), tree_lib.block_mask(t.parents))
+
+
+def _tree_accept(key, logits, draft: TreeDraft, sp, ec: EngineConfig) -> Verified:
+    t, D = draft.tree, ec.max_accept
+    if ec.mode.greedy:
+        acc = ec.rules.tree_greedy(logits, t, D)
+    else:
+        # No drafter samples siblings without replacement today (the rule supports it).
+        acc = ec.rules.tree_sampling(key, process_logits(logits, ec.mode, sp), t,
+                                     draft.child_logp, D, False)
+    tokens = jnp.take_along_axis(t.tokens, jnp.maximum(acc.path, 0), axis=1)  # [B, D]
+    return Verified(tokens=tokens, n=acc.n, bonus=acc.bonus, path=acc.path)
+
+
+def _compact(cache: KVCache, v: Verified, active: jax.Array) -> KVCache:
+    """Move the accepted branch into place: block offset 0 (`last`) stays, the path's node i
+    (block offset i + 1) goes to offset i + 1 of the committed run."""
+    src = jnp.concatenate([jnp.zeros_like(v.path[:, :1]), jnp.maximum(v.path, -1) + 1], axis=1)
+    return gather_slots(cache, src, jnp.where(active, v.n + 1, 0))
+
+
+PLAIN = Verifier(_plain_block, _plain_accept, _advance)
+CHAIN = Verifier(_chain_block, _chain_accept, _advance)
+TREE = Verifier(_tree_block, _tree_accept, _compact)
+
+
+def verifier_for(draft: AnyDraft) -> Verifier:
+    if draft is None:
+        return PLAIN
+    if isinstance(draft, Draft):
+        return CHAIN
+    if isinstance(draft, TreeDraft):
+        return TREE
+    raise TypeError(f"a drafter proposed a {type(draft).__name__}; expected Draft or TreeDraft")
+
+
+# ----------------------------------------------------------------------------- verification
+
+def verify_block(params, state: LoopState, draft: AnyDraft, key, sp, ec: EngineConfig):
+    """Verify the whole of `draft` (None: a plain step) -> (Verified, target cache with the
+    accepted tokens committed, TargetStep of the forward)."""
+    v = verifier_for(draft)
+    blk = v.block(draft, state.last, state.pos)
+    logits, hiddens, cache = forward(params, ec.target, blk.tokens, blk.positions, state.cache,
+                                     block_mask=blk.mask, hidden_layers=ec.hidden_layers,
+                                     impl=ec.impl)
+    verified = v.accept(key, logits, draft, sp, ec)
+    return verified, v.commit(cache, verified, ~state.done), TargetStep(blk.tokens, hiddens)
+
+
+def size_index(size: jax.Array, active: jax.Array, sizes: tuple) -> jax.Array:
+    """Index into (0,) + sizes of the smallest verify size covering every active row's
+    request `size` [B] (0 = a plain step)."""
+    need = jnp.max(jnp.where(active, size, 0))
+    return jnp.minimum(jnp.sum(jnp.asarray((0,) + sizes) < need), len(sizes))
+
+
+def _pad_axis(x: jax.Array, axis: int, width: int) -> jax.Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, width - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _padded_step(step: TargetStep, width: int) -> TargetStep:
+    """A verify forward's block and hidden states padded to `width` positions, so that every
+    verify size hands the drafter the same shapes (it reads only the first n + 1)."""
+    h = step.hiddens
+    layers = None if h.layers is None else _pad_axis(h.layers, 2, width)  # [n, B, T, D]
+    return TargetStep(tokens=_pad_axis(step.tokens, 1, width),
+                      hiddens=h._replace(last=_pad_axis(h.last, 1, width), layers=layers))
+
+
+def verify(params, state: LoopState, draft: AnyDraft, key, sp, ec: EngineConfig):
+    """The one place that decides what to verify. A draft without `size` is verified whole. A
+    draft with `size` [B] is verified at the smallest of the drafter's static `verify_sizes`
+    covering every active row's request, or replaced by a plain one-token step when no active
+    row asks for any: one `lax.switch` branch per size, so a short verify costs a short
+    forward. -> (Verified, target cache, TargetStep)."""
+    if draft is None or draft.size is None:
+        return verify_block(params, state, draft, key, sp, ec)
+    sizes, K = tuple(ec.drafter.verify_sizes), ec.drafter.nodes
+    if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] != K:
+        raise ValueError(f"verify_sizes must ascend from >= 1 to the draft size {K}, got {sizes}")
+
+    def branch(n: int):
+        def run(_):
+            part = None if n == 0 else draft if n == K else draft.truncated(n)
+            verified, cache, step = verify_block(params, state, part, key, sp, ec)
+            return verified, cache, _padded_step(step, K + 1)
+        return run
+
+    idx = size_index(draft.size, ~state.done, sizes)
+    return jax.lax.switch(idx, [branch(n) for n in (0,) + sizes], None)
