@@ -237,7 +237,7 @@ def _checkpoint_ids(hf: dict, producer: str):
 def _feature_layers(hf: dict, producer: str, target: ModelConfig, override=None) -> tuple:
     """EAGLE-3's captured target layers as HF hidden_states indices -> (layers, reason)."""
     L = target.num_layers
-    ids, where = _checkpoint_ids(hf, producer)
+    ids, where = (None, None) if override is not None else _checkpoint_ids(hf, producer)
     if override is not None:
         layers = _int_list(list(override), "capture_layers")
         reason = "capture_layers given by the caller"

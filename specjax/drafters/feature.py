@@ -162,8 +162,13 @@ def init_params(cfg: EagleConfig, key, dtype=jnp.float32, d2t=None) -> dict:
     n = len(cfg.feature_layers)
     if d2t is None:
         d2t = jnp.arange(cfg.draft_vocab, dtype=jnp.int32)
-    return {"fc": dense((n * D, D), n * D), "layer": layer, "norm": jnp.ones((D,), dtype),
-            "lm_head": dense((D, cfg.draft_vocab), D), "d2t": jnp.asarray(d2t, jnp.int32)}
+    p = {"fc": dense((n * D, D), n * D), "layer": layer, "norm": jnp.ones((D,), dtype),
+         "lm_head": dense((D, cfg.draft_vocab), D), "d2t": jnp.asarray(d2t, jnp.int32)}
+    if cfg.fc_norm:
+        p["fc_norm"] = jnp.ones((n, D), dtype)
+    if cfg.fc_input_norm:
+        p["fc_input_norm"] = jnp.ones((n * D,), dtype)
+    return p
 
 
 def bind_target(params: dict, target_params: dict) -> dict:
