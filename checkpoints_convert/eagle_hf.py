@@ -9,7 +9,7 @@ EAGLE-1/2 (SafeAILab `cnets1.py`)::
     fc.weight [D, 2D]   fc.bias [D]          fc over cat(token embedding, target feature)
     layers.0.self_attn.{q,k,v,o}_proj.weight  layers.0.mlp.{gate,up,down}_proj.weight
     layers.0.post_attention_layernorm.weight  (layer 0 has no input_layernorm)
-    embed_tokens.weight [V, D]                optional frozen copy of the target's embedding
+    embed_tokens.weight [V, D]                optional (see the drafter embedding rule below)
 
   `fc.bias` is expected unless config.json says `"bias": false` (SafeAILab's loader defaults
   to a bias too).
@@ -25,6 +25,8 @@ EAGLE-3 (SafeAILab `cnets.py`, AngelSlim, SpecForge, vLLM `llama_eagle3`)::
     norm.weight [D]   lm_head.weight [Vd, D]
     d2t [Vd] int64 OFFSETS (target id = draft id + d2t[draft id]); may be absent when Vd = V
     t2d [V] bool (optional; checked against d2t)   embed_tokens.weight [V, D] (optional)
+    fc_norm.{i}.weight [D]                    EAGLE-3.1 (`fc_norm`): one norm per captured layer
+    input_norm.weight [3D]                    speculators `norm_before_fc`: a norm over the concat
 
   Some exports name the layer `layers.0.` instead of `midlayer.`; both are read.
   `draft_vocab_size` in config.json gives Vd (absent: the vocabulary size).
