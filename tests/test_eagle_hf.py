@@ -216,7 +216,8 @@ def close(a, b):
 def test_eagle1_matches_torch_reference(target, tmp_path, fmt):
     cfg_json = hf_config(target, 1)
     sd = hf_state(target, 1, seed=1)
-    cfg, params = load_eagle_hf(write_ckpt(tmp_path / "e1", cfg_json, sd, fmt), target.config)
+    cfg, params = load_eagle_hf(write_ckpt(tmp_path / "e1", cfg_json, sd, fmt), target.config,
+                                target_embed=target.params["embed"])
     assert cfg.version == 1 and cfg.fc_bias and "fc_b" in params
     assert cfg.layer.intermediate_size == 40 and cfg.layer.rope_theta == 5000.0
     assert cfg.layer.rms_norm_eps == 1e-5 and cfg.layer.num_layers == 1
@@ -230,7 +231,8 @@ def test_eagle1_matches_torch_reference(target, tmp_path, fmt):
 def test_eagle1_without_bias(target, tmp_path):
     cfg_json = hf_config(target, 1, bias=False)
     sd = hf_state(target, 1, seed=2, cfg=cfg_json, embed=False)
-    cfg, params = load_eagle_hf(write_ckpt(tmp_path / "e1", cfg_json, sd), target.config)
+    cfg, params = load_eagle_hf(write_ckpt(tmp_path / "e1", cfg_json, sd), target.config,
+                                target_embed=target.params["embed"])
     assert not cfg.fc_bias and "fc_b" not in params
     tokens, feat = inputs(target, seed=2)
     out, _, _ = run_drafter(target, cfg, params, tokens, feat=feat)
@@ -245,7 +247,8 @@ def test_eagle3_matches_torch_reference(target, tmp_path, prefix, layer_ids):
     over = {} if layer_ids is None else {"eagle_aux_hidden_state_layer_ids": layer_ids}
     cfg_json = hf_config(target, 3, **over)
     sd = hf_state(target, 3, seed=3, prefix=prefix, cfg=cfg_json)
-    cfg, params = load_eagle_hf(write_ckpt(tmp_path / "e3", cfg_json, sd), target.config)
+    cfg, params = load_eagle_hf(write_ckpt(tmp_path / "e3", cfg_json, sd), target.config,
+                                target_embed=target.params["embed"])
     want_layers = tuple(layer_ids) if layer_ids else E.default_feature_layers(
         target.config.num_layers)
     assert cfg.version == 3 and cfg.feature_layers == want_layers
@@ -272,7 +275,8 @@ def test_eagle3_full_vocab_without_d2t(target, tmp_path):
     del cfg_json["draft_vocab_size"]  # absent: the target's vocabulary, identity map
     sd = hf_state(target, 3, seed=4, cfg=cfg_json, embed=False)
     del sd["d2t"], sd["t2d"]
-    cfg, params = load_eagle_hf(write_ckpt(tmp_path / "e3", cfg_json, sd), target.config)
+    cfg, params = load_eagle_hf(write_ckpt(tmp_path / "e3", cfg_json, sd), target.config,
+                                target_embed=target.params["embed"])
     assert cfg.draft_vocab == V
     np.testing.assert_array_equal(np.asarray(params["d2t"]), np.arange(V))
 
@@ -283,7 +287,8 @@ def test_eagle3_full_vocab_without_d2t(target, tmp_path):
 def test_save_load_round_trip(target, tmp_path, version):
     cfg_json = hf_config(target, version)
     sd = hf_state(target, version, seed=5)
-    cfg, params = load_eagle_hf(write_ckpt(tmp_path / "a", cfg_json, sd), target.config)
+    cfg, params = load_eagle_hf(write_ckpt(tmp_path / "a", cfg_json, sd), target.config,
+                                target_embed=target.params["embed"])
     save_eagle_hf(tmp_path / "b", cfg, params, target.config)
     cfg2, params2 = load_eagle_hf(tmp_path / "b", target.config)
     assert cfg2 == cfg
@@ -305,7 +310,8 @@ def test_save_load_round_trip(target, tmp_path, version):
     # Bound params (with the target's embedding) write it as embed_tokens.weight.
     save_eagle_hf(tmp_path / "c", cfg, E.bind_target(params, target.params), target.config)
     assert "embed_tokens.weight" in load_file(str(tmp_path / "c" / "model.safetensors"))
-    assert jax_tree_equal(load_eagle_hf(tmp_path / "c", target.config)[1], params)
+    assert jax_tree_equal(load_eagle_hf(tmp_path / "c", target.config,
+                                target_embed=target.params["embed"])[1], params)
 
 
 def test_save_load_bfloat16_from_init_params(target, tmp_path):
@@ -329,7 +335,8 @@ def jax_tree_equal(a, b):
 # ----------------------------------------------------------------------------- errors
 
 def _load(target, path, cfg_json, sd):
-    return load_eagle_hf(write_ckpt(path, cfg_json, sd), target.config)
+    return load_eagle_hf(write_ckpt(path, cfg_json, sd), target.config,
+                                target_embed=target.params["embed"])
 
 
 MISSING = [  # (version, deleted key, expected message)

@@ -100,7 +100,9 @@ def layer_skip(layers: Union[int, Sequence[int]] = 8, k: int = 4,
                    binder=bind)
 
 
-def eagle(source, k: int = 5, tree: Union[DynamicTree, None] = None, name: str = "") -> Drafter:
+def eagle(source, k: int = 5, tree: Union[DynamicTree, None] = None, name: str = "", *,
+          producer: Optional[str] = None, capture_layers: Optional[Sequence[int]] = None
+          ) -> Drafter:
     """An EAGLE-1/2 or EAGLE-3 feature-level drafter (module `specjax.drafters.feature`).
 
     `source`: an (EagleConfig, params) pair (e.g. from `specjax.train`), a directory holding a
@@ -108,7 +110,14 @@ def eagle(source, k: int = 5, tree: Union[DynamicTree, None] = None, name: str =
     SGLang ship them, and as `specjax train-drafter` exports), or the name of a drafter bundled
     with specjax (see `BUNDLED_DRAFTERS`). Drafts a chain of k tokens, or an EAGLE-2 dynamic
     tree when `tree=DynamicTree(...)` is given.
+
+    For a directory, `producer` (one of `checkpoints_convert.eagle_hf.PRODUCERS`) overrides the
+    producer detected from its config.json, and `capture_layers` (the target's HF
+    hidden_states indices) the EAGLE-3 layers it reads; see `load_eagle_hf`.
     """
+    if isinstance(source, tuple) and (producer is not None or capture_layers is not None):
+        raise ValueError("producer / capture_layers apply to checkpoint directories; an "
+                         "(EagleConfig, params) pair already fixes them")
     if tree is not None and not isinstance(tree, DynamicTree):
         raise TypeError(f"EAGLE drafts dynamic trees: tree must be a DynamicTree, got {tree!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
@@ -116,7 +125,8 @@ def eagle(source, k: int = 5, tree: Union[DynamicTree, None] = None, name: str =
     label = name or (source if isinstance(source, str) else "custom")
 
     def bind(target):
-        cfg, params = _eagle_weights(source, target)
+        cfg, params = _eagle_weights(source, target, producer=producer,
+                                     capture_layers=capture_layers)
         if tree is None:
             spec = eagle_lib.EagleSpec(k=k, eagle=cfg, target_cfg=target.config)
         else:
@@ -129,7 +139,7 @@ def eagle(source, k: int = 5, tree: Union[DynamicTree, None] = None, name: str =
     return Drafter(name=f"eagle({label}, {shape})", k=tree.nodes if tree else k, binder=bind)
 
 
-def _eagle_weights(source, target):
+def _eagle_weights(source, target, producer=None, capture_layers=None):
     """-> (EagleConfig, params) for `target` from any accepted `source`."""
     from pathlib import Path
 
@@ -146,7 +156,8 @@ def _eagle_weights(source, target):
                          f"({sorted(BUNDLED_DRAFTERS)})")
     from checkpoints_convert.eagle_hf import load_eagle_hf
 
-    return load_eagle_hf(path, target.config)
+    return load_eagle_hf(path, target.config, target_embed=target.params["embed"],
+                         producer=producer, capture_layers=capture_layers)
 
 
 def jax_cast(params, dtype):

@@ -18,8 +18,23 @@ Versions (`EagleConfig.version`):
   vocabulary (`d2t` maps draft ids to target ids; tokens outside it get probability 0). Trained
   on tokens only, with training-time test.
 
+Variants of version 3 published checkpoints carry (all off by default; see
+checkpoints_convert/eagle_hf.py for which producer sets which):
+
+- `fc_norm`: an RMSNorm per captured layer before fc (EAGLE-3.1: SpecForge `fc_norm`,
+  speculators `fc_norm`); `fc_input_norm`: one RMSNorm over the concatenation (speculators
+  `norm_before_fc`, gpt-oss drafters).
+- `norm_before_residual`: the layer's residual is rms(g) instead of g (speculators / vLLM).
+- `feed_normed`: draft slots read the drafter's output *after* its final norm (speculators /
+  vLLM `norm_output`: EAGLE-3.1's remedy for the feature's magnitude drift over draft depth);
+  the head then reads that output as is.
+- `head_norm=False`: the head reads the raw output, no final norm (SpecForge `norm_output:
+  false`).
+
 The target's embedding (and for version 1 its LM head) are shared, never copied: `bind_target`
-adds them to the drafter's params under "target" when `generate` runs.
+adds them to the drafter's params under "target" when `generate` runs. A drafter that drafts
+with an embedding of its own (a checkpoint whose `embed_tokens` differs from the target's and
+whose producer runs it that way) carries it as params["embed"], which then wins.
 
 State per row: the drafter's one-layer KV cache whose committed length always equals the
 target's, and `feat` = the drafter output at the last committed slot (it gives the first draft
@@ -56,6 +71,12 @@ class EagleConfig:
     feature_layers: tuple = ()  # version 3: HF hidden_states indices fused by fc (low, mid, high)
     draft_vocab: int = 0  # version 3: size of the drafter's own head (0: the target's head)
     fc_bias: bool = True  # version 1 (SafeAILab's default)
+    # Version 3 variants (module docstring): where norms sit around fc, the residual and the head.
+    fc_norm: bool = False  # params["fc_norm"] [n, D]: one RMSNorm per captured layer before fc
+    fc_input_norm: bool = False  # params["fc_input_norm"] [n*D]: one RMSNorm over the concat
+    norm_before_residual: bool = False  # residual = rms(g) (hidden_norm) instead of g
+    feed_normed: bool = False  # draft slots read norm(output); the head reads it as is
+    head_norm: bool = True  # the head reads norm(output) (False: the raw output)
 
     def __post_init__(self):
         if self.version not in VERSIONS:
@@ -64,6 +85,15 @@ class EagleConfig:
             raise ValueError("EAGLE-3 needs feature_layers (the target layers fc fuses)")
         if self.version == 3 and self.draft_vocab <= 0:
             raise ValueError(f"EAGLE-3 needs a draft_vocab > 0, got {self.draft_vocab}")
+        v3_only = [f for f in ("fc_norm", "fc_input_norm", "norm_before_residual",
+                               "feed_normed") if getattr(self, f)] + (
+            [] if self.head_norm else ["head_norm=False"])
+        if self.version != 3 and v3_only:
+            raise ValueError(f"{', '.join(v3_only)} exist only in EAGLE-3 drafters; this "
+                             f"config has version {self.version}")
+        if self.feed_normed and not self.head_norm:
+            raise ValueError("feed_normed feeds the head the normed output; head_norm=False "
+                             "(a head without the final norm) contradicts it")
 
     @property
     def hidden(self) -> int:
@@ -134,8 +164,13 @@ def init_params(cfg: EagleConfig, key, dtype=jnp.float32, d2t=None) -> dict:
     n = len(cfg.feature_layers)
     if d2t is None:
         d2t = jnp.arange(cfg.draft_vocab, dtype=jnp.int32)
-    return {"fc": dense((n * D, D), n * D), "layer": layer, "norm": jnp.ones((D,), dtype),
-            "lm_head": dense((D, cfg.draft_vocab), D), "d2t": jnp.asarray(d2t, jnp.int32)}
+    p = {"fc": dense((n * D, D), n * D), "layer": layer, "norm": jnp.ones((D,), dtype),
+         "lm_head": dense((D, cfg.draft_vocab), D), "d2t": jnp.asarray(d2t, jnp.int32)}
+    if cfg.fc_norm:
+        p["fc_norm"] = jnp.ones((n, D), dtype)
+    if cfg.fc_input_norm:
+        p["fc_input_norm"] = jnp.ones((n * D,), dtype)
+    return p
 
 
 def bind_target(params: dict, target_params: dict) -> dict:
@@ -153,31 +188,47 @@ def target_features(cfg: EagleConfig, params: dict, hiddens) -> jax.Array:
     """The target's features at each block position [B, T, D] (what committed slots read)."""
     if cfg.version == 1:
         return hiddens.last
-    fused = jnp.concatenate(list(hiddens.layers), axis=-1)  # [B, T, n*D] low, mid, high
+    layers = list(hiddens.layers)  # n x [B, T, D] low, mid, high
+    eps = cfg.layer.rms_norm_eps
+    if cfg.fc_norm:  # EAGLE-3.1: each captured layer normed on its own (SpecForge, speculators)
+        layers = [rms_norm(h, params["fc_norm"][i], eps) for i, h in enumerate(layers)]
+    fused = jnp.concatenate(layers, axis=-1)  # [B, T, n*D]
+    if cfg.fc_input_norm:  # speculators `norm_before_fc`: one norm over the concatenation
+        fused = rms_norm(fused, params["fc_input_norm"], eps)
     return fused @ params["fc"]
+
+
+def token_embedding(params: dict, tokens: jax.Array) -> jax.Array:
+    """The drafter's own embedding when it has one (params["embed"]), else the target's."""
+    table = params["embed"] if "embed" in params else params["target"]["embed"]
+    return table[tokens]
 
 
 def layer_inputs(cfg: EagleConfig, params: dict, feat: jax.Array, tokens: jax.Array):
     """-> (residual h [B, T, D], attention input x [B, T, Din])."""
-    e = params["target"]["embed"][tokens].astype(feat.dtype)
+    e = token_embedding(params, tokens).astype(feat.dtype)
     lp, eps = params["layer"], cfg.layer.rms_norm_eps
     if cfg.version == 1:
         h = jnp.concatenate([e, feat], axis=-1) @ params["fc"]
         if "fc_b" in params:
             h = h + params["fc_b"]
         return h, h  # layer 0 of EAGLE-1 has no input norm
-    x = jnp.concatenate([rms_norm(e, lp["embed_norm"], eps), rms_norm(feat, lp["hidden_norm"], eps)],
-                        axis=-1)
-    return feat, x
+    g = rms_norm(feat, lp["hidden_norm"], eps)
+    x = jnp.concatenate([rms_norm(e, lp["embed_norm"], eps), g], axis=-1)
+    return (g if cfg.norm_before_residual else feat), x
 
 
 def draft_block(cfg: EagleConfig, params: dict, feat, tokens, positions, cache: KVCache, *,
                 block_mask=None, write_offset=None):
     """Run the drafter layer over pairs (feat [B, T, D], tokens [B, T]) -> (output features
-    [B, T, D], cache)."""
+    [B, T, D], cache). With `feed_normed` the output is taken after the final norm: it is both
+    what the head reads and what the next draft slot is fed."""
     h, x = layer_inputs(cfg, params, feat, tokens)
-    return single_layer(cfg.layer, params["layer"], h, x, positions, cache,
-                        block_mask=block_mask, write_offset=write_offset)
+    out, cache = single_layer(cfg.layer, params["layer"], h, x, positions, cache,
+                              block_mask=block_mask, write_offset=write_offset)
+    if cfg.feed_normed:
+        out = rms_norm(out, params["norm"], cfg.layer.rms_norm_eps)
+    return out, cache
 
 
 def draft_logits(cfg: EagleConfig, params: dict, out: jax.Array, target_cfg: ModelConfig,
@@ -186,8 +237,9 @@ def draft_logits(cfg: EagleConfig, params: dict, out: jax.Array, target_cfg: Mod
     -inf outside the draft vocabulary), or over the draft vocabulary when `full` is False."""
     if cfg.version == 1:
         return lm_head(params["target"], target_cfg, out)
-    logits = (rms_norm(out, params["norm"], cfg.layer.rms_norm_eps) @ params["lm_head"]).astype(
-        jnp.float32)
+    if cfg.head_norm and not cfg.feed_normed:  # feed_normed: `out` is normed already
+        out = rms_norm(out, params["norm"], cfg.layer.rms_norm_eps)
+    logits = (out @ params["lm_head"]).astype(jnp.float32)
     if not full:
         return logits
     flat = logits.reshape(-1, logits.shape[-1])
