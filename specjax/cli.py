@@ -49,6 +49,35 @@ def default_eagle(base: str, model) -> str:
     return name
 
 
+DRAFTER_BASES = ("ngram", "ngram_fixed", "layer_skip", "layer_skip_tree", "model", "model_tree",
+                 "eagle3", "eagle3_tree", "eagle", "eagle_tree", "medusa", "medusa_tree")
+
+
+def parse_drafter_name(text: str):
+    """"BASE[:ARG][@K]" -> (base, arg, k or None), or ValueError saying what is wrong. Pure
+    syntax: runs while the command line is parsed, before any model loads."""
+    name, at, k_own = text.partition("@")
+    base, _, arg = name.partition(":")
+    if base not in DRAFTER_BASES:
+        raise ValueError(f"unknown drafter {text!r}; valid: {', '.join(DRAFTER_NAMES)}")
+    if at and not (k_own.isdigit() and int(k_own) > 0):
+        raise ValueError(f"bad draft size in {text!r}: use NAME@K with K a positive int")
+    if base in ("ngram", "layer_skip", "layer_skip_tree") and arg and not (
+            arg.isdigit() and int(arg) > 0):
+        what = "BRANCHES" if base == "ngram" else "LAYERS"
+        raise ValueError(f"bad {what} in --drafter {text!r}: use {base}:{what} with {what} a "
+                         f"positive int")
+    if base == "ngram_fixed" and arg:
+        raise ValueError(f"ngram_fixed takes no argument, got {text!r}")
+    if base in ("model", "model_tree") and not arg:
+        raise ValueError(f"--drafter {base}:PATH needs the draft model (name, HF dir, .gguf)")
+    return base, arg, int(k_own) if at else None
+
+
+def _default(k, fallback):
+    return fallback if k is None else k
+
+
 def make_drafter(name: str, k, model=None):
     """CLI drafter names (see DRAFTER_NAMES). A suffix `@K` sets this drafter's draft length
     or tree size, overriding `k` (e.g. `eagle3@8` vs `eagle3_tree@8` compares a chain and a
@@ -57,42 +86,85 @@ def make_drafter(name: str, k, model=None):
 
     if name in (None, "", "none", "ar"):
         return None
-    name, at, k_own = name.partition("@")
-    if at:
-        if not k_own.isdigit() or int(k_own) <= 0:
-            raise SystemExit(f"bad draft size in {name}@{k_own}: use NAME@K with K a positive int")
-        k = int(k_own)
-    base, _, arg = name.partition(":")
-    tree = drafters.DynamicTree(nodes=k or 8) if base.endswith("_tree") else None
+    try:
+        base, arg, k_own = parse_drafter_name(name)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    k = _default(k_own, k)
+    tree = drafters.DynamicTree(nodes=_default(k, 8)) if base.endswith("_tree") else None
     if base in ("eagle", "eagle_tree", "eagle3", "eagle3_tree"):
         src = arg or default_eagle(base, model)
         if tree is not None:
-            tree = drafters.DynamicTree(**dict(EAGLE_TREE, nodes=k or EAGLE_TREE["nodes"]))
-        return drafters.eagle(src, k=k or 4, tree=tree, name=arg or src)
+            tree = drafters.DynamicTree(**dict(EAGLE_TREE, nodes=_default(k, EAGLE_TREE["nodes"])))
+        return drafters.eagle(src, k=_default(k, 4), tree=tree, name=arg or src)
     if base in ("medusa", "medusa_tree"):
         src = arg or default_eagle(base, model)
         return drafters.medusa(src, k=k, tree=drafters.StaticTree(MEDUSA_TREE)
                                if base == "medusa_tree" else None)
     if base == "ngram":
         branches = int(arg) if arg else 1
-        return drafters.ngram(k=k or (8 if branches == 1 else 4), branches=branches)
+        return drafters.ngram(k=_default(k, 8 if branches == 1 else 4), branches=branches)
     if base == "ngram_fixed":  # always verifies k tokens after a match (no adaptive length)
-        return drafters.ngram(k=k or 8, adaptive=False)
+        return drafters.ngram(k=_default(k, 8), adaptive=False)
     if base in ("layer_skip", "layer_skip_tree"):
-        return drafters.layer_skip(layers=int(arg) if arg else 8, k=k or 4, tree=tree)
-    if base in ("model", "model_tree"):
-        if not arg:
-            raise SystemExit(f"--drafter {base}:PATH needs the draft model (name, HF dir, .gguf)")
-        draft = load_model(arg, dtype=None if model is None else model.dtype)
-        return drafters.small_model(draft, k=k or 5, tree=tree)
-    raise SystemExit(f"unknown drafter {name!r}; valid: {', '.join(DRAFTER_NAMES)}")
+        return drafters.layer_skip(layers=int(arg) if arg else 8, k=_default(k, 4), tree=tree)
+    draft = load_model(arg, dtype=None if model is None else model.dtype)  # model, model_tree
+    return drafters.small_model(draft, k=_default(k, 5), tree=tree)
+
+
+def _drafter_arg(text: str) -> str:
+    """--drafter: checked while the command line is parsed (before the model loads)."""
+    if text not in ("", "none", "ar"):
+        try:
+            parse_drafter_name(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _drafters_arg(text: str) -> str:
+    """--drafters: a comma-separated list of --drafter names."""
+    for name in text.split(","):
+        if name:
+            _drafter_arg(name)
+    return text
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0 = greedy), got {text!r}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
 
 
 def _add_sampling(p):
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--top-p", type=_top_p, default=None)
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -120,13 +192,21 @@ def cmd_generate(a):
 
 
 def cmd_convert(a):
-    from checkpoints_convert import save_converted
+    from checkpoints_convert import check_destination, save_converted
     from specjax import load_model
 
+    # Refused before the (slow) load: DST must not be a file, a folder of other files, the
+    # source or a folder holding it; a checkpoint is replaced only with --overwrite.
+    sources = [a.src] if os.path.exists(a.src) else []
+    try:
+        check_destination(a.dst, a.overwrite, sources)
+    except FileExistsError as e:
+        raise SystemExit(f"specjax convert: {e}") from None
     model = load_model(a.src)
     import jax
 
-    save_converted(a.dst, jax.device_get(model.params), model.config, model.tokenizer)
+    save_converted(a.dst, jax.device_get(model.params), model.config, model.tokenizer,
+                   overwrite=a.overwrite)
     print(f"converted {a.src} -> {os.path.abspath(a.dst)} ({model.config.model_type}, "
           f"{model.config.num_layers} layers)")
 
@@ -162,9 +242,9 @@ def cmd_demo(a):
 def _bench_common(p):
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--questions", default=None, help="question .jsonl (default: Spec-Bench)")
-    p.add_argument("--limit", type=int, default=None, help="questions per category")
+    p.add_argument("--limit", type=positive_int, default=None, help="questions per category")
     p.add_argument("--categories", default=None, help="comma-separated subset")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--out", default="bench_out")
 
 
@@ -192,10 +272,10 @@ def _verify_costs(a, model, prompts):
 def cmd_bench(a, ar_only=False):
     from specjax import bench, load_model
 
-    model = load_model(a.model)
     path = a.questions or bench.default_questions()
     cats = a.categories.split(",") if a.categories else None
-    prompts = bench.load_questions(path, a.limit, cats)
+    prompts = _questions(path, a.limit, cats)  # a bad file is reported before the model loads
+    model = load_model(a.model)
     methods = {"ar": bench._spec_runner(model, None, a.max_new_tokens)}
     if not ar_only:
         for name in [d for d in a.drafters.split(",") if d]:
@@ -278,6 +358,16 @@ def _parse_candidates(text):
     return tuple(out)
 
 
+def _questions(path, limit=None, categories=None):
+    """bench.load_questions, with a bad or missing file reported as a one-line CLI error."""
+    from specjax import bench
+
+    try:
+        return bench.load_questions(path, limit, categories)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"specjax: {e}") from None
+
+
 def _spread_prompts(path, limit):
     """The first `limit` questions taken round-robin over the categories (first turns)."""
     import itertools
@@ -285,7 +375,7 @@ def _spread_prompts(path, limit):
     from specjax import bench
 
     groups: dict = {}
-    for q in bench.load_questions(path):
+    for q in _questions(path):
         groups.setdefault(q["category"], []).append(q["prompt"])
     spread = [p for tier in itertools.zip_longest(*groups.values()) for p in tier if p is not None]
     return spread[:limit]
@@ -295,8 +385,8 @@ def cmd_tune_tree(a):
     from specjax import autotune, bench, load_model
 
     cands = _parse_candidates(a.candidates) if a.candidates else autotune.DEFAULT_CANDIDATES
-    model = load_model(a.model)
     prompts = _spread_prompts(a.questions or bench.default_questions(), a.limit)
+    model = load_model(a.model)
     best, table = autotune.tune_tree(model, tree_factory(a.drafter, model), prompts, cands,
                                      max_new_tokens=a.max_new_tokens, repeats=a.repeats)
     print(f"{a.drafter} on {len(prompts)} prompts, {a.max_new_tokens} new tokens each:\n")
@@ -313,11 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompts", nargs="+")
     g.add_argument("--model", default="smollm2-135m",
                    help="model name, HF checkpoint dir, .gguf file or converted dir")
-    g.add_argument("--drafter", default="none",
+    g.add_argument("--drafter", default="none", type=_drafter_arg,
                    help=" | ".join(DRAFTER_NAMES) + " (speculative decoding; *_tree and "
                         "ngram:B>1 draft trees; eagle* without PATH: the model's bundled "
                         "drafter)")
-    g.add_argument("--k", type=int, default=None,
+    g.add_argument("--k", type=positive_int, default=None,
                    help="draft tokens per step (chain), tokens per branch (ngram:B), or tree "
                         "nodes (*_tree)")
     g.add_argument("--stream", action="store_true", help="print text as it is produced")
@@ -327,24 +417,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert a checkpoint to a specjax orbax checkpoint")
     c.add_argument("src", help="model name, HF checkpoint directory, or .gguf file")
-    c.add_argument("dst", help="output directory")
+    c.add_argument("dst", help="output directory (new, empty, or a specjax checkpoint to "
+                                "replace with --overwrite)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace DST when it already holds a specjax checkpoint")
     c.set_defaults(fn=cmd_convert)
 
     d = sub.add_parser("demo", help="load the default model, answer a few prompts, print tok/s")
     d.add_argument("--model", default="smollm2-135m")
-    d.add_argument("--drafter", default=None,
+    d.add_argument("--drafter", default=None, type=_drafter_arg,
                    help="default: the model's bundled EAGLE-3 drafter (dynamic tree) when it "
                         "has one, else ngram")
-    d.add_argument("--max-new-tokens", type=int, default=96)
+    d.add_argument("--max-new-tokens", type=positive_int, default=96)
     d.set_defaults(fn=cmd_demo)
 
     b = sub.add_parser("bench", help="AR vs drafters on Spec-Bench prompts (+ HF baselines)")
     _bench_common(b)
-    b.add_argument("--drafters", default="ngram", help="comma-separated drafter names")
-    b.add_argument("--k", type=int, default=None)
+    b.add_argument("--drafters", default="ngram", type=_drafters_arg,
+                   help="comma-separated drafter names")
+    b.add_argument("--k", type=positive_int, default=None)
     b.add_argument("--hf-baseline", action="store_true",
                    help="also time HF transformers greedy and prompt lookup")
-    b.add_argument("--hf-lookup-tokens", type=int, default=10)
+    b.add_argument("--hf-lookup-tokens", type=positive_int, default=10)
     b.add_argument("--verify-costs", default="auto", type=_costs_arg,
                    help="verify cost per block length for the lookup bound: auto (measure "
                         "here), none, or T:COST pairs in any unit (scaled so T=1 costs 1), "
@@ -360,10 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cost of one verify forward of T tokens, causal vs tree mask")
     bv.add_argument("--model", default="smollm2-135m")
     bv.add_argument("--sizes", default="1,2,4,8,16,32", help="comma-separated block lengths T")
-    bv.add_argument("--prompt-len", type=int, default=256, help="committed tokens in the cache")
-    bv.add_argument("--batch", type=int, default=1)
-    bv.add_argument("--impl", default="xla", help="attention: xla | pallas")
-    bv.add_argument("--repeats", type=int, default=20)
+    bv.add_argument("--prompt-len", type=positive_int, default=256,
+                    help="committed tokens in the cache")
+    bv.add_argument("--batch", type=positive_int, default=1)
+    bv.add_argument("--impl", default="xla", choices=("xla", "pallas"), help="attention")
+    bv.add_argument("--repeats", type=positive_int, default=20)
     bv.set_defaults(fn=cmd_bench_verify)
 
     tt = sub.add_parser("tune-tree", help="pick the draft tree with the best measured tokens/s")
@@ -374,9 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--candidates", default=None,
                     help="comma-separated NODES:DEPTH:TOP_K (default: 4:3:2,8:4:3,12:5:3,16:6:4)")
     tt.add_argument("--questions", default=None, help="question .jsonl (default: Spec-Bench)")
-    tt.add_argument("--limit", type=int, default=4, help="prompts (round-robin over categories)")
-    tt.add_argument("--max-new-tokens", type=int, default=64)
-    tt.add_argument("--repeats", type=int, default=1)
+    tt.add_argument("--limit", type=positive_int, default=4,
+                    help="prompts (round-robin over categories)")
+    tt.add_argument("--max-new-tokens", type=positive_int, default=64)
+    tt.add_argument("--repeats", type=positive_int, default=1)
     tt.set_defaults(fn=cmd_tune_tree)
 
     tr = sub.add_parser("train-drafter", help="train an EAGLE / EAGLE-3 drafter (optax, orbax)")
@@ -385,12 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="run directory (resumed when it exists)")
     tr.add_argument("--config", default="eagle3_smollm2",
                     help="training config: a name in specjax/configs/train/ or a YAML path")
-    tr.add_argument("--steps", type=int, default=None)
-    tr.add_argument("--batch", type=int, default=None)
+    tr.add_argument("--steps", type=positive_int, default=None)
+    tr.add_argument("--batch", type=positive_int, default=None)
     tr.add_argument("--lr", type=float, default=None)
-    tr.add_argument("--prompts", type=int, default=None, help="training prompts (self-distilled)")
+    tr.add_argument("--prompts", type=positive_int, default=None,
+                    help="training prompts (self-distilled)")
     tr.add_argument("--heldout", type=int, default=None, help="held-out prompts for tau")
-    tr.add_argument("--responses", default=None, help="self (regenerate) | given (teacher-forced)")
+    tr.add_argument("--responses", default=None, choices=("self", "given"),
+                    help="self (regenerate) | given (teacher-forced)")
     tr.add_argument("--dataset", default=None,
                     help="existing dataset directory (default: OUT/data, built if missing)")
     tr.add_argument("--features", default=None,

@@ -48,6 +48,12 @@ class DynamicTree:
     depth: int = 4
     top_k: int = 3
 
+    def __post_init__(self):
+        for field in ("nodes", "depth", "top_k"):  # named here, not later as "draft length k"
+            v = getattr(self, field)
+            if not _is_rank(v) or v == 0:
+                raise ValueError(f"DynamicTree {field} must be a positive int, got {v!r}")
+
 
 def _is_rank(c) -> bool:
     return isinstance(c, numbers.Integral) and not isinstance(c, bool) and c >= 0
@@ -133,6 +139,13 @@ def layer_skip(layers: Union[int, Sequence[int]] = 8, k: int = 4,
 
     The params are taken from the target when `generate` runs (`params` is a function of it).
     """
+    def is_int(x):
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+    if not (is_int(layers) or (isinstance(layers, (list, tuple)) and all(map(is_int, layers)))):
+        raise ValueError(f"layer_skip layers must be a positive int (the first N layers) or a "
+                         f"list of layer indices (ints), got {type(layers).__name__} {layers!r}")
+    layers = int(layers) if is_int(layers) else tuple(int(i) for i in layers)
     prefix = isinstance(layers, int) or tuple(layers) == tuple(range(len(layers)))
     n = layers if isinstance(layers, int) else len(tuple(layers))
     if n <= 0:
