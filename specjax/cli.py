@@ -354,7 +354,10 @@ def _parse_candidates(text):
         parts = c.split(":")
         if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
             raise SystemExit(f"bad tree candidate {c!r}: expected NODES:DEPTH:TOP_K, e.g. 8:4:3")
-        out.append(DynamicTree(*(int(p) for p in parts)))
+        try:
+            out.append(DynamicTree(*(int(p) for p in parts)))
+        except ValueError as e:
+            raise SystemExit(f"bad tree candidate {c!r}: {e}") from None
     return tuple(out)
 
 
