@@ -224,7 +224,12 @@ def _locked(path: str, shared: bool):
     so a killed converter never blocks the others."""
     import fcntl
 
-    with open(path, "a") as f:
+    try:
+        f = open(path, "a")
+    except PermissionError:  # a read-only shared cache: nobody can convert into it anyway
+        yield
+        return
+    with f:
         fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
