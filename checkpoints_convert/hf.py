@@ -180,15 +180,20 @@ def read_hf_dir(path: str) -> dict:
 
 
 def _load_safetensors(file: str) -> dict:
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     try:
-        return load_file(file)
-    except (TypeError, ValueError):
-        # bfloat16 has no numpy dtype: read through JAX and upcast.
-        from safetensors.flax import load_file as load_jax
+        try:
+            return load_file(file)
+        except (TypeError, ValueError):
+            # bfloat16 has no numpy dtype: read through JAX and upcast.
+            from safetensors.flax import load_file as load_jax
 
-        return {k: np.asarray(v, dtype=np.float32) for k, v in load_jax(file).items()}
+            return {k: np.asarray(v, dtype=np.float32) for k, v in load_jax(file).items()}
+    except SafetensorError as e:  # its message never names the file
+        raise CheckpointMismatch(f"cannot read {file!r} ({e}): the file is truncated or damaged; "
+                                 f"download it again") from e
 
 
 def read_hf_config(path: str) -> dict:
@@ -205,8 +210,9 @@ def load_hf_dir(path: str, dtype=np.float32):
     return convert_state_dict(read_hf_dir(path), cfg, dtype), cfg
 
 
-def load_gguf(path: str, dtype=np.float32):
-    """GGUF file -> (params as numpy, ModelConfig, tokenizer), via transformers + `gguf`.
+def load_gguf(path: str, dtype=np.float32, tokenizer: bool = True):
+    """GGUF file -> (params as numpy, ModelConfig, tokenizer or None when not `tokenizer`), via
+    transformers + `gguf`.
 
     transformers de-quantizes the tensors and undoes llama.cpp's q/k row permutation, so the
     resulting state dict is in HF layout and goes through the same checked name map.
@@ -221,7 +227,8 @@ def load_gguf(path: str, dtype=np.float32):
     folder, name = os.path.split(os.path.abspath(path))
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
                                                               dtype=torch.float32)
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # The tokenizer alone takes ~8 s to build from GGUF metadata: skipped when the caller has one.
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name) if tokenizer else None
     cfg = ModelConfig.from_hf(model.config)
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     return convert_state_dict(state, cfg, dtype), cfg, tok

@@ -45,15 +45,16 @@ def default_questions() -> str:
 
 def load_questions(path: str, limit: Optional[int] = None,
                    categories: Optional[Sequence[str]] = None) -> list[dict]:
-    """First turn of each question, at most `limit` per category, in file order."""
+    """First turn of each question, at most `limit` per category, in file order. A bad line is
+    reported as FILE:LINE: what is wrong."""
     name = os.path.splitext(os.path.basename(path))[0]
     per_cat: dict = collections.defaultdict(int)
     out = []
     with open(path) as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            q = json.loads(line)
+            q = parse_question(line, f"{path}:{lineno}")
             cat = q.get("category") or name
             if categories and cat not in categories:
                 continue
@@ -64,6 +65,22 @@ def load_questions(path: str, limit: Optional[int] = None,
     if not out:
         raise ValueError(f"no questions selected from {path!r} (categories={categories})")
     return out
+
+
+def parse_question(line: str, where: str) -> dict:
+    """One line of a question file: a JSON object with "turns", a non-empty list of strings."""
+    try:
+        q = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(q, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(q).__name__}")
+    turns = q.get("turns")
+    if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
+        raise ValueError(f"{where}: \"turns\" must be a non-empty list of strings (the "
+                         f"prompts), got {turns!r}" if "turns" in q else
+                         f"{where}: no \"turns\" (expected {{\"turns\": [\"prompt\", ...]}})")
+    return q
 
 
 @dataclasses.dataclass

@@ -60,11 +60,41 @@ def _drafter_usage() -> str:
     return " | ".join(registry.names() + ["none"])
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0 = greedy), got {text!r}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def _add_sampling(p):
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--top-p", type=_top_p, default=None)
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -92,13 +122,21 @@ def cmd_generate(a):
 
 
 def cmd_convert(a):
-    from checkpoints_convert import save_converted
+    from checkpoints_convert import check_destination, save_converted
     from specjax import load_model
 
+    # Refused before the (slow) load: DST must not be a file, a folder of other files, the
+    # source or a folder holding it; a checkpoint is replaced only with --overwrite.
+    sources = [a.src] if os.path.exists(a.src) else []
+    try:
+        check_destination(a.dst, a.overwrite, sources)
+    except FileExistsError as e:
+        raise SystemExit(f"specjax convert: {e}") from None
     model = load_model(a.src)
     import jax
 
-    save_converted(a.dst, jax.device_get(model.params), model.config, model.tokenizer)
+    save_converted(a.dst, jax.device_get(model.params), model.config, model.tokenizer,
+                   overwrite=a.overwrite)
     print(f"converted {a.src} -> {os.path.abspath(a.dst)} ({model.config.model_type}, "
           f"{model.config.num_layers} layers)")
 
@@ -134,9 +172,9 @@ def cmd_demo(a):
 def _bench_common(p):
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--questions", default=None, help="question .jsonl (default: Spec-Bench)")
-    p.add_argument("--limit", type=int, default=None, help="questions per category")
+    p.add_argument("--limit", type=positive_int, default=None, help="questions per category")
     p.add_argument("--categories", default=None, help="comma-separated subset")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--out", default="bench_out")
 
 
@@ -164,10 +202,10 @@ def _verify_costs(a, model, prompts):
 def cmd_bench(a, ar_only=False):
     from specjax import bench, load_model
 
-    model = load_model(a.model)
     path = a.questions or bench.default_questions()
     cats = a.categories.split(",") if a.categories else None
-    prompts = bench.load_questions(path, a.limit, cats)
+    prompts = _questions(path, a.limit, cats)  # a bad file is reported before the model loads
+    model = load_model(a.model)
     methods = {"ar": bench._spec_runner(model, None, a.max_new_tokens)}
     if not ar_only:
         for name in [d for d in a.drafters.split(",") if d]:
@@ -234,8 +272,21 @@ def _parse_candidates(text):
         parts = c.split(":")
         if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
             raise SystemExit(f"bad tree candidate {c!r}: expected NODES:DEPTH:TOP_K, e.g. 8:4:3")
-        out.append(DynamicTree(*(int(p) for p in parts)))
+        try:
+            out.append(DynamicTree(*(int(p) for p in parts)))
+        except ValueError as e:
+            raise SystemExit(f"bad tree candidate {c!r}: {e}") from None
     return tuple(out)
+
+
+def _questions(path, limit=None, categories=None):
+    """bench.load_questions, with a bad or missing file reported as a one-line CLI error."""
+    from specjax import bench
+
+    try:
+        return bench.load_questions(path, limit, categories)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"specjax: {e}") from None
 
 
 def _spread_prompts(path, limit):
@@ -245,7 +296,7 @@ def _spread_prompts(path, limit):
     from specjax import bench
 
     groups: dict = {}
-    for q in bench.load_questions(path):
+    for q in _questions(path):
         groups.setdefault(q["category"], []).append(q["prompt"])
     spread = [p for tier in itertools.zip_longest(*groups.values()) for p in tier if p is not None]
     return spread[:limit]
@@ -255,8 +306,8 @@ def cmd_tune_tree(a):
     from specjax import autotune, bench, load_model
 
     cands = _parse_candidates(a.candidates) if a.candidates else autotune.DEFAULT_CANDIDATES
-    model = load_model(a.model)
     prompts = _spread_prompts(a.questions or bench.default_questions(), a.limit)
+    model = load_model(a.model)
     best, table = autotune.tune_tree(model, tree_factory(a.drafter, model), prompts, cands,
                                      max_new_tokens=a.max_new_tokens, repeats=a.repeats)
     print(f"{a.drafter} on {len(prompts)} prompts, {a.max_new_tokens} new tokens each:\n")
@@ -277,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_drafter_usage() + " (speculative decoding; *_tree and "
                         "ngram:B>1 draft trees; eagle* without PATH: the model's bundled "
                         "drafter)")
-    g.add_argument("--k", type=int, default=None,
+    g.add_argument("--k", type=positive_int, default=None,
                    help="draft tokens per step (chain), tokens per branch (ngram:B), or tree "
                         "nodes (*_tree)")
     g.add_argument("--stream", action="store_true", help="print text as it is produced")
@@ -287,7 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert a checkpoint to a specjax orbax checkpoint")
     c.add_argument("src", help="model name, HF checkpoint directory, or .gguf file")
-    c.add_argument("dst", help="output directory")
+    c.add_argument("dst", help="output directory (new, empty, or a specjax checkpoint to "
+                                "replace with --overwrite)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace DST when it already holds a specjax checkpoint")
     c.set_defaults(fn=cmd_convert)
 
     d = sub.add_parser("demo", help="load the default model, answer a few prompts, print tok/s")
@@ -295,17 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--drafter", default=None, type=drafter_arg,
                    help="default: the model's bundled EAGLE-3 drafter (dynamic tree) when it "
                         "has one, else ngram")
-    d.add_argument("--max-new-tokens", type=int, default=96)
+    d.add_argument("--max-new-tokens", type=positive_int, default=96)
     d.set_defaults(fn=cmd_demo)
 
     b = sub.add_parser("bench", help="AR vs drafters on Spec-Bench prompts (+ HF baselines)")
     _bench_common(b)
     b.add_argument("--drafters", default="ngram", type=drafter_list_arg,
                    help="comma-separated drafter names: " + _drafter_usage())
-    b.add_argument("--k", type=int, default=None)
+    b.add_argument("--k", type=positive_int, default=None)
     b.add_argument("--hf-baseline", action="store_true",
                    help="also time HF transformers greedy and prompt lookup")
-    b.add_argument("--hf-lookup-tokens", type=int, default=10)
+    b.add_argument("--hf-lookup-tokens", type=positive_int, default=10)
     b.add_argument("--verify-costs", default="auto", type=_costs_arg,
                    help="verify cost per block length for the lookup bound: auto (measure "
                         "here), none, or T:COST pairs in any unit (scaled so T=1 costs 1), "
@@ -321,10 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cost of one verify forward of T tokens, causal vs tree mask")
     bv.add_argument("--model", default="smollm2-135m")
     bv.add_argument("--sizes", default="1,2,4,8,16,32", help="comma-separated block lengths T")
-    bv.add_argument("--prompt-len", type=int, default=256, help="committed tokens in the cache")
-    bv.add_argument("--batch", type=int, default=1)
-    bv.add_argument("--impl", default="xla", help="attention: xla | pallas")
-    bv.add_argument("--repeats", type=int, default=20)
+    bv.add_argument("--prompt-len", type=positive_int, default=256,
+                    help="committed tokens in the cache")
+    bv.add_argument("--batch", type=positive_int, default=1)
+    bv.add_argument("--impl", default="xla", choices=("xla", "pallas"), help="attention")
+    bv.add_argument("--repeats", type=positive_int, default=20)
     bv.set_defaults(fn=cmd_bench_verify)
 
     tt = sub.add_parser("tune-tree", help="pick the draft tree with the best measured tokens/s")
@@ -335,9 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--candidates", default=None,
                     help="comma-separated NODES:DEPTH:TOP_K (default: 4:3:2,8:4:3,12:5:3,16:6:4)")
     tt.add_argument("--questions", default=None, help="question .jsonl (default: Spec-Bench)")
-    tt.add_argument("--limit", type=int, default=4, help="prompts (round-robin over categories)")
-    tt.add_argument("--max-new-tokens", type=int, default=64)
-    tt.add_argument("--repeats", type=int, default=1)
+    tt.add_argument("--limit", type=positive_int, default=4,
+                    help="prompts (round-robin over categories)")
+    tt.add_argument("--max-new-tokens", type=positive_int, default=64)
+    tt.add_argument("--repeats", type=positive_int, default=1)
     tt.set_defaults(fn=cmd_tune_tree)
 
     tr = sub.add_parser("train-drafter", help="train an EAGLE / EAGLE-3 drafter (optax, orbax)")
@@ -346,12 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="run directory (resumed when it exists)")
     tr.add_argument("--config", default="eagle3_smollm2",
                     help="training config: a name in specjax/configs/train/ or a YAML path")
-    tr.add_argument("--steps", type=int, default=None)
-    tr.add_argument("--batch", type=int, default=None)
+    tr.add_argument("--steps", type=positive_int, default=None)
+    tr.add_argument("--batch", type=positive_int, default=None)
     tr.add_argument("--lr", type=float, default=None)
-    tr.add_argument("--prompts", type=int, default=None, help="training prompts (self-distilled)")
+    tr.add_argument("--prompts", type=positive_int, default=None,
+                    help="training prompts (self-distilled)")
     tr.add_argument("--heldout", type=int, default=None, help="held-out prompts for tau")
-    tr.add_argument("--responses", default=None, help="self (regenerate) | given (teacher-forced)")
+    tr.add_argument("--responses", default=None, choices=("self", "given"),
+                    help="self (regenerate) | given (teacher-forced)")
     tr.add_argument("--dataset", default=None,
                     help="existing dataset directory (default: OUT/data, built if missing)")
     tr.add_argument("--features", default=None,

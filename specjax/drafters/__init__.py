@@ -19,6 +19,7 @@ constructor returning a `Drafter`) plus one line in `registry.py`.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from typing import Optional, Sequence, Union
 
@@ -80,6 +81,13 @@ def layer_skip(layers: Union[int, Sequence[int]] = 8, k: int = 4,
 
     The params are taken from the target when the drafter is bound to it.
     """
+    def is_int(x):
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+    if not (is_int(layers) or (isinstance(layers, (list, tuple)) and all(map(is_int, layers)))):
+        raise ValueError(f"layer_skip layers must be a positive int (the first N layers) or a "
+                         f"list of layer indices (ints), got {type(layers).__name__} {layers!r}")
+    layers = int(layers) if is_int(layers) else tuple(int(i) for i in layers)
     prefix = isinstance(layers, int) or tuple(layers) == tuple(range(len(layers)))
     n = layers if isinstance(layers, int) else len(tuple(layers))
     if n <= 0:

@@ -101,10 +101,15 @@ def make(text: str, k: Optional[int] = None, model=None,
     if tree is not None and not parsed.entry.tree:
         raise ValueError(f"drafter {parsed.entry.name!r} drafts no dynamic tree; tree drafters: "
                          f"{', '.join(e.usage for e in REGISTRY.values() if e.tree)}")
-    return parsed.entry.make(parsed.arg, parsed.k or k, model, tree)
+    return parsed.entry.make(parsed.arg, parsed.k if parsed.k is not None else k, model, tree)
 
 
 # ----------------------------------------------------------------------------- built-ins
+
+def _or(k: Optional[int], default: int) -> int:
+    """`k` when given (0 stays 0 and is refused by the drafter), else the default."""
+    return default if k is None else k
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -131,24 +136,25 @@ def _ngram(arg, k, model, tree):
     if tree is not None:  # a tune-tree candidate of N nodes, top_k K: K branches of N // K
         return ngram(k=max(1, tree.nodes // tree.top_k), branches=tree.top_k)
     branches = int(arg) if arg else 1
-    return ngram(k=k or (8 if branches == 1 else 4), branches=branches)
+    return ngram(k=_or(k, 8 if branches == 1 else 4), branches=branches)
 
 
 def _ngram_fixed(arg, k, model, tree):  # always verifies k tokens after a match
     from specjax.drafters import ngram
 
-    return ngram(k=k or 8, adaptive=False)
+    return ngram(k=_or(k, 8), adaptive=False)
 
 
 def _dynamic(tree, k, default=None):
-    return tree or DynamicTree(**dict(default or {}, nodes=k or (default or {}).get("nodes", 8)))
+    default = default or {}
+    return tree or DynamicTree(**dict(default, nodes=_or(k, default.get("nodes", 8))))
 
 
 def _layer_skip(is_tree):
     def make(arg, k, model, tree):
         from specjax.drafters import layer_skip
 
-        return layer_skip(layers=int(arg) if arg else 8, k=k or 4,
+        return layer_skip(layers=int(arg) if arg else 8, k=_or(k, 4),
                           tree=_dynamic(tree, k) if is_tree else None)
     return make
 
@@ -159,7 +165,7 @@ def _small_model(is_tree):
         from specjax.drafters import small_model
 
         draft = load_model(arg, dtype=None if model is None else model.dtype)
-        return small_model(draft, k=k or 5, tree=_dynamic(tree, k) if is_tree else None)
+        return small_model(draft, k=_or(k, 5), tree=_dynamic(tree, k) if is_tree else None)
     return make
 
 
@@ -168,7 +174,7 @@ def _eagle(kind, is_tree):
         from specjax.drafters import eagle
 
         src = arg or bundled_for(kind, model)
-        return eagle(src, k=k or 4, tree=_dynamic(tree, k, EAGLE_TREE) if is_tree else None,
+        return eagle(src, k=_or(k, 4), tree=_dynamic(tree, k, EAGLE_TREE) if is_tree else None,
                      name=src)
     return make
 

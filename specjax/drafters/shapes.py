@@ -128,7 +128,7 @@ def check_dynamic_tree(nodes: int, depth: int, top_k: int) -> None:
     with `top_k` children per frontier node."""
     for name, v in (("nodes", nodes), ("depth", depth), ("top_k", top_k)):
         if not _is_int(v) or v < 1:
-            raise ValueError(f"DynamicTree {name} must be an int >= 1, got {v!r}")
+            raise ValueError(f"DynamicTree {name} must be a positive int, got {v!r}")
     pool = dynamic_pool_size(depth, top_k)
     if nodes > pool:
         raise ValueError(f"a tree of {nodes} nodes needs more candidates than depth={depth}, "

@@ -101,6 +101,11 @@ def build_dataset(model, prompts: list, out_dir, *, seq_len: int = 384, response
     out.mkdir(parents=True, exist_ok=True)
     encoded = [model.encode(p["prompt"]) for p in prompts]
     keep = [i for i, ids in enumerate(encoded) if len(ids) <= seq_len - 16]
+    if prompts and not keep:  # else the only error would be "no dataset shards" later
+        raise ValueError(f"every one of the {len(prompts)} prompts is too long for seq_len "
+                         f"{seq_len}: a prompt may have at most seq_len - 16 = {seq_len - 16} "
+                         f"tokens (so that some response is left to learn); the shortest has "
+                         f"{min(map(len, encoded))}. Raise seq_len or use shorter prompts")
     n_shards = -(-len(keep) // shard_rows)
     bar = tqdm(total=len(keep), desc=f"dataset ({responses} responses)", disable=not progress)
     for s in range(n_shards):

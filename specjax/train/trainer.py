@@ -309,14 +309,26 @@ def _restore(mgr, step: int, params, opt_state, ckpt_dir):
     return got["params"], got["opt_state"]
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}: a mismatch then names the one field that differs."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _check_run_config(out: Path, record: dict):
     """A run directory belongs to one configuration: refuse to resume another one into it."""
     f = out / "run.json"
     record = json.loads(json.dumps(record))  # tuples -> lists, as the saved file has them
     if f.exists():
         old = json.loads(f.read_text())
-        diff = {k: (old.get(k), record.get(k)) for k in set(old) | set(record)
-                if old.get(k) != record.get(k)}
+        old, new = _flatten(old), _flatten(record)
+        diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)}
         if diff:
             raise CheckpointError(f"{out} holds a run with a different configuration; differing "
                                   f"(saved, requested): {diff}. Use a new --out directory.")
