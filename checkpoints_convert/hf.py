@@ -14,27 +14,8 @@ from typing import Mapping
 import numpy as np
 
 from specjax.models.config import ModelConfig
+from specjax.models.family import family_of
 
-# HF per-layer suffix -> (our stacked name, transpose?)
-LAYER_MAP = {
-    "input_layernorm.weight": ("attn_norm", False),
-    "post_attention_layernorm.weight": ("mlp_norm", False),
-    "self_attn.q_proj.weight": ("wq", True),
-    "self_attn.k_proj.weight": ("wk", True),
-    "self_attn.v_proj.weight": ("wv", True),
-    "self_attn.o_proj.weight": ("wo", True),
-    "self_attn.q_proj.bias": ("bq", False),
-    "self_attn.k_proj.bias": ("bk", False),
-    "self_attn.v_proj.bias": ("bv", False),
-    "mlp.gate_proj.weight": ("w_gate", True),
-    "mlp.up_proj.weight": ("w_up", True),
-    "mlp.down_proj.weight": ("w_down", True),
-}
-TOP_MAP = {
-    "model.embed_tokens.weight": ("embed", False),
-    "model.norm.weight": ("final_norm", False),
-    "lm_head.weight": ("lm_head", True),
-}
 # Non-parameter buffers some checkpoints carry.
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -91,6 +72,8 @@ class CheckpointMismatch(ValueError):
 def convert_state_dict(state: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=np.float32) -> dict:
     """Map an HF state dict (name -> array) to our nested param dict (numpy, `dtype`)."""
     shapes = checkpoint_shapes(cfg)
+    fam = family_of(cfg)
+    LAYER_MAP, TOP_MAP = fam.layer_map, fam.top_map
     per_layer: dict[str, list] = {k.split("/")[1]: [None] * cfg.num_layers
                                   for k in shapes if k.startswith("layers/")}
     flat: dict[str, np.ndarray] = {}

@@ -25,7 +25,7 @@ import numpy as np
 from specjax.engine import tree as tree_lib
 from specjax.drafters import DynamicTree
 from specjax.models.cache import KVCache, init_cache
-from specjax.models.llama import forward, is_unrolled
+from specjax.models import forward, is_unrolled
 
 DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32)
 # Small trees first: on a 2-core CPU a verify block of 32 tokens costs ~3x one of 1 token.

@@ -25,7 +25,7 @@ from flax import struct
 
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
-from specjax.models.llama import Hiddens
+from specjax.models.family import Hiddens
 
 
 class Tree(NamedTuple):

@@ -56,7 +56,9 @@ from specjax.drafters.base import (Draft, DrafterSpec, TargetPrefill, TargetStep
 from specjax.drafters.shapes import check_dynamic_tree, grow_dynamic_tree
 from specjax.models.cache import KVCache, init_cache
 from specjax.models.config import ModelConfig
-from specjax.models.llama import lm_head, rms_norm, single_layer
+from specjax.models import lm_head
+# An EAGLE drafter is one Llama decoder layer by construction (whatever the target's family).
+from specjax.models.llama import rms_norm, single_layer
 from specjax.sampling import pick_token, rank_logp
 
 VERSIONS = (1, 3)

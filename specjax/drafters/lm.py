@@ -24,7 +24,7 @@ from specjax.drafters.shapes import (check_dynamic_tree, check_static_tree, dyna
                                      grow_dynamic_tree, static_tree_schedule)
 from specjax.models.cache import KVCache, gather_slots, init_cache
 from specjax.models.config import ModelConfig
-from specjax.models.llama import forward, is_unrolled
+from specjax.models import forward, is_unrolled
 from specjax.sampling import pick_token, rank_logp
 
 

@@ -35,7 +35,7 @@ from specjax.drafters.base import (Draft, DrafterSpec, TargetPrefill, TargetStep
 from specjax.drafters.feature import bind_target  # noqa: F401  (re-exported)
 from specjax.drafters.shapes import check_static_tree, tree_depths
 from specjax.models.config import ModelConfig
-from specjax.models.llama import lm_head
+from specjax.models import lm_head
 from specjax.sampling import pick_token, process_logits
 
 LOSS_DECAY = 0.8  # Medusa's per-head loss weight decay: head i is weighted 0.8**i

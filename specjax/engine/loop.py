@@ -21,7 +21,7 @@ from specjax.drafters.base import PrefillInput, TargetPrefill, Verified
 from specjax.engine.state import EngineConfig, LoopState
 from specjax.engine.verify import verify
 from specjax.models.cache import init_cache
-from specjax.models.llama import forward, is_unrolled
+from specjax.models import forward, is_unrolled
 from specjax.sampling import sample_token
 
 # Incremented each time a jitted entry point is traced (= compiled); tests read it.

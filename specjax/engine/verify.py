@@ -19,7 +19,7 @@ from specjax.drafters.base import Draft, TargetStep, TreeDraft, Verified
 from specjax.engine import tree as tree_lib
 from specjax.engine.state import EngineConfig, LoopState
 from specjax.models.cache import KVCache, gather_slots
-from specjax.models.llama import forward
+from specjax.models import forward
 from specjax.sampling import process_logits, sample_token
 
 AnyDraft = Union[None, Draft, TreeDraft]

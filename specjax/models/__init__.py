@@ -1,6 +1,20 @@
-from specjax.models.config import ModelConfig, RopeScaling
-from specjax.models.cache import KVCache, init_cache
-from specjax.models.llama import forward, forward_hidden, full_logits, lm_head
+"""Model families as pure functions over param pytrees, their configs and the KV cache.
 
-__all__ = ["ModelConfig", "RopeScaling", "KVCache", "init_cache", "forward", "forward_hidden",
-           "full_logits", "lm_head"]
+    config.py   ModelConfig (frozen, hashable: a static jit argument)
+    family.py   the family registry and the forward / forward_hidden / lm_head that dispatch on
+                cfg.model_type (what the engine, drafters, trainer and converters call)
+    llama.py    the Llama family (Llama, Mistral, Qwen2), registered under those model_types
+    cache.py    the static-shape KV cache
+
+A new family: a module like llama.py that calls `register_family(...)`, imported below.
+"""
+from specjax.models import llama  # noqa: F401  (registers llama, mistral, qwen2)
+from specjax.models.cache import KVCache, init_cache
+from specjax.models.config import ModelConfig, RopeScaling
+from specjax.models.family import (FAMILIES, Family, Hiddens, family_of, forward, forward_hidden,
+                                   lm_head)
+from specjax.models.llama import full_logits, is_unrolled
+
+__all__ = ["FAMILIES", "Family", "Hiddens", "KVCache", "ModelConfig", "RopeScaling",
+           "family_of", "forward", "forward_hidden", "full_logits", "init_cache",
+           "is_unrolled", "lm_head"]

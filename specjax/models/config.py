@@ -1,4 +1,4 @@
-"""Model configuration for the Llama family (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2).
+"""Model configuration (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2; families: `specjax.models.family`).
 
 A `ModelConfig` is a frozen, hashable dataclass: it is passed to jitted functions as a static
 argument, so two models with equal configs share compiled code.
@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-# HF `model_type` values whose checkpoints follow the Llama layout (possibly with qkv bias).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from specjax.models.family import FAMILIES, family_of
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -60,10 +60,7 @@ class ModelConfig:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+        family_of(self.model_type)  # ValueError naming the supported families
 
     @property
     def q_per_kv(self) -> int:
@@ -76,10 +73,10 @@ class ModelConfig:
         get = (hf_config.get if isinstance(hf_config, dict)
                else lambda k, d=None: getattr(hf_config, k, d))
         model_type = get("model_type", "llama")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in FAMILIES:
             raise ValueError(
                 f"unsupported architecture {model_type!r} (architectures={get('architectures')}); "
-                f"supported model_type values: {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"supported model_type values: {', '.join(FAMILIES)}"
             )
         num_heads = get("num_attention_heads")
         hidden = get("hidden_size")
@@ -99,9 +96,6 @@ class ModelConfig:
             high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
             original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
         )
-        sliding = get("sliding_window")
-        if model_type == "qwen2" and not get("use_sliding_window", False):
-            sliding = None
         eos = get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         return cls(
@@ -117,11 +111,10 @@ class ModelConfig:
             rope_scaling=scaling,
             max_position_embeddings=int(get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-            attention_bias=bool(get("attention_bias", model_type == "qwen2")),
-            sliding_window=int(sliding) if sliding else None,
             model_type=model_type,
             eos_token_ids=eos_ids,
             bos_token_id=get("bos_token_id"),
+            **FAMILIES[model_type].hf_fields(get),
         )
 
     def to_dict(self) -> dict:

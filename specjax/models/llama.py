@@ -27,20 +27,13 @@ import numpy as np
 from pallas_kernels import tree_attention
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
+from specjax.models.family import Family, Hiddens, register_family
 
 ATTENTION_IMPLS = ("xla", "pallas")
 # Query block of a causal prefill (`_causal_blocks`); 0 computes the full T x T scores.
 # Measured for SmolLM2-135M on a 2-core CPU (one fresh forward): T = 1024: 3.65 s unblocked,
 # 2.98 s at 256, 2.3-2.6 s at 128 and 64; T = 768: 2.22 s -> 1.54 s at 128.
 PREFILL_BLOCK = 128
-
-
-class Hiddens(NamedTuple):
-    last: jax.Array  # [B, T, D] final hidden state after the final norm (what the LM head reads)
-    # [n, B, T, D] for each requested i: the residual stream entering layer i (i=0: embeddings;
-    # i=num_layers: last layer output), never normed. Equals HF `hidden_states[i]` for
-    # i < num_layers; HF's `hidden_states[num_layers]` is post-norm, i.e. `last`. None if none.
-    layers: Optional[jax.Array]
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -85,6 +78,15 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return w * xf.astype(x.dtype)
 
 
+class AttentionMask(NamedTuple):
+    """What a block of T tokens may attend to, in the two parts `attention_split` reads."""
+
+    cache: Optional[jax.Array]  # [B, T, S] committed slots; None: the cache is empty (a prefill)
+    own: jax.Array  # [B, T, T] among the block's own tokens
+    # Static: > 0 promises `own` is causal, so a prefill may attend in query blocks of this size.
+    causal_block: int = 0
+
+
 def build_attention_mask(lengths: jax.Array, positions: jax.Array, block_mask: jax.Array,
                          max_len: int, sliding_window: Optional[int],
                          write_offset: Optional[jax.Array] = None) -> jax.Array:
@@ -117,11 +119,10 @@ def build_attention_mask(lengths: jax.Array, positions: jax.Array, block_mask: j
 
 def split_attention_masks(lengths: jax.Array, positions: jax.Array, block_mask: jax.Array,
                           max_len: int, sliding_window: Optional[int],
-                          write_offset: Optional[jax.Array] = None):
-    """`build_attention_mask` cut in two for `attention_split`: -> (cache_mask [B, T, S] over
-    the cache as it was before this block was written, block_mask [B, T, T] among the block's
-    own tokens). The block's own slots are hidden in the first part (the old buffer holds
-    garbage there); together the two parts show exactly what the dense mask shows."""
+                          write_offset: Optional[jax.Array] = None) -> "AttentionMask":
+    """`build_attention_mask` cut in two for `attention_split`: the cache as it was before this
+    block was written (the block's own slots hidden: the old buffer holds garbage there) and
+    the block's own tokens; together the two parts show exactly what the dense mask shows."""
     B, T, W = block_mask.shape
     off = jnp.zeros_like(lengths) if write_offset is None else write_offset  # [B]
     dense = build_attention_mask(lengths, positions, block_mask, max_len, sliding_window,
@@ -134,7 +135,7 @@ def split_attention_masks(lengths: jax.Array, positions: jax.Array, block_mask: 
                                    axis=2)
     if sliding_window is not None:
         own_mask &= (positions[:, :, None] - positions[:, None, :]) < sliding_window
-    return cache_mask, own_mask
+    return AttentionMask(cache=cache_mask, own=own_mask)
 
 
 def causal_block_mask(batch: int, T: int) -> jax.Array:
@@ -248,14 +249,24 @@ def _ordered_after(x: jax.Array, idx: jax.Array) -> jax.Array:
     return idx + (x.reshape(-1)[0] > jnp.inf).astype(idx.dtype)
 
 
-def _layer(cfg: ModelConfig, impl: str, inv_freq, lp: dict, h: jax.Array, positions: jax.Array,
-           mask: Optional[jax.Array], ck: jax.Array, cv: jax.Array, start: jax.Array,
-           layer: jax.Array, lengths: jax.Array, block_mask: jax.Array,
-           x: Optional[jax.Array] = None):
-    """One decoder layer. Writes this block's K/V into layer `layer` of the stacked cache carry
-    (or into the per-layer buffers ck, cv when `layer` is None). `x`, when given, is the
-    attention input in place of `rms_norm(h)` (EAGLE layers feed [embedding; feature] there,
-    with `h` as the residual)."""
+class LayerContext(NamedTuple):
+    """What every layer of one forward shares."""
+
+    impl: str  # "xla" | "pallas"
+    inv_freq: np.ndarray  # [hd/2] RoPE inverse frequencies (a compile-time constant)
+    positions: jax.Array  # [B, T] position ids of the block
+    mask: Optional[AttentionMask]  # the XLA path's visibility (None for the kernel)
+    start: jax.Array  # [B] first cache slot the block is written to
+    lengths: jax.Array  # [B] committed slots (the kernel derives visibility from them)
+    block_mask: jax.Array  # [B, T, W] visibility inside the block's window
+
+
+def _layer(cfg: ModelConfig, ctx: LayerContext, lp: dict, h: jax.Array, ck: jax.Array,
+           cv: jax.Array, layer: Optional[jax.Array] = None, x: Optional[jax.Array] = None):
+    """One decoder layer -> (h, ck, cv). Writes this block's K/V into layer `layer` of the
+    stacked cache carry (or into the per-layer buffers ck, cv when `layer` is None). `x`, when
+    given, is the attention input in place of `rms_norm(h)` (EAGLE layers feed [embedding;
+    feature] there, with `h` as the residual)."""
     B, T, _ = h.shape
     H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if x is None:
@@ -264,21 +275,23 @@ def _layer(cfg: ModelConfig, impl: str, inv_freq, lp: dict, h: jax.Array, positi
     if cfg.attention_bias:
         qkv = qkv + lp["bqkv"]
     q, k, v = jnp.split(qkv, [H * hd, (H + KV) * hd], axis=-1)
-    q = apply_rope(q.reshape(B, T, H, hd), positions, inv_freq)
-    k = apply_rope(k.reshape(B, T, KV, hd), positions, inv_freq)
+    q = apply_rope(q.reshape(B, T, H, hd), ctx.positions, ctx.inv_freq)
+    k = apply_rope(k.reshape(B, T, KV, hd), ctx.positions, ctx.inv_freq)
     v = v.reshape(B, T, KV, hd)
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KV, T, hd]
-    if impl == "xla":  # attend first, then write (see attention_split)
+    if ctx.impl == "xla":  # attend first, then write (see attention_split)
         kl, vl = (ck, cv) if layer is None else (ck[layer], cv[layer])  # [B, KV, S, hd]
-        if mask[0] is None:  # fresh cache
+        m = ctx.mask
+        if m.cache is None:  # an empty cache: attend within the block only
             kl = vl = None
-        o = attention_split(q, kl, vl, k.astype(ck.dtype), v.astype(cv.dtype), *mask)
-        start = _ordered_after(o, start)
+        o = attention_split(q, kl, vl, k.astype(ck.dtype), v.astype(cv.dtype), m.cache, m.own,
+                            m.causal_block)
+        start = _ordered_after(o, ctx.start)
         ck, cv = write_block(ck, layer, k, start), write_block(cv, layer, v, start)
     else:  # the kernel reads the block from the cache
-        ck, cv = write_block(ck, layer, k, start), write_block(cv, layer, v, start)
+        ck, cv = write_block(ck, layer, k, ctx.start), write_block(cv, layer, v, ctx.start)
         kl, vl = (ck, cv) if layer is None else (ck[layer], cv[layer])
-        o = _attention(impl, q, kl, vl, mask, lengths, block_mask)  # [B, T, H, hd]
+        o = _attention(ctx.impl, q, kl, vl, None, ctx.lengths, ctx.block_mask)  # [B, T, H, hd]
     h = h + o.reshape(B, T, -1) @ lp["wo"]
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     gate, up = jnp.split(x @ lp["w_gate_up"], 2, axis=-1)
@@ -319,58 +332,75 @@ def forward_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, positions:
     causal = block_mask is None
     if causal:
         block_mask = causal_block_mask(B, T)
-    # The Pallas kernel covers a block written at `lengths` with block_mask [B, T, T] (prefill,
-    # decode, verify) and no sliding window. Growing a draft tree (write_offset, W > T) and
-    # windowed models use the XLA path.
+    impl = _choose_impl(impl, cfg, block_mask, T, write_offset)
+    mask = None
+    if impl == "xla":
+        mask = split_attention_masks(cache.lengths, positions, block_mask, cache.max_len,
+                                     cfg.sliding_window, write_offset)
+        if fresh:  # a default (causal) mask lets the prefill skip the upper triangle
+            mask = AttentionMask(None, mask.own, PREFILL_BLOCK if causal else 0)
+    start = cache.lengths if write_offset is None else cache.lengths + write_offset  # [B]
+    ctx = LayerContext(impl, rope_inv_freq(cfg), positions, mask, start, cache.lengths,
+                       block_mask)
+    h0 = embed_tokens(params, tokens, embeds, embed_mask)
+    run = _run_unrolled if is_unrolled(params) else _run_scan
+    h, outs, cache = run(params, cfg, ctx, h0, cache, keep=bool(hidden_layers))
+    layers = None
+    if hidden_layers:
+        # HF convention: hidden_states[0] is the embedding output, [i] the output of layer i-1.
+        all_h = jnp.concatenate([h0[None], outs], axis=0)  # [L+1, B, T, D]
+        layers = all_h[np.asarray(tuple(hidden_layers))]
+    last = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    return Hiddens(last=last, layers=layers), cache
+
+
+def _choose_impl(impl: str, cfg: ModelConfig, block_mask: jax.Array, T: int,
+                 write_offset: Optional[jax.Array]) -> str:
+    """The Pallas kernel covers a block written at `lengths` with block_mask [B, T, T] (prefill,
+    decode, verify) and no sliding window. Growing a draft tree (write_offset, W > T) and
+    windowed models use the XLA path."""
     if impl == "pallas" and (write_offset is not None or block_mask.shape[2] != T
                              or cfg.sliding_window is not None):
-        impl = "xla"
-    inv_freq = rope_inv_freq(cfg)
-    h = embed_tokens(params, tokens, embeds, embed_mask)
-    mask = None if impl == "pallas" else split_attention_masks(
-        cache.lengths, positions, block_mask, cache.max_len, cfg.sliding_window, write_offset)
-    if fresh and mask is not None:
-        # A default (causal) mask lets the prefill skip the upper triangle in query blocks.
-        mask = (None, mask[1], PREFILL_BLOCK if causal else 0)
-    start = cache.lengths if write_offset is None else cache.lengths + write_offset  # [B]
-    want_layers = tuple(hidden_layers)
+        return "xla"
+    return impl
 
-    h0 = h
+
+def _run_unrolled(params: dict, cfg: ModelConfig, ctx: LayerContext, h: jax.Array,
+                  cache: KVCache, keep: bool):
+    """Python-unrolled layers over per-layer weights and cache buffers: nothing is sliced out of
+    a stacked array per layer (a scan's per-iteration weight slices cost ~1/3 of a decode step
+    on CPU), at the price of a compile time linear in the depth. A stacked cache also works
+    (split here, restacked below), at the cost of copies: the engine always pairs layouts
+    (init_cache(per_layer=is_unrolled(params))). -> (h, [L, B, T, D] layer outputs or None,
+    cache)."""
+    ck, cv, outs = list(cache.k), list(cache.v), []
+    for i, lp in enumerate(params["layers"]):
+        h, ck[i], cv[i] = _layer(cfg, ctx, lp, h, ck[i], cv[i])
+        outs.append(h)
+    ck, cv = (tuple(ck), tuple(cv)) if cache.per_layer else (jnp.stack(ck), jnp.stack(cv))
+    return h, (jnp.stack(outs) if keep else None), cache.replace(k=ck, v=cv)
+
+
+def _run_scan(params: dict, cfg: ModelConfig, ctx: LayerContext, h: jax.Array, cache: KVCache,
+              keep: bool):
+    """`lax.scan` over stacked layers (deep models on accelerators: one layer body to compile).
+    -> (h, [L, B, T, D] layer outputs or None, cache)."""
     was_per_layer = cache.per_layer
-    if isinstance(params["layers"], (list, tuple)):
-        # Unrolled layers over per-layer weights and cache buffers: nothing is sliced out of a
-        # stacked array per layer (a scan's per-iteration weight slices cost ~1/3 of a decode
-        # step on CPU), at the price of a compile time linear in the depth.
-        # A stacked cache also works (split here, restacked below), at the cost of copies:
-        # the engine always pairs layouts (init_cache(per_layer=is_unrolled(params))).
-        ck, cv, outs = list(cache.k), list(cache.v), []
-        for i, lp in enumerate(params["layers"]):
-            h, ck[i], cv[i] = _layer(cfg, impl, inv_freq, lp, h, positions, mask, ck[i], cv[i],
-                                     start, None, cache.lengths, block_mask)
-            outs.append(h)
-        ck, cv = (tuple(ck), tuple(cv)) if cache.per_layer else (jnp.stack(ck), jnp.stack(cv))
-        per_layer = jnp.stack(outs) if want_layers else None
-    else:
-        if cache.per_layer:
-            cache = cache.replace(k=jnp.stack(cache.k), v=jnp.stack(cache.v))
-        def body(carry, xs):
-            h, ck, cv = carry
-            lp, layer = xs
-            h, ck, cv = _layer(cfg, impl, inv_freq, lp, h, positions, mask, ck, cv, start, layer,
-                               cache.lengths, block_mask)
-            return (h, ck, cv), (h if want_layers else None)
+    k, v = cache.k, cache.v
+    if was_per_layer:
+        k, v = jnp.stack(k), jnp.stack(v)
 
-        (h, ck, cv), per_layer = jax.lax.scan(
-            body, (h, cache.k, cache.v), (params["layers"], jnp.arange(cfg.num_layers)))
-        if was_per_layer:
-            ck, cv = tuple(ck), tuple(cv)
-    layers = None
-    if want_layers:
-        # HF convention: hidden_states[0] is the embedding output, [i] the output of layer i-1.
-        all_h = jnp.concatenate([h0[None], per_layer], axis=0)  # [L+1, B, T, D]
-        layers = all_h[np.asarray(want_layers)]
-    last = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-    return Hiddens(last=last, layers=layers), cache.replace(k=ck, v=cv)
+    def body(carry, xs):
+        h, ck, cv = carry
+        lp, layer = xs
+        h, ck, cv = _layer(cfg, ctx, lp, h, ck, cv, layer)
+        return (h, ck, cv), (h if keep else None)
+
+    (h, ck, cv), outs = jax.lax.scan(body, (h, k, v),
+                                     (params["layers"], jnp.arange(cfg.num_layers)))
+    if was_per_layer:
+        ck, cv = tuple(ck), tuple(cv)
+    return h, outs, cache.replace(k=ck, v=cv)
 
 
 def single_layer(cfg: ModelConfig, lp: dict, h: jax.Array, x: Optional[jax.Array],
@@ -387,8 +417,9 @@ def single_layer(cfg: ModelConfig, lp: dict, h: jax.Array, x: Optional[jax.Array
     mask = split_attention_masks(cache.lengths, positions, block_mask, cache.max_len,
                                  cfg.sliding_window, write_offset)
     start = cache.lengths if write_offset is None else cache.lengths + write_offset
-    h, ck, cv = _layer(cfg, "xla", rope_inv_freq(cfg), lp, h, positions, mask, cache.k[0],
-                       cache.v[0], start, None, cache.lengths, block_mask, x=x)
+    ctx = LayerContext("xla", rope_inv_freq(cfg), positions, mask, start, cache.lengths,
+                       block_mask)
+    h, ck, cv = _layer(cfg, ctx, lp, h, cache.k[0], cache.v[0], x=x)
     return h, cache.replace(k=(ck,), v=(cv,))
 
 
@@ -449,3 +480,47 @@ def full_logits(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     logits, _, _ = forward(params, cfg, tokens, positions, cache, fresh=True)
     return logits
+
+
+# ----------------------------------------------------------------------------- the families
+
+# HF per-layer suffix -> (our stacked name, transpose?)
+LAYER_MAP = {
+    "input_layernorm.weight": ("attn_norm", False),
+    "post_attention_layernorm.weight": ("mlp_norm", False),
+    "self_attn.q_proj.weight": ("wq", True),
+    "self_attn.k_proj.weight": ("wk", True),
+    "self_attn.v_proj.weight": ("wv", True),
+    "self_attn.o_proj.weight": ("wo", True),
+    "self_attn.q_proj.bias": ("bq", False),
+    "self_attn.k_proj.bias": ("bk", False),
+    "self_attn.v_proj.bias": ("bv", False),
+    "mlp.gate_proj.weight": ("w_gate", True),
+    "mlp.up_proj.weight": ("w_up", True),
+    "mlp.down_proj.weight": ("w_down", True),
+}
+TOP_MAP = {
+    "model.embed_tokens.weight": ("embed", False),
+    "model.norm.weight": ("final_norm", False),
+    "lm_head.weight": ("lm_head", True),
+}
+
+
+def _llama_fields(get) -> dict:
+    """Llama and Mistral: optional q/k/v biases and sliding window, as the config says."""
+    sliding = get("sliding_window")
+    return {"attention_bias": bool(get("attention_bias", False)),
+            "sliding_window": int(sliding) if sliding else None}
+
+
+def _qwen2_fields(get) -> dict:
+    # Qwen2 has q/k/v biases, and a sliding window only when `use_sliding_window` is set.
+    sliding = get("sliding_window") if get("use_sliding_window", False) else None
+    return {"attention_bias": bool(get("attention_bias", True)),
+            "sliding_window": int(sliding) if sliding else None}
+
+
+for _name, _fields in (("llama", _llama_fields), ("mistral", _llama_fields),
+                       ("qwen2", _qwen2_fields)):
+    register_family(Family(name=_name, hf_fields=_fields, layer_map=LAYER_MAP, top_map=TOP_MAP,
+                           forward=forward, forward_hidden=forward_hidden, lm_head=lm_head))
