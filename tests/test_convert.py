@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 import specjax
 from checkpoints_convert import (CheckpointMismatch, is_converted_dir, load_converted,
                                  save_converted)
-from specjax.models.config import SUPPORTED_MODEL_TYPES
+from specjax.models import FAMILIES as SUPPORTED_MODEL_TYPES
 
 ATOL = 1e-4
 

@@ -33,7 +33,7 @@ import test_eagle_hf as base  # the SafeAILab layout and the float64 Llama-layer
 from checkpoints_convert.eagle_hf import CheckpointMismatch, load_eagle_hf, save_eagle_hf
 from conftest import build_hf_model
 from specjax.drafters import feature as E
-from specjax.drafters.base import TargetPrefill
+from specjax.drafters.base import PrefillInput, TargetPrefill
 from specjax.models.cache import init_cache
 from specjax.models.llama import forward_hidden
 from specjax.sampling import make_sampling
@@ -263,7 +263,7 @@ def specjax_chain(target, cfg, params, tokens, first):
     hid, _ = forward_hidden(target.params, target.config, toks, pos,
                             init_cache(target.config, B, P, per_layer=True),
                             hidden_layers=cfg.feature_layers)
-    pre = TargetPrefill(tokens=toks, lengths=jnp.full((B,), P, jnp.int32),
+    pre = TargetPrefill(input=PrefillInput.from_tokens(toks, jnp.full((B,), P, jnp.int32)),
                         first=jnp.asarray(first, jnp.int32), cache=None, hiddens=hid)
     state = spec.init(bound, pre, P + K + 8)
     mode, sp = make_sampling(0.0, None, None)
@@ -428,10 +428,10 @@ def test_capture_layer_rule_per_producer(target, tmp_path):
     with pytest.raises(ValueError, match="producer must be one of"):
         load("bad", sf, producer="sglang")
     # drafters.eagle passes both overrides through to the loader.
-    spec, _ = specjax.drafters.eagle(str(tmp_path / "sf"), k=2, producer="vllm").params(target)
+    spec, _ = specjax.drafters.eagle(str(tmp_path / "sf"), k=2, producer="vllm").binder(target)
     assert spec.eagle.feature_layers == (0, 1, 2)
     spec, _ = specjax.drafters.eagle(str(tmp_path / "sf"), k=2,
-                                     capture_layers=(1, 1, 1)).params(target)
+                                     capture_layers=(1, 1, 1)).binder(target)
     assert spec.eagle.feature_layers == (1, 1, 1)
 
 

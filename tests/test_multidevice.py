@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent("""
     for name, make in (("ar", lambda: None), ("ngram", lambda: drafters.ngram(k=4))):
         single = generate(model, prompts, max_new_tokens=new, drafter=make())
         sharded = generate(model, prompts, max_new_tokens=new, drafter=make(), mesh=mesh)
-        pmapped = sharding.generate_pmap(model, prompts, max_new_tokens=new, drafter=make())
+        pmapped = specjax.generate_pmap(model, prompts, max_new_tokens=new, drafter=make())
         for how, out in (("single", single), ("mesh", sharded), ("pmap", pmapped)):
             res[name + "_" + how] = {"tokens": out.tokens,
                                      "hist": out.stats["acceptance_histogram"]}

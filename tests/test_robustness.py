@@ -148,11 +148,11 @@ def test_truncated_safetensors_is_named(make_hf_model, tmp_path):
 
 @pytest.mark.parametrize("argv, match", [
     (["generate", "hi", "--max-new-tokens", "-5"], "--max-new-tokens: expected a positive int"),
-    (["generate", "hi", "--drafter", "layer_skip:abc"], "bad LAYERS in --drafter"),
+    (["generate", "hi", "--drafter", "layer_skip:abc"], "bad LAYERS 'abc' in drafter 'layer_skip:abc'"),
     (["generate", "hi", "--drafter", "ngram:0"], "bad BRANCHES"),
     (["generate", "hi", "--drafter", "nope"], "unknown drafter 'nope'"),
     (["generate", "hi", "--drafter", "ngram@0"], "bad draft size"),
-    (["generate", "hi", "--drafter", "model"], "needs the draft model"),
+    (["generate", "hi", "--drafter", "model"], "needs an argument: model:PATH"),
     (["generate", "hi", "--k", "0"], "--k: expected a positive int, got 0"),
     (["generate", "hi", "--temperature", "-1"], "--temperature: expected a number >= 0"),
     (["generate", "hi", "--top-p", "1.5"], r"--top-p: expected a number in \(0, 1\]"),

@@ -238,6 +238,12 @@ class MedusaBase(DrafterSpec):
         feat = jnp.take_along_axis(target.hiddens.last, offset[:, None, None], axis=1)[:, 0]
         return MedusaState(feat=jnp.where(active[:, None], feat, state.feat))
 
+    def commit(self, params, state: MedusaState, draft, verified: Verified, active,
+               target: TargetStep):
+        # The deepest accepted node (-1: none, the bonus came from `last` at block offset 0)
+        # produced the bonus; draft node i sits at block offset i + 1 (chains and trees).
+        return self._commit_at(state, verified.deepest + 1, active, target)
+
 
 @dataclasses.dataclass(frozen=True)
 class MedusaSpec(MedusaBase):
@@ -256,12 +262,6 @@ class MedusaSpec(MedusaBase):
         # draft tokens): verify_chain is exact for any such q.
         tokens, logp = pick_token(logits, key, mode, sp)
         return Draft(tokens=tokens, logp=logp), state
-
-    def commit(self, params, state: MedusaState, draft, verified: Verified, active,
-               target: TargetStep):
-        # The deepest accepted node (-1: none, the bonus came from `last` at block offset 0)
-        # produced the bonus; draft node i sits at block offset i + 1 (chains and trees).
-        return self._commit_at(state, verified.deepest + 1, active, target)
 
 
 @dataclasses.dataclass(frozen=True)
