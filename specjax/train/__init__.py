@@ -1,13 +1,14 @@
-"""EAGLE drafter training with optax (see `trainer` for the pipeline, `losses` for the
-objective, `data` for the self-distilled dataset). Entry point: `run_training`, or
-`specjax train-drafter` on the command line."""
+"""Drafter training with optax (see `trainer` for the pipeline, `recipes` for what each drafter
+kind brings: EAGLE-1, EAGLE-3, Medusa; `losses` for the EAGLE objective, `data` for the
+self-distilled dataset, `features` for the target-feature cache). Entry point: `run_training`,
+or `specjax train-drafter` on the command line."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from specjax.train import data
+from specjax.train import data, recipes
 from specjax.train.trainer import CheckpointError, TrainConfig, evaluate_tau, train
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
@@ -83,4 +84,4 @@ def run_training(target, config: str, out_dir, *, dataset=None, features=None,
 
 
 __all__ = ["TrainConfig", "DataConfig", "train", "run_training", "load_configs",
-           "evaluate_tau", "CheckpointError", "data"]
+           "evaluate_tau", "CheckpointError", "data", "recipes"]

@@ -1,16 +1,23 @@
-"""Train an EAGLE-1 or EAGLE-3 drafter for a target with optax; orbax checkpoints that resume
-exactly.
+"""Train a drafter for a target with optax; orbax checkpoints that resume exactly.
 
 Pipeline (each stage resumable, each with a progress bar):
   1. a dataset of token rows (`specjax.train.data.build_dataset`: self-distilled or given answers);
   2. the target's features over every row, computed once and cached to disk as memory-mapped
-     `.npy` shards (`cache_features`), so training reads batches with bounded memory and never
-     runs the 30-layer target again;
+     `.npy` shards (`features.cache_features`), so training reads batches with bounded memory and
+     never runs the 30-layer target again;
   3. AdamW with linear warmup + cosine decay and global-norm clipping, one jitted train step;
      the batch of step i depends only on (seed, i), so a run restored from the checkpoint of step
      i continues with exactly the losses an uninterrupted run would have produced;
-  4. periodic tau on held-out prompts (`generate` with the drafter), then an export in the HF
-     EAGLE format that `specjax.drafters.eagle(DIR)`, vLLM and SGLang can load.
+  4. periodic tau on held-out prompts (`generate` with the drafter), then an export that
+     `specjax.drafters` loads by path (EAGLE: the HF EAGLE format, which vLLM and SGLang load too).
+
+This module is the same for every drafter kind. What differs per kind (the drafter's config and
+fresh params, the target layers the feature cache holds, the loss and the inputs of one step,
+the drafter evaluated for tau, the export) is that kind's recipe in `specjax.train.recipes`:
+EAGLE-1 (`recipes/eagle.py`), EAGLE-3 (`recipes/eagle3.py`), Medusa heads (`recipes/medusa.py`).
+To train a new kind of drafter, add one module to `specjax/train/recipes/` with a class that
+satisfies `recipes.Recipe`, and one line to `recipes.RECIPES`; `TrainConfig(kind=...)` then
+accepts its name and nothing here changes.
 """
 from __future__ import annotations
 
@@ -18,26 +25,23 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from specjax.drafters import feature as F
-from specjax.models.llama import Hiddens, forward_hidden, lm_head
-from specjax.models.cache import init_cache
 from specjax.train import data as data_lib
-from specjax.train.losses import eagle_loss
+from specjax.train import recipes
+from specjax.train.features import FeatureStore, cache_features
 
-KINDS = {"eagle": 1, "eagle3": 3, "medusa": 0}  # kind -> EAGLE version (0: Medusa heads)
 DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    kind: str = "eagle3"  # eagle (EAGLE-1/2) | eagle3
+    kind: str = "eagle3"  # a name in recipes.RECIPES: eagle (EAGLE-1/2) | eagle3 | medusa
     steps: int = 2000
     batch: int = 8
     lr: float = 1e-3
@@ -60,8 +64,7 @@ class TrainConfig:
     eval_new_tokens: int = 64
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown drafter kind {self.kind!r}; valid: {sorted(KINDS)}")
+        recipes.get(self.kind)  # an unknown kind raises, naming the valid ones
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name in ("steps", "batch", "ttt_steps", "log_every", "save_every"):
@@ -70,10 +73,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
-
-    @property
-    def version(self) -> int:
-        return KINDS[self.kind]
 
     @classmethod
     def from_yaml(cls, path, **overrides) -> "TrainConfig":
@@ -89,109 +88,6 @@ class TrainConfig:
         return cls(**raw)
 
 
-# ----------------------------------------------------------------------------- features
-
-def _feature_fn(target, layers: tuple):
-    cfg = target.config
-
-    @jax.jit
-    def run(params, tokens):
-        B, S = tokens.shape
-        pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        cache = init_cache(cfg, B, S, params["embed"].dtype, per_layer=isinstance(
-            params["layers"], (list, tuple)))
-        hid, _ = forward_hidden(params, cfg, tokens, pos, cache, hidden_layers=layers, fresh=True)
-        return hid.last, hid.layers
-
-    return run
-
-
-def cache_features(target, dataset_dir, out_dir, layers: tuple, *, batch: int = 8,
-                   dtype: str = "float16", progress: bool = True) -> Path:
-    """The target's final hidden state (and `layers`) over every dataset row, one `.npy` pair
-    per dataset shard (`last` [n, S, D], `layers` [n, len(layers), S, D]). Existing shards are
-    kept, so an interrupted run resumes; memory holds one shard at a time."""
-    from tqdm.auto import tqdm
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"layers": list(layers), "dtype": dtype, "model": target.name}
-    mfile = out / "features.json"
-    if mfile.exists():
-        old = json.loads(mfile.read_text())
-        # A cache holding more layers serves a drafter that reads fewer (`FeatureStore` picks).
-        if (old["dtype"], old["model"]) != (dtype, target.name) or not set(layers) <= set(
-                old["layers"]):
-            raise ValueError(f"feature cache {out} was written for {old}, not {meta}: use "
-                             f"another directory")
-        layers = tuple(old["layers"])
-    else:
-        mfile.write_text(json.dumps(meta))
-    run = _feature_fn(target, tuple(layers))
-    shards = sorted(Path(dataset_dir).glob("shard_*.npz"))
-    rows = sum(np.load(s)["tokens"].shape[0] for s in shards)
-    bar = tqdm(total=rows, desc="target features", disable=not progress, unit="row")
-    for s in shards:
-        toks = np.load(s)["tokens"]
-        stem = out / s.stem
-        if Path(f"{stem}.last.npy").exists() and Path(f"{stem}.layers.npy").exists():
-            bar.update(len(toks))
-            continue
-        lasts, lays = [], []
-        for b in range(0, len(toks), batch):
-            chunk = toks[b:b + batch]
-            pad = batch - len(chunk)  # one compiled shape
-            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-            last, lay = run(target.params, jnp.asarray(chunk))
-            lasts.append(np.asarray(last[:batch - pad], dtype))
-            lay = np.zeros((batch, 0) + last.shape[1:], dtype) if lay is None else \
-                np.asarray(jnp.swapaxes(lay, 0, 1), dtype)
-            lays.append(lay[:batch - pad])
-            bar.update(batch - pad)
-        for name, arr in (("last", lasts), ("layers", lays)):
-            tmp = f"{stem}.{name}.tmp.npy"
-            np.save(tmp, np.concatenate(arr))
-            Path(tmp).rename(f"{stem}.{name}.npy")
-    bar.close()
-    return out
-
-
-class FeatureStore:
-    """Rows of a dataset with their cached features, memory-mapped (bounded memory)."""
-
-    def __init__(self, dataset_dir, features_dir, layers: tuple = ()):
-        cached = json.loads((Path(features_dir) / "features.json").read_text())["layers"]
-        self.pick = [cached.index(i) for i in layers]  # the requested layers, in order
-        shards = sorted(Path(dataset_dir).glob("shard_*.npz"))
-        if not shards:
-            raise FileNotFoundError(f"no dataset shards (shard_*.npz) in {dataset_dir}")
-        self.tokens, self.mask, self.last, self.layers = [], [], [], []
-        for s in shards:
-            z = np.load(s)
-            stem = Path(features_dir) / s.stem
-            if not Path(f"{stem}.last.npy").exists():
-                raise FileNotFoundError(f"features of {s.name} missing in {features_dir}: run "
-                                        f"cache_features first")
-            self.tokens.append(z["tokens"])
-            self.mask.append(z["loss_mask"])
-            self.last.append(np.load(f"{stem}.last.npy", mmap_mode="r"))
-            self.layers.append(np.load(f"{stem}.layers.npy", mmap_mode="r"))
-        sizes = [len(t) for t in self.tokens]
-        self.offsets = np.cumsum([0] + sizes)
-        self.rows = int(self.offsets[-1])
-
-    def batch(self, idx: np.ndarray):
-        """-> numpy (tokens [B, S], mask [B, S], last [B, S, D], layers [n, B, S, D])."""
-        parts = []
-        for i in idx:
-            s = int(np.searchsorted(self.offsets, i, side="right") - 1)
-            r = int(i - self.offsets[s])
-            parts.append((self.tokens[s][r], self.mask[s][r], self.last[s][r],
-                          self.layers[s][r]))
-        t, m, la, ly = (np.stack(x) for x in zip(*parts))
-        return t, m, la, np.swapaxes(ly[:, self.pick], 0, 1)
-
-
 # ----------------------------------------------------------------------------- the step
 
 def make_optimizer(cfg: TrainConfig):
@@ -203,72 +99,23 @@ def make_optimizer(cfg: TrainConfig):
                        optax.adamw(sched, weight_decay=cfg.weight_decay)), sched
 
 
-def make_train_step(tc: TrainConfig, ecfg: F.EagleConfig, target, optimizer):
-    tcfg = target.config
-    compute = jnp.dtype(tc.dtype)
+def make_step(loss_fn: Callable, optimizer, frozen: tuple = ()):
+    """One jitted optimizer step -> (params, opt_state, loss, metrics).
 
-    def loss_fn(params, shared, tokens, mask, last, layers):
-        p = jax.tree.map(lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating)
-                         else x, dict(params, target=shared))
-        hid = Hiddens(last=last[:, :-1].astype(compute),
-                      layers=None if ecfg.version == 1 else layers[:, :, :-1].astype(compute))
-        # The target's next-token logits at positions 1..S-1 (version 3: on the draft vocab).
-        h1 = last[:, 1:].astype(jnp.float32)
-        if ecfg.version == 1:
-            tl = lm_head(jax.tree.map(lambda x: x.astype(jnp.float32), shared), tcfg, h1)
-        else:
-            head = shared["embed"].T if tcfg.tie_word_embeddings else shared["lm_head"]
-            tl = h1 @ head[:, params["d2t"]].astype(jnp.float32)
-        loss, metrics = eagle_loss(ecfg, p, tcfg, hid, tl, tokens, mask, steps=tc.ttt_steps,
-                                   decay=tc.ttt_decay)
-        return loss.astype(jnp.float32), metrics
+    loss_fn(params, shared, *inputs) -> (loss, metrics), from the recipe; the params named in
+    `frozen` (EAGLE-3's d2t index map) take no gradient and have no optimizer state."""
 
     @jax.jit
-    def step(params, opt_state, shared, tokens, mask, last, layers):
-        trainable = {k: v for k, v in params.items() if k != "d2t"}
-        fixed = {k: v for k, v in params.items() if k == "d2t"}
+    def step(params, opt_state, shared, *inputs):
+        trainable = {k: v for k, v in params.items() if k not in frozen}
+        fixed = {k: v for k, v in params.items() if k in frozen}
         (loss, metrics), grads = jax.value_and_grad(
-            lambda tr: loss_fn(dict(tr, **fixed), shared, tokens, mask, last, layers),
-            has_aux=True)(trainable)
+            lambda tr: loss_fn(dict(tr, **fixed), shared, *inputs), has_aux=True)(trainable)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         return dict(trainable, **fixed), opt_state, loss, metrics
 
     return step
-
-
-def make_medusa_step(tc: TrainConfig, mcfg, target, optimizer):
-    from specjax.drafters.medusa_heads import medusa_position_loss
-
-    tcfg = target.config
-
-    @jax.jit
-    def step(params, opt_state, shared, h, labels, valid):
-        def loss_fn(p):
-            return medusa_position_loss(mcfg, dict(p, target=shared), tcfg,
-                                        h.astype(jnp.float32), labels, valid)
-
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, {"acc": acc}
-
-    return step
-
-
-def medusa_positions(tokens, mask, last, heads: int, n: int, rng):
-    """Sample n positions t of a batch whose first label (t + 2) is trained -> features
-    [n, D], labels [n, heads] (tokens t+2 .. t+1+heads), valid [n, heads]."""
-    B, S = tokens.shape
-    ok = np.zeros((B, S), bool)
-    ok[:, :S - 2] = mask[:, 2:]
-    rows, cols = np.nonzero(ok)
-    pick = rng.choice(len(rows), n, replace=len(rows) < n)
-    r, c = rows[pick], cols[pick]
-    ahead = c[:, None] + 2 + np.arange(heads)[None, :]
-    inside = ahead < S
-    ahead = np.minimum(ahead, S - 1)
-    return (last[r, c], tokens[r[:, None], ahead],
-            inside & mask[r[:, None], ahead])
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -341,30 +188,31 @@ def _check_run_config(out: Path, record: dict):
 def train(target, tc: TrainConfig, dataset_dir, out_dir, *, heldout_prompts=(),
           progress: bool = True, stop_after: Optional[int] = None, log=print,
           features_dir=None):
-    """Train (or resume) a drafter -> (EagleConfig or MedusaConfig, params, history).
+    """Train (or resume) a drafter of kind `tc.kind` -> (its config, params, history).
 
     `features_dir`: where the target's features are cached (default OUT/features; drafters
     of one target can share a cache: one holding more layers serves one reading fewer).
 
     `stop_after`: stop once this many steps are done in total (to simulate an interruption;
-    the schedule still spans `tc.steps`). The drafter is exported to out_dir/drafter in the HF
-    EAGLE format when training completes."""
+    the schedule still spans `tc.steps`). The drafter is exported to out_dir/drafter (in the
+    recipe's format) when training completes."""
     from tqdm.auto import tqdm
 
+    recipe = recipes.get(tc.kind)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokens_all, mask_all = data_lib.read_dataset(dataset_dir)
-    ecfg = _drafter_config(target, tc, tokens_all, mask_all, out)
-    _check_run_config(out, {"train": dataclasses.asdict(tc), "drafter": ecfg.to_dict(),
+    dcfg = recipe.drafter_config(target, tc, tokens_all, mask_all, out)
+    _check_run_config(out, {"train": dataclasses.asdict(tc), "drafter": dcfg.to_dict(),
                             "target": target.name, "dataset": str(Path(dataset_dir).absolute()),
                             "rows": int(tokens_all.shape[0])})
-    layers = tuple(getattr(ecfg, "feature_layers", ()))
+    layers = recipe.feature_layers(dcfg)
     feat_dir = cache_features(target, dataset_dir, features_dir or out / "features", layers,
                               dtype=tc.feature_dtype, progress=progress)
     store = FeatureStore(dataset_dir, feat_dir, layers)
-    params = _init_params(tc, ecfg, out)
+    params = recipe.init_params(tc, dcfg, out)
     optimizer, sched = make_optimizer(tc)
-    opt_state = optimizer.init({k: v for k, v in params.items() if k != "d2t"})
+    opt_state = optimizer.init({k: v for k, v in params.items() if k not in recipe.frozen})
     mgr = _manager(out / "checkpoints")
     start = 0
     if mgr.latest_step() is not None:
@@ -373,8 +221,7 @@ def train(target, tc: TrainConfig, dataset_dir, out_dir, *, heldout_prompts=(),
         log(f"resumed from step {start} ({out / 'checkpoints'})")
     history = _read_history(out, start)
     shared = {k: target.params[k] for k in ("embed", "lm_head") if k in target.params}
-    medusa = tc.kind == "medusa"
-    step_fn = (make_medusa_step if medusa else make_train_step)(tc, ecfg, target, optimizer)
+    step_fn = make_step(recipe.loss_fn(tc, dcfg, target.config), optimizer, recipe.frozen)
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
     bar = tqdm(total=tc.steps, initial=start, desc=f"train {tc.kind}", disable=not progress)
     t0, seen = time.perf_counter(), 0
@@ -382,16 +229,10 @@ def train(target, tc: TrainConfig, dataset_dir, out_dir, *, heldout_prompts=(),
     for step, idx in batches:
         if step >= end:
             break
-        t, m, la, ly = store.batch(idx)
-        if medusa:
-            args = medusa_positions(t, m, la, ecfg.num_heads, tc.medusa_positions,
-                                    np.random.default_rng([tc.seed, step, 1]))
-            seen += tc.medusa_positions
-        else:
-            args = (t, m, la, ly)
-            seen += int(m.sum())
+        inputs, n_tokens = recipe.step_inputs(tc, dcfg, store.batch(idx), step)
+        seen += n_tokens
         params, opt_state, loss, metrics = step_fn(params, opt_state, shared,
-                                                   *map(jnp.asarray, args))
+                                                   *map(jnp.asarray, inputs))
         done = step + 1
         if done % tc.log_every == 0 or done == end:
             acc = np.asarray(metrics["acc"], np.float64).round(3).tolist()
@@ -403,56 +244,17 @@ def train(target, tc: TrainConfig, dataset_dir, out_dir, *, heldout_prompts=(),
             _append_history(out, rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=acc, tok_s=f"{rec['tok_per_s']:.0f}")
         if tc.eval_every and done % tc.eval_every == 0 and heldout_prompts:
-            _log_tau(target, ecfg, params, heldout_prompts, tc, done, out, history, log)
+            _log_tau(target, recipe, dcfg, params, heldout_prompts, tc, done, out, history, log)
         if done % tc.save_every == 0 or done == end:
             _save(mgr, done, params, opt_state)
         bar.update(1)
     bar.close()
     if end == tc.steps:
         if heldout_prompts and (not tc.eval_every or tc.steps % tc.eval_every):
-            _log_tau(target, ecfg, params, heldout_prompts, tc, tc.steps, out, history, log)
-        export(out / "drafter", ecfg, jax.device_get(params), target.config)
-    return ecfg, params, history
-
-
-def export(path, cfg, params, target_cfg) -> None:
-    """The trained drafter in its shareable format (HF EAGLE, or specjax Medusa heads)."""
-    if isinstance(cfg, F.EagleConfig):
-        from checkpoints_convert.eagle_hf import save_eagle_hf
-
-        save_eagle_hf(path, cfg, params, target_cfg)
-    else:
-        from specjax.drafters.medusa_heads import save_medusa
-
-        save_medusa(path, cfg, params)
-
-
-def _init_params(tc: TrainConfig, cfg, out: Path) -> dict:
-    key = jax.random.key(tc.seed)
-    if tc.kind == "medusa":
-        from specjax.drafters import medusa_heads
-
-        # Zero init (Medusa's): every head starts as the target's next-token head.
-        return medusa_heads.init_params(cfg, key)
-    d2t = np.load(out / "d2t.npy") if cfg.version == 3 else None
-    return F.init_params(cfg, key, jnp.float32, d2t=d2t)
-
-
-def _drafter_config(target, tc: TrainConfig, tokens, mask, out: Path):
-    if tc.kind == "medusa":
-        from specjax.drafters.medusa_heads import MedusaConfig
-
-        return MedusaConfig(num_heads=tc.medusa_heads, hidden=target.config.hidden_size)
-    if tc.version == 1:
-        return F.make_config(target.config, 1, intermediate_size=tc.intermediate_size)
-    vocab = target.config.vocab_size
-    f = out / "d2t.npy"
-    if not f.exists():  # fixed once per run: a resumed run must keep the same head
-        np.save(f, data_lib.draft_vocab(tokens, mask, min(tc.draft_vocab, vocab), vocab,
-                                        always=target.eos_token_ids))
-    size = int(np.load(f).shape[0])
-    return F.make_config(target.config, 3, intermediate_size=tc.intermediate_size,
-                         draft_vocab=size)
+            _log_tau(target, recipe, dcfg, params, heldout_prompts, tc, tc.steps, out, history,
+                     log)
+        recipe.export(out / "drafter", dcfg, jax.device_get(params), target.config)
+    return dcfg, params, history
 
 
 def _read_history(out: Path, upto: int) -> list:
@@ -470,29 +272,23 @@ def _append_history(out: Path, rec: dict):
         fh.write(json.dumps(rec) + "\n")
 
 
-def evaluate_tau(target, ecfg, params, prompts, *, new_tokens: int = 64, tree=None):
-    """Greedy tau and tokens/s of the drafter on `prompts` (batch 1 each, as Spec-Bench)."""
-    from specjax import drafters
+def evaluate_tau(target, drafter, prompts, *, new_tokens: int = 64) -> float:
+    """Greedy tau of `drafter` (a `specjax.drafters.Drafter`) on `prompts` (batch 1 each, as
+    Spec-Bench): tokens emitted after the first per target verify forward. A trained drafter:
+    `recipes.get(kind).eval_drafter(cfg, params)`."""
     from specjax.generate import generate
 
-    if isinstance(ecfg, F.EagleConfig):
-        d = drafters.eagle((ecfg, params), tree=tree or drafters.DynamicTree(nodes=8, depth=4,
-                                                                             top_k=3))
-    else:  # Medusa: a static tree no deeper than the heads
-        d = drafters.medusa((ecfg, params), tree=tree or drafters.StaticTree(
-            [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 0, 0]][
-                :8 if ecfg.num_heads >= 4 else 3]))
     fwd = emitted = 0
     for p in prompts:
-        o = generate(target, [p], max_new_tokens=new_tokens, drafter=d)
+        o = generate(target, [p], max_new_tokens=new_tokens, drafter=drafter)
         fwd += sum(o.stats["target_forwards"]) - 1
         emitted += o.lengths[0] - 1
     return emitted / max(fwd, 1)
 
 
-def _log_tau(target, ecfg, params, prompts, tc, step, out, history, log):
-    tau = evaluate_tau(target, ecfg, jax.device_get(params), prompts[:tc.eval_prompts],
-                       new_tokens=tc.eval_new_tokens)
+def _log_tau(target, recipe, dcfg, params, prompts, tc, step, out, history, log):
+    drafter = recipe.eval_drafter(dcfg, jax.device_get(params))
+    tau = evaluate_tau(target, drafter, prompts[:tc.eval_prompts], new_tokens=tc.eval_new_tokens)
     rec = {"step": step, "tau": tau}
     history.append(rec)
     _append_history(out, rec)

@@ -1,0 +1,74 @@
+"""One training recipe per drafter kind, and the registry `kind -> recipe` that
+`TrainConfig.kind` names.
+
+A recipe holds everything the generic trainer (`specjax.train.trainer.train`) must not know
+about a kind: the drafter's config and fresh params, which target layers the feature cache
+holds, the loss and the numpy inputs of one step, the drafter that `generate` runs for held-out
+tau, and the export format. The trainer owns the rest (data, feature cache, optimizer,
+checkpoints, resume, logging, the eval schedule).
+
+A new kind is one new module here with a class satisfying `Recipe`, plus one line in `RECIPES`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from specjax.train.recipes.eagle import Eagle
+from specjax.train.recipes.eagle3 import Eagle3
+from specjax.train.recipes.medusa import Medusa
+
+if TYPE_CHECKING:
+    from specjax.drafters.base import Drafter
+    from specjax.train.features import Batch
+    from specjax.train.trainer import TrainConfig
+
+
+class Recipe(Protocol):
+    """What one drafter kind brings to the generic trainer. Recipes are stateless: every
+    method is a pure function of its arguments (and of files the recipe itself wrote in the
+    run directory, so that a resumed run rebuilds the same drafter)."""
+
+    kind: str
+    # Param keys the optimizer never updates nor keeps state for (EAGLE-3's d2t index map).
+    frozen: tuple
+
+    def drafter_config(self, target, tc: "TrainConfig", tokens, mask, out: Path) -> Any:
+        """The drafter's static config (has `to_dict`). tokens, mask [rows, S]: the whole
+        dataset; out: the run directory."""
+
+    def feature_layers(self, cfg) -> tuple:
+        """The target layers the feature cache must hold besides the final hidden state."""
+
+    def init_params(self, tc: "TrainConfig", cfg, out: Path) -> dict:
+        """Fresh float32 params (the target's embedding / head are not among them)."""
+
+    def loss_fn(self, tc: "TrainConfig", cfg, target_cfg) -> Callable:
+        """(params, shared, *inputs) -> (float32 loss, metrics with "acc" [steps or heads]);
+        shared: the target's "embed" (and "lm_head"), never trained."""
+
+    def step_inputs(self, tc: "TrainConfig", cfg, batch: "Batch", step: int) -> tuple:
+        """-> (numpy inputs of `loss_fn` for this batch, tokens trained on, for tok/s).
+        Depends only on (batch, step, tc.seed), so a resumed run sees the same inputs."""
+
+    def eval_drafter(self, cfg, params, tree=None) -> "Drafter":
+        """The drafter `generate` runs for held-out tau (`tree`: its default shape if None)."""
+
+    def export(self, path, cfg, params, target_cfg) -> None:
+        """Write the trained drafter in its shareable format (loadable by path)."""
+
+
+RECIPES = {
+    "eagle": Eagle(),
+    "eagle3": Eagle3(),
+    "medusa": Medusa(),
+}
+
+
+def get(kind: str) -> Recipe:
+    if kind not in RECIPES:
+        raise ValueError(f"unknown drafter kind {kind!r}; valid: {sorted(RECIPES)}")
+    return RECIPES[kind]
+
+
+__all__ = ["Recipe", "RECIPES", "get", "Eagle", "Eagle3", "Medusa"]

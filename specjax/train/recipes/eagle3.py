@@ -1,0 +1,45 @@
+"""EAGLE-3 (`kind="eagle3"`, Li et al. 2025): as EAGLE-1 (`eagle.Eagle`), but the drafter fuses
+three target layers (low, mid, high) through its fc, drops the feature regression
+(`losses.eagle_loss` reads the version) and drafts over a reduced vocabulary: the most frequent
+response tokens of the dataset, chosen once per run and saved as OUT/d2t.npy, so a resumed run
+keeps the same head. The d2t index map is part of the params but never trained."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax.drafters import feature as F
+from specjax.models.llama import Hiddens
+from specjax.train import data as data_lib
+from specjax.train.recipes.eagle import Eagle
+
+
+class Eagle3(Eagle):
+    kind = "eagle3"
+    frozen = ("d2t",)
+
+    def drafter_config(self, target, tc, tokens, mask, out: Path) -> F.EagleConfig:
+        vocab = target.config.vocab_size
+        f = Path(out) / "d2t.npy"
+        if not f.exists():  # fixed once per run: a resumed run must keep the same head
+            np.save(f, data_lib.draft_vocab(tokens, mask, min(tc.draft_vocab, vocab), vocab,
+                                            always=target.eos_token_ids))
+        size = int(np.load(f).shape[0])
+        return F.make_config(target.config, 3, intermediate_size=tc.intermediate_size,
+                             draft_vocab=size)
+
+    def init_params(self, tc, cfg: F.EagleConfig, out: Path) -> dict:
+        return F.init_params(cfg, jax.random.key(tc.seed), jnp.float32,
+                             d2t=np.load(Path(out) / "d2t.npy"))
+
+    def hiddens(self, last, layers, compute) -> Hiddens:
+        return Hiddens(last=last.astype(compute), layers=layers.astype(compute))
+
+    def teacher_logits(self, params, shared, target_cfg, h):
+        """The target's logits restricted to the draft vocabulary [B, T, V']: the drafter's
+        head predicts only those tokens, so its soft targets live there too."""
+        head = shared["embed"].T if target_cfg.tie_word_embeddings else shared["lm_head"]
+        return h @ head[:, params["d2t"]].astype(jnp.float32)
