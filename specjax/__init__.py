@@ -1,5 +1,8 @@
 """specjax: lossless speculative decoding for Hugging Face language models in JAX.
 
+The host API lives in `specjax.api` (generate, generate_stream, generate_pmap); the decode engine
+in `specjax.engine`, drafters in `specjax.drafters`, model families in `specjax.models`.
+
     model = specjax.load_model("smollm2-135m")
     out = specjax.generate(model, "Hello!", max_new_tokens=64,
                            drafter=specjax.drafters.ngram(k=8))
@@ -7,9 +10,7 @@
 from specjax import drafters
 from specjax.model import Model, load_model, model_from_hf
 from specjax.models.config import ModelConfig
-# The function shadows the module name on the package; `from specjax.generate import ...` still
-# reaches the module.
-from specjax.generate import GenerateOutput, generate, generate_pmap, generate_stream
+from specjax.api import GenerateOutput, generate, generate_pmap, generate_stream
 from specjax.sharding import make_mesh
 
 __version__ = "0.1.0"

@@ -144,7 +144,7 @@ def tune_tree(model, drafter_factory: Callable, prompts: Sequence,
     """
     from tqdm import tqdm
 
-    from specjax.generate import MIN_PROMPT_BUCKET, bucket, generate
+    from specjax.api import MIN_PROMPT_BUCKET, bucket, generate
 
     if not candidates:
         raise ValueError("tune_tree needs at least one candidate")

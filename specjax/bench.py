@@ -113,7 +113,7 @@ class Record:
 
 
 def _spec_runner(model, drafter, max_new_tokens: int) -> Callable:
-    from specjax.generate import generate
+    from specjax.api import generate
 
     def run(ids):
         out = generate(model, [ids], max_new_tokens=max_new_tokens, drafter=drafter)
@@ -186,7 +186,7 @@ def run_bench(model, prompts: list[dict], methods: dict, *, warmup: bool = True,
     with verify_costs ({T: relative cost}, see `lookup_bound`) its cost-aware bound."""
     from tqdm import tqdm
 
-    from specjax.generate import MIN_PROMPT_BUCKET, bucket
+    from specjax.api import MIN_PROMPT_BUCKET, bucket
 
     encoded = [model.encode(p["prompt"], chat=True) for p in prompts]
     if warmup:

@@ -100,7 +100,7 @@ def _add_sampling(p):
 
 def cmd_generate(a):
     from specjax import load_model
-    from specjax.generate import generate, generate_stream
+    from specjax.api import generate, generate_stream
 
     model = load_model(a.model)
     drafter = make_drafter(a.drafter, a.k, model)
@@ -143,7 +143,7 @@ def cmd_convert(a):
 
 def cmd_demo(a):
     from specjax import load_model
-    from specjax.generate import generate
+    from specjax.api import generate
 
     from specjax.drafters.bundled import BUNDLED_DRAFTERS
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib
 import math
 
 import jax
@@ -28,8 +27,8 @@ from specjax.drafters.ngram import NgramSpec
 from specjax.model import Model
 from test_spec_sampling import sized_drafter
 
-# `specjax.generate` is the function (re-exported by the package); these are the module's.
-gen = importlib.import_module("specjax.generate")
+# The host API module (`specjax.generate` is its function, re-exported by the package).
+from specjax import api as gen
 generate, generate_stream, prepare, finish = (gen.generate, gen.generate_stream, gen.prepare,
                                               gen.finish)
 

@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     import json, pickle, sys
     import jax, jax.numpy as jnp
     from specjax import drafters, engine, sharding
-    from specjax.generate import generate, prepare
+    from specjax.api import generate, prepare
     from specjax.model import Model
 
     with open(sys.argv[1], "rb") as f:

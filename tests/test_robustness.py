@@ -14,7 +14,7 @@ import pytest
 import specjax
 from conftest import byte_bpe
 from specjax import bench, cli, drafters
-from specjax.generate import prepare
+from specjax.api import prepare
 from specjax.sampling import make_sampling
 
 

@@ -3,7 +3,6 @@ output identical to plain decoding for small-model and layer-skip drafters, full
 the target drafts for itself, the YAML presets and the validation errors."""
 from __future__ import annotations
 
-import importlib
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from specjax.drafters import StaticTree, _lm_spec
 from specjax.drafters.lm import LMStaticTreeSpec
 from specjax.drafters.shapes import static_tree_schedule
 
-gen = importlib.import_module("specjax.generate")
+from specjax import api as gen
 
 VOCAB = 101
 NEW = 32

@@ -2,7 +2,6 @@
 recursive rejection sampling over siblings (chi-square against the target law)."""
 from __future__ import annotations
 
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ from specjax.drafters.base import Tree
 from specjax.engine import accept
 from specjax.engine import tree
 
-gen = importlib.import_module("specjax.generate")
+from specjax import api as gen
 
 NEW = 32
 # The shared ragged prompts, the last one extended so n-gram branches have several candidates.

@@ -137,7 +137,7 @@ def build_dataset(model, prompts: list, out_dir, *, seq_len: int = 384, response
 
 def model_generate(model, rows: list, max_new_tokens: int) -> list:
     """Greedy responses of the target (token ids, EOS included when hit)."""
-    from specjax.generate import generate
+    from specjax.api import generate
 
     return generate(model, rows, max_new_tokens=max_new_tokens, chat=False).tokens
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax.models.cache import init_cache
-from specjax.models.llama import forward_hidden
+from specjax.models import forward_hidden
 
 
 class Batch(NamedTuple):

@@ -276,7 +276,7 @@ def evaluate_tau(target, drafter, prompts, *, new_tokens: int = 64) -> float:
     """Greedy tau of `drafter` (a `specjax.drafters.Drafter`) on `prompts` (batch 1 each, as
     Spec-Bench): tokens emitted after the first per target verify forward. A trained drafter:
     `recipes.get(kind).eval_drafter(cfg, params)`."""
-    from specjax.generate import generate
+    from specjax.api import generate
 
     fwd = emitted = 0
     for p in prompts:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from specjax import drafters
 from specjax.drafters import feature as F
-from specjax.models.llama import Hiddens, lm_head
+from specjax.models import Hiddens, lm_head
 from specjax.train.losses import eagle_loss
 
 # Held-out tau drafts an EAGLE-2 dynamic tree of 8 nodes, as the README's tables report it.

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax.drafters import feature as F
-from specjax.models.llama import Hiddens
+from specjax.models import Hiddens
 from specjax.train import data as data_lib
 from specjax.train.recipes.eagle import Eagle
 
