@@ -13,7 +13,7 @@ over --iters calls, each jitted and warmed up):
   pallas tree     tree_attention, random trees       } GPU/TPU only: on CPU Pallas runs only in
   pallas chain    tree_attention, causal block mask  } interpret mode, whose timing is meaningless
 
-DESIGN.md: sglang-jax saw verify with a tree mask run 61x slower than causal verify until the
+sglang-jax saw verify with a tree mask run 61x slower than causal verify until the
 mask handling was fixed -- compare "pallas tree" against "xla causal", not only against the
 reference.
 """

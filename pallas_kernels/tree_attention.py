@@ -27,7 +27,7 @@ Kernel design (FlashAttention-2, Dao 2023, Alg. 1, specialised to a short query 
   block_k): work is proportional to the row's real length, not to max_len, so ragged rows cost
   what they hold. Blocks lying wholly inside the committed prefix need no mask at all (the first
   loop); only the last one or two blocks, which hold the end of the prefix, the tree and garbage,
-  compute the mask (the second loop). DESIGN.md records sglang-jax's tree-mask verify running 61x
+  compute the mask (the second loop). sglang-jax reported its tree-mask verify running 61x
   slower than causal until its mask handling was fixed: here the mask is computed only on the
   few blocks that need it and is never a dense [T, S] tensor read from memory.
 - The tree mask travels as bits: `tree_mask_bits` packs block_mask[b, t, :] into ceil(T / 32)

@@ -4,7 +4,7 @@
 realistic prefix, once as the engine verifies a chain (causal block mask) and once as it verifies
 a tree of the same size (ancestor-or-self mask of a random tree, positions `length + depth`).
 Tree verification should cost no more than causal verification of the same length: sglang-jax
-once saw its tree-mask verify run 61x slower than causal (DESIGN.md). The causal curve
+once saw its tree-mask verify run 61x slower than causal. The causal curve
 cost(T) / cost(1) bounds what a block of T tokens can gain: speedup <= tau / cost(T).
 
 `tune_tree` picks a draft tree by measured tokens/s on a few prompts, as EAGLE-2 does with

@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     import json, pickle, sys
     import jax, jax.numpy as jnp
     from specjax import drafters, engine, sharding
-    from specjax.api import generate, prepare
+    from specjax.api import generate, generate_pmap, prepare
     from specjax.model import Model
 
     with open(sys.argv[1], "rb") as f:
@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent("""
     for name, make in (("ar", lambda: None), ("ngram", lambda: drafters.ngram(k=4))):
         single = generate(model, prompts, max_new_tokens=new, drafter=make())
         sharded = generate(model, prompts, max_new_tokens=new, drafter=make(), mesh=mesh)
-        pmapped = specjax.generate_pmap(model, prompts, max_new_tokens=new, drafter=make())
+        pmapped = generate_pmap(model, prompts, max_new_tokens=new, drafter=make())
         for how, out in (("single", single), ("mesh", sharded), ("pmap", pmapped)):
             res[name + "_" + how] = {"tokens": out.tokens,
                                      "hist": out.stats["acceptance_histogram"]}

@@ -14,13 +14,13 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from specjax.paths import DATA_ENV, data_file
+
 SOURCES = ("gsm8k", "codealpaca")
 
 
 def default_data_dir() -> Path:
-    """$SPECJAX_DATA/train, else ../shared/data/train (see `specjax.bench.data_file`)."""
-    from specjax.bench import DATA_ENV, data_file
-
+    """$SPECJAX_DATA/train, else ../shared/data/train (see `specjax.paths.data_file`)."""
     found = data_file("train")
     if found is None:
         raise FileNotFoundError(f"training prompts not found: set ${DATA_ENV} to the data folder "
