@@ -70,24 +70,21 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0 = greedy), got {text!r}")
-    return value
+def _number_in(ok, what: str):
+    """argparse type: a float for which `ok(value)` holds (NaN never does), else `what`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
 
 
-def _top_p(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
+_temperature = _number_in(lambda v: 0 <= v < float("inf"), "a number >= 0 (0 = greedy)")
+_top_p = _number_in(lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def _add_sampling(p):
