@@ -103,3 +103,18 @@ def other(make_hf_model):
 
     return specjax.model_from_hf(make_hf_model("llama", seed=1, num_hidden_layers=1,
                                                eos_token_id=None), name="tiny-draft")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, make_hf_model):
+    """A tiny HF checkpoint directory (2-layer Llama) with a real tokenizer (byte-level BPE) and a
+    chat template: what the CLI, autotune and notebook tests load by path."""
+    tok = byte_bpe(["the cat sat on the mat. the dog sat on the log. " * 4])
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                         "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    hf = make_hf_model("llama", seed=3, vocab_size=len(tok), num_hidden_layers=2,
+                       eos_token_id=tok.eos_token_id)
+    path = str(tmp_path_factory.mktemp("tiny") / "hf")
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
