@@ -1,6 +1,11 @@
 """Shared fixtures: tiny random-weight HF transformers models built on the fly (no downloads)."""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +13,45 @@ import transformers
 
 VOCAB = 101  # build_hf_model's default vocabulary
 _rng = np.random.default_rng(0)
+
+# Most of the suite's time is XLA compilation. Files run on two xdist workers (`--dist loadfile`,
+# whole files), so the slowest files go first: a long file started last would leave the other
+# worker idle at the end. (The README command passes --no-loadscope-reorder, which makes xdist
+# keep this order instead of sorting files by their number of tests.) Measured wall time, longest
+# first; files not listed follow in their usual order. Re-measure with --durations=0 when a file
+# grows.
+SLOWEST_FIRST = ["test_smollm2.py", "test_tree.py", "test_train.py", "test_cli.py",
+                 "test_eagle.py", "test_spec_sampling.py", "test_tree_sampling.py",
+                 "test_generate.py", "test_notebooks.py", "test_autotune.py", "test_medusa.py"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable
+
+
+def pytest_configure(config):
+    """One JAX persistent compilation cache per test session, shared by the xdist workers and
+    the processes the tests start (notebook kernels, CLI subprocesses): a program compiled by one
+    of them is loaded, not compiled again, by the others. It starts empty in a fresh temporary
+    directory (as on a fresh clone) and is removed at the end. SPECJAX_TEST_JAX_CACHE=0 turns it
+    off."""
+    if hasattr(config, "workerinput") or os.environ.get("SPECJAX_TEST_JAX_CACHE") == "0":
+        return  # workers inherit the controller's environment
+    path = tempfile.mkdtemp(prefix="specjax-test-jax-cache-")
+    config._specjax_jax_cache = path
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    import jax  # may already be imported (then the environment is not read again)
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_unconfigure(config):
+    path = getattr(config, "_specjax_jax_cache", None)
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_sessionstart(session):
@@ -103,3 +147,18 @@ def other(make_hf_model):
 
     return specjax.model_from_hf(make_hf_model("llama", seed=1, num_hidden_layers=1,
                                                eos_token_id=None), name="tiny-draft")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, make_hf_model):
+    """A tiny HF checkpoint directory (2-layer Llama) with a real tokenizer (byte-level BPE) and a
+    chat template: what the CLI, autotune and notebook tests load by path."""
+    tok = byte_bpe(["the cat sat on the mat. the dog sat on the log. " * 4])
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                         "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    hf = make_hf_model("llama", seed=3, vocab_size=len(tok), num_hidden_layers=2,
+                       eos_token_id=tok.eos_token_id)
+    path = str(tmp_path_factory.mktemp("tiny") / "hf")
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import specjax
-from conftest import byte_bpe
 from specjax import autotune, cli, drafters
 from specjax.engine import tree as tree_lib
 
@@ -82,18 +81,6 @@ def test_tune_tree_returns_a_candidate(model):
     assert best == max(table, key=lambda r: r["tokens_per_s"])["candidate"]
     md = autotune.tune_markdown(table, best)
     assert md.count("<-") == 1 and len(md.splitlines()) == 2 + len(cands)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, make_hf_model):
-    tok = byte_bpe(["the cat sat on the mat. the dog sat on the log. " * 4])
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
-                         "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
-    hf = make_hf_model("llama", seed=3, vocab_size=len(tok), eos_token_id=tok.eos_token_id)
-    path = str(tmp_path_factory.mktemp("tiny") / "hf")
-    hf.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def test_cli_bench_verify(tiny_dir, capsys):

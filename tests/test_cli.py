@@ -9,21 +9,7 @@ import numpy as np
 import pytest
 
 import specjax
-from conftest import byte_bpe
 from specjax import cli
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, make_hf_model):
-    tok = byte_bpe(["the cat sat on the mat. the dog sat on the log. " * 4])
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
-                         "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
-    hf = make_hf_model("llama", seed=3, vocab_size=len(tok), num_hidden_layers=2,
-                       eos_token_id=tok.eos_token_id)
-    path = str(tmp_path_factory.mktemp("tiny") / "hf")
-    hf.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def test_help_lists_every_command(capsys):

@@ -93,3 +93,16 @@ def test_small_model_drafter_equals_ar(smol, ar_outputs):
     assert out.tokens == ar_outputs
     hist = out.stats["acceptance_histogram"]
     assert hist[-1] >= 0.9 * sum(hist)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: drafters.eagle("smollm2-135m-eagle3",
+                           tree=drafters.DynamicTree(nodes=8, depth=4, top_k=3)),
+    lambda: drafters.medusa("smollm2-135m-medusa"),
+], ids=["eagle3_tree", "medusa"])
+def test_bundled_drafters_equal_ar(smol, ar_outputs, make):
+    # The drafters bundled for SmolLM2 (the tour notebook's defaults; the notebook tests run on
+    # a tiny model): greedy output equals AR on the real model.
+    out = specjax.generate(smol, PROMPTS, max_new_tokens=NEW, drafter=make())
+    assert out.tokens == ar_outputs
+    assert out.stats["tau"] >= 1.0
