@@ -16,6 +16,8 @@ real prompt, then a few real steps), and so does the whole step:
                      `generate` pays; its own trajectory, so acceptance may differ from the state
     call overhead    an empty jitted call with the same arguments (each part pays it once, the
                      spec step once: the sum of parts holds three more of it than the step)
+    cache copies in loop   copies of a whole KV-cache buffer XLA put in the compiled loop body
+                     (`cache_copies`): each one is a pass over a layer's cache per step
 
 A remainder well above zero means the step does work none of its parts does alone: copies of
 buffers XLA could not update in place, or a `lax.switch` over verify sizes. Every piece donates
@@ -43,7 +45,7 @@ from specjax.models import forward
 
 PARTS = ("propose", "verify forward", "accept/emit", "commit")
 ROWS = ("plain step",) + PARTS + ("sum of parts", "spec step", "remainder", "loop step",
-                                  "call overhead")
+                                  "call overhead", "cache copies in loop")
 DEFAULT_PROMPT = "Write a long story about a robot who learns to paint, with many details."
 
 
@@ -57,6 +59,7 @@ class StepAnatomy:
     verify_tokens: int  # T of the verify forward timed (1 + draft tokens verified)
     loop_tokens_per_step: float  # tokens per step in the loop-step run (tau there)
     repeats: int
+    loop_cache_copies: tuple = ()  # HloCopy of KV-cache-sized buffers in the loop body
 
     @property
     def parts_ms(self) -> float:
@@ -71,6 +74,8 @@ class StepAnatomy:
         return self.remainder_ms / self.ms["spec step"]
 
     def row(self, name: str) -> float:
+        if name == "cache copies in loop":
+            return len(self.loop_cache_copies)
         if name == "sum of parts":
             return self.parts_ms
         if name == "remainder":
@@ -193,6 +198,15 @@ def measure_step(model, drafter: Optional[Drafter], prompt=DEFAULT_PROMPT, *,
     """Time the pieces of one decode step of `model` with `drafter` on `prompt` (a string, or
     token ids) -> StepAnatomy. `max_new_tokens` sizes the cache as `generate` would; it must
     leave room for `warm_steps + loop_steps` steps of at most `max_accept + 1` tokens."""
+    with warnings.catch_warnings():
+        # Pieces that return part of the state leave some donated buffers unused: harmless.
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        return _measure_step(model, drafter, prompt, max_new_tokens, warm_steps, loop_steps,
+                             repeats, chat, impl, name)
+
+
+def _measure_step(model, drafter, prompt, max_new_tokens, warm_steps, loop_steps, repeats,
+                  chat, impl, name) -> StepAnatomy:
     ec, dparams, sp, state = decode_state(model, drafter, prompt, max_new_tokens=max_new_tokens,
                                           warm_steps=warm_steps, chat=chat, impl=impl)
     params, spec = model.params, ec.drafter
@@ -220,33 +234,34 @@ def measure_step(model, drafter: Optional[Drafter], prompt=DEFAULT_PROMPT, *,
     }
     if spec is not None:
         pieces["propose"] = (lambda s: _propose(dparams, sp, s, ec=ec), state)
-    with warnings.catch_warnings():
-        # Pieces that return part of the state leave some donated buffers unused: harmless.
-        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-        ms = time_pieces(pieces, repeats)
-        loop_ms, tau = time_loop_step(params, dparams, sp, state, ec, loop_steps,
-                                      max(3, repeats // 4))
+    ms = time_pieces(pieces, repeats)
+    loop_ms, tau, copies = time_loop_step(params, dparams, sp, state, ec, loop_steps,
+                                          max(3, repeats // 4))
     ms.setdefault("propose", 0.0)
     ms["loop step"] = loop_ms
     return StepAnatomy(drafter=name or (drafter.name if drafter else "none"), ms=ms,
-                       verify_tokens=T, loop_tokens_per_step=tau, repeats=repeats)
+                       verify_tokens=T, loop_tokens_per_step=tau, repeats=repeats,
+                       loop_cache_copies=copies)
 
 
 def time_loop_step(params, dparams, sp, state, ec, loop_steps: int, repeats: int):
     """Median ms per step of `engine.decode` running `loop_steps` steps from `state` (the
-    loop's step bound is moved; rows keep their budgets) -> (ms per step, tokens per step)."""
+    loop's step bound is moved; rows keep their budgets) -> (ms per step, tokens per step,
+    the KV-cache-sized copies in the compiled loop body)."""
     steps0, n0 = int(state.steps), int(state.n_out.sum())
     lec = dataclasses.replace(ec, max_new=steps0 + loop_steps)
-    run = functools.partial(engine.decode, params, dparams, sp=sp, ec=lec)
-    out = run(_fresh(state))  # compile
+    compiled = engine.decode.lower(params, dparams, state, sp, ec=lec).compile()
+    shapes = {x.shape for x in jax.tree.leaves((state.cache.k, state.cache.v))}
+    copies = tuple(cache_copies(compiled.as_text(), shapes))
+    out = compiled(params, dparams, _fresh(state), sp)  # warm up
     per_step = []
     for _ in range(repeats):
         s = _fresh(state)
         t0 = time.perf_counter()
-        out = jax.block_until_ready(run(s))
+        out = jax.block_until_ready(compiled(params, dparams, s, sp))
         per_step.append((time.perf_counter() - t0) * 1e3 / max(int(out.steps) - steps0, 1))
     steps = max(int(out.steps) - steps0, 1)
-    return statistics.median(per_step), (int(out.n_out.sum()) - n0) / steps
+    return statistics.median(per_step), (int(out.n_out.sum()) - n0) / steps, copies
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -259,7 +274,7 @@ def anatomy_markdown(results: Sequence[StepAnatomy]) -> str:
         cells = []
         for r in results:
             v = r.row(name)
-            cell = f"{v:.2f}"
+            cell = str(v) if name == "cache copies in loop" else f"{v:.2f}"
             if name == "remainder":
                 cell += f" ({100 * r.remainder_share:+.0f}%)"
             if name == "verify forward":

@@ -121,4 +121,5 @@ def test_cli_bench_step(tiny_dir, capsys):
     assert abs(ms["sum of parts"] - sum(ms[p] for p in anatomy.PARTS)) < 0.02
     assert abs(ms["remainder"] - (ms["spec step"] - ms["sum of parts"])) < 0.02
     assert "(T=3)" in out  # last + 2 draft tokens: a chain drafter's block is verified whole
+    assert ms["cache copies in loop"] == 0
     assert "remainder > 10% of the step:" in out
