@@ -6,6 +6,7 @@
     specjax bench-ar                   specjax AR decode vs HF transformers generate
     specjax bench                      AR vs drafters on Spec-Bench (JSON + Markdown + PNG)
     specjax bench-verify               cost of one verify forward of T tokens, causal vs tree mask
+    specjax bench-step                 step anatomy: ms of propose, verify, accept/emit, commit
     specjax tune-tree                  pick the draft-tree size with the best measured tokens/s
     specjax train-drafter              train an EAGLE / EAGLE-3 drafter for a target (optax)
 """
@@ -245,6 +246,27 @@ def cmd_bench_verify(a):
     print(autotune.cost_markdown(table))
 
 
+def cmd_bench_step(a):
+    import jax
+
+    from specjax import anatomy, load_model
+
+    model = load_model(a.model)
+    names = [d for d in a.drafters.split(",") if d]
+    results = [anatomy.measure_step(model, make_drafter(n, None, model),
+                                    a.prompt or anatomy.DEFAULT_PROMPT,
+                                    max_new_tokens=a.max_new_tokens, warm_steps=a.warm_steps,
+                                    loop_steps=a.loop_steps, repeats=a.repeats, impl=a.impl,
+                                    name=n)
+               for n in names]
+    print(f"Step anatomy: {a.model} ({model.dtype}, {jax.default_backend()}), batch 1, greedy, "
+          f"impl {a.impl}; state after prefill + {a.warm_steps} steps of the prompt; medians of "
+          f"{a.repeats} interleaved runs (loop step: {a.loop_steps} steps of engine.decode).\n")
+    print(anatomy.anatomy_markdown(results))
+    over = anatomy.check_remainder(results)
+    print("\nremainder > 10% of the step: " + ("; ".join(over) if over else "none"))
+
+
 def tree_factory(name: str, model):
     """`tune-tree` drafter names -> a function DynamicTree -> Drafter (any registered drafter
     that drafts a dynamic tree; ngram: a candidate of N nodes and top_k K drafts K branches of
@@ -378,6 +400,20 @@ def build_parser() -> argparse.ArgumentParser:
     bv.add_argument("--impl", default="xla", choices=("xla", "pallas"), help="attention")
     bv.add_argument("--repeats", type=positive_int, default=20)
     bv.set_defaults(fn=cmd_bench_verify)
+
+    bs = sub.add_parser("bench-step", help="step anatomy: ms of each piece of one decode step")
+    bs.add_argument("--model", default="smollm2-135m")
+    bs.add_argument("--drafters", default="none,ngram,eagle3_tree", type=drafter_list_arg,
+                    help="comma-separated drafter names (one column each): " + _drafter_usage())
+    bs.add_argument("--prompt", default=None, help="one prompt (default: a story request)")
+    bs.add_argument("--max-new-tokens", type=positive_int, default=128,
+                    help="sizes the cache as generate does")
+    bs.add_argument("--warm-steps", type=positive_int, default=4,
+                    help="real decode steps before the measured state")
+    bs.add_argument("--loop-steps", type=positive_int, default=16)
+    bs.add_argument("--repeats", type=positive_int, default=20)
+    bs.add_argument("--impl", default="xla", choices=("xla", "pallas"), help="attention")
+    bs.set_defaults(fn=cmd_bench_step)
 
     tt = sub.add_parser("tune-tree", help="pick the draft tree with the best measured tokens/s")
     tt.add_argument("--model", default="smollm2-135m")
