@@ -17,6 +17,7 @@ sglang-jax saw verify with a tree mask run 61x slower than causal verify until t
 mask handling was fixed -- compare "pallas tree" against "xla causal", not only against the
 reference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pallas_kernels import (BlockSizes, dense_tree_mask, tree_attention,  # noqa: E402
-                            tree_attention_reference)
+from pallas_kernels import BlockSizes, dense_tree_mask, tree_attention, tree_attention_reference  # noqa: E402
 from specjax.models.llama import attention_xla  # noqa: E402
 
 
@@ -84,8 +84,14 @@ def main(argv=None) -> None:
 
     backend = jax.default_backend()
     dtype = jnp.dtype(args.dtype or ("float32" if backend == "cpu" else "bfloat16"))
-    B, S, T, H, KV, hd = (args.batch, args.max_len, args.tree, args.heads, args.kv_heads,
-                          args.head_dim)
+    B, S, T, H, KV, hd = (
+        args.batch,
+        args.max_len,
+        args.tree,
+        args.heads,
+        args.kv_heads,
+        args.head_dim,
+    )
     rng = np.random.default_rng(args.seed)
     q = jnp.asarray(rng.normal(size=(B, T, H, hd)), dtype)
     k = jnp.asarray(rng.normal(size=(B, KV, S, hd)), dtype)  # head-major, as the model's cache
@@ -95,23 +101,32 @@ def main(argv=None) -> None:
     chain = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
     mask = dense_tree_mask(lengths, tree, S)
 
-    print(f"backend={backend} device={jax.devices()[0].device_kind} dtype={dtype.name} "
-          f"B={B} S={S} T={T} H={H} KV={KV} hd={hd} lengths={np.asarray(lengths).tolist()}")
+    print(
+        f"backend={backend} device={jax.devices()[0].device_kind} dtype={dtype.name} "
+        f"B={B} S={S} T={T} H={H} KV={KV} hd={hd} lengths={np.asarray(lengths).tolist()}"
+    )
     rows = [
         ("xla causal", jax.jit(causal_xla), (q, k, v, lengths)),
         ("xla tree", jax.jit(attention_xla), (q, k, v, mask)),
-        ("xla tree+mask", jax.jit(lambda q, k, v, n, m: attention_xla(
-            q, k, v, dense_tree_mask(n, m, S))), (q, k, v, lengths, tree)),
+        (
+            "xla tree+mask",
+            jax.jit(lambda q, k, v, n, m: attention_xla(q, k, v, dense_tree_mask(n, m, S))),
+            (q, k, v, lengths, tree),
+        ),
         ("reference f32", tree_attention_reference, (q, k, v, lengths, tree)),
     ]
     if backend == "cpu":
-        note = ("CPU: Pallas runs only in interpret mode here, whose timing says nothing about "
-                "the kernel; only the XLA paths are timed.")
+        note = (
+            "CPU: Pallas runs only in interpret mode here, whose timing says nothing about "
+            "the kernel; only the XLA paths are timed."
+        )
     else:
         bs = BlockSizes(block_k=args.block_k)
         kern = jax.jit(lambda q, k, v, n, m: tree_attention(q, k, v, n, m, block_sizes=bs))
-        rows += [("pallas tree", kern, (q, k, v, lengths, tree)),
-                 ("pallas chain", kern, (q, k, v, lengths, chain))]
+        rows += [
+            ("pallas tree", kern, (q, k, v, lengths, tree)),
+            ("pallas chain", kern, (q, k, v, lengths, chain)),
+        ]
         note = None
 
     results = []

@@ -76,6 +76,7 @@ whose runtime runs it) or refused (SpecForge). Without the target's embedding to
 Every tensor must be used and have the expected shape; errors (`CheckpointMismatch`) name the
 HF key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -84,7 +85,7 @@ import logging
 import os
 import re
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -101,19 +102,35 @@ PRODUCERS = ("safeailab", "specforge", "vllm", "speculators")
 # keeps distinct `embed_tokens`). SpecForge/SGLang always use the target's.
 _RUNS_OWN_EMBEDDING = ("safeailab", "vllm", "speculators")
 # speculators' top-level fields (the nested layer config must not shadow them).
-_SPECULATORS_TOP = ("architectures", "draft_vocab_size", "norm_before_residual", "norm_before_fc",
-                    "fc_norm", "norm_output", "target_hidden_size",
-                    "eagle_aux_hidden_state_layer_ids", "embed_requires_grad")
+_SPECULATORS_TOP = (
+    "architectures",
+    "draft_vocab_size",
+    "norm_before_residual",
+    "norm_before_fc",
+    "fc_norm",
+    "norm_output",
+    "target_hidden_size",
+    "eagle_aux_hidden_state_layer_ids",
+    "embed_requires_grad",
+)
 _LAYER_NUM = re.compile(r"^(?:layers|midlayer)\.(\d+)\.")
 V3_PREFIXES = ("midlayer.", "layers.0.")
 # HF layer suffix -> role (shared by both versions; EAGLE-3 adds the two input norms).
-_ATTN_MLP = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-             "self_attn.o_proj.weight", "post_attention_layernorm.weight",
-             "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+_ATTN_MLP = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
 _V3_NORMS = ("input_layernorm.weight", "hidden_norm.weight")
 
 
 # ----------------------------------------------------------------------------- config.json
+
 
 def _flatten_config(raw: dict) -> dict:
     """config.json -> one flat dict. The `speculators` format nests the layer's config under
@@ -125,14 +142,16 @@ def _flatten_config(raw: dict) -> dict:
     if nested is None:
         return hf
     if not isinstance(nested, dict):
-        raise CheckpointMismatch(f"transformer_layer_config must be a dict, got "
-                                 f"{type(nested).__name__}")
+        raise CheckpointMismatch(
+            f"transformer_layer_config must be a dict, got {type(nested).__name__}"
+        )
     # speculators' own default layer class is Qwen3's (its config's default factory).
     model_type = nested.get("model_type", "qwen3")
     if model_type != "llama":
         raise CheckpointMismatch(
             f"speculators drafter with a {model_type!r} layer (transformer_layer_config."
-            f"model_type); only 'llama' layers are supported (a Qwen3 layer adds q/k norms)")
+            f"model_type); only 'llama' layers are supported (a Qwen3 layer adds q/k norms)"
+        )
     import transformers
 
     layer = transformers.LlamaConfig(**nested).to_dict()
@@ -149,21 +168,25 @@ def _layer_config(hf: dict, target: ModelConfig) -> ModelConfig:
     if n != 1:
         raise CheckpointMismatch(
             f"EAGLE config.json has num_hidden_layers={n}; specjax's EAGLE drafter has exactly "
-            f"one decoder layer (multi-layer drafters are not supported)")
+            f"one decoder layer (multi-layer drafters are not supported)"
+        )
     D = int(hf["hidden_size"])
     if D != target.hidden_size:
         raise CheckpointMismatch(
             f"EAGLE drafter hidden_size {D} differs from the target's {target.hidden_size}: it "
-            f"was trained for another model")
+            f"was trained for another model"
+        )
     if hf.get("target_hidden_size") not in (None, target.hidden_size):
         raise CheckpointMismatch(
             f"EAGLE drafter reads target features of size {hf['target_hidden_size']} "
-            f"(target_hidden_size) but the target's hidden size is {target.hidden_size}")
+            f"(target_hidden_size) but the target's hidden size is {target.hidden_size}"
+        )
     V = hf.get("vocab_size")
     if V is not None and int(V) != target.vocab_size:
         raise CheckpointMismatch(
             f"EAGLE drafter vocab_size {V} differs from the target's {target.vocab_size}: it "
-            f"was trained for another model")
+            f"was trained for another model"
+        )
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise CheckpointMismatch(f"EAGLE drafter uses hidden_act={act!r}; only silu is supported")
@@ -171,31 +194,50 @@ def _layer_config(hf: dict, target: ModelConfig) -> ModelConfig:
         raise CheckpointMismatch("EAGLE drafters with attention_bias / mlp_bias are not supported")
     # The layer is a Llama layer whatever the target family (Qwen2 targets still get Llama
     # drafter configs); model_type only selects how the fields are parsed.
-    parsed = ModelConfig.from_hf({**hf, "model_type": "llama", "num_hidden_layers": 1,
-                                  "vocab_size": target.vocab_size, "attention_bias": False})
+    parsed = ModelConfig.from_hf(
+        {
+            **hf,
+            "model_type": "llama",
+            "num_hidden_layers": 1,
+            "vocab_size": target.vocab_size,
+            "attention_bias": False,
+        }
+    )
     return dataclasses.replace(
-        parsed, num_layers=1, sliding_window=None, attention_bias=False,
-        tie_word_embeddings=False, model_type="llama",
+        parsed,
+        num_layers=1,
+        sliding_window=None,
+        attention_bias=False,
+        tie_word_embeddings=False,
+        model_type="llama",
         # Not a property of the layer: keep the target's context limit and special tokens.
         max_position_embeddings=target.max_position_embeddings,
-        eos_token_ids=target.eos_token_ids, bos_token_id=target.bos_token_id)
+        eos_token_ids=target.eos_token_ids,
+        bos_token_id=target.bos_token_id,
+    )
 
 
 def detect_producer(raw: dict) -> tuple:
     """-> (producer, reason): who wrote this config.json (see the module docstring)."""
     archs = raw.get("architectures") or []
     ec = raw.get("eagle_config")
-    if any(k in raw for k in ("speculators_model_type", "speculators_config",
-                              "transformer_layer_config")):
+    if any(
+        k in raw
+        for k in ("speculators_model_type", "speculators_config", "transformer_layer_config")
+    ):
         return "speculators", "config.json has speculators fields (speculators_model_type)"
     if isinstance(ec, dict) and ec.get("eagle_aux_hidden_state_layer_ids") is not None:
         return "specforge", "config.json has eagle_config.eagle_aux_hidden_state_layer_ids"
-    if (raw.get("eagle_aux_hidden_state_layer_ids") is not None
-            or "Eagle3LlamaForCausalLM" in archs
-            or any(k in raw for k in ("norm_before_residual", "norm_before_fc"))):
-        return "vllm", ("config.json has vLLM's fields (top-level "
-                        "eagle_aux_hidden_state_layer_ids / norm_before_residual / "
-                        "norm_before_fc / architecture Eagle3LlamaForCausalLM)")
+    if (
+        raw.get("eagle_aux_hidden_state_layer_ids") is not None
+        or "Eagle3LlamaForCausalLM" in archs
+        or any(k in raw for k in ("norm_before_residual", "norm_before_fc"))
+    ):
+        return "vllm", (
+            "config.json has vLLM's fields (top-level "
+            "eagle_aux_hidden_state_layer_ids / norm_before_residual / "
+            "norm_before_fc / architecture Eagle3LlamaForCausalLM)"
+        )
     if "fc_norm" in raw or "norm_output" in raw:
         return "specforge", "config.json has SpecForge's EAGLE-3.1 fields (fc_norm / norm_output)"
     return "safeailab", "config.json has no producer-specific fields (SafeAILab's layout)"
@@ -203,7 +245,8 @@ def detect_producer(raw: dict) -> tuple:
 
 def _int_list(ids, what: str) -> list:
     if not isinstance(ids, (list, tuple)) or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        isinstance(i, int) and not isinstance(i, bool) for i in ids
+    ):
         raise CheckpointMismatch(f"{what} must be a list of ints, got {ids!r}")
     return [int(i) for i in ids]
 
@@ -217,16 +260,20 @@ def _checkpoint_ids(hf: dict, producer: str):
         raise CheckpointMismatch(
             f"config.json has both eagle_aux_hidden_state_layer_ids {top} and "
             f"eagle_config.eagle_aux_hidden_state_layer_ids {nested}, which disagree; pass "
-            f"capture_layers= (HF hidden_states indices) to say which layers it was trained on")
+            f"capture_layers= (HF hidden_states indices) to say which layers it was trained on"
+        )
     if producer == "specforge" and nested is not None:
-        return _int_list(nested, "eagle_config.eagle_aux_hidden_state_layer_ids"), \
-            "eagle_config.eagle_aux_hidden_state_layer_ids"
+        return _int_list(
+            nested, "eagle_config.eagle_aux_hidden_state_layer_ids"
+        ), "eagle_config.eagle_aux_hidden_state_layer_ids"
     if top is not None:
-        return _int_list(top, "eagle_aux_hidden_state_layer_ids"), \
-            "eagle_aux_hidden_state_layer_ids"
+        return _int_list(
+            top, "eagle_aux_hidden_state_layer_ids"
+        ), "eagle_aux_hidden_state_layer_ids"
     if nested is not None:
-        return _int_list(nested, "eagle_config.eagle_aux_hidden_state_layer_ids"), \
-            "eagle_config.eagle_aux_hidden_state_layer_ids"
+        return _int_list(
+            nested, "eagle_config.eagle_aux_hidden_state_layer_ids"
+        ), "eagle_config.eagle_aux_hidden_state_layer_ids"
     return None, None
 
 
@@ -239,57 +286,74 @@ def _feature_layers(hf: dict, producer: str, target: ModelConfig, override=None)
         reason = "capture_layers given by the caller"
     elif ids is None:
         layers = list(eagle_lib.default_feature_layers(L))
-        reason = (f"config.json names no layers: EAGLE-3's default (2, L//2, L-3) for L={L}, "
-                  f"which SafeAILab, SpecForge/SGLang and vLLM all use")
+        reason = (
+            f"config.json names no layers: EAGLE-3's default (2, L//2, L-3) for L={L}, "
+            f"which SafeAILab, SpecForge/SGLang and vLLM all use"
+        )
     elif producer == "specforge":
         # SGLang stores the output of layer id, i.e. the stream entering layer id + 1.
         layers = [i + 1 for i in ids]
-        reason = (f"SpecForge {where} {ids} + 1: SGLang captures the output of layer id "
-                  f"(HF hidden_states[id + 1])")
+        reason = (
+            f"SpecForge {where} {ids} + 1: SGLang captures the output of layer id "
+            f"(HF hidden_states[id + 1])"
+        )
     else:
         layers = list(ids)
-        reason = (f"{producer} {where} {ids} as given: vLLM captures the stream entering layer "
-                  f"id (HF hidden_states[id])")
+        reason = (
+            f"{producer} {where} {ids} as given: vLLM captures the stream entering layer "
+            f"id (HF hidden_states[id])"
+        )
     bad = [i for i in layers if not 0 <= i <= L]
     if bad:
         raise CheckpointMismatch(
             f"capture layers {layers} ({reason}) name hidden states {bad} outside 0..{L} of a "
-            f"target with {L} layers")
+            f"target with {L} layers"
+        )
     return tuple(layers), reason
 
 
 def _variant_flags(hf: dict, producer: str) -> dict:
     """EagleConfig's version-3 variant flags from config.json, read as `producer` means them."""
-    fields = {k: hf[k] for k in ("fc_norm", "norm_output", "norm_before_residual",
-                                 "norm_before_fc") if hf.get(k) is not None}
+    fields = {
+        k: hf[k]
+        for k in ("fc_norm", "norm_output", "norm_before_residual", "norm_before_fc")
+        if hf.get(k) is not None
+    }
     for k, v in fields.items():
         if not isinstance(v, bool):
             raise CheckpointMismatch(f"config.json {k} must be true or false, got {v!r}")
     flags = {"fc_norm": fields.get("fc_norm", False)}
     if producer in ("vllm", "speculators"):
-        flags.update(norm_before_residual=fields.get("norm_before_residual", False),
-                     fc_input_norm=fields.get("norm_before_fc", False),
-                     feed_normed=fields.get("norm_output", False))
+        flags.update(
+            norm_before_residual=fields.get("norm_before_residual", False),
+            fc_input_norm=fields.get("norm_before_fc", False),
+            feed_normed=fields.get("norm_output", False),
+        )
         if flags["fc_norm"] and flags["fc_input_norm"]:
-            raise CheckpointMismatch("config.json sets both fc_norm and norm_before_fc; they "
-                                     "are exclusive (one norm per layer or one over the concat)")
+            raise CheckpointMismatch(
+                "config.json sets both fc_norm and norm_before_fc; they "
+                "are exclusive (one norm per layer or one over the concat)"
+            )
         return flags
     # SafeAILab's and SpecForge's modules have neither field: a set one means another producer.
     alien = [k for k in ("norm_before_residual", "norm_before_fc") if fields.get(k)]
     if alien:
         raise CheckpointMismatch(
             f"config.json sets {', '.join(alien)}, which {producer}'s EAGLE-3 module does not "
-            f"have; pass producer='vllm' or 'speculators' if it was trained with it")
+            f"have; pass producer='vllm' or 'speculators' if it was trained with it"
+        )
     if producer == "specforge":  # SpecForge: norm_output = the head reads norm(output)
         flags["head_norm"] = fields.get("norm_output", True)
     elif "norm_output" in fields or flags["fc_norm"]:
         raise CheckpointMismatch(
             "config.json sets fc_norm / norm_output, which SafeAILab's EAGLE-3 module does not "
-            "have; pass producer='specforge', 'vllm' or 'speculators'")
+            "have; pass producer='specforge', 'vllm' or 'speculators'"
+        )
     return flags
 
 
 # ----------------------------------------------------------------------------- tensors
+
 
 def _read_state(path: str) -> dict:
     """All tensors of the checkpoint directory (non-parameter buffers dropped)."""
@@ -303,33 +367,40 @@ def _read_state(path: str) -> dict:
         lost = sorted(k for k in wanted if k not in state)
         if lost:
             raise CheckpointMismatch(
-                f"{index} lists tensor(s) missing from the shards present: {', '.join(lost[:8])}")
+                f"{index} lists tensor(s) missing from the shards present: {', '.join(lost[:8])}"
+            )
     return {k: np.asarray(v) for k, v in state.items() if not IGNORED.match(k)}
 
 
 def _detect_version(state: dict, hf: dict) -> int:
     keys = set(state)
     archs = " ".join(hf.get("architectures") or []).lower()
-    if (any(k.startswith("midlayer.") or k.endswith("hidden_norm.weight") for k in keys)
-            or keys & {"d2t", "t2d", "lm_head.weight", "norm.weight"}
-            or "eagle3" in archs or hf.get("speculators_model_type") == "eagle3"):
+    if (
+        any(k.startswith("midlayer.") or k.endswith("hidden_norm.weight") for k in keys)
+        or keys & {"d2t", "t2d", "lm_head.weight", "norm.weight"}
+        or "eagle3" in archs
+        or hf.get("speculators_model_type") == "eagle3"
+    ):
         return 3
     if "fc.weight" in keys or any(k.startswith("layers.") for k in keys):
         return 1
     raise CheckpointMismatch(
         f"not an EAGLE drafter checkpoint: no 'fc.weight' or decoder layer keys; found "
-        f"{', '.join(sorted(keys)[:8])}")
+        f"{', '.join(sorted(keys)[:8])}"
+    )
 
 
 def _check_single_layer(state: dict):
     extra = sorted({int(m.group(1)) for k in state if (m := _LAYER_NUM.match(k))} - {0})
     if extra:
-        first = next(k for k in sorted(state) if (m := _LAYER_NUM.match(k))
-                     and int(m.group(1)) == extra[0])
+        first = next(
+            k for k in sorted(state) if (m := _LAYER_NUM.match(k)) and int(m.group(1)) == extra[0]
+        )
         raise CheckpointMismatch(
             f"EAGLE checkpoint has decoder layer(s) {[0] + extra} (e.g. {first!r}); specjax's "
             f"EAGLE drafter has exactly one decoder layer (multi-layer drafters are not "
-            f"supported)")
+            f"supported)"
+        )
 
 
 def _check_tensors(state: dict, required: dict, optional: dict, version: int, hint: str = ""):
@@ -338,17 +409,20 @@ def _check_tensors(state: dict, required: dict, optional: dict, version: int, hi
     if extra:
         raise CheckpointMismatch(
             f"{len(extra)} checkpoint tensor(s) not used by an EAGLE-{version} drafter: "
-            f"{', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
+            f"{', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}"
+        )
     missing = [k for k in required if k not in state]
     if missing:
         raise CheckpointMismatch(
             f"EAGLE-{version} checkpoint is missing {len(missing)} tensor(s): "
-            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}{hint}")
+            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}{hint}"
+        )
     for key, want in {**required, **optional}.items():
         if key in state and tuple(state[key].shape) != tuple(want):
             raise CheckpointMismatch(
                 f"checkpoint tensor {key!r} has shape {tuple(state[key].shape)}; expected "
-                f"{tuple(want)} for this config")
+                f"{tuple(want)} for this config"
+            )
 
 
 def _layer_shapes(lc: ModelConfig, prefix: str, d_in: int) -> dict:
@@ -361,12 +435,21 @@ def _layer_shapes(lc: ModelConfig, prefix: str, d_in: int) -> dict:
 def _layer_params(state: dict, prefix: str, cast) -> dict:
     t = lambda s: state[prefix + s].T  # noqa: E731  torch [out, in] -> ours [in, out]
     return {
-        "wqkv": cast(np.concatenate([t("self_attn.q_proj.weight"), t("self_attn.k_proj.weight"),
-                                     t("self_attn.v_proj.weight")], axis=-1)),
+        "wqkv": cast(
+            np.concatenate(
+                [
+                    t("self_attn.q_proj.weight"),
+                    t("self_attn.k_proj.weight"),
+                    t("self_attn.v_proj.weight"),
+                ],
+                axis=-1,
+            )
+        ),
         "wo": cast(t("self_attn.o_proj.weight")),
         "mlp_norm": cast(state[prefix + "post_attention_layernorm.weight"]),
-        "w_gate_up": cast(np.concatenate([t("mlp.gate_proj.weight"), t("mlp.up_proj.weight")],
-                                         axis=-1)),
+        "w_gate_up": cast(
+            np.concatenate([t("mlp.gate_proj.weight"), t("mlp.up_proj.weight")], axis=-1)
+        ),
         "w_down": cast(t("mlp.down_proj.weight")),
     }
 
@@ -395,7 +478,7 @@ def _same_table(a: np.ndarray, b: np.ndarray) -> bool:
     return False
 
 
-def _own_embedding(state: dict, producer: str, target_embed) -> Optional[np.ndarray]:
+def _own_embedding(state: dict, producer: str, target_embed) -> np.ndarray | None:
     """The drafter's `embed_tokens.weight` when it must be run as its own, else None (absent, or
     a copy of the target's, which is then shared). Refused when it differs from the target's
     and the producer's runtime would not run it (module docstring)."""
@@ -403,8 +486,10 @@ def _own_embedding(state: dict, producer: str, target_embed) -> Optional[np.ndar
     if mine is None:
         return None
     if target_embed is None:
-        log.info("EAGLE drafter carries embed_tokens.weight and no target embedding was given "
-                 "to compare it with: drafting with the drafter's own")
+        log.info(
+            "EAGLE drafter carries embed_tokens.weight and no target embedding was given "
+            "to compare it with: drafting with the drafter's own"
+        )
         return mine
     theirs = np.asarray(target_embed, np.float32)
     if _same_table(mine, theirs):
@@ -417,10 +502,14 @@ def _own_embedding(state: dict, producer: str, target_embed) -> Optional[np.ndar
             f"{diff:.3g}); a {producer} drafter is trained on its target's frozen embedding and "
             f"drafted with the target's, so it was made for another target. Producers whose "
             f"runtime drafts with their own embedding: {', '.join(_RUNS_OWN_EMBEDDING)} "
-            f"(pass producer= to run it as one of them)")
-    warnings.warn(f"EAGLE drafter's embed_tokens.weight differs from the target's (max |diff| "
-                  f"{diff:.3g}): drafting with the drafter's own embedding, as {producer}'s "
-                  f"runtime does", stacklevel=3)
+            f"(pass producer= to run it as one of them)"
+        )
+    warnings.warn(
+        f"EAGLE drafter's embed_tokens.weight differs from the target's (max |diff| "
+        f"{diff:.3g}): drafting with the drafter's own embedding, as {producer}'s "
+        f"runtime does",
+        stacklevel=3,
+    )
     return mine
 
 
@@ -434,11 +523,13 @@ def _d2t_absolute(state: dict, Vd: int, V: int) -> np.ndarray:
     if bad.size:
         raise CheckpointMismatch(
             f"'d2t' maps draft id(s) {bad[:5].tolist()} to target id(s) {ids[bad[:5]].tolist()} "
-            f"outside [0, {V}) (d2t holds offsets: target id = draft id + d2t[draft id])")
+            f"outside [0, {V}) (d2t holds offsets: target id = draft id + d2t[draft id])"
+        )
     uniq, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
         raise CheckpointMismatch(
-            f"'d2t' maps several draft ids to target id(s) {uniq[counts > 1][:5].tolist()}")
+            f"'d2t' maps several draft ids to target id(s) {uniq[counts > 1][:5].tolist()}"
+        )
     if "t2d" in state:
         t2d = _as_int(state["t2d"], "t2d")
         if not np.isin(t2d, (0, 1)).all():
@@ -446,15 +537,23 @@ def _d2t_absolute(state: dict, Vd: int, V: int) -> np.ndarray:
         if int(t2d.sum()) != Vd or not t2d[ids].all():
             raise CheckpointMismatch(
                 f"'t2d' marks {int(t2d.sum())} target ids but 'd2t' maps the {Vd} draft ids to "
-                f"a different set: the two maps disagree")
+                f"a different set: the two maps disagree"
+            )
     return ids.astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- public API
 
-def load_eagle_hf(path, target_cfg: ModelConfig, dtype=jnp.float32, *, target_embed=None,
-                  producer: Optional[str] = None,
-                  capture_layers: Optional[Sequence[int]] = None):
+
+def load_eagle_hf(
+    path,
+    target_cfg: ModelConfig,
+    dtype=jnp.float32,
+    *,
+    target_embed=None,
+    producer: str | None = None,
+    capture_layers: Sequence[int] | None = None,
+):
     """An HF-format EAGLE-1/2 or EAGLE-3 drafter directory -> (EagleConfig, params).
 
     `target_cfg`: the target's ModelConfig (hidden size, vocabulary and layer count are checked
@@ -480,8 +579,10 @@ def load_eagle_hf(path, target_cfg: ModelConfig, dtype=jnp.float32, *, target_em
     log.info("EAGLE drafter %s: producer %s, %s", path, producer, why)
     kind = raw.get("speculators_model_type")
     if kind not in (None, "eagle3"):
-        raise CheckpointMismatch(f"speculators_model_type {kind!r} is not supported; specjax "
-                                 f"reads speculators 'eagle3' drafters")
+        raise CheckpointMismatch(
+            f"speculators_model_type {kind!r} is not supported; specjax "
+            f"reads speculators 'eagle3' drafters"
+        )
     hf = _flatten_config(raw)
     state = _read_state(path)
     version = _detect_version(state, hf)
@@ -494,20 +595,27 @@ def load_eagle_hf(path, target_cfg: ModelConfig, dtype=jnp.float32, *, target_em
 
     if version == 1:
         if capture_layers is not None:
-            raise ValueError("capture_layers applies to EAGLE-3 drafters; this checkpoint is "
-                             "EAGLE-1/2 (it reads the target's last hidden state)")
+            raise ValueError(
+                "capture_layers applies to EAGLE-3 drafters; this checkpoint is "
+                "EAGLE-1/2 (it reads the target's last hidden state)"
+            )
         bias = bool(hf.get("bias", True))
         required = {"fc.weight": (D, 2 * D)}
         if bias:
             required["fc.bias"] = (D,)
         required.update(_layer_shapes(layer, "layers.0.", D))
-        hint = ("; config.json has no \"bias\" entry, so (like SafeAILab's loader) fc.bias is "
-                "expected: set \"bias\": false if the drafter has none"
-                if bias and "bias" not in hf and "fc.bias" not in state else "")
+        hint = (
+            '; config.json has no "bias" entry, so (like SafeAILab\'s loader) fc.bias is '
+            'expected: set "bias": false if the drafter has none'
+            if bias and "bias" not in hf and "fc.bias" not in state
+            else ""
+        )
         _check_tensors(state, required, optional, 1, hint)
         cfg = E.EagleConfig(version=1, layer=layer, fc_bias=bias)
-        params = {"fc": cast(state["fc.weight"].T),
-                  "layer": _layer_params(state, "layers.0.", cast)}
+        params = {
+            "fc": cast(state["fc.weight"].T),
+            "layer": _layer_params(state, "layers.0.", cast),
+        }
         if bias:
             params["fc_b"] = cast(state["fc.bias"])
         own = _own_embedding(state, producer, target_embed)
@@ -521,13 +629,15 @@ def load_eagle_hf(path, target_cfg: ModelConfig, dtype=jnp.float32, *, target_em
     if "fc.weight" in state and state["fc.weight"].shape[-1] != n * D:
         raise CheckpointMismatch(
             f"fc.weight reads {state['fc.weight'].shape[-1] / D:g} target layers of size {D} but "
-            f"{n} capture layers were chosen ({list(feature_layers)}: {reason})")
+            f"{n} capture layers were chosen ({list(feature_layers)}: {reason})"
+        )
     log.info("EAGLE-3 capture layers (HF hidden_states) %s: %s", list(feature_layers), reason)
     flags = _variant_flags(hf, producer)
     Vd = int(hf.get("draft_vocab_size") or V)
     if Vd > V:
-        raise CheckpointMismatch(f"EAGLE-3 draft_vocab_size {Vd} is larger than the target's "
-                                 f"vocabulary {V}")
+        raise CheckpointMismatch(
+            f"EAGLE-3 draft_vocab_size {Vd} is larger than the target's vocabulary {V}"
+        )
     required = {"fc.weight": (D, n * D)}
     if flags["fc_norm"]:
         required.update({f"fc_norm.{i}.weight": (D,) for i in range(n)})
@@ -541,18 +651,31 @@ def load_eagle_hf(path, target_cfg: ModelConfig, dtype=jnp.float32, *, target_em
     else:
         optional["d2t"] = (Vd,)
     optional["t2d"] = (V,)
-    hint = ("; config.json sets fc_norm (EAGLE-3.1: one norm per captured layer)"
-            if flags["fc_norm"] else "")
+    hint = (
+        "; config.json sets fc_norm (EAGLE-3.1: one norm per captured layer)"
+        if flags["fc_norm"]
+        else ""
+    )
     _check_tensors(state, required, optional, 3, hint)
     d2t = _d2t_absolute(state, Vd, V)
-    cfg = E.EagleConfig(version=3, layer=layer, feature_layers=feature_layers, draft_vocab=Vd,
-                        fc_bias=False, **flags)
+    cfg = E.EagleConfig(
+        version=3,
+        layer=layer,
+        feature_layers=feature_layers,
+        draft_vocab=Vd,
+        fc_bias=False,
+        **flags,
+    )
     lp = _layer_params(state, prefix, cast)
     lp["embed_norm"] = cast(state[prefix + "input_layernorm.weight"])
     lp["hidden_norm"] = cast(state[prefix + "hidden_norm.weight"])
-    params = {"fc": cast(state["fc.weight"].T), "layer": lp,
-              "norm": cast(state["norm.weight"]), "lm_head": cast(state["lm_head.weight"].T),
-              "d2t": jnp.asarray(d2t, jnp.int32)}
+    params = {
+        "fc": cast(state["fc.weight"].T),
+        "layer": lp,
+        "norm": cast(state["norm.weight"]),
+        "lm_head": cast(state["lm_head.weight"].T),
+        "d2t": jnp.asarray(d2t, jnp.int32),
+    }
     if flags["fc_norm"]:
         params["fc_norm"] = cast(np.stack([state[f"fc_norm.{i}.weight"] for i in range(n)]))
     if flags.get("fc_input_norm"):
@@ -598,16 +721,20 @@ def _hf_config(cfg, target_cfg: ModelConfig, dtype_name: str) -> dict:
         # HF hidden_states indices = vLLM's convention for this field (no shift); the variant
         # flags are written as vLLM reads them (the producer `load_eagle_hf` detects: "vllm").
         out["eagle_aux_hidden_state_layer_ids"] = [int(i) for i in cfg.feature_layers]
-        for name, key in (("fc_norm", "fc_norm"), ("fc_input_norm", "norm_before_fc"),
-                          ("norm_before_residual", "norm_before_residual"),
-                          ("feed_normed", "norm_output")):
+        for name, key in (
+            ("fc_norm", "fc_norm"),
+            ("fc_input_norm", "norm_before_fc"),
+            ("norm_before_residual", "norm_before_residual"),
+            ("feed_normed", "norm_output"),
+        ):
             if getattr(cfg, name):
                 out[key] = True
     return out
 
 
-def save_eagle_hf(path, cfg, params: dict, target_cfg: ModelConfig,
-                  embed: Optional[np.ndarray] = None) -> None:
+def save_eagle_hf(
+    path, cfg, params: dict, target_cfg: ModelConfig, embed: np.ndarray | None = None
+) -> None:
     """Write (EagleConfig, params) as an HF EAGLE checkpoint: config.json + model.safetensors,
     in the layout `load_eagle_hf` reads (EAGLE-3 under `midlayer.`, d2t as int64 offsets, t2d).
 
@@ -618,11 +745,15 @@ def save_eagle_hf(path, cfg, params: dict, target_cfg: ModelConfig,
     from safetensors.numpy import save_file
 
     if not cfg.head_norm:
-        raise ValueError("EagleConfig.head_norm=False (SpecForge's norm_output: false) has no "
-                         "field in the vLLM-style config save_eagle_hf writes")
+        raise ValueError(
+            "EagleConfig.head_norm=False (SpecForge's norm_output: false) has no "
+            "field in the vLLM-style config save_eagle_hf writes"
+        )
     if cfg.version == 1 and bool(cfg.fc_bias) != ("fc_b" in params):
-        raise ValueError(f"EagleConfig.fc_bias={cfg.fc_bias} but the params "
-                         f"{'lack' if cfg.fc_bias else 'have'} 'fc_b'")
+        raise ValueError(
+            f"EagleConfig.fc_bias={cfg.fc_bias} but the params "
+            f"{'lack' if cfg.fc_bias else 'have'} 'fc_b'"
+        )
     L = cfg.layer
     H, KV, hd = L.num_heads, L.num_kv_heads, L.head_dim
     arr = lambda x: np.asarray(x)  # noqa: E731  (bfloat16 stays bfloat16: safetensors has it)
@@ -632,9 +763,24 @@ def save_eagle_hf(path, cfg, params: dict, target_cfg: ModelConfig,
     gate, up = np.split(arr(lp["w_gate_up"]), 2, axis=-1)
     prefix = "layers.0." if cfg.version == 1 else "midlayer."
     state = {"fc.weight": t(params["fc"])}
-    state.update({prefix + s: w for s, w in zip(
-        _ATTN_MLP, (t(q), t(k), t(v), t(lp["wo"]), arr(lp["mlp_norm"]), t(gate), t(up),
-                    t(lp["w_down"])))})
+    state.update(
+        {
+            prefix + s: w
+            for s, w in zip(
+                _ATTN_MLP,
+                (
+                    t(q),
+                    t(k),
+                    t(v),
+                    t(lp["wo"]),
+                    arr(lp["mlp_norm"]),
+                    t(gate),
+                    t(up),
+                    t(lp["w_down"]),
+                ),
+            )
+        }
+    )
     if cfg.version == 1:
         if "fc_b" in params:
             state["fc.bias"] = arr(params["fc_b"])
@@ -654,19 +800,24 @@ def save_eagle_hf(path, cfg, params: dict, target_cfg: ModelConfig,
             state["input_norm.weight"] = arr(params["fc_input_norm"])
     if "embed" in params:  # the drafter's own embedding (see load_eagle_hf)
         if embed is not None:
-            raise ValueError("params carry the drafter's own embedding ('embed'); do not also "
-                             "pass embed=")
+            raise ValueError(
+                "params carry the drafter's own embedding ('embed'); do not also pass embed="
+            )
         embed = params["embed"]
     if embed is None and isinstance(params.get("target"), dict):
         embed = params["target"].get("embed")
     if embed is not None:
         state["embed_tokens.weight"] = arr(embed)
-    floats = {str(w.dtype) for w in state.values() if w.dtype.kind == "f" or
-              str(w.dtype) == "bfloat16"}
+    floats = {
+        str(w.dtype) for w in state.values() if w.dtype.kind == "f" or str(w.dtype) == "bfloat16"
+    }
     dtype_name = floats.pop() if len(floats) == 1 else "float32"
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(_hf_config(cfg, target_cfg, dtype_name), f, indent=2)
-    save_file({k: np.ascontiguousarray(w) for k, w in state.items()},
-              os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: np.ascontiguousarray(w) for k, w in state.items()},
+        os.path.join(path, "model.safetensors"),
+        metadata={"format": "pt"},
+    )

@@ -4,12 +4,13 @@ The conversion is a literal name map plus an explicit transpose list (torch `Lin
 [out, in]; we store [in, out] so activations multiply on the left). Every checkpoint tensor must
 be used and every shape must match, or the error names the offending key.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -52,11 +53,17 @@ def checkpoint_shapes(cfg: ModelConfig) -> dict:
     D, F, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     shapes = {
-        "embed": (V, D), "final_norm": (D,),
-        "layers/attn_norm": (L, D), "layers/mlp_norm": (L, D),
-        "layers/wq": (L, D, q), "layers/wk": (L, D, kv), "layers/wv": (L, D, kv),
+        "embed": (V, D),
+        "final_norm": (D,),
+        "layers/attn_norm": (L, D),
+        "layers/mlp_norm": (L, D),
+        "layers/wq": (L, D, q),
+        "layers/wk": (L, D, kv),
+        "layers/wv": (L, D, kv),
         "layers/wo": (L, q, D),
-        "layers/w_gate": (L, D, F), "layers/w_up": (L, D, F), "layers/w_down": (L, F, D),
+        "layers/w_gate": (L, D, F),
+        "layers/w_up": (L, D, F),
+        "layers/w_down": (L, F, D),
     }
     if cfg.attention_bias:
         shapes.update({"layers/bq": (L, q), "layers/bk": (L, kv), "layers/bv": (L, kv)})
@@ -74,8 +81,9 @@ def convert_state_dict(state: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=
     shapes = checkpoint_shapes(cfg)
     fam = family_of(cfg)
     LAYER_MAP, TOP_MAP = fam.layer_map, fam.top_map
-    per_layer: dict[str, list] = {k.split("/")[1]: [None] * cfg.num_layers
-                                  for k in shapes if k.startswith("layers/")}
+    per_layer: dict[str, list] = {
+        k.split("/")[1]: [None] * cfg.num_layers for k in shapes if k.startswith("layers/")
+    }
     flat: dict[str, np.ndarray] = {}
     unused = []
     for name, value in state.items():
@@ -97,7 +105,8 @@ def convert_state_dict(state: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=
             if got != want:
                 raise CheckpointMismatch(
                     f"checkpoint tensor {name!r} has shape {arr.shape}; expected "
-                    f"{tuple(reversed(want)) if transpose else want} for this config")
+                    f"{tuple(reversed(want)) if transpose else want} for this config"
+                )
             per_layer[ours][layer] = arr.T if transpose else arr
             continue
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -106,7 +115,8 @@ def convert_state_dict(state: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=
             if emb is not None and not np.array_equal(np.asarray(emb), arr):
                 raise CheckpointMismatch(
                     "config says tie_word_embeddings=True but 'lm_head.weight' differs from "
-                    "'model.embed_tokens.weight'")
+                    "'model.embed_tokens.weight'"
+                )
             continue
         if name not in TOP_MAP:
             unused.append(name)
@@ -116,23 +126,25 @@ def convert_state_dict(state: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=
         if val.shape != shapes[ours]:
             raise CheckpointMismatch(
                 f"checkpoint tensor {name!r} has shape {arr.shape}; expected "
-                f"{tuple(reversed(shapes[ours])) if transpose else shapes[ours]} for this config")
+                f"{tuple(reversed(shapes[ours])) if transpose else shapes[ours]} for this config"
+            )
         flat[ours] = val
     if unused:
         raise CheckpointMismatch(
             f"{len(unused)} checkpoint tensor(s) not used by a {cfg.model_type} model with this "
-            f"config: {', '.join(sorted(unused)[:8])}{' ...' if len(unused) > 8 else ''}")
+            f"config: {', '.join(sorted(unused)[:8])}{' ...' if len(unused) > 8 else ''}"
+        )
     # Name missing tensors by their HF checkpoint keys.
     hf_top = {ours: name for name, (ours, _) in TOP_MAP.items()}
     hf_layer = {ours: suffix for suffix, (ours, _) in LAYER_MAP.items()}
     missing = [hf_top[k] for k in shapes if not k.startswith("layers/") and k not in flat]
     for ours, items in per_layer.items():
-        missing += [f"model.layers.{i}.{hf_layer[ours]}"
-                    for i, a in enumerate(items) if a is None]
+        missing += [f"model.layers.{i}.{hf_layer[ours]}" for i, a in enumerate(items) if a is None]
     if missing:
         raise CheckpointMismatch(
             f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}"
-            f"{' ...' if len(missing) > 8 else ''}")
+            f"{' ...' if len(missing) > 8 else ''}"
+        )
     layers = fuse_layers({k: np.stack(v).astype(dtype) for k, v in per_layer.items()})
     params = {k: v.astype(dtype) for k, v in flat.items()}
     params["layers"] = layers
@@ -159,7 +171,8 @@ def read_hf_dir(path: str) -> dict:
             state.update({k: v.float().numpy() for k, v in sd.items()})
         return state
     raise FileNotFoundError(
-        f"no *.safetensors or pytorch_model*.bin files in {path!r}; found: {files[:10]}")
+        f"no *.safetensors or pytorch_model*.bin files in {path!r}; found: {files[:10]}"
+    )
 
 
 def _load_safetensors(file: str) -> dict:
@@ -175,8 +188,9 @@ def _load_safetensors(file: str) -> dict:
 
             return {k: np.asarray(v, dtype=np.float32) for k, v in load_jax(file).items()}
     except SafetensorError as e:  # its message never names the file
-        raise CheckpointMismatch(f"cannot read {file!r} ({e}): the file is truncated or damaged; "
-                                 f"download it again") from e
+        raise CheckpointMismatch(
+            f"cannot read {file!r} ({e}): the file is truncated or damaged; download it again"
+        ) from e
 
 
 def read_hf_config(path: str) -> dict:
@@ -203,13 +217,16 @@ def load_gguf(path: str, dtype=np.float32, tokenizer: bool = True):
     try:
         import torch
     except ImportError as e:
-        raise ImportError("converting a GGUF file needs torch (transformers de-quantizes GGUF "
-                          "with it): pip install 'specjax[convert]'") from e
+        raise ImportError(
+            "converting a GGUF file needs torch (transformers de-quantizes GGUF "
+            "with it): pip install 'specjax[convert]'"
+        ) from e
     import transformers
 
     folder, name = os.path.split(os.path.abspath(path))
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                              dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32
+    )
     # The tokenizer alone takes ~8 s to build from GGUF metadata: skipped when the caller has one.
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name) if tokenizer else None
     cfg = ModelConfig.from_hf(model.config)

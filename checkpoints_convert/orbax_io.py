@@ -10,6 +10,7 @@ Checksums are checked at every load, so a damaged file is named instead of being
 different weights. CRC-32 (zlib) rather than a cryptographic hash: it guards against disk and
 copy damage, not against an attacker, and reads SmolLM2's 340 MB in ~0.2 s.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,8 +89,10 @@ def damaged_files(path: str, checksums: dict) -> list[str]:
 
 
 def _damaged(path: str, what: str, cls=DamagedCheckpoint) -> DamagedCheckpoint:
-    return cls(f"converted checkpoint {path!r}: {what}. Convert the model again "
-                             f"(specjax convert SRC {path} --overwrite)")
+    return cls(
+        f"converted checkpoint {path!r}: {what}. Convert the model again "
+        f"(specjax convert SRC {path} --overwrite)"
+    )
 
 
 def _read_meta(path: str) -> dict:
@@ -105,6 +108,7 @@ def _read_meta(path: str) -> dict:
 
 # ----------------------------------------------------------------------------- destinations
 
+
 def check_destination(dst: str, overwrite: bool = False, sources=()) -> None:
     """Refuse a destination whose replacement would lose anything the user did not ask to lose:
     a file, a folder that is not a specjax checkpoint (unless empty), a checkpoint without
@@ -113,21 +117,29 @@ def check_destination(dst: str, overwrite: bool = False, sources=()) -> None:
     for src in sources:
         src = os.path.realpath(src)
         if src == dst or src.startswith(dst.rstrip(os.sep) + os.sep):
-            raise FileExistsError(f"destination {dst!r} holds the source {src!r}: writing there "
-                                  f"would delete the source; choose another destination")
+            raise FileExistsError(
+                f"destination {dst!r} holds the source {src!r}: writing there "
+                f"would delete the source; choose another destination"
+            )
     if not os.path.lexists(dst):
         return
     if not os.path.isdir(dst) or os.path.islink(dst):
-        raise FileExistsError(f"destination {dst!r} exists and is not a directory: refusing to "
-                              f"replace it; choose a new path")
+        raise FileExistsError(
+            f"destination {dst!r} exists and is not a directory: refusing to "
+            f"replace it; choose a new path"
+        )
     if not os.listdir(dst):
         return
     if not is_converted_dir(dst):
-        raise FileExistsError(f"destination {dst!r} exists and is not a specjax checkpoint: "
-                              f"refusing to replace its files; choose a new path")
+        raise FileExistsError(
+            f"destination {dst!r} exists and is not a specjax checkpoint: "
+            f"refusing to replace its files; choose a new path"
+        )
     if not overwrite:
-        raise FileExistsError(f"destination {dst!r} already holds a specjax checkpoint: pass "
-                              f"overwrite=True (CLI: --overwrite) to replace it")
+        raise FileExistsError(
+            f"destination {dst!r} already holds a specjax checkpoint: pass "
+            f"overwrite=True (CLI: --overwrite) to replace it"
+        )
 
 
 def remove_stale_partials(dst: str) -> None:
@@ -140,7 +152,7 @@ def remove_stale_partials(dst: str) -> None:
         if name == base + ".partial":
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
         elif name.startswith(base + PARTIAL):
-            pid = name[len(base + PARTIAL):]
+            pid = name[len(base + PARTIAL) :]
             if pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
@@ -167,8 +179,9 @@ def _replace_dir(tmp: str, dst: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_converted(dst: str, params: dict, cfg: ModelConfig, tokenizer=None, *,
-                   overwrite: bool = False) -> str:
+def save_converted(
+    dst: str, params: dict, cfg: ModelConfig, tokenizer=None, *, overwrite: bool = False
+) -> str:
     """Write a converted checkpoint to `dst` (see the module docstring). An existing `dst` is
     replaced only when it is an empty folder, or a specjax checkpoint and `overwrite`."""
     import orbax.checkpoint as ocp
@@ -189,8 +202,11 @@ def save_converted(dst: str, params: dict, cfg: ModelConfig, tokenizer=None, *,
             ckptr.save(os.path.join(tmp, "params"), jax.tree.map(np.asarray, params))
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-        meta = {"format_version": FORMAT_VERSION, "config": cfg.to_dict(),
-                "files": file_checksums(tmp)}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": cfg.to_dict(),
+            "files": file_checksums(tmp),
+        }
         meta["meta_crc32"] = _meta_crc(meta)
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(meta, f, indent=1)
@@ -211,23 +227,29 @@ def load_converted(path: str):
     if meta.get("format_version") != FORMAT_VERSION:
         raise DamagedCheckpoint(
             f"{path!r} has checkpoint format {meta.get('format_version')!r}; this specjax reads "
-            f"format {FORMAT_VERSION}: convert the model again")
+            f"format {FORMAT_VERSION}: convert the model again"
+        )
     try:
         cfg = ModelConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
-        raise DamagedCheckpoint(f"{os.path.join(path, CONFIG_FILE)!r} holds an invalid model "
-                                f"config ({type(e).__name__}: {e}): convert the model again") from e
+        raise DamagedCheckpoint(
+            f"{os.path.join(path, CONFIG_FILE)!r} holds an invalid model "
+            f"config ({type(e).__name__}: {e}): convert the model again"
+        ) from e
     params_dir = os.path.join(path, "params")
     if not os.path.isdir(params_dir):
         raise _damaged(path, "no params/ directory", MissingCheckpointFile)
     if not isinstance(meta.get("files"), dict):
-        raise _damaged(path, f"{CONFIG_FILE} has no file checksums (written by a specjax from "
-                             f"before checksums)")
+        raise _damaged(
+            path,
+            f"{CONFIG_FILE} has no file checksums (written by a specjax from before checksums)",
+        )
     problems = damaged_files(path, meta["files"])
     if problems:
         missing = any(p.endswith(" is missing") for p in problems)
-        raise _damaged(path, "; ".join(problems),
-                       MissingCheckpointFile if missing else DamagedCheckpoint)
+        raise _damaged(
+            path, "; ".join(problems), MissingCheckpointFile if missing else DamagedCheckpoint
+        )
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(params_dir)
     params = jax.tree.map(np.asarray, params)
@@ -245,18 +267,28 @@ def load_converted(path: str):
 
 
 def _check_shapes(path: str, params, cfg: ModelConfig) -> None:
-    from checkpoints_convert.hf import expected_shapes, CheckpointMismatch
+    from checkpoints_convert.hf import CheckpointMismatch, expected_shapes
 
-    flat = {"/".join(str(getattr(k, "key", k)) for k in kp): v.shape
-            for kp, v in jax.tree_util.tree_leaves_with_path(params)}
+    flat = {
+        "/".join(str(getattr(k, "key", k)) for k in kp): v.shape
+        for kp, v in jax.tree_util.tree_leaves_with_path(params)
+    }
     want = expected_shapes(cfg)
     if flat != want:
-        problems = [f"{k}: checkpoint has shape {flat[k]}, config needs {want[k]}"
-                    for k in sorted(flat.keys() & want.keys()) if flat[k] != want[k]]
-        problems += [f"{k}: needed by the config, absent from the checkpoint"
-                     for k in sorted(want.keys() - flat.keys())]
-        problems += [f"{k}: in the checkpoint, unknown to the config"
-                     for k in sorted(flat.keys() - want.keys())]
+        problems = [
+            f"{k}: checkpoint has shape {flat[k]}, config needs {want[k]}"
+            for k in sorted(flat.keys() & want.keys())
+            if flat[k] != want[k]
+        ]
+        problems += [
+            f"{k}: needed by the config, absent from the checkpoint"
+            for k in sorted(want.keys() - flat.keys())
+        ]
+        problems += [
+            f"{k}: in the checkpoint, unknown to the config"
+            for k in sorted(flat.keys() - want.keys())
+        ]
         raise CheckpointMismatch(
             f"converted checkpoint {path!r} does not match its {CONFIG_FILE} "
-            f"({len(problems)} problem(s)): {'; '.join(problems)}. Convert the model again.")
+            f"({len(problems)} problem(s)): {'; '.join(problems)}. Convert the model again."
+        )

@@ -3,6 +3,7 @@
 `tree_attention`: flash-attention style attention of T tree (or chain) tokens against a row's
 KV cache, used by speculative verification. See `pallas_kernels/tree_attention.py`.
 """
+
 from pallas_kernels.tree_attention import (
     BlockSizes,
     dense_tree_mask,

@@ -65,12 +65,12 @@ Backends (checked against the source of the installed jax 0.10.2):
   (ptxas / libtpu) and running them is UNTESTED: no GPU or TPU was available. Treat the GPU and
   TPU paths as a first draft to validate on hardware (tests + benchmarks/tree_attention_bench.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -111,21 +111,26 @@ class BlockSizes:
     """
 
     block_k: int = 128
-    block_q: Optional[int] = None
+    block_q: int | None = None
     num_warps: int = 4
     num_stages: int = 2
 
     def __post_init__(self):
         if not (isinstance(self.block_k, int) and _is_pow2(self.block_k) and self.block_k >= 8):
             raise ValueError(
-                f"BlockSizes.block_k must be a power of two >= 8, got {self.block_k!r}")
+                f"BlockSizes.block_k must be a power of two >= 8, got {self.block_k!r}"
+            )
         if self.block_q is not None and not (
-                isinstance(self.block_q, int) and _is_pow2(self.block_q) and self.block_q >= 8):
+            isinstance(self.block_q, int) and _is_pow2(self.block_q) and self.block_q >= 8
+        ):
             raise ValueError(
-                f"BlockSizes.block_q must be None or a power of two >= 8, got {self.block_q!r}")
+                f"BlockSizes.block_q must be None or a power of two >= 8, got {self.block_q!r}"
+            )
         if self.num_warps < 1 or self.num_stages < 1:
-            raise ValueError(f"BlockSizes.num_warps/num_stages must be >= 1, got "
-                             f"{self.num_warps}/{self.num_stages}")
+            raise ValueError(
+                f"BlockSizes.num_warps/num_stages must be >= 1, got "
+                f"{self.num_warps}/{self.num_stages}"
+            )
 
     def rows_block(self, rows: int) -> int:
         """Query rows per program for `rows` = T * G rows per kv head."""
@@ -135,6 +140,7 @@ class BlockSizes:
 
 
 # ----------------------------------------------------------------------------- masks
+
 
 def dense_tree_mask(lengths: jax.Array, block_mask: jax.Array, S: int) -> jax.Array:
     """Visibility [B, T, S] bool of cache slots for the T block tokens at [length, length + T).
@@ -169,6 +175,7 @@ def tree_mask_bits(block_mask: jax.Array) -> jax.Array:
 
 # ----------------------------------------------------------------------------- checks
 
+
 def _check_inputs(q, k, v, lengths, block_mask) -> None:
     """Raise ValueError naming the bad argument, its shape and what would be valid."""
     if q.ndim != 4:
@@ -180,38 +187,59 @@ def _check_inputs(q, k, v, lengths, block_mask) -> None:
         raise ValueError(f"v must have k's shape {k.shape} ([B, KV, S, hd]), got {v.shape}")
     Bk, KV, S, hdk = k.shape
     if Bk != B:
-        raise ValueError(f"k/v batch {Bk} (shape {k.shape}) must equal q's batch {B} "
-                         f"(shape {q.shape})")
+        raise ValueError(
+            f"k/v batch {Bk} (shape {k.shape}) must equal q's batch {B} (shape {q.shape})"
+        )
     if hdk != hd:
-        raise ValueError(f"k/v head dim {hdk} (shape {k.shape}) must equal q's head dim {hd} "
-                         f"(shape {q.shape})")
+        raise ValueError(
+            f"k/v head dim {hdk} (shape {k.shape}) must equal q's head dim {hd} (shape {q.shape})"
+        )
     if KV < 1 or H % KV:
-        raise ValueError(f"query heads H={H} must be a positive multiple of kv heads KV={KV} "
-                         f"(GQA groups); q shape {q.shape}, k shape {k.shape}")
+        raise ValueError(
+            f"query heads H={H} must be a positive multiple of kv heads KV={KV} "
+            f"(GQA groups); q shape {q.shape}, k shape {k.shape}"
+        )
     if not 1 <= T <= S:
-        raise ValueError(f"block length T={T} must satisfy 1 <= T <= S={S} (cache slots); "
-                         f"q shape {q.shape}, k shape {k.shape}")
+        raise ValueError(
+            f"block length T={T} must satisfy 1 <= T <= S={S} (cache slots); "
+            f"q shape {q.shape}, k shape {k.shape}"
+        )
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be a floating dtype, got {x.dtype}")
     if k.dtype != v.dtype:
         raise ValueError(f"k and v must share a dtype, got {k.dtype} and {v.dtype}")
     if lengths.shape != (B,):
-        raise ValueError(f"lengths must be [B] = ({B},) (one prefix length per row), "
-                         f"got shape {lengths.shape}")
+        raise ValueError(
+            f"lengths must be [B] = ({B},) (one prefix length per row), got shape {lengths.shape}"
+        )
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"lengths must be an integer dtype, got {lengths.dtype}")
     if block_mask.shape != (B, T, T):
-        raise ValueError(f"block_mask must be [B, T, T] = ({B}, {T}, {T}), "
-                         f"got shape {block_mask.shape}")
+        raise ValueError(
+            f"block_mask must be [B, T, T] = ({B}, {T}, {T}), got shape {block_mask.shape}"
+        )
     if block_mask.dtype != jnp.bool_:
         raise ValueError(f"block_mask must be bool, got {block_mask.dtype}")
 
 
 # ----------------------------------------------------------------------------- kernel
 
-def _tree_attention_kernel(lengths_ref, q_ref, k_ref, v_ref, bits_ref, o_ref, *, seq_len: int,
-                           T: int, block_k: int, scale: float, precision):
+
+def _tree_attention_kernel(
+    lengths_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    bits_ref,
+    o_ref,
+    *,
+    seq_len: int,
+    T: int,
+    block_k: int,
+    scale: float,
+    precision,
+):
     """One (row b, kv head, query block) program.
 
     lengths_ref [B'] int32 (whole array), q_ref [bq, hd], k_ref/v_ref [S', hd] (the kv head's
@@ -246,8 +274,16 @@ def _tree_attention_kernel(lengths_ref, q_ref, k_ref, v_ref, bits_ref, o_ref, *,
         start = pl.multiple_of(i * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]  # [bk, hd]
         v = v_ref[pl.ds(start, block_k), :]
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                            preferred_element_type=jnp.float32) * scale  # [bq, bk]
+        s = (
+            lax.dot_general(
+                q,
+                k,
+                (((1,), (1,)), ((), ())),
+                precision=precision,
+                preferred_element_type=jnp.float32,
+            )
+            * scale
+        )  # [bq, bk]
         if masked:
             vis = visible(start)
             s = jnp.where(vis, s, _MASK_VALUE)
@@ -257,26 +293,35 @@ def _tree_attention_kernel(lengths_ref, q_ref, k_ref, v_ref, bits_ref, o_ref, *,
             p = jnp.where(vis, p, 0.0)  # exact zeros: garbage and fully masked rows add nothing
         alpha = jnp.exp(m - m_new)
         l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
-                             preferred_element_type=jnp.float32)  # [bq, hd]
+        pv = lax.dot_general(
+            p.astype(v.dtype),
+            v,
+            (((1,), (0,)), ((), ())),
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )  # [bq, hd]
         return m_new, l, alpha * acc + pv
 
-    carry = (jnp.full((bq, 1), _MASK_VALUE, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
-             jnp.zeros((bq, hd), jnp.float32))
+    carry = (
+        jnp.full((bq, 1), _MASK_VALUE, jnp.float32),
+        jnp.zeros((bq, 1), jnp.float32),
+        jnp.zeros((bq, hd), jnp.float32),
+    )
     carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
     carry = lax.fori_loop(n_full, n_total, functools.partial(body, masked=True), carry)
     _, l, acc = carry
     o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
 
 
-def _backend_params(backend: Optional[str], block_sizes: BlockSizes):
+def _backend_params(backend: str | None, block_sizes: BlockSizes):
     """(compiler_params, lengths BlockSpec) for the target backend; None backend = interpret."""
     if backend == "gpu":
         # Explicit Triton params: jax 0.10 would otherwise pick Mosaic GPU for a bare pallas_call.
         from jax.experimental.pallas import triton as pltriton
 
-        params = pltriton.CompilerParams(num_warps=block_sizes.num_warps,
-                                         num_stages=block_sizes.num_stages)
+        params = pltriton.CompilerParams(
+            num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages
+        )
         return params, pl.BlockSpec()
     if backend == "tpu":
         from jax.experimental.pallas import tpu as pltpu
@@ -286,15 +331,22 @@ def _backend_params(backend: Optional[str], block_sizes: BlockSizes):
     return None, pl.BlockSpec()
 
 
-def _padded_head_dim(backend: Optional[str], hd: int) -> int:
+def _padded_head_dim(backend: str | None, hd: int) -> int:
     # Triton tiles are powers of two >= 16; TPU and interpret take the full head dim as it is.
     return max(16, _next_pow2(hd)) if backend == "gpu" else hd
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
-                   block_mask: jax.Array, *, block_sizes: BlockSizes = BlockSizes(),
-                   interpret: bool = False) -> jax.Array:
+def tree_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    block_mask: jax.Array,
+    *,
+    block_sizes: BlockSizes = BlockSizes(),
+    interpret: bool = False,
+) -> jax.Array:
     """Tree attention of a block of T tokens against each row's KV cache (Pallas kernel).
 
     q [B, T, H, hd]; k, v [B, KV, S, hd] (head-major cache, block K/V already at slots
@@ -309,14 +361,18 @@ def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
     _check_inputs(q, k, v, lengths, block_mask)
     backend = None if interpret else jax.default_backend()
     if backend == "cpu":
-        raise ValueError("tree_attention: Pallas runs on CPU only with interpret=True "
-                         "(or use tree_attention_reference / the XLA attention path)")
-    return _tree_attention_call(q, k, v, lengths, block_mask, block_sizes=block_sizes,
-                                backend=backend)
+        raise ValueError(
+            "tree_attention: Pallas runs on CPU only with interpret=True "
+            "(or use tree_attention_reference / the XLA attention path)"
+        )
+    return _tree_attention_call(
+        q, k, v, lengths, block_mask, block_sizes=block_sizes, backend=backend
+    )
 
 
-def _tree_attention_call(q, k, v, lengths, block_mask, *, block_sizes: BlockSizes,
-                         backend: Optional[str]) -> jax.Array:
+def _tree_attention_call(
+    q, k, v, lengths, block_mask, *, block_sizes: BlockSizes, backend: str | None
+) -> jax.Array:
     """Layout + pallas_call for `backend` ("gpu", "tpu", or None = interpret). Unjitted, so tests
     can lower the GPU/TPU variants from a CPU machine (`lower(lowering_platforms=...)`)."""
     B, T, H, hd = q.shape
@@ -351,12 +407,19 @@ def _tree_attention_call(q, k, v, lengths, block_mask, *, block_sizes: BlockSize
 
     compiler_params, lengths_spec = _backend_params(backend, block_sizes)
     kernel = functools.partial(
-        _tree_attention_kernel, seq_len=S, T=T, block_k=block_k, scale=1.0 / math.sqrt(hd),
-        precision=lax.Precision.HIGHEST if k.dtype == jnp.float32 else None)
+        _tree_attention_kernel,
+        seq_len=S,
+        T=T,
+        block_k=block_k,
+        scale=1.0 / math.sqrt(hd),
+        precision=lax.Precision.HIGHEST if k.dtype == jnp.float32 else None,
+    )
     itemsize = jnp.dtype(k.dtype).itemsize
     cost = pl.CostEstimate(
-        flops=int(4 * B * KV * R * S * hdp), transcendentals=int(B * KV * R * S),
-        bytes_accessed=int(itemsize * (2 * B * S * KV * hdp + 2 * B * KV * R * hdp)))
+        flops=int(4 * B * KV * R * S * hdp),
+        transcendentals=int(B * KV * R * S),
+        bytes_accessed=int(itemsize * (2 * B * S * KV * hdp + 2 * B * KV * R * hdp)),
+    )
     out = pl.pallas_call(
         kernel,
         grid=(B, KV, R // block_q),
@@ -380,10 +443,18 @@ def _tree_attention_call(q, k, v, lengths, block_mask, *, block_sizes: BlockSize
 
 # ----------------------------------------------------------------------------- reference
 
+
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def tree_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
-                             block_mask: jax.Array, *, block_sizes: Optional[BlockSizes] = None,
-                             interpret: Optional[bool] = None) -> jax.Array:
+def tree_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    block_mask: jax.Array,
+    *,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
     """float32 jnp twin of `tree_attention` (same signature; block_sizes/interpret are ignored).
 
     Dense [B, T, S] mask from `dense_tree_mask`, softmax in float32 at HIGHEST precision; a query
@@ -395,8 +466,9 @@ def tree_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: 
     KV, S = k.shape[1], k.shape[2]
     f32 = jnp.float32
     qg = q.astype(f32).reshape(B, T, KV, H // KV, hd)  # [B, T, KV, G, hd]
-    s = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(f32),
-                   precision=lax.Precision.HIGHEST) / math.sqrt(hd)  # [B, KV, G, T, S]
+    s = jnp.einsum(
+        "btkgd,bksd->bkgts", qg, k.astype(f32), precision=lax.Precision.HIGHEST
+    ) / math.sqrt(hd)  # [B, KV, G, T, S]
     mask = dense_tree_mask(lengths, block_mask, S)[:, None, None]  # [B, 1, 1, T, S]
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)

@@ -7,12 +7,23 @@ in `specjax.engine`, drafters in `specjax.drafters`, model families in `specjax.
     out = specjax.generate(model, "Hello!", max_new_tokens=64,
                            drafter=specjax.drafters.ngram(k=8))
 """
+
 from specjax import drafters
+from specjax.api import GenerateOutput, generate, generate_pmap, generate_stream
 from specjax.model import Model, load_model, model_from_hf
 from specjax.models.config import ModelConfig
-from specjax.api import GenerateOutput, generate, generate_pmap, generate_stream
 from specjax.sharding import make_mesh
 
 __version__ = "0.1.0"
-__all__ = ["Model", "ModelConfig", "GenerateOutput", "drafters", "generate", "generate_stream",
-           "generate_pmap", "load_model", "make_mesh", "model_from_hf"]
+__all__ = [
+    "Model",
+    "ModelConfig",
+    "GenerateOutput",
+    "drafters",
+    "generate",
+    "generate_stream",
+    "generate_pmap",
+    "load_model",
+    "make_mesh",
+    "model_from_hf",
+]

@@ -24,18 +24,18 @@ buffers XLA could not update in place, or a `lax.switch` over verify sizes. Ever
 the state it updates (as the decode loop does), and runs on a fresh copy of the same snapshot
 each time, so an in-place update stays in place and every repeat sees the same draft.
 """
+
 from __future__ import annotations
 
 import dataclasses
-import re
 import functools
+import re
 import statistics
 import time
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 
 from specjax import engine
 from specjax.drafters.base import Drafter, TargetStep
@@ -44,8 +44,18 @@ from specjax.engine.verify import _padded_step, size_index, verifier_for
 from specjax.models import forward
 
 PARTS = ("propose", "verify forward", "accept/emit", "commit")
-ROWS = ("plain step",) + PARTS + ("sum of parts", "spec step", "remainder", "loop step",
-                                  "call overhead", "cache copies in loop")
+ROWS = (
+    ("plain step",)
+    + PARTS
+    + (
+        "sum of parts",
+        "spec step",
+        "remainder",
+        "loop step",
+        "call overhead",
+        "cache copies in loop",
+    )
+)
 DEFAULT_PROMPT = "Write a long story about a robot who learns to paint, with many details."
 
 
@@ -86,6 +96,7 @@ class StepAnatomy:
 # ----------------------------------------------------------------------------- the pieces
 # Each takes the fixed inputs first and the donated ones last; `ec` is static.
 
+
 def _keys(state):
     """The step's key split, as `decode_step` splits it -> (k_draft, k_verify)."""
     _, k_draft, k_verify = jax.random.split(state.key, 3)
@@ -101,9 +112,16 @@ def _propose(dparams, sp, state, *, ec):
 def _verify_forward(params, part, state, *, ec):
     """The target forward over the block the engine builds for `part` (None: a plain step)."""
     blk = verifier_for(part).block(part, state.last, state.pos)
-    logits, hiddens, cache = forward(params, ec.target, blk.tokens, blk.positions, state.cache,
-                                     block_mask=blk.mask, hidden_layers=ec.hidden_layers,
-                                     impl=ec.impl)
+    logits, hiddens, cache = forward(
+        params,
+        ec.target,
+        blk.tokens,
+        blk.positions,
+        state.cache,
+        block_mask=blk.mask,
+        hidden_layers=ec.hidden_layers,
+        impl=ec.impl,
+    )
     return logits, TargetStep(blk.tokens, hiddens), cache
 
 
@@ -133,6 +151,7 @@ def _empty(params, dparams, sp, state, *, ec):
 
 # ----------------------------------------------------------------------------- measuring
 
+
 def _fresh(tree):
     """A copy of every array of `tree` (the donated input of one timed call)."""
     return jax.block_until_ready(jax.tree.map(lambda x: x.copy(), tree))
@@ -160,15 +179,24 @@ def time_pieces(pieces: dict, repeats: int, warmup: int = 2) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def decode_state(model, drafter: Optional[Drafter], prompt, *, max_new_tokens: int,
-                 warm_steps: int, chat: bool = True, impl: str = "xla"):
+def decode_state(
+    model,
+    drafter: Drafter | None,
+    prompt,
+    *,
+    max_new_tokens: int,
+    warm_steps: int,
+    chat: bool = True,
+    impl: str = "xla",
+):
     """A realistic decode state: `prepare`, `engine.prefill`, then `warm_steps` real steps.
     -> (ec, dparams, sp, state)."""
     from specjax.api import prepare
 
     prompts = [prompt] if isinstance(prompt, str) else [list(prompt)]
-    ec, args, _ = prepare(model, prompts, max_new_tokens=max_new_tokens, chat=chat,
-                          drafter=drafter, impl=impl)
+    ec, args, _ = prepare(
+        model, prompts, max_new_tokens=max_new_tokens, chat=chat, drafter=drafter, impl=impl
+    )
     dparams, max_len, sp = args.pop("dparams"), args.pop("max_len"), args["sp"]
     state = engine.prefill(model.params, dparams, **args, ec=ec, max_len=max_len)
     for _ in range(warm_steps):
@@ -186,29 +214,59 @@ def verified_part(ec, draft, state):
         sizes, K = tuple(ec.drafter.verify_sizes), ec.drafter.nodes
         n = ((0,) + sizes)[int(size_index(draft.size, ~state.done, sizes))]
         part = None if n == 0 else draft if n == K else draft.truncated(n)
-    T = 1 if part is None else 1 + (part.tokens if hasattr(part, "tokens") else
-                                    part.tree.tokens).shape[1]
+    T = (
+        1
+        if part is None
+        else 1 + (part.tokens if hasattr(part, "tokens") else part.tree.tokens).shape[1]
+    )
     return part, T
 
 
-def measure_step(model, drafter: Optional[Drafter], prompt=DEFAULT_PROMPT, *,
-                 max_new_tokens: int = 128, warm_steps: int = 4, loop_steps: int = 16,
-                 repeats: int = 20, chat: bool = True, impl: str = "xla",
-                 name: Optional[str] = None) -> StepAnatomy:
+def measure_step(
+    model,
+    drafter: Drafter | None,
+    prompt=DEFAULT_PROMPT,
+    *,
+    max_new_tokens: int = 128,
+    warm_steps: int = 4,
+    loop_steps: int = 16,
+    repeats: int = 20,
+    chat: bool = True,
+    impl: str = "xla",
+    name: str | None = None,
+) -> StepAnatomy:
     """Time the pieces of one decode step of `model` with `drafter` on `prompt` (a string, or
     token ids) -> StepAnatomy. `max_new_tokens` sizes the cache as `generate` would; it must
     leave room for `warm_steps + loop_steps` steps of at most `max_accept + 1` tokens."""
     with warnings.catch_warnings():
         # Pieces that return part of the state leave some donated buffers unused: harmless.
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-        return _measure_step(model, drafter, prompt, max_new_tokens, warm_steps, loop_steps,
-                             repeats, chat, impl, name)
+        return _measure_step(
+            model,
+            drafter,
+            prompt,
+            max_new_tokens,
+            warm_steps,
+            loop_steps,
+            repeats,
+            chat,
+            impl,
+            name,
+        )
 
 
-def _measure_step(model, drafter, prompt, max_new_tokens, warm_steps, loop_steps, repeats,
-                  chat, impl, name) -> StepAnatomy:
-    ec, dparams, sp, state = decode_state(model, drafter, prompt, max_new_tokens=max_new_tokens,
-                                          warm_steps=warm_steps, chat=chat, impl=impl)
+def _measure_step(
+    model, drafter, prompt, max_new_tokens, warm_steps, loop_steps, repeats, chat, impl, name
+) -> StepAnatomy:
+    ec, dparams, sp, state = decode_state(
+        model,
+        drafter,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        warm_steps=warm_steps,
+        chat=chat,
+        impl=impl,
+    )
     params, spec = model.params, ec.drafter
 
     # Inputs of the later pieces, computed once on copies of the snapshot.
@@ -223,25 +281,35 @@ def _measure_step(model, drafter, prompt, max_new_tokens, warm_steps, loop_steps
 
     plain_ec = dataclasses.replace(ec, drafter=None)
     pieces = {
-        "plain step": (lambda s: engine.decode_one(params, None, s, sp, ec=plain_ec),
-                       state.replace(dstate=None)),
+        "plain step": (
+            lambda s: engine.decode_one(params, None, s, sp, ec=plain_ec),
+            state.replace(dstate=None),
+        ),
         "verify forward": (lambda s: _verify_forward(params, part, s, ec=ec), state),
         "accept/emit": (lambda s: _accept_emit(part, logits, sp, s, ec=ec), state),
-        "commit": (lambda sc: _commit(dparams, draft, part, verified, step, sc, ec=ec),
-                   (state, cache)),
+        "commit": (
+            lambda sc: _commit(dparams, draft, part, verified, step, sc, ec=ec),
+            (state, cache),
+        ),
         "spec step": (lambda s: engine.decode_one(params, dparams, s, sp, ec=ec), state),
         "call overhead": (lambda s: _empty(params, dparams, sp, s, ec=ec), state),
     }
     if spec is not None:
         pieces["propose"] = (lambda s: _propose(dparams, sp, s, ec=ec), state)
     ms = time_pieces(pieces, repeats)
-    loop_ms, tau, copies = time_loop_step(params, dparams, sp, state, ec, loop_steps,
-                                          max(3, repeats // 4))
+    loop_ms, tau, copies = time_loop_step(
+        params, dparams, sp, state, ec, loop_steps, max(3, repeats // 4)
+    )
     ms.setdefault("propose", 0.0)
     ms["loop step"] = loop_ms
-    return StepAnatomy(drafter=name or (drafter.name if drafter else "none"), ms=ms,
-                       verify_tokens=T, loop_tokens_per_step=tau, repeats=repeats,
-                       loop_cache_copies=copies)
+    return StepAnatomy(
+        drafter=name or (drafter.name if drafter else "none"),
+        ms=ms,
+        verify_tokens=T,
+        loop_tokens_per_step=tau,
+        repeats=repeats,
+        loop_cache_copies=copies,
+    )
 
 
 def time_loop_step(params, dparams, sp, state, ec, loop_steps: int, repeats: int):
@@ -266,6 +334,7 @@ def time_loop_step(params, dparams, sp, state, ec, loop_steps: int, repeats: int
 
 # ----------------------------------------------------------------------------- reporting
 
+
 def anatomy_markdown(results: Sequence[StepAnatomy]) -> str:
     """One column per drafter, one row per piece (ms; remainder also as % of the step)."""
     head = "| ms per step | " + " | ".join(r.drafter for r in results) + " |"
@@ -289,15 +358,20 @@ def anatomy_markdown(results: Sequence[StepAnatomy]) -> str:
 def check_remainder(results: Sequence[StepAnatomy], limit: float = 0.10) -> list:
     """Drafters whose remainder exceeds `limit` of the step -> ["name: x ms (y%)"]. A negative
     remainder is no unexplained work: the parts paid more call overheads than the step."""
-    return [f"{r.drafter}: {r.remainder_ms:.2f} ms ({100 * r.remainder_share:.0f}%)"
-            for r in results if r.remainder_share > limit]
+    return [
+        f"{r.drafter}: {r.remainder_ms:.2f} ms ({100 * r.remainder_share:.0f}%)"
+        for r in results
+        if r.remainder_share > limit
+    ]
 
 
 # ----------------------------------------------------------------------------- compiled loop
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
-_CALLEES = re.compile(r"(?:calls|body|condition|to_apply|true_computation|false_computation)"
-                      r"=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
+_CALLEES = re.compile(
+    r"(?:calls|body|condition|to_apply|true_computation|false_computation)"
+    r"=%([\w.\-]+)|branch_computations=\{([^}]*)\}"
+)
 _COPY = re.compile(r"^\s*(?:ROOT )?%\S+ = (.*?) (copy|copy-start)\(")
 _SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
 
@@ -368,8 +442,10 @@ def loop_body_copies(hlo: str) -> list:
         for line in comps[name]:
             m = _COPY.match(line)
             if m:
-                shapes = tuple((dt, tuple(int(d) for d in dims.split(",") if d))
-                               for dt, dims in _SHAPE.findall(m.group(1)))
+                shapes = tuple(
+                    (dt, tuple(int(d) for d in dims.split(",") if d))
+                    for dt, dims in _SHAPE.findall(m.group(1))
+                )
                 copies.append(HloCopy(shapes, name, line.strip()))
     return copies
 

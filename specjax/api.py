@@ -3,23 +3,24 @@
 Host side only: tokenization, validation, shape buckets (one compilation per bucket, never per
 prompt), timing. Everything per step runs on device in `engine.decode`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Iterator, Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from specjax import engine, sharding
-from specjax.engine import accept
 from specjax.drafters.base import Drafter
+from specjax.engine import accept
 from specjax.model import Model
 from specjax.sampling import make_sampling
 
-Prompt = Union[str, Sequence[int]]
+Prompt = str | Sequence[int]
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_BUCKET = 16
 
@@ -34,8 +35,10 @@ class GenerateOutput:
 
     def __repr__(self):
         s = self.stats
-        return (f"GenerateOutput(rows={len(self.tokens)}, lengths={self.lengths}, "
-                f"tok/s={s['tokens_per_s']:.1f}, tau={s['tau']:.2f})")
+        return (
+            f"GenerateOutput(rows={len(self.tokens)}, lengths={self.lengths}, "
+            f"tok/s={s['tokens_per_s']:.1f}, tau={s['tau']:.2f})"
+        )
 
 
 def bucket(n: int, minimum: int, half_steps: bool = False) -> int:
@@ -51,8 +54,10 @@ def bucket(n: int, minimum: int, half_steps: bool = False) -> int:
         b *= 2
 
 
-PROMPTS_ACCEPTED = ("a string, a list of strings, a list of token ids (ints), a list of such "
-                    "lists, or an int array of shape [T] or [B, T]")
+PROMPTS_ACCEPTED = (
+    "a string, a list of strings, a list of token ids (ints), a list of such "
+    "lists, or an int array of shape [T] or [B, T]"
+)
 
 
 def _normalize_prompts(prompts) -> list:
@@ -62,14 +67,17 @@ def _normalize_prompts(prompts) -> list:
     if isinstance(prompts, (np.ndarray, jax.Array)):
         arr = np.asarray(prompts)
         if arr.ndim not in (1, 2):
-            raise ValueError(f"prompts as an array must have shape [T] or [B, T], got shape "
-                             f"{arr.shape}")
+            raise ValueError(
+                f"prompts as an array must have shape [T] or [B, T], got shape {arr.shape}"
+            )
         return [arr] if arr.ndim == 1 else list(arr)
     if not isinstance(prompts, (list, tuple)):
         # bytes would read as token ids and a dict as its keys: refuse both, and non-sequences.
         hint = " (decode bytes to str first)" if isinstance(prompts, (bytes, bytearray)) else ""
-        raise ValueError(f"prompts must be {PROMPTS_ACCEPTED}; got {type(prompts).__name__} "
-                        f"{_short(prompts)}{hint}")
+        raise ValueError(
+            f"prompts must be {PROMPTS_ACCEPTED}; got {type(prompts).__name__} "
+            f"{_short(prompts)}{hint}"
+        )
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is empty: pass a string, a list of strings, or token id lists")
@@ -93,22 +101,29 @@ def _check_prompt(i: int, p) -> None:
         try:
             p.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise ValueError(f"prompt {i} contains a lone surrogate {p[e.start]!r} at character "
-                             f"{e.start}, which is not valid Unicode text: fix the string (e.g. "
-                             f"s.encode('utf-8', 'surrogatepass').decode('utf-8'))") from None
+            raise ValueError(
+                f"prompt {i} contains a lone surrogate {p[e.start]!r} at character "
+                f"{e.start}, which is not valid Unicode text: fix the string (e.g. "
+                f"s.encode('utf-8', 'surrogatepass').decode('utf-8'))"
+            ) from None
         return
     if isinstance(p, (np.ndarray, jax.Array)):
         if np.ndim(p) != 1 or (np.size(p) and not np.issubdtype(np.asarray(p).dtype, np.integer)):
-            raise ValueError(f"prompt {i}: token ids must be integers in a 1-D array, got dtype "
-                             f"{np.asarray(p).dtype} and shape {np.shape(p)}")
+            raise ValueError(
+                f"prompt {i}: token ids must be integers in a 1-D array, got dtype "
+                f"{np.asarray(p).dtype} and shape {np.shape(p)}"
+            )
         return
     if not isinstance(p, (list, tuple)):
-        raise ValueError(f"prompt {i} is {type(p).__name__} {_short(p)}; each prompt must be a "
-                        f"string or a list of token ids (ints)")
+        raise ValueError(
+            f"prompt {i} is {type(p).__name__} {_short(p)}; each prompt must be a "
+            f"string or a list of token ids (ints)"
+        )
     bad = [x for x in p if not _is_int(x)]
     if bad:
-        raise ValueError(f"prompt {i}: token ids must be integers, got {type(bad[0]).__name__} "
-                        f"{_short(bad[0])}")
+        raise ValueError(
+            f"prompt {i}: token ids must be integers, got {type(bad[0]).__name__} {_short(bad[0])}"
+        )
 
 
 def encode_prompts(model: Model, prompts, chat: bool) -> list[list[int]]:
@@ -133,22 +148,28 @@ def make_key(key) -> jax.Array:
         return jax.random.key(0)
     if _is_int(key):
         # jax.random.key takes a 64-bit seed; larger ints overflow deep inside JAX.
-        if not -2**63 <= int(key) < 2**63:
-            raise ValueError(f"key: an int seed must fit in 64 bits (-2**63 <= seed < 2**63), "
-                             f"got {key}")
+        if not -(2**63) <= int(key) < 2**63:
+            raise ValueError(
+                f"key: an int seed must fit in 64 bits (-2**63 <= seed < 2**63), got {key}"
+            )
         return jax.random.key(int(key))
     if isinstance(key, (jax.Array, np.ndarray)):
         if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
             return key
         if key.dtype == np.uint32 and key.shape == (2,):
             return jax.random.wrap_key_data(jnp.asarray(key))
-    raise ValueError(f"key must be an int seed or a JAX PRNG key (jax.random.key(seed)), got "
-                    f"{type(key).__name__} {_short(key)}")
+    raise ValueError(
+        f"key must be an int seed or a JAX PRNG key (jax.random.key(seed)), got "
+        f"{type(key).__name__} {_short(key)}"
+    )
 
 
-def _check_args(model: Model, rows, max_new_tokens, drafter: Optional[Drafter]):
-    if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer))
-            or max_new_tokens <= 0):
+def _check_args(model: Model, rows, max_new_tokens, drafter: Drafter | None):
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, (int, np.integer))
+        or max_new_tokens <= 0
+    ):
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     max_new_tokens = int(max_new_tokens)
     ctx = model.config.max_position_embeddings
@@ -156,32 +177,50 @@ def _check_args(model: Model, rows, max_new_tokens, drafter: Optional[Drafter]):
         if len(ids) + max_new_tokens > ctx:
             raise ValueError(
                 f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that "
-                f"exceeds the model's context of {ctx} positions")
+                f"exceeds the model's context of {ctx} positions"
+            )
     if drafter is not None:
         if not isinstance(drafter, Drafter):
-            raise TypeError(f"drafter must be a specjax Drafter (see specjax.drafters), got "
-                            f"{type(drafter).__name__}")
+            raise TypeError(
+                f"drafter must be a specjax Drafter (see specjax.drafters), got "
+                f"{type(drafter).__name__}"
+            )
         if drafter.tokenizer is not None and model.tokenizer is not None:
             if drafter.tokenizer.get_vocab() != model.tokenizer.get_vocab():
-                raise ValueError(f"drafter {drafter.name!r} uses a different tokenizer than the "
-                                 f"target {model.name!r}: speculative decoding needs one vocabulary")
+                raise ValueError(
+                    f"drafter {drafter.name!r} uses a different tokenizer than the "
+                    f"target {model.name!r}: speculative decoding needs one vocabulary"
+                )
 
 
-def _bind_drafter(model: Model, drafter: Optional[Drafter]):
+def _bind_drafter(model: Model, drafter: Drafter | None):
     """-> (spec, params) of the drafter for this target, after compatibility checks."""
     if drafter is None:
         return None, None
     spec, dparams = drafter.bind(model)
     dtypes = {x.dtype for x in jax.tree.leaves(dparams) if jnp.issubdtype(x.dtype, jnp.floating)}
     if dtypes and dtypes != {model.dtype}:
-        raise ValueError(f"drafter {drafter.name!r} has dtype {sorted(map(str, dtypes))} but the "
-                         f"target is {model.dtype}: convert one with Model.astype(...)")
+        raise ValueError(
+            f"drafter {drafter.name!r} has dtype {sorted(map(str, dtypes))} but the "
+            f"target is {model.dtype}: convert one with Model.astype(...)"
+        )
     return spec, dparams
 
 
-def prepare(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
-            top_k=None, top_p=None, key=None, chat: bool = True,
-            drafter: Optional[Drafter] = None, impl: str = "xla", batch_multiple: int = 1):
+def prepare(
+    model: Model,
+    prompts,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k=None,
+    top_p=None,
+    key=None,
+    chat: bool = True,
+    drafter: Drafter | None = None,
+    impl: str = "xla",
+    batch_multiple: int = 1,
+):
     """Everything `generate` does before running: -> (ec, args for engine.prefill, rows)."""
     mode, sp = make_sampling(temperature, top_k, top_p)  # cheap checks before tokenizing
     key = make_key(key)
@@ -201,22 +240,40 @@ def prepare(model: Model, prompts, *, max_new_tokens: int, temperature: float = 
     lengths = np.ones((B,), np.int32)
     budget = np.zeros((B,), np.int32)  # padding rows get no budget: done from the start
     for i, ids in enumerate(rows):
-        tokens[i, :len(ids)] = ids
+        tokens[i, : len(ids)] = ids
         lengths[i] = len(ids)
         budget[i] = max_new_tokens
     # The acceptance rules are read here, not at import: a swapped default is a new config.
-    ec = engine.EngineConfig(target=model.config, mode=mode, max_new=N, eos=model.eos_token_ids,
-                             drafter=spec, impl=impl, rules=accept.DEFAULT_RULES)
+    ec = engine.EngineConfig(
+        target=model.config,
+        mode=mode,
+        max_new=N,
+        eos=model.eos_token_ids,
+        drafter=spec,
+        impl=impl,
+        rules=accept.DEFAULT_RULES,
+    )
     inp = engine.PrefillInput.from_tokens(jnp.asarray(tokens), jnp.asarray(lengths))
-    args = dict(inp=inp, max_new=jnp.asarray(budget), key=key, sp=sp, dparams=dparams,
-                max_len=max_len)
+    args = dict(
+        inp=inp, max_new=jnp.asarray(budget), key=key, sp=sp, dparams=dparams, max_len=max_len
+    )
     return ec, args, rows
 
 
-def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, key=None,
-             chat: bool = True, drafter: Optional[Drafter] = None, impl: str = "xla",
-             mesh: Optional[jax.sharding.Mesh] = None) -> GenerateOutput:
+def generate(
+    model: Model,
+    prompts,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    key=None,
+    chat: bool = True,
+    drafter: Drafter | None = None,
+    impl: str = "xla",
+    mesh: jax.sharding.Mesh | None = None,
+) -> GenerateOutput:
     """Generate from one prompt or a batch (strings get the chat template when `chat`).
 
     temperature 0 is greedy; otherwise sampling with optional top-k / top-p and an explicit
@@ -226,9 +283,19 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     """
     # A mesh without a "data" axis is rejected with a clear message by `sharding.place`.
     multiple = 1 if mesh is None else dict(mesh.shape).get("data", 1)
-    ec, args, rows = prepare(model, prompts, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_k=top_k, top_p=top_p, key=key,
-                             chat=chat, drafter=drafter, impl=impl, batch_multiple=multiple)
+    ec, args, rows = prepare(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        key=key,
+        chat=chat,
+        drafter=drafter,
+        impl=impl,
+        batch_multiple=multiple,
+    )
     params, dparams = model.params, args.pop("dparams")
     if mesh is not None:
         params, dparams, args = sharding.place(mesh, params, dparams, args)
@@ -248,10 +315,14 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
 def finish(model: Model, state: engine.LoopState, rows, prefill_s, decode_s, compiled):
     out = np.asarray(state.out)
     n_out = np.asarray(state.n_out)
-    tokens = [out[i, :n_out[i]].tolist() for i in range(len(rows))]
-    return GenerateOutput(tokens=tokens, text=[model.decode(t) for t in tokens],
-                          lengths=[len(t) for t in tokens], prompt_lengths=[len(r) for r in rows],
-                          stats=_stats(state, len(rows), prefill_s, decode_s, compiled))
+    tokens = [out[i, : n_out[i]].tolist() for i in range(len(rows))]
+    return GenerateOutput(
+        tokens=tokens,
+        text=[model.decode(t) for t in tokens],
+        lengths=[len(t) for t in tokens],
+        prompt_lengths=[len(r) for r in rows],
+        stats=_stats(state, len(rows), prefill_s, decode_s, compiled),
+    )
 
 
 def _stats(state: engine.LoopState, n: int, prefill_s: float, decode_s: float, compiled) -> dict:
@@ -278,19 +349,36 @@ def _stats(state: engine.LoopState, n: int, prefill_s: float, decode_s: float, c
     }
 
 
-def generate_stream(model: Model, prompt: Prompt, *, max_new_tokens: int = 128,
-                    temperature: float = 0.0, top_k=None, top_p=None, key=None,
-                    chat: bool = True, drafter: Optional[Drafter] = None,
-                    impl: str = "xla") -> Iterator[str]:
+def generate_stream(
+    model: Model,
+    prompt: Prompt,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k=None,
+    top_p=None,
+    key=None,
+    chat: bool = True,
+    drafter: Drafter | None = None,
+    impl: str = "xla",
+) -> Iterator[str]:
     """Yield decoded text pieces of one prompt as they are produced.
 
     Uses the Python-loop twin of the decode step (one jitted call per step) so the host can see
     each step's tokens; same step function, same tokens as `generate`.
     """
-    ec, args, rows = prepare(model, [prompt] if isinstance(prompt, str) else prompt,
-                             max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=top_k, top_p=top_p, key=key, chat=chat, drafter=drafter,
-                             impl=impl)
+    ec, args, rows = prepare(
+        model,
+        [prompt] if isinstance(prompt, str) else prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        key=key,
+        chat=chat,
+        drafter=drafter,
+        impl=impl,
+    )
     if len(rows) != 1:
         raise ValueError(f"generate_stream takes one prompt, got {len(rows)}")
     dparams, max_len, sp = args.pop("dparams"), args.pop("max_len"), args["sp"]
@@ -300,18 +388,28 @@ def generate_stream(model: Model, prompt: Prompt, *, max_new_tokens: int = 128,
         n = int(state.n_out[0])
         text = model.decode(np.asarray(state.out[0, :n]).tolist())
         if len(text) > len(emitted_text) and not text.endswith("\ufffd"):
-            yield text[len(emitted_text):]
+            yield text[len(emitted_text) :]
             emitted_text = text
         if bool(state.done[0]):
             break
         state = engine.decode_one(model.params, dparams, state, sp, ec=ec)
     if len(text) > len(emitted_text):
-        yield text[len(emitted_text):]
+        yield text[len(emitted_text) :]
 
 
-def generate_pmap(model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0,
-                  top_k=None, top_p=None, key=None, chat: bool = True, drafter=None,
-                  devices: Optional[Sequence] = None):
+def generate_pmap(
+    model,
+    prompts,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k=None,
+    top_p=None,
+    key=None,
+    chat: bool = True,
+    drafter=None,
+    devices: Sequence | None = None,
+):
     """`generate` with the batch split over devices by `jax.pmap`.
 
     Each device runs its own while_loop over its rows, so a device whose rows finish early stops
@@ -320,10 +418,24 @@ def generate_pmap(model, prompts, *, max_new_tokens: int = 128, temperature: flo
     """
     devices = list(devices if devices is not None else jax.devices())
     D = len(devices)
-    ec, args, rows = prepare(model, prompts, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_k=top_k, top_p=top_p, key=key,
-                             chat=chat, drafter=drafter, batch_multiple=D)
-    max_len, dparams, sp, key = args.pop("max_len"), args.pop("dparams"), args.pop("sp"), args.pop("key")
+    ec, args, rows = prepare(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        key=key,
+        chat=chat,
+        drafter=drafter,
+        batch_multiple=D,
+    )
+    max_len, dparams, sp, key = (
+        args.pop("max_len"),
+        args.pop("dparams"),
+        args.pop("sp"),
+        args.pop("key"),
+    )
     split = jax.tree.map(lambda v: v.reshape((D, -1) + v.shape[1:]), args)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(D))
 
@@ -338,7 +450,10 @@ def generate_pmap(model, prompts, *, max_new_tokens: int = 128, temperature: flo
     dt = time.perf_counter() - t0
     # Merge the device axis back into the batch axis.
     state = state.replace(
-        out=state.out.reshape((-1,) + state.out.shape[2:]), n_out=state.n_out.reshape(-1),
-        row_steps=state.row_steps.reshape(-1), steps=jnp.max(state.steps),
-        accept_hist=jnp.sum(state.accept_hist, axis=0))
+        out=state.out.reshape((-1,) + state.out.shape[2:]),
+        n_out=state.n_out.reshape(-1),
+        row_steps=state.row_steps.reshape(-1),
+        steps=jnp.max(state.steps),
+        accept_hist=jnp.sum(state.accept_hist, axis=0),
+    )
     return finish(model, state, rows, 0.0, dt, True)

@@ -10,30 +10,36 @@ cost(T) / cost(1) bounds what a block of T tokens can gain: speedup <= tau / cos
 `tune_tree` picks a draft tree by measured tokens/s on a few prompts, as EAGLE-2 does with
 `total_token=-1`: the best tree size depends on the device's cost curve, not only on acceptance.
 """
+
 from __future__ import annotations
 
 import collections
 import functools
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.engine import tree as tree_lib
 from specjax.drafters import DynamicTree
-from specjax.models.cache import KVCache, init_cache
+from specjax.engine import tree as tree_lib
 from specjax.models import forward, is_unrolled
+from specjax.models.cache import KVCache, init_cache
 
 DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32)
 # Small trees first: on a 2-core CPU a verify block of 32 tokens costs ~3x one of 1 token.
-DEFAULT_CANDIDATES = (DynamicTree(nodes=4, depth=3, top_k=2), DynamicTree(nodes=8, depth=4, top_k=3),
-                      DynamicTree(nodes=12, depth=5, top_k=3), DynamicTree(nodes=16, depth=6, top_k=4))
+DEFAULT_CANDIDATES = (
+    DynamicTree(nodes=4, depth=3, top_k=2),
+    DynamicTree(nodes=8, depth=4, top_k=3),
+    DynamicTree(nodes=12, depth=5, top_k=3),
+    DynamicTree(nodes=16, depth=6, top_k=4),
+)
 
 
 # ----------------------------------------------------------------------------- verify cost
+
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
 def verify_forward(params, tokens, parents, cache: KVCache, *, cfg, impl: str = "xla"):
@@ -65,11 +71,14 @@ def random_parents(rng: np.random.Generator, batch: int, n: int) -> np.ndarray:
 def prefilled_cache(model, batch: int, prefix: int, max_len: int, seed: int = 0) -> KVCache:
     """A KV cache in the model's layout whose rows hold `prefix` committed tokens of random K/V
     (the cost of a forward does not depend on the values)."""
-    cache = init_cache(model.config, batch, max_len, model.dtype, per_layer=is_unrolled(model.params))
+    cache = init_cache(
+        model.config, batch, max_len, model.dtype, per_layer=is_unrolled(model.params)
+    )
     leaves, treedef = jax.tree.flatten((cache.k, cache.v))
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    k, v = jax.tree.unflatten(treedef, [jax.random.normal(kk, x.shape, x.dtype)
-                                        for x, kk in zip(leaves, keys)])
+    k, v = jax.tree.unflatten(
+        treedef, [jax.random.normal(kk, x.shape, x.dtype) for x, kk in zip(leaves, keys)]
+    )
     return cache.replace(k=k, v=v, lengths=jnp.full((batch,), prefix, jnp.int32))
 
 
@@ -80,9 +89,17 @@ def _timed(fn, cache):
     return (time.perf_counter() - t0) * 1e3, cache
 
 
-def verify_cost_table(model, sizes: Sequence[int] = DEFAULT_SIZES, prompt_len: int = 256,
-                      batch: int = 1, impl: str = "xla", repeats: int = 10, max_new: int = 128,
-                      seed: int = 0, progress: bool = True) -> dict:
+def verify_cost_table(
+    model,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    prompt_len: int = 256,
+    batch: int = 1,
+    impl: str = "xla",
+    repeats: int = 10,
+    max_new: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Milliseconds of one jitted verify forward of T tokens -> {T: (causal_ms, tree_ms)}.
 
     The cache holds `prompt_len` committed tokens and is sized as `generate` sizes it for
@@ -101,8 +118,9 @@ def verify_cost_table(model, sizes: Sequence[int] = DEFAULT_SIZES, prompt_len: i
         tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, T)), jnp.int32)
         parents = jnp.asarray(random_parents(rng, batch, T - 1))
         for kind, par in (("causal", None), ("tree", parents)):
-            calls[T, kind] = functools.partial(verify_forward, model.params, tokens, par,
-                                               cfg=cfg, impl=impl)
+            calls[T, kind] = functools.partial(
+                verify_forward, model.params, tokens, par, cfg=cfg, impl=impl
+            )
     for fn in tqdm(calls.values(), desc="compile verify", disable=not progress):
         for _ in range(2):
             _, cache = _timed(fn, cache)
@@ -112,8 +130,10 @@ def verify_cost_table(model, sizes: Sequence[int] = DEFAULT_SIZES, prompt_len: i
         for key, fn in order if r % 2 == 0 else order[::-1]:  # alternate to cancel drift
             ms, cache = _timed(fn, cache)
             times[key].append(ms)
-    return {T: (statistics.median(times[T, "causal"]), statistics.median(times[T, "tree"]))
-            for T in sizes}
+    return {
+        T: (statistics.median(times[T, "causal"]), statistics.median(times[T, "tree"]))
+        for T in sizes
+    }
 
 
 def cost_markdown(table: dict) -> str:
@@ -129,10 +149,19 @@ def cost_markdown(table: dict) -> str:
 
 # ----------------------------------------------------------------------------- tree size
 
-def tune_tree(model, drafter_factory: Callable, prompts: Sequence,
-              candidates: Sequence = DEFAULT_CANDIDATES, *, max_new_tokens: int = 64,
-              repeats: int = 1, chat: bool = True, impl: str = "xla",
-              progress: bool = True) -> tuple:
+
+def tune_tree(
+    model,
+    drafter_factory: Callable,
+    prompts: Sequence,
+    candidates: Sequence = DEFAULT_CANDIDATES,
+    *,
+    max_new_tokens: int = 64,
+    repeats: int = 1,
+    chat: bool = True,
+    impl: str = "xla",
+    progress: bool = True,
+) -> tuple:
     """Pick the draft tree with the best measured tokens/s -> (best candidate, table).
 
     `drafter_factory(candidate)` builds the drafter of one candidate (usually a `DynamicTree`),
@@ -168,9 +197,17 @@ def tune_tree(model, drafter_factory: Callable, prompts: Sequence,
                 taus[i].append(s["tau"])
                 bar.update()
     bar.close()
-    table = [{"candidate": c, "drafter": d.name, "tokens_per_s": float(toks[i] / secs[i]),
-              "tau": float(np.mean(taus[i])), "new_tokens": int(toks[i]), "seconds": float(secs[i])}
-             for i, (c, d) in enumerate(zip(candidates, drafters))]
+    table = [
+        {
+            "candidate": c,
+            "drafter": d.name,
+            "tokens_per_s": float(toks[i] / secs[i]),
+            "tau": float(np.mean(taus[i])),
+            "new_tokens": int(toks[i]),
+            "seconds": float(secs[i]),
+        }
+        for i, (c, d) in enumerate(zip(candidates, drafters))
+    ]
     best = max(range(len(table)), key=lambda i: table[i]["tokens_per_s"])
     return candidates[best], table
 

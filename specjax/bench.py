@@ -8,6 +8,7 @@ tokens emitted per target forward (Spec-Bench's "mean accepted tokens", bonus in
 decode speedup compares decode time alone (prefill excluded). The lookup ceiling (from the AR
 outputs) bounds what any prompt-lookup drafter could reach on the same prompts.
 """
+
 from __future__ import annotations
 
 import collections
@@ -15,7 +16,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -27,12 +28,15 @@ def default_questions() -> str:
     path = data_file(os.path.join("eval", "spec_bench.jsonl"))
     if path:
         return path
-    raise FileNotFoundError("Spec-Bench questions not found: pass --questions FILE or set "
-                            f"${DATA_ENV} to the data folder (holding eval/spec_bench.jsonl)")
+    raise FileNotFoundError(
+        "Spec-Bench questions not found: pass --questions FILE or set "
+        f"${DATA_ENV} to the data folder (holding eval/spec_bench.jsonl)"
+    )
 
 
-def load_questions(path: str, limit: Optional[int] = None,
-                   categories: Optional[Sequence[str]] = None) -> list[dict]:
+def load_questions(
+    path: str, limit: int | None = None, categories: Sequence[str] | None = None
+) -> list[dict]:
     """First turn of each question, at most `limit` per category, in file order. A bad line is
     reported as FILE:LINE: what is wrong."""
     name = os.path.splitext(os.path.basename(path))[0]
@@ -65,15 +69,18 @@ def parse_question(line: str, where: str) -> dict:
         raise ValueError(f"{where}: expected a JSON object, got {type(q).__name__}")
     turns = q.get("turns")
     if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
-        raise ValueError(f"{where}: \"turns\" must be a non-empty list of strings (the "
-                         f"prompts), got {turns!r}" if "turns" in q else
-                         f"{where}: no \"turns\" (expected {{\"turns\": [\"prompt\", ...]}})")
+        raise ValueError(
+            f'{where}: "turns" must be a non-empty list of strings (the prompts), got {turns!r}'
+            if "turns" in q
+            else f'{where}: no "turns" (expected {{"turns": ["prompt", ...]}})'
+        )
     return q
 
 
 @dataclasses.dataclass
 class Run:
     """One method on one prompt. prefill_s is NaN where the method does not split its time."""
+
     tokens: list
     seconds: float
     tau: float = float("nan")
@@ -95,8 +102,8 @@ class Record:
     tokens: list = dataclasses.field(default_factory=list)  # the Run fields, then:
     # AR records only: fewest decode steps any prompt-lookup drafter could have used, and the
     # least decode cost (in single-token forwards) at the run's measured verify costs.
-    ceiling_steps: Optional[int] = None
-    ceiling_cost: Optional[float] = None
+    ceiling_steps: int | None = None
+    ceiling_cost: float | None = None
     compiled: bool = False  # the timed call traced/compiled something (warm-up missed a shape)
 
 
@@ -106,8 +113,14 @@ def _spec_runner(model, drafter, max_new_tokens: int) -> Callable:
     def run(ids):
         out = generate(model, [ids], max_new_tokens=max_new_tokens, drafter=drafter)
         s = out.stats
-        return Run(out.tokens[0], s["total_s"], s["tau"], s["target_forwards"][0], s["prefill_s"],
-                   s["compiled"])
+        return Run(
+            out.tokens[0],
+            s["total_s"],
+            s["tau"],
+            s["target_forwards"][0],
+            s["prefill_s"],
+            s["compiled"],
+        )
 
     return run
 
@@ -119,11 +132,17 @@ def _hf_runner(hf_model, max_new_tokens: int, eos: Sequence[int], **gen_kwargs) 
         x = torch.tensor([ids])
         t0 = time.perf_counter()
         with torch.no_grad():
-            y = hf_model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                                  max_new_tokens=max_new_tokens, eos_token_id=list(eos),
-                                  pad_token_id=eos[0], **gen_kwargs)
+            y = hf_model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=list(eos),
+                pad_token_id=eos[0],
+                **gen_kwargs,
+            )
         dt = time.perf_counter() - t0
-        return Run(y[0, len(ids):].tolist(), dt)
+        return Run(y[0, len(ids) :].tolist(), dt)
 
     return run
 
@@ -136,12 +155,14 @@ def load_hf_twin(model):
     from specjax.model import KNOWN_MODELS, find_gguf
 
     if model.name not in KNOWN_MODELS:
-        raise ValueError(f"--hf-baseline needs a named model ({', '.join(KNOWN_MODELS)}), got "
-                         f"{model.name!r}")
+        raise ValueError(
+            f"--hf-baseline needs a named model ({', '.join(KNOWN_MODELS)}), got {model.name!r}"
+        )
     path = find_gguf(model.name)
     folder, fname = os.path.split(path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname,
-                                                           dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=fname, dtype=torch.float32
+    ).eval()
     return hf
 
 
@@ -168,8 +189,15 @@ def machine() -> str:
     return "; ".join(parts)
 
 
-def run_bench(model, prompts: list[dict], methods: dict, *, warmup: bool = True,
-              progress: bool = True, verify_costs: Optional[dict] = None) -> list[Record]:
+def run_bench(
+    model,
+    prompts: list[dict],
+    methods: dict,
+    *,
+    warmup: bool = True,
+    progress: bool = True,
+    verify_costs: dict | None = None,
+) -> list[Record]:
     """methods: name -> runner(ids) -> Run. The "ar" method also gets its lookup ceiling, and
     with verify_costs ({T: relative cost}, see `lookup_bound`) its cost-aware bound."""
     from tqdm import tqdm
@@ -182,7 +210,7 @@ def run_bench(model, prompts: list[dict], methods: dict, *, warmup: bool = True,
         seen = {}
         for ids in encoded:
             seen.setdefault(bucket(len(ids), MIN_PROMPT_BUCKET, half_steps=True), ids)
-        for name, run in tqdm(list(methods.items()), desc="warm-up", disable=not progress):
+        for _name, run in tqdm(list(methods.items()), desc="warm-up", disable=not progress):
             for ids in seen.values():
                 run(ids)
     records = []
@@ -194,17 +222,26 @@ def run_bench(model, prompts: list[dict], methods: dict, *, warmup: bool = True,
             if name == "ar":
                 ceiling = lookup_ceiling(ids, r.tokens)
                 bound = lookup_bound(ids, r.tokens, verify_costs) if verify_costs else None
-            records.append(Record(name, p["category"], p["id"], len(r.tokens),
-                                  ceiling_steps=ceiling, ceiling_cost=bound,
-                                  **dataclasses.asdict(r)))
+            records.append(
+                Record(
+                    name,
+                    p["category"],
+                    p["id"],
+                    len(r.tokens),
+                    ceiling_steps=ceiling,
+                    ceiling_cost=bound,
+                    **dataclasses.asdict(r),
+                )
+            )
             bar.set_postfix(method=name, tok_s=f"{len(r.tokens) / max(r.seconds, 1e-9):.1f}")
             bar.update()
     bar.close()
     return records
 
 
-def _longest_copies(prompt: Sequence[int], output: Sequence[int],
-                    k: Optional[int] = None) -> np.ndarray:
+def _longest_copies(
+    prompt: Sequence[int], output: Sequence[int], k: int | None = None
+) -> np.ndarray:
     """L[t] (t >= 1): the longest prefix of output[t:t + k] that is a copy of some span of the
     context seen before output position t (prompt plus output[:t]); L[0] = 0."""
     ctx = np.asarray(list(prompt) + list(output), dtype=np.int64)
@@ -212,7 +249,7 @@ def _longest_copies(prompt: Sequence[int], output: Sequence[int],
     L = np.zeros(n + 1, dtype=np.int64)
     for t in range(1, n):
         seen = p + t
-        want = ctx[seen:seen + (k or n)]
+        want = ctx[seen : seen + (k or n)]
         cand, a = np.arange(seen), 0  # sources j whose copy matches want[:a]
         while a < len(want):
             j = cand + a  # a copy may only read tokens already seen
@@ -224,8 +261,7 @@ def _longest_copies(prompt: Sequence[int], output: Sequence[int],
     return L
 
 
-def lookup_ceiling(prompt: Sequence[int], output: Sequence[int],
-                   k: Optional[int] = None) -> int:
+def lookup_ceiling(prompt: Sequence[int], output: Sequence[int], k: int | None = None) -> int:
     """Fewest decode steps in which any prompt-lookup drafter could emit `output` greedily.
 
     A step verifies a draft of at most k tokens copied from the context seen so far (prompt plus
@@ -259,9 +295,14 @@ def check_costs(costs: dict) -> dict:
 BOUND_SIZES = (1, 2, 3, 4, 5, 9, 17, 33)
 
 
-def measure_verify_costs(model, prompts: list[dict], max_new_tokens: int,
-                         sizes: Sequence[int] = BOUND_SIZES, repeats: int = 5,
-                         progress: bool = True) -> dict:
+def measure_verify_costs(
+    model,
+    prompts: list[dict],
+    max_new_tokens: int,
+    sizes: Sequence[int] = BOUND_SIZES,
+    repeats: int = 5,
+    progress: bool = True,
+) -> dict:
     """{T: cost of one verify forward of T tokens / cost of T = 1} on this machine, with the
     cache holding the median prompt length of `prompts`. Each T takes the cheaper of a causal
     block and a random tree (a tree drafter could use either), then costs are made
@@ -269,9 +310,14 @@ def measure_verify_costs(model, prompts: list[dict], max_new_tokens: int,
     from specjax import autotune
 
     lengths = sorted(len(model.encode(p["prompt"], chat=True)) for p in prompts)
-    table = autotune.verify_cost_table(model, sizes, prompt_len=lengths[len(lengths) // 2],
-                                       max_new=max_new_tokens, repeats=repeats,
-                                       progress=progress)
+    table = autotune.verify_cost_table(
+        model,
+        sizes,
+        prompt_len=lengths[len(lengths) // 2],
+        max_new=max_new_tokens,
+        repeats=repeats,
+        progress=progress,
+    )
     sizes = sorted(table)
     ms = np.array([min(table[T]) for T in sizes])
     # A T block is never cheaper than a shorter one: take the cheapest of T and all longer.
@@ -279,18 +325,21 @@ def measure_verify_costs(model, prompts: list[dict], max_new_tokens: int,
 
 
 def parse_costs(text: str) -> dict:
-    """"1:1,2:1.6,9:2.8" -> {1: 1.0, 2: 1.6, 9: 2.8} (checked and scaled by `check_costs`)."""
+    """ "1:1,2:1.6,9:2.8" -> {1: 1.0, 2: 1.6, 9: 2.8} (checked and scaled by `check_costs`)."""
     try:
         pairs = [item.split(":") for item in text.split(",") if item.strip()]
         costs = {int(t): float(c) for t, c in pairs}
     except ValueError:
-        raise ValueError(f"bad verify costs {text!r}: expected T:COST pairs like "
-                         "1:1,2:1.6,9:2.8, or auto, or none") from None
+        raise ValueError(
+            f"bad verify costs {text!r}: expected T:COST pairs like "
+            "1:1,2:1.6,9:2.8, or auto, or none"
+        ) from None
     return check_costs(costs)
 
 
-def lookup_bound(prompt: Sequence[int], output: Sequence[int], costs: dict,
-                 k: Optional[int] = None) -> float:
+def lookup_bound(
+    prompt: Sequence[int], output: Sequence[int], costs: dict, k: int | None = None
+) -> float:
     """Least decode cost, in single-token target forwards, at which any prompt-lookup drafter
     could emit `output` greedily when verifying T tokens costs costs[T].
 
@@ -310,7 +359,7 @@ def lookup_bound(prompt: Sequence[int], output: Sequence[int], costs: dict,
     best = np.zeros(n + 1)
     for t in range(n - 1, 0, -1):
         r = min(int(L[t]), n - t - 1)
-        best[t] = np.min(step[:r + 1] + best[t + 1:t + r + 2])
+        best[t] = np.min(step[: r + 1] + best[t + 1 : t + r + 2])
     return float(best[1]) if n > 1 else 0.0
 
 
@@ -323,8 +372,10 @@ def _scaled_speedup(rs: list[Record], decode_units: list) -> float:
     """Total-time speedup over the records `rs` if each prompt's decode took decode_units[i]
     AR steps (prefill unchanged)."""
     secs = sum(r.seconds for r in rs)
-    best = sum(r.prefill_s + (r.seconds - r.prefill_s) * u / max(_decoded(r), 1)
-               for r, u in zip(rs, decode_units))
+    best = sum(
+        r.prefill_s + (r.seconds - r.prefill_s) * u / max(_decoded(r), 1)
+        for r, u in zip(rs, decode_units)
+    )
     return secs / best if best > 0 else float("nan")
 
 
@@ -350,9 +401,13 @@ def summarize(records: list[Record], baseline: str = "ar") -> dict:
         spec = [r for r in rs if not np.isnan(r.tau)]
         steps = sum(r.forwards - 1 for r in spec)
         tau = sum(map(_decoded, spec)) / steps if steps else float("nan")
-        stats = {"tokens_per_s": toks / secs if secs else 0.0, "tau": tau,
-                 "prompts": len(rs), "new_tokens": toks,
-                 "same_as_ar": sum(base_tokens.get((r.category, r.qid)) == r.tokens for r in rs)}
+        stats = {
+            "tokens_per_s": toks / secs if secs else 0.0,
+            "tau": tau,
+            "prompts": len(rs),
+            "new_tokens": toks,
+            "same_as_ar": sum(base_tokens.get((r.category, r.qid)) == r.tokens for r in rs),
+        }
         if not any(np.isnan(r.prefill_s) for r in rs):
             dec_s = sum(r.seconds - r.prefill_s for r in rs)
             stats["decode_tokens_per_s"] = sum(map(_decoded, rs)) / dec_s if dec_s > 0 else 0.0
@@ -366,10 +421,13 @@ def summarize(records: list[Record], baseline: str = "ar") -> dict:
             # The same with each verify forward charged its measured cost (`lookup_bound`).
             stats["bound_speedup"] = _scaled_speedup(rs, [r.ceiling_cost for r in rs])
         table[cat][method] = stats
-    for cat, row in table.items():
+    for row in table.values():
         base = row.get(baseline, {})
         for stats in row.values():
-            for key, ref in (("speedup", "tokens_per_s"), ("decode_speedup", "decode_tokens_per_s")):
+            for key, ref in (
+                ("speedup", "tokens_per_s"),
+                ("decode_speedup", "decode_tokens_per_s"),
+            ):
                 if ref in stats and base.get(ref):
                     stats[key] = stats[ref] / base[ref]
     cats = sorted(c for c in table if c != "overall") + ["overall"]
@@ -385,12 +443,15 @@ def _cell(s: dict) -> str:
     return f"{s['tokens_per_s']:.1f} ({', '.join(parts)})"
 
 
-def markdown(summary: dict, methods: Sequence[str], baseline: str = "ar",
-             verify_costs: Optional[dict] = None) -> str:
+def markdown(
+    summary: dict, methods: Sequence[str], baseline: str = "ar", verify_costs: dict | None = None
+) -> str:
     """Table: tokens/s (total speedup, decode-only speedup, tau) per method and category."""
     others = [m for m in methods if m != baseline]
-    lines = ["| category | " + " | ".join([f"{baseline} tok/s", "lookup ceiling"] + others)
-             + " |", "|" + "---|" * (3 + len(others))]
+    lines = [
+        "| category | " + " | ".join([f"{baseline} tok/s", "lookup ceiling"] + others) + " |",
+        "|" + "---|" * (3 + len(others)),
+    ]
     for cat, row in summary.items():
         base = row.get(baseline, {})
         cells = [f"{base['tokens_per_s']:.1f}" if base else ""]
@@ -403,15 +464,19 @@ def markdown(summary: dict, methods: Sequence[str], baseline: str = "ar",
         cells += [_cell(row[m]) if m in row else "" for m in others]
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")
     overall = summary.get("overall", {})
-    same = [f"{m} {overall[m]['same_as_ar']}/{overall[m]['prompts']}" for m in others
-            if m in overall]
+    same = [
+        f"{m} {overall[m]['same_as_ar']}/{overall[m]['prompts']}" for m in others if m in overall
+    ]
     if same:
         lines += ["", f"Greedy outputs identical to {baseline}: " + ", ".join(same) + "."]
     if verify_costs and any("bound_speedup" in row.get(baseline, {}) for row in summary.values()):
         listed = ", ".join(f"{t}: {c:.2f}" for t, c in sorted(verify_costs.items()))
-        lines += ["", "Lookup ceiling: fewest forwards of any prompt-lookup drafter (tau) and the "
-                  "speedup if each cost one AR step; in brackets, the bound at the verify costs "
-                  f"measured here (T: cost vs T=1; {listed})."]
+        lines += [
+            "",
+            "Lookup ceiling: fewest forwards of any prompt-lookup drafter (tau) and the "
+            "speedup if each cost one AR step; in brackets, the bound at the verify costs "
+            f"measured here (T: cost vs T=1; {listed}).",
+        ]
     return "\n".join(lines)
 
 
@@ -441,12 +506,16 @@ def write_report(records: list[Record], methods: Sequence[str], out_dir: str, me
     os.makedirs(out_dir, exist_ok=True)
     summary = summarize(records)
     costs = meta.get("verify_costs")
-    md = markdown(summary, methods, verify_costs={int(t): c for t, c in costs.items()}
-                  if costs else None)
+    md = markdown(
+        summary, methods, verify_costs={int(t): c for t, c in costs.items()} if costs else None
+    )
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"meta": meta, "summary": summary,
-                   "records": [dataclasses.asdict(r) for r in records]}, f, indent=1,
-                  default=float)
+        json.dump(
+            {"meta": meta, "summary": summary, "records": [dataclasses.asdict(r) for r in records]},
+            f,
+            indent=1,
+            default=float,
+        )
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(md + "\n")
     plot(summary, methods, os.path.join(out_dir, "speedup.png"))

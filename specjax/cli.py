@@ -1,15 +1,16 @@
 """The `specjax` command line.
 
-    specjax demo                       load the default model, answer a few prompts, print tok/s
-    specjax generate "prompt" ...      generate (add --stream to print text as it comes)
-    specjax convert SRC DST            HF dir / GGUF / model name -> converted orbax checkpoint
-    specjax bench-ar                   specjax AR decode vs HF transformers generate
-    specjax bench                      AR vs drafters on Spec-Bench (JSON + Markdown + PNG)
-    specjax bench-verify               cost of one verify forward of T tokens, causal vs tree mask
-    specjax bench-step                 step anatomy: ms of propose, verify, accept/emit, commit
-    specjax tune-tree                  pick the draft-tree size with the best measured tokens/s
-    specjax train-drafter              train an EAGLE / EAGLE-3 drafter for a target (optax)
+specjax demo                       load the default model, answer a few prompts, print tok/s
+specjax generate "prompt" ...      generate (add --stream to print text as it comes)
+specjax convert SRC DST            HF dir / GGUF / model name -> converted orbax checkpoint
+specjax bench-ar                   specjax AR decode vs HF transformers generate
+specjax bench                      AR vs drafters on Spec-Bench (JSON + Markdown + PNG)
+specjax bench-verify               cost of one verify forward of T tokens, causal vs tree mask
+specjax bench-step                 step anatomy: ms of propose, verify, accept/emit, commit
+specjax tune-tree                  pick the draft-tree size with the best measured tokens/s
+specjax train-drafter              train an EAGLE / EAGLE-3 drafter for a target (optax)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,6 +74,7 @@ def positive_int(text: str) -> int:
 
 def _number_in(ok, what: str):
     """argparse type: a float for which `ok(value)` holds (NaN never does), else `what`."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -81,6 +83,7 @@ def _number_in(ok, what: str):
         if not ok(value):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
+
     return parse
 
 
@@ -102,8 +105,15 @@ def cmd_generate(a):
 
     model = load_model(a.model)
     drafter = make_drafter(a.drafter, a.k, model)
-    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-              top_p=a.top_p, key=a.seed, chat=not a.no_chat, drafter=drafter)
+    kw = dict(
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        key=a.seed,
+        chat=not a.no_chat,
+        drafter=drafter,
+    )
     if a.stream:
         for prompt in a.prompts:
             t0 = time.perf_counter()
@@ -115,8 +125,11 @@ def cmd_generate(a):
     for prompt, text in zip(a.prompts, out.text):
         print(f"### {prompt}\n{text}\n")
     s = out.stats
-    print(f"[{s['new_tokens']} tokens in {s['total_s']:.2f}s: {s['tokens_per_s']:.1f} tok/s, "
-          f"tau {s['tau']:.2f}, compiled={s['compiled']}]", file=sys.stderr)
+    print(
+        f"[{s['new_tokens']} tokens in {s['total_s']:.2f}s: {s['tokens_per_s']:.1f} tok/s, "
+        f"tau {s['tau']:.2f}, compiled={s['compiled']}]",
+        file=sys.stderr,
+    )
 
 
 def cmd_convert(a):
@@ -133,16 +146,18 @@ def cmd_convert(a):
     model = load_model(a.src)
     import jax
 
-    save_converted(a.dst, jax.device_get(model.params), model.config, model.tokenizer,
-                   overwrite=a.overwrite)
-    print(f"converted {a.src} -> {os.path.abspath(a.dst)} ({model.config.model_type}, "
-          f"{model.config.num_layers} layers)")
+    save_converted(
+        a.dst, jax.device_get(model.params), model.config, model.tokenizer, overwrite=a.overwrite
+    )
+    print(
+        f"converted {a.src} -> {os.path.abspath(a.dst)} ({model.config.model_type}, "
+        f"{model.config.num_layers} layers)"
+    )
 
 
 def cmd_demo(a):
     from specjax import load_model
     from specjax.api import generate
-
     from specjax.drafters.bundled import BUNDLED_DRAFTERS
 
     print(f"loading {a.model} ...", flush=True)
@@ -162,8 +177,10 @@ def cmd_demo(a):
         if drafter is not None:
             sp = generate(model, prompt, max_new_tokens=a.max_new_tokens, drafter=drafter)
             same = "identical" if sp.tokens == ar.tokens else "DIFFERENT"
-            line += (f" | {a.drafter}: {sp.stats['tokens_per_s']:.1f} tok/s, tau "
-                     f"{sp.stats['tau']:.2f}, output {same}")
+            line += (
+                f" | {a.drafter}: {sp.stats['tokens_per_s']:.1f} tok/s, tau "
+                f"{sp.stats['tau']:.2f}, output {same}"
+            )
         print(line + "]")
 
 
@@ -207,24 +224,35 @@ def cmd_bench(a, ar_only=False):
     methods = {"ar": bench._spec_runner(model, None, a.max_new_tokens)}
     if not ar_only:
         for name in [d for d in a.drafters.split(",") if d]:
-            methods[name] = bench._spec_runner(model, make_drafter(name, a.k, model),
-                                               a.max_new_tokens)
+            methods[name] = bench._spec_runner(
+                model, make_drafter(name, a.k, model), a.max_new_tokens
+            )
     if ar_only or a.hf_baseline:
         hf = bench.load_hf_twin(model)
         eos = model.eos_token_ids
         methods["hf"] = bench._hf_runner(hf, a.max_new_tokens, eos)
         if not ar_only:
-            methods["hf_lookup"] = bench._hf_runner(hf, a.max_new_tokens, eos,
-                                                    prompt_lookup_num_tokens=a.hf_lookup_tokens)
+            methods["hf_lookup"] = bench._hf_runner(
+                hf, a.max_new_tokens, eos, prompt_lookup_num_tokens=a.hf_lookup_tokens
+            )
             if a.hf_assistant:
                 assistant = bench.load_hf_twin(load_model(a.hf_assistant))
-                methods["hf_assisted"] = bench._hf_runner(hf, a.max_new_tokens, eos,
-                                                          assistant_model=assistant)
+                methods["hf_assisted"] = bench._hf_runner(
+                    hf, a.max_new_tokens, eos, assistant_model=assistant
+                )
     costs = _verify_costs(a, model, prompts)
     records = bench.run_bench(model, prompts, methods, verify_costs=costs)
-    meta = {"model": a.model, "questions": path, "limit": a.limit,
-            "max_new_tokens": a.max_new_tokens, "dtype": str(model.dtype), "batch": 1,
-            "command": " ".join(sys.argv), "machine": bench.machine(), "verify_costs": costs}
+    meta = {
+        "model": a.model,
+        "questions": path,
+        "limit": a.limit,
+        "max_new_tokens": a.max_new_tokens,
+        "dtype": str(model.dtype),
+        "batch": 1,
+        "command": " ".join(sys.argv),
+        "machine": bench.machine(),
+        "verify_costs": costs,
+    }
     print(f"machine: {meta['machine']}")
     md = bench.write_report(records, list(methods), a.out, meta)
     print(md)
@@ -238,11 +266,14 @@ def cmd_bench_verify(a):
 
     model = load_model(a.model)
     sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
-    table = autotune.verify_cost_table(model, sizes, prompt_len=a.prompt_len, batch=a.batch,
-                                       impl=a.impl, repeats=a.repeats)
-    print(f"One verify forward of T tokens: {a.model} ({model.dtype}, {jax.default_backend()}), "
-          f"prefix {a.prompt_len}, batch {a.batch}, impl {a.impl}; medians of {a.repeats} "
-          f"interleaved runs; tree = ancestor-or-self mask of a random tree of T tokens.\n")
+    table = autotune.verify_cost_table(
+        model, sizes, prompt_len=a.prompt_len, batch=a.batch, impl=a.impl, repeats=a.repeats
+    )
+    print(
+        f"One verify forward of T tokens: {a.model} ({model.dtype}, {jax.default_backend()}), "
+        f"prefix {a.prompt_len}, batch {a.batch}, impl {a.impl}; medians of {a.repeats} "
+        f"interleaved runs; tree = ancestor-or-self mask of a random tree of T tokens.\n"
+    )
     print(autotune.cost_markdown(table))
 
 
@@ -253,15 +284,25 @@ def cmd_bench_step(a):
 
     model = load_model(a.model)
     names = [d for d in a.drafters.split(",") if d]
-    results = [anatomy.measure_step(model, make_drafter(n, None, model),
-                                    a.prompt or anatomy.DEFAULT_PROMPT,
-                                    max_new_tokens=a.max_new_tokens, warm_steps=a.warm_steps,
-                                    loop_steps=a.loop_steps, repeats=a.repeats, impl=a.impl,
-                                    name=n)
-               for n in names]
-    print(f"Step anatomy: {a.model} ({model.dtype}, {jax.default_backend()}), batch 1, greedy, "
-          f"impl {a.impl}; state after prefill + {a.warm_steps} steps of the prompt; medians of "
-          f"{a.repeats} interleaved runs (loop step: {a.loop_steps} steps of engine.decode).\n")
+    results = [
+        anatomy.measure_step(
+            model,
+            make_drafter(n, None, model),
+            a.prompt or anatomy.DEFAULT_PROMPT,
+            max_new_tokens=a.max_new_tokens,
+            warm_steps=a.warm_steps,
+            loop_steps=a.loop_steps,
+            repeats=a.repeats,
+            impl=a.impl,
+            name=n,
+        )
+        for n in names
+    ]
+    print(
+        f"Step anatomy: {a.model} ({model.dtype}, {jax.default_backend()}), batch 1, greedy, "
+        f"impl {a.impl}; state after prefill + {a.warm_steps} steps of the prompt; medians of "
+        f"{a.repeats} interleaved runs (loop step: {a.loop_steps} steps of engine.decode).\n"
+    )
     print(anatomy.anatomy_markdown(results))
     over = anatomy.check_remainder(results)
     print("\nremainder > 10% of the step: " + ("; ".join(over) if over else "none"))
@@ -276,8 +317,10 @@ def tree_factory(name: str, model):
     try:
         parsed = registry.parse(name)
         if parsed is None or not parsed.entry.tree:
-            raise ValueError(f"tune-tree needs a tree drafter, got {name!r}; valid: "
-                             f"{', '.join(e.usage for e in registry.REGISTRY.values() if e.tree)}")
+            raise ValueError(
+                f"tune-tree needs a tree drafter, got {name!r}; valid: "
+                f"{', '.join(e.usage for e in registry.REGISTRY.values() if e.tree)}"
+            )
     except ValueError as e:
         raise SystemExit(str(e)) from None
     return lambda t: registry.make(name, None, model, tree=t)
@@ -312,8 +355,6 @@ def _spread_prompts(path, limit):
     """The first `limit` questions taken round-robin over the categories (first turns)."""
     import itertools
 
-    from specjax import bench
-
     groups: dict = {}
     for q in _questions(path):
         groups.setdefault(q["category"], []).append(q["prompt"])
@@ -327,29 +368,46 @@ def cmd_tune_tree(a):
     cands = _parse_candidates(a.candidates) if a.candidates else autotune.DEFAULT_CANDIDATES
     prompts = _spread_prompts(a.questions or bench.default_questions(), a.limit)
     model = load_model(a.model)
-    best, table = autotune.tune_tree(model, tree_factory(a.drafter, model), prompts, cands,
-                                     max_new_tokens=a.max_new_tokens, repeats=a.repeats)
+    best, table = autotune.tune_tree(
+        model,
+        tree_factory(a.drafter, model),
+        prompts,
+        cands,
+        max_new_tokens=a.max_new_tokens,
+        repeats=a.repeats,
+    )
     print(f"{a.drafter} on {len(prompts)} prompts, {a.max_new_tokens} new tokens each:\n")
     print(autotune.tune_markdown(table, best))
     print(f"\nchosen: {best}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="specjax", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="specjax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     g = sub.add_parser("generate", help="generate text for one or more prompts")
     g.add_argument("prompts", nargs="+")
-    g.add_argument("--model", default="smollm2-135m",
-                   help="model name, HF checkpoint dir, .gguf file or converted dir")
-    g.add_argument("--drafter", default="none", type=drafter_arg,
-                   help=_drafter_usage() + " (speculative decoding; *_tree and "
-                        "ngram:B>1 draft trees; eagle* without PATH: the model's bundled "
-                        "drafter)")
-    g.add_argument("--k", type=positive_int, default=None,
-                   help="draft tokens per step (chain), tokens per branch (ngram:B), or tree "
-                        "nodes (*_tree)")
+    g.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="model name, HF checkpoint dir, .gguf file or converted dir",
+    )
+    g.add_argument(
+        "--drafter",
+        default="none",
+        type=drafter_arg,
+        help=_drafter_usage() + " (speculative decoding; *_tree and "
+        "ngram:B>1 draft trees; eagle* without PATH: the model's bundled "
+        "drafter)",
+    )
+    g.add_argument(
+        "--k",
+        type=positive_int,
+        default=None,
+        help="draft tokens per step (chain), tokens per branch (ngram:B), or tree nodes (*_tree)",
+    )
     g.add_argument("--stream", action="store_true", help="print text as it is produced")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     _add_sampling(g)
@@ -357,32 +415,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert a checkpoint to a specjax orbax checkpoint")
     c.add_argument("src", help="model name, HF checkpoint directory, or .gguf file")
-    c.add_argument("dst", help="output directory (new, empty, or a specjax checkpoint to "
-                                "replace with --overwrite)")
-    c.add_argument("--overwrite", action="store_true",
-                   help="replace DST when it already holds a specjax checkpoint")
+    c.add_argument(
+        "dst",
+        help="output directory (new, empty, or a specjax checkpoint to replace with --overwrite)",
+    )
+    c.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace DST when it already holds a specjax checkpoint",
+    )
     c.set_defaults(fn=cmd_convert)
 
     d = sub.add_parser("demo", help="load the default model, answer a few prompts, print tok/s")
     d.add_argument("--model", default="smollm2-135m")
-    d.add_argument("--drafter", default=None, type=drafter_arg,
-                   help="default: the model's bundled EAGLE-3 drafter (dynamic tree) when it "
-                        "has one, else ngram")
+    d.add_argument(
+        "--drafter",
+        default=None,
+        type=drafter_arg,
+        help="default: the model's bundled EAGLE-3 drafter (dynamic tree) when it "
+        "has one, else ngram",
+    )
     d.add_argument("--max-new-tokens", type=positive_int, default=96)
     d.set_defaults(fn=cmd_demo)
 
     b = sub.add_parser("bench", help="AR vs drafters on Spec-Bench prompts (+ HF baselines)")
     _bench_common(b)
-    b.add_argument("--drafters", default="ngram", type=drafter_list_arg,
-                   help="comma-separated drafter names: " + _drafter_usage())
+    b.add_argument(
+        "--drafters",
+        default="ngram",
+        type=drafter_list_arg,
+        help="comma-separated drafter names: " + _drafter_usage(),
+    )
     b.add_argument("--k", type=positive_int, default=None)
-    b.add_argument("--hf-baseline", action="store_true",
-                   help="also time HF transformers greedy and prompt lookup")
+    b.add_argument(
+        "--hf-baseline",
+        action="store_true",
+        help="also time HF transformers greedy and prompt lookup",
+    )
     b.add_argument("--hf-lookup-tokens", type=positive_int, default=10)
-    b.add_argument("--verify-costs", default="auto", type=_costs_arg,
-                   help="verify cost per block length for the lookup bound: auto (measure "
-                        "here), none, or T:COST pairs in any unit (scaled so T=1 costs 1), "
-                        "e.g. 1:1,2:1.6,9:2.8")
+    b.add_argument(
+        "--verify-costs",
+        default="auto",
+        type=_costs_arg,
+        help="verify cost per block length for the lookup bound: auto (measure "
+        "here), none, or T:COST pairs in any unit (scaled so T=1 costs 1), "
+        "e.g. 1:1,2:1.6,9:2.8",
+    )
     b.add_argument("--hf-assistant", default=None, help="small model for HF assisted generation")
     b.set_defaults(fn=cmd_bench)
 
@@ -390,12 +468,14 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_common(ar)
     ar.set_defaults(fn=lambda a: cmd_bench(a, ar_only=True), limit=None)
 
-    bv = sub.add_parser("bench-verify",
-                        help="cost of one verify forward of T tokens, causal vs tree mask")
+    bv = sub.add_parser(
+        "bench-verify", help="cost of one verify forward of T tokens, causal vs tree mask"
+    )
     bv.add_argument("--model", default="smollm2-135m")
     bv.add_argument("--sizes", default="1,2,4,8,16,32", help="comma-separated block lengths T")
-    bv.add_argument("--prompt-len", type=positive_int, default=256,
-                    help="committed tokens in the cache")
+    bv.add_argument(
+        "--prompt-len", type=positive_int, default=256, help="committed tokens in the cache"
+    )
     bv.add_argument("--batch", type=positive_int, default=1)
     bv.add_argument("--impl", default="xla", choices=("xla", "pallas"), help="attention")
     bv.add_argument("--repeats", type=positive_int, default=20)
@@ -403,13 +483,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     bs = sub.add_parser("bench-step", help="step anatomy: ms of each piece of one decode step")
     bs.add_argument("--model", default="smollm2-135m")
-    bs.add_argument("--drafters", default="none,ngram,eagle3_tree", type=drafter_list_arg,
-                    help="comma-separated drafter names (one column each): " + _drafter_usage())
+    bs.add_argument(
+        "--drafters",
+        default="none,ngram,eagle3_tree",
+        type=drafter_list_arg,
+        help="comma-separated drafter names (one column each): " + _drafter_usage(),
+    )
     bs.add_argument("--prompt", default=None, help="one prompt (default: a story request)")
-    bs.add_argument("--max-new-tokens", type=positive_int, default=128,
-                    help="sizes the cache as generate does")
-    bs.add_argument("--warm-steps", type=positive_int, default=4,
-                    help="real decode steps before the measured state")
+    bs.add_argument(
+        "--max-new-tokens", type=positive_int, default=128, help="sizes the cache as generate does"
+    )
+    bs.add_argument(
+        "--warm-steps",
+        type=positive_int,
+        default=4,
+        help="real decode steps before the measured state",
+    )
     bs.add_argument("--loop-steps", type=positive_int, default=16)
     bs.add_argument("--repeats", type=positive_int, default=20)
     bs.add_argument("--impl", default="xla", choices=("xla", "pallas"), help="attention")
@@ -417,14 +506,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     tt = sub.add_parser("tune-tree", help="pick the draft tree with the best measured tokens/s")
     tt.add_argument("--model", default="smollm2-135m")
-    tt.add_argument("--drafter", default="layer_skip_tree:8", type=drafter_arg,
-                    help="a drafter that drafts a dynamic tree: layer_skip_tree[:LAYERS] | "
-                         "model_tree:PATH | eagle3_tree[:PATH] | eagle_tree[:PATH] | ngram")
-    tt.add_argument("--candidates", default=None,
-                    help="comma-separated NODES:DEPTH:TOP_K (default: 4:3:2,8:4:3,12:5:3,16:6:4)")
+    tt.add_argument(
+        "--drafter",
+        default="layer_skip_tree:8",
+        type=drafter_arg,
+        help="a drafter that drafts a dynamic tree: layer_skip_tree[:LAYERS] | "
+        "model_tree:PATH | eagle3_tree[:PATH] | eagle_tree[:PATH] | ngram",
+    )
+    tt.add_argument(
+        "--candidates",
+        default=None,
+        help="comma-separated NODES:DEPTH:TOP_K (default: 4:3:2,8:4:3,12:5:3,16:6:4)",
+    )
     tt.add_argument("--questions", default=None, help="question .jsonl (default: Spec-Bench)")
-    tt.add_argument("--limit", type=positive_int, default=4,
-                    help="prompts (round-robin over categories)")
+    tt.add_argument(
+        "--limit", type=positive_int, default=4, help="prompts (round-robin over categories)"
+    )
     tt.add_argument("--max-new-tokens", type=positive_int, default=64)
     tt.add_argument("--repeats", type=positive_int, default=1)
     tt.set_defaults(fn=cmd_tune_tree)
@@ -433,21 +530,35 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--target", default="smollm2-135m", help="target model (name or path)")
     tr.add_argument("--kind", default=None, help="eagle3 | eagle (default: from --config)")
     tr.add_argument("--out", required=True, help="run directory (resumed when it exists)")
-    tr.add_argument("--config", default="eagle3_smollm2",
-                    help="training config: a name in specjax/configs/train/ or a YAML path")
+    tr.add_argument(
+        "--config",
+        default="eagle3_smollm2",
+        help="training config: a name in specjax/configs/train/ or a YAML path",
+    )
     tr.add_argument("--steps", type=positive_int, default=None)
     tr.add_argument("--batch", type=positive_int, default=None)
     tr.add_argument("--lr", type=float, default=None)
-    tr.add_argument("--prompts", type=positive_int, default=None,
-                    help="training prompts (self-distilled)")
+    tr.add_argument(
+        "--prompts", type=positive_int, default=None, help="training prompts (self-distilled)"
+    )
     tr.add_argument("--heldout", type=int, default=None, help="held-out prompts for tau")
-    tr.add_argument("--responses", default=None, choices=("self", "given"),
-                    help="self (regenerate) | given (teacher-forced)")
-    tr.add_argument("--dataset", default=None,
-                    help="existing dataset directory (default: OUT/data, built if missing)")
-    tr.add_argument("--features", default=None,
-                    help="feature cache to share (default: OUT/features); one written for more "
-                         "target layers serves drafters that read fewer")
+    tr.add_argument(
+        "--responses",
+        default=None,
+        choices=("self", "given"),
+        help="self (regenerate) | given (teacher-forced)",
+    )
+    tr.add_argument(
+        "--dataset",
+        default=None,
+        help="existing dataset directory (default: OUT/data, built if missing)",
+    )
+    tr.add_argument(
+        "--features",
+        default=None,
+        help="feature cache to share (default: OUT/features); one written for more "
+        "target layers serves drafters that read fewer",
+    )
     tr.set_defaults(fn=cmd_train_drafter)
     return p
 
@@ -459,16 +570,25 @@ def cmd_train_drafter(a):
     target = load_model(a.target)
     overrides = dict(kind=a.kind, steps=a.steps, batch=a.batch, lr=a.lr)
     data_over = dict(prompts=a.prompts, heldout=a.heldout, responses=a.responses)
-    ecfg, _, hist = run_training(target, a.config, a.out, dataset=a.dataset, features=a.features,
-                                 train_overrides=overrides, data_overrides=data_over)
+    ecfg, _, hist = run_training(
+        target,
+        a.config,
+        a.out,
+        dataset=a.dataset,
+        features=a.features,
+        train_overrides=overrides,
+        data_overrides=data_over,
+    )
     last = [r for r in hist if "loss" in r][-1:]
     taus = [r["tau"] for r in hist if "tau" in r]
     what = f"EAGLE-{ecfg.version}" if hasattr(ecfg, "version") else "Medusa"
-    print(f"trained {what} drafter -> {os.path.join(a.out, 'drafter')}"
-          + (f"; final loss {last[0]['loss']:.3f}, acc {last[0]['acc']}" if last else "")
-          + (f"; held-out tau {taus[-1]:.2f}" if taus else ""))
+    print(
+        f"trained {what} drafter -> {os.path.join(a.out, 'drafter')}"
+        + (f"; final loss {last[0]['loss']:.3f}, acc {last[0]['acc']}" if last else "")
+        + (f"; held-out tau {taus[-1]:.2f}" if taus else "")
+    )
     name = {1: "eagle_tree", 3: "eagle3_tree"}.get(getattr(ecfg, "version", 0), "medusa_tree")
-    print(f"use it: specjax generate --drafter {name}:{os.path.join(a.out, 'drafter')} \"...\"")
+    print(f'use it: specjax generate --drafter {name}:{os.path.join(a.out, "drafter")} "..."')
 
 
 def main(argv=None):

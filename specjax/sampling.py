@@ -4,11 +4,11 @@ Order follows HF `generate`: temperature, then top-k, then top-p. The static par
 top-k, whether top-p is on) is a hashable `SamplingMode`; temperature and top-p values are traced
 scalars, so changing them does not recompile.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ NEG_INF = -jnp.inf
 @dataclasses.dataclass(frozen=True)
 class SamplingMode:
     greedy: bool = True
-    top_k: Optional[int] = None
+    top_k: int | None = None
     use_top_p: bool = False
 
 
@@ -29,16 +29,20 @@ def _number(name: str, value, integral: bool = False):
     bools (an easy slip for a flag) and strings are refused by name."""
     kind = numbers.Integral if integral else numbers.Real
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, kind):
-        raise ValueError(f"{name} must be {'a positive int' if integral else 'a number'}, got "
-                         f"{type(value).__name__} {value!r}")
+        raise ValueError(
+            f"{name} must be {'a positive int' if integral else 'a number'}, got "
+            f"{type(value).__name__} {value!r}"
+        )
     return int(value) if integral else float(value)
 
 
-def make_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]):
+def make_sampling(temperature: float, top_k: int | None, top_p: float | None):
     """Validate user settings -> (SamplingMode, traced params dict)."""
     if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real):
-        raise ValueError(f"temperature must be >= 0 (a number; 0 means greedy), got "
-                         f"{type(temperature).__name__} {temperature!r}")
+        raise ValueError(
+            f"temperature must be >= 0 (a number; 0 means greedy), got "
+            f"{type(temperature).__name__} {temperature!r}"
+        )
     temperature = float(temperature)
     if not (0 <= temperature < float("inf")):  # rejects NaN and inf too
         raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
@@ -51,10 +55,15 @@ def make_sampling(temperature: float, top_k: Optional[int], top_p: Optional[floa
         if not (0.0 < top_p <= 1.0):  # NaN fails this too
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
     greedy = temperature == 0.0
-    mode = SamplingMode(greedy=greedy, top_k=None if greedy else top_k,
-                        use_top_p=(not greedy) and top_p is not None and top_p < 1.0)
-    params = {"temperature": jnp.float32(temperature if not greedy else 1.0),
-              "top_p": jnp.float32(top_p if top_p is not None else 1.0)}
+    mode = SamplingMode(
+        greedy=greedy,
+        top_k=None if greedy else top_k,
+        use_top_p=(not greedy) and top_p is not None and top_p < 1.0,
+    )
+    params = {
+        "temperature": jnp.float32(temperature if not greedy else 1.0),
+        "top_p": jnp.float32(top_p if top_p is not None else 1.0),
+    }
     return mode, params
 
 

@@ -4,18 +4,20 @@
 Weights are replicated for now; the "model" axis of the mesh is the seam for tensor-parallel
 weights (a `PartitionSpec` per param leaf) and multi-host TPU pods.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 BATCHED_ARGS = ("inp", "max_new")  # per-row inputs: every leaf has the batch first
 
 
-def make_mesh(devices: Optional[Sequence] = None) -> Mesh:
+def make_mesh(devices: Sequence | None = None) -> Mesh:
     """A 1-D mesh over `devices` (default: all) with the batch on axis "data"."""
     devs = np.asarray(devices if devices is not None else jax.devices())
     return Mesh(devs.reshape(-1), ("data",))

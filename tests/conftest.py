@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random-weight HF transformers models built on the fly (no downloads)."""
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,13 @@ import transformers
 # `SPECJAX_TEST_XLA_OPT=full` runs the suite with XLA's defaults, as production compiles.
 # Set before JAX starts its backend (it reads XLA_FLAGS once); workers and subprocesses inherit.
 if os.environ.get("SPECJAX_TEST_XLA_OPT", "fast") != "full":
-    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
-                                        "--xla_backend_optimization_level=0",
-                                        "--xla_llvm_disable_expensive_passes=true"]).strip()
+    os.environ["XLA_FLAGS"] = " ".join(
+        [
+            os.environ.get("XLA_FLAGS", ""),
+            "--xla_backend_optimization_level=0",
+            "--xla_llvm_disable_expensive_passes=true",
+        ]
+    ).strip()
 
 VOCAB = 101  # build_hf_model's default vocabulary
 _rng = np.random.default_rng(0)
@@ -31,9 +36,19 @@ _rng = np.random.default_rng(0)
 # keep this order instead of sorting files by their number of tests.) Measured wall time, longest
 # first; files not listed follow in their usual order. Re-measure with --durations=0 when a file
 # grows.
-SLOWEST_FIRST = ["test_smollm2.py", "test_tree.py", "test_train.py", "test_cli.py",
-                 "test_eagle.py", "test_spec_sampling.py", "test_tree_sampling.py",
-                 "test_generate.py", "test_notebooks.py", "test_autotune.py", "test_medusa.py"]
+SLOWEST_FIRST = [
+    "test_smollm2.py",
+    "test_tree.py",
+    "test_train.py",
+    "test_cli.py",
+    "test_eagle.py",
+    "test_spec_sampling.py",
+    "test_tree_sampling.py",
+    "test_generate.py",
+    "test_notebooks.py",
+    "test_autotune.py",
+    "test_medusa.py",
+]
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -101,9 +116,17 @@ def build_hf_model(family: str = "llama", seed: int = 0, **overrides):
     0.1^2), biases ~ N(0, 1) (non-zero, so a dropped Qwen2 bias is caught).
     """
     cfg_cls, model_cls = _FAMILIES[family]
-    kw = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              rms_norm_eps=1e-6, attn_implementation="eager")
+    kw = dict(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        attn_implementation="eager",
+    )
     kw.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**kw)).eval()
@@ -136,8 +159,12 @@ def byte_bpe(corpus, size=300):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=size,
+        special_tokens=["<eos>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus, trainer)
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
@@ -147,8 +174,9 @@ def target(make_hf_model):
     """The shared tiny target: a 3-layer GQA Llama (vocab 101) without EOS, as specjax model."""
     import specjax
 
-    return specjax.model_from_hf(make_hf_model("llama", seed=0, num_hidden_layers=3,
-                                               eos_token_id=None), name="tiny-llama")
+    return specjax.model_from_hf(
+        make_hf_model("llama", seed=0, num_hidden_layers=3, eos_token_id=None), name="tiny-llama"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -156,8 +184,9 @@ def other(make_hf_model):
     """An independent 1-layer draft model with the target's vocabulary."""
     import specjax
 
-    return specjax.model_from_hf(make_hf_model("llama", seed=1, num_hidden_layers=1,
-                                               eos_token_id=None), name="tiny-draft")
+    return specjax.model_from_hf(
+        make_hf_model("llama", seed=1, num_hidden_layers=1, eos_token_id=None), name="tiny-draft"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -165,10 +194,13 @@ def tiny_dir(tmp_path_factory, make_hf_model):
     """A tiny HF checkpoint directory (2-layer Llama) with a real tokenizer (byte-level BPE) and a
     chat template: what the CLI, autotune and notebook tests load by path."""
     tok = byte_bpe(["the cat sat on the mat. the dog sat on the log. " * 4])
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
-                         "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
-    hf = make_hf_model("llama", seed=3, vocab_size=len(tok), num_hidden_layers=2,
-                       eos_token_id=tok.eos_token_id)
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+        "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    hf = make_hf_model(
+        "llama", seed=3, vocab_size=len(tok), num_hidden_layers=2, eos_token_id=tok.eos_token_id
+    )
     path = str(tmp_path_factory.mktemp("tiny") / "hf")
     hf.save_pretrained(path)
     tok.save_pretrained(path)

@@ -3,6 +3,7 @@
 It keeps no state and reads no target features; it only shows that a new drafter needs this
 file plus one registry line (see tests/test_registry.py), and nothing in the engine.
 """
+
 from __future__ import annotations
 
 import dataclasses

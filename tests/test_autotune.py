@@ -2,6 +2,7 @@
 correctness anchors of the timed verify forward (a chain tree equals causal verification; every
 node of a random tree sees exactly its root path), tree-size tuning, and the CLI commands.
 No timing assertions: speed is for benchmarks, not unit tests."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,9 @@ def test_verify_cost_table_is_sane(model):
     for causal, tree in table.values():
         assert np.isfinite(causal) and np.isfinite(tree) and causal > 0 and tree > 0
     md = autotune.cost_markdown(table).splitlines()
-    assert md[0].startswith("| T | causal ms | tree ms | tree/causal |") and len(md) == 2 + len(sizes)
+    assert md[0].startswith("| T | causal ms | tree ms | tree/causal |") and len(md) == 2 + len(
+        sizes
+    )
     assert md[2].endswith("| 1.00x |")  # T=1 relative to itself
     with pytest.raises(ValueError, match="positive"):
         autotune.verify_cost_table(model, (0, 2), progress=False)
@@ -41,8 +44,9 @@ def _verify(model, tokens, parents, prefix=10, max_len=40):
 
 def test_chain_tree_verify_equals_causal_verify(model):
     B, T = 2, 7
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (B, T)),
-                         jnp.int32)
+    tokens = jnp.asarray(
+        np.random.default_rng(0).integers(0, model.config.vocab_size, (B, T)), jnp.int32
+    )
     chain = jnp.broadcast_to(jnp.asarray(tree_lib.chain_parents(T - 1)), (B, T - 1))
     causal = _verify(model, tokens, None)
     np.testing.assert_array_equal(_verify(model, tokens, chain), causal)
@@ -68,11 +72,19 @@ def test_random_tree_nodes_see_their_root_path(model):
 
 
 def test_tune_tree_returns_a_candidate(model):
-    cands = (drafters.DynamicTree(nodes=2, depth=2, top_k=2),
-             drafters.DynamicTree(nodes=4, depth=2, top_k=2))
+    cands = (
+        drafters.DynamicTree(nodes=2, depth=2, top_k=2),
+        drafters.DynamicTree(nodes=4, depth=2, top_k=2),
+    )
     prompts = [[1, 2, 3, 4, 5] * 3, [7, 8, 9, 10]]
-    best, table = autotune.tune_tree(model, lambda t: drafters.layer_skip(1, tree=t), prompts,
-                                     cands, max_new_tokens=8, progress=False)
+    best, table = autotune.tune_tree(
+        model,
+        lambda t: drafters.layer_skip(1, tree=t),
+        prompts,
+        cands,
+        max_new_tokens=8,
+        progress=False,
+    )
     assert best in cands
     assert [r["candidate"] for r in table] == list(cands)
     for r, c in zip(table, cands):
@@ -84,8 +96,19 @@ def test_tune_tree_returns_a_candidate(model):
 
 
 def test_cli_bench_verify(tiny_dir, capsys):
-    cli.main(["bench-verify", "--model", tiny_dir, "--sizes", "1,4", "--prompt-len", "16",
-              "--repeats", "2"])
+    cli.main(
+        [
+            "bench-verify",
+            "--model",
+            tiny_dir,
+            "--sizes",
+            "1,4",
+            "--prompt-len",
+            "16",
+            "--repeats",
+            "2",
+        ]
+    )
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [r.split("|")[1].strip() for r in rows] == ["1", "4"]
@@ -96,16 +119,37 @@ def test_cli_bench_verify(tiny_dir, capsys):
 
 def test_cli_tune_tree(tiny_dir, tmp_path, capsys):
     q = tmp_path / "q.jsonl"
-    q.write_text("\n".join(json.dumps({"question_id": i, "category": c, "turns": [t]})
-                           for i, (c, t) in enumerate([("a", "the cat sat on"), ("b", "the dog"),
-                                                       ("a", "on the mat the")])))
-    cli.main(["tune-tree", "--model", tiny_dir, "--drafter", "ngram", "--candidates",
-              "4:2:2", "--questions", str(q), "--limit", "2", "--max-new-tokens", "8"])
+    q.write_text(
+        "\n".join(
+            json.dumps({"question_id": i, "category": c, "turns": [t]})
+            for i, (c, t) in enumerate(
+                [("a", "the cat sat on"), ("b", "the dog"), ("a", "on the mat the")]
+            )
+        )
+    )
+    cli.main(
+        [
+            "tune-tree",
+            "--model",
+            tiny_dir,
+            "--drafter",
+            "ngram",
+            "--candidates",
+            "4:2:2",
+            "--questions",
+            str(q),
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "8",
+        ]
+    )
     out = capsys.readouterr().out
     assert "on 2 prompts" in out and out.count("k=2, branches=2) |") == 1 and out.count("<-") == 1
     assert "chosen: DynamicTree(nodes=" in out
     with pytest.raises(SystemExit, match="NODES:DEPTH:TOP_K"):
         cli.main(["tune-tree", "--model", tiny_dir, "--candidates", "8:4", "--questions", str(q)])
     with pytest.raises(SystemExit, match="tree drafter"):
-        cli.main(["tune-tree", "--model", tiny_dir, "--drafter", "layer_skip:2",
-                  "--questions", str(q)])
+        cli.main(
+            ["tune-tree", "--model", tiny_dir, "--drafter", "layer_skip:2", "--questions", str(q)]
+        )

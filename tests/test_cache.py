@@ -5,6 +5,7 @@ itself and is safe when several processes fill it at once.
 Every test that damages or locks a cache points SPECJAX_CACHE at a tmp dir. The damaged-cache
 test uses the real SmolLM2 checkpoint (copied from the session's cache); the concurrency test a
 tiny model behind the same cache code (the real conversion takes ~30 s per process here)."""
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,10 @@ import pytest
 import specjax
 from checkpoints_convert import DamagedCheckpoint, load_converted, save_converted
 from checkpoints_convert.orbax_io import CONFIG_FILE
-from conftest import byte_bpe
 from specjax import cli
 from specjax import model as model_lib
+
+from conftest import byte_bpe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,8 +48,9 @@ def tiny_hf_dir(tmp_path_factory, make_hf_model):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tiny, tmp_path_factory):
-    return save_converted(str(tmp_path_factory.mktemp("ck") / "tiny"), tiny.params, tiny.config,
-                          tiny.tokenizer)
+    return save_converted(
+        str(tmp_path_factory.mktemp("ck") / "tiny"), tiny.params, tiny.config, tiny.tokenizer
+    )
 
 
 def _biggest_file(root: str) -> str:
@@ -65,6 +68,7 @@ def _flip(path: str, offset=None) -> None:
 
 
 # ----------------------------------------------------------------------------- 1. convert
+
 
 def test_convert_keeps_what_it_did_not_create(tiny_hf_dir, tmp_path, monkeypatch, capsys):
     """Finding 1: a folder of user files, the current folder, the source itself and a plain
@@ -124,6 +128,7 @@ def test_stale_partials_are_removed(tiny, tmp_path):
 
 # ------------------------------------------------------------------- 2-3. checksums at load
 
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "tokenizer", "config"])
 def test_damaged_user_checkpoint_is_named(tiny_ckpt, tmp_path, damage):
     """Findings 2-3 on a user path: each kind of damage is an error naming the file and what
@@ -154,12 +159,16 @@ def test_damaged_user_checkpoint_is_named(tiny_ckpt, tmp_path, damage):
 
 def test_checkpoint_records_every_file(tiny_ckpt):
     meta = json.load(open(os.path.join(tiny_ckpt, CONFIG_FILE)))
-    files = {os.path.relpath(os.path.join(d, f), tiny_ckpt)
-             for d, _, fs in os.walk(tiny_ckpt) for f in fs} - {CONFIG_FILE}
+    files = {
+        os.path.relpath(os.path.join(d, f), tiny_ckpt)
+        for d, _, fs in os.walk(tiny_ckpt)
+        for f in fs
+    } - {CONFIG_FILE}
     assert set(meta["files"]) == files and any(f.startswith("tokenizer/") for f in files)
 
 
 # ------------------------------------------------------------------ 3. the cache heals itself
+
 
 def test_named_cache_is_reconverted_when_damaged(tiny, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
@@ -222,10 +231,18 @@ def test_processes_starting_at_once_share_one_cache(tiny, tmp_path):
     source = save_converted(str(tmp_path / "source"), tiny.params, tiny.config)
     script = _WORKER.format(root=ROOT, source=source)
     env = dict(os.environ, SPECJAX_CACHE=str(cache), JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     results = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, results):
+    for p, (_out, err) in zip(procs, results):
         assert p.returncode == 0, err[-2000:]
     outs = {next(l for l in out.splitlines() if l.startswith("OUT")) for out, _ in results}
     assert len(outs) == 1  # the same logits everywhere
@@ -235,6 +252,7 @@ def test_processes_starting_at_once_share_one_cache(tiny, tmp_path):
 
 
 # ------------------------------------------------- 2. the real model: same output after healing
+
 
 def test_damaged_smollm2_cache_heals_with_the_same_output(tmp_path, monkeypatch, capfd):
     """Findings 2-3 on the real default model: one byte flipped in a data file of a cached

@@ -1,5 +1,6 @@
 """The `specjax` command line on a tiny HF checkpoint with a real (byte-level BPE) tokenizer:
 convert, generate (plain, streamed, speculative), bench (JSON + Markdown + PNG), and errors."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,20 @@ def test_convert_then_generate(tiny_dir, tmp_path, capsys):
 
     cli.main(["generate", "--model", dst, "the cat sat", "--max-new-tokens", "12"])
     plain = capsys.readouterr().out
-    cli.main(["generate", "--model", dst, "the cat sat", "--max-new-tokens", "12",
-              "--drafter", "ngram", "--k", "3"])
+    cli.main(
+        [
+            "generate",
+            "--model",
+            dst,
+            "the cat sat",
+            "--max-new-tokens",
+            "12",
+            "--drafter",
+            "ngram",
+            "--k",
+            "3",
+        ]
+    )
     spec = capsys.readouterr().out
     assert plain == spec  # greedy speculative output is the plain output
     cli.main(["generate", "--model", dst, "the cat sat", "--max-new-tokens", "12", "--stream"])
@@ -43,13 +56,34 @@ def test_convert_then_generate(tiny_dir, tmp_path, capsys):
 
 def test_bench_writes_reports(tiny_dir, tmp_path, capsys):
     q = tmp_path / "q.jsonl"
-    q.write_text("\n".join(json.dumps({"question_id": i, "category": c, "turns": [t]})
-                           for i, (c, t) in enumerate([("a", "the cat sat on"), ("b", "the dog"),
-                                                       ("a", "on the mat the")])))
+    q.write_text(
+        "\n".join(
+            json.dumps({"question_id": i, "category": c, "turns": [t]})
+            for i, (c, t) in enumerate(
+                [("a", "the cat sat on"), ("b", "the dog"), ("a", "on the mat the")]
+            )
+        )
+    )
     out = tmp_path / "bench"
-    cli.main(["bench", "--model", tiny_dir, "--questions", str(q), "--limit", "1",
-              "--max-new-tokens", "8", "--drafters", "ngram,layer_skip:1", "--out", str(out),
-              "--verify-costs", "1:1,2:1.5,9:2"])
+    cli.main(
+        [
+            "bench",
+            "--model",
+            tiny_dir,
+            "--questions",
+            str(q),
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "8",
+            "--drafters",
+            "ngram,layer_skip:1",
+            "--out",
+            str(out),
+            "--verify-costs",
+            "1:1,2:1.5,9:2",
+        ]
+    )
     table = capsys.readouterr().out
     assert "| a |" in table and "| b |" in table and "| overall |" in table
     res = json.load(open(out / "results.json"))
@@ -65,8 +99,7 @@ def test_bench_writes_reports(tiny_dir, tmp_path, capsys):
     assert overall["ngram"]["tau"] <= overall["ar"]["ceiling_tau"] + 1e-9
     assert overall["ngram"]["decode_speedup"] > 0
     # Charging verify forwards their cost can only lower the ceiling.
-    assert all(r["ceiling_steps"] <= r["ceiling_cost"] <= max(r["new_tokens"] - 1, 1)
-               for r in ar)
+    assert all(r["ceiling_steps"] <= r["ceiling_cost"] <= max(r["new_tokens"] - 1, 1) for r in ar)
     assert overall["ar"]["bound_speedup"] <= overall["ar"]["ceiling_speedup"] + 1e-9
     assert res["meta"]["verify_costs"] == {"1": 1.0, "2": 1.5, "9": 2.0}
     assert "(T: cost vs T=1; 1: 1.00, 2: 1.50, 9: 2.00)" in table
@@ -81,8 +114,9 @@ def test_measured_verify_costs(tiny_dir):
 
     model = load_model(tiny_dir)
     prompts = [{"prompt": "the cat sat on"}, {"prompt": "the dog ran after the cat"}]
-    costs = bench.measure_verify_costs(model, prompts, 8, sizes=(1, 2, 5), repeats=2,
-                                       progress=False)
+    costs = bench.measure_verify_costs(
+        model, prompts, 8, sizes=(1, 2, 5), repeats=2, progress=False
+    )
     assert list(costs) == [1, 2, 5] and costs[1] == 1.0
     assert bench.check_costs(costs) == costs  # positive, non-decreasing
 
@@ -95,7 +129,7 @@ def _min_steps_exhaustive(prompt, output, k):
         seen, longest = p + t, 0
         for j in range(seen):
             a = 0
-            while (a < k and t + a < n and j + a < seen and ctx[j + a] == output[t + a]):
+            while a < k and t + a < n and j + a < seen and ctx[j + a] == output[t + a]:
                 a += 1
             longest = max(longest, a)
         best[t] = 1 + min(best[min(t + a + 1, n)] for a in range(longest + 1))
@@ -138,13 +172,19 @@ def test_lookup_bound_is_the_least_cost():
         prompt = rng.integers(0, 3, rng.integers(1, 10)).tolist()
         output = rng.integers(0, 3, rng.integers(1, 12)).tolist()
         table = {1: 1.0, 2: 1.0 + rng.random(), 4: 2.0 + rng.random(), 9: 3.0 + rng.random()}
-        cost = lambda T: table[max(s for s in table if s <= T)]  # noqa: E731
+        cost = lambda T, table=table: table[max(s for s in table if s <= T)]  # noqa: E731
         for k in (2, 5):
-            assert abs(lookup_bound(prompt, output, table, k)
-                       - _min_cost_exhaustive(prompt, output, k, cost)) < 1e-9, (prompt, output)
+            assert (
+                abs(
+                    lookup_bound(prompt, output, table, k)
+                    - _min_cost_exhaustive(prompt, output, k, cost)
+                )
+                < 1e-9
+            ), (prompt, output)
         # With every block costing one forward it is the fewest steps.
         assert lookup_bound(prompt, output, {1: 1.0}) == _min_steps_exhaustive(
-            prompt, output, len(output))
+            prompt, output, len(output)
+        )
 
 
 def test_lookup_ceiling_is_the_fewest_steps():
@@ -160,7 +200,8 @@ def test_lookup_ceiling_is_the_fewest_steps():
         output = rng.integers(0, 3, rng.integers(1, 16)).tolist()
         for k in (1, 3, None):
             assert lookup_ceiling(prompt, output, k) == _min_steps_exhaustive(
-                prompt, output, k or len(output)), (prompt, output, k)
+                prompt, output, k or len(output)
+            ), (prompt, output, k)
 
 
 def test_ngram_names():
@@ -187,10 +228,12 @@ def test_train_drafter_then_generate_with_it(tiny_dir, tmp_path, monkeypatch, ca
 
     monkeypatch.setenv("SPECJAX_DATA", str(write_train_data(tmp_path / "data")))
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text("kind: eagle3\nsteps: 4\nbatch: 4\nwarmup: 1\nlog_every: 2\nsave_every: 2\n"
-                   "draft_vocab: 64\neval_every: 4\neval_prompts: 2\neval_new_tokens: 8\n"
-                   "data:\n  prompts: 8\n  given_prompts: 4\n  heldout: 2\n  seq_len: 48\n"
-                   "  max_new_tokens: 16\n  gen_batch: 4\n")
+    cfg.write_text(
+        "kind: eagle3\nsteps: 4\nbatch: 4\nwarmup: 1\nlog_every: 2\nsave_every: 2\n"
+        "draft_vocab: 64\neval_every: 4\neval_prompts: 2\neval_new_tokens: 8\n"
+        "data:\n  prompts: 8\n  given_prompts: 4\n  heldout: 2\n  seq_len: 48\n"
+        "  max_new_tokens: 16\n  gen_batch: 4\n"
+    )
     out = tmp_path / "run"
     cli.main(["train-drafter", "--target", tiny_dir, "--out", str(out), "--config", str(cfg)])
     said = capsys.readouterr().out

@@ -1,5 +1,6 @@
 """Checkpoint loading: HF safetensors directories (single file and sharded), checked name/shape
 mapping with errors that name the offending tensor, and orbax round trips of converted models."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import specjax
-from checkpoints_convert import (CheckpointMismatch, is_converted_dir, load_converted,
-                                 save_converted)
+from checkpoints_convert import CheckpointMismatch, is_converted_dir, load_converted, save_converted
 from specjax.models import FAMILIES as SUPPORTED_MODEL_TYPES
 
 ATOL = 1e-4
@@ -57,11 +57,16 @@ def edited_copy(src, dst, edit):
 
 # ----------------------------------------------------------------------------- HF directories
 
-@pytest.mark.parametrize("family,overrides", [
-    ("llama", dict()),
-    ("qwen2", dict()),  # q/k/v biases
-    ("llama", dict(tie_word_embeddings=True)),  # save_pretrained drops the tied lm_head
-], ids=["llama", "qwen2", "llama-tied"])
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("llama", dict()),
+        ("qwen2", dict()),  # q/k/v biases
+        ("llama", dict(tie_word_embeddings=True)),  # save_pretrained drops the tied lm_head
+    ],
+    ids=["llama", "qwen2", "llama-tied"],
+)
 def test_load_hf_safetensors_dir(family, overrides, tmp_path, make_hf_model, ids):
     hf = make_hf_model(family, **overrides)
     hf.save_pretrained(tmp_path)
@@ -72,8 +77,9 @@ def test_load_hf_safetensors_dir(family, overrides, tmp_path, make_hf_model, ids
     assert model.tokenizer is None  # none was saved
     assert max_err(model.logits(ids), hf_logits(hf, ids)) < ATOL
     # Same params as the in-memory conversion.
-    np.testing.assert_array_equal(np.asarray(model.logits(ids)),
-                                  np.asarray(specjax.model_from_hf(hf).logits(ids)))
+    np.testing.assert_array_equal(
+        np.asarray(model.logits(ids)), np.asarray(specjax.model_from_hf(hf).logits(ids))
+    )
 
 
 def test_load_sharded_safetensors(tmp_path, make_hf_model, ids):
@@ -87,28 +93,46 @@ def test_load_sharded_safetensors(tmp_path, make_hf_model, ids):
 
 MISMATCHES = {
     # name -> (edit of the tensor dict, key that the error must name)
-    "missing-layer-tensor": (lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"),
-                             "model.layers.1.self_attn.k_proj.weight"),
+    "missing-layer-tensor": (
+        lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"),
+        "model.layers.1.self_attn.k_proj.weight",
+    ),
     "missing-top-tensor": (lambda t: t.pop("model.norm.weight"), "model.norm.weight"),
     "missing-lm-head": (lambda t: t.pop("lm_head.weight"), "lm_head.weight"),
-    "unknown-tensor": (lambda t: t.update({"model.layers.0.self_attn.q_norm.weight":
-                                           np.ones(8, np.float32)}),
-                       "model.layers.0.self_attn.q_norm.weight"),
-    "extra-layer": (lambda t: t.update({"model.layers.2.mlp.up_proj.weight":
-                                        t["model.layers.1.mlp.up_proj.weight"]}),
-                    "model.layers.2.mlp.up_proj.weight"),
-    "extra-top-level": (lambda t: t.update({"model.extra_head.weight": np.ones((2, 2),
-                                                                               np.float32)}),
-                        "model.extra_head.weight"),
-    "wrong-shape-layer": (lambda t: t.update({"model.layers.0.mlp.up_proj.weight":
-                                              t["model.layers.0.mlp.up_proj.weight"][:-1]}),
-                          "model.layers.0.mlp.up_proj.weight"),
-    "transposed-layer": (lambda t: t.update({"model.layers.1.mlp.down_proj.weight":
-                                             t["model.layers.1.mlp.down_proj.weight"].T.copy()}),
-                         "model.layers.1.mlp.down_proj.weight"),
-    "wrong-shape-embed": (lambda t: t.update({"model.embed_tokens.weight":
-                                              t["model.embed_tokens.weight"][:50]}),
-                          "model.embed_tokens.weight"),
+    "unknown-tensor": (
+        lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": np.ones(8, np.float32)}),
+        "model.layers.0.self_attn.q_norm.weight",
+    ),
+    "extra-layer": (
+        lambda t: t.update(
+            {"model.layers.2.mlp.up_proj.weight": t["model.layers.1.mlp.up_proj.weight"]}
+        ),
+        "model.layers.2.mlp.up_proj.weight",
+    ),
+    "extra-top-level": (
+        lambda t: t.update({"model.extra_head.weight": np.ones((2, 2), np.float32)}),
+        "model.extra_head.weight",
+    ),
+    "wrong-shape-layer": (
+        lambda t: t.update(
+            {"model.layers.0.mlp.up_proj.weight": t["model.layers.0.mlp.up_proj.weight"][:-1]}
+        ),
+        "model.layers.0.mlp.up_proj.weight",
+    ),
+    "transposed-layer": (
+        lambda t: t.update(
+            {
+                "model.layers.1.mlp.down_proj.weight": t[
+                    "model.layers.1.mlp.down_proj.weight"
+                ].T.copy()
+            }
+        ),
+        "model.layers.1.mlp.down_proj.weight",
+    ),
+    "wrong-shape-embed": (
+        lambda t: t.update({"model.embed_tokens.weight": t["model.embed_tokens.weight"][:50]}),
+        "model.embed_tokens.weight",
+    ),
 }
 
 
@@ -140,9 +164,18 @@ def test_unmodified_copy_loads(llama_dir, tmp_path, ids):
 
 
 def test_unsupported_architecture(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 50,
-        "n_embd": 16, "n_layer": 2, "n_head": 2}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "gpt2",
+                "architectures": ["GPT2LMHeadModel"],
+                "vocab_size": 50,
+                "n_embd": 16,
+                "n_layer": 2,
+                "n_head": 2,
+            }
+        )
+    )
     with pytest.raises(ValueError) as err:
         specjax.load_model(str(tmp_path))
     msg = str(err.value)
@@ -162,14 +195,24 @@ def test_unknown_model_name(tmp_path, monkeypatch):
 
 
 def test_dir_without_weights(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10,
-        "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-        "num_attention_heads": 2}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": 10,
+                "hidden_size": 8,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+            }
+        )
+    )
     with pytest.raises(FileNotFoundError, match="safetensors"):
         specjax.load_model(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- orbax
+
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, make_hf_model):
@@ -191,8 +234,9 @@ def test_orbax_round_trip(converted, ids):
     np.testing.assert_array_equal(np.asarray(loaded.logits(ids)), np.asarray(model.logits(ids)))
     params, cfg, tok = load_converted(path)
     assert cfg == model.config and tok is None
-    np.testing.assert_array_equal(params["layers"]["bqkv"],
-                                  np.asarray(model.with_layout("scan").params["layers"]["bqkv"]))
+    np.testing.assert_array_equal(
+        params["layers"]["bqkv"], np.asarray(model.with_layout("scan").params["layers"]["bqkv"])
+    )
 
 
 def test_save_converted_overwrites(converted, tmp_path, make_hf_model, ids):
@@ -202,8 +246,9 @@ def test_save_converted_overwrites(converted, tmp_path, make_hf_model, ids):
     other = specjax.model_from_hf(make_hf_model("llama", seed=5))
     save_converted(dst, other.params, other.config)
     save_converted(dst, model.params, model.config, overwrite=True)
-    np.testing.assert_array_equal(np.asarray(specjax.load_model(dst).logits(ids)),
-                                  np.asarray(model.logits(ids)))
+    np.testing.assert_array_equal(
+        np.asarray(specjax.load_model(dst).logits(ids)), np.asarray(model.logits(ids))
+    )
 
 
 def _corrupt_config(src_path, dst, mutate):

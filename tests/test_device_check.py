@@ -1,4 +1,5 @@
 """benchmarks/device_check.py --tiny: the accelerator check's whole code path, on CPU."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,12 @@ from benchmarks import device_check  # noqa: E402
 def test_device_check_tiny(capsys):
     assert device_check.main(["--tiny"]) == 0  # 0: every section ran without an error
     out = capsys.readouterr().out
-    for title in ("## 1. tree attention: Pallas vs XLA", "## 2. verify forward",
-                  "## 3. plain step, step anatomy", "## 4. greedy identity in float32"):
+    for title in (
+        "## 1. tree attention: Pallas vs XLA",
+        "## 2. verify forward",
+        "## 3. plain step, step anatomy",
+        "## 4. greedy identity in float32",
+    ):
         assert title in out
     assert "FAILED" not in out and "Traceback" not in out
     # the attention table has a row with finite errors at float32 precision

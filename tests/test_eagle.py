@@ -7,25 +7,24 @@ would only draft worse), so `test_state_follows_cache_free_reference` checks the
 prefill and after commits against a cache-free teacher-forced run of the drafter over the
 whole sequence, for chain and tree acceptances.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_tree_sampling import cell_counts, exact, sample_tokens  # noqa: F401  (a fixture)
 
 import specjax
 from specjax import drafters
 from specjax.drafters import feature as E
-from specjax.drafters.base import TargetPrefill, TargetStep
+from specjax.drafters.base import PrefillInput, TargetPrefill, TargetStep, Tree, Verified
 from specjax.models.cache import init_cache
 from specjax.models.llama import forward_hidden
-from specjax.drafters.base import PrefillInput, Tree, Verified
 
 from conftest import RAGGED_PROMPTS
-from test_spec_sampling import (  # noqa: F401  (`models` is a pytest fixture)
-    ALPHA, MODES, chi_square, models)
-from test_tree_sampling import cell_counts, exact, sample_tokens  # noqa: F401  (a fixture)
+from test_spec_sampling import ALPHA, MODES, chi_square, models  # noqa: F401  (`models` is a pytest fixture)
 
 NEW = 20
 
@@ -73,18 +72,24 @@ def test_greedy_equals_ar(case, target, ar):
 
 # ------------------------------------------------------------------ state bookkeeping
 
+
 def _reference_outputs(target, cfg, params, seq):
     """Cache-free teacher-forced drafter run: out[j] for pairs (g_j, seq[j+1]), j < T-1."""
     tp = target.params
     T = len(seq)
     toks = jnp.asarray([seq], jnp.int32)
     pos = jnp.arange(T, dtype=jnp.int32)[None]
-    hid, _ = forward_hidden(tp, target.config, toks, pos,
-                            init_cache(target.config, 1, T, per_layer=True),
-                            hidden_layers=cfg.feature_layers)
-    feats = E.target_features(cfg, params, hid)[:, :T - 1]
+    hid, _ = forward_hidden(
+        tp,
+        target.config,
+        toks,
+        pos,
+        init_cache(target.config, 1, T, per_layer=True),
+        hidden_layers=cfg.feature_layers,
+    )
+    feats = E.target_features(cfg, params, hid)[:, : T - 1]
     cache = init_cache(cfg.layer, 1, T, per_layer=True)
-    out, _ = E.draft_block(cfg, params, feats, toks[:, 1:], pos[:, :T - 1], cache)
+    out, _ = E.draft_block(cfg, params, feats, toks[:, 1:], pos[:, : T - 1], cache)
     return np.asarray(out[0]), hid
 
 
@@ -98,20 +103,31 @@ def test_state_follows_cache_free_reference(target, version):
     P, K = 9, 3
     spec = E.EagleSpec(k=K, eagle=cfg, target_cfg=target.config)
     tok = jnp.asarray([seq[:P] + [0] * 7], jnp.int32)  # right-padded prompt of P tokens
-    sl = lambda h, a, b: type(h)(last=h.last[:, a:b],  # noqa: E731
-                                 layers=None if h.layers is None else h.layers[:, :, a:b])
-    pre = TargetPrefill(input=PrefillInput.from_tokens(tok, jnp.asarray([P])),
-                        first=jnp.asarray([seq[P]]), cache=None, hiddens=sl(hid, 0, 16))
+    sl = (
+        lambda h, a, b: type(h)(
+            last=h.last[:, a:b],  # noqa: E731
+            layers=None if h.layers is None else h.layers[:, :, a:b],
+        )
+    )
+    pre = TargetPrefill(
+        input=PrefillInput.from_tokens(tok, jnp.asarray([P])),
+        first=jnp.asarray([seq[P]]),
+        cache=None,
+        hiddens=sl(hid, 0, 16),
+    )
     st = spec.init(params, pre, 64)
     np.testing.assert_allclose(st.feat[0], ref[P - 1], atol=1e-4)
     n_len = P  # target cache length; `last` = seq[n_len]
     active = jnp.asarray([True])
     for n_acc in (0, K, 1):  # chain commits: rejected at once, all accepted, one accepted
-        block = seq[n_len:n_len + K + 1]
+        block = seq[n_len : n_len + K + 1]
         draft = specjax.drafters.Draft(tokens=jnp.asarray([block[1:]]), logp=None)
-        acc = Verified(tokens=draft.tokens, n=jnp.asarray([n_acc]),
-                       bonus=jnp.asarray([seq[n_len + n_acc + 1]]),
-                       path=jnp.asarray([[i if i < n_acc else -1 for i in range(K)]]))
+        acc = Verified(
+            tokens=draft.tokens,
+            n=jnp.asarray([n_acc]),
+            bonus=jnp.asarray([seq[n_len + n_acc + 1]]),
+            path=jnp.asarray([[i if i < n_acc else -1 for i in range(K)]]),
+        )
         step = TargetStep(tokens=jnp.asarray([block]), hiddens=sl(hid, n_len, n_len + K + 1))
         st = spec.commit(params, st, draft, acc, active, step)
         n_len += n_acc + 1
@@ -124,17 +140,27 @@ def test_state_follows_cache_free_reference(target, version):
     # A tree commit: the accepted path is nodes 1 -> 3 of a 5-node tree whose block puts the
     # sequence's next tokens at offsets 2 and 4 (the others are decoys).
     tspec = E.EagleTreeSpec(k=5, depth=3, top_k=2, eagle=cfg, target_cfg=target.config)
-    nxt = seq[n_len + 1:n_len + 3]
+    nxt = seq[n_len + 1 : n_len + 3]
     node_tok = [7, nxt[0], 9, nxt[1], 11]
-    tree = Tree(tokens=jnp.asarray([node_tok]), parents=jnp.asarray([[-1, -1, 0, 1, 1]]),
-                depth=jnp.asarray([[1, 1, 2, 2, 2]]), valid=jnp.ones((1, 5), bool))
+    tree = Tree(
+        tokens=jnp.asarray([node_tok]),
+        parents=jnp.asarray([[-1, -1, 0, 1, 1]]),
+        depth=jnp.asarray([[1, 1, 2, 2, 2]]),
+        valid=jnp.ones((1, 5), bool),
+    )
     order = [0, 0, 1, 0, 2, 0]  # block offset -> which true position its hidden state is
     true_hid = sl(hid, n_len, n_len + 3)
     pick = jnp.asarray(order)
-    fake = type(hid)(last=true_hid.last[:, pick],
-                     layers=None if hid.layers is None else true_hid.layers[:, :, pick])
-    tacc = Verified(tokens=jnp.asarray([[nxt[0], nxt[1], node_tok[0]]]), n=jnp.asarray([2]),
-                    path=jnp.asarray([[1, 3, -1]]), bonus=jnp.asarray([seq[n_len + 3]]))
+    fake = type(hid)(
+        last=true_hid.last[:, pick],
+        layers=None if hid.layers is None else true_hid.layers[:, :, pick],
+    )
+    tacc = Verified(
+        tokens=jnp.asarray([[nxt[0], nxt[1], node_tok[0]]]),
+        n=jnp.asarray([2]),
+        path=jnp.asarray([[1, 3, -1]]),
+        bonus=jnp.asarray([seq[n_len + 3]]),
+    )
     tstep = TargetStep(tokens=jnp.asarray([[seq[n_len]] + node_tok]), hiddens=fake)
     st = tspec.commit(params, st, specjax.drafters.base.TreeDraft(tree=tree), tacc, active, tstep)
     n_len += 3
@@ -158,8 +184,11 @@ def test_sampling_matches_target(models, exact, name, mode):
     target, _ = models
     version, dv, shape = SAMPLING[name]
     weights = random_eagle(target, version, seed=11, draft_vocab=dv)
-    d = (drafters.eagle(weights, k=shape) if isinstance(shape, int)
-         else drafters.eagle(weights, tree=shape))
+    d = (
+        drafters.eagle(weights, k=shape)
+        if isinstance(shape, int)
+        else drafters.eagle(weights, tree=shape)
+    )
     toks, st = sample_tokens(target, d, MODES[mode], seed=2024 + len(name) + len(mode))
     hist = np.asarray(st["acceptance_histogram"])
     ex = exact[mode]
@@ -174,18 +203,23 @@ def test_sampling_matches_target(models, exact, name, mode):
 
 # ------------------------------------------------------------------ bad input
 
+
 def test_bad_eagle_input(target, make_hf_model):
     cfg, p = random_eagle(target, 3, draft_vocab=50)
     with pytest.raises(ValueError, match="positive int"):
         drafters.eagle((cfg, p), k=0)
     with pytest.raises(TypeError, match="DynamicTree"):
         drafters.eagle((cfg, p), tree=drafters.StaticTree([[0]]))
-    wide = specjax.model_from_hf(make_hf_model("llama", hidden_size=48, num_attention_heads=4,
-                                               num_key_value_heads=2, eos_token_id=None))
+    wide = specjax.model_from_hf(
+        make_hf_model(
+            "llama", hidden_size=48, num_attention_heads=4, num_key_value_heads=2, eos_token_id=None
+        )
+    )
     with pytest.raises(ValueError, match="hidden size 32 differs from the target's 48"):
         specjax.generate(wide, [[1, 2, 3]], max_new_tokens=4, drafter=drafters.eagle((cfg, p)))
     with pytest.raises(ValueError, match="neither a directory nor a bundled drafter"):
-        specjax.generate(target, [[1, 2, 3]], max_new_tokens=4,
-                         drafter=drafters.eagle("/no/such/dir"))
+        specjax.generate(
+            target, [[1, 2, 3]], max_new_tokens=4, drafter=drafters.eagle("/no/such/dir")
+        )
     with pytest.raises(ValueError, match="EAGLE version"):
         E.EagleConfig(version=2, layer=cfg.layer)

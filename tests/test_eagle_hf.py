@@ -5,6 +5,7 @@ Random-weight checkpoints are written in the layout SafeAILab/EAGLE, vLLM and SG
 independent float64 torch forward written here from the HF definitions: one Llama decoder
 layer with RoPE, GQA and causal attention.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,32 +20,49 @@ from safetensors.torch import save_file
 
 import specjax
 from checkpoints_convert.eagle_hf import CheckpointMismatch, load_eagle_hf, save_eagle_hf
+from specjax.drafters import feature as E
 from specjax.models.cache import init_cache
 from specjax.models.llama import Hiddens
 
 from conftest import RAGGED_PROMPTS
 
-from specjax.drafters import feature as E
-
 B, T = 2, 7
 DRAFT_VOCAB = 64
-LAYER = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-         "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
-         "mlp.up_proj.weight", "mlp.down_proj.weight")
+LAYER = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
 
 def hf_config(target, version, **over):
     """A drafter config.json as SafeAILab writes it (a LlamaConfig): its own intermediate size
     and RoPE base, so a loader that copied the target's would fail the parity tests."""
     c = target.config
-    cfg = {"architectures": ["LlamaForCausalLMEagle3" if version == 3 else "LlamaForCausalLM"],
-           "model_type": "llama", "hidden_size": c.hidden_size, "intermediate_size": 40,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1,
-           "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 5000.0,
-           "max_position_embeddings": 2048, "vocab_size": c.vocab_size,
-           "torch_dtype": "float32", "tie_word_embeddings": False}
+    cfg = {
+        "architectures": ["LlamaForCausalLMEagle3" if version == 3 else "LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": c.hidden_size,
+        "intermediate_size": 40,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 1,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 5000.0,
+        "max_position_embeddings": 2048,
+        "vocab_size": c.vocab_size,
+        "torch_dtype": "float32",
+        "tie_word_embeddings": False,
+    }
     if version == 3:
         cfg["draft_vocab_size"] = DRAFT_VOCAB
     cfg.update(over)
@@ -69,8 +87,16 @@ def hf_state(target, version, seed=0, prefix=None, embed=True, cfg=None):
     hd = D // H
     d_in = D if version == 1 else 2 * D
     prefix = prefix or ("layers.0." if version == 1 else "midlayer.")
-    shapes = ((H * hd, d_in), (KV * hd, d_in), (KV * hd, d_in), (D, H * hd), (D,), (F, D), (F, D),
-              (D, F))
+    shapes = (
+        (H * hd, d_in),
+        (KV * hd, d_in),
+        (KV * hd, d_in),
+        (D, H * hd),
+        (D,),
+        (F, D),
+        (F, D),
+        (D, F),
+    )
     sd = {prefix + k: _rand(gen, s, "norm" if len(s) == 1 else "w") for k, s in zip(LAYER, shapes)}
     if version == 1:
         sd["fc.weight"] = _rand(gen, (D, 2 * D), "w")
@@ -105,8 +131,10 @@ def write_ckpt(path, cfg, sd, fmt="safetensors"):
         torch.save(sd, os.path.join(path, "pytorch_model.bin"))
     elif fmt == "sharded":
         keys = sorted(sd)
-        shards = {"model-00001-of-00002.safetensors": keys[::2],
-                  "model-00002-of-00002.safetensors": keys[1::2]}
+        shards = {
+            "model-00001-of-00002.safetensors": keys[::2],
+            "model-00002-of-00002.safetensors": keys[1::2],
+        }
         for name, ks in shards.items():
             save_file({k: sd[k] for k in ks}, os.path.join(path, name))
         index = {"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}
@@ -118,6 +146,7 @@ def write_ckpt(path, cfg, sd, fmt="safetensors"):
 
 
 # ----------------------------------------------------------------------------- torch reference
+
 
 def rms(x, w, eps):
     return w * (x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps))
@@ -138,11 +167,11 @@ def ref_layer(sd, prefix, cfg, x, resid):
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
 
     def rotate_half(t):
-        return torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1)
+        return torch.cat([-t[..., hd // 2 :], t[..., : hd // 2]], -1)
 
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
-    s = q @ k.transpose(-1, -2) / hd ** 0.5
+    s = q @ k.transpose(-1, -2) / hd**0.5
     s = s.masked_fill(~torch.tril(torch.ones(Tx, Tx, dtype=torch.bool)), float("-inf"))
     o = (s.softmax(-1) @ v).transpose(1, 2).reshape(Bx, Tx, H * hd)
     h = resid + o @ w["self_attn.o_proj.weight"].T
@@ -153,8 +182,11 @@ def ref_layer(sd, prefix, cfg, x, resid):
 
 def _target_tensors(target):
     embed = torch.tensor(np.asarray(target.params["embed"]), dtype=torch.float64)
-    head = (embed.T if target.config.tie_word_embeddings
-            else torch.tensor(np.asarray(target.params["lm_head"]), dtype=torch.float64))
+    head = (
+        embed.T
+        if target.config.tie_word_embeddings
+        else torch.tensor(np.asarray(target.params["lm_head"]), dtype=torch.float64)
+    )
     return embed, head  # head: [D, V]
 
 
@@ -173,8 +205,13 @@ def ref_eagle3(target, sd, cfg, tokens, layers, prefix="midlayer."):
     e = embed[torch.as_tensor(tokens)]
     eps = cfg["rms_norm_eps"]
     g = torch.cat(list(layers), -1) @ sd["fc.weight"].double().T
-    x = torch.cat([rms(e, sd[prefix + "input_layernorm.weight"].double(), eps),
-                   rms(g, sd[prefix + "hidden_norm.weight"].double(), eps)], -1)
+    x = torch.cat(
+        [
+            rms(e, sd[prefix + "input_layernorm.weight"].double(), eps),
+            rms(g, sd[prefix + "hidden_norm.weight"].double(), eps),
+        ],
+        -1,
+    )
     out = ref_layer(sd, prefix, cfg, x, g)
     return out, rms(out, sd["norm.weight"].double(), eps) @ sd["lm_head.weight"].double().T
 
@@ -190,8 +227,11 @@ def run_drafter(target, cfg, params, tokens, feat=None, layers=None):
     cache = init_cache(cfg.layer, B, T + 2, jnp.float32, per_layer=True)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     out, _ = E.draft_block(cfg, bound, f, jnp.asarray(tokens, jnp.int32), pos, cache)
-    return (np.asarray(out), np.asarray(E.draft_logits(cfg, bound, out, target.config, full=False)),
-            bound)
+    return (
+        np.asarray(out),
+        np.asarray(E.draft_logits(cfg, bound, out, target.config, full=False)),
+        bound,
+    )
 
 
 def inputs(target, n_layers=0, seed=0):
@@ -201,23 +241,27 @@ def inputs(target, n_layers=0, seed=0):
     g = torch.Generator().manual_seed(seed)
     if n_layers == 0:
         return tokens, torch.randn(B, T, D, generator=g, dtype=torch.float64)
-    return tokens, [torch.randn(B, T, D, generator=g, dtype=torch.float64)
-                    for _ in range(n_layers)]
+    return tokens, [torch.randn(B, T, D, generator=g, dtype=torch.float64) for _ in range(n_layers)]
 
 
 def close(a, b):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
-                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(a, np.float64), np.asarray(b, np.float64), atol=1e-4, rtol=1e-4
+    )
 
 
 # ----------------------------------------------------------------------------- parity
+
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin", "sharded"])
 def test_eagle1_matches_torch_reference(target, tmp_path, fmt):
     cfg_json = hf_config(target, 1)
     sd = hf_state(target, 1, seed=1)
-    cfg, params = load_eagle_hf(write_ckpt(tmp_path / "e1", cfg_json, sd, fmt), target.config,
-                                target_embed=target.params["embed"])
+    cfg, params = load_eagle_hf(
+        write_ckpt(tmp_path / "e1", cfg_json, sd, fmt),
+        target.config,
+        target_embed=target.params["embed"],
+    )
     assert cfg.version == 1 and cfg.fc_bias and "fc_b" in params
     assert cfg.layer.intermediate_size == 40 and cfg.layer.rope_theta == 5000.0
     assert cfg.layer.rms_norm_eps == 1e-5 and cfg.layer.num_layers == 1
@@ -231,26 +275,36 @@ def test_eagle1_matches_torch_reference(target, tmp_path, fmt):
 def test_eagle1_without_bias(target, tmp_path):
     cfg_json = hf_config(target, 1, bias=False)
     sd = hf_state(target, 1, seed=2, cfg=cfg_json, embed=False)
-    cfg, params = load_eagle_hf(write_ckpt(tmp_path / "e1", cfg_json, sd), target.config,
-                                target_embed=target.params["embed"])
+    cfg, params = load_eagle_hf(
+        write_ckpt(tmp_path / "e1", cfg_json, sd),
+        target.config,
+        target_embed=target.params["embed"],
+    )
     assert not cfg.fc_bias and "fc_b" not in params
     tokens, feat = inputs(target, seed=2)
     out, _, _ = run_drafter(target, cfg, params, tokens, feat=feat)
     close(out, ref_eagle1(target, sd, cfg_json, tokens, feat)[0])
 
 
-@pytest.mark.parametrize("prefix,layer_ids", [
-    ("midlayer.", None),  # feature layers: EAGLE-3's default for the target
-    ("layers.0.", [1, 2, 3]),  # vLLM / speculators style: layer name and explicit ids
-])
+@pytest.mark.parametrize(
+    "prefix,layer_ids",
+    [
+        ("midlayer.", None),  # feature layers: EAGLE-3's default for the target
+        ("layers.0.", [1, 2, 3]),  # vLLM / speculators style: layer name and explicit ids
+    ],
+)
 def test_eagle3_matches_torch_reference(target, tmp_path, prefix, layer_ids):
     over = {} if layer_ids is None else {"eagle_aux_hidden_state_layer_ids": layer_ids}
     cfg_json = hf_config(target, 3, **over)
     sd = hf_state(target, 3, seed=3, prefix=prefix, cfg=cfg_json)
-    cfg, params = load_eagle_hf(write_ckpt(tmp_path / "e3", cfg_json, sd), target.config,
-                                target_embed=target.params["embed"])
-    want_layers = tuple(layer_ids) if layer_ids else E.default_feature_layers(
-        target.config.num_layers)
+    cfg, params = load_eagle_hf(
+        write_ckpt(tmp_path / "e3", cfg_json, sd),
+        target.config,
+        target_embed=target.params["embed"],
+    )
+    want_layers = (
+        tuple(layer_ids) if layer_ids else E.default_feature_layers(target.config.num_layers)
+    )
     assert cfg.version == 3 and cfg.feature_layers == want_layers
     assert cfg.draft_vocab == DRAFT_VOCAB and not cfg.fc_bias
     ids = np.arange(DRAFT_VOCAB) + sd["d2t"].numpy()
@@ -275,20 +329,25 @@ def test_eagle3_full_vocab_without_d2t(target, tmp_path):
     del cfg_json["draft_vocab_size"]  # absent: the target's vocabulary, identity map
     sd = hf_state(target, 3, seed=4, cfg=cfg_json, embed=False)
     del sd["d2t"], sd["t2d"]
-    cfg, params = load_eagle_hf(write_ckpt(tmp_path / "e3", cfg_json, sd), target.config,
-                                target_embed=target.params["embed"])
+    cfg, params = load_eagle_hf(
+        write_ckpt(tmp_path / "e3", cfg_json, sd),
+        target.config,
+        target_embed=target.params["embed"],
+    )
     assert cfg.draft_vocab == V
     np.testing.assert_array_equal(np.asarray(params["d2t"]), np.arange(V))
 
 
 # ----------------------------------------------------------------------------- round trips
 
+
 @pytest.mark.parametrize("version", [1, 3])
 def test_save_load_round_trip(target, tmp_path, version):
     cfg_json = hf_config(target, version)
     sd = hf_state(target, version, seed=5)
-    cfg, params = load_eagle_hf(write_ckpt(tmp_path / "a", cfg_json, sd), target.config,
-                                target_embed=target.params["embed"])
+    cfg, params = load_eagle_hf(
+        write_ckpt(tmp_path / "a", cfg_json, sd), target.config, target_embed=target.params["embed"]
+    )
     save_eagle_hf(tmp_path / "b", cfg, params, target.config)
     cfg2, params2 = load_eagle_hf(tmp_path / "b", target.config)
     assert cfg2 == cfg
@@ -310,8 +369,9 @@ def test_save_load_round_trip(target, tmp_path, version):
     # Bound params (with the target's embedding) write it as embed_tokens.weight.
     save_eagle_hf(tmp_path / "c", cfg, E.bind_target(params, target.params), target.config)
     assert "embed_tokens.weight" in load_file(str(tmp_path / "c" / "model.safetensors"))
-    assert jax_tree_equal(load_eagle_hf(tmp_path / "c", target.config,
-                                target_embed=target.params["embed"])[1], params)
+    assert jax_tree_equal(
+        load_eagle_hf(tmp_path / "c", target.config, target_embed=target.params["embed"])[1], params
+    )
 
 
 def test_save_load_bfloat16_from_init_params(target, tmp_path):
@@ -327,16 +387,19 @@ def test_save_load_bfloat16_from_init_params(target, tmp_path):
 def jax_tree_equal(a, b):
     la, ta = jax.tree.flatten(a)
     lb, tb = jax.tree.flatten(b)
-    return ta == tb and all(x.dtype == y.dtype and x.shape == y.shape
-                            and np.array_equal(np.asarray(x), np.asarray(y))
-                            for x, y in zip(la, lb))
+    return ta == tb and all(
+        x.dtype == y.dtype and x.shape == y.shape and np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(la, lb)
+    )
 
 
 # ----------------------------------------------------------------------------- errors
 
+
 def _load(target, path, cfg_json, sd):
-    return load_eagle_hf(write_ckpt(path, cfg_json, sd), target.config,
-                                target_embed=target.params["embed"])
+    return load_eagle_hf(
+        write_ckpt(path, cfg_json, sd), target.config, target_embed=target.params["embed"]
+    )
 
 
 MISSING = [  # (version, deleted key, expected message)
@@ -358,12 +421,20 @@ def test_missing_key(target, tmp_path, version, key, message):
 
 
 ALTERED = [  # (version, key, tensor written there, expected message)
-    (1, "layers.0.input_layernorm.weight", (32,),  # EAGLE-1's layer 0 has none
-     r"not used .*layers\.0\.input_layernorm"),
+    (
+        1,
+        "layers.0.input_layernorm.weight",
+        (32,),  # EAGLE-1's layer 0 has none
+        r"not used .*layers\.0\.input_layernorm",
+    ),
     (3, "extra_head.weight", (3, 3), r"not used by an EAGLE-3 .*extra_head\.weight"),
     (1, "fc.weight", (32, 96), r"'fc\.weight' has shape \(32, 96\); expected \(32, 64\)"),
-    (3, "lm_head.weight", (70, 32),  # draft_vocab_size says 64
-     r"'lm_head\.weight' has shape \(70, 32\); expected \(64, 32\)"),
+    (
+        3,
+        "lm_head.weight",
+        (70, 32),  # draft_vocab_size says 64
+        r"'lm_head\.weight' has shape \(70, 32\); expected \(64, 32\)",
+    ),
     (3, "embed_tokens.weight", (100, 32), r"'embed_tokens\.weight' has shape \(100, 32\)"),
 ]
 
@@ -380,8 +451,13 @@ def test_two_layer_eagle1(target, tmp_path):
     cfg_json = hf_config(target, 1, num_hidden_layers=2)
     sd = hf_state(target, 1)
     second = hf_state(target, 1, seed=9)
-    sd.update({k.replace("layers.0.", "layers.1."): v for k, v in second.items()
-               if k.startswith("layers.0.")})
+    sd.update(
+        {
+            k.replace("layers.0.", "layers.1."): v
+            for k, v in second.items()
+            if k.startswith("layers.0.")
+        }
+    )
     sd["layers.1.input_layernorm.weight"] = torch.ones(32)
     with pytest.raises(CheckpointMismatch, match=r"num_hidden_layers=2.*exactly one decoder"):
         _load(target, tmp_path / "x", cfg_json, sd)
@@ -413,16 +489,22 @@ def test_bad_vocab_maps(target, tmp_path):
     with pytest.raises(CheckpointMismatch, match="disagree"):
         _load(target, tmp_path / "y", hf_config(target, 3), sd)
     with pytest.raises(CheckpointMismatch, match=r"name hidden states \[7\] outside 0\.\.3"):
-        _load(target, tmp_path / "z", hf_config(target, 3, eagle_aux_hidden_state_layer_ids=[
-            1, 2, 7]), hf_state(target, 3))
+        _load(
+            target,
+            tmp_path / "z",
+            hf_config(target, 3, eagle_aux_hidden_state_layer_ids=[1, 2, 7]),
+            hf_state(target, 3),
+        )
 
 
 # ----------------------------------------------------------------------------- generate
 
+
 @pytest.mark.parametrize("version", [1, 3])
 def test_loaded_drafter_generates_like_ar(target, tmp_path, version):
-    path = write_ckpt(tmp_path / f"e{version}", hf_config(target, version),
-                      hf_state(target, version, seed=7))
+    path = write_ckpt(
+        tmp_path / f"e{version}", hf_config(target, version), hf_state(target, version, seed=7)
+    )
     drafter = specjax.drafters.eagle(str(path), k=3)
     ar = specjax.generate(target, RAGGED_PROMPTS, max_new_tokens=12)
     out = specjax.generate(target, RAGGED_PROMPTS, max_new_tokens=12, drafter=drafter)

@@ -12,6 +12,7 @@ sources, not imported), loads it with `load_eagle_hf` onto the shared tiny targe
   loop (each draft step fed what that producer feeds back: the raw output for SpecForge, the
   post-norm output for speculators' `norm_output`), over a float64 HF target.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,20 +30,22 @@ import transformers
 from safetensors.torch import save_file
 
 import specjax
-import test_eagle_hf as base  # the SafeAILab layout and the float64 Llama-layer reference
 from checkpoints_convert.eagle_hf import CheckpointMismatch, load_eagle_hf, save_eagle_hf
-from conftest import build_hf_model
 from specjax.drafters import feature as E
 from specjax.drafters.base import PrefillInput, TargetPrefill
 from specjax.models.cache import init_cache
 from specjax.models.llama import forward_hidden
 from specjax.sampling import make_sampling
 
+import test_eagle_hf as base  # the SafeAILab layout and the float64 Llama-layer reference
+from conftest import build_hf_model
+
 B, P, K = 3, 8, 3  # prompts, prompt length, chain length (one compiled shape for every case)
 BF16 = torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- save paths
+
 
 def _module_state(target, seed, *, fc_norm=False, input_norm=False):
     """The drafter module's tensors (SafeAILab / SpecForge names, `midlayer.`), float32, with
@@ -62,13 +65,28 @@ def _draft_config(target, **fields):
     """A SpecForge configs/*.json scaled down (gpt-oss-20B-eagle3.json's fields: explicit
     head_dim, pad_token_id, bf16, draft_vocab_size) with its own RoPE base and eps."""
     c = target.config
-    cfg = {"architectures": ["LlamaForCausalLMEagle3"], "head_dim": 8, "hidden_act": "silu",
-           "hidden_size": c.hidden_size, "initializer_range": 0.02, "intermediate_size": 40,
-           "max_position_embeddings": 4096, "model_type": "llama", "num_attention_heads": 4,
-           "num_key_value_heads": 2, "num_hidden_layers": 1, "pad_token_id": 0,
-           "rms_norm_eps": 1e-05, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-           "transformers_version": "4.52.3", "use_cache": True, "vocab_size": c.vocab_size,
-           "draft_vocab_size": base.DRAFT_VOCAB, "rope_theta": 5000.0}
+    cfg = {
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "head_dim": 8,
+        "hidden_act": "silu",
+        "hidden_size": c.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": 40,
+        "max_position_embeddings": 4096,
+        "model_type": "llama",
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 1,
+        "pad_token_id": 0,
+        "rms_norm_eps": 1e-05,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.52.3",
+        "use_cache": True,
+        "vocab_size": c.vocab_size,
+        "draft_vocab_size": base.DRAFT_VOCAB,
+        "rope_theta": 5000.0,
+    }
     cfg.update(fields)
     return cfg
 
@@ -82,17 +100,25 @@ def save_specforge(path, target, draft_cfg, sd, export):
     os.makedirs(path, exist_ok=True)
     cfg = dict(draft_cfg)
     theta = cfg.pop("rope_theta")
-    cfg.update(dtype="bfloat16", transformers_version="5.0.0",
-               rope_parameters={"rope_theta": theta, "rope_type": "default"}, rope_theta=theta)
+    cfg.update(
+        dtype="bfloat16",
+        transformers_version="5.0.0",
+        rope_parameters={"rope_theta": theta, "rope_type": "default"},
+        rope_theta=theta,
+    )
     module = {k: (v.to(BF16) if v.is_floating_point() else v) for k, v in sd.items()}
     if export == "sglang":
         state = {k: v for k, v in module.items() if "embed" not in k.lower()}
     else:
         state = dict(module)  # embed_tokens.weight: the bf16 copy of the target's
-        state.update({k: v for k, v in sd.items()
-                      if k not in ("embed_tokens.weight", "d2t", "t2d")})  # trained, float32
-    save_file({k: v.contiguous() for k, v in state.items()},
-              os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        state.update(
+            {k: v for k, v in sd.items() if k not in ("embed_tokens.weight", "d2t", "t2d")}
+        )  # trained, float32
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        os.path.join(path, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     return path
@@ -106,35 +132,72 @@ def save_speculators(path, target, sd, *, ids, flags, embed_requires_grad=False)
     os.makedirs(path, exist_ok=True)
     c = target.config
     layer = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=40,
-        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=5000.0,
-        tie_word_embeddings=False, dtype="bfloat16").to_diff_dict()
-    cfg = {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
-           "speculators_version": "0.3.0", "transformers_version": transformers.__version__,
-           "transformer_layer_config": layer, "draft_vocab_size": base.DRAFT_VOCAB,
-           "target_hidden_size": None, "eagle_aux_hidden_state_layer_ids": ids,
-           "embed_requires_grad": embed_requires_grad,
-           "norm_before_residual": False, "norm_before_fc": False, "fc_norm": False,
-           "norm_output": False,
-           "speculators_config": {
-               "algorithm": "eagle3", "default_proposal_method": "greedy",
-               "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 3,
-                                     "accept_tolerance": 0.0, "verifier_accept_k": 1}],
-               "verifier": {"name_or_path": "tiny-llama", "architectures": ["LlamaForCausalLM"]}}}
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=40,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        rope_theta=5000.0,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    ).to_diff_dict()
+    cfg = {
+        "architectures": ["Eagle3Speculator"],
+        "speculators_model_type": "eagle3",
+        "speculators_version": "0.3.0",
+        "transformers_version": transformers.__version__,
+        "transformer_layer_config": layer,
+        "draft_vocab_size": base.DRAFT_VOCAB,
+        "target_hidden_size": None,
+        "eagle_aux_hidden_state_layer_ids": ids,
+        "embed_requires_grad": embed_requires_grad,
+        "norm_before_residual": False,
+        "norm_before_fc": False,
+        "fc_norm": False,
+        "norm_output": False,
+        "speculators_config": {
+            "algorithm": "eagle3",
+            "default_proposal_method": "greedy",
+            "proposal_methods": [
+                {
+                    "proposal_type": "greedy",
+                    "speculative_tokens": 3,
+                    "accept_tolerance": 0.0,
+                    "verifier_accept_k": 1,
+                }
+            ],
+            "verifier": {"name_or_path": "tiny-llama", "architectures": ["LlamaForCausalLM"]},
+        },
+    }
     cfg.update(flags)
-    state = {k.replace("midlayer.", "layers.0."): (v.to(BF16) if v.is_floating_point() else v)
-             for k, v in sd.items()}
+    state = {
+        k.replace("midlayer.", "layers.0."): (v.to(BF16) if v.is_floating_point() else v)
+        for k, v in sd.items()
+    }
     keys = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": keys[:len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for name, ks in shards.items():
-        save_file({k: state[k].contiguous() for k in ks}, os.path.join(path, name),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: state[k].contiguous() for k in ks},
+            os.path.join(path, name),
+            metadata={"format": "pt"},
+        )
     total = sum(v.numel() * v.element_size() for v in state.values())
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total},
-                   "weight_map": {k: n for n, ks in shards.items() for k in ks}}, f)
+        json.dump(
+            {
+                "metadata": {"total_size": total},
+                "weight_map": {k: n for n, ks in shards.items() for k in ks},
+            },
+            f,
+        )
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     return path
@@ -148,19 +211,21 @@ def save_safeailab_sharded_bin(path, target, sd):
     del cfg["rope_theta"]
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
     keys = sorted(state)
-    shards = {"pytorch_model-00001-of-00002.bin": keys[::2],
-              "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    shards = {
+        "pytorch_model-00001-of-00002.bin": keys[::2],
+        "pytorch_model-00002-of-00002.bin": keys[1::2],
+    }
     for name, ks in shards.items():
         torch.save({k: state[k] for k in ks}, os.path.join(path, name))
     with open(os.path.join(path, "pytorch_model.bin.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}},
-                  f)
+        json.dump({"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}, f)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
     return path
 
 
 # ----------------------------------------------------------------------------- references
+
 
 def _f64(sd):
     """The saved values (after any bf16/fp16 rounding) in float64."""
@@ -174,9 +239,12 @@ def _rounded(sd, dtype):
 def sglang_capture(model, tokens, ids):
     """SGLang's EAGLE-3 capture for `ids`: the output of decoder layer id (hooked)."""
     out = {}
-    hooks = [model.model.layers[i].register_forward_hook(
-        lambda m, a, o, i=i: out.__setitem__(i, o[0] if isinstance(o, tuple) else o))
-        for i in set(ids)]
+    hooks = [
+        model.model.layers[i].register_forward_hook(
+            lambda m, a, o, i=i: out.__setitem__(i, o[0] if isinstance(o, tuple) else o)
+        )
+        for i in set(ids)
+    ]
     logits = model(torch.as_tensor(tokens)).logits
     for h in hooks:
         h.remove()
@@ -186,9 +254,13 @@ def sglang_capture(model, tokens, ids):
 def vllm_capture(model, tokens, ids):
     """vLLM's capture for `ids`: the residual stream entering decoder layer id (pre-hook)."""
     out = {}
-    hooks = [model.model.layers[i].register_forward_pre_hook(
-        lambda m, a, kw, i=i: out.__setitem__(i, (a[0] if a else kw["hidden_states"])),
-        with_kwargs=True) for i in set(ids)]
+    hooks = [
+        model.model.layers[i].register_forward_pre_hook(
+            lambda m, a, kw, i=i: out.__setitem__(i, (a[0] if a else kw["hidden_states"])),
+            with_kwargs=True,
+        )
+        for i in set(ids)
+    ]
     logits = model(torch.as_tensor(tokens)).logits
     for h in hooks:
         h.remove()
@@ -206,8 +278,13 @@ def specforge_step(sd, lcfg, e, g, norm_output):
     """SpecForge `backbone` + `compute_logits`: the midlayer's residual is the raw feature, the
     next step is fed the raw output, the head reads norm(output) iff norm_output."""
     eps = lcfg["rms_norm_eps"]
-    x = torch.cat([base.rms(e, sd["midlayer.input_layernorm.weight"], eps),
-                   base.rms(g, sd["midlayer.hidden_norm.weight"], eps)], -1)
+    x = torch.cat(
+        [
+            base.rms(e, sd["midlayer.input_layernorm.weight"], eps),
+            base.rms(g, sd["midlayer.hidden_norm.weight"], eps),
+        ],
+        -1,
+    )
     o = base.ref_layer(sd, "midlayer.", lcfg, x, g)
     head_in = base.rms(o, sd["norm.weight"], eps) if norm_output else o
     return o, head_in @ sd["lm_head.weight"].T
@@ -220,8 +297,9 @@ def speculators_fuse(sd, caps, eps):
     if "input_norm.weight" in sd:
         x = base.rms(x, sd["input_norm.weight"], eps)
     if "fc_norm.0.weight" in sd:
-        x = torch.cat([base.rms(c, sd[f"fc_norm.{i}.weight"], eps)
-                       for i, c in enumerate(x.chunk(3, -1))], -1)
+        x = torch.cat(
+            [base.rms(c, sd[f"fc_norm.{i}.weight"], eps) for i, c in enumerate(x.chunk(3, -1))], -1
+        )
     return x @ sd["fc.weight"].T
 
 
@@ -260,11 +338,20 @@ def specjax_chain(target, cfg, params, tokens, first):
     bound = E.bind_target(params, target.params)
     toks = jnp.asarray(tokens, jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    hid, _ = forward_hidden(target.params, target.config, toks, pos,
-                            init_cache(target.config, B, P, per_layer=True),
-                            hidden_layers=cfg.feature_layers)
-    pre = TargetPrefill(input=PrefillInput.from_tokens(toks, jnp.full((B,), P, jnp.int32)),
-                        first=jnp.asarray(first, jnp.int32), cache=None, hiddens=hid)
+    hid, _ = forward_hidden(
+        target.params,
+        target.config,
+        toks,
+        pos,
+        init_cache(target.config, B, P, per_layer=True),
+        hidden_layers=cfg.feature_layers,
+    )
+    pre = TargetPrefill(
+        input=PrefillInput.from_tokens(toks, jnp.full((B,), P, jnp.int32)),
+        first=jnp.asarray(first, jnp.int32),
+        cache=None,
+        hiddens=hid,
+    )
     state = spec.init(bound, pre, P + K + 8)
     mode, sp = make_sampling(0.0, None, None)
     draft, _ = spec.propose(bound, state, pre.first, jax.random.key(0), mode, sp)
@@ -274,8 +361,13 @@ def specjax_chain(target, cfg, params, tokens, first):
 
 # ----------------------------------------------------------------------------- cases
 
-LCFG = {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 32,
-        "rope_theta": 5000.0, "rms_norm_eps": 1e-5}
+LCFG = {
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_size": 32,
+    "rope_theta": 5000.0,
+    "rms_norm_eps": 1e-5,
+}
 
 
 def _case_specforge_sglang(target, tmp):
@@ -284,9 +376,16 @@ def _case_specforge_sglang(target, tmp):
     cfg = _draft_config(target, eagle_config={"eagle_aux_hidden_state_layer_ids": [0, 1, 2]})
     path = save_specforge(tmp / "sf", target, cfg, sd, "sglang")
     ref = _rounded(sd, BF16)
-    return path, ref, (1, 2, 3), sglang_capture, [0, 1, 2], \
-        lambda caps: specforge_fuse(ref, caps, 1e-5), \
-        lambda e, g: specforge_step(ref, LCFG, e, g, norm_output=True), None
+    return (
+        path,
+        ref,
+        (1, 2, 3),
+        sglang_capture,
+        [0, 1, 2],
+        lambda caps: specforge_fuse(ref, caps, 1e-5),
+        lambda e, g: specforge_step(ref, LCFG, e, g, norm_output=True),
+        None,
+    )
 
 
 def _case_specforge_eagle31(target, tmp):
@@ -299,21 +398,36 @@ def _case_specforge_eagle31(target, tmp):
     ref["embed_tokens.weight"] = sd["embed_tokens.weight"].to(BF16).double()
     L = target.config.num_layers  # no ids: SGLang captures the streams entering 2, L//2, L-3
     ids = [2, L // 2, L - 3]
-    return path, ref, tuple(ids), vllm_capture, ids, \
-        lambda caps: specforge_fuse(ref, caps, 1e-5), \
-        lambda e, g: specforge_step(ref, LCFG, e, g, norm_output=True), None
+    return (
+        path,
+        ref,
+        tuple(ids),
+        vllm_capture,
+        ids,
+        lambda caps: specforge_fuse(ref, caps, 1e-5),
+        lambda e, g: specforge_step(ref, LCFG, e, g, norm_output=True),
+        None,
+    )
 
 
 def _case_specforge_raw_head(target, tmp):
     """A SpecForge draft config with norm_output: false (the head reads the raw output)."""
     sd = _module_state(target, 13)
-    cfg = _draft_config(target, norm_output=False,
-                        eagle_config={"eagle_aux_hidden_state_layer_ids": [2, 0, 1]})
+    cfg = _draft_config(
+        target, norm_output=False, eagle_config={"eagle_aux_hidden_state_layer_ids": [2, 0, 1]}
+    )
     path = save_specforge(tmp / "sfraw", target, cfg, sd, "sglang")
     ref = _rounded(sd, BF16)
-    return path, ref, (3, 1, 2), sglang_capture, [2, 0, 1], \
-        lambda caps: specforge_fuse(ref, caps, 1e-5), \
-        lambda e, g: specforge_step(ref, LCFG, e, g, norm_output=False), None
+    return (
+        path,
+        ref,
+        (3, 1, 2),
+        sglang_capture,
+        [2, 0, 1],
+        lambda caps: specforge_fuse(ref, caps, 1e-5),
+        lambda e, g: specforge_step(ref, LCFG, e, g, norm_output=False),
+        None,
+    )
 
 
 def _case_speculators_31(target, tmp):
@@ -323,9 +437,16 @@ def _case_speculators_31(target, tmp):
     flags = {"fc_norm": True, "norm_output": True, "norm_before_residual": True}
     path = save_speculators(tmp / "spec31", target, sd, ids=[2, 0, 1], flags=flags)
     ref = _rounded({k.replace("midlayer.", "layers.0."): v for k, v in sd.items()}, BF16)
-    return path, ref, (2, 0, 1), vllm_capture, [2, 0, 1], \
-        lambda caps: speculators_fuse(ref, caps, 1e-5), \
-        lambda e, g: speculators_step(ref, LCFG, e, g, True, True), None
+    return (
+        path,
+        ref,
+        (2, 0, 1),
+        vllm_capture,
+        [2, 0, 1],
+        lambda caps: speculators_fuse(ref, caps, 1e-5),
+        lambda e, g: speculators_step(ref, LCFG, e, g, True, True),
+        None,
+    )
 
 
 def _case_speculators_own_embed(target, tmp):
@@ -333,15 +454,29 @@ def _case_speculators_own_embed(target, tmp):
     (embed_requires_grad): it must be drafted with its own embedding."""
     sd = _module_state(target, 15, input_norm=True)
     sd["embed_tokens.weight"] = sd["embed_tokens.weight"] + 0.5 * torch.randn(
-        sd["embed_tokens.weight"].shape, generator=torch.Generator().manual_seed(5))
-    path = save_speculators(tmp / "specemb", target, sd, ids=None,
-                            flags={"norm_before_fc": True}, embed_requires_grad=True)
+        sd["embed_tokens.weight"].shape, generator=torch.Generator().manual_seed(5)
+    )
+    path = save_speculators(
+        tmp / "specemb",
+        target,
+        sd,
+        ids=None,
+        flags={"norm_before_fc": True},
+        embed_requires_grad=True,
+    )
     ref = _rounded({k.replace("midlayer.", "layers.0."): v for k, v in sd.items()}, BF16)
     L = target.config.num_layers
     ids = [2, L // 2, L - 3]  # speculators' resolve_target_layer_ids default
-    return path, ref, tuple(ids), vllm_capture, ids, \
-        lambda caps: speculators_fuse(ref, caps, 1e-5), \
-        lambda e, g: speculators_step(ref, LCFG, e, g, False, False), ref["embed_tokens.weight"]
+    return (
+        path,
+        ref,
+        tuple(ids),
+        vllm_capture,
+        ids,
+        lambda caps: speculators_fuse(ref, caps, 1e-5),
+        lambda e, g: speculators_step(ref, LCFG, e, g, False, False),
+        ref["embed_tokens.weight"],
+    )
 
 
 def _case_safeailab_bin(target, tmp):
@@ -352,17 +487,26 @@ def _case_safeailab_bin(target, tmp):
     L = target.config.num_layers
     ids = [2, L // 2, L - 3]  # SafeAILab's hardcoded capture, entering those layers
     lcfg = dict(LCFG, rope_theta=10000.0)
-    return path, ref, tuple(ids), vllm_capture, ids, \
-        lambda caps: specforge_fuse(ref, caps, 1e-5), \
-        lambda e, g: specforge_step(ref, lcfg, e, g, norm_output=True), None
+    return (
+        path,
+        ref,
+        tuple(ids),
+        vllm_capture,
+        ids,
+        lambda caps: specforge_fuse(ref, caps, 1e-5),
+        lambda e, g: specforge_step(ref, lcfg, e, g, norm_output=True),
+        None,
+    )
 
 
-CASES = {"specforge-sglang-ids": _case_specforge_sglang,
-         "specforge-eagle3.1-to_hf": _case_specforge_eagle31,
-         "specforge-norm_output-false": _case_specforge_raw_head,
-         "speculators-eagle3.1-sharded": _case_speculators_31,
-         "speculators-own-embedding": _case_speculators_own_embed,
-         "safeailab-sharded-bin": _case_safeailab_bin}
+CASES = {
+    "specforge-sglang-ids": _case_specforge_sglang,
+    "specforge-eagle3.1-to_hf": _case_specforge_eagle31,
+    "specforge-norm_output-false": _case_specforge_raw_head,
+    "speculators-eagle3.1-sharded": _case_speculators_31,
+    "speculators-own-embedding": _case_speculators_own_embed,
+    "safeailab-sharded-bin": _case_safeailab_bin,
+}
 
 
 @pytest.fixture(scope="module")
@@ -374,9 +518,12 @@ def hf_target():
 @pytest.mark.parametrize("case", list(CASES))
 def test_producer_checkpoint_drafts_as_trained(target, hf_target, tmp_path, case, caplog):
     path, ref, want_layers, capture, runtime_ids, fuse, step, own_embed = CASES[case](
-        target, tmp_path)
-    with caplog.at_level(logging.INFO, logger="checkpoints_convert.eagle_hf"), \
-            warnings.catch_warnings(record=True) as caught:
+        target, tmp_path
+    )
+    with (
+        caplog.at_level(logging.INFO, logger="checkpoints_convert.eagle_hf"),
+        warnings.catch_warnings(record=True) as caught,
+    ):
         warnings.simplefilter("always")
         cfg, params = load_eagle_hf(path, target.config, target_embed=target.params["embed"])
     # A drafter drafting with its own embedding says so; one sharing the target's is silent.
@@ -391,8 +538,11 @@ def test_producer_checkpoint_drafts_as_trained(target, hf_target, tmp_path, case
     with torch.no_grad():
         caps, target_logits = capture(hf_target, tokens, runtime_ids)
         first = target_logits[:, -1].argmax(-1).numpy()
-        embed = (own_embed if own_embed is not None
-                 else torch.tensor(np.asarray(target.params["embed"]), dtype=torch.float64))
+        embed = (
+            own_embed
+            if own_embed is not None
+            else torch.tensor(np.asarray(target.params["embed"]), dtype=torch.float64)
+        )
         d2t = np.arange(base.DRAFT_VOCAB) + ref["d2t"].numpy()
         ref_chain, ref_first = reference_chain(step, fuse(caps), embed, tokens, first, d2t)
     chain, first_logits = specjax_chain(target, cfg, params, tokens, first)
@@ -402,6 +552,7 @@ def test_producer_checkpoint_drafts_as_trained(target, hf_target, tmp_path, case
 
 # ----------------------------------------------------------------------------- rules
 
+
 def _write(path, cfg, sd):
     return base.write_ckpt(path, cfg, sd)
 
@@ -409,17 +560,27 @@ def _write(path, cfg, sd):
 def test_capture_layer_rule_per_producer(target, tmp_path):
     """The same ids mean different layers to different producers; the caller overrides."""
     sd = base.hf_state(target, 3, embed=False)
-    load = lambda name, cfg, **kw: load_eagle_hf(  # noqa: E731
-        _write(tmp_path / name, cfg, sd), target.config, **kw)[0].feature_layers
+    load = lambda name, cfg, **kw: (
+        load_eagle_hf(  # noqa: E731
+            _write(tmp_path / name, cfg, sd), target.config, **kw
+        )[0].feature_layers
+    )
     sf = base.hf_config(target, 3, eagle_config={"eagle_aux_hidden_state_layer_ids": [0, 1, 2]})
     assert load("sf", sf) == (1, 2, 3)
     assert load("sf-as-vllm", sf, producer="vllm") == (0, 1, 2)
-    assert load("vllm", base.hf_config(target, 3, eagle_aux_hidden_state_layer_ids=[0, 1, 2])) \
-        == (0, 1, 2)
+    assert load("vllm", base.hf_config(target, 3, eagle_aux_hidden_state_layer_ids=[0, 1, 2])) == (
+        0,
+        1,
+        2,
+    )
     assert load("plain", base.hf_config(target, 3)) == E.default_feature_layers(3)
     assert load("override", sf, capture_layers=[3, 3, 0]) == (3, 3, 0)
-    both = base.hf_config(target, 3, eagle_aux_hidden_state_layer_ids=[0, 1, 2],
-                          eagle_config={"eagle_aux_hidden_state_layer_ids": [1, 1, 2]})
+    both = base.hf_config(
+        target,
+        3,
+        eagle_aux_hidden_state_layer_ids=[0, 1, 2],
+        eagle_config={"eagle_aux_hidden_state_layer_ids": [1, 1, 2]},
+    )
     with pytest.raises(CheckpointMismatch, match=r"both .*disagree.*capture_layers="):
         load("both", both)
     assert load("both-override", both, capture_layers=[1, 2, 3]) == (1, 2, 3)
@@ -430,8 +591,9 @@ def test_capture_layer_rule_per_producer(target, tmp_path):
     # drafters.eagle passes both overrides through to the loader.
     spec, _ = specjax.drafters.eagle(str(tmp_path / "sf"), k=2, producer="vllm").binder(target)
     assert spec.eagle.feature_layers == (0, 1, 2)
-    spec, _ = specjax.drafters.eagle(str(tmp_path / "sf"), k=2,
-                                     capture_layers=(1, 1, 1)).binder(target)
+    spec, _ = specjax.drafters.eagle(str(tmp_path / "sf"), k=2, capture_layers=(1, 1, 1)).binder(
+        target
+    )
     assert spec.eagle.feature_layers == (1, 1, 1)
 
 
@@ -442,13 +604,20 @@ def test_drafter_embedding_is_used_or_refused(target, tmp_path):
     own = sd["embed_tokens.weight"] + 0.25
     sd["embed_tokens.weight"] = own
     sf = base.hf_config(target, 3, eagle_config={"eagle_aux_hidden_state_layer_ids": [0, 1, 2]})
-    with pytest.raises(CheckpointMismatch, match=r"differs from the target's .*specforge.*"
-                                                 r"another target"):
-        load_eagle_hf(_write(tmp_path / "sf", sf, sd), target.config,
-                      target_embed=target.params["embed"])
+    with pytest.raises(
+        CheckpointMismatch,
+        match=r"differs from the target's .*specforge.*"
+        r"another target",
+    ):
+        load_eagle_hf(
+            _write(tmp_path / "sf", sf, sd), target.config, target_embed=target.params["embed"]
+        )
     with pytest.warns(UserWarning, match="drafting with the drafter's own embedding"):
-        cfg, params = load_eagle_hf(_write(tmp_path / "sa", base.hf_config(target, 3), sd),
-                                    target.config, target_embed=target.params["embed"])
+        cfg, params = load_eagle_hf(
+            _write(tmp_path / "sa", base.hf_config(target, 3), sd),
+            target.config,
+            target_embed=target.params["embed"],
+        )
     np.testing.assert_array_equal(np.asarray(params["embed"]), own.numpy())
     bound = E.bind_target(params, target.params)
     tok = jnp.asarray([[3, 5]])
@@ -456,8 +625,9 @@ def test_drafter_embedding_is_used_or_refused(target, tmp_path):
     # Written back, the own embedding travels with the drafter.
     save_eagle_hf(tmp_path / "rt", cfg, params, target.config)
     with pytest.warns(UserWarning):
-        again = load_eagle_hf(tmp_path / "rt", target.config,
-                              target_embed=target.params["embed"])[1]
+        again = load_eagle_hf(tmp_path / "rt", target.config, target_embed=target.params["embed"])[
+            1
+        ]
     assert base.jax_tree_equal(again, params)
 
 
@@ -465,18 +635,24 @@ def test_variant_flags_round_trip(target, tmp_path):
     """EAGLE-3.1 / vLLM flags survive save_eagle_hf -> load_eagle_hf (written as vLLM reads
     them); SpecForge's head without norm has no vLLM field and is refused by the writer."""
     sd = base.hf_state(target, 3, seed=8, embed=False)
-    cfg, params = load_eagle_hf(_write(tmp_path / "a", base.hf_config(target, 3), sd),
-                                target.config)
+    cfg, params = load_eagle_hf(
+        _write(tmp_path / "a", base.hf_config(target, 3), sd), target.config
+    )
     cfg = dataclasses.replace(cfg, fc_norm=True, norm_before_residual=True, feed_normed=True)
-    params = dict(params, fc_norm=jnp.asarray(np.linspace(0.5, 1.5, 3 * cfg.hidden,
-                                                          dtype=np.float32).reshape(3, -1)))
+    params = dict(
+        params,
+        fc_norm=jnp.asarray(np.linspace(0.5, 1.5, 3 * cfg.hidden, dtype=np.float32).reshape(3, -1)),
+    )
     save_eagle_hf(tmp_path / "v", cfg, params, target.config)
     cfg2, params2 = load_eagle_hf(tmp_path / "v", target.config)
     assert cfg2 == cfg and base.jax_tree_equal(params, params2)
     with pytest.raises(ValueError, match="head_norm=False"):
-        save_eagle_hf(tmp_path / "h", dataclasses.replace(cfg, feed_normed=False,
-                                                          head_norm=False),
-                      params, target.config)
+        save_eagle_hf(
+            tmp_path / "h",
+            dataclasses.replace(cfg, feed_normed=False, head_norm=False),
+            params,
+            target.config,
+        )
     with pytest.raises(ValueError, match=r"fc_norm exist only in EAGLE-3"):
         E.EagleConfig(version=1, layer=cfg.layer, fc_norm=True)
 
@@ -500,10 +676,16 @@ def test_unsupported_producer_fields(target, tmp_path):
     # EAGLE-3.1 without its norms, and SafeAILab's module asked to carry vLLM's flag.
     sd3 = base.hf_state(target, 3, embed=False)
     with pytest.raises(CheckpointMismatch, match=r"missing .*fc_norm\.0\.weight.*fc_norm"):
-        load_eagle_hf(_write(tmp_path / "n", _draft_config(target, fc_norm=True), sd3),
-                      target.config)
+        load_eagle_hf(
+            _write(tmp_path / "n", _draft_config(target, fc_norm=True), sd3), target.config
+        )
     with pytest.raises(CheckpointMismatch, match="norm_before_fc.*producer='vllm'"):
-        load_eagle_hf(_write(tmp_path / "m", base.hf_config(target, 3, norm_before_fc=True,
-                                                            norm_output=True,
-                                                            eagle_config={}), sd3),
-                      target.config, producer="specforge")
+        load_eagle_hf(
+            _write(
+                tmp_path / "m",
+                base.hf_config(target, 3, norm_before_fc=True, norm_output=True, eagle_config={}),
+                sd3,
+            ),
+            target.config,
+            producer="specforge",
+        )

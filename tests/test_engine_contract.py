@@ -1,13 +1,15 @@
 """The engine contract: the prefill input (ids, embeddings at chosen positions, positions) and the
 position counter kept apart from cache slots."""
+
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import RAGGED_PROMPTS
 from specjax import drafters, engine
 from specjax.api import finish, prepare
+
+from conftest import RAGGED_PROMPTS
 
 
 def _run(model, inp_of, drafter=None, new=12):
@@ -37,7 +39,9 @@ def test_embeddings_at_chosen_positions(target):
     # Row 1's prompt is [7, 8, 9, 10] * 3: hand position 2 the embedding of token 50 instead.
     def swapped_embed(inp):
         e = embed[inp.tokens].at[1, 2].set(embed[50])
-        return inp.replace(embeds=e, embed_mask=jnp.zeros(inp.tokens.shape, bool).at[1, 2].set(True))
+        return inp.replace(
+            embeds=e, embed_mask=jnp.zeros(inp.tokens.shape, bool).at[1, 2].set(True)
+        )
 
     def swapped_token(inp):
         return inp.replace(tokens=inp.tokens.at[1, 2].set(50))
@@ -52,6 +56,7 @@ def test_positions_are_counted_apart_from_slots(target):
     constant move the counter by that constant while the cache slots stay put."""
     _, st = _run(target, lambda inp: inp, drafters.ngram(k=3))
     np.testing.assert_array_equal(np.asarray(st.pos), np.asarray(st.cache.lengths))
-    _, shifted = _run(target, lambda inp: inp.replace(positions=inp.positions + 7),
-                      drafters.ngram(k=3))
+    _, shifted = _run(
+        target, lambda inp: inp.replace(positions=inp.positions + 7), drafters.ngram(k=3)
+    )
     np.testing.assert_array_equal(np.asarray(shifted.pos), np.asarray(shifted.cache.lengths) + 7)

@@ -7,6 +7,7 @@ Compilation dominates the runtime on CPU, so the tests share shape buckets where
 most runs use batch 4 (`PROMPTS`), prompt bucket 16 and new-token bucket 32 on one 3-layer
 target (`target`), and the plain greedy output of that target is computed once (`ar_out`).
 """
+
 from __future__ import annotations
 
 import collections
@@ -18,19 +19,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import specjax
-from conftest import RAGGED_PROMPTS, VOCAB, byte_bpe
-from specjax import drafters, engine
-from specjax.drafters.ngram import NgramSpec
-from specjax.model import Model
-from test_spec_sampling import sized_drafter
 
 # The host API module (`specjax.generate` is its function, re-exported by the package).
 from specjax import api as gen
-generate, generate_stream, prepare, finish = (gen.generate, gen.generate_stream, gen.prepare,
-                                              gen.finish)
+from specjax import drafters, engine
+from specjax.drafters.ngram import NgramSpec
+from specjax.model import Model
+
+from conftest import RAGGED_PROMPTS, VOCAB, byte_bpe
+from test_spec_sampling import sized_drafter
+
+generate, generate_stream, prepare, finish = (
+    gen.generate,
+    gen.generate_stream,
+    gen.prepare,
+    gen.finish,
+)
 
 NEW = 32
 PROMPTS = RAGGED_PROMPTS
@@ -41,10 +47,14 @@ def hf_greedy(hf_model, prompt, new_tokens):
     would otherwise infer one from a pad token id and hide prompt tokens equal to it."""
     ids = torch.tensor([prompt], dtype=torch.long)
     with torch.no_grad():
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids),
-                                max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                do_sample=False)
-    return out[0, len(prompt):].tolist()
+        out = hf_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def first_index(row, token):
@@ -52,6 +62,7 @@ def first_index(row, token):
 
 
 # ----------------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def hf_target(make_hf_model):
@@ -81,14 +92,18 @@ def ar_out(target):
 @pytest.fixture(scope="module")
 def tok_model(make_hf_model):
     """A 1-layer model with a real (byte-level BPE) tokenizer; EOS = the tokenizer's <eos>."""
-    tok = byte_bpe(["hello world, the quick brown fox jumps over the lazy dog. " * 3,
-                     "héllo wörld 你好 ✓ ünïcödé"])
-    hf = make_hf_model("llama", seed=5, vocab_size=len(tok), num_hidden_layers=1,
-                       eos_token_id=None)
+    tok = byte_bpe(
+        [
+            "hello world, the quick brown fox jumps over the lazy dog. " * 3,
+            "héllo wörld 你好 ✓ ünïcödé",
+        ]
+    )
+    hf = make_hf_model("llama", seed=5, vocab_size=len(tok), num_hidden_layers=1, eos_token_id=None)
     return specjax.model_from_hf(hf, tokenizer=tok, name="tiny-tok")
 
 
 # ------------------------------------------------------------------------ 1. AR greedy vs HF
+
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])
 def test_ar_greedy_matches_hf_generate(family, request, ar_out):
@@ -111,11 +126,11 @@ def test_ragged_batch_equals_each_prompt_alone(target, ar_out):
         alone = generate(target, [prompt], max_new_tokens=NEW)
         assert alone.tokens == [ar_out.tokens[i]], f"row {i}"
     # Token ids given as a flat list or a numpy array mean one prompt, the same one.
-    assert generate(target, np.asarray(PROMPTS[1]), max_new_tokens=NEW).tokens == \
-        [ar_out.tokens[1]]
+    assert generate(target, np.asarray(PROMPTS[1]), max_new_tokens=NEW).tokens == [ar_out.tokens[1]]
 
 
 # ------------------------------------------------------------------- 2. EOS and row budgets
+
 
 @pytest.fixture(scope="module")
 def eos_case(target, ar_out):
@@ -128,7 +143,7 @@ def eos_case(target, ar_out):
         out = []
         for r in rows:
             hits = [r.index(t) for t in eos if t in r]
-            out.append(r[:min(hits) + 1] if hits else r)
+            out.append(r[: min(hits) + 1] if hits else r)
         return out
 
     choice = None
@@ -136,8 +151,12 @@ def eos_case(target, ar_out):
         for i in range(1, len(rows)):
             eos = (rows[0][j], rows[i][0])
             lengths = [len(r) for r in cut(eos)]
-            if (first_index(rows[0], eos[0]) == j and lengths[0] == j + 1 and lengths[i] == 1
-                    and any(eos[0] not in r and eos[1] not in r for r in rows)):
+            if (
+                first_index(rows[0], eos[0]) == j
+                and lengths[0] == j + 1
+                and lengths[i] == 1
+                and any(eos[0] not in r and eos[1] not in r for r in rows)
+            ):
                 choice = eos
                 break
         if choice:
@@ -244,6 +263,7 @@ def test_speculative_greedy_equals_ar(name, target, other, ar_out):
 
 # ---------------------------------------------------------- 4. one compilation per bucket
 
+
 def _delta(before):
     now = engine.TRACE_COUNTS
     return {k: now[k] - before.get(k, 0) for k in ("prefill", "decode")}
@@ -256,15 +276,28 @@ def test_one_compilation_per_shape_bucket(target, other):
     rng = np.random.default_rng(7)
     # Batch sizes 3 and 4 (bucket 4), prompt lengths 1..16 (bucket 16), max_new_tokens 17..32
     # (bucket 32), different temperatures, top-p values and seeds.
-    runs = [(4, 1, 17, 0.7, 0.9), (3, 16, 32, 1.0, 0.5), (4, 9, 25, 1.3, 0.95),
-            (3, 4, 20, 0.5, 0.3), (4, 12, 30, 0.9, 0.8)]
+    runs = [
+        (4, 1, 17, 0.7, 0.9),
+        (3, 16, 32, 1.0, 0.5),
+        (4, 9, 25, 1.3, 0.95),
+        (3, 4, 20, 0.5, 0.3),
+        (4, 12, 30, 0.9, 0.8),
+    ]
     for drafter_fn in (lambda: None, lambda: drafters.small_model(other, k=3)):
         before = dict(engine.TRACE_COUNTS)
         for seed, (b, plen, new, temp, top_p) in enumerate(runs):
-            prompts = [rng.integers(0, VOCAB, rng.integers(1, plen + 1)).tolist()
-                       for _ in range(b - 1)] + [rng.integers(0, VOCAB, plen).tolist()]
-            out = generate(model, prompts, max_new_tokens=new, temperature=temp, top_p=top_p,
-                           key=seed, drafter=drafter_fn())
+            prompts = [
+                rng.integers(0, VOCAB, rng.integers(1, plen + 1)).tolist() for _ in range(b - 1)
+            ] + [rng.integers(0, VOCAB, plen).tolist()]
+            out = generate(
+                model,
+                prompts,
+                max_new_tokens=new,
+                temperature=temp,
+                top_p=top_p,
+                key=seed,
+                drafter=drafter_fn(),
+            )
             assert out.lengths == [new] * b
             assert out.stats["compiled"] == (seed == 0)
         assert _delta(before) == {"prefill": 1, "decode": 1}
@@ -272,16 +305,23 @@ def test_one_compilation_per_shape_bucket(target, other):
         # (batch and new-token buckets unchanged); a second batch in that bucket compiles nothing.
         for plen, new, temp in ((17, 20, 0.8), (24, 24, 1.1)):
             prompts = [list(range(plen)), [5, 6], [7]]
-            generate(model, prompts, max_new_tokens=new, temperature=temp, top_p=0.9,
-                     drafter=drafter_fn())
+            generate(
+                model,
+                prompts,
+                max_new_tokens=new,
+                temperature=temp,
+                top_p=0.9,
+                drafter=drafter_fn(),
+            )
             assert _delta(before) == {"prefill": 2, "decode": 2}
 
 
 # ------------------------------------------------------- 5. the compiled decode program
 
+
 def _sub_jaxprs(eqn):
     for v in eqn.params.values():
-        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+        for x in v if isinstance(v, (tuple, list)) else (v,):
             if isinstance(x, jax.extend.core.ClosedJaxpr):
                 yield x.jaxpr
             elif isinstance(x, jax.extend.core.Jaxpr):
@@ -298,15 +338,20 @@ def _walk(jaxpr, path=()):
 
 @pytest.mark.parametrize("which", ["ar", "ngram", "small_model"])
 def test_decode_is_one_while_loop_without_callbacks(which, target, other):
-    d = {"ar": None, "ngram": drafters.ngram(k=4),
-         "small_model": drafters.small_model(other, k=3)}[which]
+    d = {"ar": None, "ngram": drafters.ngram(k=4), "small_model": drafters.small_model(other, k=3)}[
+        which
+    ]
     ec, args, _ = prepare(target, PROMPTS, max_new_tokens=NEW, drafter=d)
     dparams, max_len, sp = args.pop("dparams"), args.pop("max_len"), args["sp"]
     state = jax.eval_shape(
         lambda p, dp, a: engine.prefill(p, dp, **a, ec=ec, max_len=max_len),
-        target.params, dparams, args)
+        target.params,
+        dparams,
+        args,
+    )
     closed = jax.make_jaxpr(lambda p, dp, s, q: engine.decode(p, dp, s, q, ec=ec))(
-        target.params, dparams, state, sp)
+        target.params, dparams, state, sp
+    )
     # The top level is the one call of the jitted `decode`.
     top = [e.primitive.name for e in closed.jaxpr.eqns]
     assert top in (["jit"], ["pjit"]), top
@@ -323,11 +368,14 @@ def test_decode_is_one_while_loop_without_callbacks(which, target, other):
     assert bool(scans) == (which == "small_model")
     assert [p for p in names if "callback" in p] == []
     # Nothing leaves the device inside the loop.
-    assert not any(n in names for n in ("io_callback", "pure_callback", "debug_callback",
-                                        "debug_print", "outside_call"))
+    assert not any(
+        n in names
+        for n in ("io_callback", "pure_callback", "debug_callback", "debug_print", "outside_call")
+    )
 
 
 # ------------------------------------------------------------------------ 6. bad input
+
 
 def _raises(exc, match, fn, *args, **kwargs):
     with pytest.raises(exc, match=match):
@@ -344,34 +392,53 @@ def test_bad_prompts_are_rejected(target, tok_model):
     _raises(ValueError, "prompt 1 is float", generate, target, [[1, 2], 3.5])
     _raises(ValueError, "token ids must be integers", generate, target, [[1, 2], [1.5, 2.0]])
     _raises(ValueError, "no tokenizer", generate, target, "hello")
-    _raises(ValueError, rf"prompt 0 has {ctx + 1} tokens.*context of {ctx}", generate,
-            target, [[1] * (ctx + 1)])
+    _raises(
+        ValueError,
+        rf"prompt 0 has {ctx + 1} tokens.*context of {ctx}",
+        generate,
+        target,
+        [[1] * (ctx + 1)],
+    )
     # Fits alone, but not with the requested new tokens.
-    _raises(ValueError, rf"prompt 1 has {ctx - 4} tokens.*max_new_tokens=8.*context of {ctx}",
-            generate, target, [[1, 2], [3] * (ctx - 4)], max_new_tokens=8)
-    _raises(ValueError, rf"token ids outside \[0, {VOCAB}\): \[{VOCAB}\]", generate, target,
-            [[1, 2], [3, VOCAB]])
+    _raises(
+        ValueError,
+        rf"prompt 1 has {ctx - 4} tokens.*max_new_tokens=8.*context of {ctx}",
+        generate,
+        target,
+        [[1, 2], [3] * (ctx - 4)],
+        max_new_tokens=8,
+    )
+    _raises(
+        ValueError,
+        rf"token ids outside \[0, {VOCAB}\): \[{VOCAB}\]",
+        generate,
+        target,
+        [[1, 2], [3, VOCAB]],
+    )
     _raises(ValueError, r"prompt 0 has token ids outside .*\[-1\]", generate, target, [[-1, 5]])
     _raises(ValueError, "one prompt", generate_stream(target, [[1, 2], [3]]).__next__)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(max_new_tokens=0), "max_new_tokens must be a positive int, got 0"),
-    (dict(max_new_tokens=-3), "max_new_tokens must be a positive int, got -3"),
-    (dict(max_new_tokens=2.5), "max_new_tokens must be a positive int, got 2.5"),
-    (dict(max_new_tokens="8"), "max_new_tokens must be a positive int, got '8'"),
-    (dict(max_new_tokens=None), "max_new_tokens must be a positive int, got None"),
-    (dict(max_new_tokens=True), "max_new_tokens must be a positive int, got True"),
-    (dict(temperature=-0.5), "temperature must be >= 0"),
-    (dict(temperature=None), "temperature must be >= 0"),
-    (dict(temperature=float("nan")), "temperature must be >= 0"),
-    (dict(temperature=1.0, top_k=0), "top_k must be a positive int"),
-    (dict(temperature=1.0, top_k=-2), "top_k must be a positive int"),
-    (dict(temperature=1.0, top_k=2.5), "top_k must be a positive int"),
-    (dict(temperature=1.0, top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(temperature=1.0, top_p=1.5), r"top_p must be in \(0, 1\]"),
-    (dict(temperature=1.0, top_p=-0.1), r"top_p must be in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be a positive int, got 0"),
+        (dict(max_new_tokens=-3), "max_new_tokens must be a positive int, got -3"),
+        (dict(max_new_tokens=2.5), "max_new_tokens must be a positive int, got 2.5"),
+        (dict(max_new_tokens="8"), "max_new_tokens must be a positive int, got '8'"),
+        (dict(max_new_tokens=None), "max_new_tokens must be a positive int, got None"),
+        (dict(max_new_tokens=True), "max_new_tokens must be a positive int, got True"),
+        (dict(temperature=-0.5), "temperature must be >= 0"),
+        (dict(temperature=None), "temperature must be >= 0"),
+        (dict(temperature=float("nan")), "temperature must be >= 0"),
+        (dict(temperature=1.0, top_k=0), "top_k must be a positive int"),
+        (dict(temperature=1.0, top_k=-2), "top_k must be a positive int"),
+        (dict(temperature=1.0, top_k=2.5), "top_k must be a positive int"),
+        (dict(temperature=1.0, top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(temperature=1.0, top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(temperature=1.0, top_p=-0.1), r"top_p must be in \(0, 1\]"),
+    ],
+)
 def test_bad_generation_settings_are_rejected(kwargs, match, target):
     kwargs = {"max_new_tokens": 4, **kwargs}
     _raises(ValueError, match, generate, target, PROMPTS, **kwargs)
@@ -379,52 +446,110 @@ def test_bad_generation_settings_are_rejected(kwargs, match, target):
 
 def test_mesh_without_data_axis_is_rejected(target):
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("model",))
-    _raises(ValueError, "mesh needs a 'data' axis", generate, target, PROMPTS,
-            max_new_tokens=4, mesh=mesh)
+    _raises(
+        ValueError,
+        "mesh needs a 'data' axis",
+        generate,
+        target,
+        PROMPTS,
+        max_new_tokens=4,
+        mesh=mesh,
+    )
 
 
 def test_bad_drafters_are_rejected(target, other, tok_model, make_hf_model):
     for k in (0, -1):
         _raises(ValueError, "draft length k must be a positive int", drafters.ngram, k=k)
-        _raises(ValueError, "draft length k must be a positive int", drafters.small_model,
-                other, k=k)
-        _raises(ValueError, "draft length k must be a positive int", drafters.layer_skip, 1,
-                k=k)
+        _raises(
+            ValueError, "draft length k must be a positive int", drafters.small_model, other, k=k
+        )
+        _raises(ValueError, "draft length k must be a positive int", drafters.layer_skip, 1, k=k)
     _raises(ValueError, "min_ngram <= max_ngram", drafters.ngram, max_ngram=1, min_ngram=2)
     _raises(ValueError, r"short must be an int in \[0, k=4\], got 5", drafters.ngram, k=4, short=5)
     # Not a Drafter.
-    _raises(TypeError, "drafter must be a specjax Drafter.*got str", generate, target, PROMPTS,
-            max_new_tokens=4, drafter="ngram")
-    _raises(TypeError, "drafter must be a specjax Drafter.*got NgramSpec", generate, target,
-            PROMPTS, max_new_tokens=4, drafter=NgramSpec(k=3))
-    _raises(TypeError, "drafter must be a specjax Drafter.*got Model", generate, target,
-            PROMPTS, max_new_tokens=4, drafter=other)
+    _raises(
+        TypeError,
+        "drafter must be a specjax Drafter.*got str",
+        generate,
+        target,
+        PROMPTS,
+        max_new_tokens=4,
+        drafter="ngram",
+    )
+    _raises(
+        TypeError,
+        "drafter must be a specjax Drafter.*got NgramSpec",
+        generate,
+        target,
+        PROMPTS,
+        max_new_tokens=4,
+        drafter=NgramSpec(k=3),
+    )
+    _raises(
+        TypeError,
+        "drafter must be a specjax Drafter.*got Model",
+        generate,
+        target,
+        PROMPTS,
+        max_new_tokens=4,
+        drafter=other,
+    )
     # Another vocabulary.
-    small_vocab = specjax.model_from_hf(make_hf_model("llama", seed=3, vocab_size=97,
-                                                      num_hidden_layers=1))
-    _raises(ValueError, f"drafter vocabulary size 97 differs from the target's {VOCAB}",
-            generate, target, PROMPTS, max_new_tokens=4,
-            drafter=drafters.small_model(small_vocab, k=2))
+    small_vocab = specjax.model_from_hf(
+        make_hf_model("llama", seed=3, vocab_size=97, num_hidden_layers=1)
+    )
+    _raises(
+        ValueError,
+        f"drafter vocabulary size 97 differs from the target's {VOCAB}",
+        generate,
+        target,
+        PROMPTS,
+        max_new_tokens=4,
+        drafter=drafters.small_model(small_vocab, k=2),
+    )
     # Another dtype.
-    _raises(ValueError, r"dtype \['bfloat16'\] but the target is float32.*astype", generate,
-            target, PROMPTS, max_new_tokens=4,
-            drafter=drafters.small_model(other.astype(jnp.bfloat16), k=2))
+    _raises(
+        ValueError,
+        r"dtype \['bfloat16'\] but the target is float32.*astype",
+        generate,
+        target,
+        PROMPTS,
+        max_new_tokens=4,
+        drafter=drafters.small_model(other.astype(jnp.bfloat16), k=2),
+    )
     # Another tokenizer, same vocabulary size.
-    tok_b = byte_bpe(["lorem ipsum dolor sit amet consectetur adipiscing elit " * 3,
-                       "日本語 テキスト"], size=len(tok_model.tokenizer))
+    tok_b = byte_bpe(
+        ["lorem ipsum dolor sit amet consectetur adipiscing elit " * 3, "日本語 テキスト"],
+        size=len(tok_model.tokenizer),
+    )
     assert tok_b.get_vocab() != tok_model.tokenizer.get_vocab()
     hf_b = make_hf_model("llama", seed=4, vocab_size=len(tok_b), num_hidden_layers=1)
     draft_b = specjax.model_from_hf(hf_b, tokenizer=tok_b, name="tiny-tok-b")
-    _raises(ValueError, "uses a different tokenizer than the target", generate, tok_model,
-            "hello", max_new_tokens=4, drafter=drafters.small_model(draft_b, k=2))
+    _raises(
+        ValueError,
+        "uses a different tokenizer than the target",
+        generate,
+        tok_model,
+        "hello",
+        max_new_tokens=4,
+        drafter=drafters.small_model(draft_b, k=2),
+    )
     # Layer skip beyond the target's depth (3 layers).
     _raises(ValueError, "at least one layer", drafters.layer_skip, layers=0)
     for layers in (4, (0, 3), (-1, 1)):
-        _raises(ValueError, "not valid for a target with 3 layers", generate, target,
-                PROMPTS, max_new_tokens=4, drafter=drafters.layer_skip(layers=layers, k=2))
+        _raises(
+            ValueError,
+            "not valid for a target with 3 layers",
+            generate,
+            target,
+            PROMPTS,
+            max_new_tokens=4,
+            drafter=drafters.layer_skip(layers=layers, k=2),
+        )
 
 
 # -------------------------------------------------------------------------- 7. streaming
+
 
 def test_stream_concatenates_to_generate_text(tok_model):
     kw = dict(chat=False, max_new_tokens=40)
@@ -441,6 +566,7 @@ def test_stream_concatenates_to_generate_text(tok_model):
 
 
 # ---------------------------------------------------------------------------- 8. stats
+
 
 def test_stats(target, ar_out):
     s = ar_out.stats

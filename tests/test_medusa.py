@@ -16,6 +16,7 @@
    accepted far more often than random heads; bad input.
 
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,18 +27,33 @@ import numpy as np
 import pytest
 
 import specjax
-from conftest import RAGGED_PROMPTS
 from specjax import drafters
-from specjax.drafters.base import TargetPrefill, TargetStep
-from specjax.drafters.medusa_heads import (LOSS_DECAY, MedusaConfig, MedusaHeads, MedusaSpec,
-                                     MedusaState, head_logits, init_params, medusa_loss)
+from specjax.drafters.base import PrefillInput, TargetPrefill, TargetStep, Verified
+from specjax.drafters.medusa_heads import (
+    LOSS_DECAY,
+    MedusaConfig,
+    MedusaHeads,
+    MedusaSpec,
+    MedusaState,
+    head_logits,
+    init_params,
+    medusa_loss,
+)
 from specjax.models.llama import Hiddens, lm_head
 from specjax.sampling import make_sampling
-from specjax.drafters.base import PrefillInput, Verified
+
+from conftest import RAGGED_PROMPTS
 
 # Shared with the chain-drafter sampling test: statistics, the V = 16 target and its exact law.
 from test_spec_sampling import (  # noqa: F401  (`models`, `exact` are pytest fixtures)
-    ALPHA, MODES, assert_follows_target, chi_square, exact, models, sample_joint)
+    ALPHA,
+    MODES,
+    assert_follows_target,
+    chi_square,
+    exact,
+    models,
+    sample_joint,
+)
 
 # Depth 3; node order (depth, then lexicographic): [0], [1], [0,0], [0,1], [0,0,0], parents
 # -1, -1, 0, 0, 2.
@@ -50,8 +66,13 @@ def random_heads(num_heads: int, hidden: int, scale: float, seed: int, dtype=jnp
     target's next-token head, but overlap with the target's distributions."""
     cfg = MedusaConfig(num_heads=num_heads, hidden=hidden)
     keys = iter(jax.random.split(jax.random.key(seed), 2 * num_heads))
-    heads = [{"w": scale * jax.random.normal(next(keys), (1, hidden, hidden)) / hidden ** 0.5,
-              "b": scale * jax.random.normal(next(keys), (1, hidden))} for _ in range(num_heads)]
+    heads = [
+        {
+            "w": scale * jax.random.normal(next(keys), (1, hidden, hidden)) / hidden**0.5,
+            "b": scale * jax.random.normal(next(keys), (1, hidden)),
+        }
+        for _ in range(num_heads)
+    ]
     return MedusaHeads(cfg, jax.tree.map(lambda x: x.astype(dtype), {"heads": heads}))
 
 
@@ -99,9 +120,12 @@ def test_state_reads_the_feature_that_produced_last(target):
     rng = np.random.default_rng(0)
     prompt_h = jnp.asarray(rng.standard_normal((B, P, D)), jnp.float32)
     lengths = jnp.asarray([6, 1, 3, 5], jnp.int32)
-    pre = TargetPrefill(input=PrefillInput.from_tokens(jnp.zeros((B, P), jnp.int32), lengths),
-                        first=jnp.zeros((B,), jnp.int32), cache=None,
-                        hiddens=Hiddens(last=prompt_h, layers=None))
+    pre = TargetPrefill(
+        input=PrefillInput.from_tokens(jnp.zeros((B, P), jnp.int32), lengths),
+        first=jnp.zeros((B,), jnp.int32),
+        cache=None,
+        hiddens=Hiddens(last=prompt_h, layers=None),
+    )
     state = spec.init(params, pre, max_len=32)
     # The last prompt position's logits gave `first`.
     np.testing.assert_array_equal(state.feat, prompt_h[jnp.arange(B), jnp.asarray([5, 0, 2, 4])])
@@ -109,12 +133,17 @@ def test_state_reads_the_feature_that_produced_last(target):
     # Chain: block [last, d1, d2, d3]; n accepted -> offset n produced the bonus. Row 3 is
     # inactive and keeps its feature.
     block_h = jnp.asarray(rng.standard_normal((B, K + 1, D)), jnp.float32)
-    step = TargetStep(tokens=jnp.zeros((B, K + 1), jnp.int32),
-                      hiddens=Hiddens(last=block_h, layers=None))
+    step = TargetStep(
+        tokens=jnp.zeros((B, K + 1), jnp.int32), hiddens=Hiddens(last=block_h, layers=None)
+    )
     n = jnp.asarray([0, 3, 1, 2], jnp.int32)
     i = jnp.arange(K)[None, :]
-    acc = Verified(tokens=jnp.zeros((B, K), jnp.int32), n=n, bonus=jnp.zeros((B,), jnp.int32),
-                   path=jnp.where(i < n[:, None], i, -1))
+    acc = Verified(
+        tokens=jnp.zeros((B, K), jnp.int32),
+        n=n,
+        bonus=jnp.zeros((B,), jnp.int32),
+        path=jnp.where(i < n[:, None], i, -1),
+    )
     active = jnp.asarray([True, True, True, False])
     new = spec.commit(params, state, None, acc, active, step)
     want = np.stack([block_h[0, 0], block_h[1, 3], block_h[2, 1], state.feat[3]])
@@ -127,21 +156,32 @@ def test_tree_state_reads_the_feature_that_produced_last(target):
     assert spec.is_tree and spec.max_accept == 3 and list(spec.parents) == TREE3_PARENTS
     N = len(TREE3_PARENTS)
     rng = np.random.default_rng(1)
-    state = spec.init(params, TargetPrefill(
-        input=PrefillInput.from_tokens(jnp.zeros((B, P), jnp.int32), jnp.full((B,), P, jnp.int32)),
-        first=jnp.zeros((B,), jnp.int32), cache=None,
-        hiddens=Hiddens(last=jnp.asarray(rng.standard_normal((B, P, D)), jnp.float32),
-                        layers=None)), max_len=32)
+    state = spec.init(
+        params,
+        TargetPrefill(
+            input=PrefillInput.from_tokens(
+                jnp.zeros((B, P), jnp.int32), jnp.full((B,), P, jnp.int32)
+            ),
+            first=jnp.zeros((B,), jnp.int32),
+            cache=None,
+            hiddens=Hiddens(
+                last=jnp.asarray(rng.standard_normal((B, P, D)), jnp.float32), layers=None
+            ),
+        ),
+        max_len=32,
+    )
     block_h = jnp.asarray(rng.standard_normal((B, N + 1, D)), jnp.float32)
-    step = TargetStep(tokens=jnp.zeros((B, N + 1), jnp.int32),
-                      hiddens=Hiddens(last=block_h, layers=None))
+    step = TargetStep(
+        tokens=jnp.zeros((B, N + 1), jnp.int32), hiddens=Hiddens(last=block_h, layers=None)
+    )
     # Row 0: nothing accepted (bonus from `last`, offset 0). Row 1: node 1 ([1], offset 2).
     # Row 2: the whole depth-3 branch 0 -> 2 -> 4 (offset 5). Row 3: node 3 ([0, 1]), inactive.
-    acc = Verified(tokens=jnp.zeros((B, 3), jnp.int32),
-                       n=jnp.asarray([0, 1, 3, 2], jnp.int32),
-                       path=jnp.asarray([[-1, -1, -1], [1, -1, -1], [0, 2, 4], [0, 3, -1]],
-                                        jnp.int32),
-                       bonus=jnp.zeros((B,), jnp.int32))
+    acc = Verified(
+        tokens=jnp.zeros((B, 3), jnp.int32),
+        n=jnp.asarray([0, 1, 3, 2], jnp.int32),
+        path=jnp.asarray([[-1, -1, -1], [1, -1, -1], [0, 2, 4], [0, 3, -1]], jnp.int32),
+        bonus=jnp.zeros((B,), jnp.int32),
+    )
     active = jnp.asarray([True, True, True, False])
     new = spec.commit(params, state, None, acc, active, step)
     want = np.stack([block_h[0, 0], block_h[1, 2], block_h[2, 5], state.feat[3]])
@@ -163,8 +203,7 @@ def test_drafts_come_from_the_heads(target):
 
     spec, params = bound(target, random_heads(3, D, 1.0, seed=5), tree=TREE3)
     tree = spec.propose(params, state, last, jax.random.key(0), mode, sp)[0].tree
-    order = [np.argsort(-np.asarray(head_i(params, target.config, feat, i)), -1)
-             for i in range(3)]
+    order = [np.argsort(-np.asarray(head_i(params, target.config, feat, i)), -1) for i in range(3)]
     # (depth, rank) of each node of TREE3.
     for i, (d, r) in enumerate([(1, 0), (1, 1), (2, 0), (2, 1), (3, 0)]):
         np.testing.assert_array_equal(tree.tokens[:, i], order[d - 1][:, r])
@@ -179,8 +218,12 @@ def head_i(params, target_cfg, feat, i):
 
 # ------------------------------------------------------- 3. sampling is lossless
 
-SEEDS = {("chain", "plain"): 3000, ("chain", "topk5_topp0.8"): 3001,
-         ("tree", "plain"): 3010, ("tree", "topk5_topp0.8"): 3011}
+SEEDS = {
+    ("chain", "plain"): 3000,
+    ("chain", "topk5_topp0.8"): 3001,
+    ("tree", "plain"): 3010,
+    ("tree", "topk5_topp0.8"): 3011,
+}
 # Depth 2 (3 new tokens reach one depth-2 acceptance): two candidates per depth.
 TREE2 = drafters.StaticTree([[0], [1], [0, 0], [0, 1], [1, 0]])
 
@@ -228,6 +271,7 @@ def test_wrong_draft_logp_is_detected(models, exact):
 
 # ------------------------------------------------------------- 4. loss, bad input
 
+
 def test_loss_matches_direct_computation(target):
     cfg_t = target.config
     heads = random_heads(3, cfg_t.hidden_size, 1.0, seed=7)
@@ -237,8 +281,9 @@ def test_loss_matches_direct_computation(target):
     tokens = jnp.asarray(rng.integers(0, cfg_t.vocab_size, (Bl, T)), jnp.int32)
     mask = jnp.asarray(rng.random((Bl, T)) < 0.8)
     params = drafters.medusa(heads).bind(target)[1]
-    loss, acc = jax.jit(medusa_loss, static_argnums=(0, 2))(heads.config, params, cfg_t, h,
-                                                           tokens, mask)
+    loss, acc = jax.jit(medusa_loss, static_argnums=(0, 2))(
+        heads.config, params, cfg_t, h, tokens, mask
+    )
     want_loss, want_acc = 0.0, []
     for i in range(3):
         nll, hit = [], []
@@ -249,17 +294,21 @@ def test_loss_matches_direct_computation(target):
                     logp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
                     nll.append(-logp[tokens[b, t + 2 + i]])
                     hit.append(logits.argmax() == tokens[b, t + 2 + i])
-        want_loss += LOSS_DECAY ** i * np.mean(nll)
+        want_loss += LOSS_DECAY**i * np.mean(nll)
         want_acc.append(np.mean(hit))
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     np.testing.assert_allclose(acc, want_acc, rtol=1e-6)
     # Zero heads: head i's loss is the target head's cross-entropy two or more tokens ahead.
     zero = drafters.medusa(zero_heads(1, cfg_t.hidden_size)).bind(target)[1]
-    l0, _ = medusa_loss(MedusaConfig(1, cfg_t.hidden_size), zero, cfg_t, h, tokens,
-                        jnp.ones((Bl, T), bool))
+    l0, _ = medusa_loss(
+        MedusaConfig(1, cfg_t.hidden_size), zero, cfg_t, h, tokens, jnp.ones((Bl, T), bool)
+    )
     lp = jax.nn.log_softmax(lm_head(target.params, cfg_t, h[:, :-2]), -1)
-    np.testing.assert_allclose(l0, -np.mean(np.take_along_axis(
-        np.asarray(lp), np.asarray(tokens[:, 2:, None]), -1)), rtol=1e-5)
+    np.testing.assert_allclose(
+        l0,
+        -np.mean(np.take_along_axis(np.asarray(lp), np.asarray(tokens[:, 2:, None]), -1)),
+        rtol=1e-5,
+    )
 
 
 def test_trained_heads_are_accepted(target):
@@ -280,8 +329,9 @@ def test_trained_heads_are_accepted(target):
     seqs = jnp.asarray([p + o for p, o in zip(prompts, out.tokens)], jnp.int32)  # [64, 36]
     Bt, T = seqs.shape
     cache = init_cache(cfg_t, Bt, T, target.dtype, per_layer=is_unrolled(target.params))
-    hid, _ = forward_hidden(target.params, cfg_t, seqs, jnp.broadcast_to(jnp.arange(T), (Bt, T)),
-                            cache)
+    hid, _ = forward_hidden(
+        target.params, cfg_t, seqs, jnp.broadcast_to(jnp.arange(T), (Bt, T)), cache
+    )
     mask = jnp.arange(T)[None, :] >= 4  # labels: the generated tokens only
     cfg = MedusaConfig(num_heads=3, hidden=cfg_t.hidden_size)
     shared = bind_target({}, target.params)
@@ -301,14 +351,17 @@ def test_trained_heads_are_accepted(target):
     _, _, first_loss, first_acc = step(heads, opt_state)
     for _ in range(200):
         heads, opt_state, value, acc = step(heads, opt_state)
-    print(f"loss {float(first_loss):.2f} -> {float(value):.2f}, accuracy per head "
-          f"{np.asarray(first_acc).round(2)} -> {np.asarray(acc).round(2)}")
+    print(
+        f"loss {float(first_loss):.2f} -> {float(value):.2f}, accuracy per head "
+        f"{np.asarray(first_acc).round(2)} -> {np.asarray(acc).round(2)}"
+    )
     assert value < first_loss - 2.0 and acc[0] > first_acc[0] + 0.2
     ar = specjax.generate(target, RAGGED_PROMPTS, max_new_tokens=NEW)
     trained = MedusaHeads(cfg, {"heads": heads})
     for tree in (None, TREE3):
-        got = specjax.generate(target, RAGGED_PROMPTS, max_new_tokens=NEW,
-                               drafter=drafters.medusa(trained, tree=tree))
+        got = specjax.generate(
+            target, RAGGED_PROMPTS, max_new_tokens=NEW, drafter=drafters.medusa(trained, tree=tree)
+        )
         hist = got.stats["acceptance_histogram"]
         print(f"{'tree' if tree else 'chain'}: tau {got.stats['tau']:.2f}, histogram {hist}")
         assert got.tokens == ar.tokens
@@ -319,8 +372,12 @@ def test_bad_input_is_rejected(target):
     D = target.config.hidden_size
     two = random_heads(2, D, 1.0, seed=8)
     with pytest.raises(ValueError, match=f"hidden size 48 but the target's is {D}"):
-        specjax.generate(target, RAGGED_PROMPTS, max_new_tokens=2,
-                         drafter=drafters.medusa(random_heads(2, 48, 1.0, seed=8)))
+        specjax.generate(
+            target,
+            RAGGED_PROMPTS,
+            max_new_tokens=2,
+            drafter=drafters.medusa(random_heads(2, 48, 1.0, seed=8)),
+        )
     with pytest.raises(ValueError, match="tree of depth 3 needs that many heads, there are 2"):
         drafters.medusa(two, tree=TREE3)
     for k in (0, -1):

@@ -1,5 +1,6 @@
 """The JAX Llama-family model against HF transformers (torch, float32), and the KV-cache paths
 (incremental decoding, ragged rows, rejected draft tokens) against the cache-free forward."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,31 +18,61 @@ from specjax.models.config import RopeScaling
 
 ATOL = 1e-4
 
-LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
-                   high_freq_factor=4.0, original_max_position_embeddings=64)
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=10000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=64,
+)
 
 # name -> (family, config overrides, sequence length). Batch is always 2.
 PARITY_CASES = {
     # MHA, odd head count, explicit head_dim with num_heads * head_dim (56) != hidden_size (42).
-    "llama-mha-7heads": ("llama", dict(hidden_size=42, num_attention_heads=7,
-                                       num_key_value_heads=7, head_dim=8), 20),
-    "llama-gqa-6q-2kv": ("llama", dict(hidden_size=48, num_attention_heads=6,
-                                       num_key_value_heads=2), 20),
-    "llama-mqa-8q-1kv": ("llama", dict(hidden_size=64, num_attention_heads=8,
-                                       num_key_value_heads=1), 20),
+    "llama-mha-7heads": (
+        "llama",
+        dict(hidden_size=42, num_attention_heads=7, num_key_value_heads=7, head_dim=8),
+        20,
+    ),
+    "llama-gqa-6q-2kv": (
+        "llama",
+        dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2),
+        20,
+    ),
+    "llama-mqa-8q-1kv": (
+        "llama",
+        dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=1),
+        20,
+    ),
     # Llama 3.1 RoPE. head_dim 16, theta 1e4: wavelengths 6.3 (kept), 19.9 and 62.8 (smoothly
     # interpolated: between 64/4 and 64/1), >= 199 (divided by 8): all three branches are used.
     # Sequences (80) run past original_max_position_embeddings (64).
-    "llama31-rope": ("llama", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                   head_dim=16, rope_parameters=LLAMA3_ROPE), 80),
-    "llama-linear-rope": ("llama", dict(rope_parameters=dict(rope_type="linear",
-                                                             rope_theta=10000.0, factor=4.0)), 40),
+    "llama31-rope": (
+        "llama",
+        dict(
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            rope_parameters=LLAMA3_ROPE,
+        ),
+        80,
+    ),
+    "llama-linear-rope": (
+        "llama",
+        dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0)),
+        40,
+    ),
     # Sliding window shorter than the sequence, so the window matters.
     "mistral-sliding-window": ("mistral", dict(sliding_window=8), 30),
     "qwen2-qkv-bias": ("qwen2", dict(), 20),
     # SmolLM2 layout: Llama with tied input/output embeddings.
-    "smollm2-tied": ("llama", dict(tie_word_embeddings=True, num_attention_heads=4,
-                                   num_key_value_heads=4), 20),
+    "smollm2-tied": (
+        "llama",
+        dict(tie_word_embeddings=True, num_attention_heads=4, num_key_value_heads=4),
+        20,
+    ),
     "llama-untied": ("llama", dict(tie_word_embeddings=False), 20),
 }
 
@@ -64,6 +95,7 @@ def with_config(model: specjax.Model, **changes) -> specjax.Model:
 
 
 # ----------------------------------------------------------------------------- logits parity
+
 
 @pytest.mark.parametrize("case", list(PARITY_CASES))
 def test_logits_match_hf(case, make_hf_model):
@@ -106,6 +138,7 @@ def test_blocked_causal_prefill_matches_hf(case, blk, make_hf_model, monkeypatch
 def test_parity_cases_are_discriminative(make_hf_model):
     """The parity checks above can fail: each feature under test changes the logits by far more
     than ATOL, so dropping it (wrong RoPE scaling, no sliding window, no bias) is caught."""
+
     def err_without(case, mutate):
         family, overrides, T = PARITY_CASES[case]
         hf = make_hf_model(family, **overrides)
@@ -115,8 +148,9 @@ def test_parity_cases_are_discriminative(make_hf_model):
     default_rope = dict(rope_scaling=RopeScaling())
     assert err_without("llama31-rope", lambda m: with_config(m, **default_rope)) > 1e-2
     assert err_without("llama-linear-rope", lambda m: with_config(m, **default_rope)) > 1e-2
-    assert err_without("mistral-sliding-window",
-                       lambda m: with_config(m, sliding_window=None)) > 1e-2
+    assert (
+        err_without("mistral-sliding-window", lambda m: with_config(m, sliding_window=None)) > 1e-2
+    )
 
     def zero_bias(m):
         m = m.with_layout("scan")
@@ -135,8 +169,9 @@ def test_tied_and_untied_heads(make_hf_model):
     untied = make_hf_model("llama", tie_word_embeddings=False)
     m = specjax.model_from_hf(untied)
     assert not m.config.tie_word_embeddings
-    np.testing.assert_array_equal(np.asarray(m.params["lm_head"]),
-                                  untied.lm_head.weight.detach().numpy().T)
+    np.testing.assert_array_equal(
+        np.asarray(m.params["lm_head"]), untied.lm_head.weight.detach().numpy().T
+    )
     assert max_err(m.params["lm_head"], np.asarray(m.params["embed"]).T) > 0.1
 
 
@@ -145,10 +180,18 @@ def test_qwen2_biases_are_converted(make_hf_model):
     m = specjax.model_from_hf(hf)
     assert m.config.attention_bias
     # Runtime layout: q, k, v biases side by side in `bqkv`.
-    want = np.concatenate([
-        np.stack([getattr(layer.self_attn, theirs).bias.detach().numpy()
-                  for layer in hf.model.layers]) for theirs in ("q_proj", "k_proj", "v_proj")],
-        axis=-1)
+    want = np.concatenate(
+        [
+            np.stack(
+                [
+                    getattr(layer.self_attn, theirs).bias.detach().numpy()
+                    for layer in hf.model.layers
+                ]
+            )
+            for theirs in ("q_proj", "k_proj", "v_proj")
+        ],
+        axis=-1,
+    )
     assert np.abs(want).max() > 0.5  # really non-zero (HF's init zeroes them)
     np.testing.assert_array_equal(np.asarray(m.with_layout("scan").params["layers"]["bqkv"]), want)
 
@@ -183,21 +226,22 @@ def test_incremental_decoding_matches_full_forward(case, make_hf_model):
     P = np.array([5, 11])
     T0 = int(P.max())
     prompt = ids[:, :T0].copy()
-    prompt[0, P[0]:] = (ids[0, P[0]:T0] + 1) % cfg.vocab_size  # garbage != the true tokens
+    prompt[0, P[0] :] = (ids[0, P[0] : T0] + 1) % cfg.vocab_size  # garbage != the true tokens
     positions = np.broadcast_to(np.arange(T0, dtype=np.int32), (B, T0))
     cache = init_cache(cfg, B, S, jnp.float32)
     logits, _, cache = _forward(params, cfg, jnp.asarray(prompt), jnp.asarray(positions), cache)
     logits = np.asarray(logits)
     for b in rows:
-        assert max_err(logits[b, :P[b]], full[b, :P[b]]) < ATOL
+        assert max_err(logits[b, : P[b]], full[b, : P[b]]) < ATOL
     cache = cache.replace(lengths=jnp.asarray(P, jnp.int32))
 
     def step(cache, n_steps):
         for _ in range(n_steps):
             L = np.asarray(cache.lengths)
             tok = ids[rows, L][:, None]
-            logits, _, cache = _forward(params, cfg, jnp.asarray(tok),
-                                        jnp.asarray(L[:, None].astype(np.int32)), cache)
+            logits, _, cache = _forward(
+                params, cfg, jnp.asarray(tok), jnp.asarray(L[:, None].astype(np.int32)), cache
+            )
             assert logits.shape == (B, 1, cfg.vocab_size)
             assert max_err(logits[:, 0], full[rows, L]) < ATOL, f"step at lengths {L}"
             cache = commit_chain(cache, jnp.ones(B, jnp.int32))
@@ -225,8 +269,13 @@ def test_incremental_decoding_matches_full_forward(case, make_hf_model):
     L = np.asarray(cache.lengths)
     idx = L[:, None] + np.arange(K)[None, :]
     assert idx.max() < N
-    logits, _, cache = _forward(params, cfg, jnp.asarray(np.take_along_axis(ids, idx, axis=1)),
-                                jnp.asarray(idx, jnp.int32), cache)
+    logits, _, cache = _forward(
+        params,
+        cfg,
+        jnp.asarray(np.take_along_axis(ids, idx, axis=1)),
+        jnp.asarray(idx, jnp.int32),
+        cache,
+    )
     assert max_err(logits, np.take_along_axis(full, idx[:, :, None], axis=1)) < ATOL
 
 
@@ -237,13 +286,15 @@ def test_logits_at_selects_positions(make_hf_model):
     full = np.asarray(model.logits(ids))
     at = np.array([[11], [3]], np.int32)
     positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
-    logits, _, _ = _forward(params, cfg, jnp.asarray(ids), positions, init_cache(cfg, 2, 12),
-                            logits_at=jnp.asarray(at))
+    logits, _, _ = _forward(
+        params, cfg, jnp.asarray(ids), positions, init_cache(cfg, 2, 12), logits_at=jnp.asarray(at)
+    )
     assert logits.shape == (2, 1, cfg.vocab_size)
     assert max_err(logits[:, 0], full[[0, 1], at[:, 0]]) < ATOL
 
 
 # ----------------------------------------------------------------------------- hidden states
+
 
 def test_hidden_layers_match_hf_hidden_states(make_hf_model):
     """`forward(..., hidden_layers=idx).layers[j]` is the residual stream *entering* decoder layer
@@ -280,21 +331,27 @@ def test_hidden_layers_match_hf_hidden_states(make_hf_model):
 
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     want_idx = (0, 2, L)
-    logits, hiddens, _ = _forward(params, cfg, jnp.asarray(ids), positions,
-                                  init_cache(cfg, B, T), hidden_layers=want_idx)
+    logits, hiddens, _ = _forward(
+        params, cfg, jnp.asarray(ids), positions, init_cache(cfg, B, T), hidden_layers=want_idx
+    )
     layers = np.asarray(hiddens.layers)
     assert layers.shape == (len(want_idx), B, T, cfg.hidden_size)
     assert max_err(layers[0], hs[0]) < 1e-6  # embedding lookup: exact
     assert max_err(layers[1], hs[2]) < ATOL  # output of layer 1
     assert max_err(layers[2], pre_norm) < ATOL  # output of the last layer, pre-norm
     assert max_err(hiddens.last, hs[L]) < ATOL  # post final norm == HF hidden_states[-1]
-    assert max_err(llama.rms_norm(hiddens.layers[2], params["final_norm"], cfg.rms_norm_eps),
-                   hiddens.last) < 1e-5
+    assert (
+        max_err(
+            llama.rms_norm(hiddens.layers[2], params["final_norm"], cfg.rms_norm_eps), hiddens.last
+        )
+        < 1e-5
+    )
     assert max_err(logits, hf_logits(hf, ids)) < ATOL
 
     # Order and repetition of the requested indices are respected; none requested -> None.
-    _, h2, _ = _forward(params, cfg, jnp.asarray(ids), positions, init_cache(cfg, B, T),
-                        hidden_layers=(L, 1, 1))
+    _, h2, _ = _forward(
+        params, cfg, jnp.asarray(ids), positions, init_cache(cfg, B, T), hidden_layers=(L, 1, 1)
+    )
     assert max_err(h2.layers[0], layers[2]) < 1e-6
     assert max_err(h2.layers[1], hs[1]) < ATOL and max_err(h2.layers[2], hs[1]) < ATOL
     _, h3, _ = _forward(params, cfg, jnp.asarray(ids), positions, init_cache(cfg, B, T))
@@ -310,12 +367,14 @@ def test_scan_and_unrolled_layouts_agree(make_hf_model):
     assert unrolled.layout == "unrolled" and scan.layout == "scan"
     assert scan.with_layout("unrolled").layout == "unrolled"
     ids = random_ids(hf.config.vocab_size, (2, 20), seed=3)
-    np.testing.assert_allclose(np.asarray(scan.logits(ids)), np.asarray(unrolled.logits(ids)),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(scan.logits(ids)), np.asarray(unrolled.logits(ids)), atol=1e-5
+    )
     np.testing.assert_allclose(np.asarray(scan.logits(ids)), hf_logits(hf, ids), atol=1e-4)
     prompts = [ids[0, :7].tolist(), ids[1].tolist()]
-    a = specjax.generate(scan, prompts, max_new_tokens=12,
-                         drafter=specjax.drafters.layer_skip(layers=1, k=2))
+    a = specjax.generate(
+        scan, prompts, max_new_tokens=12, drafter=specjax.drafters.layer_skip(layers=1, k=2)
+    )
     b = specjax.generate(unrolled, prompts, max_new_tokens=12)
     assert a.tokens == b.tokens
     with pytest.raises(ValueError, match="layout"):

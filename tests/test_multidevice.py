@@ -4,6 +4,7 @@ and `generate_pmap`, must give the same greedy tokens as one device.
 `--xla_force_host_platform_device_count` only works if it is set before jax is imported, so the
 checks run in one subprocess; the tiny model is built here and handed over as a pickle.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,21 +59,36 @@ def test_mesh_and_pmap_match_single_device(make_hf_model, tmp_path):
     model = specjax.model_from_hf(make_hf_model("llama", seed=3, eos_token_id=None))
     rng = np.random.default_rng(1)
     # 5 ragged prompts -> a batch of 8 (3 padding rows), one row per device.
-    prompts = [rng.integers(0, 101, n).tolist() for n in (3, 9, 14)] + \
-        [[11, 12, 13] * 3, [20, 21, 22, 23] * 2 + [20]]
+    prompts = [rng.integers(0, 101, n).tolist() for n in (3, 9, 14)] + [
+        [11, 12, 13] * 3,
+        [20, 21, 22, 23] * 2 + [20],
+    ]
     new = 24
     blob = tmp_path / "model.pkl"
     with open(blob, "wb") as f:
-        pickle.dump(dict(params=jax.tree.map(np.asarray, model.params), config=model.config,
-                         prompts=prompts, new=new), f)
+        pickle.dump(
+            dict(
+                params=jax.tree.map(np.asarray, model.params),
+                config=model.config,
+                prompts=prompts,
+                new=new,
+            ),
+            f,
+        )
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={N_DEVICES}").strip()
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(blob)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_DEVICES}"
+    ).strip()
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(blob)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = json.loads(lines[-1][len("RESULT ") :])
 
     assert res["devices"] == N_DEVICES
     assert res["mesh"] == {"data": N_DEVICES}

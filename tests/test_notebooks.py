@@ -12,6 +12,7 @@ Each notebook runs in a fresh IPython kernel started from this interpreter (a ke
 to a temporary directory, so no `ipykernel install` is needed), with notebooks/ as the working
 directory. An error in any cell fails the test with that cell's traceback.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,6 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
-
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 CELL_TIMEOUT = 600  # seconds per cell; the tiny budgets below need far less
 
@@ -35,9 +35,15 @@ def _kernel_manager(tmp: Path) -> AsyncKernelManager:
     """A kernel manager whose only kernel runs `sys.executable -m ipykernel_launcher`."""
     spec = tmp / "kernels" / "specjax-notebook-test"
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "specjax notebook test", "language": "python"}))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "specjax notebook test",
+                "language": "python",
+            }
+        )
+    )
     ksm = KernelSpecManager(kernel_dirs=[str(tmp / "kernels")], ensure_native_kernel=False)
     return AsyncKernelManager(kernel_name="specjax-notebook-test", kernel_spec_manager=ksm)
 
@@ -49,12 +55,29 @@ def data_root(tmp: Path) -> Path:
 
     root = write_train_data(tmp / "data")
     (root / "eval").mkdir()
-    cats = ["extraction", "coding", "translation", "summarization", "qa", "math_reasoning",
-            "rag", "roleplay"]  # Spec-Bench's names (the tour picks some)
-    (root / "eval" / "spec_bench.jsonl").write_text("".join(
-        json.dumps({"question_id": i, "category": c,
-                    "turns": [f"Question {i} about {c}: explain it in a few sentences."]}) + "\n"
-        for i, c in enumerate(cats * 2)))
+    cats = [
+        "extraction",
+        "coding",
+        "translation",
+        "summarization",
+        "qa",
+        "math_reasoning",
+        "rag",
+        "roleplay",
+    ]  # Spec-Bench's names (the tour picks some)
+    (root / "eval" / "spec_bench.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "question_id": i,
+                    "category": c,
+                    "turns": [f"Question {i} about {c}: explain it in a few sentences."],
+                }
+            )
+            + "\n"
+            for i, c in enumerate(cats * 2)
+        )
+    )
     return root
 
 
@@ -66,11 +89,16 @@ def run_notebook(name: str, tmp: Path, **knobs) -> nbformat.NotebookNode:
     env["SPECJAX_DATA"] = str(data_root(tmp))
     # The kernel runs in notebooks/: put this checkout first on its path, so the notebooks import
     # the specjax under test even when another checkout is the one installed (pip install -e).
-    env["PYTHONPATH"] = os.pathsep.join([str(NB_DIR.parent)] + ([env["PYTHONPATH"]]
-                                                                 if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(NB_DIR.parent)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
     env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # figures as outputs
-    client = NotebookClient(nb, km=_kernel_manager(tmp), timeout=CELL_TIMEOUT,
-                            resources={"metadata": {"path": str(NB_DIR)}})
+    client = NotebookClient(
+        nb,
+        km=_kernel_manager(tmp),
+        timeout=CELL_TIMEOUT,
+        resources={"metadata": {"path": str(NB_DIR)}},
+    )
     t0 = time.perf_counter()
     client.execute(env=env)
     print(f"{name}: {time.perf_counter() - t0:.0f} s")
@@ -98,8 +126,11 @@ def test_notebooks_are_committed_without_outputs():
     for path in sorted(NB_DIR.glob("*.ipynb")):
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
-        dirty = [i for i, c in enumerate(nb.cells)
-                 if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+        dirty = [
+            i
+            for i, c in enumerate(nb.cells)
+            if c.cell_type == "code" and (c.outputs or c.execution_count is not None)
+        ]
         assert not dirty, f"{path.name}: cells {dirty} have outputs; clear them before committing"
 
 
@@ -108,9 +139,18 @@ def trained(tmp_path_factory, tiny_dir):
     """train_eagle_drafter.ipynb with a tiny budget -> (executed notebook, its run directory)."""
     tmp = tmp_path_factory.mktemp("train_nb")
     out = tmp / "run"
-    nb = run_notebook("train_eagle_drafter.ipynb", tmp, NB_MODEL=tiny_dir, NB_PROMPTS=8,
-                      NB_EVAL_PROMPTS=1, NB_STEPS=6, NB_NEW_TOKENS=16, NB_SEQ_LEN=144,
-                      NB_DRAFT_VOCAB=64, NB_OUT=out)
+    nb = run_notebook(
+        "train_eagle_drafter.ipynb",
+        tmp,
+        NB_MODEL=tiny_dir,
+        NB_PROMPTS=8,
+        NB_EVAL_PROMPTS=1,
+        NB_STEPS=6,
+        NB_NEW_TOKENS=16,
+        NB_SEQ_LEN=144,
+        NB_DRAFT_VOCAB=64,
+        NB_OUT=out,
+    )
     return nb, out
 
 
@@ -126,13 +166,26 @@ def test_train_notebook(trained):
 
 
 def test_tour_notebook(tmp_path, tiny_dir, trained):
-    knobs = dict(NB_MODEL=tiny_dir, NB_PROMPTS=1, NB_NEW_TOKENS=16,
-                 NB_EAGLE3=trained[1] / "run" / "drafter", NB_MEDUSA=tmp_path / "no-heads")
+    knobs = dict(
+        NB_MODEL=tiny_dir,
+        NB_PROMPTS=1,
+        NB_NEW_TOKENS=16,
+        NB_EAGLE3=trained[1] / "run" / "drafter",
+        NB_MEDUSA=tmp_path / "no-heads",
+    )
     nb = run_notebook("speculative_decoding_tour.ipynb", tmp_path, **knobs)
     text = text_of(nb)
     table = [line for line in text.splitlines() if line.startswith("| ")]
-    for method in ("AR", "ngram", "ngram tree", "layer_skip", "layer_skip tree", "small_model",
-                   "EAGLE-3 tree", "Medusa"):
+    for method in (
+        "AR",
+        "ngram",
+        "ngram tree",
+        "layer_skip",
+        "layer_skip tree",
+        "small_model",
+        "EAGLE-3 tree",
+        "Medusa",
+    ):
         assert any(line.startswith(f"| {method}") for line in table), (method, table)
     assert not any("| NO |" in line for line in table), table
     assert n_images(nb) >= 2  # speedup / tau bars, acceptance histogram

@@ -1,21 +1,24 @@
 """The drafter registry: CLI names come from it, and a new drafter is one file plus one line."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 import specjax
-from conftest import RAGGED_PROMPTS
-from repeat_drafter import repeat_last
 from specjax import cli
 from specjax.drafters import registry
+
+from conftest import RAGGED_PROMPTS
+from repeat_drafter import repeat_last
 
 
 def test_new_drafter_is_one_file_and_one_registry_line(target, monkeypatch):
     monkeypatch.setitem(registry.REGISTRY, "repeat_last", None)  # restored after the test
     # The one registry line:
-    registry.register(registry.DrafterEntry("repeat_last", lambda arg, k, model, tree:
-                                            repeat_last(k=k or 3)))
+    registry.register(
+        registry.DrafterEntry("repeat_last", lambda arg, k, model, tree: repeat_last(k=k or 3))
+    )
     assert "repeat_last" in registry.names()
     d = cli.make_drafter("repeat_last@4", None, target)
     assert d.k == 4

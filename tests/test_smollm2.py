@@ -4,6 +4,7 @@ against HF transformers loading the same GGUF file.
 These tests load real trained weights: greedy outputs are long, non-degenerate texts, so token
 identity is a strong check of the whole stack (conversion, RoPE, cache, loop, drafters).
 """
+
 import os
 
 import numpy as np
@@ -35,7 +36,8 @@ def hf_smol():
 
     folder, name = os.path.split(find_gguf("smollm2-135m"))
     return transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32).eval()
+        folder, gguf_file=name, dtype=torch.float32
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +58,15 @@ def test_greedy_matches_hf_generate(smol, hf_smol, ar_outputs):
     for prompt, ours in zip(PROMPTS, ar_outputs):
         ids = smol.encode(prompt)
         with torch.no_grad():
-            y = hf_smol.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                                 dtype=torch.long), do_sample=False, max_new_tokens=NEW,
-                                 eos_token_id=eos, pad_token_id=eos[0])
-        ref = y[0, len(ids):].tolist()
+            y = hf_smol.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=NEW,
+                eos_token_id=eos,
+                pad_token_id=eos[0],
+            )
+        ref = y[0, len(ids) :].tolist()
         assert ours == ref, prompt
     # The prompts were answered with real text, not a stop token.
     assert min(len(t) for t in ar_outputs) >= 16
@@ -71,10 +78,14 @@ def test_ragged_batch_equals_single(smol, ar_outputs):
     assert out.tokens == ar_outputs
 
 
-@pytest.mark.parametrize("make", [
-    lambda: drafters.ngram(k=6),
-    lambda: drafters.layer_skip(layers=10, k=3),
-], ids=["ngram", "layer_skip"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: drafters.ngram(k=6),
+        lambda: drafters.layer_skip(layers=10, k=3),
+    ],
+    ids=["ngram", "layer_skip"],
+)
 def test_speculative_greedy_equals_ar(smol, ar_outputs, make):
     d = make()
     single = [specjax.generate(smol, p, max_new_tokens=NEW, drafter=d) for p in PROMPTS[:2]]
@@ -87,19 +98,28 @@ def test_speculative_greedy_equals_ar(smol, ar_outputs, make):
 def test_small_model_drafter_equals_ar(smol, ar_outputs):
     # An independent drafter: the model itself converted a second time (a real small LM of the
     # same family is not available offline). It must accept every draft: tau = k + 1.
-    d = drafters.small_model(specjax.Model(params=smol.params, config=smol.config,
-                                           tokenizer=smol.tokenizer, name="copy"), k=3)
+    d = drafters.small_model(
+        specjax.Model(
+            params=smol.params, config=smol.config, tokenizer=smol.tokenizer, name="copy"
+        ),
+        k=3,
+    )
     out = specjax.generate(smol, PROMPTS, max_new_tokens=NEW, drafter=d)
     assert out.tokens == ar_outputs
     hist = out.stats["acceptance_histogram"]
     assert hist[-1] >= 0.9 * sum(hist)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: drafters.eagle("smollm2-135m-eagle3",
-                           tree=drafters.DynamicTree(nodes=8, depth=4, top_k=3)),
-    lambda: drafters.medusa("smollm2-135m-medusa"),
-], ids=["eagle3_tree", "medusa"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: drafters.eagle(
+            "smollm2-135m-eagle3", tree=drafters.DynamicTree(nodes=8, depth=4, top_k=3)
+        ),
+        lambda: drafters.medusa("smollm2-135m-medusa"),
+    ],
+    ids=["eagle3_tree", "medusa"],
+)
 def test_bundled_drafters_equal_ar(smol, ar_outputs, make):
     # The drafters bundled for SmolLM2 (the tour notebook's defaults; the notebook tests run on
     # a tiny model): greedy output equals AR on the real model.

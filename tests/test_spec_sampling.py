@@ -35,7 +35,8 @@ support). With N = 8192 at ALPHA, any distribution whose TV distance from the ta
 cells is at least 0.062 (plain) / 0.047 (top-k/top-p) is rejected with probability >= 0.99
 (noncentral chi-square with lambda = N sum (pi_1 - pi_0)^2 / pi_0 >= 4 N TV^2; checked by
 `test_stated_power`). Negative controls: the engine's chain rule (`EngineConfig.rules.chain`) is
-replaced by the correct rule changed in one place: (a) the token after a rejection is drawn from p instead of
+replaced by the correct rule changed in one place: (a) the token after a rejection is drawn from p
+instead of
 norm(max(p - q, 0)); (b) every draft token is accepted; (c) the bonus token after a fully accepted
 draft is drawn from the target's distribution one position too early. For each, the exact law of
 (t1, t2, t3) under the broken rule is computed as well, which gives its TV distance from the
@@ -65,6 +66,7 @@ detects TV >= 0.019 (plain, 484 cells) / 0.011 (top-k/top-p, 27 cells) with powe
 three broken rules above are rejected with observed p-values of 0, 0 and 2e-113 (TV 0.16, 0.95
 and 0.012).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -78,10 +80,10 @@ import pytest
 from scipy import optimize, stats
 
 import specjax
-from specjax.engine import accept
 from specjax.drafters.lm import LMDrafterSpec
+from specjax.engine import accept
+from specjax.engine.accept import Accepted, AcceptRules
 from specjax.sampling import make_sampling, process_logits
-from specjax.engine.accept import AcceptRules, Accepted
 
 ALPHA = 1e-3
 MIN_EXPECTED = 5.0
@@ -108,6 +110,7 @@ SEEDS = {(d, m): 1000 + 10 * i + j for i, d in enumerate(DRAFTERS) for j, m in e
 # Statistics
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Fit:
     stat: float
@@ -118,8 +121,7 @@ class Fit:
     n_bins: int
 
     def __str__(self):
-        return (f"chi2={self.stat:.1f} df={self.df} p={self.pvalue:.3g} "
-                f"impossible={self.impossible}")
+        return f"chi2={self.stat:.1f} df={self.df} p={self.pvalue:.3g} impossible={self.impossible}"
 
 
 def pooled_bins(probs: np.ndarray, n: int) -> np.ndarray:
@@ -188,6 +190,7 @@ def power(null: np.ndarray, alt: np.ndarray, n: int) -> tuple[float, float, floa
 # Broken acceptance rules (negative controls): the correct rule changed in exactly one place.
 # ---------------------------------------------------------------------------------------------
 
+
 def broken_verify_chain(flaw: str):
     real = accept.verify_chain
 
@@ -238,6 +241,7 @@ def step_law(p: np.ndarray, q: np.ndarray, flaw=None) -> np.ndarray:
 # Engine level
 # ---------------------------------------------------------------------------------------------
 
+
 def _scaled(model: specjax.Model, **params) -> specjax.Model:
     return dataclasses.replace(model, params={**model.params, **params})
 
@@ -245,11 +249,14 @@ def _scaled(model: specjax.Model, **params) -> specjax.Model:
 @pytest.fixture(scope="module")
 def models(make_hf_model):
     """-> (target, small draft model). EOS is disabled so every row emits exactly 3 tokens."""
-    target = specjax.model_from_hf(make_hf_model("llama", seed=0, vocab_size=V, eos_token_id=None),
-                                   dtype=jnp.float32)
+    target = specjax.model_from_hf(
+        make_hf_model("llama", seed=0, vocab_size=V, eos_token_id=None), dtype=jnp.float32
+    )
     target = _scaled(target, lm_head=target.params["lm_head"] * HEAD_SCALE)
-    draft = specjax.model_from_hf(make_hf_model("llama", seed=7, vocab_size=V, eos_token_id=None,
-                                                num_hidden_layers=1), dtype=jnp.float32)
+    draft = specjax.model_from_hf(
+        make_hf_model("llama", seed=7, vocab_size=V, eos_token_id=None, num_hidden_layers=1),
+        dtype=jnp.float32,
+    )
     # Its own transformer layer, the target's vocabulary embedding and head (a random head of its
     # own would make p and q nearly disjoint under top-k, so no draft would ever be accepted).
     draft = _scaled(draft, embed=target.params["embed"], lm_head=target.params["lm_head"])
@@ -272,16 +279,20 @@ class SizedLMSpec(LMDrafterSpec):
 
     def propose(self, params, state, last, key, mode, sp):
         draft, state = super().propose(params, state, last, key, mode, sp)
-        size = ((draft.tokens[:, 0] + last) % (self.k + 1) if self.fixed < 0
-                else jnp.full_like(last, self.fixed))
+        size = (
+            (draft.tokens[:, 0] + last) % (self.k + 1)
+            if self.fixed < 0
+            else jnp.full_like(last, self.fixed)
+        )
         return draft._replace(size=size.astype(jnp.int32)), state
 
 
 def sized_drafter(model, k: int, sizes: tuple, fixed: int = -1):
     base = specjax.drafters.small_model(model, k=k)
     spec, params = base.binder(None)
-    return specjax.drafters.Drafter.fixed("sized", SizedLMSpec(k=k, cfg=spec.cfg, sizes=sizes,
-                                                                fixed=fixed), params)
+    return specjax.drafters.Drafter.fixed(
+        "sized", SizedLMSpec(k=k, cfg=spec.cfg, sizes=sizes, fixed=fixed), params
+    )
 
 
 def make_drafter(name: str, target, draft):
@@ -308,7 +319,7 @@ def assert_no_degenerate_boundary(logits, reach, mode, mode_kw):
     if mode.top_k is not None:
         gap = x[:, mode.top_k - 1] - x[:, mode.top_k]
         assert gap.min() > 1e-4, f"a top-k boundary is degenerate (logit gap {gap.min():.2g})"
-        x = x[:, :mode.top_k]
+        x = x[:, : mode.top_k]
     if mode.use_top_p:
         s = np.exp(x - x[:, :1])
         s /= s.sum(-1, keepdims=True)
@@ -328,13 +339,14 @@ def next_token_dists(model: specjax.Model, mode_kw: dict, check_margins: bool = 
     P = len(PROMPT)
     ab = np.array(list(itertools.product(range(V), repeat=2)), np.int32)
     ids = np.concatenate([np.tile(np.asarray(PROMPT, np.int32), (V * V, 1)), ab], axis=1)
-    logits = model.logits(ids)[:, P - 1:P + 2]  # [V*V, 3, V]
+    logits = model.logits(ids)[:, P - 1 : P + 2]  # [V*V, 3, V]
     probs = np.exp(np.asarray(process_logits(logits, mode, sp), np.float64))
     probs /= probs.sum(-1, keepdims=True)
     p1, p2, p3 = probs[0, 0], probs[::V, 1], probs[:, 2].reshape(V, V, V)
     if check_margins:
-        reach = np.stack([np.ones(V * V, bool), np.repeat(p1 > 0, V),
-                          (p1[:, None] * p2 > 0).ravel()], axis=1)  # [V*V, 3]
+        reach = np.stack(
+            [np.ones(V * V, bool), np.repeat(p1 > 0, V), (p1[:, None] * p2 > 0).ravel()], axis=1
+        )  # [V*V, 3]
         assert_no_degenerate_boundary(logits, reach, mode, mode_kw)
     return p1, p2, p3
 
@@ -355,8 +367,9 @@ def exact(models):
 
 def sample_rows(target, drafter, mode_kw, seed, prompt, new_tokens, n=N_ROWS):
     """-> (tokens [n, new_tokens] of n independent rows decoding `prompt`, generate stats)."""
-    out = specjax.generate(target, [prompt] * n, max_new_tokens=new_tokens, key=seed,
-                           drafter=drafter, **mode_kw)
+    out = specjax.generate(
+        target, [prompt] * n, max_new_tokens=new_tokens, key=seed, drafter=drafter, **mode_kw
+    )
     toks = np.asarray(out.tokens)
     assert toks.shape == (n, new_tokens)
     return toks, out.stats
@@ -366,7 +379,7 @@ def sample_joint(target, drafter, mode_kw, seed, n=N_ROWS):
     """-> (counts [V^3] of (t1, t2, t3) over n independent rows, generate stats)."""
     toks, stats = sample_rows(target, drafter, mode_kw, seed, PROMPT, NEW_TOKENS, n)
     idx = (toks[:, 0] * V + toks[:, 1]) * V + toks[:, 2]
-    return np.bincount(idx, minlength=V ** 3), stats
+    return np.bincount(idx, minlength=V**3), stats
 
 
 def assert_follows_target(counts, joint, hist, label: str) -> Fit:
@@ -384,8 +397,9 @@ def assert_follows_target(counts, joint, hist, label: str) -> Fit:
 @pytest.mark.parametrize("drafter", DRAFTERS)
 def test_first_tokens_match_target(models, exact, drafter, mode):
     target, draft = models
-    counts, st = sample_joint(target, make_drafter(drafter, target, draft), MODES[mode],
-                              SEEDS[drafter, mode])
+    counts, st = sample_joint(
+        target, make_drafter(drafter, target, draft), MODES[mode], SEEDS[drafter, mode]
+    )
     hist = np.asarray(st["acceptance_histogram"])
     assert_follows_target(counts, exact[mode]["joint"], hist, f"{drafter}/{mode}")
     # The test exercises the paths it claims to.
@@ -426,8 +440,7 @@ def broken_joint(flaw, drafter, exact_mode):
         return (p1[:, None, None] * p2[:, :, None] * p2[:, None, :]).ravel()
     assert drafter == "small_model"
     _, q2, q3 = exact_mode["q"]
-    return (p1[:, None, None] * step_law(p2, q2, flaw)[:, :, None]
-            * step_law(p3, q3, flaw)).ravel()
+    return (p1[:, None, None] * step_law(p2, q2, flaw)[:, :, None] * step_law(p3, q3, flaw)).ravel()
 
 
 @pytest.mark.parametrize("flaw,drafter,mode", BROKEN_CASES)
@@ -437,8 +450,9 @@ def test_broken_rule_is_detected(models, exact, monkeypatch, flaw, drafter, mode
     tv, pw, lam = power(null, broken_joint(flaw, drafter, exact[mode]), N_ROWS)
     broken = broken_verify_chain(flaw)
     with patched_verify_chain(monkeypatch, broken):
-        counts, _ = sample_joint(target, make_drafter(drafter, target, draft), MODES[mode],
-                                 SEEDS[drafter, mode] + 5)
+        counts, _ = sample_joint(
+            target, make_drafter(drafter, target, draft), MODES[mode], SEEDS[drafter, mode] + 5
+        )
     assert broken.traced > 0, "the engine did not use the patched rule"
     fit = chi_square(counts, null)
     print(f"{flaw}/{drafter}/{mode}: TV={tv:.3f} lambda={lam:.0f} power={pw} {fit}")
@@ -485,7 +499,7 @@ def unit_setup(draft_kind: str, mode_name: str):
         d_logits = t_logits[:UK].copy()
         q = proc(d_logits)
     elif draft_kind == "q_onehot":  # a likely token, then a token outside the support (or the
-        d_logits = None             # least likely one)
+        d_logits = None  # least likely one)
         fixed = [int(np.argsort(p[0])[-2]), int(np.argmin(p[1]))]
         q = np.eye(UV)[fixed]
     else:
@@ -537,11 +551,11 @@ def completed_law(law: dict, p: np.ndarray) -> np.ndarray:
 def tuple_index(x) -> int:
     """Cell of a variable-length tuple: lengths 1..K+1 each get their own block of V^m cells."""
     m = len(x)
-    return sum(UV ** j for j in range(1, m)) + int(np.ravel_multi_index(x, (UV,) * m))
+    return sum(UV**j for j in range(1, m)) + int(np.ravel_multi_index(x, (UV,) * m))
 
 
 def law_vector(law: dict) -> np.ndarray:
-    out = np.zeros(sum(UV ** j for j in range(1, UK + 2)))
+    out = np.zeros(sum(UV**j for j in range(1, UK + 2)))
     for x, pr in law.items():
         out[tuple_index(x)] += pr
     return out
@@ -562,8 +576,9 @@ def run_verify(rule, draft_kind, mode_name, seed):
         tokens = jax.random.categorical(k_draft, dlogp, axis=-1).astype(jnp.int32)
     acc = jax.jit(rule, static_argnums=(4,))(k_verify, tl, tokens, dlogp, mode, sp)
     n, bonus = np.asarray(acc.n), np.asarray(acc.bonus)
-    fill = np.asarray(jax.random.categorical(k_fill, jnp.log(jnp.asarray(p, jnp.float32)),
-                                             shape=(B, UK + 1)))
+    fill = np.asarray(
+        jax.random.categorical(k_fill, jnp.log(jnp.asarray(p, jnp.float32)), shape=(B, UK + 1))
+    )
     tokens = np.asarray(tokens)
     j = np.arange(UK + 1)[None, :]
     padded = np.concatenate([tokens, np.zeros((B, 1), tokens.dtype)], axis=1)
@@ -577,11 +592,11 @@ def counts_of(emitted: np.ndarray) -> np.ndarray:
 
 def emitted_counts(emitted: np.ndarray, n: np.ndarray) -> np.ndarray:
     """Counts of the variable-length emitted tuples (first n + 1 tokens of each row)."""
-    out = np.zeros(sum(UV ** j for j in range(1, UK + 2)), np.int64)
+    out = np.zeros(sum(UV**j for j in range(1, UK + 2)), np.int64)
     for m in range(1, UK + 2):
         rows = emitted[n == m - 1, :m]
         if len(rows):
-            idx = sum(UV ** j for j in range(1, m)) + np.ravel_multi_index(rows.T, (UV,) * m)
+            idx = sum(UV**j for j in range(1, m)) + np.ravel_multi_index(rows.T, (UV,) * m)
             out += np.bincount(idx, minlength=len(out))
     return out
 

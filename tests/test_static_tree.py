@@ -1,20 +1,18 @@
 """Static draft trees from choice lists (Medusa / EAGLE-1 style): the feed schedule, greedy
 output identical to plain decoding for small-model and layer-skip drafters, full acceptance when
 the target drafts for itself, the YAML presets and the validation errors."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import pytest
 
-import specjax
+from specjax import api as gen
 from specjax import drafters
-from specjax.drafters import shapes as tree
 from specjax.drafters import StaticTree, _lm_spec
+from specjax.drafters import shapes as tree
 from specjax.drafters.lm import LMStaticTreeSpec
 from specjax.drafters.shapes import static_tree_schedule
-
-from specjax import api as gen
 
 VOCAB = 101
 NEW = 32
@@ -25,11 +23,11 @@ PROMPTS = [  # ragged batch, as in test_tree.py
     [63, 54, 56, 94, 28, 82, 67, 0, 39, 86, 55, 3, 77, 73, 85, 17],
     [40, 41, 42] * 3 + [40, 5, 6, 40, 41],
 ]
-EAGLE_SMALL = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0],
-               [0, 0, 0, 0]]
+EAGLE_SMALL = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 0, 0, 0]]
 
 
 # ------------------------------------------------------------------------------ structure
+
 
 def test_schedule_feeds_internal_nodes_depth_by_depth():
     parents, rank = tree.parents_from_choices(EAGLE_SMALL)
@@ -51,8 +49,9 @@ def test_schedule_feeds_internal_nodes_depth_by_depth():
     spec = _lm_spec(None, 0, StaticTree(EAGLE_SMALL))
     assert isinstance(spec, LMStaticTreeSpec) and spec.k == 10
     assert spec.max_accept == 4 and spec.cache_slack >= W + 2
-    assert hash(spec) == hash(_lm_spec(
-        None, 0, StaticTree("eagle_small")))  # static: usable as a jit static argument
+    assert hash(spec) == hash(
+        _lm_spec(None, 0, StaticTree("eagle_small"))
+    )  # static: usable as a jit static argument
 
 
 # ------------------------------------------------------------------------ greedy identity
@@ -69,8 +68,9 @@ def test_static_trees_greedy_equal_ar(target, other, ar_out):
     cases = {
         "model_eagle_small": drafters.small_model(other, tree=StaticTree("eagle_small")),
         # Skipped ranks, uneven fan-out, a depth-1 leaf beside a deep branch.
-        "layer_skip_ragged": drafters.layer_skip(layers=2, tree=StaticTree(
-            [[0], [2], [0, 1], [0, 3], [0, 1, 0]])),
+        "layer_skip_ragged": drafters.layer_skip(
+            layers=2, tree=StaticTree([[0], [2], [0, 1], [0, 3], [0, 1, 0]])
+        ),
         # Only children of the root: no window is fed, every accepted token goes to pending.
         "model_depth_one": drafters.small_model(other, tree=StaticTree([[0], [1], [2]])),
     }
@@ -80,8 +80,9 @@ def test_static_trees_greedy_equal_ar(target, other, ar_out):
         assert len(out.stats["acceptance_histogram"]) == d.bind(target)[0].max_accept + 1, name
 
 
-@pytest.mark.parametrize("choices", [[[0], [0, 0], [0, 0, 0]], EAGLE_SMALL],
-                         ids=["chain3", "eagle_small"])
+@pytest.mark.parametrize(
+    "choices", [[[0], [0, 0], [0, 0, 0]], EAGLE_SMALL], ids=["chain3", "eagle_small"]
+)
 def test_self_drafting_accepts_full_depth(target, ar_out, choices):
     # The target drafting for itself: the rank-0 spine of the tree is the target's greedy
     # continuation (computed through window masks and fed offsets), so every step accepts the
@@ -96,6 +97,7 @@ def test_self_drafting_accepts_full_depth(target, ar_out, choices):
 
 
 # ------------------------------------------------------------------------------ presets
+
 
 def test_presets_load():
     names = tree.available_trees()
@@ -122,17 +124,20 @@ def test_preset_errors(tmp_path):
     assert StaticTree(str(good)).nodes == 3
 
 
-@pytest.mark.parametrize("choices, message", [
-    ([], "empty"),
-    ([[0], [1, 0]], "no parent"),
-    ([[0], [0]], "more than once"),
-    ([[0], [-1]], "ints >= 0"),
-    ([[0], []], "non-empty"),
-    ([["a"]], "ints >= 0"),
-    ([[0.5]], "ints >= 0"),
-    ([0, 1], "non-empty list"),
-    (7, "list of lists"),
-])
+@pytest.mark.parametrize(
+    "choices, message",
+    [
+        ([], "empty"),
+        ([[0], [1, 0]], "no parent"),
+        ([[0], [0]], "more than once"),
+        ([[0], [-1]], "ints >= 0"),
+        ([[0], []], "non-empty"),
+        ([["a"]], "ints >= 0"),
+        ([[0.5]], "ints >= 0"),
+        ([0, 1], "non-empty list"),
+        (7, "list of lists"),
+    ],
+)
 def test_bad_choices(choices, message):
     with pytest.raises(ValueError, match=message):
         StaticTree(choices)

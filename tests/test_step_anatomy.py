@@ -6,15 +6,17 @@ update the loop carry in place (e.g. when a layer reads its cache after writing 
 `attention_split`). The step anatomy (`specjax bench-step`) shows the cost as remainder; this
 test catches the copy itself in the optimized HLO.
 """
+
 from __future__ import annotations
 
 import jax
 import pytest
 
 import specjax
-from conftest import byte_bpe
 from specjax import anatomy, cli, drafters, engine
 from specjax.api import prepare
+
+from conftest import byte_bpe
 
 PROMPTS = [[5, 6, 7, 8, 5, 6, 7], [40, 41, 42, 40, 41, 42, 40, 41]]
 
@@ -22,16 +24,21 @@ PROMPTS = [[5, 6, 7, 8, 5, 6, 7], [40, 41, 42, 40, 41, 42, 40, 41]]
 @pytest.fixture(scope="module")
 def small_target(make_hf_model):
     """A 2-layer GQA Llama without EOS (compiles fast)."""
-    return specjax.model_from_hf(make_hf_model("llama", seed=0, num_hidden_layers=2,
-                                               eos_token_id=None), name="tiny-2l")
+    return specjax.model_from_hf(
+        make_hf_model("llama", seed=0, num_hidden_layers=2, eos_token_id=None), name="tiny-2l"
+    )
 
 
 def compiled_decode(model, drafter):
     """Optimized HLO of `engine.decode` for PROMPTS -> (HLO text, KV-cache buffer shapes)."""
     ec, args, _ = prepare(model, PROMPTS, max_new_tokens=8, drafter=drafter)
     dparams, max_len, sp = args.pop("dparams"), args.pop("max_len"), args["sp"]
-    state = jax.eval_shape(lambda p, dp, a: engine.prefill(p, dp, **a, ec=ec, max_len=max_len),
-                           model.params, dparams, args)
+    state = jax.eval_shape(
+        lambda p, dp, a: engine.prefill(p, dp, **a, ec=ec, max_len=max_len),
+        model.params,
+        dparams,
+        args,
+    )
     hlo = engine.decode.lower(model.params, dparams, state, sp, ec=ec).compile().as_text()
     return hlo, {x.shape for x in jax.tree.leaves((state.cache.k, state.cache.v))}
 
@@ -42,7 +49,8 @@ DRAFTERS = {
     "layer_skip": lambda: drafters.layer_skip(1, k=3),
     # a tree: the accepted path is compacted in the target cache (gather_slots)
     "layer_skip_tree": lambda: drafters.layer_skip(
-        1, tree=drafters.DynamicTree(nodes=3, depth=2, top_k=2)),
+        1, tree=drafters.DynamicTree(nodes=3, depth=2, top_k=2)
+    ),
 }
 
 
@@ -56,9 +64,12 @@ def test_no_cache_copy_in_the_decode_loop(small_target, which):
     assert not found, f"{len(found)} cache-sized copies in the loop body, e.g. {found[0].line}"
 
 
-@pytest.mark.xfail(strict=True, reason="known: the lax.switch over verify sizes "
-                   "(engine.verify.verify) copies every layer's K and V into and out of the "
-                   "chosen branch, each step; remove this mark once the engine avoids it")
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: the lax.switch over verify sizes "
+    "(engine.verify.verify) copies every layer's K and V into and out of the "
+    "chosen branch, each step; remove this mark once the engine avoids it",
+)
 def test_no_cache_copy_with_sized_verify(small_target):
     """The n-gram drafter sizes its drafts (chains: verify 1 or k tokens, or a plain step;
     trees: the whole tree or a plain step), so the engine verifies through a `lax.switch`."""
@@ -70,36 +81,41 @@ def test_no_cache_copy_with_sized_verify(small_target):
 def test_cache_copies_parser():
     """A hand-written program: a copy of the cache shape in the loop body is found; the same
     copy outside the loop, or a copy of another shape, is not."""
-    hlo = "\n".join([
-        "%body (p: (f32[2,3,4,5], s32[])) -> (f32[2,3,4,5], s32[]) {",
-        "  %c = f32[2,3,4,5]{3,2,1,0} copy(%x)",
-        "  %f = f32[2,3] fusion(%y), kind=kLoop, calls=%fused",
-        "}",
-        "%fused (a: f32[2,3]) -> f32[2,3] {",
-        "  ROOT %s = (f32[2,3,4,5]{3,2,1,0}, f32[2,3,4,5]{3,2,1,0}, u32[]) copy-start(%a)",
-        "}",
-        "%cond (p: (f32[2,3,4,5], s32[])) -> pred[] {",
-        "  ROOT %t = pred[] constant(true)",
-        "}",
-        "ENTRY %main (a: f32[2,3,4,5]) -> f32[2,3,4,5] {",
-        "  %o = f32[2,3,4,5]{3,2,1,0} copy(%a)",
-        "  %w = (f32[2,3,4,5], s32[]) while(%t), condition=%cond, body=%body",
-        "  %k = f32[7]{0} copy(%a)",
-        "}",
-    ])
+    hlo = "\n".join(
+        [
+            "%body (p: (f32[2,3,4,5], s32[])) -> (f32[2,3,4,5], s32[]) {",
+            "  %c = f32[2,3,4,5]{3,2,1,0} copy(%x)",
+            "  %f = f32[2,3] fusion(%y), kind=kLoop, calls=%fused",
+            "}",
+            "%fused (a: f32[2,3]) -> f32[2,3] {",
+            "  ROOT %s = (f32[2,3,4,5]{3,2,1,0}, f32[2,3,4,5]{3,2,1,0}, u32[]) copy-start(%a)",
+            "}",
+            "%cond (p: (f32[2,3,4,5], s32[])) -> pred[] {",
+            "  ROOT %t = pred[] constant(true)",
+            "}",
+            "ENTRY %main (a: f32[2,3,4,5]) -> f32[2,3,4,5] {",
+            "  %o = f32[2,3,4,5]{3,2,1,0} copy(%a)",
+            "  %w = (f32[2,3,4,5], s32[]) while(%t), condition=%cond, body=%body",
+            "  %k = f32[7]{0} copy(%a)",
+            "}",
+        ]
+    )
     found = anatomy.cache_copies(hlo, [(2, 3, 4, 5)])
     assert [(c.computation, c.line.split(" =")[0]) for c in found] == [
-        ("body", "%c"), ("fused", "ROOT %s")]
+        ("body", "%c"),
+        ("fused", "ROOT %s"),
+    ]
     assert anatomy.cache_copies(hlo, [(9, 9)]) == []
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, make_hf_model):
     tok = byte_bpe(["the cat sat on the mat. the dog sat on the log. " * 4])
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
-                         "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
-    hf = make_hf_model("llama", seed=3, vocab_size=len(tok), num_hidden_layers=2,
-                       eos_token_id=None)
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+        "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    hf = make_hf_model("llama", seed=3, vocab_size=len(tok), num_hidden_layers=2, eos_token_id=None)
     path = str(tmp_path_factory.mktemp("tiny") / "hf")
     hf.save_pretrained(path)
     tok.save_pretrained(path)
@@ -107,12 +123,31 @@ def tiny_dir(tmp_path_factory, make_hf_model):
 
 
 def test_cli_bench_step(tiny_dir, capsys):
-    cli.main(["bench-step", "--model", tiny_dir, "--drafters", "layer_skip:1@2", "--prompt",
-              "the cat sat on the mat", "--max-new-tokens", "16", "--warm-steps", "1",
-              "--loop-steps", "2", "--repeats", "3"])
+    cli.main(
+        [
+            "bench-step",
+            "--model",
+            tiny_dir,
+            "--drafters",
+            "layer_skip:1@2",
+            "--prompt",
+            "the cat sat on the mat",
+            "--max-new-tokens",
+            "16",
+            "--warm-steps",
+            "1",
+            "--loop-steps",
+            "2",
+            "--repeats",
+            "3",
+        ]
+    )
     out = capsys.readouterr().out
-    rows = {line.split("|")[1].strip(): line.split("|")[2].split()[0]
-            for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2].split()[0]
+        for line in out.splitlines()
+        if line.startswith("| ") and "---" not in line
+    }
     assert rows.pop("ms per step") == "layer_skip:1@2"
     assert list(rows) == list(anatomy.ROWS)
     ms = {k: float(v) for k, v in rows.items()}

@@ -1,6 +1,7 @@
 """EAGLE drafter training: the training-time-test forward equals incremental drafting, exact
 resume from orbax checkpoints, clear errors for mismatched or corrupted checkpoints, data
 handling, and that training actually teaches the drafter something."""
+
 from __future__ import annotations
 
 import json
@@ -23,14 +24,32 @@ def dataset(target, tmp_path_factory):
     rng = np.random.default_rng(0)
     prompts = [{"prompt": rng.integers(0, 101, rng.integers(4, 12)).tolist()} for _ in range(48)]
     d = tmp_path_factory.mktemp("ds")
-    data.build_dataset(target, prompts, d, seq_len=40, responses="self", max_new_tokens=28,
-                       batch=16, shard_rows=16, progress=False)
+    data.build_dataset(
+        target,
+        prompts,
+        d,
+        seq_len=40,
+        responses="self",
+        max_new_tokens=28,
+        batch=16,
+        shard_rows=16,
+        progress=False,
+    )
     return d, [p["prompt"] for p in prompts[:4]]
 
 
 def small(**kw):
-    base = dict(kind="eagle3", steps=6, batch=8, lr=3e-3, warmup=2, log_every=1, save_every=3,
-                draft_vocab=64, ttt_steps=3)
+    base = dict(
+        kind="eagle3",
+        steps=6,
+        batch=8,
+        lr=3e-3,
+        warmup=2,
+        log_every=1,
+        save_every=3,
+        draft_vocab=64,
+        ttt_steps=3,
+    )
     base.update(kw)
     return trainer.TrainConfig(**base)
 
@@ -44,20 +63,27 @@ def test_ttt_steps_equal_incremental_drafting(target, version):
     S, L, steps = 14, 6, 3
     seq = jnp.asarray(np.random.default_rng(2).integers(0, 101, (1, S)), jnp.int32)
     pos = jnp.arange(S, dtype=jnp.int32)[None]
-    hid, _ = forward_hidden(target.params, target.config, seq, pos,
-                            init_cache(target.config, 1, S, per_layer=True),
-                            hidden_layers=cfg.feature_layers)
-    feats = F.target_features(cfg, p, hid)[:, :S - 1]
+    hid, _ = forward_hidden(
+        target.params,
+        target.config,
+        seq,
+        pos,
+        init_cache(target.config, 1, S, per_layer=True),
+        hidden_layers=cfg.feature_layers,
+    )
+    feats = F.target_features(cfg, p, hid)[:, : S - 1]
     outs = losses.draft_steps(cfg, p, feats, seq, steps)  # [steps, 1, S-1, D]
     # Incremental: commit pairs j < L with target features, then draft on own outputs.
     cache = init_cache(cfg.layer, 1, 32, per_layer=True)
-    o, cache = F.draft_block(cfg, p, feats[:, :L], seq[:, 1:L + 1], pos[:, :L], cache)
+    o, cache = F.draft_block(cfg, p, feats[:, :L], seq[:, 1 : L + 1], pos[:, :L], cache)
     cache = cache.replace(lengths=jnp.asarray([L]))
     prev = o[:, L - 1]
     np.testing.assert_allclose(outs[0, 0, L - 1], prev[0], atol=1e-5)
     for i in range(1, steps):
         j = L + i - 1
-        o, cache = F.draft_block(cfg, p, prev[:, None], seq[:, j + 1:j + 2], pos[:, j:j + 1], cache)
+        o, cache = F.draft_block(
+            cfg, p, prev[:, None], seq[:, j + 1 : j + 2], pos[:, j : j + 1], cache
+        )
         cache = cache.replace(lengths=cache.lengths + 1)
         prev = o[:, 0]
         np.testing.assert_allclose(outs[i, 0, j], prev[0], atol=1e-4)
@@ -112,8 +138,7 @@ def test_training_raises_agreement(target, dataset, tmp_path):
     rises well above its start (the drafter learns the target, not noise)."""
     ds, held = dataset
     tc = small(steps=60, log_every=10, save_every=60, lr=1e-2, warmup=5, ttt_steps=2)
-    _, _, hist = trainer.train(target, tc, ds, tmp_path / "t", progress=False,
-                               heldout_prompts=held)
+    _, _, hist = trainer.train(target, tc, ds, tmp_path / "t", progress=False, heldout_prompts=held)
     accs = [r["acc"][0] for r in hist if "acc" in r]
     assert accs[-1] > accs[0] + 0.15, accs
     assert any("tau" in r for r in hist)
@@ -121,8 +146,10 @@ def test_training_raises_agreement(target, dataset, tmp_path):
 
 def test_data_helpers(tmp_path):
     a = [idx.tolist() for _, (_, idx) in zip(range(7), data.iterate_batches(10, 3, seed=5))]
-    b = [idx.tolist() for _, (_, idx) in zip(range(4), data.iterate_batches(10, 3, seed=5,
-                                                                        start_step=3))]
+    b = [
+        idx.tolist()
+        for _, (_, idx) in zip(range(4), data.iterate_batches(10, 3, seed=5, start_step=3))
+    ]
     assert a[3:] == b
     assert all(len(set(x)) == 3 for x in a)
     toks = np.array([[1, 2, 2, 3, 3, 3]])
@@ -142,12 +169,30 @@ def write_train_data(root, n_gsm=30, n_code=20):
     """Files in the format of ../shared/data/train (tests must not depend on that folder)."""
     d = root / "train"
     d.mkdir(parents=True, exist_ok=True)
-    (d / "gsm8k_train.jsonl").write_text("".join(
-        json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = <<{i}+{i}={2 * i}>>"
-                    f"{2 * i}\n#### {2 * i}"}) + "\n" for i in range(n_gsm)))
-    (d / "codealpaca.json").write_text(json.dumps([
-        {"instruction": f"Write a function returning {i}.", "input": "" if i % 2 else f"n={i}",
-         "output": f"def f():\n    return {i}"} for i in range(n_code)]))
+    (d / "gsm8k_train.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "question": f"What is {i} + {i}?",
+                    "answer": f"{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}",
+                }
+            )
+            + "\n"
+            for i in range(n_gsm)
+        )
+    )
+    (d / "codealpaca.json").write_text(
+        json.dumps(
+            [
+                {
+                    "instruction": f"Write a function returning {i}.",
+                    "input": "" if i % 2 else f"n={i}",
+                    "output": f"def f():\n    return {i}",
+                }
+                for i in range(n_code)
+            ]
+        )
+    )
     return root
 
 
@@ -173,15 +218,26 @@ def test_medusa_kind_trains_and_exports(target, dataset, tmp_path):
     import specjax
 
     ds, held = dataset
-    tc = small(kind="medusa", steps=60, log_every=1, save_every=60, lr=3e-3, medusa_heads=3,
-               medusa_positions=256)
-    cfg, _, hist = trainer.train(target, tc, ds, tmp_path / "m", progress=False,
-                                 heldout_prompts=held)
+    tc = small(
+        kind="medusa",
+        steps=60,
+        log_every=1,
+        save_every=60,
+        lr=3e-3,
+        medusa_heads=3,
+        medusa_positions=256,
+    )
+    cfg, _, hist = trainer.train(
+        target, tc, ds, tmp_path / "m", progress=False, heldout_prompts=held
+    )
     loss = [r["loss"] for r in hist if "loss" in r]
     assert len(hist[0]["acc"]) == 3
-    assert np.mean(loss[-10:]) < 0.97 * np.mean(loss[:10]), loss  # it learns (slowly: 256 positions a step)
-    d = specjax.drafters.medusa(str(tmp_path / "m/drafter"),
-                                tree=specjax.drafters.StaticTree([[0], [1], [0, 0], [0, 0, 0]]))
+    assert np.mean(loss[-10:]) < 0.97 * np.mean(loss[:10]), (
+        loss
+    )  # it learns (slowly: 256 positions a step)
+    d = specjax.drafters.medusa(
+        str(tmp_path / "m/drafter"), tree=specjax.drafters.StaticTree([[0], [1], [0, 0], [0, 0, 0]])
+    )
     prompts = [list(p) for p in held]
     ar = specjax.generate(target, prompts, max_new_tokens=12)
     assert specjax.generate(target, prompts, max_new_tokens=12, drafter=d).tokens == ar.tokens
@@ -193,8 +249,9 @@ def test_bfloat16_compute(target, dataset, tmp_path):
     """dtype=bfloat16 runs the step in bfloat16 (optimizer state and the saved params stay
     float32) and still learns: the loss falls over a few steps."""
     ds, _ = dataset
-    _, params, hist = trainer.train(target, small(dtype="bfloat16", steps=8, save_every=8), ds,
-                                    tmp_path / "bf", progress=False)
+    _, params, hist = trainer.train(
+        target, small(dtype="bfloat16", steps=8, save_every=8), ds, tmp_path / "bf", progress=False
+    )
     loss = [r["loss"] for r in hist if "loss" in r]
     assert np.all(np.isfinite(loss)) and loss[-1] < loss[0], loss
     assert {str(x.dtype) for x in jax.tree.leaves(params)} == {"float32", "int32"}

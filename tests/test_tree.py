@@ -1,7 +1,7 @@
 """Draft trees: structure helpers, exact greedy tree verification end to end, and exact
 recursive rejection sampling over siblings (chi-square against the target law)."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import specjax
-from conftest import RAGGED_PROMPTS
+from specjax import api as gen
 from specjax import drafters
 from specjax.drafters import shapes
 from specjax.drafters.base import Tree
-from specjax.engine import accept
-from specjax.engine import tree
+from specjax.engine import accept, tree
 
-from specjax import api as gen
+from conftest import RAGGED_PROMPTS
 
 NEW = 32
 # The shared ragged prompts, the last one extended so n-gram branches have several candidates.
@@ -25,6 +23,7 @@ PROMPTS = RAGGED_PROMPTS[:3] + [RAGGED_PROMPTS[3] + [40, 5, 6, 40, 41]]
 
 
 # ------------------------------------------------------------------------------ structure
+
 
 def naive_ancestors(parents):
     N = len(parents)
@@ -61,8 +60,10 @@ def test_random_trees_ancestor_matrix():
     for _ in range(20):
         N = int(rng.integers(1, 20))
         parents = np.array([int(rng.integers(-1, i)) for i in range(N)])
-        np.testing.assert_array_equal(np.asarray(tree.ancestor_matrix(jnp.asarray(parents)[None]))[0],
-                                      naive_ancestors(parents))
+        np.testing.assert_array_equal(
+            np.asarray(tree.ancestor_matrix(jnp.asarray(parents)[None]))[0],
+            naive_ancestors(parents),
+        )
 
 
 def test_bad_choices():
@@ -95,10 +96,12 @@ def ar_out(target):
 def test_tree_drafters_greedy_equal_ar(target, other, ar_out):
     cases = {
         "ngram_tree": drafters.ngram(k=4, branches=3),
-        "model_tree": drafters.small_model(other, tree=drafters.DynamicTree(nodes=8, depth=3,
-                                                                           top_k=3)),
-        "layer_skip_tree": drafters.layer_skip(layers=2, tree=drafters.DynamicTree(
-            nodes=6, depth=4, top_k=2)),
+        "model_tree": drafters.small_model(
+            other, tree=drafters.DynamicTree(nodes=8, depth=3, top_k=3)
+        ),
+        "layer_skip_tree": drafters.layer_skip(
+            layers=2, tree=drafters.DynamicTree(nodes=6, depth=4, top_k=2)
+        ),
     }
     for name, d in cases.items():
         out = gen.generate(target, PROMPTS, max_new_tokens=NEW, drafter=d)
@@ -108,8 +111,9 @@ def test_tree_drafters_greedy_equal_ar(target, other, ar_out):
     # Some branch other than the first one must have been accepted at least once for the
     # ngram tree to be more than a chain: its tau is at least the chain's.
     chain = gen.generate(target, PROMPTS, max_new_tokens=NEW, drafter=drafters.ngram(k=4))
-    tree_out = gen.generate(target, PROMPTS, max_new_tokens=NEW,
-                            drafter=drafters.ngram(k=4, branches=3))
+    tree_out = gen.generate(
+        target, PROMPTS, max_new_tokens=NEW, drafter=drafters.ngram(k=4, branches=3)
+    )
     assert tree_out.stats["tau"] >= chain.stats["tau"]
 
 
@@ -128,6 +132,7 @@ def test_self_drafting_tree_accepts_full_depth(target, ar_out):
 
 
 # --------------------------------------------------------------- exact tree sampling (unit)
+
 
 @pytest.mark.parametrize("construction", ["deterministic", "without_replacement", "iid"])
 def test_verify_tree_sampling_first_token_follows_target(construction):
@@ -156,13 +161,21 @@ def test_verify_tree_sampling_first_token_follows_target(construction):
             g = jax.random.gumbel(kd, (V,))
             kids = jax.lax.top_k(jnp.log(jnp.asarray(q_root)) + g, 3)[1]
         toks = jnp.concatenate([kids, kids[:1]]).astype(jnp.int32)
-        t = Tree(tokens=toks[None], parents=parents[None], depth=depth[None],
-                      valid=jnp.ones((1, 4), bool))
+        t = Tree(
+            tokens=toks[None],
+            parents=parents[None],
+            depth=depth[None],
+            valid=jnp.ones((1, 4), bool),
+        )
         logp = jnp.log(jnp.stack([jnp.asarray(p_root)] + [jnp.asarray(p_child)] * 4))[None]
-        child = None if construction == "deterministic" else jnp.log(
-            jnp.stack([jnp.asarray(q_root)] * 5))[None]
-        acc = accept.verify_tree_sampling(kv, logp, t, child, 2,
-                                        without_replacement=construction == "without_replacement")
+        child = (
+            None
+            if construction == "deterministic"
+            else jnp.log(jnp.stack([jnp.asarray(q_root)] * 5))[None]
+        )
+        acc = accept.verify_tree_sampling(
+            kv, logp, t, child, 2, without_replacement=construction == "without_replacement"
+        )
         first = jnp.where(acc.n > 0, toks[jnp.maximum(acc.path[0, 0], 0)], acc.bonus[0])
         return first[0] if first.ndim else first
 
@@ -184,15 +197,21 @@ def test_verify_tree_sampling_negative_control():
 
     def one(kd, kv):
         kids = jax.lax.top_k(jnp.log(q_root) + jax.random.gumbel(kd, (V,)), 3)[1].astype(jnp.int32)
-        t = Tree(tokens=kids[None], parents=parents, depth=jnp.ones((1, 3), jnp.int32),
-                      valid=jnp.ones((1, 3), bool))
+        t = Tree(
+            tokens=kids[None],
+            parents=parents,
+            depth=jnp.ones((1, 3), jnp.int32),
+            valid=jnp.ones((1, 3), bool),
+        )
         logp = jnp.log(jnp.stack([p_root] * 4))[None]
-        acc = accept.verify_tree_sampling(kv, logp, t, jnp.log(jnp.stack([q_root] * 4))[None], 1,
-                                        without_replacement=False)  # wrong for this draw
+        acc = accept.verify_tree_sampling(
+            kv, logp, t, jnp.log(jnp.stack([q_root] * 4))[None], 1, without_replacement=False
+        )  # wrong for this draw
         return jnp.where(acc.n > 0, kids[jnp.maximum(acc.path[0, 0], 0)], acc.bonus)[0]
 
     k1, k2 = jax.random.split(jax.random.key(1))
-    firsts = np.asarray(jax.jit(jax.vmap(one))(jax.random.split(k1, trials),
-                                               jax.random.split(k2, trials)))
+    firsts = np.asarray(
+        jax.jit(jax.vmap(one))(jax.random.split(k1, trials), jax.random.split(k2, trials))
+    )
     _, pval = stats.chisquare(np.bincount(firsts, minlength=V), np.asarray(p_root) * trials)
     assert pval < 1e-6

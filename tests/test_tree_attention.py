@@ -8,6 +8,7 @@ K/V use the model's head-major cache layout [B, KV, S, hd]. The model with impl=
 decode, tree verify, and speculative `generate`) matches impl="xla".
 Every case is one kernel compile (~1 s in interpret mode), so the sweep is kept deliberate.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import (BlockSizes, dense_tree_mask, tree_attention, tree_attention_reference,
-                            tree_mask_bits)
+from pallas_kernels import (
+    BlockSizes,
+    dense_tree_mask,
+    tree_attention,
+    tree_attention_reference,
+    tree_mask_bits,
+)
 
 BK = 16  # small block_k so short caches still span several KV blocks
 F32_TOL = dict(atol=1e-5, rtol=1e-5)
@@ -30,6 +36,7 @@ BF16_TOL = dict(atol=2e-2, rtol=2e-2)
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def random_parents(rng: np.random.Generator, T: int) -> np.ndarray:
     """A random tree of T nodes in topological order: node 0 is the root (-1), parent[i] < i."""
@@ -98,6 +105,7 @@ def assert_close(x, y, tol):
 
 # ----------------------------------------------------------------------------- reference
 
+
 def test_tree_mask_from_parents():
     # Chain (parents i - 1) -> causal; a star (all children of the root) -> root + self.
     assert (ancestor_mask(np.arange(-1, 5)) == np.tril(np.ones((6, 6), bool))).all()
@@ -113,8 +121,8 @@ def test_dense_mask_and_bits():
     dense = np.asarray(dense_tree_mask(jnp.asarray(lengths), jnp.asarray(bm), S))
     for b in range(B):
         L = lengths[b]
-        assert dense[b, :, :L].all() and not dense[b, :, L + T:].any()
-        assert (dense[b, :, L:L + T] == bm[b]).all()
+        assert dense[b, :, :L].all() and not dense[b, :, L + T :].any()
+        assert (dense[b, :, L : L + T] == bm[b]).all()
     words = np.asarray(tree_mask_bits(jnp.asarray(bm))).view(np.uint32)  # [B, T, 2]
     assert words.shape == (B, T, 2)
     unpacked = (words[..., None] >> np.arange(32, dtype=np.uint32)) & 1  # [B, T, 2, 32]
@@ -139,11 +147,13 @@ def test_reference_matches_model_attention_path():
     positions = lengths[:, None] + jnp.arange(T)[None]
     mask = llama.build_attention_mask(lengths, positions, bm, S, None)
     assert (np.asarray(mask) == np.asarray(dense_tree_mask(lengths, bm, S))).all()
-    assert_close(tree_attention_reference(q, k, v, lengths, bm),
-                 llama.attention_xla(q, k, v, mask), F32_TOL)
+    assert_close(
+        tree_attention_reference(q, k, v, lengths, bm), llama.attention_xla(q, k, v, mask), F32_TOL
+    )
 
 
 # ----------------------------------------------------------------------------- kernel
+
 
 @pytest.mark.parametrize("T", [1, 5, 16])
 @pytest.mark.parametrize("H,KV", [(2, 2), (4, 2), (6, 2)], ids=["G1", "G2", "G3"])
@@ -177,8 +187,9 @@ def test_kernel_query_blocks_and_two_mask_words():
     """T = 40 > 32 (two int32 mask words) and block_q = 16 < T * G = 80 rows (5 query blocks)."""
     S, T = 96, 40
     q, k, v, lengths, bm = make_inputs(6, 4, T, 2, 1, 8, S, jnp.float32, [0, 1, 17, S - T])
-    out = tree_attention(q, k, v, lengths, bm, block_sizes=BlockSizes(block_k=BK, block_q=16),
-                         interpret=True)
+    out = tree_attention(
+        q, k, v, lengths, bm, block_sizes=BlockSizes(block_k=BK, block_q=16), interpret=True
+    )
     assert_close(out, tree_attention_reference(q, k, v, lengths, bm), F32_TOL)
 
 
@@ -200,10 +211,16 @@ def test_garbage_beyond_block_is_ignored():
     assert np.isfinite(np.asarray(dirty)).all()
     assert not np.asarray(dirty)[0, T - 1].any()
     np.testing.assert_array_equal(np.asarray(dirty), np.asarray(clean))
-    assert_close(tree_attention_reference(q, dirty_k, dirty_v, lengths, bm),
-                 tree_attention_reference(q, clean_k, clean_v, lengths, bm), F32_TOL)
-    assert_close(dirty, numpy_tree_attention(q, dirty_k, dirty_v, np.asarray(lengths),
-                                             np.asarray(bm)), F32_TOL)
+    assert_close(
+        tree_attention_reference(q, dirty_k, dirty_v, lengths, bm),
+        tree_attention_reference(q, clean_k, clean_v, lengths, bm),
+        F32_TOL,
+    )
+    assert_close(
+        dirty,
+        numpy_tree_attention(q, dirty_k, dirty_v, np.asarray(lengths), np.asarray(bm)),
+        F32_TOL,
+    )
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
@@ -224,10 +241,18 @@ def test_kernel_lowers_for_gpu_and_tpu(platform, monkeypatch):
         monkeypatch.setattr(tpu_info, "get_num_device_cores", lambda: 1)
     B, T, H, KV, hd, S = 3, 40, 6, 2, 80, 200
     sds = jax.ShapeDtypeStruct
-    args = (sds((B, T, H, hd), jnp.bfloat16), sds((B, KV, S, hd), jnp.bfloat16),
-            sds((B, KV, S, hd), jnp.bfloat16), sds((B,), jnp.int32), sds((B, T, T), jnp.bool_))
-    call = functools.partial(ta._tree_attention_call, block_sizes=BlockSizes(block_k=64),
-                             backend={"cuda": "gpu", "tpu": "tpu"}[platform])
+    args = (
+        sds((B, T, H, hd), jnp.bfloat16),
+        sds((B, KV, S, hd), jnp.bfloat16),
+        sds((B, KV, S, hd), jnp.bfloat16),
+        sds((B,), jnp.int32),
+        sds((B, T, T), jnp.bool_),
+    )
+    call = functools.partial(
+        ta._tree_attention_call,
+        block_sizes=BlockSizes(block_k=64),
+        backend={"cuda": "gpu", "tpu": "tpu"}[platform],
+    )
     text = jax.jit(call).trace(*args).lower(lowering_platforms=(platform,)).as_text()
     assert marker in text
 
@@ -259,10 +284,18 @@ def test_model_forward_pallas_matches_xla(tiny_model):
     B, P, S, N = 2, 11, 48, 6
 
     def both(tokens, positions, cache, **kw):
-        args = (params, cfg, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
-                cache)
-        uses_kernel = "pallas_call" in str(jax.make_jaxpr(
-            functools.partial(llama.forward, impl="pallas", **kw), static_argnums=1)(*args))
+        args = (
+            params,
+            cfg,
+            jnp.asarray(tokens, jnp.int32),
+            jnp.asarray(positions, jnp.int32),
+            cache,
+        )
+        uses_kernel = "pallas_call" in str(
+            jax.make_jaxpr(functools.partial(llama.forward, impl="pallas", **kw), static_argnums=1)(
+                *args
+            )
+        )
         lx, _, cx = fwd(*args, impl="xla", **kw)
         lp, _, cp = fwd(*args, impl="pallas", **kw)
         err = float(jnp.max(jnp.abs(lp - lx)))
@@ -283,18 +316,28 @@ def test_model_forward_pallas_matches_xla(tiny_model):
     cache = cache.replace(lengths=cache.lengths + 1)
 
     # Verify a random tree per row: [root, node_0 .. node_{N-1}] with ancestor-or-self masks.
-    parents = jnp.asarray(np.stack([random_parents(rng, N + 1)[1:] - 1 for _ in range(B)]),
-                          jnp.int32)  # node i's parent in [-1, i): -1 is the root
+    parents = jnp.asarray(
+        np.stack([random_parents(rng, N + 1)[1:] - 1 for _ in range(B)]), jnp.int32
+    )  # node i's parent in [-1, i): -1 is the root
     depth = tree.depth_from_parents(parents)
     block = rng.integers(0, cfg.vocab_size, (B, N + 1))
-    _, used = both(block, tree.block_positions(depth, cache.lengths), cache,
-                   block_mask=tree.block_mask(parents))
+    _, used = both(
+        block,
+        tree.block_positions(depth, cache.lengths),
+        cache,
+        block_mask=tree.block_mask(parents),
+    )
     assert used
 
     # A drafter growing a tree: 2 tokens written after a 3-slot window prefix -> XLA fallback.
     wmask = jnp.broadcast_to(jnp.asarray([[1, 0, 0, 1, 0], [1, 1, 0, 0, 1]], bool), (B, 2, 5))
-    _, used = both(block[:, :2], cache.lengths[:, None] + jnp.asarray([[1, 2]]), cache,
-                   block_mask=wmask, write_offset=jnp.full((B,), 3, jnp.int32))
+    _, used = both(
+        block[:, :2],
+        cache.lengths[:, None] + jnp.asarray([[1, 2]]),
+        cache,
+        block_mask=wmask,
+        write_offset=jnp.full((B,), 3, jnp.int32),
+    )
     assert not used
 
 
@@ -323,29 +366,46 @@ def test_generate_pallas_matches_xla(tiny_model, monkeypatch):
 
 # ----------------------------------------------------------------------------- errors
 
+
 def _ok(B=2, T=3, H=4, KV=2, hd=8, S=16):
-    return dict(q=jnp.zeros((B, T, H, hd)), k=jnp.zeros((B, KV, S, hd)),
-                v=jnp.zeros((B, KV, S, hd)), lengths=jnp.zeros((B,), jnp.int32),
-                block_mask=jnp.ones((B, T, T), bool))
+    return dict(
+        q=jnp.zeros((B, T, H, hd)),
+        k=jnp.zeros((B, KV, S, hd)),
+        v=jnp.zeros((B, KV, S, hd)),
+        lengths=jnp.zeros((B,), jnp.int32),
+        block_mask=jnp.ones((B, T, T), bool),
+    )
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(q=jnp.zeros((2, 3, 4))), r"q must be \[B, T, H, hd\], got shape \(2, 3, 4\)"),
-    (dict(k=jnp.zeros((2, 16, 8))), r"k must be \[B, KV, S, hd\]"),
-    (dict(v=jnp.zeros((2, 2, 16, 4))), r"v must have k's shape \(2, 2, 16, 8\)"),
-    (dict(k=jnp.zeros((3, 2, 16, 8)), v=jnp.zeros((3, 2, 16, 8))), r"k/v batch 3"),
-    (dict(k=jnp.zeros((2, 2, 16, 4)), v=jnp.zeros((2, 2, 16, 4))), r"k/v head dim 4"),
-    (dict(k=jnp.zeros((2, 3, 16, 8)), v=jnp.zeros((2, 3, 16, 8))),
-     r"H=4 must be a positive multiple of kv heads KV=3"),
-    (dict(k=jnp.zeros((2, 2, 2, 8)), v=jnp.zeros((2, 2, 2, 8))), r"T=3 must satisfy 1 <= T <= S=2"),
-    (dict(lengths=jnp.zeros((3,), jnp.int32)), r"lengths must be \[B\] = \(2,\)"),
-    (dict(lengths=jnp.zeros((2,), jnp.float32)), r"lengths must be an integer dtype"),
-    (dict(block_mask=jnp.ones((2, 3, 4), bool)), r"block_mask must be \[B, T, T\] = \(2, 3, 3\)"),
-    (dict(block_mask=jnp.ones((2, 3, 3), jnp.int32)), r"block_mask must be bool"),
-    (dict(v=jnp.zeros((2, 2, 16, 8), jnp.bfloat16)), r"k and v must share a dtype"),
-])
-@pytest.mark.parametrize("fn", [tree_attention, tree_attention_reference],
-                         ids=["kernel", "reference"])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(q=jnp.zeros((2, 3, 4))), r"q must be \[B, T, H, hd\], got shape \(2, 3, 4\)"),
+        (dict(k=jnp.zeros((2, 16, 8))), r"k must be \[B, KV, S, hd\]"),
+        (dict(v=jnp.zeros((2, 2, 16, 4))), r"v must have k's shape \(2, 2, 16, 8\)"),
+        (dict(k=jnp.zeros((3, 2, 16, 8)), v=jnp.zeros((3, 2, 16, 8))), r"k/v batch 3"),
+        (dict(k=jnp.zeros((2, 2, 16, 4)), v=jnp.zeros((2, 2, 16, 4))), r"k/v head dim 4"),
+        (
+            dict(k=jnp.zeros((2, 3, 16, 8)), v=jnp.zeros((2, 3, 16, 8))),
+            r"H=4 must be a positive multiple of kv heads KV=3",
+        ),
+        (
+            dict(k=jnp.zeros((2, 2, 2, 8)), v=jnp.zeros((2, 2, 2, 8))),
+            r"T=3 must satisfy 1 <= T <= S=2",
+        ),
+        (dict(lengths=jnp.zeros((3,), jnp.int32)), r"lengths must be \[B\] = \(2,\)"),
+        (dict(lengths=jnp.zeros((2,), jnp.float32)), r"lengths must be an integer dtype"),
+        (
+            dict(block_mask=jnp.ones((2, 3, 4), bool)),
+            r"block_mask must be \[B, T, T\] = \(2, 3, 3\)",
+        ),
+        (dict(block_mask=jnp.ones((2, 3, 3), jnp.int32)), r"block_mask must be bool"),
+        (dict(v=jnp.zeros((2, 2, 16, 8), jnp.bfloat16)), r"k and v must share a dtype"),
+    ],
+)
+@pytest.mark.parametrize(
+    "fn", [tree_attention, tree_attention_reference], ids=["kernel", "reference"]
+)
 def test_shape_errors(fn, change, match):
     args = {**_ok(), **change}
     with pytest.raises(ValueError, match=match):

@@ -69,6 +69,7 @@ is typical of samples from the computed broken law (|z| < 5), so the power is co
 the alternative the engine actually produced. The rules are a static field of the engine config,
 so a broken rule compiles a program of its own (`patched_tree_rule`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -82,16 +83,27 @@ import pytest
 import specjax
 from specjax import drafters
 from specjax.drafters.base import Tree
+from specjax.drafters.ngram import NgramState
 from specjax.engine import accept
 from specjax.engine import tree as tree_lib
 from specjax.engine.accept import AcceptRules, TreeAccepted
-from specjax.drafters.ngram import NgramState
 from specjax.sampling import make_sampling, process_logits
 
 # Shared with the chain-drafter test: statistics helpers and the target / draft model fixture.
 from test_spec_sampling import (  # noqa: F401  (`models` is a pytest fixture)
-    ALPHA, MIN_POWER, MODES, N_ROWS, V, assert_no_degenerate_boundary, chi_square, detectable_tv,
-    models, pooled_bins, power, sample_rows)
+    ALPHA,
+    MIN_POWER,
+    MODES,
+    N_ROWS,
+    V,
+    assert_no_degenerate_boundary,
+    chi_square,
+    detectable_tv,
+    models,
+    pooled_bins,
+    power,
+    sample_rows,
+)
 
 NEW_TOKENS = 4
 # After each likely t1 the history holds the newest tokens several times with different
@@ -118,6 +130,7 @@ def make_drafter(name: str, target, draft):
 # Exact target law
 # ---------------------------------------------------------------------------------------------
 
+
 def next_token_dists(model: specjax.Model, mode_kw: dict, prompt=None, check_margins=False):
     """Exact processed next-token distributions after prompt + t1..t_{j-1}, j = 1..4:
     -> [p1 [V], p2 [V, V], p3 [V, V, V], p4 [V, V, V, V]] float64 (p3[a, b] = p(. | a, b)).
@@ -129,17 +142,24 @@ def next_token_dists(model: specjax.Model, mode_kw: dict, prompt=None, check_mar
     mode, sp = make_sampling(mode_kw["temperature"], mode_kw["top_k"], mode_kw["top_p"])
     P = len(prompt)
     abc = np.array(list(itertools.product(range(V), repeat=3)), np.int32)  # row a*V^2 + b*V + c
-    ids = np.concatenate([np.tile(np.asarray(prompt, np.int32), (V ** 3, 1)), abc], axis=1)
-    logits = model.logits(ids)[:, P - 1:P + 3]  # [V^3, 4, V]
+    ids = np.concatenate([np.tile(np.asarray(prompt, np.int32), (V**3, 1)), abc], axis=1)
+    logits = model.logits(ids)[:, P - 1 : P + 3]  # [V^3, 4, V]
     probs = np.exp(np.asarray(process_logits(logits, mode, sp), np.float64))
     probs /= probs.sum(-1, keepdims=True)
-    p1, p2 = probs[0, 0], probs[::V * V, 1]
+    p1, p2 = probs[0, 0], probs[:: V * V, 1]
     p3 = probs[::V, 2].reshape(V, V, V)
     p4 = probs[:, 3].reshape(V, V, V, V)
     if check_margins:
         j3 = p1[:, None, None] * p2[:, :, None] * p3
-        reach = np.stack([np.arange(V ** 3) == 0, np.repeat(p1 > 0, V * V),
-                          np.repeat((p1[:, None] * p2 > 0).ravel(), V), (j3 > 0).ravel()], 1)
+        reach = np.stack(
+            [
+                np.arange(V**3) == 0,
+                np.repeat(p1 > 0, V * V),
+                np.repeat((p1[:, None] * p2 > 0).ravel(), V),
+                (j3 > 0).ravel(),
+            ],
+            1,
+        )
         assert_no_degenerate_boundary(logits, reach, mode, mode_kw)
     return [p1, p2, p3, p4]
 
@@ -176,10 +196,13 @@ MIN_DEPTH2 = {"ngram_tree": 0.05, "model_tree": 0.05, "layer_skip_tree": 0.1, "s
 @pytest.mark.parametrize("drafter", DRAFTERS)
 def test_tree_drafter_matches_target(models, exact, drafter, mode):
     target, draft = models
-    toks, st = sample_tokens(target, make_drafter(drafter, target, draft), MODES[mode],
-                             SEEDS[drafter, mode])
-    fits = {"(t1,t2,t3)": chi_square(cell_counts(toks, (0, 1, 2)), exact[mode]["joint123"]),
-            "(t2,t3,t4)": chi_square(cell_counts(toks, (1, 2, 3)), exact[mode]["marg234"])}
+    toks, st = sample_tokens(
+        target, make_drafter(drafter, target, draft), MODES[mode], SEEDS[drafter, mode]
+    )
+    fits = {
+        "(t1,t2,t3)": chi_square(cell_counts(toks, (0, 1, 2)), exact[mode]["joint123"]),
+        "(t2,t3,t4)": chi_square(cell_counts(toks, (1, 2, 3)), exact[mode]["marg234"]),
+    }
     hist = np.asarray(st["acceptance_histogram"])
     print(f"{drafter}/{mode}: acceptance histogram {hist.tolist()}")
     for name, fit in fits.items():
@@ -199,8 +222,12 @@ def test_tree_drafter_matches_target(models, exact, drafter, mode):
 
 def test_stated_power(exact):
     """The detectable effect sizes stated in the module docstring."""
-    stated = {("plain", "joint123"): (132, 0.060), ("topk5_topp0.8", "joint123"): (32, 0.046),
-              ("plain", "marg234"): (212, 0.065), ("topk5_topp0.8", "marg234"): (98, 0.056)}
+    stated = {
+        ("plain", "joint123"): (132, 0.060),
+        ("topk5_topp0.8", "joint123"): (32, 0.046),
+        ("plain", "marg234"): (212, 0.065),
+        ("topk5_topp0.8", "marg234"): (98, 0.056),
+    }
     for (mode, law), (n_bins, tv) in stated.items():
         bins = pooled_bins(exact[mode][law], N_ROWS)
         assert bins.max() + 1 == n_bins, (mode, law, bins.max() + 1)
@@ -211,6 +238,7 @@ def test_stated_power(exact):
 # ---------------------------------------------------------------------------------------------
 # Negative controls: the tree rule changed in one place
 # ---------------------------------------------------------------------------------------------
+
 
 def tree_rule(flaw=None):
     """`verify_tree_sampling` for deterministic candidates (one-hot q), written out with one
@@ -237,14 +265,19 @@ def tree_rule(flaw=None):
             resid = resid / jnp.maximum(resid.sum(-1, keepdims=True), 1e-30)
             if flaw == "residual_is_p":
                 resid = p
-            p = jnp.where(accept[:, None], jnp.exp(target_logp[:, i + 1]),
-                          jnp.where(reject[:, None], resid, p))
+            p = jnp.where(
+                accept[:, None],
+                jnp.exp(target_logp[:, i + 1]),
+                jnp.where(reject[:, None], resid, p),
+            )
             cur = jnp.where(accept, i, cur)
         bonus = jax.random.categorical(keys[N], jnp.log(p), axis=-1).astype(jnp.int32)
-        depth = jnp.where(cur >= 0, jnp.take_along_axis(
-            tree.depth, jnp.maximum(cur, 0)[:, None], 1)[:, 0], 0).astype(jnp.int32)
-        return TreeAccepted(node=cur, n=depth, path=tree_lib.path_to(tree.parents, cur, max_depth),
-                            bonus=bonus)
+        depth = jnp.where(
+            cur >= 0, jnp.take_along_axis(tree.depth, jnp.maximum(cur, 0)[:, None], 1)[:, 0], 0
+        ).astype(jnp.int32)
+        return TreeAccepted(
+            node=cur, n=depth, path=tree_lib.path_to(tree.parents, cur, max_depth), bonus=bonus
+        )
 
     rule.traced = 0
     return rule
@@ -269,9 +302,12 @@ def test_unbroken_rule_is_the_library_rule():
         for i in range(1, N):
             parents[b, i] = rng.integers(-1, i)
     depth = tree_lib.depth_from_parents(jnp.asarray(parents))
-    t = Tree(tokens=jnp.asarray(rng.integers(0, Vu, (B, N)), jnp.int32),
-                      parents=jnp.asarray(parents), depth=depth,
-                      valid=jnp.asarray(rng.random((B, N)) < 0.85))
+    t = Tree(
+        tokens=jnp.asarray(rng.integers(0, Vu, (B, N)), jnp.int32),
+        parents=jnp.asarray(parents),
+        depth=depth,
+        valid=jnp.asarray(rng.random((B, N)) < 0.85),
+    )
     logits = rng.standard_normal((B, N + 1, Vu)) * 1.5
     logits[rng.random(logits.shape) < 0.2] = -np.inf
     logits[..., 0] = np.maximum(logits[..., 0], 0.0)
@@ -280,8 +316,9 @@ def test_unbroken_rule_is_the_library_rule():
     want = accept.verify_tree_sampling(key, logp, t, None, D, False)
     got = tree_rule()(key, logp, t, None, D, False)
     for name in want._fields:
-        np.testing.assert_array_equal(np.asarray(getattr(got, name)),
-                                      np.asarray(getattr(want, name)), err_msg=name)
+        np.testing.assert_array_equal(
+            np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), err_msg=name
+        )
     assert 0.1 < np.mean(np.asarray(want.n) > 0) < 0.9  # both outcomes occur
 
 
@@ -291,9 +328,10 @@ def ngram_trees(spec, histories):
     B, H = len(histories), max(map(len, histories)) + 8
     hist = np.zeros((B, H), np.int32)
     for i, h in enumerate(histories):
-        hist[i, :len(h)] = h
-    state = NgramState(hist=jnp.asarray(hist),
-                       hist_len=jnp.asarray([len(h) for h in histories], jnp.int32))
+        hist[i, : len(h)] = h
+    state = NgramState(
+        hist=jnp.asarray(hist), hist_len=jnp.asarray([len(h) for h in histories], jnp.int32)
+    )
     last = jnp.asarray([h[-1] for h in histories], jnp.int32)
     mode, sp = make_sampling(1.0, None, None)
     draft, _ = spec.propose(None, state, last, jax.random.key(0), mode, sp)
@@ -348,8 +386,9 @@ def ngram_joint(spec, p, flaw=None):
         for (i, x), ax in zip(kids, acc):  # accepted root child x: t3 from its children
             joint[a, x] += p1[a] * ax * first_token_law(p3[a, x], kids_of(t1, i), flaw)
         for b in np.flatnonzero(bonus > 0):  # all rejected, bonus b: t3 from the second step
-            joint[a, b] += p1[a] * bonus[b] * first_token_law(
-                p3[a, b], kids_of(trees2[a * V + b], -1), flaw)
+            joint[a, b] += (
+                p1[a] * bonus[b] * first_token_law(p3[a, b], kids_of(trees2[a * V + b], -1), flaw)
+            )
     return joint.ravel(), other_branch
 
 
@@ -381,8 +420,12 @@ def test_broken_tree_rule_is_detected(models, exact, monkeypatch, flaw, mode):
     tv, pw, lam = power(null, alt, N_ROWS)
     broken = tree_rule(flaw)
     with patched_tree_rule(monkeypatch, broken):
-        toks, _ = sample_tokens(target, make_drafter("ngram_tree", target, draft), MODES[mode],
-                                SEEDS["ngram_tree", mode] + 5)
+        toks, _ = sample_tokens(
+            target,
+            make_drafter("ngram_tree", target, draft),
+            MODES[mode],
+            SEEDS["ngram_tree", mode] + 5,
+        )
     assert broken.traced > 0, "the engine did not use the patched rule"
     fit = chi_square(cell_counts(toks, (0, 1, 2)), null)
     print(f"{flaw}/ngram_tree/{mode}: TV={tv:.3f} lambda={lam:.0f} power={pw} {fit}")

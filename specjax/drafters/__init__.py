@@ -16,21 +16,31 @@ file per drafter (`ngram.py`, `lm.py`: small model and layer skip, `feature.py`:
 `medusa_heads.py`). A new drafter is one new file (its spec: init / propose / commit, and a
 constructor returning a `Drafter`) plus one line in `registry.py`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import numbers
 import os
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from specjax.drafters import feature as eagle_lib
-from specjax.drafters.base import (Draft, Drafter, DrafterSpec, TargetPrefill, TargetStep, Tree,
-                                   TreeDraft, Verified)
+from specjax.drafters.base import (
+    Draft,
+    Drafter,
+    DrafterSpec,
+    TargetPrefill,
+    TargetStep,
+    Tree,
+    TreeDraft,
+    Verified,
+)
 from specjax.drafters.bundled import BUNDLED_DRAFTERS, bundled_path
 from specjax.drafters.lm import LMDrafterSpec, LMStaticTreeSpec, LMTreeSpec, layer_skip_params
+
 # Drafter modules whose constructor shares the drafter's name are named apart from it
 # (`feature` for `eagle`, `medusa_heads` for `medusa`): a submodule import would rebind the name.
 from specjax.drafters.medusa_heads import MedusaConfig, MedusaHeads, MedusaSpec, MedusaTreeSpec
@@ -38,55 +48,77 @@ from specjax.drafters.ngram import NgramSpec
 from specjax.drafters.shapes import DynamicTree, StaticTree
 
 
-def ngram(max_ngram: int = 4, min_ngram: int = 1, k: int = 8, branches: int = 1,
-          adaptive: bool = True, short: int = 1) -> Drafter:
+def ngram(
+    max_ngram: int = 4,
+    min_ngram: int = 1,
+    k: int = 8,
+    branches: int = 1,
+    adaptive: bool = True,
+    short: int = 1,
+) -> Drafter:
     """Prompt-lookup drafting over the prompt and the generated tokens. With `branches` > 1 it
     drafts a tree of that many candidate continuations of k tokens (shared prefixes merged).
     `adaptive` (chains): verify k tokens after a max_ngram match, `short` after a one shorter
     match, and take a plain step after shorter ones (see `NgramSpec.adaptive`); False verifies
     k tokens after any match."""
-    spec = NgramSpec(k=k, max_ngram=max_ngram, min_ngram=min_ngram, branches=branches,
-                     adaptive=adaptive, short=short)
+    spec = NgramSpec(
+        k=k,
+        max_ngram=max_ngram,
+        min_ngram=min_ngram,
+        branches=branches,
+        adaptive=adaptive,
+        short=short,
+    )
     tree = f", branches={branches}" if branches > 1 else ""
     fixed = "" if adaptive or branches > 1 else ", fixed k"
     return Drafter.fixed(f"ngram(n={min_ngram}..{max_ngram}, k={k}{tree}{fixed})", spec)
 
 
-def _lm_spec(cfg, k, tree: Union[DynamicTree, StaticTree, None], reuse_target_cache=False):
+def _lm_spec(cfg, k, tree: DynamicTree | StaticTree | None, reuse_target_cache=False):
     if tree is None:
         return LMDrafterSpec(k=k, cfg=cfg, reuse_target_cache=reuse_target_cache)
     if isinstance(tree, StaticTree):
         parents, rank = tree.parents_rank
-        return LMStaticTreeSpec(k=tree.nodes, cfg=cfg, parents=parents, rank=rank,
-                                reuse_target_cache=reuse_target_cache)
+        return LMStaticTreeSpec(
+            k=tree.nodes, cfg=cfg, parents=parents, rank=rank, reuse_target_cache=reuse_target_cache
+        )
     if isinstance(tree, DynamicTree):
-        return LMTreeSpec(k=tree.nodes, cfg=cfg, depth=tree.depth, top_k=tree.top_k,
-                          reuse_target_cache=reuse_target_cache)
+        return LMTreeSpec(
+            k=tree.nodes,
+            cfg=cfg,
+            depth=tree.depth,
+            top_k=tree.top_k,
+            reuse_target_cache=reuse_target_cache,
+        )
     raise TypeError(f"tree must be a DynamicTree or a StaticTree, got {tree!r}")
 
 
-def small_model(model, k: int = 5,
-                tree: Union[DynamicTree, StaticTree, None] = None) -> Drafter:
+def small_model(model, k: int = 5, tree: DynamicTree | StaticTree | None = None) -> Drafter:
     """An independent small LM with the target's tokenizer (its own KV cache). Drafts a chain of
     k tokens, or a tree (`DynamicTree` or `StaticTree`) when `tree` is given."""
     spec = _lm_spec(model.config, k, tree)
     shape = f"tree={tree}" if tree else f"k={k}"
-    return Drafter.fixed(f"model({model.name}, {shape})", spec, model.params,
-                         tokenizer=model.tokenizer)
+    return Drafter.fixed(
+        f"model({model.name}, {shape})", spec, model.params, tokenizer=model.tokenizer
+    )
 
 
-def layer_skip(layers: Union[int, Sequence[int]] = 8, k: int = 4,
-               tree: Union[DynamicTree, StaticTree, None] = None) -> Drafter:
+def layer_skip(
+    layers: int | Sequence[int] = 8, k: int = 4, tree: DynamicTree | StaticTree | None = None
+) -> Drafter:
     """Self-speculation: the target's first `layers` layers (or the listed subset) with its head.
 
     The params are taken from the target when the drafter is bound to it.
     """
+
     def is_int(x):
         return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
     if not (is_int(layers) or (isinstance(layers, (list, tuple)) and all(map(is_int, layers)))):
-        raise ValueError(f"layer_skip layers must be a positive int (the first N layers) or a "
-                         f"list of layer indices (ints), got {type(layers).__name__} {layers!r}")
+        raise ValueError(
+            f"layer_skip layers must be a positive int (the first N layers) or a "
+            f"list of layer indices (ints), got {type(layers).__name__} {layers!r}"
+        )
     layers = int(layers) if is_int(layers) else tuple(int(i) for i in layers)
     prefix = isinstance(layers, int) or tuple(layers) == tuple(range(len(layers)))
     n = layers if isinstance(layers, int) else len(tuple(layers))
@@ -99,18 +131,26 @@ def layer_skip(layers: Union[int, Sequence[int]] = 8, k: int = 4,
         top = chosen if isinstance(chosen, int) else max(chosen) + 1
         if top > L or (not isinstance(chosen, int) and min(chosen) < 0):
             raise ValueError(f"layer_skip layers={layers!r} not valid for a target with {L} layers")
-        spec = _lm_spec(dataclasses.replace(target.config, num_layers=n), k, tree,
-                        reuse_target_cache=prefix)
+        spec = _lm_spec(
+            dataclasses.replace(target.config, num_layers=n), k, tree, reuse_target_cache=prefix
+        )
         return spec, layer_skip_params(target.params, chosen)
 
     shape = f"tree={tree}" if tree else f"k={k}"
-    return Drafter(name=f"layer_skip(layers={layers}, {shape})", k=_lm_spec(None, k, tree).k,
-                   binder=bind)
+    return Drafter(
+        name=f"layer_skip(layers={layers}, {shape})", k=_lm_spec(None, k, tree).k, binder=bind
+    )
 
 
-def eagle(source, k: int = 5, tree: Union[DynamicTree, None] = None, name: str = "", *,
-          producer: Optional[str] = None, capture_layers: Optional[Sequence[int]] = None
-          ) -> Drafter:
+def eagle(
+    source,
+    k: int = 5,
+    tree: DynamicTree | None = None,
+    name: str = "",
+    *,
+    producer: str | None = None,
+    capture_layers: Sequence[int] | None = None,
+) -> Drafter:
     """An EAGLE-1/2 or EAGLE-3 feature-level drafter (module `specjax.drafters.feature`).
 
     `source`: an (EagleConfig, params) pair (e.g. from `specjax.train`), a directory holding a
@@ -124,8 +164,10 @@ def eagle(source, k: int = 5, tree: Union[DynamicTree, None] = None, name: str =
     hidden_states indices) the EAGLE-3 layers it reads; see `load_eagle_hf`.
     """
     if isinstance(source, tuple) and (producer is not None or capture_layers is not None):
-        raise ValueError("producer / capture_layers apply to checkpoint directories; an "
-                         "(EagleConfig, params) pair already fixes them")
+        raise ValueError(
+            "producer / capture_layers apply to checkpoint directories; an "
+            "(EagleConfig, params) pair already fixes them"
+        )
     if tree is not None and not isinstance(tree, DynamicTree):
         raise TypeError(f"EAGLE drafts dynamic trees: tree must be a DynamicTree, got {tree!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
@@ -133,13 +175,19 @@ def eagle(source, k: int = 5, tree: Union[DynamicTree, None] = None, name: str =
     label = name or (source if isinstance(source, str) else "custom")
 
     def bind(target):
-        cfg, params = _eagle_weights(source, target, producer=producer,
-                                     capture_layers=capture_layers)
+        cfg, params = _eagle_weights(
+            source, target, producer=producer, capture_layers=capture_layers
+        )
         if tree is None:
             spec = eagle_lib.EagleSpec(k=k, eagle=cfg, target_cfg=target.config)
         else:
-            spec = eagle_lib.EagleTreeSpec(k=tree.nodes, depth=tree.depth, top_k=tree.top_k,
-                                           eagle=cfg, target_cfg=target.config)
+            spec = eagle_lib.EagleTreeSpec(
+                k=tree.nodes,
+                depth=tree.depth,
+                top_k=tree.top_k,
+                eagle=cfg,
+                target_cfg=target.config,
+            )
         params = jax_cast(params, target.dtype)
         return spec, eagle_lib.bind_target(params, target.params)
 
@@ -154,27 +202,37 @@ def _eagle_weights(source, target, producer=None, capture_layers=None):
     if isinstance(source, tuple) and len(source) == 2:
         return source
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"EAGLE source must be an (EagleConfig, params) pair, a directory or a "
-                        f"bundled name, got {type(source).__name__}")
+        raise TypeError(
+            f"EAGLE source must be an (EagleConfig, params) pair, a directory or a "
+            f"bundled name, got {type(source).__name__}"
+        )
     path = Path(source)
     if str(source) in BUNDLED_DRAFTERS:
         path = bundled_path(str(source))
     elif not path.is_dir():
-        raise ValueError(f"EAGLE drafter {source!r} is neither a directory nor a bundled drafter "
-                         f"({sorted(BUNDLED_DRAFTERS)})")
+        raise ValueError(
+            f"EAGLE drafter {source!r} is neither a directory nor a bundled drafter "
+            f"({sorted(BUNDLED_DRAFTERS)})"
+        )
     from checkpoints_convert.eagle_hf import load_eagle_hf
 
-    return load_eagle_hf(path, target.config, target_embed=target.params["embed"],
-                         producer=producer, capture_layers=capture_layers)
+    return load_eagle_hf(
+        path,
+        target.config,
+        target_embed=target.params["embed"],
+        producer=producer,
+        capture_layers=capture_layers,
+    )
 
 
 def jax_cast(params, dtype):
     """Cast the floating leaves of a param tree (integer maps such as d2t stay)."""
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-                        else x, params)
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+    )
 
 
-def medusa(heads, k: Optional[int] = None, tree: Optional[StaticTree] = None) -> Drafter:
+def medusa(heads, k: int | None = None, tree: StaticTree | None = None) -> Drafter:
     """Medusa-1 heads over the target's final hidden state (module `specjax.drafters.medusa_heads`).
 
     `heads`: a `MedusaHeads`, a (MedusaConfig, params) pair, a directory written by
@@ -192,8 +250,10 @@ def medusa(heads, k: Optional[int] = None, tree: Optional[StaticTree] = None) ->
     if isinstance(heads, MedusaHeads):
         heads = (heads.config, heads.params)
     if not (isinstance(heads, tuple) and len(heads) == 2 and isinstance(heads[0], MedusaConfig)):
-        raise TypeError(f"Medusa heads must be a MedusaHeads or a (MedusaConfig, params) pair, "
-                        f"got {type(heads).__name__}")
+        raise TypeError(
+            f"Medusa heads must be a MedusaHeads or a (MedusaConfig, params) pair, "
+            f"got {type(heads).__name__}"
+        )
     cfg, params = heads
     check_params(cfg, params)
     if tree is not None and not isinstance(tree, StaticTree):
@@ -206,15 +266,36 @@ def medusa(heads, k: Optional[int] = None, tree: Optional[StaticTree] = None) ->
 
     def bind(target):
         own = jax_cast(params, target.dtype)
-        return dataclasses.replace(spec, target_cfg=target.config), bind_target(
-            own, target.params)
+        return dataclasses.replace(spec, target_cfg=target.config), bind_target(own, target.params)
 
     shape = f"tree={tree}" if tree else f"k={spec.k}"
     return Drafter(name=f"medusa(heads={cfg.num_heads}, {shape})", k=spec.k, binder=bind)
 
 
-__all__ = ["Draft", "Drafter", "DrafterSpec", "DynamicTree", "StaticTree", "TargetPrefill",
-           "TargetStep", "Tree", "TreeDraft", "Verified", "LMDrafterSpec", "LMTreeSpec",
-           "LMStaticTreeSpec", "NgramSpec", "ngram", "small_model", "layer_skip", "eagle",
-           "medusa", "MedusaConfig", "MedusaHeads", "MedusaSpec", "MedusaTreeSpec",
-           "BUNDLED_DRAFTERS", "bundled_path"]
+__all__ = [
+    "Draft",
+    "Drafter",
+    "DrafterSpec",
+    "DynamicTree",
+    "StaticTree",
+    "TargetPrefill",
+    "TargetStep",
+    "Tree",
+    "TreeDraft",
+    "Verified",
+    "LMDrafterSpec",
+    "LMTreeSpec",
+    "LMStaticTreeSpec",
+    "NgramSpec",
+    "ngram",
+    "small_model",
+    "layer_skip",
+    "eagle",
+    "medusa",
+    "MedusaConfig",
+    "MedusaHeads",
+    "MedusaSpec",
+    "MedusaTreeSpec",
+    "BUNDLED_DRAFTERS",
+    "bundled_path",
+]

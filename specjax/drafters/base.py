@@ -14,10 +14,12 @@ continues it. After verification the first `verified.n[b]` draft tokens (`verifi
 `verified.bonus[b]` were emitted; the drafter updates its own state (KV cache rollback, history)
 for rows where `active[b]`, and must leave the other rows' state unchanged.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,16 +46,19 @@ class Draft(NamedTuple):
     """A chain of K draft tokens."""
 
     tokens: jax.Array  # [B, K] int32
-    logp: Optional[jax.Array]  # [B, K, V] processed draft log-probs; None = deterministic (one-hot)
+    logp: jax.Array | None  # [B, K, V] processed draft log-probs; None = deterministic (one-hot)
     # [B] int32, optional: how many leading draft tokens are worth verifying (0: none). The
     # engine verifies the smallest of the spec's `verify_sizes` (or 0: a plain one-token step)
     # that covers every active row's request, so a weak draft costs a short verify forward.
-    size: Optional[jax.Array] = None
+    size: jax.Array | None = None
 
-    def truncated(self, n: int) -> "Draft":
+    def truncated(self, n: int) -> Draft:
         """The first n tokens (static n)."""
-        return self._replace(tokens=self.tokens[:, :n],
-                             logp=None if self.logp is None else self.logp[:, :n], size=None)
+        return self._replace(
+            tokens=self.tokens[:, :n],
+            logp=None if self.logp is None else self.logp[:, :n],
+            size=None,
+        )
 
 
 class TreeDraft(NamedTuple):
@@ -62,16 +67,16 @@ class TreeDraft(NamedTuple):
     tree: Tree
     # [B, N+1, V] draft distribution the children of each block position were drawn from, or
     # None: the children are deterministic candidates (top-k, n-gram branches).
-    child_logp: Optional[jax.Array] = None
+    child_logp: jax.Array | None = None
     # [B] int32, optional, as `Draft.size`: how many leading nodes are worth verifying (0: the
     # tree is not worth a verify forward and the engine may take a plain step instead).
-    size: Optional[jax.Array] = None
+    size: jax.Array | None = None
 
-    def truncated(self, n: int) -> "TreeDraft":
+    def truncated(self, n: int) -> TreeDraft:
         """The first n nodes (static n): a tree again, since parents come before children."""
         t = self.tree
         tree = Tree(t.tokens[:, :n], t.parents[:, :n], t.depth[:, :n], t.valid[:, :n])
-        logp = None if self.child_logp is None else self.child_logp[:, :n + 1]
+        logp = None if self.child_logp is None else self.child_logp[:, : n + 1]
         return TreeDraft(tree=tree, child_logp=logp, size=None)
 
 
@@ -103,14 +108,17 @@ class PrefillInput:
     tokens: jax.Array  # [B, P] int32 right-padded prompts
     lengths: jax.Array  # [B] int32 prompt lengths (cache slots used)
     positions: jax.Array  # [B, P] int32 position ids
-    embeds: Optional[jax.Array] = None  # [B, P, D] used where `embed_mask`
-    embed_mask: Optional[jax.Array] = None  # [B, P] bool
+    embeds: jax.Array | None = None  # [B, P, D] used where `embed_mask`
+    embed_mask: jax.Array | None = None  # [B, P] bool
 
     @classmethod
-    def from_tokens(cls, tokens: jax.Array, lengths: jax.Array) -> "PrefillInput":
+    def from_tokens(cls, tokens: jax.Array, lengths: jax.Array) -> PrefillInput:
         B, P = tokens.shape
-        return cls(tokens=tokens, lengths=lengths,
-                   positions=jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P)))
+        return cls(
+            tokens=tokens,
+            lengths=lengths,
+            positions=jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P)),
+        )
 
     @property
     def next_position(self) -> jax.Array:
@@ -215,7 +223,6 @@ class Drafter:
         return spec, params
 
     @classmethod
-    def fixed(cls, name: str, spec: DrafterSpec, params=None, tokenizer=None) -> "Drafter":
+    def fixed(cls, name: str, spec: DrafterSpec, params=None, tokenizer=None) -> Drafter:
         """A drafter whose spec and params do not depend on the target."""
-        return cls(name=name, k=spec.k, binder=lambda target: (spec, params),
-                   tokenizer=tokenizer)
+        return cls(name=name, k=spec.k, binder=lambda target: (spec, params), tokenizer=tokenizer)

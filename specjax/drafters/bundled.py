@@ -1,4 +1,5 @@
 """Drafters shipped inside the package (trained by specjax for the default model)."""
+
 from __future__ import annotations
 
 from pathlib import Path

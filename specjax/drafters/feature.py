@@ -42,21 +42,21 @@ distribution and is the input feature of the first draft token). The engine's ve
 hands the block's target features to `commit`, which feeds the accepted path as one block of
 pairs (static size: the longest accept plus the bonus, extra slots ignored).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from specjax.drafters.base import (Draft, DrafterSpec, TargetPrefill, TargetStep, TreeDraft,
-                                   Verified)
+from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, TargetStep, TreeDraft, Verified
 from specjax.drafters.shapes import check_dynamic_tree, grow_dynamic_tree
+from specjax.models import lm_head
 from specjax.models.cache import KVCache, init_cache
 from specjax.models.config import ModelConfig
-from specjax.models import lm_head
+
 # An EAGLE drafter is one Llama decoder layer by construction (whatever the target's family).
 from specjax.models.llama import rms_norm, single_layer
 from specjax.sampling import pick_token, rank_logp
@@ -87,15 +87,21 @@ class EagleConfig:
             raise ValueError("EAGLE-3 needs feature_layers (the target layers fc fuses)")
         if self.version == 3 and self.draft_vocab <= 0:
             raise ValueError(f"EAGLE-3 needs a draft_vocab > 0, got {self.draft_vocab}")
-        v3_only = [f for f in ("fc_norm", "fc_input_norm", "norm_before_residual",
-                               "feed_normed") if getattr(self, f)] + (
-            [] if self.head_norm else ["head_norm=False"])
+        v3_only = [
+            f
+            for f in ("fc_norm", "fc_input_norm", "norm_before_residual", "feed_normed")
+            if getattr(self, f)
+        ] + ([] if self.head_norm else ["head_norm=False"])
         if self.version != 3 and v3_only:
-            raise ValueError(f"{', '.join(v3_only)} exist only in EAGLE-3 drafters; this "
-                             f"config has version {self.version}")
+            raise ValueError(
+                f"{', '.join(v3_only)} exist only in EAGLE-3 drafters; this "
+                f"config has version {self.version}"
+            )
         if self.feed_normed and not self.head_norm:
-            raise ValueError("feed_normed feeds the head the normed output; head_norm=False "
-                             "(a head without the final norm) contradicts it")
+            raise ValueError(
+                "feed_normed feeds the head the normed output; head_norm=False "
+                "(a head without the final norm) contradicts it"
+            )
 
     @property
     def hidden(self) -> int:
@@ -108,7 +114,7 @@ class EagleConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EagleConfig":
+    def from_dict(cls, d: dict) -> EagleConfig:
         d = dict(d)
         d["layer"] = ModelConfig.from_dict(d["layer"])
         d["feature_layers"] = tuple(d.get("feature_layers", ()))
@@ -122,18 +128,33 @@ def default_feature_layers(num_layers: int) -> tuple:
     return tuple(min(max(i, 0), num_layers) for i in pick)
 
 
-def make_config(target: ModelConfig, version: int = 3, *, intermediate_size: Optional[int] = None,
-                draft_vocab: Optional[int] = None,
-                feature_layers: Optional[tuple] = None) -> EagleConfig:
+def make_config(
+    target: ModelConfig,
+    version: int = 3,
+    *,
+    intermediate_size: int | None = None,
+    draft_vocab: int | None = None,
+    feature_layers: tuple | None = None,
+) -> EagleConfig:
     """An EAGLE drafter shaped for `target`: its heads, head size and RoPE, one layer."""
-    layer = dataclasses.replace(target, num_layers=1, sliding_window=None,
-                                attention_bias=False, tie_word_embeddings=False,
-                                intermediate_size=intermediate_size or target.intermediate_size)
+    layer = dataclasses.replace(
+        target,
+        num_layers=1,
+        sliding_window=None,
+        attention_bias=False,
+        tie_word_embeddings=False,
+        intermediate_size=intermediate_size or target.intermediate_size,
+    )
     if version == 1:
         return EagleConfig(version=1, layer=layer)
     fl = tuple(feature_layers) if feature_layers else default_feature_layers(target.num_layers)
-    return EagleConfig(version=3, layer=layer, feature_layers=fl,
-                       draft_vocab=int(draft_vocab or target.vocab_size), fc_bias=False)
+    return EagleConfig(
+        version=3,
+        layer=layer,
+        feature_layers=fl,
+        draft_vocab=int(draft_vocab or target.vocab_size),
+        fc_bias=False,
+    )
 
 
 def init_params(cfg: EagleConfig, key, dtype=jnp.float32, d2t=None) -> dict:
@@ -149,12 +170,15 @@ def init_params(cfg: EagleConfig, key, dtype=jnp.float32, d2t=None) -> dict:
         return (jax.random.normal(next(keys), shape, jnp.float32) / jnp.sqrt(fan_in)).astype(dtype)
 
     d_in = 2 * D
-    layer = {"wqkv": dense((d_in if cfg.version == 3 else D, (H + 2 * KV) * hd),
-                           d_in if cfg.version == 3 else D),
-             "wo": dense((H * hd, D), H * hd) * 0.5,
-             "mlp_norm": jnp.ones((D,), dtype),
-             "w_gate_up": dense((D, 2 * F), D),
-             "w_down": dense((F, D), F) * 0.5}
+    layer = {
+        "wqkv": dense(
+            (d_in if cfg.version == 3 else D, (H + 2 * KV) * hd), d_in if cfg.version == 3 else D
+        ),
+        "wo": dense((H * hd, D), H * hd) * 0.5,
+        "mlp_norm": jnp.ones((D,), dtype),
+        "w_gate_up": dense((D, 2 * F), D),
+        "w_down": dense((F, D), F) * 0.5,
+    }
     if cfg.version == 1:
         fc_in = 2 * D
         p = {"fc": dense((fc_in, D), fc_in), "layer": layer}
@@ -166,8 +190,13 @@ def init_params(cfg: EagleConfig, key, dtype=jnp.float32, d2t=None) -> dict:
     n = len(cfg.feature_layers)
     if d2t is None:
         d2t = jnp.arange(cfg.draft_vocab, dtype=jnp.int32)
-    p = {"fc": dense((n * D, D), n * D), "layer": layer, "norm": jnp.ones((D,), dtype),
-         "lm_head": dense((D, cfg.draft_vocab), D), "d2t": jnp.asarray(d2t, jnp.int32)}
+    p = {
+        "fc": dense((n * D, D), n * D),
+        "layer": layer,
+        "norm": jnp.ones((D,), dtype),
+        "lm_head": dense((D, cfg.draft_vocab), D),
+        "d2t": jnp.asarray(d2t, jnp.int32),
+    }
     if cfg.fc_norm:
         p["fc_norm"] = jnp.ones((n, D), dtype)
     if cfg.fc_input_norm:
@@ -185,6 +214,7 @@ def bind_target(params: dict, target_params: dict) -> dict:
 
 # ----------------------------------------------------------------------------- pure functions
 # Shared by inference (below) and training (specjax.train).
+
 
 def target_features(cfg: EagleConfig, params: dict, hiddens) -> jax.Array:
     """The target's features at each block position [B, T, D] (what committed slots read)."""
@@ -220,21 +250,39 @@ def layer_inputs(cfg: EagleConfig, params: dict, feat: jax.Array, tokens: jax.Ar
     return (g if cfg.norm_before_residual else feat), x
 
 
-def draft_block(cfg: EagleConfig, params: dict, feat, tokens, positions, cache: KVCache, *,
-                block_mask=None, write_offset=None):
+def draft_block(
+    cfg: EagleConfig,
+    params: dict,
+    feat,
+    tokens,
+    positions,
+    cache: KVCache,
+    *,
+    block_mask=None,
+    write_offset=None,
+):
     """Run the drafter layer over pairs (feat [B, T, D], tokens [B, T]) -> (output features
     [B, T, D], cache). With `feed_normed` the output is taken after the final norm: it is both
     what the head reads and what the next draft slot is fed."""
     h, x = layer_inputs(cfg, params, feat, tokens)
-    out, cache = single_layer(cfg.layer, params["layer"], h, x, positions, cache,
-                              block_mask=block_mask, write_offset=write_offset)
+    out, cache = single_layer(
+        cfg.layer,
+        params["layer"],
+        h,
+        x,
+        positions,
+        cache,
+        block_mask=block_mask,
+        write_offset=write_offset,
+    )
     if cfg.feed_normed:
         out = rms_norm(out, params["norm"], cfg.layer.rms_norm_eps)
     return out, cache
 
 
-def draft_logits(cfg: EagleConfig, params: dict, out: jax.Array, target_cfg: ModelConfig,
-                 full: bool = True) -> jax.Array:
+def draft_logits(
+    cfg: EagleConfig, params: dict, out: jax.Array, target_cfg: ModelConfig, full: bool = True
+) -> jax.Array:
     """Output features [..., D] -> float32 logits over the target vocabulary [..., V] (version 3:
     -inf outside the draft vocabulary), or over the draft vocabulary when `full` is False."""
     if cfg.version == 1:
@@ -252,6 +300,7 @@ def draft_logits(cfg: EagleConfig, params: dict, out: jax.Array, target_cfg: Mod
 
 # ----------------------------------------------------------------------------- the drafter
 
+
 @struct.dataclass
 class EagleState:
     cache: KVCache  # the drafter layer's cache; committed length = the target's
@@ -264,7 +313,6 @@ class EagleSpec(DrafterSpec):
 
     eagle: EagleConfig = None
     target_cfg: ModelConfig = None
-
 
     def __post_init__(self):
         super().__post_init__()
@@ -279,17 +327,25 @@ class EagleSpec(DrafterSpec):
     def check_compatible(self, target_cfg: ModelConfig, target_dtype) -> None:
         e = self.eagle
         if e.hidden != target_cfg.hidden_size:
-            raise ValueError(f"EAGLE drafter hidden size {e.hidden} differs from the target's "
-                             f"{target_cfg.hidden_size}: it was trained for another model")
+            raise ValueError(
+                f"EAGLE drafter hidden size {e.hidden} differs from the target's "
+                f"{target_cfg.hidden_size}: it was trained for another model"
+            )
         if e.version == 3 and max(e.feature_layers) > target_cfg.num_layers:
-            raise ValueError(f"EAGLE-3 feature_layers {e.feature_layers} name layers beyond the "
-                             f"target's {target_cfg.num_layers}")
+            raise ValueError(
+                f"EAGLE-3 feature_layers {e.feature_layers} name layers beyond the "
+                f"target's {target_cfg.num_layers}"
+            )
         if e.version == 3 and e.draft_vocab > target_cfg.vocab_size:
-            raise ValueError(f"EAGLE-3 draft vocabulary {e.draft_vocab} is larger than the "
-                             f"target's {target_cfg.vocab_size}")
+            raise ValueError(
+                f"EAGLE-3 draft vocabulary {e.draft_vocab} is larger than the "
+                f"target's {target_cfg.vocab_size}"
+            )
         if self.target_cfg is not None and self.target_cfg.vocab_size != target_cfg.vocab_size:
-            raise ValueError(f"EAGLE drafter built for vocabulary {self.target_cfg.vocab_size}, "
-                             f"target has {target_cfg.vocab_size}")
+            raise ValueError(
+                f"EAGLE drafter built for vocabulary {self.target_cfg.vocab_size}, "
+                f"target has {target_cfg.vocab_size}"
+            )
 
     def _logits(self, params, out):
         return draft_logits(self.eagle, params, out, self.target_cfg)
@@ -312,8 +368,9 @@ class EagleSpec(DrafterSpec):
 
     def init(self, params, prefill: TargetPrefill, max_len: int) -> EagleState:
         B, P = prefill.tokens.shape
-        cache = init_cache(self.eagle.layer, B, max_len, params["layer"]["wo"].dtype,
-                           per_layer=True)
+        cache = init_cache(
+            self.eagle.layer, B, max_len, params["layer"]["wo"].dtype, per_layer=True
+        )
         feat = target_features(self.eagle, params, prefill.hiddens)  # [B, P, D]
         j = jnp.arange(P)[None, :]
         nxt = jnp.concatenate([prefill.tokens[:, 1:], jnp.zeros((B, 1), jnp.int32)], axis=1)
@@ -329,8 +386,9 @@ class EagleSpec(DrafterSpec):
 
         def step(carry, k):
             cache, feat, tok = carry
-            out, cache = draft_block(self.eagle, params, feat[:, None], tok[:, None],
-                                     cache.lengths[:, None], cache)
+            out, cache = draft_block(
+                self.eagle, params, feat[:, None], tok[:, None], cache.lengths[:, None], cache
+            )
             cache = cache.replace(lengths=cache.lengths + 1)
             nxt, lp = self._choose(params, out[:, 0], k, mode, sp)
             return (cache, out[:, 0], nxt), (nxt, lp)
@@ -345,10 +403,12 @@ class EagleSpec(DrafterSpec):
         # commit overwrites them with the accepted path's target features.
         draft_logp = None if mode.greedy else jnp.concatenate(logps, axis=1)
         return Draft(tokens=jnp.concatenate(toks, axis=1), logp=draft_logp), state.replace(
-            cache=cache.replace(lengths=state.cache.lengths))
+            cache=cache.replace(lengths=state.cache.lengths)
+        )
 
-    def commit(self, params, state: EagleState, draft, verified: Verified, active,
-               target: TargetStep) -> EagleState:
+    def commit(
+        self, params, state: EagleState, draft, verified: Verified, active, target: TargetStep
+    ) -> EagleState:
         """Feed the accepted path as pairs (the target's feature at block offset i, the token
         after it): offset 0 is `last`, offset i + 1 the path's i-th node; the pair at offset n
         holds the bonus token. Chains and trees alike (a chain's path is 0, 1, ..)."""
@@ -359,8 +419,9 @@ class EagleSpec(DrafterSpec):
         B, A1 = path_feats.shape[:2]
         i = jnp.arange(A1)[None, :]
         path_tok = jnp.concatenate([verified.tokens, jnp.zeros((B, 1), jnp.int32)], axis=1)
-        pair_tok = jnp.where(i < n[:, None], path_tok,
-                             jnp.where(i == n[:, None], verified.bonus[:, None], 0))
+        pair_tok = jnp.where(
+            i < n[:, None], path_tok, jnp.where(i == n[:, None], verified.bonus[:, None], 0)
+        )
         out, cache = self._feed_committed(params, state.cache, path_feats, pair_tok, n)
         lengths = jnp.where(active, state.cache.lengths + n + 1, state.cache.lengths)
         feat = jnp.where(active[:, None], out, state.feat)
@@ -406,13 +467,28 @@ class EagleTreeSpec(EagleSpec):
 
         def feed(cache, tok, feat, depth, vis, off):
             pos = jnp.broadcast_to(cache.lengths[:, None] + (depth - 1), tok.shape)
-            out, cache = draft_block(self.eagle, params, feat, tok, pos, cache, block_mask=vis,
-                                     write_offset=jnp.full((B,), off, jnp.int32))
+            out, cache = draft_block(
+                self.eagle,
+                params,
+                feat,
+                tok,
+                pos,
+                cache,
+                block_mask=vis,
+                write_offset=jnp.full((B,), off, jnp.int32),
+            )
             return rank(out), out, cache
 
-        tree, _, cache = grow_dynamic_tree(rank(state.feat), feed, state.cache, state.feat,
-                                           top_k=self.top_k, depth=self.depth, nodes=self.k,
-                                           token_map=token_map)
+        tree, _, cache = grow_dynamic_tree(
+            rank(state.feat),
+            feed,
+            state.cache,
+            state.feat,
+            top_k=self.top_k,
+            depth=self.depth,
+            nodes=self.k,
+            token_map=token_map,
+        )
         # The window's K/V are scratch (`lengths` did not move): commit re-feeds the accepted
         # path with the target's features.
         return TreeDraft(tree=tree), state.replace(cache=cache)

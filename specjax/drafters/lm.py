@@ -11,6 +11,7 @@ Tree drafters (`LMTreeBase`) keep the same state and grow a tree instead of a ch
 dynamic trees (`LMTreeSpec`) or fixed Medusa / EAGLE-1 shapes from choice lists
 (`LMStaticTreeSpec`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,11 +21,16 @@ import jax.numpy as jnp
 from flax import struct
 
 from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, Tree, TreeDraft
-from specjax.drafters.shapes import (check_dynamic_tree, check_static_tree, dynamic_pool_size,
-                                     grow_dynamic_tree, static_tree_schedule)
+from specjax.drafters.shapes import (
+    check_dynamic_tree,
+    check_static_tree,
+    dynamic_pool_size,
+    grow_dynamic_tree,
+    static_tree_schedule,
+)
+from specjax.models import forward, is_unrolled
 from specjax.models.cache import KVCache, gather_slots, init_cache
 from specjax.models.config import ModelConfig
-from specjax.models import forward, is_unrolled
 from specjax.sampling import pick_token, rank_logp
 
 
@@ -43,12 +49,12 @@ class LMDrafterSpec(DrafterSpec):
     # the drafter would) instead of running a separate draft prefill.
     reuse_target_cache: bool = False
 
-
     def check_compatible(self, target_cfg: ModelConfig, target_dtype) -> None:
         if self.cfg.vocab_size != target_cfg.vocab_size:
             raise ValueError(
                 f"drafter vocabulary size {self.cfg.vocab_size} differs from the target's "
-                f"{target_cfg.vocab_size}: the drafter must share the target's tokenizer")
+                f"{target_cfg.vocab_size}: the drafter must share the target's tokenizer"
+            )
 
     def init(self, params, prefill: TargetPrefill, max_len: int) -> LMDraftState:
         B, P = prefill.tokens.shape
@@ -57,23 +63,41 @@ class LMDrafterSpec(DrafterSpec):
             n = self.cfg.num_layers
             cache = KVCache(k=tc.k[:n], v=tc.v[:n], lengths=prefill.lengths)
         else:
-            cache = init_cache(self.cfg, B, max_len, params["embed"].dtype,
-                               per_layer=is_unrolled(params))
+            cache = init_cache(
+                self.cfg, B, max_len, params["embed"].dtype, per_layer=is_unrolled(params)
+            )
             positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-            _, _, cache = forward(params, self.cfg, prefill.tokens, positions, cache,
-                                  logits_at=jnp.zeros((B, 1), jnp.int32), fresh=True)
+            _, _, cache = forward(
+                params,
+                self.cfg,
+                prefill.tokens,
+                positions,
+                cache,
+                logits_at=jnp.zeros((B, 1), jnp.int32),
+                fresh=True,
+            )
             cache = cache.replace(lengths=prefill.lengths)
         pending = jnp.stack([prefill.first, jnp.zeros_like(prefill.first)], axis=1)
-        return LMDraftState(cache=cache, pending=pending, n_pending=jnp.ones((B,), jnp.int32),
-                            len_before=cache.lengths)
+        return LMDraftState(
+            cache=cache,
+            pending=pending,
+            n_pending=jnp.ones((B,), jnp.int32),
+            len_before=cache.lengths,
+        )
 
     def _feed_pending(self, params, state: LMDraftState):
         """Feed the 1-2 pending tokens as one 2-token block -> (draft logits [B, V] after the
         newest one (`last`), cache with the pending tokens committed)."""
         cache = state.cache
         positions = cache.lengths[:, None] + jnp.arange(2, dtype=jnp.int32)[None, :]
-        logits, _, cache = forward(params, self.cfg, state.pending, positions, cache,
-                                   logits_at=(state.n_pending - 1)[:, None])
+        logits, _, cache = forward(
+            params,
+            self.cfg,
+            state.pending,
+            positions,
+            cache,
+            logits_at=(state.n_pending - 1)[:, None],
+        )
         return logits[:, 0], cache.replace(lengths=cache.lengths + state.n_pending)
 
     def propose(self, params, state: LMDraftState, last, key, mode, sp):
@@ -106,15 +130,18 @@ class LMDrafterSpec(DrafterSpec):
         # The last draft forward fed d_{K-1}; the cache holds pending + d_1..d_{K-1}.
         kept = state.len_before + state.n_pending + jnp.minimum(n, K - 1)
         all_in = n == K
-        pending = jnp.where(all_in[:, None],
-                            jnp.stack([draft.tokens[:, K - 1], bonus], axis=1),
-                            jnp.stack([bonus, jnp.zeros_like(bonus)], axis=1))
+        pending = jnp.where(
+            all_in[:, None],
+            jnp.stack([draft.tokens[:, K - 1], bonus], axis=1),
+            jnp.stack([bonus, jnp.zeros_like(bonus)], axis=1),
+        )
         n_pending = jnp.where(all_in, 2, 1).astype(jnp.int32)
         lengths = jnp.where(active, kept, state.len_before)
         return state.replace(
             cache=state.cache.replace(lengths=lengths),
             pending=jnp.where(active[:, None], pending, state.pending),
-            n_pending=jnp.where(active, n_pending, state.n_pending))
+            n_pending=jnp.where(active, n_pending, state.n_pending),
+        )
 
 
 def layer_skip_params(target_params: dict, layers) -> dict:
@@ -157,26 +184,36 @@ class LMTreeBase(LMDrafterSpec):
         vis [B, T, W] -> (logits [B, T, V], cache). `cache.lengths` is the window base."""
         B, T = tok.shape
         pos = jnp.broadcast_to(cache.lengths[:, None] + (depth - 1), (B, T))
-        logits, _, cache = forward(params, self.cfg, tok, pos, cache, block_mask=vis,
-                                   write_offset=jnp.full((B,), off, jnp.int32))
+        logits, _, cache = forward(
+            params,
+            self.cfg,
+            tok,
+            pos,
+            cache,
+            block_mask=vis,
+            write_offset=jnp.full((B,), off, jnp.int32),
+        )
         return logits, cache
 
     def commit(self, params, state: LMTreeState, draft, verified, active, target):
         st = state.lm
         n, bonus, path = verified.n, verified.bonus, verified.path
-        fed_path = jnp.where(path >= 0, jnp.take_along_axis(
-            state.fed, jnp.maximum(path, 0), axis=1), -1)  # [B, D]
+        fed_path = jnp.where(
+            path >= 0, jnp.take_along_axis(state.fed, jnp.maximum(path, 0), axis=1), -1
+        )  # [B, D]
         m = jnp.sum(fed_path >= 0, axis=1)  # fed nodes form a prefix of the path
         cache = gather_slots(st.cache, jnp.maximum(fed_path, 0), jnp.zeros_like(m))
         leaf = jnp.take_along_axis(verified.tokens, jnp.maximum(n - 1, 0)[:, None], 1)[:, 0]
         two = n > m  # the accepted leaf was never fed: it goes first in the pending block
-        pending = jnp.where(two[:, None], jnp.stack([leaf, bonus], 1),
-                            jnp.stack([bonus, jnp.zeros_like(bonus)], 1))
+        pending = jnp.where(
+            two[:, None], jnp.stack([leaf, bonus], 1), jnp.stack([bonus, jnp.zeros_like(bonus)], 1)
+        )
         kept = st.len_before + st.n_pending + m
         lm = st.replace(
             cache=cache.replace(lengths=jnp.where(active, kept, st.len_before)),
             pending=jnp.where(active[:, None], pending, st.pending),
-            n_pending=jnp.where(active, jnp.where(two, 2, 1), st.n_pending).astype(jnp.int32))
+            n_pending=jnp.where(active, jnp.where(two, 2, 1), st.n_pending).astype(jnp.int32),
+        )
         return state.replace(lm=lm)
 
 
@@ -199,7 +236,6 @@ class LMTreeSpec(LMTreeBase):
 
     depth: int = 4
     top_k: int = 4
-
 
     def __post_init__(self):
         super().__post_init__()
@@ -225,8 +261,15 @@ class LMTreeSpec(LMTreeBase):
             logits, cache = self._feed_depth(params, cache, tok, depth, vis, off)
             return rank_logp(logits, mode, sp), None, cache
 
-        tree, fed, cache = grow_dynamic_tree(rank_logp(logits, mode, sp), feed, cache,
-                                             None, top_k=self.top_k, depth=self.depth, nodes=self.k)
+        tree, fed, cache = grow_dynamic_tree(
+            rank_logp(logits, mode, sp),
+            feed,
+            cache,
+            None,
+            top_k=self.top_k,
+            depth=self.depth,
+            nodes=self.k,
+        )
         lm = st.replace(cache=cache, len_before=st.cache.lengths)
         return TreeDraft(tree=tree), LMTreeState(lm=lm, fed=fed)
 
@@ -236,7 +279,8 @@ class LMStaticTreeSpec(LMTreeBase):
     """A static tree from an LM drafter (Medusa / EAGLE-1 style choice lists).
 
     Node i hangs under `parents[i]` (-1: under `last`) and takes the `rank[i]`-th best token
-    of the draft distribution at its parent (see `specjax.drafters.shapes.parents_from_choices`). Depth 1
+    of the draft distribution at its parent (see
+    `specjax.drafters.shapes.parents_from_choices`). Depth 1
     reads the draft's top tokens after `last`; each further depth feeds the previous depth's
     nodes that have children as one block (window mask, as in `LMTreeSpec`) and hands each
     child its parent's rank-th candidate. The shape is the same every step, so nothing but
@@ -246,7 +290,6 @@ class LMStaticTreeSpec(LMTreeBase):
 
     parents: tuple = ()
     rank: tuple = ()
-
 
     def __post_init__(self):
         super().__post_init__()
@@ -268,8 +311,10 @@ class LMStaticTreeSpec(LMTreeBase):
         super().check_compatible(target_cfg, target_dtype)
         top = max(self.rank) + 1
         if top > target_cfg.vocab_size:
-            raise ValueError(f"static tree takes the top {top} tokens, more than the "
-                             f"vocabulary ({target_cfg.vocab_size})")
+            raise ValueError(
+                f"static tree takes the top {top} tokens, more than the "
+                f"vocabulary ({target_cfg.vocab_size})"
+            )
 
     def propose(self, params, state: LMTreeState, last, key, mode, sp):
         exps, depth, fed_off, W = self._schedule
@@ -281,12 +326,12 @@ class LMStaticTreeSpec(LMTreeBase):
         for d, e in enumerate(exps, start=1):
             if d > 1:
                 vis = jnp.broadcast_to(jnp.asarray(e.vis), (B,) + e.vis.shape)  # [B, T, W]
-                logits, cache = self._feed_depth(params, cache, tokens[:, e.fed], d - 1, vis,
-                                                 e.off)
+                logits, cache = self._feed_depth(params, cache, tokens[:, e.fed], d - 1, vis, e.off)
             _, cand = jax.lax.top_k(rank_logp(logits, mode, sp), e.top)  # [B, T, top]
             tokens = tokens.at[:, e.kids].set(cand[:, e.slot, e.rank])
         row = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (B, N))  # noqa: E731
-        tree = Tree(tokens=tokens, parents=row(self.parents), depth=row(depth),
-                    valid=jnp.ones((B, N), bool))
+        tree = Tree(
+            tokens=tokens, parents=row(self.parents), depth=row(depth), valid=jnp.ones((B, N), bool)
+        )
         lm = st.replace(cache=cache, len_before=st.cache.lengths)
         return TreeDraft(tree=tree), LMTreeState(lm=lm, fed=row(fed_off))

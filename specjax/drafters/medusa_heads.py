@@ -20,6 +20,7 @@ Drafting shapes:
   sibling rank r takes the r-th best token of head d-1, whatever its parent. The candidates are
   deterministic, so verification under sampling uses the exact one-hot construction.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,13 +30,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from specjax.drafters.base import (Draft, DrafterSpec, TargetPrefill, TargetStep, Tree,
-                                   TreeDraft, Verified)
+from specjax.drafters.base import (
+    Draft,
+    DrafterSpec,
+    TargetPrefill,
+    TargetStep,
+    Tree,
+    TreeDraft,
+    Verified,
+)
+
 # Shared with EAGLE: the target's embedding and LM head go under params["target"].
 from specjax.drafters.feature import bind_target  # noqa: F401  (re-exported)
 from specjax.drafters.shapes import check_static_tree, tree_depths
-from specjax.models.config import ModelConfig
 from specjax.models import lm_head
+from specjax.models.config import ModelConfig
 from specjax.sampling import pick_token, process_logits
 
 LOSS_DECAY = 0.8  # Medusa's per-head loss weight decay: head i is weighted 0.8**i
@@ -59,7 +68,7 @@ class MedusaConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MedusaConfig":
+    def from_dict(cls, d: dict) -> MedusaConfig:
         return cls(**d)
 
 
@@ -77,8 +86,12 @@ def init_params(cfg: MedusaConfig, key, dtype=jnp.float32) -> dict:
     `key` is unused by the zero init but kept for a uniform init signature."""
     del key
     L, D = cfg.num_layers_per_head, cfg.hidden
-    return {"heads": [{"w": jnp.zeros((L, D, D), dtype), "b": jnp.zeros((L, D), dtype)}
-                      for _ in range(cfg.num_heads)]}
+    return {
+        "heads": [
+            {"w": jnp.zeros((L, D, D), dtype), "b": jnp.zeros((L, D), dtype)}
+            for _ in range(cfg.num_heads)
+        ]
+    }
 
 
 def check_params(cfg: MedusaConfig, params: dict) -> None:
@@ -89,12 +102,15 @@ def check_params(cfg: MedusaConfig, params: dict) -> None:
     L, D = cfg.num_layers_per_head, cfg.hidden
     for i, hp in enumerate(heads):
         if tuple(hp["w"].shape) != (L, D, D) or tuple(hp["b"].shape) != (L, D):
-            raise ValueError(f"Medusa head {i} has w {tuple(hp['w'].shape)}, b "
-                             f"{tuple(hp['b'].shape)}; the config says ({L}, {D}, {D}), ({L}, {D})")
+            raise ValueError(
+                f"Medusa head {i} has w {tuple(hp['w'].shape)}, b "
+                f"{tuple(hp['b'].shape)}; the config says ({L}, {D}, {D}), ({L}, {D})"
+            )
 
 
 # ----------------------------------------------------------------------------- pure functions
 # Shared by inference (below) and training (`medusa_loss`).
+
 
 def head_hidden(head: dict, h: jax.Array) -> jax.Array:
     """One head's residual blocks over target features h [..., D] -> [..., D]."""
@@ -120,8 +136,14 @@ def _head_ce(params: dict, target_cfg: ModelConfig, i: int, h, labels, valid):
     return jnp.sum(nll * valid) / count, jnp.sum(hit * valid) / count
 
 
-def medusa_loss(cfg: MedusaConfig, params: dict, target_cfg: ModelConfig,
-                hiddens_last: jax.Array, tokens: jax.Array, mask: jax.Array):
+def medusa_loss(
+    cfg: MedusaConfig,
+    params: dict,
+    target_cfg: ModelConfig,
+    hiddens_last: jax.Array,
+    tokens: jax.Array,
+    mask: jax.Array,
+):
     """Medusa-1 training loss over target features -> (loss, top-1 accuracy per head [H]).
 
     hiddens_last [B, T, D]: the target's final hidden states over `tokens` [B, T]; mask [B, T]
@@ -137,22 +159,34 @@ def medusa_loss(cfg: MedusaConfig, params: dict, target_cfg: ModelConfig,
         if shift >= T:  # no position has a label this far ahead
             accs.append(jnp.float32(0.0))
             continue
-        ce, acc = _head_ce(params, target_cfg, i, hiddens_last[:, :T - shift], tokens[:, shift:],
-                           mask[:, shift:].astype(jnp.float32))
-        loss = loss + LOSS_DECAY ** i * ce
+        ce, acc = _head_ce(
+            params,
+            target_cfg,
+            i,
+            hiddens_last[:, : T - shift],
+            tokens[:, shift:],
+            mask[:, shift:].astype(jnp.float32),
+        )
+        loss = loss + LOSS_DECAY**i * ce
         accs.append(acc)
     return loss, jnp.stack(accs)
 
 
-def medusa_position_loss(cfg: MedusaConfig, params: dict, target_cfg: ModelConfig,
-                         h: jax.Array, labels: jax.Array, valid: jax.Array):
+def medusa_position_loss(
+    cfg: MedusaConfig,
+    params: dict,
+    target_cfg: ModelConfig,
+    h: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+):
     """`medusa_loss` on sampled positions: h [P, D] target features, labels [P, H] the tokens
     2..H+1 ahead, valid [P, H]. Heads need no context, so training on a random subset of
     positions cuts the cost of the H full-vocabulary heads (the dominant cost on CPU)."""
     loss, accs = jnp.float32(0.0), []
     for i in range(cfg.num_heads):
         ce, acc = _head_ce(params, target_cfg, i, h, labels[:, i], valid[:, i].astype(jnp.float32))
-        loss = loss + LOSS_DECAY ** i * ce
+        loss = loss + LOSS_DECAY**i * ce
         accs.append(acc)
     return loss, jnp.stack(accs)
 
@@ -168,10 +202,14 @@ def save_medusa(path, cfg: MedusaConfig, params: dict) -> None:
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"architecture": "specjax-medusa",
-                                                 **cfg.to_dict()}, indent=1))
-    tensors = {f"heads.{i}.{n}": np.asarray(h[n]) for i, h in enumerate(params["heads"])
-               for n in ("w", "b")}
+    (out / "config.json").write_text(
+        json.dumps({"architecture": "specjax-medusa", **cfg.to_dict()}, indent=1)
+    )
+    tensors = {
+        f"heads.{i}.{n}": np.asarray(h[n])
+        for i, h in enumerate(params["heads"])
+        for n in ("w", "b")
+    }
     save_file(tensors, str(out / "model.safetensors"))
 
 
@@ -195,8 +233,12 @@ def load_medusa(path) -> MedusaHeads:
     if extra:
         raise ValueError(f"unexpected tensors in {d}: {extra}")
     try:
-        params = {"heads": [{"w": jnp.asarray(t[f"heads.{i}.w"]), "b": jnp.asarray(t[f"heads.{i}.b"])}
-                            for i in range(cfg.num_heads)]}
+        params = {
+            "heads": [
+                {"w": jnp.asarray(t[f"heads.{i}.w"]), "b": jnp.asarray(t[f"heads.{i}.b"])}
+                for i in range(cfg.num_heads)
+            ]
+        }
     except KeyError as e:
         raise ValueError(f"{d} misses tensor {e.args[0]}") from None
     check_params(cfg, params)
@@ -204,6 +246,7 @@ def load_medusa(path) -> MedusaHeads:
 
 
 # ----------------------------------------------------------------------------- the drafter
+
 
 @struct.dataclass
 class MedusaState:
@@ -219,9 +262,11 @@ class MedusaBase(DrafterSpec):
 
     def check_compatible(self, target_cfg: ModelConfig, target_dtype) -> None:
         if self.medusa.hidden != target_cfg.hidden_size:
-            raise ValueError(f"Medusa heads have hidden size {self.medusa.hidden} but the "
-                             f"target's is {target_cfg.hidden_size}: they were trained for "
-                             f"another model")
+            raise ValueError(
+                f"Medusa heads have hidden size {self.medusa.hidden} but the "
+                f"target's is {target_cfg.hidden_size}: they were trained for "
+                f"another model"
+            )
 
     @property
     def cache_slack(self) -> int:
@@ -238,8 +283,9 @@ class MedusaBase(DrafterSpec):
         feat = jnp.take_along_axis(target.hiddens.last, offset[:, None, None], axis=1)[:, 0]
         return MedusaState(feat=jnp.where(active[:, None], feat, state.feat))
 
-    def commit(self, params, state: MedusaState, draft, verified: Verified, active,
-               target: TargetStep):
+    def commit(
+        self, params, state: MedusaState, draft, verified: Verified, active, target: TargetStep
+    ):
         # The deepest accepted node (-1: none, the bonus came from `last` at block offset 0)
         # produced the bonus; draft node i sits at block offset i + 1 (chains and trees).
         return self._commit_at(state, verified.deepest + 1, active, target)
@@ -249,12 +295,13 @@ class MedusaBase(DrafterSpec):
 class MedusaSpec(MedusaBase):
     """A chain of k tokens, token i drafted by head i."""
 
-
     def __post_init__(self):
         super().__post_init__()
         if self.medusa is not None and self.k > self.medusa.num_heads:
-            raise ValueError(f"a Medusa chain of k={self.k} tokens needs k heads, there are "
-                             f"{self.medusa.num_heads}")
+            raise ValueError(
+                f"a Medusa chain of k={self.k} tokens needs k heads, there are "
+                f"{self.medusa.num_heads}"
+            )
 
     def propose(self, params, state: MedusaState, last, key, mode, sp):
         logits = head_logits(params, self.target_cfg, state.feat, self.k)  # [B, K, V]
@@ -267,7 +314,8 @@ class MedusaSpec(MedusaBase):
 @dataclasses.dataclass(frozen=True)
 class MedusaTreeSpec(MedusaBase):
     """Medusa's static tree: node i hangs under `parents[i]` (-1: under `last`) and takes the
-    `rank[i]`-th best token of head depth(i) - 1 (see `specjax.drafters.shapes.parents_from_choices`)."""
+    `rank[i]`-th best token of head depth(i) - 1 (see
+    `specjax.drafters.shapes.parents_from_choices`)."""
 
     parents: tuple = ()
     rank: tuple = ()
@@ -278,8 +326,10 @@ class MedusaTreeSpec(MedusaBase):
         super().__post_init__()
         check_static_tree(self.k, self.parents, self.rank)
         if self.medusa is not None and self.max_accept > self.medusa.num_heads:
-            raise ValueError(f"a Medusa tree of depth {self.max_accept} needs that many heads, "
-                             f"there are {self.medusa.num_heads}")
+            raise ValueError(
+                f"a Medusa tree of depth {self.max_accept} needs that many heads, "
+                f"there are {self.medusa.num_heads}"
+            )
 
     @property
     def depths(self) -> np.ndarray:
@@ -293,8 +343,10 @@ class MedusaTreeSpec(MedusaBase):
     def check_compatible(self, target_cfg: ModelConfig, target_dtype) -> None:
         super().check_compatible(target_cfg, target_dtype)
         if max(self.rank) + 1 > target_cfg.vocab_size:
-            raise ValueError(f"static tree takes the top {max(self.rank) + 1} tokens, more "
-                             f"than the vocabulary ({target_cfg.vocab_size})")
+            raise ValueError(
+                f"static tree takes the top {max(self.rank) + 1} tokens, more "
+                f"than the vocabulary ({target_cfg.vocab_size})"
+            )
 
     def propose(self, params, state: MedusaState, last, key, mode, sp):
         B, N = last.shape[0], self.k
@@ -306,6 +358,7 @@ class MedusaTreeSpec(MedusaBase):
         _, cand = jax.lax.top_k(rank_lp, max(self.rank) + 1)  # [B, D, top]
         tokens = cand[:, depth - 1, np.asarray(self.rank)]  # [B, N]: head by depth, by rank
         row = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (B, N))  # noqa: E731
-        tree = Tree(tokens=tokens, parents=row(self.parents), depth=row(depth),
-                    valid=jnp.ones((B, N), bool))
+        tree = Tree(
+            tokens=tokens, parents=row(self.parents), depth=row(depth), valid=jnp.ones((B, N), bool)
+        )
         return TreeDraft(tree=tree), state

@@ -5,10 +5,11 @@ To draft, it takes the last n tokens (n = max_ngram down to min_ngram), finds th
 earlier occurrence in the history, and proposes the K tokens that followed it. Deterministic,
 so the draft distribution is one-hot (verification handles that exactly).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +24,7 @@ class NgramState:
     hist_len: jax.Array  # [B] int32
 
 
-def continuation_starts(hist: jax.Array, hist_len: jax.Array, sizes: Sequence[int],
-                        count: int):
+def continuation_starts(hist: jax.Array, hist_len: jax.Array, sizes: Sequence[int], count: int):
     """The `count` best places to copy a continuation from: positions s such that the n tokens
     before s equal the last n tokens of the history (s < hist_len, so at least one token
     follows), ranked by longer n first, then the most recent s. Distinct s, so candidate
@@ -38,7 +38,7 @@ def continuation_starts(hist: jax.Array, hist_len: jax.Array, sizes: Sequence[in
         suffix = jnp.take_along_axis(hist, jnp.clip(suffix_pos, 0, H - 1), axis=1)  # [B, n]
         match = jnp.ones((B, H), bool)  # match[:, s]: hist[s-n : s] == suffix
         for j in range(n):
-            match &= jnp.roll(hist, n - j, axis=1) == suffix[:, j:j + 1]  # hist[:, s - n + j]
+            match &= jnp.roll(hist, n - j, axis=1) == suffix[:, j : j + 1]  # hist[:, s - n + j]
         match &= (idx >= n) & (idx < hist_len[:, None]) & (hist_len[:, None] >= n + 1)
         score = jnp.maximum(score, jnp.where(match, n * H + idx, -1))
     best, starts = jax.lax.top_k(score, count)
@@ -72,11 +72,15 @@ def merge_prefixes(tokens: jax.Array, found: jax.Array) -> Tree:
         own = c * K + j - 1  # [K]
         hang = jnp.where(m > 0, other * K + m - 1, -1)  # [B]
         parents.append(jnp.where(j[None, :] == m[:, None], hang[:, None], own[None, :]))
-        valid.append(found[:, c:c + 1] & (j[None, :] >= m[:, None]))
+        valid.append(found[:, c : c + 1] & (j[None, :] >= m[:, None]))
     parents = jnp.concatenate(parents, axis=1).astype(jnp.int32)  # [B, C*K]
     depth = jnp.broadcast_to(jnp.tile(j + 1, C), (B, C * K)).astype(jnp.int32)
-    return Tree(tokens=tokens.reshape(B, C * K), parents=parents, depth=depth,
-                valid=jnp.concatenate(valid, axis=1))
+    return Tree(
+        tokens=tokens.reshape(B, C * K),
+        parents=parents,
+        depth=depth,
+        valid=jnp.concatenate(valid, axis=1),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,12 +100,13 @@ class NgramSpec(DrafterSpec):
     adaptive: bool = True
     short: int = 1
 
-
     def __post_init__(self):
         super().__post_init__()
         if not (1 <= self.min_ngram <= self.max_ngram):
-            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={self.min_ngram}, "
-                             f"max_ngram={self.max_ngram}")
+            raise ValueError(
+                f"need 1 <= min_ngram <= max_ngram, got min_ngram={self.min_ngram}, "
+                f"max_ngram={self.max_ngram}"
+            )
         if not isinstance(self.branches, int) or self.branches < 1:
             raise ValueError(f"branches must be a positive int, got {self.branches!r}")
         if not isinstance(self.short, int) or not 0 <= self.short <= self.k:
@@ -131,8 +136,9 @@ class NgramSpec(DrafterSpec):
         continuation has `known` [B] tokens in the history."""
         if not self.adaptive or self.max_ngram == self.min_ngram:
             return jnp.where(n > 0, self.k, 0).astype(jnp.int32)
-        size = jnp.where(n >= self.max_ngram, self.k,
-                         jnp.where(n == self.max_ngram - 1, self.short, 0))
+        size = jnp.where(
+            n >= self.max_ngram, self.k, jnp.where(n == self.max_ngram - 1, self.short, 0)
+        )
         return jnp.minimum(size, known).astype(jnp.int32)
 
     def init(self, params, prefill: TargetPrefill, max_len: int) -> NgramState:

@@ -4,10 +4,11 @@ The CLI's name list, its parser and `tune-tree`'s tree drafters all come from `R
 a drafter is its own file plus one `register(...)` line here (or in the user's code: the
 registry is a plain dict).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from specjax.drafters.base import Drafter
 from specjax.drafters.shapes import DynamicTree, StaticTree
@@ -61,10 +62,10 @@ class DrafterName:
 
     entry: DrafterEntry
     arg: str
-    k: Optional[int]
+    k: int | None
 
 
-def parse(text: str) -> Optional[DrafterName]:
+def parse(text: str) -> DrafterName | None:
     """Check a drafter name without loading anything (None: no drafter). Raises ValueError
     naming what is wrong and what is valid."""
     if text in (None, "", "none", "ar"):
@@ -87,26 +88,31 @@ def parse(text: str) -> Optional[DrafterName]:
         try:
             entry.arg_type(arg)
         except ValueError:
-            raise ValueError(f"bad {entry.arg} {arg!r} in drafter {text!r} (usage: "
-                             f"{entry.usage})") from None
+            raise ValueError(
+                f"bad {entry.arg} {arg!r} in drafter {text!r} (usage: {entry.usage})"
+            ) from None
     return DrafterName(entry, arg, k)
 
 
-def make(text: str, k: Optional[int] = None, model=None,
-         tree: Optional[DynamicTree] = None) -> Optional[Drafter]:
+def make(
+    text: str, k: int | None = None, model=None, tree: DynamicTree | None = None
+) -> Drafter | None:
     """Build the drafter `text` names for target `model`. `@K` in the name overrides `k`."""
     parsed = parse(text)
     if parsed is None:
         return None
     if tree is not None and not parsed.entry.tree:
-        raise ValueError(f"drafter {parsed.entry.name!r} drafts no dynamic tree; tree drafters: "
-                         f"{', '.join(e.usage for e in REGISTRY.values() if e.tree)}")
+        raise ValueError(
+            f"drafter {parsed.entry.name!r} drafts no dynamic tree; tree drafters: "
+            f"{', '.join(e.usage for e in REGISTRY.values() if e.tree)}"
+        )
     return parsed.entry.make(parsed.arg, parsed.k if parsed.k is not None else k, model, tree)
 
 
 # ----------------------------------------------------------------------------- built-ins
 
-def _or(k: Optional[int], default: int) -> int:
+
+def _or(k: int | None, default: int) -> int:
     """`k` when given (0 stays 0 and is refused by the drafter), else the default."""
     return default if k is None else k
 
@@ -124,9 +130,11 @@ def bundled_for(kind: str, model) -> str:
 
     name = f"{getattr(model, 'name', '')}-{kind}"
     if name not in BUNDLED_DRAFTERS:
-        raise ValueError(f"no bundled {kind} drafter for model {getattr(model, 'name', '?')!r} "
-                         f"(bundled: {sorted(BUNDLED_DRAFTERS)}); give one as {kind}:PATH or "
-                         f"train one with `specjax train-drafter`")
+        raise ValueError(
+            f"no bundled {kind} drafter for model {getattr(model, 'name', '?')!r} "
+            f"(bundled: {sorted(BUNDLED_DRAFTERS)}); give one as {kind}:PATH or "
+            f"train one with `specjax train-drafter`"
+        )
     return name
 
 
@@ -154,8 +162,10 @@ def _layer_skip(is_tree):
     def make(arg, k, model, tree):
         from specjax.drafters import layer_skip
 
-        return layer_skip(layers=int(arg) if arg else 8, k=_or(k, 4),
-                          tree=_dynamic(tree, k) if is_tree else None)
+        return layer_skip(
+            layers=int(arg) if arg else 8, k=_or(k, 4), tree=_dynamic(tree, k) if is_tree else None
+        )
+
     return make
 
 
@@ -166,6 +176,7 @@ def _small_model(is_tree):
 
         draft = load_model(arg, dtype=None if model is None else model.dtype)
         return small_model(draft, k=_or(k, 5), tree=_dynamic(tree, k) if is_tree else None)
+
     return make
 
 
@@ -174,8 +185,10 @@ def _eagle(kind, is_tree):
         from specjax.drafters import eagle
 
         src = arg or bundled_for(kind, model)
-        return eagle(src, k=_or(k, 4), tree=_dynamic(tree, k, EAGLE_TREE) if is_tree else None,
-                     name=src)
+        return eagle(
+            src, k=_or(k, 4), tree=_dynamic(tree, k, EAGLE_TREE) if is_tree else None, name=src
+        )
+
     return make
 
 
@@ -185,17 +198,20 @@ def _medusa(is_tree):
 
         src = arg or bundled_for("medusa", model)
         return medusa(src, k=k, tree=StaticTree(MEDUSA_TREE) if is_tree else None)
+
     return make
 
 
 register(DrafterEntry("ngram", _ngram, arg="BRANCHES", arg_type=_positive_int, tree=True))
 register(DrafterEntry("ngram_fixed", _ngram_fixed))
 register(DrafterEntry("layer_skip", _layer_skip(False), arg="LAYERS", arg_type=_positive_int))
-register(DrafterEntry("layer_skip_tree", _layer_skip(True), arg="LAYERS",
-                      arg_type=_positive_int, tree=True))
+register(
+    DrafterEntry(
+        "layer_skip_tree", _layer_skip(True), arg="LAYERS", arg_type=_positive_int, tree=True
+    )
+)
 register(DrafterEntry("model", _small_model(False), arg="PATH", arg_required=True))
-register(DrafterEntry("model_tree", _small_model(True), arg="PATH", arg_required=True,
-                      tree=True))
+register(DrafterEntry("model_tree", _small_model(True), arg="PATH", arg_required=True, tree=True))
 register(DrafterEntry("eagle3", _eagle("eagle3", False), arg="PATH"))
 register(DrafterEntry("eagle3_tree", _eagle("eagle3", True), arg="PATH", tree=True))
 register(DrafterEntry("eagle", _eagle("eagle", False), arg="PATH"))

@@ -10,19 +10,22 @@
 The tree a drafter hands the engine is a `specjax.drafters.base.Tree` record; the structure the
 engine derives from it for verification (masks, positions, paths) lives in `specjax.engine.tree`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import numbers
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from specjax.drafters.base import Tree
+
 
 @dataclasses.dataclass(frozen=True)
 class DynamicTree:
@@ -49,8 +52,8 @@ class StaticTree:
     `choices` may also name a preset in specjax/configs/trees/ (or a YAML path): see
     `load_choices`."""
 
-    choices: Union[str, tuple]
-    name: Optional[str] = None
+    choices: str | tuple
+    name: str | None = None
 
     def __post_init__(self):
         choices, name = self.choices, self.name
@@ -61,8 +64,10 @@ class StaticTree:
         norm = []
         for ch in choices:
             if not isinstance(ch, (list, tuple)) or not ch or not all(map(_is_rank, ch)):
-                raise ValueError(f"invalid tree choice {ch!r}: each choice must be a non-empty "
-                                 f"list of sibling ranks (ints >= 0)")
+                raise ValueError(
+                    f"invalid tree choice {ch!r}: each choice must be a non-empty "
+                    f"list of sibling ranks (ints >= 0)"
+                )
             norm.append(tuple(int(c) for c in ch))
         dup = sorted({c for c in norm if norm.count(c) > 1})
         if dup:
@@ -102,25 +107,31 @@ def check_static_tree(k: int, parents: Sequence[int], rank: Sequence[int]) -> No
     parent comes before its child and sibling ranks are distinct ints >= 0."""
     par, rk = tuple(parents), tuple(rank)
     if len(par) != k or len(rk) != k:
-        raise ValueError(f"a static tree of k={k} nodes needs {k} parents and ranks, got "
-                         f"{len(par)} and {len(rk)}")
+        raise ValueError(
+            f"a static tree of k={k} nodes needs {k} parents and ranks, got "
+            f"{len(par)} and {len(rk)}"
+        )
     seen = set()
     for i, (p, r) in enumerate(zip(par, rk)):
         if not (_is_int(p) and _is_int(r)):
-            raise ValueError(f"static tree parents and ranks must be ints, node {i} has "
-                             f"parent {p!r}, rank {r!r}")
+            raise ValueError(
+                f"static tree parents and ranks must be ints, node {i} has parent {p!r}, rank {r!r}"
+            )
         if not -1 <= p < i:
-            raise ValueError(f"node {i} has parent {p}: parents must come first (-1 <= "
-                             f"parent < index)")
+            raise ValueError(
+                f"node {i} has parent {p}: parents must come first (-1 <= parent < index)"
+            )
         if r < 0 or (p, r) in seen:
-            raise ValueError(f"node {i} has rank {r} under parent {p}: ranks must be >= 0 "
-                             f"and distinct among siblings")
+            raise ValueError(
+                f"node {i} has rank {r} under parent {p}: ranks must be >= 0 "
+                f"and distinct among siblings"
+            )
         seen.add((p, r))
 
 
 def dynamic_pool_size(depth: int, top_k: int) -> int:
     """Candidates an EAGLE-2 growth of `depth` levels with `top_k` expands."""
-    return top_k + (depth - 1) * top_k ** 2
+    return top_k + (depth - 1) * top_k**2
 
 
 def check_dynamic_tree(nodes: int, depth: int, top_k: int) -> None:
@@ -131,8 +142,10 @@ def check_dynamic_tree(nodes: int, depth: int, top_k: int) -> None:
             raise ValueError(f"DynamicTree {name} must be a positive int, got {v!r}")
     pool = dynamic_pool_size(depth, top_k)
     if nodes > pool:
-        raise ValueError(f"a tree of {nodes} nodes needs more candidates than depth={depth}, "
-                         f"top_k={top_k} expand ({pool})")
+        raise ValueError(
+            f"a tree of {nodes} nodes needs more candidates than depth={depth}, "
+            f"top_k={top_k} expand ({pool})"
+        )
 
 
 def _is_int(x) -> bool:
@@ -181,8 +194,10 @@ def load_choices(name_or_path: str) -> list[list[int]]:
         path = TREES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         what = f"no tree file {str(path)!r}" if is_path else f"unknown tree {name_or_path!r}"
-        raise ValueError(f"{what}; available presets: {', '.join(available_trees()) or '(none)'} "
-                         f"(or give a path to a .yaml file)")
+        raise ValueError(
+            f"{what}; available presets: {', '.join(available_trees()) or '(none)'} "
+            f"(or give a path to a .yaml file)"
+        )
     with open(path) as f:
         data = yaml.safe_load(f)
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
@@ -202,7 +217,7 @@ class _Expansion(NamedTuple):
     top: int  # candidates per fed node (max rank + 1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def static_tree_schedule(parents: tuple, rank: tuple):
     """-> (expansions per depth 1..D, depth [N], window offset [N] (-1: leaf, never fed), W).
 
@@ -231,14 +246,24 @@ def static_tree_schedule(parents: tuple, rank: tuple):
             while a >= 0:  # itself and its ancestors, all fed at earlier depths
                 vis[j, fed_off[a]] = True
                 a = par[a]
-        exps.append(_Expansion(fed=fed, off=off, vis=vis, kids=kids, slot=slot, rank=rk[kids],
-                               top=int(rk[kids].max()) + 1))
+        exps.append(
+            _Expansion(
+                fed=fed,
+                off=off,
+                vis=vis,
+                kids=kids,
+                slot=slot,
+                rank=rk[kids],
+                top=int(rk[kids].max()) + 1,
+            )
+        )
         off += len(fed)
     return tuple(exps), depth, fed_off, W
 
 
-def grow_dynamic_tree(root_lp, feed, carry, root_feat, *, top_k: int, depth: int, nodes: int,
-                      token_map=None):
+def grow_dynamic_tree(
+    root_lp, feed, carry, root_feat, *, top_k: int, depth: int, nodes: int, token_map=None
+):
     """EAGLE-2 tree growth shared by every drafter that returns a distribution.
 
     root_lp [B, V]: ranking log-probs after `last`. `feed(carry, tok [B, kk], feat [B, kk, ...]
@@ -296,11 +321,16 @@ def grow_dynamic_tree(root_lp, feed, carry, root_feat, *, top_k: int, depth: int
     # in pool order, which is topological.
     keep = jnp.sort(jnp.argsort(-p_score, axis=1, stable=True)[:, :N], axis=1)  # [B, N]
     take = lambda x: jnp.take_along_axis(x, keep, axis=1)  # noqa: E731
-    node_of = jnp.full((B, p_tok.shape[1]), -1, jnp.int32).at[
-        jnp.arange(B)[:, None], keep].set(jnp.arange(N, dtype=jnp.int32)[None, :])
+    node_of = (
+        jnp.full((B, p_tok.shape[1]), -1, jnp.int32)
+        .at[jnp.arange(B)[:, None], keep]
+        .set(jnp.arange(N, dtype=jnp.int32)[None, :])
+    )
     par_pool = take(p_parent)
-    parents = jnp.where(par_pool >= 0, jnp.take_along_axis(
-        node_of, jnp.maximum(par_pool, 0), axis=1), -1)
-    tree = Tree(tokens=take(p_tok), parents=parents, depth=take(p_depth),
-                valid=take(p_score) > -jnp.inf)
+    parents = jnp.where(
+        par_pool >= 0, jnp.take_along_axis(node_of, jnp.maximum(par_pool, 0), axis=1), -1
+    )
+    tree = Tree(
+        tokens=take(p_tok), parents=parents, depth=take(p_depth), valid=take(p_score) > -jnp.inf
+    )
     return tree, take(p_fed), carry

@@ -7,12 +7,26 @@ propose -> verify -> emit -> commit steps.
     accept.py  the acceptance rules (greedy, lossless rejection sampling), AcceptRules
     tree.py    masks, positions and paths derived from a draft tree's parents
 """
+
 from specjax.drafters.base import PrefillInput, Verified
 from specjax.engine.accept import DEFAULT_RULES, AcceptRules
 from specjax.engine.loop import TRACE_COUNTS, decode, decode_one, decode_step, emit, prefill
 from specjax.engine.state import EngineConfig, LoopState
 from specjax.engine.verify import verify, verify_block
 
-__all__ = ["AcceptRules", "DEFAULT_RULES", "EngineConfig", "LoopState", "PrefillInput",
-           "TRACE_COUNTS", "Verified", "decode", "decode_one", "decode_step", "emit", "prefill",
-           "verify", "verify_block"]
+__all__ = [
+    "AcceptRules",
+    "DEFAULT_RULES",
+    "EngineConfig",
+    "LoopState",
+    "PrefillInput",
+    "TRACE_COUNTS",
+    "Verified",
+    "decode",
+    "decode_one",
+    "decode_step",
+    "emit",
+    "prefill",
+    "verify",
+    "verify_block",
+]

@@ -19,10 +19,12 @@ probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection sample from
 norm(max(p_i - q_i, 0)); if all K are accepted, sample the bonus from p_K. The emitted tokens
 are distributed exactly as sampling from the target one token at a time.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +44,14 @@ def _leading_true(x: jax.Array) -> jax.Array:
     return jnp.sum(jnp.cumprod(x.astype(jnp.int32), axis=-1), axis=-1)
 
 
-def verify_chain(key: jax.Array, target_logits: jax.Array, draft_tokens: jax.Array,
-                 draft_logp: Optional[jax.Array], mode: SamplingMode, sp: dict) -> Accepted:
+def verify_chain(
+    key: jax.Array,
+    target_logits: jax.Array,
+    draft_tokens: jax.Array,
+    draft_logp: jax.Array | None,
+    mode: SamplingMode,
+    sp: dict,
+) -> Accepted:
     B, K = draft_tokens.shape
     if mode.greedy:
         best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, K+1]
@@ -61,11 +69,15 @@ def verify_chain(key: jax.Array, target_logits: jax.Array, draft_tokens: jax.Arr
     n = _leading_true(u * q_d < p_d)
     p_n = jnp.exp(jnp.take_along_axis(logp, n[:, None, None], axis=1)[:, 0])  # [B, V]
     if draft_logp is None:
-        q_n = jax.nn.one_hot(jnp.take_along_axis(draft_tokens, jnp.minimum(n, K - 1)[:, None],
-                                                 axis=1)[:, 0], p_n.shape[-1], dtype=p_n.dtype)
+        q_n = jax.nn.one_hot(
+            jnp.take_along_axis(draft_tokens, jnp.minimum(n, K - 1)[:, None], axis=1)[:, 0],
+            p_n.shape[-1],
+            dtype=p_n.dtype,
+        )
     else:
-        q_n = jnp.exp(jnp.take_along_axis(draft_logp, jnp.minimum(n, K - 1)[:, None, None],
-                                          axis=1)[:, 0])
+        q_n = jnp.exp(
+            jnp.take_along_axis(draft_logp, jnp.minimum(n, K - 1)[:, None, None], axis=1)[:, 0]
+        )
     rejected = (n < K)[:, None]
     residual = jnp.where(rejected, jnp.maximum(p_n - q_n, 0.0), p_n)
     # If p == q the residual is all zero; that branch then has probability 0 of being taken,
@@ -77,6 +89,7 @@ def verify_chain(key: jax.Array, target_logits: jax.Array, draft_tokens: jax.Arr
 
 
 # ----------------------------------------------------------------------------- trees
+
 
 class TreeAccepted(NamedTuple):
     node: jax.Array  # [B] deepest accepted node (-1: none, only the bonus token is emitted)
@@ -97,12 +110,19 @@ def verify_tree_greedy(target_logits: jax.Array, tree: Tree, max_depth: int) -> 
     n = jnp.max(score, axis=1)
     node = jnp.where(n > 0, jnp.argmax(score, axis=1), -1).astype(jnp.int32)
     bonus = jnp.take_along_axis(best, (node + 1)[:, None], axis=1)[:, 0]
-    return TreeAccepted(node=node, n=n.astype(jnp.int32), path=path_to(tree.parents, node, max_depth),
-                        bonus=bonus)
+    return TreeAccepted(
+        node=node, n=n.astype(jnp.int32), path=path_to(tree.parents, node, max_depth), bonus=bonus
+    )
 
 
-def verify_tree_sampling(key: jax.Array, target_logp: jax.Array, tree: Tree,
-                         child_logp, max_depth: int, without_replacement: bool) -> TreeAccepted:
+def verify_tree_sampling(
+    key: jax.Array,
+    target_logp: jax.Array,
+    tree: Tree,
+    child_logp,
+    max_depth: int,
+    without_replacement: bool,
+) -> TreeAccepted:
     """Recursive rejection sampling over siblings (SpecInfer, Miao et al. 2024; Jeon et al. 2024).
 
     target_logp [B, N+1, V]: processed target log-probs at the block positions.
@@ -139,8 +159,9 @@ def verify_tree_sampling(key: jax.Array, target_logp: jax.Array, tree: Tree,
         # Rejected: residual target distribution (and, without replacement, residual draft).
         resid = jnp.maximum(p - q_vec, 0.0)
         resid = resid / jnp.maximum(resid.sum(-1, keepdims=True), 1e-30)
-        new_p = jnp.where(accept[:, None], jnp.exp(target_logp[:, i + 1]),
-                          jnp.where(reject[:, None], resid, p))
+        new_p = jnp.where(
+            accept[:, None], jnp.exp(target_logp[:, i + 1]), jnp.where(reject[:, None], resid, p)
+        )
         if q is not None:
             q_next = jnp.exp(child_logp[:, i + 1])
             if without_replacement:
@@ -152,12 +173,16 @@ def verify_tree_sampling(key: jax.Array, target_logp: jax.Array, tree: Tree,
         p = new_p
         cur = jnp.where(accept, i, cur)
     bonus = jax.random.categorical(keys[N], jnp.log(p), axis=-1).astype(jnp.int32)
-    depth = jnp.where(cur >= 0, jnp.take_along_axis(tree.depth, jnp.maximum(cur, 0)[:, None], 1)[:, 0], 0)
-    return TreeAccepted(node=cur, n=depth.astype(jnp.int32),
-                        path=path_to(tree.parents, cur, max_depth), bonus=bonus)
+    depth = jnp.where(
+        cur >= 0, jnp.take_along_axis(tree.depth, jnp.maximum(cur, 0)[:, None], 1)[:, 0], 0
+    )
+    return TreeAccepted(
+        node=cur, n=depth.astype(jnp.int32), path=path_to(tree.parents, cur, max_depth), bonus=bonus
+    )
 
 
 # ----------------------------------------------------------------------------- the rule set
+
 
 @dataclasses.dataclass(frozen=True)
 class AcceptRules:

@@ -9,6 +9,7 @@ verified block is just `last`, nothing is accepted, and the bonus token is the o
 token. So AR and speculative decoding share every line of bookkeeping, and their outputs are
 comparable exactly.
 """
+
 from __future__ import annotations
 
 import collections
@@ -20,8 +21,8 @@ import jax.numpy as jnp
 from specjax.drafters.base import PrefillInput, TargetPrefill, Verified
 from specjax.engine.state import EngineConfig, LoopState
 from specjax.engine.verify import verify
-from specjax.models.cache import init_cache
 from specjax.models import forward, is_unrolled
+from specjax.models.cache import init_cache
 from specjax.sampling import sample_token
 
 # Incremented each time a jitted entry point is traced (= compiled); tests read it.
@@ -35,17 +36,27 @@ def _is_eos(tokens: jax.Array, eos: tuple[int, ...]) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("ec", "max_len"))
-def prefill(params, dparams, inp: PrefillInput, max_new, key, sp, *, ec: EngineConfig,
-            max_len: int) -> LoopState:
+def prefill(
+    params, dparams, inp: PrefillInput, max_new, key, sp, *, ec: EngineConfig, max_len: int
+) -> LoopState:
     """Run the target over the padded prompts and sample the first token -> LoopState."""
     TRACE_COUNTS["prefill"] += 1
     B, P = inp.tokens.shape
     cfg = ec.target
     cache = init_cache(cfg, B, max_len, params["embed"].dtype, per_layer=is_unrolled(params))
-    logits, hiddens, cache = forward(params, cfg, inp.tokens, inp.positions, cache,
-                                     logits_at=(inp.lengths - 1)[:, None],
-                                     hidden_layers=ec.hidden_layers, impl=ec.impl, fresh=True,
-                                     embeds=inp.embeds, embed_mask=inp.embed_mask)
+    logits, hiddens, cache = forward(
+        params,
+        cfg,
+        inp.tokens,
+        inp.positions,
+        cache,
+        logits_at=(inp.lengths - 1)[:, None],
+        hidden_layers=ec.hidden_layers,
+        impl=ec.impl,
+        fresh=True,
+        embeds=inp.embeds,
+        embed_mask=inp.embed_mask,
+    )
     cache = cache.replace(lengths=inp.lengths)
     key, k0, kd = jax.random.split(key, 3)
     first = sample_token(k0, logits[:, 0], ec.mode, sp)
@@ -58,10 +69,20 @@ def prefill(params, dparams, inp: PrefillInput, max_new, key, sp, *, ec: EngineC
     if ec.drafter is not None:
         pre = TargetPrefill(input=inp, first=first, cache=cache, hiddens=hiddens)
         dstate = ec.drafter.init(dparams, pre, max_len)
-    return LoopState(out=out, n_out=n_out, max_new=max_new, done=done, last=first,
-                     pos=inp.next_position, cache=cache, dstate=dstate, key=key,
-                     steps=jnp.int32(0), row_steps=jnp.zeros((B,), jnp.int32),
-                     accept_hist=jnp.zeros((ec.max_accept + 1,), jnp.int32))
+    return LoopState(
+        out=out,
+        n_out=n_out,
+        max_new=max_new,
+        done=done,
+        last=first,
+        pos=inp.next_position,
+        cache=cache,
+        dstate=dstate,
+        key=key,
+        steps=jnp.int32(0),
+        row_steps=jnp.zeros((B,), jnp.int32),
+        accept_hist=jnp.zeros((ec.max_accept + 1,), jnp.int32),
+    )
 
 
 def emit(state: LoopState, v: Verified, ec: EngineConfig):
@@ -107,10 +128,18 @@ def decode_step(params, dparams, state: LoopState, sp, ec: EngineConfig) -> Loop
         dstate = spec.commit(dparams, dstate, draft, verified, active, target_step)
     moved = jnp.where(active, verified.n + 1, 0)
     return state.replace(
-        out=out, n_out=n_out, done=done, last=jnp.where(active, verified.bonus, state.last),
-        pos=state.pos + moved, cache=cache, dstate=dstate, key=key, steps=state.steps + 1,
+        out=out,
+        n_out=n_out,
+        done=done,
+        last=jnp.where(active, verified.bonus, state.last),
+        pos=state.pos + moved,
+        cache=cache,
+        dstate=dstate,
+        key=key,
+        steps=state.steps + 1,
         row_steps=state.row_steps + active.astype(jnp.int32),
-        accept_hist=state.accept_hist.at[verified.n].add(active.astype(jnp.int32)))
+        accept_hist=state.accept_hist.at[verified.n].add(active.astype(jnp.int32)),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("ec",), donate_argnums=(2,))

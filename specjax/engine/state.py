@@ -1,8 +1,9 @@
 """The static settings of one compiled decode program and the state its while_loop carries."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import jax
 from flax import struct
@@ -22,7 +23,7 @@ class EngineConfig:
     mode: SamplingMode
     max_new: int  # output capacity per row (a bucket, >= every row's max_new_tokens)
     eos: tuple[int, ...]
-    drafter: Optional[DrafterSpec] = None
+    drafter: DrafterSpec | None = None
     impl: str = "xla"
     rules: AcceptRules = DEFAULT_RULES
 

@@ -6,6 +6,7 @@ tree with parents[i] = i - 1. From `parents` come the ancestor-or-self attention
 verify block, position ids (`position of last + depth`) and the root-to-node paths used to commit
 the accepted branch.
 """
+
 from __future__ import annotations
 
 import jax
@@ -23,7 +24,9 @@ def depth_from_parents(parents: jax.Array) -> jax.Array:
     depth = jnp.zeros(parents.shape, jnp.int32)
     for i in range(N):  # N is small and static; parents[i] < i
         p = parents[..., i]
-        d = jnp.where(p < 0, 1, jnp.take_along_axis(depth, jnp.maximum(p, 0)[..., None], -1)[..., 0] + 1)
+        d = jnp.where(
+            p < 0, 1, jnp.take_along_axis(depth, jnp.maximum(p, 0)[..., None], -1)[..., 0] + 1
+        )
         depth = depth.at[..., i].set(d)
     return depth
 
@@ -66,9 +69,11 @@ def path_to(parents: jax.Array, node: jax.Array, max_depth: int) -> jax.Array:
     walk = [node]
     for _ in range(max_depth - 1):
         prev = walk[-1]
-        walk.append(jnp.where(prev >= 0,
-                              jnp.take_along_axis(parents, jnp.maximum(prev, 0)[:, None], 1)[:, 0],
-                              -1))
+        walk.append(
+            jnp.where(
+                prev >= 0, jnp.take_along_axis(parents, jnp.maximum(prev, 0)[:, None], 1)[:, 0], -1
+            )
+        )
     up = jnp.stack(walk, axis=1)  # [B, max_depth]: node, parent, grandparent, ...
     n = jnp.sum(up >= 0, axis=1)  # path length
     # Reverse the first n entries so the path starts at depth 1.

@@ -8,9 +8,11 @@ Draft shapes and their verifiers:
     Draft (a chain)      block [last, d_1 .. d_K], causal   accepted tokens stay in place
     TreeDraft (a tree)   block [last, nodes], tree mask     the accepted path is compacted
 """
+
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,11 +20,11 @@ import jax.numpy as jnp
 from specjax.drafters.base import Draft, TargetStep, TreeDraft, Verified
 from specjax.engine import tree as tree_lib
 from specjax.engine.state import EngineConfig, LoopState
-from specjax.models.cache import KVCache, gather_slots
 from specjax.models import forward
+from specjax.models.cache import KVCache, gather_slots
 from specjax.sampling import process_logits, sample_token
 
-AnyDraft = Union[None, Draft, TreeDraft]
+AnyDraft = Draft | TreeDraft | None
 
 
 class Block(NamedTuple):
@@ -30,7 +32,7 @@ class Block(NamedTuple):
 
     tokens: jax.Array  # [B, T] last, then the draft
     positions: jax.Array  # [B, T]
-    mask: Optional[jax.Array]  # [B, T, T] among the block's tokens (None: causal)
+    mask: jax.Array | None  # [B, T, T] among the block's tokens (None: causal)
 
 
 class Verifier(NamedTuple):
@@ -52,18 +54,23 @@ def _advance(cache: KVCache, v: Verified, active: jax.Array) -> KVCache:
 
 # ----------------------------------------------------------------------------- plain step
 
+
 def _plain_block(draft, last, pos) -> Block:
     return Block(last[:, None], pos[:, None], None)
 
 
 def _plain_accept(key, logits, draft, sp, ec: EngineConfig) -> Verified:
     B, A = logits.shape[0], ec.max_accept
-    return Verified(tokens=jnp.zeros((B, A), jnp.int32), n=jnp.zeros((B,), jnp.int32),
-                    bonus=sample_token(key, logits[:, 0], ec.mode, sp),
-                    path=jnp.full((B, A), -1, jnp.int32))
+    return Verified(
+        tokens=jnp.zeros((B, A), jnp.int32),
+        n=jnp.zeros((B,), jnp.int32),
+        bonus=sample_token(key, logits[:, 0], ec.mode, sp),
+        path=jnp.full((B, A), -1, jnp.int32),
+    )
 
 
 # ----------------------------------------------------------------------------- chain
+
 
 def _chain_block(draft: Draft, last, pos) -> Block:
     T = draft.tokens.shape[1] + 1
@@ -76,11 +83,13 @@ def _chain_accept(key, logits, draft: Draft, sp, ec: EngineConfig) -> Verified:
     K, A = draft.tokens.shape[1], ec.max_accept
     i = jnp.arange(K, dtype=jnp.int32)[None, :]
     path = jnp.where(i < acc.n[:, None], i, -1)
-    return Verified(tokens=_pad(draft.tokens, A, 0), n=acc.n, bonus=acc.bonus,
-                    path=_pad(path, A, -1))
+    return Verified(
+        tokens=_pad(draft.tokens, A, 0), n=acc.n, bonus=acc.bonus, path=_pad(path, A, -1)
+    )
 
 
 # ----------------------------------------------------------------------------- tree
+
 
 def _tree_block(draft: TreeDraft, last, pos) -> Block:
     t = draft.tree
@@ -94,8 +103,9 @@ def _tree_accept(key, logits, draft: TreeDraft, sp, ec: EngineConfig) -> Verifie
         acc = ec.rules.tree_greedy(logits, t, D)
     else:
         # No drafter samples siblings without replacement today (the rule supports it).
-        acc = ec.rules.tree_sampling(key, process_logits(logits, ec.mode, sp), t,
-                                     draft.child_logp, D, False)
+        acc = ec.rules.tree_sampling(
+            key, process_logits(logits, ec.mode, sp), t, draft.child_logp, D, False
+        )
     tokens = jnp.take_along_axis(t.tokens, jnp.maximum(acc.path, 0), axis=1)  # [B, D]
     return Verified(tokens=tokens, n=acc.n, bonus=acc.bonus, path=acc.path)
 
@@ -124,14 +134,22 @@ def verifier_for(draft: AnyDraft) -> Verifier:
 
 # ----------------------------------------------------------------------------- verification
 
+
 def verify_block(params, state: LoopState, draft: AnyDraft, key, sp, ec: EngineConfig):
     """Verify the whole of `draft` (None: a plain step) -> (Verified, target cache with the
     accepted tokens committed, TargetStep of the forward)."""
     v = verifier_for(draft)
     blk = v.block(draft, state.last, state.pos)
-    logits, hiddens, cache = forward(params, ec.target, blk.tokens, blk.positions, state.cache,
-                                     block_mask=blk.mask, hidden_layers=ec.hidden_layers,
-                                     impl=ec.impl)
+    logits, hiddens, cache = forward(
+        params,
+        ec.target,
+        blk.tokens,
+        blk.positions,
+        state.cache,
+        block_mask=blk.mask,
+        hidden_layers=ec.hidden_layers,
+        impl=ec.impl,
+    )
     verified = v.accept(key, logits, draft, sp, ec)
     return verified, v.commit(cache, verified, ~state.done), TargetStep(blk.tokens, hiddens)
 
@@ -154,8 +172,10 @@ def _padded_step(step: TargetStep, width: int) -> TargetStep:
     verify size hands the drafter the same shapes (it reads only the first n + 1)."""
     h = step.hiddens
     layers = None if h.layers is None else _pad_axis(h.layers, 2, width)  # [n, B, T, D]
-    return TargetStep(tokens=_pad_axis(step.tokens, 1, width),
-                      hiddens=h._replace(last=_pad_axis(h.last, 1, width), layers=layers))
+    return TargetStep(
+        tokens=_pad_axis(step.tokens, 1, width),
+        hiddens=h._replace(last=_pad_axis(h.last, 1, width), layers=layers),
+    )
 
 
 def verify(params, state: LoopState, draft: AnyDraft, key, sp, ec: EngineConfig):
@@ -175,6 +195,7 @@ def verify(params, state: LoopState, draft: AnyDraft, key, sp, ec: EngineConfig)
             part = None if n == 0 else draft if n == K else draft.truncated(n)
             verified, cache, step = verify_block(params, state, part, key, sp, ec)
             return verified, cache, _padded_step(step, K + 1)
+
         return run
 
     idx = size_index(draft.size, ~state.done, sizes)

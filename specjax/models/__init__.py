@@ -8,13 +8,33 @@
 
 A new family: a module like llama.py that calls `register_family(...)`, imported below.
 """
+
 from specjax.models import llama  # noqa: F401  (registers llama, mistral, qwen2)
 from specjax.models.cache import KVCache, init_cache
 from specjax.models.config import ModelConfig, RopeScaling
-from specjax.models.family import (FAMILIES, Family, Hiddens, family_of, forward, forward_hidden,
-                                   lm_head)
+from specjax.models.family import (
+    FAMILIES,
+    Family,
+    Hiddens,
+    family_of,
+    forward,
+    forward_hidden,
+    lm_head,
+)
 from specjax.models.llama import full_logits, is_unrolled
 
-__all__ = ["FAMILIES", "Family", "Hiddens", "KVCache", "ModelConfig", "RopeScaling",
-           "family_of", "forward", "forward_hidden", "full_logits", "init_cache",
-           "is_unrolled", "lm_head"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "Hiddens",
+    "KVCache",
+    "ModelConfig",
+    "RopeScaling",
+    "family_of",
+    "forward",
+    "forward_hidden",
+    "full_logits",
+    "init_cache",
+    "is_unrolled",
+    "lm_head",
+]

@@ -9,6 +9,7 @@ A forward call writes its T new tokens at slots `[length, length + T)` without m
 the caller commits what it accepts. Entries beyond `lengths` are garbage that is never attended
 to and is overwritten later, so rejecting draft tokens costs nothing.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -39,16 +40,21 @@ class KVCache:
         return self.lengths.shape[0]
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32,
-               per_layer: bool = False) -> KVCache:
+def init_cache(
+    cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, per_layer: bool = False
+) -> KVCache:
     shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     if per_layer:
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                       lengths=jnp.zeros((batch,), jnp.int32))
+        return KVCache(
+            k=zeros,
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            lengths=jnp.zeros((batch,), jnp.int32),
+        )
     shape = (cfg.num_layers,) + shape
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   lengths=jnp.zeros((batch,), jnp.int32))
+    return KVCache(
+        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32)
+    )
 
 
 def commit_chain(cache: KVCache, n_new: jax.Array) -> KVCache:
@@ -66,13 +72,15 @@ def gather_slots(cache: KVCache, src: jax.Array, n_new: jax.Array) -> KVCache:
 
     def move(x):  # x: [B, KV, S, hd], one layer
         picked = jnp.take_along_axis(x, from_slot[:, None, :, None], axis=2)  # [B, KV, M, hd]
-        idx = (jnp.arange(B)[:, None, None], jnp.arange(x.shape[1])[None, :, None],
-               to_slot[:, None, :])
+        idx = (
+            jnp.arange(B)[:, None, None],
+            jnp.arange(x.shape[1])[None, :, None],
+            to_slot[:, None, :],
+        )
         return x.at[idx].set(picked, mode="drop")
 
     if cache.per_layer:
         k, v = tuple(map(move, cache.k)), tuple(map(move, cache.v))
     else:
         k, v = jax.vmap(move)(cache.k), jax.vmap(move)(cache.v)
-    return KVCache(k=k, v=v,
-                   lengths=cache.lengths + n_new.astype(jnp.int32))
+    return KVCache(k=k, v=v, lengths=cache.lengths + n_new.astype(jnp.int32))

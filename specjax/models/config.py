@@ -3,10 +3,11 @@
 A `ModelConfig` is a frozen, hashable dataclass: it is passed to jitted functions as a static
 argument, so two models with equal configs share compiled code.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 from specjax.models.family import FAMILIES, family_of
 
@@ -26,7 +27,8 @@ class RopeScaling:
     def __post_init__(self):
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
-                f"unsupported RoPE type {self.rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+                f"unsupported RoPE type {self.rope_type!r}; "
+                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
 
 
@@ -45,20 +47,28 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q, k, v projections
-    sliding_window: Optional[int] = None  # Mistral: keys older than this many positions are hidden
+    sliding_window: int | None = None  # Mistral: keys older than this many positions are hidden
     model_type: str = "llama"
     eos_token_ids: tuple[int, ...] = ()
-    bos_token_id: Optional[int] = None
+    bos_token_id: int | None = None
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+                f"num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
             )
         family_of(self.model_type)  # ValueError naming the supported families
 
@@ -68,10 +78,13 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_hf(cls, hf_config: Any) -> "ModelConfig":
+    def from_hf(cls, hf_config: Any) -> ModelConfig:
         """Build from a transformers `PretrainedConfig` (or a config.json dict)."""
-        get = (hf_config.get if isinstance(hf_config, dict)
-               else lambda k, d=None: getattr(hf_config, k, d))
+        get = (
+            hf_config.get
+            if isinstance(hf_config, dict)
+            else lambda k, d=None: getattr(hf_config, k, d)
+        )
         model_type = get("model_type", "llama")
         if model_type not in FAMILIES:
             raise ValueError(
@@ -94,10 +107,14 @@ class ModelConfig:
             factor=float(rope.get("factor", 1.0) or 1.0),
             low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
             high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
+            original_max_position_embeddings=int(
+                rope.get("original_max_position_embeddings", 8192)
+            ),
         )
         eos = get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        eos_ids = (
+            tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        )
         return cls(
             vocab_size=get("vocab_size"),
             hidden_size=hidden,
@@ -121,7 +138,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         d = dict(d)
         d["rope_scaling"] = RopeScaling(**d.get("rope_scaling", {}))
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))

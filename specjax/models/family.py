@@ -11,23 +11,26 @@ Register with `register_family(...)` (Llama, Mistral and Qwen2 register in
 `forward_hidden` and `lm_head` dispatch on `cfg.model_type`, which is static under `jit`, so
 the dispatch costs nothing at run time.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
+
 
 class Hiddens(NamedTuple):
     last: jax.Array  # [B, T, D] final hidden state after the final norm (what the LM head reads)
     # [n, B, T, D] for each requested i: the residual stream entering layer i (i=0: embeddings;
     # i=num_layers: last layer output), never normed. Equals HF `hidden_states[i]` for
     # i < num_layers; HF's `hidden_states[num_layers]` is post-norm, i.e. `last`. None if none.
-    layers: Optional[jax.Array]
+    layers: jax.Array | None
 
 
 # Family name -> Family; filled by the family modules (imported by `specjax.models`).
-FAMILIES: dict[str, "Family"] = {}
+FAMILIES: dict[str, Family] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +41,9 @@ class Family:
     hf_fields: Callable[[Callable], dict]
     layer_map: Mapping[str, tuple[str, bool]]  # HF per-layer suffix -> (param name, transpose)
     top_map: Mapping[str, tuple[str, bool]]  # HF top-level name -> (param name, transpose)
-    forward: Callable[..., Any]  # (params, cfg, tokens, positions, cache, **kw) -> (logits, hiddens, cache)
+    forward: Callable[
+        ..., Any
+    ]  # (params, cfg, tokens, positions, cache, **kw) -> (logits, hiddens, cache)
     forward_hidden: Callable[..., Any]  # the same without the head -> (hiddens, cache)
     lm_head: Callable[..., Any]  # (params, cfg, h [..., D]) -> float32 logits [..., V]
 

@@ -15,10 +15,12 @@ step; see `forward_hidden`):
 Axis letters used in einsums: b batch, t query tokens, s key slots, k kv heads, g query heads per
 kv head, d head dim.
 """
+
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,7 @@ PREFILL_BLOCK = 128
 
 
 # ----------------------------------------------------------------------------- RoPE
+
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """Inverse frequencies [hd/2] (float64 numpy: a compile-time constant), with HF's scalings."""
@@ -72,6 +75,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 # ----------------------------------------------------------------------------- blocks
 
+
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
@@ -81,15 +85,20 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 class AttentionMask(NamedTuple):
     """What a block of T tokens may attend to, in the two parts `attention_split` reads."""
 
-    cache: Optional[jax.Array]  # [B, T, S] committed slots; None: the cache is empty (a prefill)
+    cache: jax.Array | None  # [B, T, S] committed slots; None: the cache is empty (a prefill)
     own: jax.Array  # [B, T, T] among the block's own tokens
     # Static: > 0 promises `own` is causal, so a prefill may attend in query blocks of this size.
     causal_block: int = 0
 
 
-def build_attention_mask(lengths: jax.Array, positions: jax.Array, block_mask: jax.Array,
-                         max_len: int, sliding_window: Optional[int],
-                         write_offset: Optional[jax.Array] = None) -> jax.Array:
+def build_attention_mask(
+    lengths: jax.Array,
+    positions: jax.Array,
+    block_mask: jax.Array,
+    max_len: int,
+    sliding_window: int | None,
+    write_offset: jax.Array | None = None,
+) -> jax.Array:
     """Visibility [B, T, S] of cache slots for T block tokens.
 
     Committed slots (< length) are visible to every block token. The W slots after them,
@@ -103,8 +112,9 @@ def build_attention_mask(lengths: jax.Array, positions: jax.Array, block_mask: j
     rel = slot - lengths[:, None]  # [B, S] offset inside the window
     in_window = (rel >= 0) & (rel < W)
     rel_c = jnp.clip(rel, 0, W - 1)
-    win_vis = jnp.take_along_axis(block_mask, jnp.broadcast_to(rel_c[:, None, :], (B, T, max_len)),
-                                  axis=2)  # [B, T, S]
+    win_vis = jnp.take_along_axis(
+        block_mask, jnp.broadcast_to(rel_c[:, None, :], (B, T, max_len)), axis=2
+    )  # [B, T, S]
     mask = jnp.where(in_window[:, None, :], win_vis, (rel < 0)[:, None, :])
     if sliding_window is not None:
         # Key positions: committed slot s holds position s; this block's slots hold `positions`
@@ -117,22 +127,29 @@ def build_attention_mask(lengths: jax.Array, positions: jax.Array, block_mask: j
     return mask
 
 
-def split_attention_masks(lengths: jax.Array, positions: jax.Array, block_mask: jax.Array,
-                          max_len: int, sliding_window: Optional[int],
-                          write_offset: Optional[jax.Array] = None) -> "AttentionMask":
+def split_attention_masks(
+    lengths: jax.Array,
+    positions: jax.Array,
+    block_mask: jax.Array,
+    max_len: int,
+    sliding_window: int | None,
+    write_offset: jax.Array | None = None,
+) -> AttentionMask:
     """`build_attention_mask` cut in two for `attention_split`: the cache as it was before this
     block was written (the block's own slots hidden: the old buffer holds garbage there) and
     the block's own tokens; together the two parts show exactly what the dense mask shows."""
     B, T, W = block_mask.shape
     off = jnp.zeros_like(lengths) if write_offset is None else write_offset  # [B]
-    dense = build_attention_mask(lengths, positions, block_mask, max_len, sliding_window,
-                                 write_offset)
+    dense = build_attention_mask(
+        lengths, positions, block_mask, max_len, sliding_window, write_offset
+    )
     rel = jnp.arange(max_len)[None, :] - lengths[:, None]  # [B, S]
     own = (rel >= off[:, None]) & (rel < off[:, None] + T)
     cache_mask = dense & ~own[:, None, :]
     cols = off[:, None] + jnp.arange(T)[None, :]  # [B, T] window columns of the block
-    own_mask = jnp.take_along_axis(block_mask, jnp.broadcast_to(cols[:, None, :], (B, T, T)),
-                                   axis=2)
+    own_mask = jnp.take_along_axis(
+        block_mask, jnp.broadcast_to(cols[:, None, :], (B, T, T)), axis=2
+    )
     if sliding_window is not None:
         own_mask &= (positions[:, :, None] - positions[:, None, :]) < sliding_window
     return AttentionMask(cache=cache_mask, own=own_mask)
@@ -154,9 +171,16 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     return o.reshape(B, T, H, hd)
 
 
-def attention_split(q: jax.Array, k: jax.Array, v: jax.Array, k_new: jax.Array,
-                    v_new: jax.Array, cache_mask: jax.Array, own_mask: jax.Array,
-                    causal_block: int = 0) -> jax.Array:
+def attention_split(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    cache_mask: jax.Array,
+    own_mask: jax.Array,
+    causal_block: int = 0,
+) -> jax.Array:
     """`attention_xla` over the cache as it was before the block was written (k, v
     [B, KV, S, hd] under cache_mask [B, T, S]) plus the block's own keys (k_new, v_new
     [B, KV, T, hd] under own_mask [B, T, T]), one softmax over both. k = v = None: the cache
@@ -187,13 +211,15 @@ def attention_split(q: jax.Array, k: jax.Array, v: jax.Array, k_new: jax.Array,
     m = jnp.maximum(s_c.max(axis=-1, keepdims=True), s_n.max(axis=-1, keepdims=True))
     p_c, p_n = jnp.exp(s_c - m), jnp.exp(s_n - m)
     denom = p_c.sum(axis=-1, keepdims=True) + p_n.sum(axis=-1, keepdims=True)
-    o = (jnp.einsum("bksd,bkgts->btkgd", v, (p_c / denom).astype(v.dtype))
-         + jnp.einsum("bkud,bkgtu->btkgd", v_new, (p_n / denom).astype(v.dtype)))
+    o = jnp.einsum("bksd,bkgts->btkgd", v, (p_c / denom).astype(v.dtype)) + jnp.einsum(
+        "bkud,bkgtu->btkgd", v_new, (p_n / denom).astype(v.dtype)
+    )
     return o.reshape(B, T, H, hd)
 
 
-def _causal_blocks(qg: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                   blk: int) -> jax.Array:
+def _causal_blocks(
+    qg: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, blk: int
+) -> jax.Array:
     """Causal self-attention in query blocks: qg [B, T, KV, G, hd] (already scaled), k/v
     [B, KV, T, hd], mask [B, T, T] zero above the diagonal -> [B, T, KV, G, hd]. Query block
     i reads keys [0, (i + 1) * blk): (n + 1) / 2n of the full T x T scores for n blocks."""
@@ -201,8 +227,9 @@ def _causal_blocks(qg: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     outs = []
     for i in range(qg.shape[1] // blk):
         rows, end = slice(i * blk, (i + 1) * blk), (i + 1) * blk
-        s = jnp.einsum("btkgd,bkud->bkgtu", qg[:, rows], k[:, :, :end],
-                       preferred_element_type=jnp.float32)
+        s = jnp.einsum(
+            "btkgd,bkud->bkgtu", qg[:, rows], k[:, :, :end], preferred_element_type=jnp.float32
+        )
         s = jnp.where(mask[:, rows, :end][:, None, None], s, lo)
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
         outs.append(jnp.einsum("bkud,bkgtu->btkgd", v[:, :, :end], p))
@@ -215,13 +242,15 @@ def _attention(impl: str, q, k, v, mask, lengths, block_mask):
     if impl == "xla":
         return attention_xla(q, k, v, mask)
     if impl == "pallas":
-        return tree_attention(q, k, v, lengths, block_mask,
-                              interpret=(jax.default_backend() == "cpu"))
+        return tree_attention(
+            q, k, v, lengths, block_mask, interpret=(jax.default_backend() == "cpu")
+        )
     raise ValueError(f"unknown attention impl {impl!r}; valid: {ATTENTION_IMPLS}")
 
 
-def write_block(c: jax.Array, layer: Optional[jax.Array], new: jax.Array,
-                start: jax.Array) -> jax.Array:
+def write_block(
+    c: jax.Array, layer: jax.Array | None, new: jax.Array, start: jax.Array
+) -> jax.Array:
     """Write new [B, KV, T, hd] at slots [start[b], start[b]+T) of layer `layer` of a stacked
     cache c [L, B, KV, S, hd], or of a per-layer buffer c [B, KV, S, hd] when `layer` is None.
 
@@ -236,8 +265,9 @@ def write_block(c: jax.Array, layer: Optional[jax.Array], new: jax.Array,
             c = jax.lax.dynamic_update_slice(c, upd, lead + (b, 0, start[b], 0))
         return c
     slots = start[:, None] + jnp.arange(T)[None, :]  # [B, T]
-    return c.at[lead + (jnp.arange(B)[:, None, None], jnp.arange(KV)[None, :, None],
-                       slots[:, None, :])].set(new, mode="drop")
+    return c.at[
+        lead + (jnp.arange(B)[:, None, None], jnp.arange(KV)[None, :, None], slots[:, None, :])
+    ].set(new, mode="drop")
 
 
 def _ordered_after(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -255,14 +285,22 @@ class LayerContext(NamedTuple):
     impl: str  # "xla" | "pallas"
     inv_freq: np.ndarray  # [hd/2] RoPE inverse frequencies (a compile-time constant)
     positions: jax.Array  # [B, T] position ids of the block
-    mask: Optional[AttentionMask]  # the XLA path's visibility (None for the kernel)
+    mask: AttentionMask | None  # the XLA path's visibility (None for the kernel)
     start: jax.Array  # [B] first cache slot the block is written to
     lengths: jax.Array  # [B] committed slots (the kernel derives visibility from them)
     block_mask: jax.Array  # [B, T, W] visibility inside the block's window
 
 
-def _layer(cfg: ModelConfig, ctx: LayerContext, lp: dict, h: jax.Array, ck: jax.Array,
-           cv: jax.Array, layer: Optional[jax.Array] = None, x: Optional[jax.Array] = None):
+def _layer(
+    cfg: ModelConfig,
+    ctx: LayerContext,
+    lp: dict,
+    h: jax.Array,
+    ck: jax.Array,
+    cv: jax.Array,
+    layer: jax.Array | None = None,
+    x: jax.Array | None = None,
+):
     """One decoder layer -> (h, ck, cv). Writes this block's K/V into layer `layer` of the
     stacked cache carry (or into the per-layer buffers ck, cv when `layer` is None). `x`, when
     given, is the attention input in place of `rms_norm(h)` (EAGLE layers feed [embedding;
@@ -284,8 +322,9 @@ def _layer(cfg: ModelConfig, ctx: LayerContext, lp: dict, h: jax.Array, ck: jax.
         m = ctx.mask
         if m.cache is None:  # an empty cache: attend within the block only
             kl = vl = None
-        o = attention_split(q, kl, vl, k.astype(ck.dtype), v.astype(cv.dtype), m.cache, m.own,
-                            m.causal_block)
+        o = attention_split(
+            q, kl, vl, k.astype(ck.dtype), v.astype(cv.dtype), m.cache, m.own, m.causal_block
+        )
         start = _ordered_after(o, ctx.start)
         ck, cv = write_block(ck, layer, k, start), write_block(cv, layer, v, start)
     else:  # the kernel reads the block from the cache
@@ -299,8 +338,12 @@ def _layer(cfg: ModelConfig, ctx: LayerContext, lp: dict, h: jax.Array, ck: jax.
     return h, ck, cv
 
 
-def embed_tokens(params: dict, tokens: jax.Array, embeds: Optional[jax.Array] = None,
-                 embed_mask: Optional[jax.Array] = None) -> jax.Array:
+def embed_tokens(
+    params: dict,
+    tokens: jax.Array,
+    embeds: jax.Array | None = None,
+    embed_mask: jax.Array | None = None,
+) -> jax.Array:
     """Input embeddings [B, T, D]: the token embeddings, with `embeds` [B, T, D] in their place
     everywhere (no mask) or where `embed_mask` [B, T] is True."""
     if embeds is None:
@@ -311,11 +354,21 @@ def embed_tokens(params: dict, tokens: jax.Array, embeds: Optional[jax.Array] = 
     return jnp.where(embed_mask[..., None], embeds, params["embed"][tokens])
 
 
-def forward_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
-                   cache: KVCache, *, block_mask: Optional[jax.Array] = None,
-                   hidden_layers: Sequence[int] = (), impl: str = "xla",
-                   embeds: Optional[jax.Array] = None, embed_mask: Optional[jax.Array] = None,
-                   write_offset: Optional[jax.Array] = None, fresh: bool = False):
+def forward_hidden(
+    params: dict,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    *,
+    block_mask: jax.Array | None = None,
+    hidden_layers: Sequence[int] = (),
+    impl: str = "xla",
+    embeds: jax.Array | None = None,
+    embed_mask: jax.Array | None = None,
+    write_offset: jax.Array | None = None,
+    fresh: bool = False,
+):
     """Run the decoder over a block of T tokens per row.
 
     tokens, positions: [B, T] int32; the block is written at cache slots [lengths, lengths + T)
@@ -335,13 +388,13 @@ def forward_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, positions:
     impl = _choose_impl(impl, cfg, block_mask, T, write_offset)
     mask = None
     if impl == "xla":
-        mask = split_attention_masks(cache.lengths, positions, block_mask, cache.max_len,
-                                     cfg.sliding_window, write_offset)
+        mask = split_attention_masks(
+            cache.lengths, positions, block_mask, cache.max_len, cfg.sliding_window, write_offset
+        )
         if fresh:  # a default (causal) mask lets the prefill skip the upper triangle
             mask = AttentionMask(None, mask.own, PREFILL_BLOCK if causal else 0)
     start = cache.lengths if write_offset is None else cache.lengths + write_offset  # [B]
-    ctx = LayerContext(impl, rope_inv_freq(cfg), positions, mask, start, cache.lengths,
-                       block_mask)
+    ctx = LayerContext(impl, rope_inv_freq(cfg), positions, mask, start, cache.lengths, block_mask)
     h0 = embed_tokens(params, tokens, embeds, embed_mask)
     run = _run_unrolled if is_unrolled(params) else _run_scan
     h, outs, cache = run(params, cfg, ctx, h0, cache, keep=bool(hidden_layers))
@@ -354,19 +407,22 @@ def forward_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, positions:
     return Hiddens(last=last, layers=layers), cache
 
 
-def _choose_impl(impl: str, cfg: ModelConfig, block_mask: jax.Array, T: int,
-                 write_offset: Optional[jax.Array]) -> str:
+def _choose_impl(
+    impl: str, cfg: ModelConfig, block_mask: jax.Array, T: int, write_offset: jax.Array | None
+) -> str:
     """The Pallas kernel covers a block written at `lengths` with block_mask [B, T, T] (prefill,
     decode, verify) and no sliding window. Growing a draft tree (write_offset, W > T) and
     windowed models use the XLA path."""
-    if impl == "pallas" and (write_offset is not None or block_mask.shape[2] != T
-                             or cfg.sliding_window is not None):
+    if impl == "pallas" and (
+        write_offset is not None or block_mask.shape[2] != T or cfg.sliding_window is not None
+    ):
         return "xla"
     return impl
 
 
-def _run_unrolled(params: dict, cfg: ModelConfig, ctx: LayerContext, h: jax.Array,
-                  cache: KVCache, keep: bool):
+def _run_unrolled(
+    params: dict, cfg: ModelConfig, ctx: LayerContext, h: jax.Array, cache: KVCache, keep: bool
+):
     """Python-unrolled layers over per-layer weights and cache buffers: nothing is sliced out of
     a stacked array per layer (a scan's per-iteration weight slices cost ~1/3 of a decode step
     on CPU), at the price of a compile time linear in the depth. A stacked cache also works
@@ -381,8 +437,9 @@ def _run_unrolled(params: dict, cfg: ModelConfig, ctx: LayerContext, h: jax.Arra
     return h, (jnp.stack(outs) if keep else None), cache.replace(k=ck, v=cv)
 
 
-def _run_scan(params: dict, cfg: ModelConfig, ctx: LayerContext, h: jax.Array, cache: KVCache,
-              keep: bool):
+def _run_scan(
+    params: dict, cfg: ModelConfig, ctx: LayerContext, h: jax.Array, cache: KVCache, keep: bool
+):
     """`lax.scan` over stacked layers (deep models on accelerators: one layer body to compile).
     -> (h, [L, B, T, D] layer outputs or None, cache)."""
     was_per_layer = cache.per_layer
@@ -396,16 +453,25 @@ def _run_scan(params: dict, cfg: ModelConfig, ctx: LayerContext, h: jax.Array, c
         h, ck, cv = _layer(cfg, ctx, lp, h, ck, cv, layer)
         return (h, ck, cv), (h if keep else None)
 
-    (h, ck, cv), outs = jax.lax.scan(body, (h, k, v),
-                                     (params["layers"], jnp.arange(cfg.num_layers)))
+    (h, ck, cv), outs = jax.lax.scan(
+        body, (h, k, v), (params["layers"], jnp.arange(cfg.num_layers))
+    )
     if was_per_layer:
         ck, cv = tuple(ck), tuple(cv)
     return h, outs, cache.replace(k=ck, v=cv)
 
 
-def single_layer(cfg: ModelConfig, lp: dict, h: jax.Array, x: Optional[jax.Array],
-                 positions: jax.Array, cache: KVCache, *, block_mask: Optional[jax.Array] = None,
-                 write_offset: Optional[jax.Array] = None):
+def single_layer(
+    cfg: ModelConfig,
+    lp: dict,
+    h: jax.Array,
+    x: jax.Array | None,
+    positions: jax.Array,
+    cache: KVCache,
+    *,
+    block_mask: jax.Array | None = None,
+    write_offset: jax.Array | None = None,
+):
     """One decoder layer `lp` over a block (drafters built from a single layer, e.g. EAGLE).
 
     h [B, T, D] is the residual stream, x [B, T, Din] the attention input (None: rms_norm(h)).
@@ -414,11 +480,11 @@ def single_layer(cfg: ModelConfig, lp: dict, h: jax.Array, x: Optional[jax.Array
     B, T = positions.shape
     if block_mask is None:
         block_mask = causal_block_mask(B, T)
-    mask = split_attention_masks(cache.lengths, positions, block_mask, cache.max_len,
-                                 cfg.sliding_window, write_offset)
+    mask = split_attention_masks(
+        cache.lengths, positions, block_mask, cache.max_len, cfg.sliding_window, write_offset
+    )
     start = cache.lengths if write_offset is None else cache.lengths + write_offset
-    ctx = LayerContext("xla", rope_inv_freq(cfg), positions, mask, start, cache.lengths,
-                       block_mask)
+    ctx = LayerContext("xla", rope_inv_freq(cfg), positions, mask, start, cache.lengths, block_mask)
     h, ck, cv = _layer(cfg, ctx, lp, h, cache.k[0], cache.v[0], x=x)
     return h, cache.replace(k=(ck,), v=(cv,))
 
@@ -432,7 +498,8 @@ def unstack_layers(params: dict) -> dict:
     if is_unrolled(params):
         return params
     L = jax.tree.leaves(params["layers"])[0].shape[0]
-    return dict(params, layers=[jax.tree.map(lambda x: x[i], params["layers"]) for i in range(L)])
+    layers = params["layers"]
+    return dict(params, layers=[jax.tree.map(lambda x, i=i: x[i], layers) for i in range(L)])
 
 
 def stack_layers(params: dict) -> dict:
@@ -451,20 +518,41 @@ def lm_head(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     return out.astype(jnp.float32)
 
 
-def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
-            cache: KVCache, *, block_mask: Optional[jax.Array] = None,
-            hidden_layers: Sequence[int] = (), logits_at: Optional[jax.Array] = None,
-            impl: str = "xla", write_offset: Optional[jax.Array] = None, fresh: bool = False,
-            embeds: Optional[jax.Array] = None, embed_mask: Optional[jax.Array] = None):
+def forward(
+    params: dict,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    *,
+    block_mask: jax.Array | None = None,
+    hidden_layers: Sequence[int] = (),
+    logits_at: jax.Array | None = None,
+    impl: str = "xla",
+    write_offset: jax.Array | None = None,
+    fresh: bool = False,
+    embeds: jax.Array | None = None,
+    embed_mask: jax.Array | None = None,
+):
     """`forward_hidden` plus the LM head -> (logits, hiddens, cache).
 
     `logits_at` [B, M] picks the block positions whose logits are needed (prefill needs only the
     last prompt token; the head over a whole prompt would dominate prefill time).
     """
-    hiddens, cache = forward_hidden(params, cfg, tokens, positions, cache, block_mask=block_mask,
-                                    hidden_layers=hidden_layers, impl=impl,
-                                    write_offset=write_offset, fresh=fresh, embeds=embeds,
-                                    embed_mask=embed_mask)
+    hiddens, cache = forward_hidden(
+        params,
+        cfg,
+        tokens,
+        positions,
+        cache,
+        block_mask=block_mask,
+        hidden_layers=hidden_layers,
+        impl=impl,
+        write_offset=write_offset,
+        fresh=fresh,
+        embeds=embeds,
+        embed_mask=embed_mask,
+    )
     h = hiddens.last
     if logits_at is not None:
         h = jnp.take_along_axis(h, logits_at[..., None], axis=1)  # [B, M, D]
@@ -509,18 +597,34 @@ TOP_MAP = {
 def _llama_fields(get) -> dict:
     """Llama and Mistral: optional q/k/v biases and sliding window, as the config says."""
     sliding = get("sliding_window")
-    return {"attention_bias": bool(get("attention_bias", False)),
-            "sliding_window": int(sliding) if sliding else None}
+    return {
+        "attention_bias": bool(get("attention_bias", False)),
+        "sliding_window": int(sliding) if sliding else None,
+    }
 
 
 def _qwen2_fields(get) -> dict:
     # Qwen2 has q/k/v biases, and a sliding window only when `use_sliding_window` is set.
     sliding = get("sliding_window") if get("use_sliding_window", False) else None
-    return {"attention_bias": bool(get("attention_bias", True)),
-            "sliding_window": int(sliding) if sliding else None}
+    return {
+        "attention_bias": bool(get("attention_bias", True)),
+        "sliding_window": int(sliding) if sliding else None,
+    }
 
 
-for _name, _fields in (("llama", _llama_fields), ("mistral", _llama_fields),
-                       ("qwen2", _qwen2_fields)):
-    register_family(Family(name=_name, hf_fields=_fields, layer_map=LAYER_MAP, top_map=TOP_MAP,
-                           forward=forward, forward_hidden=forward_hidden, lm_head=lm_head))
+for _name, _fields in (
+    ("llama", _llama_fields),
+    ("mistral", _llama_fields),
+    ("qwen2", _qwen2_fields),
+):
+    register_family(
+        Family(
+            name=_name,
+            hf_fields=_fields,
+            layer_map=LAYER_MAP,
+            top_map=TOP_MAP,
+            forward=forward,
+            forward_hidden=forward_hidden,
+            lm_head=lm_head,
+        )
+    )

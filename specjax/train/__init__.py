@@ -2,11 +2,11 @@
 kind brings: EAGLE-1, EAGLE-3, Medusa; `losses` for the EAGLE objective, `data` for the
 self-distilled dataset, `features` for the target-feature cache). Entry point: `run_training`,
 or `specjax train-drafter` on the command line."""
+
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
 
 from specjax.train import data, recipes
 from specjax.train.trainer import CheckpointError, TrainConfig, evaluate_tau, train
@@ -38,12 +38,14 @@ def config_path(name_or_path: str) -> Path:
     if q.exists():
         return q
     names = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
-    raise ValueError(f"training config {name_or_path!r} not found; give a YAML path or one of "
-                     f"{names}")
+    raise ValueError(
+        f"training config {name_or_path!r} not found; give a YAML path or one of {names}"
+    )
 
 
-def load_configs(name_or_path: str, train_overrides: Optional[dict] = None,
-                 data_overrides: Optional[dict] = None):
+def load_configs(
+    name_or_path: str, train_overrides: dict | None = None, data_overrides: dict | None = None
+):
     """-> (TrainConfig, DataConfig) from a YAML file (its `data:` section is the DataConfig)."""
     import yaml
 
@@ -60,28 +62,67 @@ def load_configs(name_or_path: str, train_overrides: Optional[dict] = None,
     return TrainConfig.from_yaml(path, **(train_overrides or {})), DataConfig(**d)
 
 
-def run_training(target, config: str, out_dir, *, dataset=None, features=None,
-                 train_overrides=None, data_overrides=None, progress: bool = True):
+def run_training(
+    target,
+    config: str,
+    out_dir,
+    *,
+    dataset=None,
+    features=None,
+    train_overrides=None,
+    data_overrides=None,
+    progress: bool = True,
+):
     """Build (or reuse) the dataset, then train; everything lands in out_dir (the dataset and
     the feature cache too, unless `dataset` / `features` name existing ones to share)."""
     tc, dc = load_configs(config, train_overrides, data_overrides)
     out = Path(out_dir)
     prompts = data.load_prompts(dc.sources)
-    train_p, rest = data.split_prompts(prompts, dc.prompts, dc.heldout + dc.given_prompts,
-                                       dc.seed)
-    held, extra = rest[:dc.heldout], rest[dc.heldout:]
+    train_p, rest = data.split_prompts(prompts, dc.prompts, dc.heldout + dc.given_prompts, dc.seed)
+    held, extra = rest[: dc.heldout], rest[dc.heldout :]
     ds = Path(dataset) if dataset else out / "data"
     if dataset is None:  # build_dataset resumes after the shards that already exist
-        data.build_dataset(target, train_p, ds, seq_len=dc.seq_len, responses=dc.responses,
-                           max_new_tokens=dc.max_new_tokens, batch=dc.gen_batch,
-                           shard_rows=4 * dc.gen_batch, progress=progress)
+        data.build_dataset(
+            target,
+            train_p,
+            ds,
+            seq_len=dc.seq_len,
+            responses=dc.responses,
+            max_new_tokens=dc.max_new_tokens,
+            batch=dc.gen_batch,
+            shard_rows=4 * dc.gen_batch,
+            progress=progress,
+        )
         if extra:
-            data.build_dataset(target, extra, ds, seq_len=dc.seq_len, responses="given",
-                               batch=dc.gen_batch, shard_rows=4 * dc.gen_batch,
-                               progress=progress)
-    return train(target, tc, ds, out, heldout_prompts=[p["prompt"] for p in held],
-                 progress=progress, features_dir=features)
+            data.build_dataset(
+                target,
+                extra,
+                ds,
+                seq_len=dc.seq_len,
+                responses="given",
+                batch=dc.gen_batch,
+                shard_rows=4 * dc.gen_batch,
+                progress=progress,
+            )
+    return train(
+        target,
+        tc,
+        ds,
+        out,
+        heldout_prompts=[p["prompt"] for p in held],
+        progress=progress,
+        features_dir=features,
+    )
 
 
-__all__ = ["TrainConfig", "DataConfig", "train", "run_training", "load_configs",
-           "evaluate_tau", "CheckpointError", "data", "recipes"]
+__all__ = [
+    "TrainConfig",
+    "DataConfig",
+    "train",
+    "run_training",
+    "load_configs",
+    "evaluate_tau",
+    "CheckpointError",
+    "data",
+    "recipes",
+]

@@ -5,12 +5,13 @@ A dataset is a directory of `.npz` shards, each with `tokens` [n, S] int32 (chat
 then response, right-padded) and `loss_mask` [n, S] bool (True on response tokens). Shards are
 written as they are produced, so an interrupted run keeps what it finished and resumes after it.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -23,8 +24,10 @@ def default_data_dir() -> Path:
     """$SPECJAX_DATA/train, else ../shared/data/train (see `specjax.paths.data_file`)."""
     found = data_file("train")
     if found is None:
-        raise FileNotFoundError(f"training prompts not found: set ${DATA_ENV} to the data folder "
-                                f"holding train/gsm8k_train.jsonl and train/codealpaca.json")
+        raise FileNotFoundError(
+            f"training prompts not found: set ${DATA_ENV} to the data folder "
+            f"holding train/gsm8k_train.jsonl and train/codealpaca.json"
+        )
     return Path(found)
 
 
@@ -40,15 +43,23 @@ def load_prompts(sources: Sequence[str] = SOURCES, data_dir=None) -> list[dict]:
         if s == "gsm8k":
             path = data_dir / "gsm8k_train.jsonl"
             rows = [json.loads(line) for line in _read(path).splitlines() if line.strip()]
-            per.append([{"prompt": r["question"], "answer": r["answer"], "source": s}
-                        for r in rows])
+            per.append(
+                [{"prompt": r["question"], "answer": r["answer"], "source": s} for r in rows]
+            )
         else:
             path = data_dir / "codealpaca.json"
             rows = json.loads(_read(path))
-            per.append([{"prompt": r["instruction"] + (f"\n\n{r['input']}" if r.get("input")
-                                                        else ""),
-                         "answer": r.get("output") or r.get("response", ""), "source": s}
-                        for r in rows])
+            per.append(
+                [
+                    {
+                        "prompt": r["instruction"]
+                        + (f"\n\n{r['input']}" if r.get("input") else ""),
+                        "answer": r.get("output") or r.get("response", ""),
+                        "source": s,
+                    }
+                    for r in rows
+                ]
+            )
     out = []
     for i in range(max(map(len, per))):
         out.extend(rows[i] for rows in per if i < len(rows))
@@ -57,8 +68,10 @@ def load_prompts(sources: Sequence[str] = SOURCES, data_dir=None) -> list[dict]:
 
 def _read(path: Path) -> str:
     if not path.exists():
-        raise FileNotFoundError(f"training data file {path} not found (set SPECJAX_DATA to the "
-                                f"folder holding train/gsm8k_train.jsonl, train/codealpaca.json)")
+        raise FileNotFoundError(
+            f"training data file {path} not found (set SPECJAX_DATA to the "
+            f"folder holding train/gsm8k_train.jsonl, train/codealpaca.json)"
+        )
     return path.read_text()
 
 
@@ -67,7 +80,7 @@ def split_prompts(prompts: list, n_train: int, n_heldout: int, seed: int = 0):
     if n_train + n_heldout > len(prompts):
         raise ValueError(f"asked for {n_train} + {n_heldout} prompts, only {len(prompts)} exist")
     order = np.random.default_rng(seed).permutation(len(prompts))
-    pick = [prompts[i] for i in order[:n_train + n_heldout]]
+    pick = [prompts[i] for i in order[: n_train + n_heldout]]
     return pick[:n_train], pick[n_train:]
 
 
@@ -77,20 +90,29 @@ def _pack(rows: list, seq_len: int):
     mask = np.zeros((len(rows), seq_len), bool)
     for i, (p, r) in enumerate(rows):
         ids = (list(p) + list(r))[:seq_len]
-        tokens[i, :len(ids)] = ids
-        mask[i, len(p):len(ids)] = True
+        tokens[i, : len(ids)] = ids
+        mask[i, len(p) : len(ids)] = True
     return tokens, mask
 
 
-def build_dataset(model, prompts: list, out_dir, *, seq_len: int = 384, responses: str = "self",
-                  max_new_tokens: int = 256, batch: int = 16, shard_rows: int = 64,
-                  progress: bool = True) -> Path:
+def build_dataset(
+    model,
+    prompts: list,
+    out_dir,
+    *,
+    seq_len: int = 384,
+    responses: str = "self",
+    max_new_tokens: int = 256,
+    batch: int = 16,
+    shard_rows: int = 64,
+    progress: bool = True,
+) -> Path:
     """Write `prompts` as a dataset of shards under out_dir (resuming after existing shards).
 
     responses="self": the target answers each prompt greedily (self-distillation);
     "given": the dataset's own answers, teacher-forced. Both kinds may share one directory
-    (shards are named by kind) as long as they use the same seq_len. Prompts longer than seq_len - 16
-    tokens are skipped (they would leave nothing to learn)."""
+    (shards are named by kind) as long as they use the same seq_len. Prompts longer than
+    seq_len - 16 tokens are skipped (they would leave nothing to learn)."""
     from tqdm.auto import tqdm
 
     if responses not in ("self", "given"):
@@ -102,27 +124,31 @@ def build_dataset(model, prompts: list, out_dir, *, seq_len: int = 384, response
     encoded = [model.encode(p["prompt"]) for p in prompts]
     keep = [i for i, ids in enumerate(encoded) if len(ids) <= seq_len - 16]
     if prompts and not keep:  # else the only error would be "no dataset shards" later
-        raise ValueError(f"every one of the {len(prompts)} prompts is too long for seq_len "
-                         f"{seq_len}: a prompt may have at most seq_len - 16 = {seq_len - 16} "
-                         f"tokens (so that some response is left to learn); the shortest has "
-                         f"{min(map(len, encoded))}. Raise seq_len or use shorter prompts")
+        raise ValueError(
+            f"every one of the {len(prompts)} prompts is too long for seq_len "
+            f"{seq_len}: a prompt may have at most seq_len - 16 = {seq_len - 16} "
+            f"tokens (so that some response is left to learn); the shortest has "
+            f"{min(map(len, encoded))}. Raise seq_len or use shorter prompts"
+        )
     n_shards = -(-len(keep) // shard_rows)
     bar = tqdm(total=len(keep), desc=f"dataset ({responses} responses)", disable=not progress)
     for s in range(n_shards):
         path = out / f"shard_{responses}_{s:05d}.npz"
-        idx = keep[s * shard_rows:(s + 1) * shard_rows]
+        idx = keep[s * shard_rows : (s + 1) * shard_rows]
         if path.exists():
             bar.update(len(idx))
             continue
         rows = []
         for b in range(0, len(idx), batch):
-            chunk = idx[b:b + batch]
+            chunk = idx[b : b + batch]
             if responses == "self":
                 room = min(max_new_tokens, seq_len - max(len(encoded[i]) for i in chunk))
                 res = model_generate(model, [encoded[i] for i in chunk], room)
             else:
-                res = [model.tokenizer.encode(prompts[i]["answer"], add_special_tokens=False)
-                       for i in chunk]
+                res = [
+                    model.tokenizer.encode(prompts[i]["answer"], add_special_tokens=False)
+                    for i in chunk
+                ]
             rows.extend((encoded[i], r) for i, r in zip(chunk, res))
             bar.update(len(chunk))
         tokens, mask = _pack(rows, seq_len)
@@ -148,8 +174,10 @@ def read_dataset(path) -> tuple[np.ndarray, np.ndarray]:
     if not shards:
         raise FileNotFoundError(f"no dataset shards (shard_*.npz) in {path}")
     parts = [np.load(s) for s in shards]
-    return (np.concatenate([p["tokens"] for p in parts]),
-            np.concatenate([p["loss_mask"] for p in parts]))
+    return (
+        np.concatenate([p["tokens"] for p in parts]),
+        np.concatenate([p["loss_mask"] for p in parts]),
+    )
 
 
 def iterate_batches(n_rows: int, batch: int, seed: int, start_step: int = 0) -> Iterator:
@@ -162,12 +190,13 @@ def iterate_batches(n_rows: int, batch: int, seed: int, start_step: int = 0) -> 
     while True:
         epoch, i = divmod(step, per_epoch)
         perm = np.random.default_rng([seed, epoch]).permutation(n_rows)
-        yield step, perm[i * batch:(i + 1) * batch]
+        yield step, perm[i * batch : (i + 1) * batch]
         step += 1
 
 
-def draft_vocab(tokens: np.ndarray, mask: np.ndarray, size: int, vocab: int,
-                always: Optional[Sequence[int]] = None) -> np.ndarray:
+def draft_vocab(
+    tokens: np.ndarray, mask: np.ndarray, size: int, vocab: int, always: Sequence[int] | None = None
+) -> np.ndarray:
     """EAGLE-3's reduced draft vocabulary: the `size` most frequent response tokens (ties by id)
     plus `always` (e.g. EOS), as sorted target ids."""
     if not 0 < size <= vocab:

@@ -4,6 +4,7 @@ holds one shard's worth of memory and never runs the target again.
 
 What a drafter kind needs from the cache is its recipe's `feature_layers(cfg)`: the final hidden
 state is always stored; EAGLE-3 adds the target layers its fc fuses."""
+
 from __future__ import annotations
 
 import json
@@ -14,12 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.models.cache import init_cache
 from specjax.models import forward_hidden
+from specjax.models.cache import init_cache
 
 
 class Batch(NamedTuple):
     """Rows of the dataset with their cached features (numpy)."""
+
     tokens: np.ndarray  # [B, S] int
     mask: np.ndarray  # [B, S] bool: the token is a trained (response) token
     last: np.ndarray  # [B, S, D] the target's final hidden state
@@ -33,16 +35,25 @@ def _feature_fn(target, layers: tuple):
     def run(params, tokens):
         B, S = tokens.shape
         pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        cache = init_cache(cfg, B, S, params["embed"].dtype, per_layer=isinstance(
-            params["layers"], (list, tuple)))
+        cache = init_cache(
+            cfg, B, S, params["embed"].dtype, per_layer=isinstance(params["layers"], (list, tuple))
+        )
         hid, _ = forward_hidden(params, cfg, tokens, pos, cache, hidden_layers=layers, fresh=True)
         return hid.last, hid.layers
 
     return run
 
 
-def cache_features(target, dataset_dir, out_dir, layers: tuple, *, batch: int = 8,
-                   dtype: str = "float16", progress: bool = True) -> Path:
+def cache_features(
+    target,
+    dataset_dir,
+    out_dir,
+    layers: tuple,
+    *,
+    batch: int = 8,
+    dtype: str = "float16",
+    progress: bool = True,
+) -> Path:
     """The target's final hidden state (and `layers`) over every dataset row, one `.npy` pair
     per dataset shard (`last` [n, S, D], `layers` [n, len(layers), S, D]). Existing shards are
     kept, so an interrupted run resumes; memory holds one shard at a time."""
@@ -56,9 +67,11 @@ def cache_features(target, dataset_dir, out_dir, layers: tuple, *, batch: int = 
         old = json.loads(mfile.read_text())
         # A cache holding more layers serves a drafter that reads fewer (`FeatureStore` picks).
         if (old["dtype"], old["model"]) != (dtype, target.name) or not set(layers) <= set(
-                old["layers"]):
-            raise ValueError(f"feature cache {out} was written for {old}, not {meta}: use "
-                             f"another directory")
+            old["layers"]
+        ):
+            raise ValueError(
+                f"feature cache {out} was written for {old}, not {meta}: use another directory"
+            )
         layers = tuple(old["layers"])
     else:
         mfile.write_text(json.dumps(meta))
@@ -74,14 +87,17 @@ def cache_features(target, dataset_dir, out_dir, layers: tuple, *, batch: int = 
             continue
         lasts, lays = [], []
         for b in range(0, len(toks), batch):
-            chunk = toks[b:b + batch]
+            chunk = toks[b : b + batch]
             pad = batch - len(chunk)  # one compiled shape
             chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
             last, lay = run(target.params, jnp.asarray(chunk))
-            lasts.append(np.asarray(last[:batch - pad], dtype))
-            lay = np.zeros((batch, 0) + last.shape[1:], dtype) if lay is None else \
-                np.asarray(jnp.swapaxes(lay, 0, 1), dtype)
-            lays.append(lay[:batch - pad])
+            lasts.append(np.asarray(last[: batch - pad], dtype))
+            lay = (
+                np.zeros((batch, 0) + last.shape[1:], dtype)
+                if lay is None
+                else np.asarray(jnp.swapaxes(lay, 0, 1), dtype)
+            )
+            lays.append(lay[: batch - pad])
             bar.update(batch - pad)
         for name, arr in (("last", lasts), ("layers", lays)):
             tmp = f"{stem}.{name}.tmp.npy"
@@ -105,8 +121,9 @@ class FeatureStore:
             z = np.load(s)
             stem = Path(features_dir) / s.stem
             if not Path(f"{stem}.last.npy").exists():
-                raise FileNotFoundError(f"features of {s.name} missing in {features_dir}: run "
-                                        f"cache_features first")
+                raise FileNotFoundError(
+                    f"features of {s.name} missing in {features_dir}: run cache_features first"
+                )
             self.tokens.append(z["tokens"])
             self.mask.append(z["loss_mask"])
             self.last.append(np.load(f"{stem}.last.npy", mmap_mode="r"))
@@ -121,7 +138,6 @@ class FeatureStore:
         for i in idx:
             s = int(np.searchsorted(self.offsets, i, side="right") - 1)
             r = int(i - self.offsets[s])
-            parts.append((self.tokens[s][r], self.mask[s][r], self.last[s][r],
-                          self.layers[s][r]))
+            parts.append((self.tokens[s][r], self.mask[s][r], self.last[s][r], self.layers[s][r]))
         t, m, la, ly = (np.stack(x) for x in zip(*parts))
         return Batch(t, m, la, np.swapaxes(ly[:, self.pick], 0, 1))

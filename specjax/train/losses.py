@@ -11,6 +11,7 @@ step 0 plus the diagonal rows j - i + s of steps s = 1..i (itself included). All
 into one KV window of S * steps slots and each sees exactly those slots through a block mask,
 so the same single-layer code serves training and drafting. Step i's loss is weighted 0.8^i.
 """
+
 from __future__ import annotations
 
 import jax
@@ -45,9 +46,16 @@ def draft_steps(cfg: F.EagleConfig, params: dict, feats, tokens, steps: int):
     cache = init_cache(cfg.layer, B, T * steps, feats.dtype, per_layer=True)
     outs, inp = [], feats
     for i in range(steps):
-        out, cache = F.draft_block(cfg, params, inp, tokens[:, 1:], pos, cache,
-                                   block_mask=jnp.broadcast_to(masks[i], (B,) + masks[i].shape),
-                                   write_offset=jnp.full((B,), i * T, jnp.int32))
+        out, cache = F.draft_block(
+            cfg,
+            params,
+            inp,
+            tokens[:, 1:],
+            pos,
+            cache,
+            block_mask=jnp.broadcast_to(masks[i], (B,) + masks[i].shape),
+            write_offset=jnp.full((B,), i * T, jnp.int32),
+        )
         outs.append(out)
         # Row j of the next step drafts from this step's output at row j - 1.
         inp = jnp.concatenate([jnp.zeros_like(out[:, :1]), out[:, :-1]], axis=1)
@@ -60,8 +68,19 @@ def _soft_ce(logits, target_logits):
     return -jnp.sum(p * jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
 
-def eagle_loss(cfg: F.EagleConfig, params: dict, target_cfg, hiddens, target_logits, tokens,
-               loss_mask, *, steps: int = 3, decay: float = 0.8, feature_weight: float = 1.0):
+def eagle_loss(
+    cfg: F.EagleConfig,
+    params: dict,
+    target_cfg,
+    hiddens,
+    target_logits,
+    tokens,
+    loss_mask,
+    *,
+    steps: int = 3,
+    decay: float = 0.8,
+    feature_weight: float = 1.0,
+):
     """-> (loss, metrics {"acc": [steps] top-1 agreement with the target, "ce": [steps]}).
 
     hiddens: the target's Hiddens over positions 0..S-2 (version 3 fuses `layers` through the
@@ -86,7 +105,7 @@ def eagle_loss(cfg: F.EagleConfig, params: dict, target_cfg, hiddens, target_log
             nxt = jnp.concatenate([feats[:, 1:], feats[:, -1:]], axis=1)
             sl1 = jnp.sum(_smooth_l1(outs[i] - nxt).mean(-1) * w) / n
             step_loss = feature_weight * sl1 + 0.1 * ce  # EAGLE-1's weighting
-        loss = loss + decay ** i * step_loss
+        loss = loss + decay**i * step_loss
         accs.append(jnp.sum((jnp.argmax(logits, -1) == tgt_top) * w) / n)
         ces.append(ce)
     return loss, {"acc": jnp.stack(accs), "ce": jnp.stack(ces)}

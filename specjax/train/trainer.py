@@ -19,13 +19,14 @@ To train a new kind of drafter, add one module to `specjax/train/recipes/` with 
 satisfies `recipes.Recipe`, and one line to `recipes.RECIPES`; `TrainConfig(kind=...)` then
 accepts its name and nothing here changes.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +52,7 @@ class TrainConfig:
     ttt_steps: int = 3  # training-time test steps (1: plain teacher forcing)
     ttt_decay: float = 0.8
     draft_vocab: int = 8192  # eagle3: the most frequent response tokens
-    intermediate_size: Optional[int] = None  # the drafter's MLP width (default: the target's)
+    intermediate_size: int | None = None  # the drafter's MLP width (default: the target's)
     medusa_heads: int = 4  # medusa: number of heads
     medusa_positions: int = 512  # medusa: positions sampled per step (heads need no context)
     dtype: str = "float32"  # compute dtype of the step (optimizer state stays float32)
@@ -75,7 +76,7 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
 
     @classmethod
-    def from_yaml(cls, path, **overrides) -> "TrainConfig":
+    def from_yaml(cls, path, **overrides) -> TrainConfig:
         import yaml
 
         raw = yaml.safe_load(Path(path).read_text()) or {}
@@ -90,13 +91,16 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- the step
 
+
 def make_optimizer(cfg: TrainConfig):
     warm = min(cfg.warmup, cfg.steps - 1) or 1
     # Warmup starts at lr / warmup, not 0, so the first step already updates.
-    sched = optax.warmup_cosine_decay_schedule(cfg.lr / warm, cfg.lr, warm,
-                                               cfg.steps, end_value=cfg.lr * 0.05)
-    return optax.chain(optax.clip_by_global_norm(cfg.clip),
-                       optax.adamw(sched, weight_decay=cfg.weight_decay)), sched
+    sched = optax.warmup_cosine_decay_schedule(
+        cfg.lr / warm, cfg.lr, warm, cfg.steps, end_value=cfg.lr * 0.05
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip), optax.adamw(sched, weight_decay=cfg.weight_decay)
+    ), sched
 
 
 def make_step(loss_fn: Callable, optimizer, frozen: tuple = ()):
@@ -110,7 +114,8 @@ def make_step(loss_fn: Callable, optimizer, frozen: tuple = ()):
         trainable = {k: v for k, v in params.items() if k not in frozen}
         fixed = {k: v for k, v in params.items() if k in frozen}
         (loss, metrics), grads = jax.value_and_grad(
-            lambda tr: loss_fn(dict(tr, **fixed), shared, *inputs), has_aux=True)(trainable)
+            lambda tr: loss_fn(dict(tr, **fixed), shared, *inputs), has_aux=True
+        )(trainable)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         return dict(trainable, **fixed), opt_state, loss, metrics
@@ -120,6 +125,7 @@ def make_step(loss_fn: Callable, optimizer, frozen: tuple = ()):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+
 class CheckpointError(ValueError):
     pass
 
@@ -127,8 +133,9 @@ class CheckpointError(ValueError):
 def _manager(ckpt_dir: Path, keep: int = 2):
     import orbax.checkpoint as ocp
 
-    return ocp.CheckpointManager(ckpt_dir.absolute(), options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True))
+    return ocp.CheckpointManager(
+        ckpt_dir.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    )
 
 
 def _save(mgr, step: int, params, opt_state):
@@ -145,14 +152,17 @@ def _restore(mgr, step: int, params, opt_state, ckpt_dir):
     try:
         got = mgr.restore(step, args=ocp.args.StandardRestore(like))
     except Exception as e:  # orbax raises many types for unreadable or mismatched trees
-        raise CheckpointError(f"cannot restore the checkpoint of step {step} in {ckpt_dir}: "
-                              f"{type(e).__name__}: {str(e)[:300]}") from e
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(like)[0],
-                            jax.tree.leaves(got)):
+        raise CheckpointError(
+            f"cannot restore the checkpoint of step {step} in {ckpt_dir}: "
+            f"{type(e).__name__}: {str(e)[:300]}"
+        ) from e
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(like)[0], jax.tree.leaves(got)):
         if np.shape(a) != np.shape(b):
-            raise CheckpointError(f"checkpoint {ckpt_dir} step {step}: "
-                                  f"{jax.tree_util.keystr(path)} has shape {np.shape(b)}, this run "
-                                  f"expects {np.shape(a)}")
+            raise CheckpointError(
+                f"checkpoint {ckpt_dir} step {step}: "
+                f"{jax.tree_util.keystr(path)} has shape {np.shape(b)}, this run "
+                f"expects {np.shape(a)}"
+            )
     return got["params"], got["opt_state"]
 
 
@@ -174,20 +184,35 @@ def _check_run_config(out: Path, record: dict):
     if f.exists():
         old = json.loads(f.read_text())
         old, new = _flatten(old), _flatten(record)
-        diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-                if old.get(k) != new.get(k)}
+        diff = {
+            k: (old.get(k), new.get(k))
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)
+        }
         if diff:
-            raise CheckpointError(f"{out} holds a run with a different configuration; differing "
-                                  f"(saved, requested): {diff}. Use a new --out directory.")
+            raise CheckpointError(
+                f"{out} holds a run with a different configuration; differing "
+                f"(saved, requested): {diff}. Use a new --out directory."
+            )
     else:
         f.write_text(json.dumps(record, indent=1, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------- training
 
-def train(target, tc: TrainConfig, dataset_dir, out_dir, *, heldout_prompts=(),
-          progress: bool = True, stop_after: Optional[int] = None, log=print,
-          features_dir=None):
+
+def train(
+    target,
+    tc: TrainConfig,
+    dataset_dir,
+    out_dir,
+    *,
+    heldout_prompts=(),
+    progress: bool = True,
+    stop_after: int | None = None,
+    log=print,
+    features_dir=None,
+):
     """Train (or resume) a drafter of kind `tc.kind` -> (its config, params, history).
 
     `features_dir`: where the target's features are cached (default OUT/features; drafters
@@ -203,12 +228,25 @@ def train(target, tc: TrainConfig, dataset_dir, out_dir, *, heldout_prompts=(),
     out.mkdir(parents=True, exist_ok=True)
     tokens_all, mask_all = data_lib.read_dataset(dataset_dir)
     dcfg = recipe.drafter_config(target, tc, tokens_all, mask_all, out)
-    _check_run_config(out, {"train": dataclasses.asdict(tc), "drafter": dcfg.to_dict(),
-                            "target": target.name, "dataset": str(Path(dataset_dir).absolute()),
-                            "rows": int(tokens_all.shape[0])})
+    _check_run_config(
+        out,
+        {
+            "train": dataclasses.asdict(tc),
+            "drafter": dcfg.to_dict(),
+            "target": target.name,
+            "dataset": str(Path(dataset_dir).absolute()),
+            "rows": int(tokens_all.shape[0]),
+        },
+    )
     layers = recipe.feature_layers(dcfg)
-    feat_dir = cache_features(target, dataset_dir, features_dir or out / "features", layers,
-                              dtype=tc.feature_dtype, progress=progress)
+    feat_dir = cache_features(
+        target,
+        dataset_dir,
+        features_dir or out / "features",
+        layers,
+        dtype=tc.feature_dtype,
+        progress=progress,
+    )
     store = FeatureStore(dataset_dir, feat_dir, layers)
     params = recipe.init_params(tc, dcfg, out)
     optimizer, sched = make_optimizer(tc)
@@ -231,13 +269,19 @@ def train(target, tc: TrainConfig, dataset_dir, out_dir, *, heldout_prompts=(),
             break
         inputs, n_tokens = recipe.step_inputs(tc, dcfg, store.batch(idx), step)
         seen += n_tokens
-        params, opt_state, loss, metrics = step_fn(params, opt_state, shared,
-                                                   *map(jnp.asarray, inputs))
+        params, opt_state, loss, metrics = step_fn(
+            params, opt_state, shared, *map(jnp.asarray, inputs)
+        )
         done = step + 1
         if done % tc.log_every == 0 or done == end:
             acc = np.asarray(metrics["acc"], np.float64).round(3).tolist()
-            rec = {"step": done, "loss": float(loss), "acc": acc, "lr": float(sched(step)),
-                   "tok_per_s": seen / (time.perf_counter() - t0)}
+            rec = {
+                "step": done,
+                "loss": float(loss),
+                "acc": acc,
+                "lr": float(sched(step)),
+                "tok_per_s": seen / (time.perf_counter() - t0),
+            }
             if "ce" in metrics:
                 rec["ce"] = np.asarray(metrics["ce"], np.float64).round(4).tolist()
             history.append(rec)
@@ -251,8 +295,7 @@ def train(target, tc: TrainConfig, dataset_dir, out_dir, *, heldout_prompts=(),
     bar.close()
     if end == tc.steps:
         if heldout_prompts and (not tc.eval_every or tc.steps % tc.eval_every):
-            _log_tau(target, recipe, dcfg, params, heldout_prompts, tc, tc.steps, out, history,
-                     log)
+            _log_tau(target, recipe, dcfg, params, heldout_prompts, tc, tc.steps, out, history, log)
         recipe.export(out / "drafter", dcfg, jax.device_get(params), target.config)
     return dcfg, params, history
 
@@ -288,7 +331,7 @@ def evaluate_tau(target, drafter, prompts, *, new_tokens: int = 64) -> float:
 
 def _log_tau(target, recipe, dcfg, params, prompts, tc, step, out, history, log):
     drafter = recipe.eval_drafter(dcfg, jax.device_get(params))
-    tau = evaluate_tau(target, drafter, prompts[:tc.eval_prompts], new_tokens=tc.eval_new_tokens)
+    tau = evaluate_tau(target, drafter, prompts[: tc.eval_prompts], new_tokens=tc.eval_new_tokens)
     rec = {"step": step, "tau": tau}
     history.append(rec)
     _append_history(out, rec)

@@ -9,10 +9,12 @@ checkpoints, resume, logging, the eval schedule).
 
 A new kind is one new module here with a class satisfying `Recipe`, plus one line in `RECIPES`.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from specjax.train.recipes.eagle import Eagle
 from specjax.train.recipes.eagle3 import Eagle3
@@ -33,25 +35,25 @@ class Recipe(Protocol):
     # Param keys the optimizer never updates nor keeps state for (EAGLE-3's d2t index map).
     frozen: tuple
 
-    def drafter_config(self, target, tc: "TrainConfig", tokens, mask, out: Path) -> Any:
+    def drafter_config(self, target, tc: TrainConfig, tokens, mask, out: Path) -> Any:
         """The drafter's static config (has `to_dict`). tokens, mask [rows, S]: the whole
         dataset; out: the run directory."""
 
     def feature_layers(self, cfg) -> tuple:
         """The target layers the feature cache must hold besides the final hidden state."""
 
-    def init_params(self, tc: "TrainConfig", cfg, out: Path) -> dict:
+    def init_params(self, tc: TrainConfig, cfg, out: Path) -> dict:
         """Fresh float32 params (the target's embedding / head are not among them)."""
 
-    def loss_fn(self, tc: "TrainConfig", cfg, target_cfg) -> Callable:
+    def loss_fn(self, tc: TrainConfig, cfg, target_cfg) -> Callable:
         """(params, shared, *inputs) -> (float32 loss, metrics with "acc" [steps or heads]);
         shared: the target's "embed" (and "lm_head"), never trained."""
 
-    def step_inputs(self, tc: "TrainConfig", cfg, batch: "Batch", step: int) -> tuple:
+    def step_inputs(self, tc: TrainConfig, cfg, batch: Batch, step: int) -> tuple:
         """-> (numpy inputs of `loss_fn` for this batch, tokens trained on, for tok/s).
         Depends only on (batch, step, tc.seed), so a resumed run sees the same inputs."""
 
-    def eval_drafter(self, cfg, params, tree=None) -> "Drafter":
+    def eval_drafter(self, cfg, params, tree=None) -> Drafter:
         """The drafter `generate` runs for held-out tau (`tree`: its default shape if None)."""
 
     def export(self, path, cfg, params, target_cfg) -> None:

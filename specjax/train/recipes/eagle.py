@@ -3,6 +3,7 @@ state, trained with training-time test on the cached feature sequences (`losses.
 soft cross-entropy against the target's full-vocabulary next-token distribution plus EAGLE-1's
 smooth-L1 feature regression), exported in the HF EAGLE format. `eagle3.Eagle3` changes only
 what differs for EAGLE-3 (fused layers, draft vocabulary)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +22,9 @@ EVAL_TREE = drafters.DynamicTree(nodes=8, depth=4, top_k=3)
 
 def cast_floats(tree, dtype):
     """The floating leaves of `tree` in `dtype`; integer index maps (d2t) stay as they are."""
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-                        else x, tree)
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
 
 
 class Eagle:
@@ -55,8 +57,9 @@ class Eagle:
             p = cast_floats(dict(params, target=shared), compute)
             hid = self.hiddens(last[:, :-1], layers[:, :, :-1], compute)
             tl = self.teacher_logits(params, shared, target_cfg, last[:, 1:].astype(jnp.float32))
-            value, metrics = eagle_loss(cfg, p, target_cfg, hid, tl, tokens, mask,
-                                        steps=tc.ttt_steps, decay=tc.ttt_decay)
+            value, metrics = eagle_loss(
+                cfg, p, target_cfg, hid, tl, tokens, mask, steps=tc.ttt_steps, decay=tc.ttt_decay
+            )
             return value.astype(jnp.float32), metrics
 
         return loss

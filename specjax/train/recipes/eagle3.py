@@ -3,6 +3,7 @@ three target layers (low, mid, high) through its fc, drops the feature regressio
 (`losses.eagle_loss` reads the version) and drafts over a reduced vocabulary: the most frequent
 response tokens of the dataset, chosen once per run and saved as OUT/d2t.npy, so a resumed run
 keeps the same head. The d2t index map is part of the params but never trained."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,15 +26,21 @@ class Eagle3(Eagle):
         vocab = target.config.vocab_size
         f = Path(out) / "d2t.npy"
         if not f.exists():  # fixed once per run: a resumed run must keep the same head
-            np.save(f, data_lib.draft_vocab(tokens, mask, min(tc.draft_vocab, vocab), vocab,
-                                            always=target.eos_token_ids))
+            np.save(
+                f,
+                data_lib.draft_vocab(
+                    tokens, mask, min(tc.draft_vocab, vocab), vocab, always=target.eos_token_ids
+                ),
+            )
         size = int(np.load(f).shape[0])
-        return F.make_config(target.config, 3, intermediate_size=tc.intermediate_size,
-                             draft_vocab=size)
+        return F.make_config(
+            target.config, 3, intermediate_size=tc.intermediate_size, draft_vocab=size
+        )
 
     def init_params(self, tc, cfg: F.EagleConfig, out: Path) -> dict:
-        return F.init_params(cfg, jax.random.key(tc.seed), jnp.float32,
-                             d2t=np.load(Path(out) / "d2t.npy"))
+        return F.init_params(
+            cfg, jax.random.key(tc.seed), jnp.float32, d2t=np.load(Path(out) / "d2t.npy")
+        )
 
     def hiddens(self, last, layers, compute) -> Hiddens:
         return Hiddens(last=last.astype(compute), layers=layers.astype(compute))

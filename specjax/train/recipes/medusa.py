@@ -3,6 +3,7 @@ hidden state, zero-initialised (each starts as the target's next-token head). A 
 context, so a step trains on positions sampled from the batch (`sample_positions`) instead of
 whole sequences: the H full-vocabulary heads dominate the cost. Exported with
 `medusa_heads.save_medusa`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,15 +25,14 @@ def sample_positions(tokens, mask, last, heads: int, n: int, rng):
     [n, D], labels [n, heads] (tokens t+2 .. t+1+heads), valid [n, heads]."""
     B, S = tokens.shape
     ok = np.zeros((B, S), bool)
-    ok[:, :S - 2] = mask[:, 2:]
+    ok[:, : S - 2] = mask[:, 2:]
     rows, cols = np.nonzero(ok)
     pick = rng.choice(len(rows), n, replace=len(rows) < n)
     r, c = rows[pick], cols[pick]
     ahead = c[:, None] + 2 + np.arange(heads)[None, :]
     inside = ahead < S
     ahead = np.minimum(ahead, S - 1)
-    return (last[r, c], tokens[r[:, None], ahead],
-            inside & mask[r[:, None], ahead])
+    return (last[r, c], tokens[r[:, None], ahead], inside & mask[r[:, None], ahead])
 
 
 class Medusa:
@@ -52,8 +52,8 @@ class Medusa:
         def loss(params, shared, h, labels, valid):
             """h [P, D] features of the sampled positions; labels, valid [P, heads]."""
             value, acc = medusa_heads.medusa_position_loss(
-                cfg, dict(params, target=shared), target_cfg, h.astype(jnp.float32), labels,
-                valid)
+                cfg, dict(params, target=shared), target_cfg, h.astype(jnp.float32), labels, valid
+            )
             return value, {"acc": acc}
 
         return loss
@@ -61,12 +61,13 @@ class Medusa:
     def step_inputs(self, tc, cfg: MedusaConfig, batch, step: int) -> tuple:
         # Seeded by (seed, step) alone: a resumed run samples the same positions.
         rng = np.random.default_rng([tc.seed, step, 1])
-        picked = sample_positions(batch.tokens, batch.mask, batch.last, cfg.num_heads,
-                                  tc.medusa_positions, rng)
+        picked = sample_positions(
+            batch.tokens, batch.mask, batch.last, cfg.num_heads, tc.medusa_positions, rng
+        )
         return picked, tc.medusa_positions
 
     def eval_drafter(self, cfg: MedusaConfig, params, tree=None):
-        choices = EVAL_CHOICES[:8 if cfg.num_heads >= 4 else 3]
+        choices = EVAL_CHOICES[: 8 if cfg.num_heads >= 4 else 3]
         return drafters.medusa((cfg, params), tree=tree or drafters.StaticTree(choices))
 
     def export(self, path, cfg: MedusaConfig, params, target_cfg) -> None:
