@@ -38,10 +38,9 @@ from collections.abc import Callable, Sequence
 import jax
 
 from specjax import engine
-from specjax.drafters.base import Drafter, TargetStep
+from specjax.drafters.base import Drafter
 from specjax.engine.loop import emit
-from specjax.engine.verify import _padded_step, size_index, verifier_for
-from specjax.models import forward
+from specjax.engine.verify import _padded_step, size_index, target_forward, verifier_for
 
 PARTS = ("propose", "verify forward", "accept/emit", "commit")
 ROWS = (
@@ -111,18 +110,7 @@ def _propose(dparams, sp, state, *, ec):
 @functools.partial(jax.jit, static_argnames=("ec",), donate_argnums=(2,))
 def _verify_forward(params, part, state, *, ec):
     """The target forward over the block the engine builds for `part` (None: a plain step)."""
-    blk = verifier_for(part).block(part, state.last, state.pos)
-    logits, hiddens, cache = forward(
-        params,
-        ec.target,
-        blk.tokens,
-        blk.positions,
-        state.cache,
-        block_mask=blk.mask,
-        hidden_layers=ec.hidden_layers,
-        impl=ec.impl,
-    )
-    return logits, TargetStep(blk.tokens, hiddens), cache
+    return target_forward(params, state, part, ec)
 
 
 @functools.partial(jax.jit, static_argnames=("ec",), donate_argnums=(3,))

@@ -135,11 +135,10 @@ def verifier_for(draft: AnyDraft) -> Verifier:
 # ----------------------------------------------------------------------------- verification
 
 
-def verify_block(params, state: LoopState, draft: AnyDraft, key, sp, ec: EngineConfig):
-    """Verify the whole of `draft` (None: a plain step) -> (Verified, target cache with the
-    accepted tokens committed, TargetStep of the forward)."""
-    v = verifier_for(draft)
-    blk = v.block(draft, state.last, state.pos)
+def target_forward(params, state: LoopState, draft: AnyDraft, ec: EngineConfig):
+    """The target's forward over the block the engine verifies for `draft` (None: a plain
+    step) -> (logits [B, T, V], TargetStep, cache with the block written, uncommitted)."""
+    blk = verifier_for(draft).block(draft, state.last, state.pos)
     logits, hiddens, cache = forward(
         params,
         ec.target,
@@ -150,8 +149,16 @@ def verify_block(params, state: LoopState, draft: AnyDraft, key, sp, ec: EngineC
         hidden_layers=ec.hidden_layers,
         impl=ec.impl,
     )
+    return logits, TargetStep(blk.tokens, hiddens), cache
+
+
+def verify_block(params, state: LoopState, draft: AnyDraft, key, sp, ec: EngineConfig):
+    """Verify the whole of `draft` (None: a plain step) -> (Verified, target cache with the
+    accepted tokens committed, TargetStep of the forward)."""
+    v = verifier_for(draft)
+    logits, step, cache = target_forward(params, state, draft, ec)
     verified = v.accept(key, logits, draft, sp, ec)
-    return verified, v.commit(cache, verified, ~state.done), TargetStep(blk.tokens, hiddens)
+    return verified, v.commit(cache, verified, ~state.done), step
 
 
 def size_index(size: jax.Array, active: jax.Array, sizes: tuple) -> jax.Array:
