@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.typing import DTypeLike
 
 from specjax.models.config import ModelConfig
 
@@ -41,7 +42,11 @@ class KVCache:
 
 
 def init_cache(
-    cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, per_layer: bool = False
+    cfg: ModelConfig,
+    batch: int,
+    max_len: int,
+    dtype: DTypeLike = jnp.float32,
+    per_layer: bool = False,
 ) -> KVCache:
     shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     if per_layer:
@@ -70,7 +75,7 @@ def gather_slots(cache: KVCache, src: jax.Array, n_new: jax.Array) -> KVCache:
     from_slot = cache.lengths[:, None] + src  # [B, M]
     to_slot = cache.lengths[:, None] + jnp.arange(M)[None, :]  # [B, M]
 
-    def move(x):  # x: [B, KV, S, hd], one layer
+    def move(x: jax.Array) -> jax.Array:  # x: [B, KV, S, hd], one layer
         picked = jnp.take_along_axis(x, from_slot[:, None, :, None], axis=2)  # [B, KV, M, hd]
         idx = (
             jnp.arange(B)[:, None, None],

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
+
+if TYPE_CHECKING:  # both import this module
+    from specjax.models.cache import KVCache
+    from specjax.models.config import ModelConfig
 
 
 class Hiddens(NamedTuple):
@@ -53,7 +57,7 @@ def register_family(family: Family) -> Family:
     return family
 
 
-def family_of(model_type_or_cfg) -> Family:
+def family_of(model_type_or_cfg: ModelConfig | str) -> Family:
     """The Family of a `ModelConfig` or an HF model_type; ValueError naming the supported ones."""
     name = getattr(model_type_or_cfg, "model_type", model_type_or_cfg)
     if name not in FAMILIES:
@@ -61,16 +65,20 @@ def family_of(model_type_or_cfg) -> Family:
     return FAMILIES[name]
 
 
-def forward(params: dict, cfg, *args, **kwargs):
+def forward(
+    params: dict, cfg: ModelConfig, *args: Any, **kwargs: Any
+) -> tuple[jax.Array, Hiddens, KVCache]:
     """The model's forward over a block -> (logits, hiddens, cache) (see the family's docs)."""
     return family_of(cfg).forward(params, cfg, *args, **kwargs)
 
 
-def forward_hidden(params: dict, cfg, *args, **kwargs):
+def forward_hidden(
+    params: dict, cfg: ModelConfig, *args: Any, **kwargs: Any
+) -> tuple[Hiddens, KVCache]:
     """The model's decoder without the head -> (hiddens, cache)."""
     return family_of(cfg).forward_hidden(params, cfg, *args, **kwargs)
 
 
-def lm_head(params: dict, cfg, h):
+def lm_head(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     """Hidden states [..., D] -> float32 logits [..., V]."""
     return family_of(cfg).lm_head(params, cfg, h)

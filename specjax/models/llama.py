@@ -19,8 +19,8 @@ kv head, d head dim.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -173,11 +173,11 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
 
 def attention_split(
     q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
+    k: jax.Array | None,
+    v: jax.Array | None,
     k_new: jax.Array,
     v_new: jax.Array,
-    cache_mask: jax.Array,
+    cache_mask: jax.Array | None,
     own_mask: jax.Array,
     causal_block: int = 0,
 ) -> jax.Array:
@@ -236,7 +236,15 @@ def _causal_blocks(
     return jnp.concatenate(outs, axis=1)
 
 
-def _attention(impl: str, q, k, v, mask, lengths, block_mask):
+def _attention(
+    impl: str,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    lengths: jax.Array,
+    block_mask: jax.Array,
+) -> jax.Array:
     """q [B,T,H,hd], k/v [B,KV,S,hd]. "xla" reads the dense `mask` [B,T,S]; "pallas" derives the
     same visibility from `lengths` [B] and `block_mask` [B,T,T] (block written at `lengths`)."""
     if impl == "xla":
@@ -300,7 +308,7 @@ def _layer(
     cv: jax.Array,
     layer: jax.Array | None = None,
     x: jax.Array | None = None,
-):
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decoder layer -> (h, ck, cv). Writes this block's K/V into layer `layer` of the
     stacked cache carry (or into the per-layer buffers ck, cv when `layer` is None). `x`, when
     given, is the attention input in place of `rms_norm(h)` (EAGLE layers feed [embedding;
@@ -368,7 +376,7 @@ def forward_hidden(
     embed_mask: jax.Array | None = None,
     write_offset: jax.Array | None = None,
     fresh: bool = False,
-):
+) -> tuple[Hiddens, KVCache]:
     """Run the decoder over a block of T tokens per row.
 
     tokens, positions: [B, T] int32; the block is written at cache slots [lengths, lengths + T)
@@ -422,7 +430,7 @@ def _choose_impl(
 
 def _run_unrolled(
     params: dict, cfg: ModelConfig, ctx: LayerContext, h: jax.Array, cache: KVCache, keep: bool
-):
+) -> tuple[jax.Array, jax.Array | None, KVCache]:
     """Python-unrolled layers over per-layer weights and cache buffers: nothing is sliced out of
     a stacked array per layer (a scan's per-iteration weight slices cost ~1/3 of a decode step
     on CPU), at the price of a compile time linear in the depth. A stacked cache also works
@@ -439,7 +447,7 @@ def _run_unrolled(
 
 def _run_scan(
     params: dict, cfg: ModelConfig, ctx: LayerContext, h: jax.Array, cache: KVCache, keep: bool
-):
+) -> tuple[jax.Array, jax.Array | None, KVCache]:
     """`lax.scan` over stacked layers (deep models on accelerators: one layer body to compile).
     -> (h, [L, B, T, D] layer outputs or None, cache)."""
     was_per_layer = cache.per_layer
@@ -447,9 +455,11 @@ def _run_scan(
     if was_per_layer:
         k, v = jnp.stack(k), jnp.stack(v)
 
-    def body(carry, xs):
-        h, ck, cv = carry
-        lp, layer = xs
+    def body(
+        carry: tuple[jax.Array, jax.Array, jax.Array], xs: tuple[dict, jax.Array]
+    ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], jax.Array | None]:
+        h, ck, cv = carry  # h [B, T, D]; ck, cv [L, B, KV, S, hd]
+        lp, layer = xs  # one layer's weights, its index []
         h, ck, cv = _layer(cfg, ctx, lp, h, ck, cv, layer)
         return (h, ck, cv), (h if keep else None)
 
@@ -471,7 +481,7 @@ def single_layer(
     *,
     block_mask: jax.Array | None = None,
     write_offset: jax.Array | None = None,
-):
+) -> tuple[jax.Array, KVCache]:
     """One decoder layer `lp` over a block (drafters built from a single layer, e.g. EAGLE).
 
     h [B, T, D] is the residual stream, x [B, T, Din] the attention input (None: rms_norm(h)).
@@ -533,7 +543,7 @@ def forward(
     fresh: bool = False,
     embeds: jax.Array | None = None,
     embed_mask: jax.Array | None = None,
-):
+) -> tuple[jax.Array, Hiddens, KVCache]:
     """`forward_hidden` plus the LM head -> (logits, hiddens, cache).
 
     `logits_at` [B, M] picks the block positions whose logits are needed (prefill needs only the
@@ -594,7 +604,7 @@ TOP_MAP = {
 }
 
 
-def _llama_fields(get) -> dict:
+def _llama_fields(get: Callable[..., Any]) -> dict:
     """Llama and Mistral: optional q/k/v biases and sliding window, as the config says."""
     sliding = get("sliding_window")
     return {
@@ -603,7 +613,7 @@ def _llama_fields(get) -> dict:
     }
 
 
-def _qwen2_fields(get) -> dict:
+def _qwen2_fields(get: Callable[..., Any]) -> dict:
     # Qwen2 has q/k/v biases, and a sliding window only when `use_sliding_window` is set.
     sliding = get("sliding_window") if get("use_sliding_window", False) else None
     return {
