@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ class SamplingMode:
     use_top_p: bool = False
 
 
-def _number(name: str, value, integral: bool = False):
+def _number(name: str, value: Any, integral: bool = False) -> int | float:
     """A user's sampling setting as a Python number: ints and floats, numpy scalars included;
     bools (an easy slip for a flag) and strings are refused by name."""
     kind = numbers.Integral if integral else numbers.Real
@@ -36,7 +37,9 @@ def _number(name: str, value, integral: bool = False):
     return int(value) if integral else float(value)
 
 
-def make_sampling(temperature: float, top_k: int | None, top_p: float | None):
+def make_sampling(
+    temperature: float, top_k: int | None, top_p: float | None
+) -> tuple[SamplingMode, dict[str, jax.Array]]:
     """Validate user settings -> (SamplingMode, traced params dict)."""
     if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real):
         raise ValueError(
@@ -94,7 +97,9 @@ def sample_token(key: jax.Array, logits: jax.Array, mode: SamplingMode, sp: dict
     return jax.random.categorical(key, process_logits(logits, mode, sp), axis=-1).astype(jnp.int32)
 
 
-def pick_token(logits: jax.Array, key, mode: SamplingMode, sp):
+def pick_token(
+    logits: jax.Array, key: jax.Array, mode: SamplingMode, sp: dict
+) -> tuple[jax.Array, jax.Array | None]:
     """A drafter's choice -> (token [B], processed log-probs [B, V] or None when greedy): the
     argmax at temperature 0, else a sample from the processed distribution (which speculative
     sampling then needs as q)."""
@@ -104,6 +109,6 @@ def pick_token(logits: jax.Array, key, mode: SamplingMode, sp):
     return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32), logp
 
 
-def rank_logp(logits: jax.Array, mode: SamplingMode, sp) -> jax.Array:
+def rank_logp(logits: jax.Array, mode: SamplingMode, sp: dict) -> jax.Array:
     """Log-probs that rank a drafter's tree candidates: the distribution sampling would use."""
     return jax.nn.log_softmax(logits, -1) if mode.greedy else process_logits(logits, mode, sp)

@@ -8,6 +8,7 @@ weights (a `PartitionSpec` per param leaf) and multi-host TPU pods.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -23,7 +24,7 @@ def make_mesh(devices: Sequence | None = None) -> Mesh:
     return Mesh(devs.reshape(-1), ("data",))
 
 
-def place(mesh: Mesh, params, dparams, args: dict):
+def place(mesh: Mesh, params: dict, dparams: Any, args: dict) -> tuple[dict, Any, dict]:
     """Replicate params, shard the batch dimension of the per-row inputs over "data"."""
     if "data" not in mesh.axis_names:
         raise ValueError(f"mesh needs a 'data' axis for the batch; it has {mesh.axis_names}")
