@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,15 @@ from flax import struct
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
 from specjax.models.family import Hiddens
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from specjax.model import Model
+    from specjax.sampling import SamplingMode
+
+# A drafter's param pytree (nested dicts of arrays; None for a drafter without params, n-gram).
+Params = Any
 
 
 class Tree(NamedTuple):
@@ -161,7 +170,7 @@ class DrafterSpec:
 
     hidden_layers: tuple = ()  # target hidden states the drafter reads (HF hidden_states index)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
             raise ValueError(f"draft length k must be a positive int, got {self.k!r}")
 
@@ -190,16 +199,32 @@ class DrafterSpec:
         that sets `size` on its drafts may be verified with; each is one compiled branch."""
         return (self.nodes,)
 
-    def init(self, params, prefill: TargetPrefill, max_len: int) -> Any:
+    def init(self, params: Params, prefill: TargetPrefill, max_len: int) -> Any:
         raise NotImplementedError
 
-    def propose(self, params, state, last, key, mode, sp):
+    def propose(
+        self,
+        params: Params,
+        state: Any,
+        last: jax.Array,  # [B] int32
+        key: jax.Array,
+        mode: SamplingMode,
+        sp: dict,
+    ) -> tuple[Draft | TreeDraft, Any]:
         raise NotImplementedError
 
-    def commit(self, params, state, draft, verified: Verified, active, target: TargetStep):
+    def commit(
+        self,
+        params: Params,
+        state: Any,
+        draft: Draft | TreeDraft,
+        verified: Verified,
+        active: jax.Array,  # [B] bool
+        target: TargetStep,
+    ) -> Any:
         raise NotImplementedError
 
-    def check_compatible(self, target_cfg: ModelConfig, target_dtype) -> None:
+    def check_compatible(self, target_cfg: ModelConfig, target_dtype: np.dtype) -> None:
         """Raise ValueError when this drafter cannot serve the target."""
 
 
@@ -216,13 +241,15 @@ class Drafter:
     binder: Callable[[Any], tuple]  # target Model -> (DrafterSpec, params)
     tokenizer: Any = None  # the drafter's tokenizer, when it has one (checked against the target)
 
-    def bind(self, target) -> tuple:
+    def bind(self, target: Model) -> tuple[DrafterSpec, Params]:
         """-> (spec, params) for `target`, after the spec's compatibility check."""
         spec, params = self.binder(target)
         spec.check_compatible(target.config, target.dtype)
         return spec, params
 
     @classmethod
-    def fixed(cls, name: str, spec: DrafterSpec, params=None, tokenizer=None) -> Drafter:
+    def fixed(
+        cls, name: str, spec: DrafterSpec, params: Params = None, tokenizer: Any = None
+    ) -> Drafter:
         """A drafter whose spec and params do not depend on the target."""
         return cls(name=name, k=spec.k, binder=lambda target: (spec, params), tokenizer=tokenizer)
