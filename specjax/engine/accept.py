@@ -119,7 +119,7 @@ def verify_tree_sampling(
     key: jax.Array,
     target_logp: jax.Array,
     tree: Tree,
-    child_logp,
+    child_logp: jax.Array | None,
     max_depth: int,
     without_replacement: bool,
 ) -> TreeAccepted:

@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from specjax.drafters.base import PrefillInput, TargetPrefill, Verified
+from specjax.drafters.base import Params, PrefillInput, TargetPrefill, Verified
 from specjax.engine.state import EngineConfig, LoopState
 from specjax.engine.verify import verify
 from specjax.models import forward, is_unrolled
@@ -37,7 +37,15 @@ def _is_eos(tokens: jax.Array, eos: tuple[int, ...]) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("ec", "max_len"))
 def prefill(
-    params, dparams, inp: PrefillInput, max_new, key, sp, *, ec: EngineConfig, max_len: int
+    params: dict,
+    dparams: Params,
+    inp: PrefillInput,
+    max_new: jax.Array,  # [B] int32 per-row budget
+    key: jax.Array,
+    sp: dict,
+    *,
+    ec: EngineConfig,
+    max_len: int,
 ) -> LoopState:
     """Run the target over the padded prompts and sample the first token -> LoopState."""
     TRACE_COUNTS["prefill"] += 1
@@ -85,7 +93,7 @@ def prefill(
     )
 
 
-def emit(state: LoopState, v: Verified, ec: EngineConfig):
+def emit(state: LoopState, v: Verified, ec: EngineConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Write the n accepted draft tokens and the bonus token of each active row to the output,
     cut at EOS and at the row's budget -> (out, n_out, done, count [B] tokens written)."""
     B, A = v.tokens.shape
@@ -105,7 +113,9 @@ def emit(state: LoopState, v: Verified, ec: EngineConfig):
     return out, n_out, done
 
 
-def decode_step(params, dparams, state: LoopState, sp, ec: EngineConfig) -> LoopState:
+def decode_step(
+    params: dict, dparams: Params, state: LoopState, sp: dict, ec: EngineConfig
+) -> LoopState:
     """One propose -> verify -> emit -> commit step (no drafter: one plain decode step)."""
     key, k_draft, k_verify = jax.random.split(state.key, 3)
     active = ~state.done
@@ -143,11 +153,13 @@ def decode_step(params, dparams, state: LoopState, sp, ec: EngineConfig) -> Loop
 
 
 @functools.partial(jax.jit, static_argnames=("ec",), donate_argnums=(2,))
-def decode(params, dparams, state: LoopState, sp, *, ec: EngineConfig) -> LoopState:
+def decode(
+    params: dict, dparams: Params, state: LoopState, sp: dict, *, ec: EngineConfig
+) -> LoopState:
     """The whole decode phase as one on-device `lax.while_loop`."""
     TRACE_COUNTS["decode"] += 1
 
-    def cond(s):
+    def cond(s: LoopState) -> jax.Array:
         # Every step emits >= 1 token for each active row, so max_new steps always suffice.
         return jnp.any(~s.done) & (s.steps < ec.max_new)
 
@@ -155,7 +167,9 @@ def decode(params, dparams, state: LoopState, sp, *, ec: EngineConfig) -> LoopSt
 
 
 @functools.partial(jax.jit, static_argnames=("ec",), donate_argnums=(2,))
-def decode_one(params, dparams, state: LoopState, sp, *, ec: EngineConfig) -> LoopState:
+def decode_one(
+    params: dict, dparams: Params, state: LoopState, sp: dict, *, ec: EngineConfig
+) -> LoopState:
     """The Python-loop twin: one step per call (streaming and debugging)."""
     TRACE_COUNTS["decode_one"] += 1
     return decode_step(params, dparams, state, sp, ec)

@@ -55,11 +55,13 @@ def _advance(cache: KVCache, v: Verified, active: jax.Array) -> KVCache:
 # ----------------------------------------------------------------------------- plain step
 
 
-def _plain_block(draft, last, pos) -> Block:
+def _plain_block(draft: None, last: jax.Array, pos: jax.Array) -> Block:
     return Block(last[:, None], pos[:, None], None)
 
 
-def _plain_accept(key, logits, draft, sp, ec: EngineConfig) -> Verified:
+def _plain_accept(
+    key: jax.Array, logits: jax.Array, draft: None, sp: dict, ec: EngineConfig
+) -> Verified:
     B, A = logits.shape[0], ec.max_accept
     return Verified(
         tokens=jnp.zeros((B, A), jnp.int32),
@@ -72,13 +74,15 @@ def _plain_accept(key, logits, draft, sp, ec: EngineConfig) -> Verified:
 # ----------------------------------------------------------------------------- chain
 
 
-def _chain_block(draft: Draft, last, pos) -> Block:
+def _chain_block(draft: Draft, last: jax.Array, pos: jax.Array) -> Block:
     T = draft.tokens.shape[1] + 1
     tokens = jnp.concatenate([last[:, None], draft.tokens], axis=1)  # [B, K+1]
     return Block(tokens, pos[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :], None)
 
 
-def _chain_accept(key, logits, draft: Draft, sp, ec: EngineConfig) -> Verified:
+def _chain_accept(
+    key: jax.Array, logits: jax.Array, draft: Draft, sp: dict, ec: EngineConfig
+) -> Verified:
     acc = ec.rules.chain(key, logits, draft.tokens, draft.logp, ec.mode, sp)
     K, A = draft.tokens.shape[1], ec.max_accept
     i = jnp.arange(K, dtype=jnp.int32)[None, :]
@@ -91,13 +95,15 @@ def _chain_accept(key, logits, draft: Draft, sp, ec: EngineConfig) -> Verified:
 # ----------------------------------------------------------------------------- tree
 
 
-def _tree_block(draft: TreeDraft, last, pos) -> Block:
+def _tree_block(draft: TreeDraft, last: jax.Array, pos: jax.Array) -> Block:
     t = draft.tree
     tokens = jnp.concatenate([last[:, None], t.tokens], axis=1)  # [B, N+1]
     return Block(tokens, tree_lib.block_positions(t.depth, pos), tree_lib.block_mask(t.parents))
 
 
-def _tree_accept(key, logits, draft: TreeDraft, sp, ec: EngineConfig) -> Verified:
+def _tree_accept(
+    key: jax.Array, logits: jax.Array, draft: TreeDraft, sp: dict, ec: EngineConfig
+) -> Verified:
     t, D = draft.tree, ec.max_accept
     if ec.mode.greedy:
         acc = ec.rules.tree_greedy(logits, t, D)
@@ -135,7 +141,9 @@ def verifier_for(draft: AnyDraft) -> Verifier:
 # ----------------------------------------------------------------------------- verification
 
 
-def target_forward(params, state: LoopState, draft: AnyDraft, ec: EngineConfig):
+def target_forward(
+    params: dict, state: LoopState, draft: AnyDraft, ec: EngineConfig
+) -> tuple[jax.Array, TargetStep, KVCache]:
     """The target's forward over the block the engine verifies for `draft` (None: a plain
     step) -> (logits [B, T, V], TargetStep, cache with the block written, uncommitted)."""
     blk = verifier_for(draft).block(draft, state.last, state.pos)
@@ -152,7 +160,9 @@ def target_forward(params, state: LoopState, draft: AnyDraft, ec: EngineConfig):
     return logits, TargetStep(blk.tokens, hiddens), cache
 
 
-def verify_block(params, state: LoopState, draft: AnyDraft, key, sp, ec: EngineConfig):
+def verify_block(
+    params: dict, state: LoopState, draft: AnyDraft, key: jax.Array, sp: dict, ec: EngineConfig
+) -> tuple[Verified, KVCache, TargetStep]:
     """Verify the whole of `draft` (None: a plain step) -> (Verified, target cache with the
     accepted tokens committed, TargetStep of the forward)."""
     v = verifier_for(draft)
@@ -185,7 +195,9 @@ def _padded_step(step: TargetStep, width: int) -> TargetStep:
     )
 
 
-def verify(params, state: LoopState, draft: AnyDraft, key, sp, ec: EngineConfig):
+def verify(
+    params: dict, state: LoopState, draft: AnyDraft, key: jax.Array, sp: dict, ec: EngineConfig
+) -> tuple[Verified, KVCache, TargetStep]:
     """The one place that decides what to verify. A draft without `size` is verified whole. A
     draft with `size` [B] is verified at the smallest of the drafter's static `verify_sizes`
     covering every active row's request, or replaced by a plain one-token step when no active
@@ -197,8 +209,8 @@ def verify(params, state: LoopState, draft: AnyDraft, key, sp, ec: EngineConfig)
     if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] != K:
         raise ValueError(f"verify_sizes must ascend from >= 1 to the draft size {K}, got {sizes}")
 
-    def branch(n: int):
-        def run(_):
+    def branch(n: int) -> Callable[[None], tuple[Verified, KVCache, TargetStep]]:
+        def run(_: None) -> tuple[Verified, KVCache, TargetStep]:
             part = None if n == 0 else draft if n == K else draft.truncated(n)
             verified, cache, step = verify_block(params, state, part, key, sp, ec)
             return verified, cache, _padded_step(step, K + 1)
