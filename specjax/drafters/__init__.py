@@ -23,15 +23,18 @@ import dataclasses
 import numbers
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from specjax.drafters import feature as eagle_lib
 from specjax.drafters.base import (
     Draft,
     Drafter,
     DrafterSpec,
+    Params,
     TargetPrefill,
     TargetStep,
     Tree,
@@ -46,6 +49,13 @@ from specjax.drafters.lm import LMDrafterSpec, LMStaticTreeSpec, LMTreeSpec, lay
 from specjax.drafters.medusa_heads import MedusaConfig, MedusaHeads, MedusaSpec, MedusaTreeSpec
 from specjax.drafters.ngram import NgramSpec
 from specjax.drafters.shapes import DynamicTree, StaticTree
+from specjax.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from specjax.model import Model
+
+# What `eagle` drafts from: an (EagleConfig, params) pair, a checkpoint directory or a bundled name.
+EagleSource = tuple[eagle_lib.EagleConfig, dict] | str | os.PathLike
 
 
 def ngram(
@@ -74,7 +84,12 @@ def ngram(
     return Drafter.fixed(f"ngram(n={min_ngram}..{max_ngram}, k={k}{tree}{fixed})", spec)
 
 
-def _lm_spec(cfg, k, tree: DynamicTree | StaticTree | None, reuse_target_cache=False):
+def _lm_spec(
+    cfg: ModelConfig | None,
+    k: int,
+    tree: DynamicTree | StaticTree | None,
+    reuse_target_cache: bool = False,
+) -> LMDrafterSpec:
     if tree is None:
         return LMDrafterSpec(k=k, cfg=cfg, reuse_target_cache=reuse_target_cache)
     if isinstance(tree, StaticTree):
@@ -93,7 +108,7 @@ def _lm_spec(cfg, k, tree: DynamicTree | StaticTree | None, reuse_target_cache=F
     raise TypeError(f"tree must be a DynamicTree or a StaticTree, got {tree!r}")
 
 
-def small_model(model, k: int = 5, tree: DynamicTree | StaticTree | None = None) -> Drafter:
+def small_model(model: Model, k: int = 5, tree: DynamicTree | StaticTree | None = None) -> Drafter:
     """An independent small LM with the target's tokenizer (its own KV cache). Drafts a chain of
     k tokens, or a tree (`DynamicTree` or `StaticTree`) when `tree` is given."""
     spec = _lm_spec(model.config, k, tree)
@@ -111,7 +126,7 @@ def layer_skip(
     The params are taken from the target when the drafter is bound to it.
     """
 
-    def is_int(x):
+    def is_int(x: object) -> bool:
         return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
     if not (is_int(layers) or (isinstance(layers, (list, tuple)) and all(map(is_int, layers)))):
@@ -126,7 +141,7 @@ def layer_skip(
         raise ValueError(f"layer_skip needs at least one layer, got layers={layers!r}")
     chosen = layers if isinstance(layers, int) else tuple(int(i) for i in layers)
 
-    def bind(target):
+    def bind(target: Model) -> tuple[LMDrafterSpec, dict]:
         L = target.config.num_layers
         top = chosen if isinstance(chosen, int) else max(chosen) + 1
         if top > L or (not isinstance(chosen, int) and min(chosen) < 0):
@@ -143,7 +158,7 @@ def layer_skip(
 
 
 def eagle(
-    source,
+    source: EagleSource,
     k: int = 5,
     tree: DynamicTree | None = None,
     name: str = "",
@@ -174,7 +189,7 @@ def eagle(
         raise ValueError(f"draft length k must be a positive int, got {k!r}")
     label = name or (source if isinstance(source, str) else "custom")
 
-    def bind(target):
+    def bind(target: Model) -> tuple[eagle_lib.EagleSpec, dict]:
         cfg, params = _eagle_weights(
             source, target, producer=producer, capture_layers=capture_layers
         )
@@ -195,7 +210,12 @@ def eagle(
     return Drafter(name=f"eagle({label}, {shape})", k=tree.nodes if tree else k, binder=bind)
 
 
-def _eagle_weights(source, target, producer=None, capture_layers=None):
+def _eagle_weights(
+    source: EagleSource,
+    target: Model,
+    producer: str | None = None,
+    capture_layers: Sequence[int] | None = None,
+) -> tuple[eagle_lib.EagleConfig, dict]:
     """-> (EagleConfig, params) for `target` from any accepted `source`."""
     from pathlib import Path
 
@@ -225,14 +245,18 @@ def _eagle_weights(source, target, producer=None, capture_layers=None):
     )
 
 
-def jax_cast(params, dtype):
+def jax_cast(params: Params, dtype: DTypeLike) -> Params:
     """Cast the floating leaves of a param tree (integer maps such as d2t stay)."""
     return jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
     )
 
 
-def medusa(heads, k: int | None = None, tree: StaticTree | None = None) -> Drafter:
+def medusa(
+    heads: MedusaHeads | tuple[MedusaConfig, dict] | str | os.PathLike,
+    k: int | None = None,
+    tree: StaticTree | None = None,
+) -> Drafter:
     """Medusa-1 heads over the target's final hidden state (module `specjax.drafters.medusa_heads`).
 
     `heads`: a `MedusaHeads`, a (MedusaConfig, params) pair, a directory written by
@@ -264,7 +288,7 @@ def medusa(heads, k: int | None = None, tree: StaticTree | None = None) -> Draft
         parents, rank = tree.parents_rank
         spec = MedusaTreeSpec(k=tree.nodes, medusa=cfg, parents=parents, rank=rank)
 
-    def bind(target):
+    def bind(target: Model) -> tuple[MedusaSpec | MedusaTreeSpec, dict]:
         own = jax_cast(params, target.dtype)
         return dataclasses.replace(spec, target_cfg=target.config), bind_target(own, target.params)
 

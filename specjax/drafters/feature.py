@@ -46,20 +46,25 @@ pairs (static size: the longest accept plus the bonus, extra slots ignored).
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.typing import ArrayLike, DTypeLike
 
 from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, TargetStep, TreeDraft, Verified
 from specjax.drafters.shapes import check_dynamic_tree, grow_dynamic_tree
-from specjax.models import lm_head
+from specjax.models import Hiddens, lm_head
 from specjax.models.cache import KVCache, init_cache
 from specjax.models.config import ModelConfig
 
 # An EAGLE drafter is one Llama decoder layer by construction (whatever the target's family).
 from specjax.models.llama import rms_norm, single_layer
-from specjax.sampling import pick_token, rank_logp
+from specjax.sampling import SamplingMode, pick_token, rank_logp
+
+if TYPE_CHECKING:
+    import numpy as np
 
 VERSIONS = (1, 3)
 
@@ -80,7 +85,7 @@ class EagleConfig:
     feed_normed: bool = False  # draft slots read norm(output); the head reads it as is
     head_norm: bool = True  # the head reads norm(output) (False: the raw output)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.version not in VERSIONS:
             raise ValueError(f"EAGLE version must be one of {VERSIONS}, got {self.version!r}")
         if self.version == 3 and not self.feature_layers:
@@ -157,7 +162,12 @@ def make_config(
     )
 
 
-def init_params(cfg: EagleConfig, key, dtype=jnp.float32, d2t=None) -> dict:
+def init_params(
+    cfg: EagleConfig,
+    key: jax.Array,
+    dtype: DTypeLike = jnp.float32,
+    d2t: ArrayLike | None = None,
+) -> dict:
     """Random drafter params (the target's embedding/head are bound later, not stored).
 
     `d2t` [draft_vocab]: the target id of each draft-vocabulary entry (version 3; default: the
@@ -166,7 +176,7 @@ def init_params(cfg: EagleConfig, key, dtype=jnp.float32, d2t=None) -> dict:
     H, KV, hd, F = L.num_heads, L.num_kv_heads, L.head_dim, L.intermediate_size
     keys = iter(jax.random.split(key, 8))
 
-    def dense(shape, fan_in):
+    def dense(shape: tuple[int, int], fan_in: int) -> jax.Array:
         return (jax.random.normal(next(keys), shape, jnp.float32) / jnp.sqrt(fan_in)).astype(dtype)
 
     d_in = 2 * D
@@ -216,7 +226,7 @@ def bind_target(params: dict, target_params: dict) -> dict:
 # Shared by inference (below) and training (specjax.train).
 
 
-def target_features(cfg: EagleConfig, params: dict, hiddens) -> jax.Array:
+def target_features(cfg: EagleConfig, params: dict, hiddens: Hiddens) -> jax.Array:
     """The target's features at each block position [B, T, D] (what committed slots read)."""
     if cfg.version == 1:
         return hiddens.last
@@ -236,7 +246,9 @@ def token_embedding(params: dict, tokens: jax.Array) -> jax.Array:
     return table[tokens]
 
 
-def layer_inputs(cfg: EagleConfig, params: dict, feat: jax.Array, tokens: jax.Array):
+def layer_inputs(
+    cfg: EagleConfig, params: dict, feat: jax.Array, tokens: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """-> (residual h [B, T, D], attention input x [B, T, Din])."""
     e = token_embedding(params, tokens).astype(feat.dtype)
     lp, eps = params["layer"], cfg.layer.rms_norm_eps
@@ -253,14 +265,14 @@ def layer_inputs(cfg: EagleConfig, params: dict, feat: jax.Array, tokens: jax.Ar
 def draft_block(
     cfg: EagleConfig,
     params: dict,
-    feat,
-    tokens,
-    positions,
+    feat: jax.Array,
+    tokens: jax.Array,
+    positions: jax.Array,
     cache: KVCache,
     *,
-    block_mask=None,
-    write_offset=None,
-):
+    block_mask: jax.Array | None = None,
+    write_offset: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache]:
     """Run the drafter layer over pairs (feat [B, T, D], tokens [B, T]) -> (output features
     [B, T, D], cache). With `feed_normed` the output is taken after the final norm: it is both
     what the head reads and what the next draft slot is fed."""
@@ -311,10 +323,11 @@ class EagleState:
 class EagleSpec(DrafterSpec):
     """EAGLE drafting a chain of k tokens (each sampled from the drafter's distribution)."""
 
-    eagle: EagleConfig = None
-    target_cfg: ModelConfig = None
+    # Both are always given to draft (None defaults: the base class's fields have defaults).
+    eagle: EagleConfig | None = None
+    target_cfg: ModelConfig | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         if self.eagle is not None:  # the target layers the engine must return (version 3)
             layers = tuple(self.eagle.feature_layers) if self.eagle.version == 3 else ()
@@ -324,7 +337,7 @@ class EagleSpec(DrafterSpec):
     def cache_slack(self) -> int:
         return self.max_accept + self.k + 2  # the commit block, then the draft slots
 
-    def check_compatible(self, target_cfg: ModelConfig, target_dtype) -> None:
+    def check_compatible(self, target_cfg: ModelConfig, target_dtype: np.dtype) -> None:
         e = self.eagle
         if e.hidden != target_cfg.hidden_size:
             raise ValueError(
@@ -347,17 +360,26 @@ class EagleSpec(DrafterSpec):
                 f"target has {target_cfg.vocab_size}"
             )
 
-    def _logits(self, params, out):
+    def _logits(self, params: dict, out: jax.Array) -> jax.Array:
         return draft_logits(self.eagle, params, out, self.target_cfg)
 
-    def _choose(self, params, out, key, mode, sp):
+    def _choose(
+        self, params: dict, out: jax.Array, key: jax.Array, mode: SamplingMode, sp: dict
+    ) -> tuple[jax.Array, jax.Array | None]:
         """The next chain token from output features out [B, D] -> (token, logp or None)."""
         if self.eagle.version == 3 and mode.greedy:  # argmax on the draft vocabulary, no scatter
             small = draft_logits(self.eagle, params, out, self.target_cfg, full=False)
             return params["d2t"][jnp.argmax(small, axis=-1)].astype(jnp.int32), None
         return pick_token(self._logits(params, out), key, mode, sp)
 
-    def _feed_committed(self, params, cache: KVCache, feat, tokens, last_idx):
+    def _feed_committed(
+        self,
+        params: dict,
+        cache: KVCache,
+        feat: jax.Array,
+        tokens: jax.Array,
+        last_idx: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
         """Feed pairs (feat [B, T, D], tokens [B, T]) at the committed end of the cache; the
         first last_idx[b] + 1 are real -> (drafter output at last_idx [B, D], cache)."""
         B, T = tokens.shape
@@ -366,7 +388,7 @@ class EagleSpec(DrafterSpec):
         at = jnp.take_along_axis(out, last_idx[:, None, None], axis=1)[:, 0]
         return at, cache
 
-    def init(self, params, prefill: TargetPrefill, max_len: int) -> EagleState:
+    def init(self, params: dict, prefill: TargetPrefill, max_len: int) -> EagleState:
         B, P = prefill.tokens.shape
         cache = init_cache(
             self.eagle.layer, B, max_len, params["layer"]["wo"].dtype, per_layer=True
@@ -379,13 +401,23 @@ class EagleSpec(DrafterSpec):
         out, cache = self._feed_committed(params, cache, feat, pair_tok, prefill.lengths - 1)
         return EagleState(cache=cache.replace(lengths=prefill.lengths), feat=out)
 
-    def propose(self, params, state: EagleState, last, key, mode, sp):
+    def propose(
+        self,
+        params: dict,
+        state: EagleState,
+        last: jax.Array,
+        key: jax.Array,
+        mode: SamplingMode,
+        sp: dict,
+    ) -> tuple[Draft, EagleState]:
         K, cache = self.k, state.cache
         keys = jax.random.split(key, K)
         tok, logp = self._choose(params, state.feat, keys[0], mode, sp)
 
-        def step(carry, k):
-            cache, feat, tok = carry
+        def step(
+            carry: tuple[KVCache, jax.Array, jax.Array], k: jax.Array
+        ) -> tuple[tuple[KVCache, jax.Array, jax.Array], tuple[jax.Array, jax.Array | None]]:
+            cache, feat, tok = carry  # feat [B, D], tok [B]
             out, cache = draft_block(
                 self.eagle, params, feat[:, None], tok[:, None], cache.lengths[:, None], cache
             )
@@ -407,7 +439,13 @@ class EagleSpec(DrafterSpec):
         )
 
     def commit(
-        self, params, state: EagleState, draft, verified: Verified, active, target: TargetStep
+        self,
+        params: dict,
+        state: EagleState,
+        draft: Draft | TreeDraft,
+        verified: Verified,
+        active: jax.Array,
+        target: TargetStep,
     ) -> EagleState:
         """Feed the accepted path as pairs (the target's feature at block offset i, the token
         after it): offset 0 is `last`, offset i + 1 the path's i-th node; the pair at offset n
@@ -440,7 +478,7 @@ class EagleTreeSpec(EagleSpec):
 
     is_tree = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         check_dynamic_tree(self.k, self.depth, self.top_k)
 
@@ -452,7 +490,15 @@ class EagleTreeSpec(EagleSpec):
     def cache_slack(self) -> int:
         return max(self.depth + 1, (self.depth - 1) * self.top_k) + 2
 
-    def propose(self, params, state: EagleState, last, key, mode, sp):
+    def propose(
+        self,
+        params: dict,
+        state: EagleState,
+        last: jax.Array,
+        key: jax.Array,
+        mode: SamplingMode,
+        sp: dict,
+    ) -> tuple[TreeDraft, EagleState]:
         B = last.shape[0]
 
         # Rank candidates over the drafter's own vocabulary (version 3: 4096 of 49152 ids)
@@ -461,11 +507,13 @@ class EagleTreeSpec(EagleSpec):
         small = self.eagle.version == 3
         token_map = params["d2t"] if small else None
 
-        def rank(out):
+        def rank(out: jax.Array) -> jax.Array:
             logits = draft_logits(self.eagle, params, out, self.target_cfg, full=not small)
             return rank_logp(logits, mode, sp)
 
-        def feed(cache, tok, feat, depth, vis, off):
+        def feed(
+            cache: KVCache, tok: jax.Array, feat: jax.Array, depth: int, vis: jax.Array, off: int
+        ) -> tuple[jax.Array, jax.Array, KVCache]:
             pos = jnp.broadcast_to(cache.lengths[:, None] + (depth - 1), tok.shape)
             out, cache = draft_block(
                 self.eagle,

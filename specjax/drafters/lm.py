@@ -15,13 +15,24 @@ dynamic trees (`LMTreeSpec`) or fixed Medusa / EAGLE-1 shapes from choice lists
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, Tree, TreeDraft
+from specjax.drafters.base import (
+    Draft,
+    DrafterSpec,
+    TargetPrefill,
+    TargetStep,
+    Tree,
+    TreeDraft,
+    Verified,
+)
 from specjax.drafters.shapes import (
+    StaticSchedule,
     check_dynamic_tree,
     check_static_tree,
     dynamic_pool_size,
@@ -31,7 +42,10 @@ from specjax.drafters.shapes import (
 from specjax.models import forward, is_unrolled
 from specjax.models.cache import KVCache, gather_slots, init_cache
 from specjax.models.config import ModelConfig
-from specjax.sampling import pick_token, rank_logp
+from specjax.sampling import SamplingMode, pick_token, rank_logp
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @struct.dataclass
@@ -44,19 +58,19 @@ class LMDraftState:
 
 @dataclasses.dataclass(frozen=True)
 class LMDrafterSpec(DrafterSpec):
-    cfg: ModelConfig = None
+    cfg: ModelConfig | None = None  # None only in a spec built to read its k (layer_skip)
     # Layer skip: start from the target's prefill cache (its first layers computed exactly what
     # the drafter would) instead of running a separate draft prefill.
     reuse_target_cache: bool = False
 
-    def check_compatible(self, target_cfg: ModelConfig, target_dtype) -> None:
+    def check_compatible(self, target_cfg: ModelConfig, target_dtype: np.dtype) -> None:
         if self.cfg.vocab_size != target_cfg.vocab_size:
             raise ValueError(
                 f"drafter vocabulary size {self.cfg.vocab_size} differs from the target's "
                 f"{target_cfg.vocab_size}: the drafter must share the target's tokenizer"
             )
 
-    def init(self, params, prefill: TargetPrefill, max_len: int) -> LMDraftState:
+    def init(self, params: dict, prefill: TargetPrefill, max_len: int) -> LMDraftState:
         B, P = prefill.tokens.shape
         if self.reuse_target_cache:
             tc = prefill.cache
@@ -85,7 +99,7 @@ class LMDrafterSpec(DrafterSpec):
             len_before=cache.lengths,
         )
 
-    def _feed_pending(self, params, state: LMDraftState):
+    def _feed_pending(self, params: dict, state: LMDraftState) -> tuple[jax.Array, KVCache]:
         """Feed the 1-2 pending tokens as one 2-token block -> (draft logits [B, V] after the
         newest one (`last`), cache with the pending tokens committed)."""
         cache = state.cache
@@ -100,14 +114,24 @@ class LMDrafterSpec(DrafterSpec):
         )
         return logits[:, 0], cache.replace(lengths=cache.lengths + state.n_pending)
 
-    def propose(self, params, state: LMDraftState, last, key, mode, sp):
+    def propose(
+        self,
+        params: dict,
+        state: LMDraftState,
+        last: jax.Array,
+        key: jax.Array,
+        mode: SamplingMode,
+        sp: dict,
+    ) -> tuple[Draft, LMDraftState]:
         cfg, K = self.cfg, self.k
         keys = jax.random.split(key, K)
         logits, cache = self._feed_pending(params, state)
         tok, logp = pick_token(logits, keys[0], mode, sp)
 
-        def step(carry, k):
-            cache, tok = carry
+        def step(
+            carry: tuple[KVCache, jax.Array], k: jax.Array
+        ) -> tuple[tuple[KVCache, jax.Array], tuple[jax.Array, jax.Array | None]]:
+            cache, tok = carry  # tok [B]
             logits, _, cache = forward(params, cfg, tok[:, None], cache.lengths[:, None], cache)
             cache = cache.replace(lengths=cache.lengths + 1)
             nxt, lp = pick_token(logits[:, 0], k, mode, sp)
@@ -124,7 +148,15 @@ class LMDrafterSpec(DrafterSpec):
         new_state = state.replace(cache=cache, len_before=state.cache.lengths)
         return Draft(tokens=tokens, logp=draft_logp), new_state
 
-    def commit(self, params, state: LMDraftState, draft, verified, active, target):
+    def commit(
+        self,
+        params: dict,
+        state: LMDraftState,
+        draft: Draft,
+        verified: Verified,
+        active: jax.Array,
+        target: TargetStep,
+    ) -> LMDraftState:
         K = self.k
         n, bonus = verified.n, verified.bonus
         # The last draft forward fed d_{K-1}; the cache holds pending + d_1..d_{K-1}.
@@ -144,7 +176,7 @@ class LMDrafterSpec(DrafterSpec):
         )
 
 
-def layer_skip_params(target_params: dict, layers) -> dict:
+def layer_skip_params(target_params: dict, layers: int | Sequence[int]) -> dict:
     """The target's first `layers` layers (or the chosen subset) with its final norm and head."""
     idx = list(range(layers)) if isinstance(layers, int) else [int(i) for i in layers]
     out = {k: v for k, v in target_params.items() if k != "layers"}
@@ -175,11 +207,13 @@ class LMTreeBase(LMDrafterSpec):
 
     is_tree = True
 
-    def init(self, params, prefill: TargetPrefill, max_len: int) -> LMTreeState:
+    def init(self, params: dict, prefill: TargetPrefill, max_len: int) -> LMTreeState:
         lm = super().init(params, prefill, max_len)
         return LMTreeState(lm=lm, fed=jnp.full((prefill.tokens.shape[0], self.k), -1, jnp.int32))
 
-    def _feed_depth(self, params, cache, tok, depth: int, vis, off: int):
+    def _feed_depth(
+        self, params: dict, cache: KVCache, tok: jax.Array, depth: int, vis: jax.Array, off: int
+    ) -> tuple[jax.Array, KVCache]:
         """Feed tok [B, T] (tree nodes of depth `depth`) at window offset `off`, visibility
         vis [B, T, W] -> (logits [B, T, V], cache). `cache.lengths` is the window base."""
         B, T = tok.shape
@@ -195,7 +229,15 @@ class LMTreeBase(LMDrafterSpec):
         )
         return logits, cache
 
-    def commit(self, params, state: LMTreeState, draft, verified, active, target):
+    def commit(
+        self,
+        params: dict,
+        state: LMTreeState,
+        draft: TreeDraft,
+        verified: Verified,
+        active: jax.Array,
+        target: TargetStep,
+    ) -> LMTreeState:
         st = state.lm
         n, bonus, path = verified.n, verified.bonus, verified.path
         fed_path = jnp.where(
@@ -237,7 +279,7 @@ class LMTreeSpec(LMTreeBase):
     depth: int = 4
     top_k: int = 4
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         check_dynamic_tree(self.k, self.depth, self.top_k)
 
@@ -253,11 +295,21 @@ class LMTreeSpec(LMTreeBase):
     def cache_slack(self) -> int:
         return max(self.k, (self.depth - 1) * self.top_k) + 2
 
-    def propose(self, params, state: LMTreeState, last, key, mode, sp):
+    def propose(
+        self,
+        params: dict,
+        state: LMTreeState,
+        last: jax.Array,
+        key: jax.Array,
+        mode: SamplingMode,
+        sp: dict,
+    ) -> tuple[TreeDraft, LMTreeState]:
         st = state.lm
         logits, cache = self._feed_pending(params, st)  # cache.lengths: base of the tree window
 
-        def feed(cache, tok, _feat, depth, vis, off):
+        def feed(
+            cache: KVCache, tok: jax.Array, _feat: None, depth: int, vis: jax.Array, off: int
+        ) -> tuple[jax.Array, None, KVCache]:
             logits, cache = self._feed_depth(params, cache, tok, depth, vis, off)
             return rank_logp(logits, mode, sp), None, cache
 
@@ -291,12 +343,12 @@ class LMStaticTreeSpec(LMTreeBase):
     parents: tuple = ()
     rank: tuple = ()
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         check_static_tree(self.k, self.parents, self.rank)
 
     @property
-    def _schedule(self):
+    def _schedule(self) -> StaticSchedule:
         return static_tree_schedule(tuple(self.parents), tuple(self.rank))
 
     @property
@@ -307,7 +359,7 @@ class LMStaticTreeSpec(LMTreeBase):
     def cache_slack(self) -> int:
         return max(self.k, self._schedule[3]) + 2  # pending tokens + the fed window
 
-    def check_compatible(self, target_cfg: ModelConfig, target_dtype) -> None:
+    def check_compatible(self, target_cfg: ModelConfig, target_dtype: np.dtype) -> None:
         super().check_compatible(target_cfg, target_dtype)
         top = max(self.rank) + 1
         if top > target_cfg.vocab_size:
@@ -316,7 +368,15 @@ class LMStaticTreeSpec(LMTreeBase):
                 f"vocabulary ({target_cfg.vocab_size})"
             )
 
-    def propose(self, params, state: LMTreeState, last, key, mode, sp):
+    def propose(
+        self,
+        params: dict,
+        state: LMTreeState,
+        last: jax.Array,
+        key: jax.Array,
+        mode: SamplingMode,
+        sp: dict,
+    ) -> tuple[TreeDraft, LMTreeState]:
         exps, depth, fed_off, W = self._schedule
         st = state.lm
         B, N = last.shape[0], self.k

@@ -24,11 +24,13 @@ Drafting shapes:
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.typing import DTypeLike
 
 from specjax.drafters.base import (
     Draft,
@@ -45,7 +47,7 @@ from specjax.drafters.feature import bind_target  # noqa: F401  (re-exported)
 from specjax.drafters.shapes import check_static_tree, tree_depths
 from specjax.models import lm_head
 from specjax.models.config import ModelConfig
-from specjax.sampling import pick_token, process_logits
+from specjax.sampling import SamplingMode, pick_token, process_logits
 
 LOSS_DECAY = 0.8  # Medusa's per-head loss weight decay: head i is weighted 0.8**i
 
@@ -58,7 +60,7 @@ class MedusaConfig:
     hidden: int  # the target's hidden size
     num_layers_per_head: int = 1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("num_heads", "hidden", "num_layers_per_head"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -81,7 +83,7 @@ class MedusaHeads:
     name: str = "medusa"
 
 
-def init_params(cfg: MedusaConfig, key, dtype=jnp.float32) -> dict:
+def init_params(cfg: MedusaConfig, key: jax.Array, dtype: DTypeLike = jnp.float32) -> dict:
     """Fresh heads: zero weights (each head = the target's next-token head), zero biases.
     `key` is unused by the zero init but kept for a uniform init signature."""
     del key
@@ -125,7 +127,14 @@ def head_logits(params: dict, target_cfg: ModelConfig, h: jax.Array, n: int) -> 
     return lm_head(params["target"], target_cfg, jnp.stack(outs, axis=1))
 
 
-def _head_ce(params: dict, target_cfg: ModelConfig, i: int, h, labels, valid):
+def _head_ce(
+    params: dict,
+    target_cfg: ModelConfig,
+    i: int,
+    h: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
     """Head i's mean cross-entropy and top-1 accuracy over features h [..., D] with labels
     [...] where valid [...] (float)."""
     logits = lm_head(params["target"], target_cfg, head_hidden(params["heads"][i], h))
@@ -143,7 +152,7 @@ def medusa_loss(
     hiddens_last: jax.Array,
     tokens: jax.Array,
     mask: jax.Array,
-):
+) -> tuple[jax.Array, jax.Array]:
     """Medusa-1 training loss over target features -> (loss, top-1 accuracy per head [H]).
 
     hiddens_last [B, T, D]: the target's final hidden states over `tokens` [B, T]; mask [B, T]
@@ -179,7 +188,7 @@ def medusa_position_loss(
     h: jax.Array,
     labels: jax.Array,
     valid: jax.Array,
-):
+) -> tuple[jax.Array, jax.Array]:
     """`medusa_loss` on sampled positions: h [P, D] target features, labels [P, H] the tokens
     2..H+1 ahead, valid [P, H]. Heads need no context, so training on a random subset of
     positions cuts the cost of the H full-vocabulary heads (the dominant cost on CPU)."""
@@ -191,7 +200,7 @@ def medusa_position_loss(
     return loss, jnp.stack(accs)
 
 
-def save_medusa(path, cfg: MedusaConfig, params: dict) -> None:
+def save_medusa(path: str | os.PathLike, cfg: MedusaConfig, params: dict) -> None:
     """config.json + model.safetensors (keys heads.{i}.w / heads.{i}.b); the target's head is
     shared, never stored."""
     import json
@@ -213,7 +222,7 @@ def save_medusa(path, cfg: MedusaConfig, params: dict) -> None:
     save_file(tensors, str(out / "model.safetensors"))
 
 
-def load_medusa(path) -> MedusaHeads:
+def load_medusa(path: str | os.PathLike) -> MedusaHeads:
     """Inverse of `save_medusa`, with clear errors for a wrong directory or shapes."""
     import json
     from pathlib import Path
@@ -257,10 +266,11 @@ class MedusaState:
 class MedusaBase(DrafterSpec):
     """What the chain and the tree share: the state, its init and commit, compatibility."""
 
-    medusa: MedusaConfig = None
-    target_cfg: ModelConfig = None  # set when bound to a target (the shared LM head needs it)
+    medusa: MedusaConfig | None = None  # always given (a default: the base's fields have them)
+    # Set when bound to a target (the shared LM head needs it); None before.
+    target_cfg: ModelConfig | None = None
 
-    def check_compatible(self, target_cfg: ModelConfig, target_dtype) -> None:
+    def check_compatible(self, target_cfg: ModelConfig, target_dtype: np.dtype) -> None:
         if self.medusa.hidden != target_cfg.hidden_size:
             raise ValueError(
                 f"Medusa heads have hidden size {self.medusa.hidden} but the "
@@ -272,20 +282,28 @@ class MedusaBase(DrafterSpec):
     def cache_slack(self) -> int:
         return 0  # no draft cache; the target's verify block is covered by k
 
-    def init(self, params, prefill: TargetPrefill, max_len: int) -> MedusaState:
+    def init(self, params: dict, prefill: TargetPrefill, max_len: int) -> MedusaState:
         last = prefill.hiddens.last  # [B, P, D]
         at = (prefill.lengths - 1)[:, None, None]  # the last prompt position produced `first`
         return MedusaState(feat=jnp.take_along_axis(last, at, axis=1)[:, 0])
 
-    def _commit_at(self, state: MedusaState, offset, active, target: TargetStep):
+    def _commit_at(
+        self, state: MedusaState, offset: jax.Array, active: jax.Array, target: TargetStep
+    ) -> MedusaState:
         """Take the verify block's feature at `offset` [B] (the position that produced the
         bonus token, the next `last`) for active rows."""
         feat = jnp.take_along_axis(target.hiddens.last, offset[:, None, None], axis=1)[:, 0]
         return MedusaState(feat=jnp.where(active[:, None], feat, state.feat))
 
     def commit(
-        self, params, state: MedusaState, draft, verified: Verified, active, target: TargetStep
-    ):
+        self,
+        params: dict,
+        state: MedusaState,
+        draft: Draft | TreeDraft,
+        verified: Verified,
+        active: jax.Array,
+        target: TargetStep,
+    ) -> MedusaState:
         # The deepest accepted node (-1: none, the bonus came from `last` at block offset 0)
         # produced the bonus; draft node i sits at block offset i + 1 (chains and trees).
         return self._commit_at(state, verified.deepest + 1, active, target)
@@ -295,7 +313,7 @@ class MedusaBase(DrafterSpec):
 class MedusaSpec(MedusaBase):
     """A chain of k tokens, token i drafted by head i."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         if self.medusa is not None and self.k > self.medusa.num_heads:
             raise ValueError(
@@ -303,7 +321,15 @@ class MedusaSpec(MedusaBase):
                 f"{self.medusa.num_heads}"
             )
 
-    def propose(self, params, state: MedusaState, last, key, mode, sp):
+    def propose(
+        self,
+        params: dict,
+        state: MedusaState,
+        last: jax.Array,
+        key: jax.Array,
+        mode: SamplingMode,
+        sp: dict,
+    ) -> tuple[Draft, MedusaState]:
         logits = head_logits(params, self.target_cfg, state.feat, self.k)  # [B, K, V]
         # Each token is drawn from its own head's distribution (independent of the earlier
         # draft tokens): verify_chain is exact for any such q.
@@ -322,7 +348,7 @@ class MedusaTreeSpec(MedusaBase):
 
     is_tree = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         check_static_tree(self.k, self.parents, self.rank)
         if self.medusa is not None and self.max_accept > self.medusa.num_heads:
@@ -340,7 +366,7 @@ class MedusaTreeSpec(MedusaBase):
     def max_accept(self) -> int:
         return int(self.depths.max())
 
-    def check_compatible(self, target_cfg: ModelConfig, target_dtype) -> None:
+    def check_compatible(self, target_cfg: ModelConfig, target_dtype: np.dtype) -> None:
         super().check_compatible(target_cfg, target_dtype)
         if max(self.rank) + 1 > target_cfg.vocab_size:
             raise ValueError(
@@ -348,7 +374,15 @@ class MedusaTreeSpec(MedusaBase):
                 f"than the vocabulary ({target_cfg.vocab_size})"
             )
 
-    def propose(self, params, state: MedusaState, last, key, mode, sp):
+    def propose(
+        self,
+        params: dict,
+        state: MedusaState,
+        last: jax.Array,
+        key: jax.Array,
+        mode: SamplingMode,
+        sp: dict,
+    ) -> tuple[TreeDraft, MedusaState]:
         B, N = last.shape[0], self.k
         depth = self.depths
         logits = head_logits(params, self.target_cfg, state.feat, self.max_accept)  # [B, D, V]

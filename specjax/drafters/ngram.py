@@ -15,7 +15,17 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, Tree, TreeDraft
+from specjax.drafters.base import (
+    Draft,
+    DrafterSpec,
+    Params,
+    TargetPrefill,
+    TargetStep,
+    Tree,
+    TreeDraft,
+    Verified,
+)
+from specjax.sampling import SamplingMode
 
 
 @struct.dataclass
@@ -24,7 +34,9 @@ class NgramState:
     hist_len: jax.Array  # [B] int32
 
 
-def continuation_starts(hist: jax.Array, hist_len: jax.Array, sizes: Sequence[int], count: int):
+def continuation_starts(
+    hist: jax.Array, hist_len: jax.Array, sizes: Sequence[int], count: int
+) -> tuple[jax.Array, jax.Array]:
     """The `count` best places to copy a continuation from: positions s such that the n tokens
     before s equal the last n tokens of the history (s < hist_len, so at least one token
     follows), ranked by longer n first, then the most recent s. Distinct s, so candidate
@@ -45,7 +57,9 @@ def continuation_starts(hist: jax.Array, hist_len: jax.Array, sizes: Sequence[in
     return starts.astype(jnp.int32), jnp.where(best >= 0, best // H, 0).astype(jnp.int32)
 
 
-def copy_continuations(hist: jax.Array, hist_len: jax.Array, starts: jax.Array, k: int):
+def copy_continuations(
+    hist: jax.Array, hist_len: jax.Array, starts: jax.Array, k: int
+) -> jax.Array:
     """[B, C] starts -> [B, C, k] tokens hist[s : s+k]; past the known history, repeat its last
     known token (an unknown continuation: any guess is exact after verification)."""
     B, H = hist.shape
@@ -100,7 +114,7 @@ class NgramSpec(DrafterSpec):
     adaptive: bool = True
     short: int = 1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         if not (1 <= self.min_ngram <= self.max_ngram):
             raise ValueError(
@@ -141,13 +155,21 @@ class NgramSpec(DrafterSpec):
         )
         return jnp.minimum(size, known).astype(jnp.int32)
 
-    def init(self, params, prefill: TargetPrefill, max_len: int) -> NgramState:
+    def init(self, params: Params, prefill: TargetPrefill, max_len: int) -> NgramState:
         B, P = prefill.tokens.shape
         hist = jnp.zeros((B, max_len), jnp.int32).at[:, :P].set(prefill.tokens)
         hist = hist.at[jnp.arange(B), prefill.lengths].set(prefill.first)
         return NgramState(hist=hist, hist_len=prefill.lengths + 1)
 
-    def propose(self, params, state: NgramState, last, key, mode, sp):
+    def propose(
+        self,
+        params: Params,
+        state: NgramState,
+        last: jax.Array,
+        key: jax.Array,
+        mode: SamplingMode,
+        sp: dict,
+    ) -> tuple[Draft | TreeDraft, NgramState]:
         sizes = range(self.max_ngram, self.min_ngram - 1, -1)
         starts, n = continuation_starts(state.hist, state.hist_len, sizes, self.branches)
         found = n > 0
@@ -159,7 +181,15 @@ class NgramSpec(DrafterSpec):
         size = self.request(n[:, 0], state.hist_len - starts[:, 0])
         return Draft(tokens=chain.astype(jnp.int32), logp=None, size=size), state
 
-    def commit(self, params, state: NgramState, draft, verified, active, target):
+    def commit(
+        self,
+        params: Params,
+        state: NgramState,
+        draft: Draft | TreeDraft,
+        verified: Verified,
+        active: jax.Array,
+        target: TargetStep,
+    ) -> NgramState:
         B, H = state.hist.shape
         K = self.k
         j = jnp.arange(K + 1)[None, :]

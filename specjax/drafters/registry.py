@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from specjax.drafters.base import Drafter
 from specjax.drafters.shapes import DynamicTree, StaticTree
+
+if TYPE_CHECKING:
+    from specjax.model import Model
 
 # Medusa's static tree when none is given (depth 4: needs 4 heads).
 MEDUSA_TREE = "eagle_small"
@@ -95,7 +99,7 @@ def parse(text: str) -> DrafterName | None:
 
 
 def make(
-    text: str, k: int | None = None, model=None, tree: DynamicTree | None = None
+    text: str, k: int | None = None, model: Model | None = None, tree: DynamicTree | None = None
 ) -> Drafter | None:
     """Build the drafter `text` names for target `model`. `@K` in the name overrides `k`."""
     parsed = parse(text)
@@ -124,7 +128,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def bundled_for(kind: str, model) -> str:
+def bundled_for(kind: str, model: Model | None) -> str:
     """The bundled drafter of `model` for eagle / eagle3 / medusa names without a PATH."""
     from specjax.drafters.bundled import BUNDLED_DRAFTERS
 
@@ -138,7 +142,7 @@ def bundled_for(kind: str, model) -> str:
     return name
 
 
-def _ngram(arg, k, model, tree):
+def _ngram(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
     from specjax.drafters import ngram
 
     if tree is not None:  # a tune-tree candidate of N nodes, top_k K: K branches of N // K
@@ -147,19 +151,21 @@ def _ngram(arg, k, model, tree):
     return ngram(k=_or(k, 8 if branches == 1 else 4), branches=branches)
 
 
-def _ngram_fixed(arg, k, model, tree):  # always verifies k tokens after a match
+def _ngram_fixed(  # always verifies k tokens after a match
+    arg: str, k: int | None, model: Model | None, tree: DynamicTree | None
+) -> Drafter:
     from specjax.drafters import ngram
 
     return ngram(k=_or(k, 8), adaptive=False)
 
 
-def _dynamic(tree, k, default=None):
+def _dynamic(tree: DynamicTree | None, k: int | None, default: dict | None = None) -> DynamicTree:
     default = default or {}
     return tree or DynamicTree(**dict(default, nodes=_or(k, default.get("nodes", 8))))
 
 
-def _layer_skip(is_tree):
-    def make(arg, k, model, tree):
+def _layer_skip(is_tree: bool) -> Callable[..., Drafter]:
+    def make(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
         from specjax.drafters import layer_skip
 
         return layer_skip(
@@ -169,8 +175,8 @@ def _layer_skip(is_tree):
     return make
 
 
-def _small_model(is_tree):
-    def make(arg, k, model, tree):
+def _small_model(is_tree: bool) -> Callable[..., Drafter]:
+    def make(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
         from specjax import load_model
         from specjax.drafters import small_model
 
@@ -180,8 +186,8 @@ def _small_model(is_tree):
     return make
 
 
-def _eagle(kind, is_tree):
-    def make(arg, k, model, tree):
+def _eagle(kind: str, is_tree: bool) -> Callable[..., Drafter]:
+    def make(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
         from specjax.drafters import eagle
 
         src = arg or bundled_for(kind, model)
@@ -192,8 +198,8 @@ def _eagle(kind, is_tree):
     return make
 
 
-def _medusa(is_tree):
-    def make(arg, k, model, tree):
+def _medusa(is_tree: bool) -> Callable[..., Drafter]:
+    def make(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
         from specjax.drafters import medusa
 
         src = arg or bundled_for("medusa", model)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +36,11 @@ class DynamicTree:
     depth: int = 4
     top_k: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_dynamic_tree(self.nodes, self.depth, self.top_k)
 
 
-def _is_rank(c) -> bool:
+def _is_rank(c: object) -> bool:
     return isinstance(c, numbers.Integral) and not isinstance(c, bool) and c >= 0
 
 
@@ -55,7 +55,7 @@ class StaticTree:
     choices: str | tuple
     name: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         choices, name = self.choices, self.name
         if isinstance(choices, str):
             choices, name = load_choices(choices), name or choices
@@ -148,7 +148,7 @@ def check_dynamic_tree(nodes: int, depth: int, top_k: int) -> None:
         )
 
 
-def _is_int(x) -> bool:
+def _is_int(x: object) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
@@ -217,8 +217,12 @@ class _Expansion(NamedTuple):
     top: int  # candidates per fed node (max rank + 1)
 
 
+# (expansions per depth 1..D, depth [N], window offset [N] (-1: leaf), window size W)
+StaticSchedule = tuple[tuple[_Expansion, ...], np.ndarray, np.ndarray, int]
+
+
 @functools.cache
-def static_tree_schedule(parents: tuple, rank: tuple):
+def static_tree_schedule(parents: tuple, rank: tuple) -> StaticSchedule:
     """-> (expansions per depth 1..D, depth [N], window offset [N] (-1: leaf, never fed), W).
 
     Window layout: the fed nodes (those with children) depth by depth, so each depth's block is
@@ -262,8 +266,16 @@ def static_tree_schedule(parents: tuple, rank: tuple):
 
 
 def grow_dynamic_tree(
-    root_lp, feed, carry, root_feat, *, top_k: int, depth: int, nodes: int, token_map=None
-):
+    root_lp: jax.Array,
+    feed: Callable[..., tuple[jax.Array, jax.Array | None, Any]],
+    carry: Any,
+    root_feat: jax.Array | None,
+    *,
+    top_k: int,
+    depth: int,
+    nodes: int,
+    token_map: jax.Array | None = None,
+) -> tuple[Tree, jax.Array, Any]:
     """EAGLE-2 tree growth shared by every drafter that returns a distribution.
 
     root_lp [B, V]: ranking log-probs after `last`. `feed(carry, tok [B, kk], feat [B, kk, ...]
