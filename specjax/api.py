@@ -9,18 +9,23 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from specjax import engine, sharding
-from specjax.drafters.base import Drafter
+from specjax.drafters.base import Drafter, DrafterSpec, Params
 from specjax.engine import accept
 from specjax.model import Model
 from specjax.sampling import make_sampling
 
 Prompt = str | Sequence[int]
+# One prompt or a batch: see PROMPTS_ACCEPTED (an int array is [T] or [B, T] token ids).
+Prompts = Prompt | Sequence[Prompt] | np.ndarray | jax.Array
+# `key` of generate: an int seed, or a JAX PRNG key (see `make_key`).
+KeyLike = int | np.integer | jax.Array | np.ndarray
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_BUCKET = 16
 
@@ -33,7 +38,7 @@ class GenerateOutput:
     prompt_lengths: list  # list[int]
     stats: dict  # timings, forwards, tau, acceptance histogram (see `_stats`)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         s = self.stats
         return (
             f"GenerateOutput(rows={len(self.tokens)}, lengths={self.lengths}, "
@@ -60,7 +65,7 @@ PROMPTS_ACCEPTED = (
 )
 
 
-def _normalize_prompts(prompts) -> list:
+def _normalize_prompts(prompts: Prompts) -> list:
     """One prompt or a batch -> a list of prompts (each a string or a sequence of ids)."""
     if isinstance(prompts, str):
         return [prompts]
@@ -86,16 +91,16 @@ def _normalize_prompts(prompts) -> list:
     return prompts
 
 
-def _is_int(x) -> bool:
+def _is_int(x: object) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
-def _short(x) -> str:
+def _short(x: object) -> str:
     r = repr(x)
     return r if len(r) <= 60 else r[:57] + "..."
 
 
-def _check_prompt(i: int, p) -> None:
+def _check_prompt(i: int, p: object) -> None:
     """One prompt of a batch: a str without lone surrogates, or a flat sequence of int ids."""
     if isinstance(p, str):
         try:
@@ -126,7 +131,7 @@ def _check_prompt(i: int, p) -> None:
         )
 
 
-def encode_prompts(model: Model, prompts, chat: bool) -> list[list[int]]:
+def encode_prompts(model: Model, prompts: Prompts, chat: bool) -> list[list[int]]:
     rows = []
     for i, p in enumerate(_normalize_prompts(prompts)):
         _check_prompt(i, p)
@@ -141,7 +146,7 @@ def encode_prompts(model: Model, prompts, chat: bool) -> list[list[int]]:
     return rows
 
 
-def make_key(key) -> jax.Array:
+def make_key(key: KeyLike | None) -> jax.Array:
     """`key` of generate: None (seed 0), an int seed, or a JAX PRNG key (jax.random.key or the
     legacy uint32[2] of jax.random.PRNGKey)."""
     if key is None:
@@ -164,7 +169,9 @@ def make_key(key) -> jax.Array:
     )
 
 
-def _check_args(model: Model, rows, max_new_tokens, drafter: Drafter | None):
+def _check_args(
+    model: Model, rows: list[list[int]], max_new_tokens: int, drafter: Drafter | None
+) -> None:
     if (
         isinstance(max_new_tokens, bool)
         or not isinstance(max_new_tokens, (int, np.integer))
@@ -193,7 +200,7 @@ def _check_args(model: Model, rows, max_new_tokens, drafter: Drafter | None):
                 )
 
 
-def _bind_drafter(model: Model, drafter: Drafter | None):
+def _bind_drafter(model: Model, drafter: Drafter | None) -> tuple[DrafterSpec | None, Params]:
     """-> (spec, params) of the drafter for this target, after compatibility checks."""
     if drafter is None:
         return None, None
@@ -209,18 +216,18 @@ def _bind_drafter(model: Model, drafter: Drafter | None):
 
 def prepare(
     model: Model,
-    prompts,
+    prompts: Prompts,
     *,
     max_new_tokens: int,
     temperature: float = 0.0,
-    top_k=None,
-    top_p=None,
-    key=None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    key: KeyLike | None = None,
     chat: bool = True,
     drafter: Drafter | None = None,
     impl: str = "xla",
     batch_multiple: int = 1,
-):
+) -> tuple[engine.EngineConfig, dict[str, Any], list[list[int]]]:
     """Everything `generate` does before running: -> (ec, args for engine.prefill, rows)."""
     mode, sp = make_sampling(temperature, top_k, top_p)  # cheap checks before tokenizing
     key = make_key(key)
@@ -262,13 +269,13 @@ def prepare(
 
 def generate(
     model: Model,
-    prompts,
+    prompts: Prompts,
     *,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    key=None,
+    key: KeyLike | None = None,
     chat: bool = True,
     drafter: Drafter | None = None,
     impl: str = "xla",
@@ -312,7 +319,14 @@ def generate(
     return finish(model, state, rows, t1 - t0, t2 - t1, compiled)
 
 
-def finish(model: Model, state: engine.LoopState, rows, prefill_s, decode_s, compiled):
+def finish(
+    model: Model,
+    state: engine.LoopState,
+    rows: list[list[int]],
+    prefill_s: float,
+    decode_s: float,
+    compiled: bool,
+) -> GenerateOutput:
     out = np.asarray(state.out)
     n_out = np.asarray(state.n_out)
     tokens = [out[i, : n_out[i]].tolist() for i in range(len(rows))]
@@ -325,7 +339,9 @@ def finish(model: Model, state: engine.LoopState, rows, prefill_s, decode_s, com
     )
 
 
-def _stats(state: engine.LoopState, n: int, prefill_s: float, decode_s: float, compiled) -> dict:
+def _stats(
+    state: engine.LoopState, n: int, prefill_s: float, decode_s: float, compiled: bool
+) -> dict:
     n_out = np.asarray(state.n_out)[:n]
     row_steps = np.asarray(state.row_steps)[:n]
     new = int(n_out.sum())
@@ -355,9 +371,9 @@ def generate_stream(
     *,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
-    top_k=None,
-    top_p=None,
-    key=None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    key: KeyLike | None = None,
     chat: bool = True,
     drafter: Drafter | None = None,
     impl: str = "xla",
@@ -398,18 +414,18 @@ def generate_stream(
 
 
 def generate_pmap(
-    model,
-    prompts,
+    model: Model,
+    prompts: Prompts,
     *,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
-    top_k=None,
-    top_p=None,
-    key=None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    key: KeyLike | None = None,
     chat: bool = True,
-    drafter=None,
+    drafter: Drafter | None = None,
     devices: Sequence | None = None,
-):
+) -> GenerateOutput:
     """`generate` with the batch split over devices by `jax.pmap`.
 
     Each device runs its own while_loop over its rows, so a device whose rows finish early stops
@@ -439,7 +455,14 @@ def generate_pmap(
     split = jax.tree.map(lambda v: v.reshape((D, -1) + v.shape[1:]), args)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(D))
 
-    def run(params, dparams, inp, max_new, key, sp):
+    def run(
+        params: dict,
+        dparams: Params,
+        inp: engine.PrefillInput,
+        max_new: jax.Array,
+        key: jax.Array,
+        sp: dict,
+    ) -> engine.LoopState:
         st = engine.prefill(params, dparams, inp, max_new, key, sp, ec=ec, max_len=max_len)
         return engine.decode(params, dparams, st, sp, ec=ec)
 
