@@ -115,7 +115,7 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 2
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not (isinstance(self.block_k, int) and _is_pow2(self.block_k) and self.block_k >= 8):
             raise ValueError(
                 f"BlockSizes.block_k must be a power of two >= 8, got {self.block_k!r}"
@@ -176,7 +176,9 @@ def tree_mask_bits(block_mask: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_inputs(q, k, v, lengths, block_mask) -> None:
+def _check_inputs(
+    q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, block_mask: jax.Array
+) -> None:
     """Raise ValueError naming the bad argument, its shape and what would be valid."""
     if q.ndim != 4:
         raise ValueError(f"q must be [B, T, H, hd], got shape {q.shape}")
@@ -227,19 +229,19 @@ def _check_inputs(q, k, v, lengths, block_mask) -> None:
 
 
 def _tree_attention_kernel(
-    lengths_ref,
-    q_ref,
-    k_ref,
-    v_ref,
-    bits_ref,
-    o_ref,
+    lengths_ref: jax.Ref,
+    q_ref: jax.Ref,
+    k_ref: jax.Ref,
+    v_ref: jax.Ref,
+    bits_ref: jax.Ref,
+    o_ref: jax.Ref,
     *,
     seq_len: int,
     T: int,
     block_k: int,
     scale: float,
-    precision,
-):
+    precision: lax.Precision | None,
+) -> None:
     """One (row b, kv head, query block) program.
 
     lengths_ref [B'] int32 (whole array), q_ref [bq, hd], k_ref/v_ref [S', hd] (the kv head's
@@ -258,7 +260,7 @@ def _tree_attention_kernel(
     n_full = length // block_k
     n_total = (end + block_k - 1) // block_k
 
-    def visible(start):
+    def visible(start: jax.Array) -> jax.Array:  # [bq, bk] bool for the block at `start`
         slot = start + lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)  # [bq, bk]
         rel = slot - length  # offset inside the tree block
         hit = jnp.zeros((bq, block_k), jnp.bool_)
@@ -269,7 +271,9 @@ def _tree_attention_kernel(
         in_block = (rel >= 0) & (rel < T) & (slot < seq_len)
         return (slot < length) | (in_block & hit)
 
-    def body(i, carry, masked: bool):
+    def body(
+        i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array], masked: bool
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         m, l, acc = carry  # [bq, 1], [bq, 1], [bq, hd] float32
         start = pl.multiple_of(i * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]  # [bk, hd]
@@ -313,7 +317,9 @@ def _tree_attention_kernel(
     o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
 
 
-def _backend_params(backend: str | None, block_sizes: BlockSizes):
+def _backend_params(
+    backend: str | None, block_sizes: BlockSizes
+) -> tuple[pl.CompilerParams | None, pl.BlockSpec]:
     """(compiler_params, lengths BlockSpec) for the target backend; None backend = interpret."""
     if backend == "gpu":
         # Explicit Triton params: jax 0.10 would otherwise pick Mosaic GPU for a bare pallas_call.
@@ -371,7 +377,14 @@ def tree_attention(
 
 
 def _tree_attention_call(
-    q, k, v, lengths, block_mask, *, block_sizes: BlockSizes, backend: str | None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    block_mask: jax.Array,
+    *,
+    block_sizes: BlockSizes,
+    backend: str | None,
 ) -> jax.Array:
     """Layout + pallas_call for `backend` ("gpu", "tpu", or None = interpret). Unjitted, so tests
     can lower the GPU/TPU variants from a CPU machine (`lower(lowering_platforms=...)`)."""
