@@ -44,7 +44,7 @@ from specjax.engine.loop import emit
 from specjax.engine.verify import _padded_step, size_index, target_forward, verifier_for
 
 if TYPE_CHECKING:
-    from specjax.drafters.base import TargetStep, Verified
+    from specjax.drafters.base import Draft, TargetStep, TreeDraft, Verified
     from specjax.engine.state import EngineConfig, LoopState
     from specjax.engine.verify import AnyDraft
     from specjax.model import Model
@@ -115,7 +115,9 @@ def _keys(state: LoopState) -> tuple[jax.Array, jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnames=("ec",), donate_argnums=(2,))
-def _propose(dparams: Any, sp: dict, state: LoopState, *, ec: EngineConfig) -> tuple[AnyDraft, Any]:
+def _propose(
+    dparams: Any, sp: dict, state: LoopState, *, ec: EngineConfig
+) -> tuple[Draft | TreeDraft, Any]:
     """-> (draft, drafter state after proposing)."""
     return ec.drafter.propose(dparams, state.dstate, state.last, _keys(state)[0], ec.mode, sp)
 

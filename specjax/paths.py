@@ -7,7 +7,7 @@ from typing import TypeAlias
 
 DATA_ENV = "SPECJAX_DATA"
 # A filesystem path as the functions that take one accept it (`Path(p)`, `os.fspath(p)`).
-StrPath: TypeAlias = "str | os.PathLike[str]"
+StrPath: TypeAlias = str | os.PathLike[str]
 
 
 def data_file(sub: str) -> str | None:
