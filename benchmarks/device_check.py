@@ -31,6 +31,8 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,6 +41,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from specjax.models.config import ModelConfig  # noqa: E402
+
+if TYPE_CHECKING:
+    from jax.typing import DTypeLike
+
+    from specjax.anatomy import StepAnatomy
+    from specjax.drafters.base import Drafter
+    from specjax.model import Model
 
 LLAMA3_8B = ModelConfig(
     vocab_size=128256,
@@ -74,13 +83,13 @@ class Plan:
 
     cfg: ModelConfig
     dtype: str
-    attn_lengths: tuple  # cache slots S of the attention section
-    attn_blocks: tuple  # block tokens T of the attention section
+    attn_lengths: tuple[int, ...]  # cache slots S of the attention section
+    attn_blocks: tuple[int, ...]  # block tokens T of the attention section
     attn_batch: int
-    verify_sizes: tuple
+    verify_sizes: tuple[int, ...]
     prompt_len: int
     max_new: int
-    drafters: tuple  # (name, layers, k, tree nodes or 0)
+    drafters: tuple[tuple[str, int, int, int], ...]  # (name, layers, k, tree nodes or 0)
     greedy_rows: int
     greedy_prompt: int
     greedy_new: int
@@ -127,11 +136,11 @@ TINY_PLAN = Plan(
 # ----------------------------------------------------------------------------- helpers
 
 
-def section(title: str):
+def section(title: str) -> None:
     print(f"\n## {title}\n", flush=True)
 
 
-def timed_median(fn, *args, repeats: int) -> float:
+def timed_median(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
     """Median ms of `fn(*args)` after two warm-up calls."""
     import statistics
 
@@ -145,7 +154,7 @@ def timed_median(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def random_params(cfg: ModelConfig, dtype, seed: int = 0) -> dict:
+def random_params(cfg: ModelConfig, dtype: DTypeLike, seed: int = 0) -> dict:
     """Llama params in the stacked (scan) layout, drawn on the device: matrices ~ N(0, 1/fan_in),
     embeddings ~ N(0, 1), norm weights 1 (llama.py's names and shapes)."""
     D, F, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
@@ -176,7 +185,7 @@ def random_params(cfg: ModelConfig, dtype, seed: int = 0) -> dict:
     return out
 
 
-def random_model(plan: Plan):
+def random_model(plan: Plan) -> Model:
     from specjax.model import Model
 
     dtype = jnp.dtype(plan.dtype)
@@ -184,7 +193,7 @@ def random_model(plan: Plan):
     return Model(params=params, config=plan.cfg, tokenizer=None, name="llama3-8b-shaped-random")
 
 
-def nbytes(tree) -> int:
+def nbytes(tree: Any) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
@@ -255,7 +264,7 @@ def check_tree_attention(plan: Plan) -> None:
 # ----------------------------------------------------------------------------- 2-4. model
 
 
-def make_drafter(name: str, layers: int, k: int, nodes: int):
+def make_drafter(name: str, layers: int, k: int, nodes: int) -> Drafter | None:
     from specjax import drafters
 
     if layers == 0:
@@ -264,7 +273,7 @@ def make_drafter(name: str, layers: int, k: int, nodes: int):
     return drafters.layer_skip(layers, k=k, tree=tree)
 
 
-def print_floor(model, plan: Plan, a, prompt) -> None:
+def print_floor(model: Model, plan: Plan, a: StepAnatomy, prompt: Sequence[int]) -> None:
     """The plain step against the bytes it must read (weights + the whole cache)."""
     from specjax.api import prepare
 
@@ -291,7 +300,7 @@ def print_floor(model, plan: Plan, a, prompt) -> None:
         )
 
 
-def check_verify(model, plan: Plan) -> None:
+def check_verify(model: Model, plan: Plan) -> None:
     from specjax import autotune
 
     table = autotune.verify_cost_table(
@@ -306,7 +315,7 @@ def check_verify(model, plan: Plan) -> None:
     print(autotune.cost_markdown(table), flush=True)
 
 
-def check_anatomy(model, plan: Plan) -> None:
+def check_anatomy(model: Model, plan: Plan) -> None:
     from specjax import anatomy
 
     prompt = list(np.random.default_rng(2).integers(0, plan.cfg.vocab_size, plan.prompt_len))
@@ -343,7 +352,7 @@ def check_anatomy(model, plan: Plan) -> None:
 # ----------------------------------------------------------------------------- 5. greedy
 
 
-def check_greedy_identity(model, plan: Plan) -> None:
+def check_greedy_identity(model: Model, plan: Plan) -> None:
     """Greedy speculative output vs plain greedy output, same dtype, same device."""
     from specjax import drafters
     from specjax.api import generate
@@ -377,7 +386,7 @@ def check_greedy_identity(model, plan: Plan) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def run_section(title: str, fn, *args) -> bool:
+def run_section(title: str, fn: Callable[..., object], *args: Any) -> bool:
     section(title)
     t0 = time.perf_counter()
     try:
@@ -390,7 +399,7 @@ def run_section(title: str, fn, *args) -> bool:
     return ok
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--tiny",

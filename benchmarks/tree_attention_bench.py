@@ -25,6 +25,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,15 +51,16 @@ def random_tree_mask(rng: np.random.Generator, B: int, T: int) -> np.ndarray:
     return masks
 
 
-def causal_xla(q, k, v, lengths):
-    """Chain verification: slot s visible to block token t iff s <= lengths + t (no gather)."""
+def causal_xla(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Chain verification: slot s visible to block token t iff s <= lengths + t (no gather).
+    q [B, T, H, hd], k, v [B, KV, S, hd], lengths [B] -> [B, T, H, hd]."""
     T, S = q.shape[1], k.shape[2]  # k [B, KV, S, hd]
     slot = jnp.arange(S)[None, None, :]
     mask = slot <= (lengths[:, None] + jnp.arange(T)[None, :])[:, :, None]  # [B, T, S]
     return attention_xla(q, k, v, mask)
 
 
-def time_ms(fn, *args, iters: int) -> float:
+def time_ms(fn: Callable[..., Any], *args: Any, iters: int) -> float:
     jax.block_until_ready(fn(*args))  # compile + warm up
     jax.block_until_ready(fn(*args))
     times = []
@@ -68,7 +71,7 @@ def time_ms(fn, *args, iters: int) -> float:
     return statistics.median(times)
 
 
-def main(argv=None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=1024, help="cache slots S")

@@ -85,7 +85,8 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -93,6 +94,12 @@ import numpy as np
 from checkpoints_convert.hf import IGNORED, CheckpointMismatch, read_hf_config, read_hf_dir
 from specjax.drafters import feature as eagle_lib
 from specjax.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    import jax
+    from jax.typing import DTypeLike
+
+    from specjax.paths import StrPath
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +224,7 @@ def _layer_config(hf: dict, target: ModelConfig) -> ModelConfig:
     )
 
 
-def detect_producer(raw: dict) -> tuple:
+def detect_producer(raw: dict) -> tuple[str, str]:
     """-> (producer, reason): who wrote this config.json (see the module docstring)."""
     archs = raw.get("architectures") or []
     ec = raw.get("eagle_config")
@@ -243,7 +250,7 @@ def detect_producer(raw: dict) -> tuple:
     return "safeailab", "config.json has no producer-specific fields (SafeAILab's layout)"
 
 
-def _int_list(ids, what: str) -> list:
+def _int_list(ids: Any, what: str) -> list[int]:
     if not isinstance(ids, (list, tuple)) or not all(
         isinstance(i, int) and not isinstance(i, bool) for i in ids
     ):
@@ -251,7 +258,7 @@ def _int_list(ids, what: str) -> list:
     return [int(i) for i in ids]
 
 
-def _checkpoint_ids(hf: dict, producer: str):
+def _checkpoint_ids(hf: dict, producer: str) -> tuple[list[int] | None, str | None]:
     """-> (ids or None, where they were read) as the producer writes them."""
     ec = hf.get("eagle_config")
     nested = ec.get("eagle_aux_hidden_state_layer_ids") if isinstance(ec, dict) else None
@@ -277,7 +284,9 @@ def _checkpoint_ids(hf: dict, producer: str):
     return None, None
 
 
-def _feature_layers(hf: dict, producer: str, target: ModelConfig, override=None) -> tuple:
+def _feature_layers(
+    hf: dict, producer: str, target: ModelConfig, override: Sequence[int] | None = None
+) -> tuple[tuple[int, ...], str]:
     """EAGLE-3's captured target layers as HF hidden_states indices -> (layers, reason)."""
     L = target.num_layers
     ids, where = (None, None) if override is not None else _checkpoint_ids(hf, producer)
@@ -390,7 +399,7 @@ def _detect_version(state: dict, hf: dict) -> int:
     )
 
 
-def _check_single_layer(state: dict):
+def _check_single_layer(state: dict) -> None:
     extra = sorted({int(m.group(1)) for k in state if (m := _LAYER_NUM.match(k))} - {0})
     if extra:
         first = next(
@@ -403,7 +412,9 @@ def _check_single_layer(state: dict):
         )
 
 
-def _check_tensors(state: dict, required: dict, optional: dict, version: int, hint: str = ""):
+def _check_tensors(
+    state: dict, required: dict, optional: dict, version: int, hint: str = ""
+) -> None:
     """Every key known, every required key present, every shape as expected (HF [out, in])."""
     extra = sorted(k for k in state if k not in required and k not in optional)
     if extra:
@@ -432,7 +443,7 @@ def _layer_shapes(lc: ModelConfig, prefix: str, d_in: int) -> dict:
     return {prefix + s: shape for s, shape in zip(_ATTN_MLP, shapes)}
 
 
-def _layer_params(state: dict, prefix: str, cast) -> dict:
+def _layer_params(state: dict, prefix: str, cast: Callable[[np.ndarray], jax.Array]) -> dict:
     t = lambda s: state[prefix + s].T  # noqa: E731  torch [out, in] -> ours [in, out]
     return {
         "wqkv": cast(
@@ -478,7 +489,9 @@ def _same_table(a: np.ndarray, b: np.ndarray) -> bool:
     return False
 
 
-def _own_embedding(state: dict, producer: str, target_embed) -> np.ndarray | None:
+def _own_embedding(
+    state: dict, producer: str, target_embed: np.ndarray | jax.Array | None
+) -> np.ndarray | None:
     """The drafter's `embed_tokens.weight` when it must be run as its own, else None (absent, or
     a copy of the target's, which is then shared). Refused when it differs from the target's
     and the producer's runtime would not run it (module docstring)."""
@@ -546,14 +559,14 @@ def _d2t_absolute(state: dict, Vd: int, V: int) -> np.ndarray:
 
 
 def load_eagle_hf(
-    path,
+    path: StrPath,
     target_cfg: ModelConfig,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
     *,
-    target_embed=None,
+    target_embed: np.ndarray | jax.Array | None = None,
     producer: str | None = None,
     capture_layers: Sequence[int] | None = None,
-):
+) -> tuple[eagle_lib.EagleConfig, dict]:
     """An HF-format EAGLE-1/2 or EAGLE-3 drafter directory -> (EagleConfig, params).
 
     `target_cfg`: the target's ModelConfig (hidden size, vocabulary and layer count are checked
@@ -686,7 +699,7 @@ def load_eagle_hf(
     return cfg, params
 
 
-def _hf_config(cfg, target_cfg: ModelConfig, dtype_name: str) -> dict:
+def _hf_config(cfg: eagle_lib.EagleConfig, target_cfg: ModelConfig, dtype_name: str) -> dict:
     L = cfg.layer
     out = {
         "architectures": ["LlamaForCausalLMEagle3" if cfg.version == 3 else "LlamaForCausalLM"],
@@ -733,7 +746,11 @@ def _hf_config(cfg, target_cfg: ModelConfig, dtype_name: str) -> dict:
 
 
 def save_eagle_hf(
-    path, cfg, params: dict, target_cfg: ModelConfig, embed: np.ndarray | None = None
+    path: StrPath,
+    cfg: eagle_lib.EagleConfig,
+    params: dict,
+    target_cfg: ModelConfig,
+    embed: np.ndarray | jax.Array | None = None,
 ) -> None:
     """Write (EagleConfig, params) as an HF EAGLE checkpoint: config.json + model.safetensors,
     in the layout `load_eagle_hf` reads (EAGLE-3 under `midlayer.`, d2t as int64 offsets, t2d).

@@ -11,11 +11,16 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from specjax.models.config import ModelConfig
 from specjax.models.family import family_of
+
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
+    from transformers import PreTrainedTokenizerBase
 
 # Non-parameter buffers some checkpoints carry.
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -76,7 +81,9 @@ class CheckpointMismatch(ValueError):
     """A checkpoint does not match the model config (missing, unused or misshapen tensor)."""
 
 
-def convert_state_dict(state: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=np.float32) -> dict:
+def convert_state_dict(
+    state: Mapping[str, np.ndarray], cfg: ModelConfig, dtype: DTypeLike = np.float32
+) -> dict:
     """Map an HF state dict (name -> array) to our nested param dict (numpy, `dtype`)."""
     shapes = checkpoint_shapes(cfg)
     fam = family_of(cfg)
@@ -201,13 +208,15 @@ def read_hf_config(path: str) -> dict:
         return json.load(f)
 
 
-def load_hf_dir(path: str, dtype=np.float32):
+def load_hf_dir(path: str, dtype: DTypeLike = np.float32) -> tuple[dict, ModelConfig]:
     """HF checkpoint directory -> (params as numpy, ModelConfig)."""
     cfg = ModelConfig.from_hf(read_hf_config(path))
     return convert_state_dict(read_hf_dir(path), cfg, dtype), cfg
 
 
-def load_gguf(path: str, dtype=np.float32, tokenizer: bool = True):
+def load_gguf(
+    path: str, dtype: DTypeLike = np.float32, tokenizer: bool = True
+) -> tuple[dict, ModelConfig, PreTrainedTokenizerBase | None]:
     """GGUF file -> (params as numpy, ModelConfig, tokenizer or None when not `tokenizer`), via
     transformers + `gguf`.
 

@@ -17,11 +17,16 @@ import json
 import os
 import shutil
 import zlib
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
 from specjax.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 FORMAT_VERSION = 2  # 2: fused wqkv / w_gate_up runtime layout (checksums were added within 2)
 CONFIG_FILE = "specjax_config.json"
@@ -40,7 +45,7 @@ def is_converted_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
-def converted_format(path: str):
+def converted_format(path: str) -> int | None:
     """The format version of a converted checkpoint directory (None if unreadable)."""
     try:
         return _read_meta(path).get("format_version")
@@ -88,7 +93,9 @@ def damaged_files(path: str, checksums: dict) -> list[str]:
     return problems
 
 
-def _damaged(path: str, what: str, cls=DamagedCheckpoint) -> DamagedCheckpoint:
+def _damaged(
+    path: str, what: str, cls: type[DamagedCheckpoint] = DamagedCheckpoint
+) -> DamagedCheckpoint:
     return cls(
         f"converted checkpoint {path!r}: {what}. Convert the model again "
         f"(specjax convert SRC {path} --overwrite)"
@@ -109,7 +116,7 @@ def _read_meta(path: str) -> dict:
 # ----------------------------------------------------------------------------- destinations
 
 
-def check_destination(dst: str, overwrite: bool = False, sources=()) -> None:
+def check_destination(dst: str, overwrite: bool = False, sources: Iterable[str] = ()) -> None:
     """Refuse a destination whose replacement would lose anything the user did not ask to lose:
     a file, a folder that is not a specjax checkpoint (unless empty), a checkpoint without
     `overwrite`, or a folder holding (or being) one of `sources`."""
@@ -180,7 +187,12 @@ def _replace_dir(tmp: str, dst: str) -> None:
 
 
 def save_converted(
-    dst: str, params: dict, cfg: ModelConfig, tokenizer=None, *, overwrite: bool = False
+    dst: str,
+    params: dict,
+    cfg: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    overwrite: bool = False,
 ) -> str:
     """Write a converted checkpoint to `dst` (see the module docstring). An existing `dst` is
     replaced only when it is an empty folder, or a specjax checkpoint and `overwrite`."""
@@ -217,7 +229,7 @@ def save_converted(
     return dst
 
 
-def load_converted(path: str):
+def load_converted(path: str) -> tuple[dict, ModelConfig, PreTrainedTokenizerBase | None]:
     """-> (params as numpy, ModelConfig, tokenizer or None). Raises DamagedCheckpoint naming
     the file when anything on disk is missing, truncated or altered."""
     import orbax.checkpoint as ocp
@@ -266,7 +278,7 @@ def load_converted(path: str):
     return params, cfg, tok
 
 
-def _check_shapes(path: str, params, cfg: ModelConfig) -> None:
+def _check_shapes(path: str, params: dict, cfg: ModelConfig) -> None:
     from checkpoints_convert.hf import CheckpointMismatch, expected_shapes
 
     flat = {

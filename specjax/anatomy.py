@@ -33,7 +33,8 @@ import re
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import jax
 
@@ -41,6 +42,15 @@ from specjax import engine
 from specjax.drafters.base import Drafter
 from specjax.engine.loop import emit
 from specjax.engine.verify import _padded_step, size_index, target_forward, verifier_for
+
+if TYPE_CHECKING:
+    from specjax.drafters.base import Draft, TargetStep, TreeDraft, Verified
+    from specjax.engine.state import EngineConfig, LoopState
+    from specjax.engine.verify import AnyDraft
+    from specjax.model import Model
+    from specjax.models.cache import KVCache
+
+_T = TypeVar("_T")
 
 PARTS = ("propose", "verify forward", "accept/emit", "commit")
 ROWS = (
@@ -64,11 +74,13 @@ class StepAnatomy:
     and remainder) and what was measured."""
 
     drafter: str
-    ms: dict
+    ms: dict[str, float]
     verify_tokens: int  # T of the verify forward timed (1 + draft tokens verified)
     loop_tokens_per_step: float  # tokens per step in the loop-step run (tau there)
     repeats: int
-    loop_cache_copies: tuple = ()  # HloCopy of KV-cache-sized buffers in the loop body
+    loop_cache_copies: tuple[
+        HloCopy, ...
+    ] = ()  # HloCopy of KV-cache-sized buffers in the loop body
 
     @property
     def parts_ms(self) -> float:
@@ -96,31 +108,48 @@ class StepAnatomy:
 # Each takes the fixed inputs first and the donated ones last; `ec` is static.
 
 
-def _keys(state):
+def _keys(state: LoopState) -> tuple[jax.Array, jax.Array]:
     """The step's key split, as `decode_step` splits it -> (k_draft, k_verify)."""
     _, k_draft, k_verify = jax.random.split(state.key, 3)
     return k_draft, k_verify
 
 
 @functools.partial(jax.jit, static_argnames=("ec",), donate_argnums=(2,))
-def _propose(dparams, sp, state, *, ec):
+def _propose(
+    dparams: Any, sp: dict, state: LoopState, *, ec: EngineConfig
+) -> tuple[Draft | TreeDraft, Any]:
+    """-> (draft, drafter state after proposing)."""
     return ec.drafter.propose(dparams, state.dstate, state.last, _keys(state)[0], ec.mode, sp)
 
 
 @functools.partial(jax.jit, static_argnames=("ec",), donate_argnums=(2,))
-def _verify_forward(params, part, state, *, ec):
+def _verify_forward(
+    params: dict, part: AnyDraft, state: LoopState, *, ec: EngineConfig
+) -> tuple[jax.Array, TargetStep, KVCache]:
     """The target forward over the block the engine builds for `part` (None: a plain step)."""
     return target_forward(params, state, part, ec)
 
 
 @functools.partial(jax.jit, static_argnames=("ec",), donate_argnums=(3,))
-def _accept_emit(part, logits, sp, state, *, ec):
+def _accept_emit(
+    part: AnyDraft, logits: jax.Array, sp: dict, state: LoopState, *, ec: EngineConfig
+) -> tuple[Verified, tuple[jax.Array, jax.Array, jax.Array]]:
+    """-> (Verified, `emit`'s (out, n_out, done))."""
     verified = verifier_for(part).accept(_keys(state)[1], logits, part, sp, ec)
     return verified, emit(state, verified, ec)
 
 
 @functools.partial(jax.jit, static_argnames=("ec",), donate_argnums=(5,))
-def _commit(dparams, draft, part, verified, step, state_cache, *, ec):
+def _commit(
+    dparams: Any,
+    draft: AnyDraft,
+    part: AnyDraft,
+    verified: Verified,
+    step: TargetStep,
+    state_cache: tuple[LoopState, KVCache],
+    *,
+    ec: EngineConfig,
+) -> tuple[KVCache, Any]:
     """Target cache commit of the verified `part` + the drafter's commit of the whole `draft`
     (as `decode_step` hands it over). `state_cache` = (state, cache after the forward)."""
     state, cache = state_cache
@@ -133,26 +162,30 @@ def _commit(dparams, draft, part, verified, step, state_cache, *, ec):
 
 
 @functools.partial(jax.jit, static_argnames=("ec",), donate_argnums=(3,))
-def _empty(params, dparams, sp, state, *, ec):
+def _empty(
+    params: dict, dparams: Any, sp: dict, state: LoopState, *, ec: EngineConfig
+) -> jax.Array:
     return state.steps + 1
 
 
 # ----------------------------------------------------------------------------- measuring
 
 
-def _fresh(tree):
+def _fresh(tree: _T) -> _T:
     """A copy of every array of `tree` (the donated input of one timed call)."""
     return jax.block_until_ready(jax.tree.map(lambda x: x.copy(), tree))
 
 
-def _time_once(fn: Callable, donated) -> float:
+def _time_once(fn: Callable[[Any], Any], donated: Any) -> float:
     arg = _fresh(donated)
     t0 = time.perf_counter()
     jax.block_until_ready(fn(arg))
     return (time.perf_counter() - t0) * 1e3
 
 
-def time_pieces(pieces: dict, repeats: int, warmup: int = 2) -> dict:
+def time_pieces(
+    pieces: dict[str, tuple[Callable[[Any], Any], Any]], repeats: int, warmup: int = 2
+) -> dict[str, float]:
     """{name: (fn(donated), donated snapshot)} -> {name: median ms}. Every piece is compiled
     and run `warmup` times first; the timed calls are interleaved over the pieces (order
     reversed every other round, to cancel drift), `repeats` rounds."""
@@ -168,15 +201,15 @@ def time_pieces(pieces: dict, repeats: int, warmup: int = 2) -> dict:
 
 
 def decode_state(
-    model,
+    model: Model,
     drafter: Drafter | None,
-    prompt,
+    prompt: str | Sequence[int],
     *,
     max_new_tokens: int,
     warm_steps: int,
     chat: bool = True,
     impl: str = "xla",
-):
+) -> tuple[EngineConfig, Any, dict, LoopState]:
     """A realistic decode state: `prepare`, `engine.prefill`, then `warm_steps` real steps.
     -> (ec, dparams, sp, state)."""
     from specjax.api import prepare
@@ -192,7 +225,7 @@ def decode_state(
     return ec, dparams, sp, jax.block_until_ready(state)
 
 
-def verified_part(ec, draft, state):
+def verified_part(ec: EngineConfig, draft: AnyDraft, state: LoopState) -> tuple[AnyDraft, int]:
     """The part of `draft` the engine verifies on `state` (None: a plain step), as `verify`
     chooses it: the whole draft, or the smallest static verify size covering every active
     row's request -> (part, T = tokens in the verify block)."""
@@ -211,9 +244,9 @@ def verified_part(ec, draft, state):
 
 
 def measure_step(
-    model,
+    model: Model,
     drafter: Drafter | None,
-    prompt=DEFAULT_PROMPT,
+    prompt: str | Sequence[int] = DEFAULT_PROMPT,
     *,
     max_new_tokens: int = 128,
     warm_steps: int = 4,
@@ -244,7 +277,16 @@ def measure_step(
 
 
 def _measure_step(
-    model, drafter, prompt, max_new_tokens, warm_steps, loop_steps, repeats, chat, impl, name
+    model: Model,
+    drafter: Drafter | None,
+    prompt: str | Sequence[int],
+    max_new_tokens: int,
+    warm_steps: int,
+    loop_steps: int,
+    repeats: int,
+    chat: bool,
+    impl: str,
+    name: str | None,
 ) -> StepAnatomy:
     ec, dparams, sp, state = decode_state(
         model,
@@ -300,7 +342,15 @@ def _measure_step(
     )
 
 
-def time_loop_step(params, dparams, sp, state, ec, loop_steps: int, repeats: int):
+def time_loop_step(
+    params: dict,
+    dparams: Any,
+    sp: dict,
+    state: LoopState,
+    ec: EngineConfig,
+    loop_steps: int,
+    repeats: int,
+) -> tuple[float, float, tuple[HloCopy, ...]]:
     """Median ms per step of `engine.decode` running `loop_steps` steps from `state` (the
     loop's step bound is moved; rows keep their budgets) -> (ms per step, tokens per step,
     the KV-cache-sized copies in the compiled loop body)."""
@@ -368,7 +418,7 @@ _SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
 class HloCopy:
     """A copy instruction of optimized HLO: its result shapes ((dtype, dims), ...), where."""
 
-    shapes: tuple
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
     computation: str
     line: str
 
@@ -438,7 +488,7 @@ def loop_body_copies(hlo: str) -> list:
     return copies
 
 
-def cache_copies(hlo: str, cache_shapes) -> list:
+def cache_copies(hlo: str, cache_shapes: Iterable[Sequence[int]]) -> list:
     """The loop-body copies whose result is a whole KV-cache buffer (one of `cache_shapes`, dims
     tuples) -> [HloCopy]. Each such copy moves a layer's cache (or all of them) every step."""
     wanted = {tuple(s) for s in cache_shapes}

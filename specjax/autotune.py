@@ -18,6 +18,7 @@ import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,11 @@ from specjax.drafters import DynamicTree
 from specjax.engine import tree as tree_lib
 from specjax.models import forward, is_unrolled
 from specjax.models.cache import KVCache, init_cache
+
+if TYPE_CHECKING:
+    from specjax.drafters.base import Drafter
+    from specjax.model import Model
+    from specjax.models.config import ModelConfig
 
 DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32)
 # Small trees first: on a 2-core CPU a verify block of 32 tokens costs ~3x one of 1 token.
@@ -42,7 +48,15 @@ DEFAULT_CANDIDATES = (
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
-def verify_forward(params, tokens, parents, cache: KVCache, *, cfg, impl: str = "xla"):
+def verify_forward(
+    params: dict,
+    tokens: jax.Array,
+    parents: jax.Array | None,
+    cache: KVCache,
+    *,
+    cfg: ModelConfig,
+    impl: str = "xla",
+) -> tuple[jax.Array, KVCache]:
     """The engine's verify forward over the block `tokens` [B, T] written at `cache.lengths`.
 
     `parents` None: a chain (causal mask, positions length + i; the engine's chain verifier).
@@ -68,7 +82,7 @@ def random_parents(rng: np.random.Generator, batch: int, n: int) -> np.ndarray:
     return (np.floor(rng.random((batch, n)) * (np.arange(n) + 1)) - 1).astype(np.int32)
 
 
-def prefilled_cache(model, batch: int, prefix: int, max_len: int, seed: int = 0) -> KVCache:
+def prefilled_cache(model: Model, batch: int, prefix: int, max_len: int, seed: int = 0) -> KVCache:
     """A KV cache in the model's layout whose rows hold `prefix` committed tokens of random K/V
     (the cost of a forward does not depend on the values)."""
     cache = init_cache(
@@ -82,7 +96,9 @@ def prefilled_cache(model, batch: int, prefix: int, max_len: int, seed: int = 0)
     return cache.replace(k=k, v=v, lengths=jnp.full((batch,), prefix, jnp.int32))
 
 
-def _timed(fn, cache):
+def _timed(
+    fn: Callable[[KVCache], tuple[jax.Array, KVCache]], cache: KVCache
+) -> tuple[float, KVCache]:
     t0 = time.perf_counter()
     logits, cache = fn(cache)
     logits.block_until_ready()
@@ -90,7 +106,7 @@ def _timed(fn, cache):
 
 
 def verify_cost_table(
-    model,
+    model: Model,
     sizes: Sequence[int] = DEFAULT_SIZES,
     prompt_len: int = 256,
     batch: int = 1,
@@ -99,7 +115,7 @@ def verify_cost_table(
     max_new: int = 128,
     seed: int = 0,
     progress: bool = True,
-) -> dict:
+) -> dict[int, tuple[float, float]]:
     """Milliseconds of one jitted verify forward of T tokens -> {T: (causal_ms, tree_ms)}.
 
     The cache holds `prompt_len` committed tokens and is sized as `generate` sizes it for
@@ -136,7 +152,7 @@ def verify_cost_table(
     }
 
 
-def cost_markdown(table: dict) -> str:
+def cost_markdown(table: dict[int, tuple[float, float]]) -> str:
     """The cost table as Markdown: T, causal ms, tree ms, tree/causal, causal cost vs the
     smallest T."""
     t0 = min(table)
@@ -151,17 +167,17 @@ def cost_markdown(table: dict) -> str:
 
 
 def tune_tree(
-    model,
-    drafter_factory: Callable,
-    prompts: Sequence,
-    candidates: Sequence = DEFAULT_CANDIDATES,
+    model: Model,
+    drafter_factory: Callable[[Any], Drafter],
+    prompts: Sequence[str | Sequence[int]],
+    candidates: Sequence[Any] = DEFAULT_CANDIDATES,
     *,
     max_new_tokens: int = 64,
     repeats: int = 1,
     chat: bool = True,
     impl: str = "xla",
     progress: bool = True,
-) -> tuple:
+) -> tuple[Any, list[dict]]:
     """Pick the draft tree with the best measured tokens/s -> (best candidate, table).
 
     `drafter_factory(candidate)` builds the drafter of one candidate (usually a `DynamicTree`),
@@ -212,7 +228,7 @@ def tune_tree(
     return candidates[best], table
 
 
-def tune_markdown(table: Sequence[dict], best=None) -> str:
+def tune_markdown(table: Sequence[dict], best: Any = None) -> str:
     """The `tune_tree` table as Markdown (the chosen candidate marked)."""
     lines = ["| drafter | tokens/s | tau | chosen |", "|---|---|---|---|"]
     for r in table:

@@ -17,10 +17,17 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from specjax.paths import DATA_ENV, data_file  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    import transformers
+
+    from specjax.drafters.base import Drafter
+    from specjax.model import Model
 
 
 def default_questions() -> str:
@@ -107,10 +114,12 @@ class Record:
     compiled: bool = False  # the timed call traced/compiled something (warm-up missed a shape)
 
 
-def _spec_runner(model, drafter, max_new_tokens: int) -> Callable:
+def _spec_runner(
+    model: Model, drafter: Drafter | None, max_new_tokens: int
+) -> Callable[[list[int]], Run]:
     from specjax.api import generate
 
-    def run(ids):
+    def run(ids: list[int]) -> Run:
         out = generate(model, [ids], max_new_tokens=max_new_tokens, drafter=drafter)
         s = out.stats
         return Run(
@@ -125,10 +134,15 @@ def _spec_runner(model, drafter, max_new_tokens: int) -> Callable:
     return run
 
 
-def _hf_runner(hf_model, max_new_tokens: int, eos: Sequence[int], **gen_kwargs) -> Callable:
+def _hf_runner(
+    hf_model: transformers.PreTrainedModel,
+    max_new_tokens: int,
+    eos: Sequence[int],
+    **gen_kwargs: Any,
+) -> Callable[[list[int]], Run]:
     import torch
 
-    def run(ids):
+    def run(ids: list[int]) -> Run:
         x = torch.tensor([ids])
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -147,7 +161,7 @@ def _hf_runner(hf_model, max_new_tokens: int, eos: Sequence[int], **gen_kwargs) 
     return run
 
 
-def load_hf_twin(model):
+def load_hf_twin(model: Model) -> transformers.PreTrainedModel:
     """The HF transformers model with the same weights as a named specjax model (GGUF)."""
     import torch
     import transformers
@@ -190,9 +204,9 @@ def machine() -> str:
 
 
 def run_bench(
-    model,
+    model: Model,
     prompts: list[dict],
-    methods: dict,
+    methods: dict[str, Callable[[list[int]], Run]],
     *,
     warmup: bool = True,
     progress: bool = True,
@@ -296,7 +310,7 @@ BOUND_SIZES = (1, 2, 3, 4, 5, 9, 17, 33)
 
 
 def measure_verify_costs(
-    model,
+    model: Model,
     prompts: list[dict],
     max_new_tokens: int,
     sizes: Sequence[int] = BOUND_SIZES,

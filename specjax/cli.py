@@ -17,6 +17,13 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specjax.drafters.base import Drafter
+    from specjax.drafters.shapes import DynamicTree
+    from specjax.model import Model
 
 DEMO_PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
@@ -28,7 +35,7 @@ DEMO_PROMPTS = [
 ]
 
 
-def make_drafter(name: str, k, model=None):
+def make_drafter(name: str, k: int | None, model: Model | None = None) -> Drafter | None:
     """A `--drafter` value -> Drafter (None for none): `NAME[:ARG][@K]` from the drafter registry
     (`specjax.drafters.registry`); `@K` overrides `k`."""
     from specjax.drafters import registry
@@ -72,7 +79,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _number_in(ok, what: str):
+def _number_in(ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
     """argparse type: a float for which `ok(value)` holds (NaN never does), else `what`."""
 
     def parse(text: str) -> float:
@@ -91,7 +98,7 @@ _temperature = _number_in(lambda v: 0 <= v < float("inf"), "a number >= 0 (0 = g
 _top_p = _number_in(lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
-def _add_sampling(p):
+def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=positive_int, default=None)
@@ -99,7 +106,7 @@ def _add_sampling(p):
     p.add_argument("--seed", type=int, default=0)
 
 
-def cmd_generate(a):
+def cmd_generate(a: argparse.Namespace) -> None:
     from specjax import load_model
     from specjax.api import generate, generate_stream
 
@@ -132,7 +139,7 @@ def cmd_generate(a):
     )
 
 
-def cmd_convert(a):
+def cmd_convert(a: argparse.Namespace) -> None:
     from checkpoints_convert import check_destination, save_converted
     from specjax import load_model
 
@@ -155,7 +162,7 @@ def cmd_convert(a):
     )
 
 
-def cmd_demo(a):
+def cmd_demo(a: argparse.Namespace) -> None:
     from specjax import load_model
     from specjax.api import generate
     from specjax.drafters.bundled import BUNDLED_DRAFTERS
@@ -184,7 +191,7 @@ def cmd_demo(a):
         print(line + "]")
 
 
-def _bench_common(p):
+def _bench_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--questions", default=None, help="question .jsonl (default: Spec-Bench)")
     p.add_argument("--limit", type=positive_int, default=None, help="questions per category")
@@ -193,7 +200,7 @@ def _bench_common(p):
     p.add_argument("--out", default="bench_out")
 
 
-def _costs_arg(text: str):
+def _costs_arg(text: str) -> str | dict[int, float]:
     """--verify-costs: "auto", "none" or T:COST pairs (checked while parsing the command)."""
     from specjax import bench
 
@@ -205,7 +212,9 @@ def _costs_arg(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _verify_costs(a, model, prompts):
+def _verify_costs(
+    a: argparse.Namespace, model: Model, prompts: list[dict]
+) -> dict[int, float] | None:
     from specjax import bench
 
     choice = getattr(a, "verify_costs", "none")
@@ -214,7 +223,7 @@ def _verify_costs(a, model, prompts):
     return None if choice == "none" else choice
 
 
-def cmd_bench(a, ar_only=False):
+def cmd_bench(a: argparse.Namespace, ar_only: bool = False) -> None:
     from specjax import bench, load_model
 
     path = a.questions or bench.default_questions()
@@ -259,7 +268,7 @@ def cmd_bench(a, ar_only=False):
     print(f"\nwrote {a.out}/results.json, results.md, speedup.png")
 
 
-def cmd_bench_verify(a):
+def cmd_bench_verify(a: argparse.Namespace) -> None:
     import jax
 
     from specjax import autotune, load_model
@@ -277,7 +286,7 @@ def cmd_bench_verify(a):
     print(autotune.cost_markdown(table))
 
 
-def cmd_bench_step(a):
+def cmd_bench_step(a: argparse.Namespace) -> None:
     import jax
 
     from specjax import anatomy, load_model
@@ -308,7 +317,7 @@ def cmd_bench_step(a):
     print("\nremainder > 10% of the step: " + ("; ".join(over) if over else "none"))
 
 
-def tree_factory(name: str, model):
+def tree_factory(name: str, model: Model) -> Callable[[DynamicTree], Drafter]:
     """`tune-tree` drafter names -> a function DynamicTree -> Drafter (any registered drafter
     that drafts a dynamic tree; ngram: a candidate of N nodes and top_k K drafts K branches of
     N // K tokens)."""
@@ -326,7 +335,7 @@ def tree_factory(name: str, model):
     return lambda t: registry.make(name, None, model, tree=t)
 
 
-def _parse_candidates(text):
+def _parse_candidates(text: str) -> tuple[DynamicTree, ...]:
     from specjax.drafters import DynamicTree
 
     out = []
@@ -341,7 +350,9 @@ def _parse_candidates(text):
     return tuple(out)
 
 
-def _questions(path, limit=None, categories=None):
+def _questions(
+    path: str, limit: int | None = None, categories: Sequence[str] | None = None
+) -> list[dict]:
     """bench.load_questions, with a bad or missing file reported as a one-line CLI error."""
     from specjax import bench
 
@@ -351,7 +362,7 @@ def _questions(path, limit=None, categories=None):
         raise SystemExit(f"specjax: {e}") from None
 
 
-def _spread_prompts(path, limit):
+def _spread_prompts(path: str, limit: int) -> list[str]:
     """The first `limit` questions taken round-robin over the categories (first turns)."""
     import itertools
 
@@ -362,7 +373,7 @@ def _spread_prompts(path, limit):
     return spread[:limit]
 
 
-def cmd_tune_tree(a):
+def cmd_tune_tree(a: argparse.Namespace) -> None:
     from specjax import autotune, bench, load_model
 
     cands = _parse_candidates(a.candidates) if a.candidates else autotune.DEFAULT_CANDIDATES
@@ -563,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_train_drafter(a):
+def cmd_train_drafter(a: argparse.Namespace) -> None:
     from specjax import load_model
     from specjax.train import run_training
 
@@ -591,7 +602,7 @@ def cmd_train_drafter(a):
     print(f'use it: specjax generate --drafter {name}:{os.path.join(a.out, "drafter")} "..."')
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.fn(args)
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from typing import TypeAlias
 
 DATA_ENV = "SPECJAX_DATA"
+# A filesystem path as the functions that take one accept it (`Path(p)`, `os.fspath(p)`).
+StrPath: TypeAlias = str | os.PathLike[str]
 
 
 def data_file(sub: str) -> str | None:

@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from specjax.train import data, recipes
 from specjax.train.trainer import CheckpointError, TrainConfig, evaluate_tau, train
+
+if TYPE_CHECKING:
+    from specjax.model import Model
+    from specjax.paths import StrPath
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    sources: tuple = data.SOURCES
+    sources: tuple[str, ...] = data.SOURCES
     prompts: int = 1024  # training prompts
     heldout: int = 64  # held-out prompts (tau evaluation), disjoint from the training ones
     responses: str = "self"  # self-distillation, or "given" answers
@@ -45,7 +50,7 @@ def config_path(name_or_path: str) -> Path:
 
 def load_configs(
     name_or_path: str, train_overrides: dict | None = None, data_overrides: dict | None = None
-):
+) -> tuple[TrainConfig, DataConfig]:
     """-> (TrainConfig, DataConfig) from a YAML file (its `data:` section is the DataConfig)."""
     import yaml
 
@@ -63,18 +68,19 @@ def load_configs(
 
 
 def run_training(
-    target,
+    target: Model,
     config: str,
-    out_dir,
+    out_dir: StrPath,
     *,
-    dataset=None,
-    features=None,
-    train_overrides=None,
-    data_overrides=None,
+    dataset: StrPath | None = None,
+    features: StrPath | None = None,
+    train_overrides: dict | None = None,
+    data_overrides: dict | None = None,
     progress: bool = True,
-):
+) -> tuple[Any, dict, list[dict]]:
     """Build (or reuse) the dataset, then train; everything lands in out_dir (the dataset and
-    the feature cache too, unless `dataset` / `features` name existing ones to share)."""
+    the feature cache too, unless `dataset` / `features` name existing ones to share).
+    -> `train`'s (drafter config, params, history)."""
     tc, dc = load_configs(config, train_overrides, data_overrides)
     out = Path(out_dir)
     prompts = data.load_prompts(dc.sources)

@@ -12,10 +12,15 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from specjax.paths import DATA_ENV, data_file
+
+if TYPE_CHECKING:
+    from specjax.model import Model
+    from specjax.paths import StrPath
 
 SOURCES = ("gsm8k", "codealpaca")
 
@@ -31,7 +36,7 @@ def default_data_dir() -> Path:
     return Path(found)
 
 
-def load_prompts(sources: Sequence[str] = SOURCES, data_dir=None) -> list[dict]:
+def load_prompts(sources: Sequence[str] = SOURCES, data_dir: StrPath | None = None) -> list[dict]:
     """-> [{"prompt": str, "answer": str, "source": str}] in file order, sources interleaved
     (so any prefix mixes them)."""
     bad = [s for s in sources if s not in SOURCES]
@@ -75,7 +80,7 @@ def _read(path: Path) -> str:
     return path.read_text()
 
 
-def split_prompts(prompts: list, n_train: int, n_heldout: int, seed: int = 0):
+def split_prompts(prompts: list, n_train: int, n_heldout: int, seed: int = 0) -> tuple[list, list]:
     """A fixed shuffle, then the first n_train for training and the next n_heldout held out."""
     if n_train + n_heldout > len(prompts):
         raise ValueError(f"asked for {n_train} + {n_heldout} prompts, only {len(prompts)} exist")
@@ -84,7 +89,7 @@ def split_prompts(prompts: list, n_train: int, n_heldout: int, seed: int = 0):
     return pick[:n_train], pick[n_train:]
 
 
-def _pack(rows: list, seq_len: int):
+def _pack(rows: list, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """rows: [(prompt ids, response ids)] -> tokens [n, S], loss_mask [n, S] (truncated)."""
     tokens = np.zeros((len(rows), seq_len), np.int32)
     mask = np.zeros((len(rows), seq_len), bool)
@@ -96,9 +101,9 @@ def _pack(rows: list, seq_len: int):
 
 
 def build_dataset(
-    model,
+    model: Model,
     prompts: list,
-    out_dir,
+    out_dir: StrPath,
     *,
     seq_len: int = 384,
     responses: str = "self",
@@ -161,14 +166,14 @@ def build_dataset(
     return out
 
 
-def model_generate(model, rows: list, max_new_tokens: int) -> list:
+def model_generate(model: Model, rows: list, max_new_tokens: int) -> list:
     """Greedy responses of the target (token ids, EOS included when hit)."""
     from specjax.api import generate
 
     return generate(model, rows, max_new_tokens=max_new_tokens, chat=False).tokens
 
 
-def read_dataset(path) -> tuple[np.ndarray, np.ndarray]:
+def read_dataset(path: StrPath) -> tuple[np.ndarray, np.ndarray]:
     """All shards -> (tokens [N, S], loss_mask [N, S])."""
     shards = sorted(Path(path).glob("shard_*.npz"))
     if not shards:
@@ -180,7 +185,9 @@ def read_dataset(path) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def iterate_batches(n_rows: int, batch: int, seed: int, start_step: int = 0) -> Iterator:
+def iterate_batches(
+    n_rows: int, batch: int, seed: int, start_step: int = 0
+) -> Iterator[tuple[int, np.ndarray]]:
     """Row indices per step: epochs of fixed-seed permutations. Step i's batch depends only on
     (seed, i), so a run resumed at step i sees exactly the batches it would have seen."""
     if n_rows < batch:

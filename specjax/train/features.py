@@ -8,8 +8,9 @@ state is always stored; EAGLE-3 adds the target layers its fc fuses."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,10 @@ import numpy as np
 
 from specjax.models import forward_hidden
 from specjax.models.cache import init_cache
+
+if TYPE_CHECKING:
+    from specjax.model import Model
+    from specjax.paths import StrPath
 
 
 class Batch(NamedTuple):
@@ -28,11 +33,14 @@ class Batch(NamedTuple):
     layers: np.ndarray  # [n, B, S, D] the requested target layers (n may be 0)
 
 
-def _feature_fn(target, layers: tuple):
+def _feature_fn(
+    target: Model, layers: tuple
+) -> Callable[[dict, jax.Array], tuple[jax.Array, jax.Array | None]]:
+    """Jitted (params, tokens [B, S]) -> (last [B, S, D], layers [n, B, S, D] or None)."""
     cfg = target.config
 
     @jax.jit
-    def run(params, tokens):
+    def run(params: dict, tokens: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         B, S = tokens.shape
         pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         cache = init_cache(
@@ -45,9 +53,9 @@ def _feature_fn(target, layers: tuple):
 
 
 def cache_features(
-    target,
-    dataset_dir,
-    out_dir,
+    target: Model,
+    dataset_dir: StrPath,
+    out_dir: StrPath,
     layers: tuple,
     *,
     batch: int = 8,
@@ -110,7 +118,7 @@ def cache_features(
 class FeatureStore:
     """Rows of a dataset with their cached features, memory-mapped (bounded memory)."""
 
-    def __init__(self, dataset_dir, features_dir, layers: tuple = ()):
+    def __init__(self, dataset_dir: StrPath, features_dir: StrPath, layers: tuple = ()) -> None:
         cached = json.loads((Path(features_dir) / "features.json").read_text())["layers"]
         self.pick = [cached.index(i) for i in layers]  # the requested layers, in order
         shards = sorted(Path(dataset_dir).glob("shard_*.npz"))

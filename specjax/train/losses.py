@@ -20,6 +20,8 @@ import numpy as np
 
 from specjax.drafters import feature as F
 from specjax.models.cache import init_cache
+from specjax.models.config import ModelConfig
+from specjax.models.family import Hiddens
 
 
 def ttt_masks(S: int, steps: int) -> np.ndarray:
@@ -36,7 +38,9 @@ def ttt_masks(S: int, steps: int) -> np.ndarray:
     return m
 
 
-def draft_steps(cfg: F.EagleConfig, params: dict, feats, tokens, steps: int):
+def draft_steps(
+    cfg: F.EagleConfig, params: dict, feats: jax.Array, tokens: jax.Array, steps: int
+) -> jax.Array:
     """Teacher-forced drafter outputs for TTT steps 0..steps-1 -> [steps, B, S-1, D].
 
     feats [B, S-1, D] target features g_0..g_{S-2}; tokens [B, S] the sequence."""
@@ -62,7 +66,7 @@ def draft_steps(cfg: F.EagleConfig, params: dict, feats, tokens, steps: int):
     return jnp.stack(outs)
 
 
-def _soft_ce(logits, target_logits):
+def _soft_ce(logits: jax.Array, target_logits: jax.Array) -> jax.Array:
     """Cross-entropy of softmax(target_logits) against log_softmax(logits), per row."""
     p = jax.nn.softmax(target_logits, axis=-1)
     return -jnp.sum(p * jax.nn.log_softmax(logits, axis=-1), axis=-1)
@@ -71,16 +75,16 @@ def _soft_ce(logits, target_logits):
 def eagle_loss(
     cfg: F.EagleConfig,
     params: dict,
-    target_cfg,
-    hiddens,
-    target_logits,
-    tokens,
-    loss_mask,
+    target_cfg: ModelConfig,
+    hiddens: Hiddens,
+    target_logits: jax.Array,
+    tokens: jax.Array,
+    loss_mask: jax.Array,
     *,
     steps: int = 3,
     decay: float = 0.8,
     feature_weight: float = 1.0,
-):
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """-> (loss, metrics {"acc": [steps] top-1 agreement with the target, "ce": [steps]}).
 
     hiddens: the target's Hiddens over positions 0..S-2 (version 3 fuses `layers` through the
@@ -111,6 +115,6 @@ def eagle_loss(
     return loss, {"acc": jnp.stack(accs), "ce": jnp.stack(ces)}
 
 
-def _smooth_l1(x):
+def _smooth_l1(x: jax.Array) -> jax.Array:
     a = jnp.abs(x)
     return jnp.where(a < 1.0, 0.5 * x * x, a - 0.5)

@@ -25,8 +25,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,18 @@ import optax
 from specjax.train import data as data_lib
 from specjax.train import recipes
 from specjax.train.features import FeatureStore, cache_features
+
+if TYPE_CHECKING:
+    from orbax.checkpoint import CheckpointManager
+
+    from specjax.drafters.base import Drafter
+    from specjax.model import Model
+    from specjax.paths import StrPath
+    from specjax.train.recipes import LossFn, Recipe
+
+# One jitted optimizer step: (params, opt_state, shared, *inputs)
+#   -> (params, opt_state, float32 loss [], metrics).
+StepFn = Callable[..., tuple[dict, optax.OptState, jax.Array, dict[str, jax.Array]]]
 
 DTYPES = ("float32", "bfloat16")
 
@@ -64,7 +77,7 @@ class TrainConfig:
     eval_prompts: int = 16
     eval_new_tokens: int = 64
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         recipes.get(self.kind)  # an unknown kind raises, naming the valid ones
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
@@ -76,7 +89,7 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
 
     @classmethod
-    def from_yaml(cls, path, **overrides) -> TrainConfig:
+    def from_yaml(cls, path: StrPath, **overrides: Any) -> TrainConfig:
         import yaml
 
         raw = yaml.safe_load(Path(path).read_text()) or {}
@@ -92,7 +105,7 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- the step
 
 
-def make_optimizer(cfg: TrainConfig):
+def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
     warm = min(cfg.warmup, cfg.steps - 1) or 1
     # Warmup starts at lr / warmup, not 0, so the first step already updates.
     sched = optax.warmup_cosine_decay_schedule(
@@ -103,14 +116,18 @@ def make_optimizer(cfg: TrainConfig):
     ), sched
 
 
-def make_step(loss_fn: Callable, optimizer, frozen: tuple = ()):
+def make_step(
+    loss_fn: LossFn, optimizer: optax.GradientTransformation, frozen: tuple[str, ...] = ()
+) -> StepFn:
     """One jitted optimizer step -> (params, opt_state, loss, metrics).
 
     loss_fn(params, shared, *inputs) -> (loss, metrics), from the recipe; the params named in
     `frozen` (EAGLE-3's d2t index map) take no gradient and have no optimizer state."""
 
     @jax.jit
-    def step(params, opt_state, shared, *inputs):
+    def step(
+        params: dict, opt_state: optax.OptState, shared: dict, *inputs: jax.Array
+    ) -> tuple[dict, optax.OptState, jax.Array, dict[str, jax.Array]]:
         trainable = {k: v for k, v in params.items() if k not in frozen}
         fixed = {k: v for k, v in params.items() if k in frozen}
         (loss, metrics), grads = jax.value_and_grad(
@@ -130,7 +147,7 @@ class CheckpointError(ValueError):
     pass
 
 
-def _manager(ckpt_dir: Path, keep: int = 2):
+def _manager(ckpt_dir: Path, keep: int = 2) -> CheckpointManager:
     import orbax.checkpoint as ocp
 
     return ocp.CheckpointManager(
@@ -138,14 +155,16 @@ def _manager(ckpt_dir: Path, keep: int = 2):
     )
 
 
-def _save(mgr, step: int, params, opt_state):
+def _save(mgr: CheckpointManager, step: int, params: dict, opt_state: optax.OptState) -> None:
     import orbax.checkpoint as ocp
 
     mgr.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
     mgr.wait_until_finished()
 
 
-def _restore(mgr, step: int, params, opt_state, ckpt_dir):
+def _restore(
+    mgr: CheckpointManager, step: int, params: dict, opt_state: optax.OptState, ckpt_dir: Path
+) -> tuple[dict, optax.OptState]:
     import orbax.checkpoint as ocp
 
     like = {"params": params, "opt_state": opt_state}
@@ -177,7 +196,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _check_run_config(out: Path, record: dict):
+def _check_run_config(out: Path, record: dict) -> None:
     """A run directory belongs to one configuration: refuse to resume another one into it."""
     f = out / "run.json"
     record = json.loads(json.dumps(record))  # tuples -> lists, as the saved file has them
@@ -202,17 +221,17 @@ def _check_run_config(out: Path, record: dict):
 
 
 def train(
-    target,
+    target: Model,
     tc: TrainConfig,
-    dataset_dir,
-    out_dir,
+    dataset_dir: StrPath,
+    out_dir: StrPath,
     *,
-    heldout_prompts=(),
+    heldout_prompts: Sequence[str | Sequence[int]] = (),
     progress: bool = True,
     stop_after: int | None = None,
-    log=print,
-    features_dir=None,
-):
+    log: Callable[[str], None] = print,
+    features_dir: StrPath | None = None,
+) -> tuple[Any, dict, list[dict]]:
     """Train (or resume) a drafter of kind `tc.kind` -> (its config, params, history).
 
     `features_dir`: where the target's features are cached (default OUT/features; drafters
@@ -310,12 +329,18 @@ def _read_history(out: Path, upto: int) -> list:
     return keep
 
 
-def _append_history(out: Path, rec: dict):
+def _append_history(out: Path, rec: dict) -> None:
     with open(out / "history.jsonl", "a") as fh:
         fh.write(json.dumps(rec) + "\n")
 
 
-def evaluate_tau(target, drafter, prompts, *, new_tokens: int = 64) -> float:
+def evaluate_tau(
+    target: Model,
+    drafter: Drafter,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    new_tokens: int = 64,
+) -> float:
     """Greedy tau of `drafter` (a `specjax.drafters.Drafter`) on `prompts` (batch 1 each, as
     Spec-Bench): tokens emitted after the first per target verify forward. A trained drafter:
     `recipes.get(kind).eval_drafter(cfg, params)`."""
@@ -329,7 +354,18 @@ def evaluate_tau(target, drafter, prompts, *, new_tokens: int = 64) -> float:
     return emitted / max(fwd, 1)
 
 
-def _log_tau(target, recipe, dcfg, params, prompts, tc, step, out, history, log):
+def _log_tau(
+    target: Model,
+    recipe: Recipe,
+    dcfg: Any,
+    params: dict,
+    prompts: Sequence[str | Sequence[int]],
+    tc: TrainConfig,
+    step: int,
+    out: Path,
+    history: list[dict],
+    log: Callable[[str], None],
+) -> None:
     drafter = recipe.eval_drafter(dcfg, jax.device_get(params))
     tau = evaluate_tau(target, drafter, prompts[: tc.eval_prompts], new_tokens=tc.eval_new_tokens)
     rec = {"step": step, "tau": tau}

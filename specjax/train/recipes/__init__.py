@@ -16,14 +16,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import jax
+
 from specjax.train.recipes.eagle import Eagle
 from specjax.train.recipes.eagle3 import Eagle3
 from specjax.train.recipes.medusa import Medusa
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from specjax.drafters.base import Drafter
+    from specjax.drafters.shapes import DynamicTree, StaticTree
+    from specjax.model import Model
+    from specjax.models.config import ModelConfig
+    from specjax.paths import StrPath
     from specjax.train.features import Batch
     from specjax.train.trainer import TrainConfig
+
+# A recipe's loss: (params, shared, *inputs) -> (float32 loss [], metrics {"acc": ..., ...}).
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
 class Recipe(Protocol):
@@ -33,30 +44,36 @@ class Recipe(Protocol):
 
     kind: str
     # Param keys the optimizer never updates nor keeps state for (EAGLE-3's d2t index map).
-    frozen: tuple
+    frozen: tuple[str, ...]
 
-    def drafter_config(self, target, tc: TrainConfig, tokens, mask, out: Path) -> Any:
+    def drafter_config(
+        self, target: Model, tc: TrainConfig, tokens: np.ndarray, mask: np.ndarray, out: Path
+    ) -> Any:
         """The drafter's static config (has `to_dict`). tokens, mask [rows, S]: the whole
         dataset; out: the run directory."""
 
-    def feature_layers(self, cfg) -> tuple:
+    def feature_layers(self, cfg: Any) -> tuple[int, ...]:
         """The target layers the feature cache must hold besides the final hidden state."""
 
-    def init_params(self, tc: TrainConfig, cfg, out: Path) -> dict:
+    def init_params(self, tc: TrainConfig, cfg: Any, out: Path) -> dict:
         """Fresh float32 params (the target's embedding / head are not among them)."""
 
-    def loss_fn(self, tc: TrainConfig, cfg, target_cfg) -> Callable:
+    def loss_fn(self, tc: TrainConfig, cfg: Any, target_cfg: ModelConfig) -> LossFn:
         """(params, shared, *inputs) -> (float32 loss, metrics with "acc" [steps or heads]);
         shared: the target's "embed" (and "lm_head"), never trained."""
 
-    def step_inputs(self, tc: TrainConfig, cfg, batch: Batch, step: int) -> tuple:
+    def step_inputs(
+        self, tc: TrainConfig, cfg: Any, batch: Batch, step: int
+    ) -> tuple[tuple[np.ndarray, ...], int]:
         """-> (numpy inputs of `loss_fn` for this batch, tokens trained on, for tok/s).
         Depends only on (batch, step, tc.seed), so a resumed run sees the same inputs."""
 
-    def eval_drafter(self, cfg, params, tree=None) -> Drafter:
+    def eval_drafter(
+        self, cfg: Any, params: dict, tree: DynamicTree | StaticTree | None = None
+    ) -> Drafter:
         """The drafter `generate` runs for held-out tau (`tree`: its default shape if None)."""
 
-    def export(self, path, cfg, params, target_cfg) -> None:
+    def export(self, path: StrPath, cfg: Any, params: dict, target_cfg: ModelConfig) -> None:
         """Write the trained drafter in its shareable format (loadable by path)."""
 
 

@@ -7,6 +7,7 @@ keeps the same head. The d2t index map is part of the params but never trained."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +18,21 @@ from specjax.models import Hiddens
 from specjax.train import data as data_lib
 from specjax.train.recipes.eagle import Eagle
 
+if TYPE_CHECKING:
+    from jax.typing import DTypeLike
+
+    from specjax.model import Model
+    from specjax.models.config import ModelConfig
+    from specjax.train.trainer import TrainConfig
+
 
 class Eagle3(Eagle):
-    kind = "eagle3"
-    frozen = ("d2t",)
+    kind: str = "eagle3"
+    frozen: tuple[str, ...] = ("d2t",)
 
-    def drafter_config(self, target, tc, tokens, mask, out: Path) -> F.EagleConfig:
+    def drafter_config(
+        self, target: Model, tc: TrainConfig, tokens: np.ndarray, mask: np.ndarray, out: Path
+    ) -> F.EagleConfig:
         vocab = target.config.vocab_size
         f = Path(out) / "d2t.npy"
         if not f.exists():  # fixed once per run: a resumed run must keep the same head
@@ -37,15 +47,17 @@ class Eagle3(Eagle):
             target.config, 3, intermediate_size=tc.intermediate_size, draft_vocab=size
         )
 
-    def init_params(self, tc, cfg: F.EagleConfig, out: Path) -> dict:
+    def init_params(self, tc: TrainConfig, cfg: F.EagleConfig, out: Path) -> dict:
         return F.init_params(
             cfg, jax.random.key(tc.seed), jnp.float32, d2t=np.load(Path(out) / "d2t.npy")
         )
 
-    def hiddens(self, last, layers, compute) -> Hiddens:
+    def hiddens(self, last: jax.Array, layers: jax.Array, compute: DTypeLike) -> Hiddens:
         return Hiddens(last=last.astype(compute), layers=layers.astype(compute))
 
-    def teacher_logits(self, params, shared, target_cfg, h):
+    def teacher_logits(
+        self, params: dict, shared: dict, target_cfg: ModelConfig, h: jax.Array
+    ) -> jax.Array:
         """The target's logits restricted to the draft vocabulary [B, T, V']: the drafter's
         head predicts only those tokens, so its soft targets live there too."""
         head = shared["embed"].T if target_cfg.tie_word_embeddings else shared["lm_head"]

@@ -7,6 +7,7 @@ whole sequences: the H full-vocabulary heads dominate the cost. Exported with
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +17,28 @@ from specjax import drafters
 from specjax.drafters import medusa_heads
 from specjax.drafters.medusa_heads import MedusaConfig
 
+if TYPE_CHECKING:
+    from specjax.drafters.base import Drafter
+    from specjax.drafters.shapes import StaticTree
+    from specjax.model import Model
+    from specjax.models.config import ModelConfig
+    from specjax.paths import StrPath
+    from specjax.train.features import Batch
+    from specjax.train.recipes import LossFn
+    from specjax.train.trainer import TrainConfig
+
 # Held-out tau: a static tree no deeper than the heads (8 nodes for 4+ heads, else the first 3).
 EVAL_CHOICES = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 0, 0]]
 
 
-def sample_positions(tokens, mask, last, heads: int, n: int, rng):
+def sample_positions(
+    tokens: np.ndarray,
+    mask: np.ndarray,
+    last: np.ndarray,
+    heads: int,
+    n: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sample n positions t of a batch whose first label (t + 2) is trained -> features
     [n, D], labels [n, heads] (tokens t+2 .. t+1+heads), valid [n, heads]."""
     B, S = tokens.shape
@@ -36,20 +54,24 @@ def sample_positions(tokens, mask, last, heads: int, n: int, rng):
 
 
 class Medusa:
-    kind = "medusa"
-    frozen = ()
+    kind: str = "medusa"
+    frozen: tuple[str, ...] = ()
 
-    def drafter_config(self, target, tc, tokens, mask, out: Path) -> MedusaConfig:
+    def drafter_config(
+        self, target: Model, tc: TrainConfig, tokens: np.ndarray, mask: np.ndarray, out: Path
+    ) -> MedusaConfig:
         return MedusaConfig(num_heads=tc.medusa_heads, hidden=target.config.hidden_size)
 
-    def feature_layers(self, cfg: MedusaConfig) -> tuple:
+    def feature_layers(self, cfg: MedusaConfig) -> tuple[int, ...]:
         return ()  # the heads read the final hidden state only
 
-    def init_params(self, tc, cfg: MedusaConfig, out: Path) -> dict:
+    def init_params(self, tc: TrainConfig, cfg: MedusaConfig, out: Path) -> dict:
         return medusa_heads.init_params(cfg, jax.random.key(tc.seed))
 
-    def loss_fn(self, tc, cfg: MedusaConfig, target_cfg):
-        def loss(params, shared, h, labels, valid):
+    def loss_fn(self, tc: TrainConfig, cfg: MedusaConfig, target_cfg: ModelConfig) -> LossFn:
+        def loss(
+            params: dict, shared: dict, h: jax.Array, labels: jax.Array, valid: jax.Array
+        ) -> tuple[jax.Array, dict[str, jax.Array]]:
             """h [P, D] features of the sampled positions; labels, valid [P, heads]."""
             value, acc = medusa_heads.medusa_position_loss(
                 cfg, dict(params, target=shared), target_cfg, h.astype(jnp.float32), labels, valid
@@ -58,7 +80,9 @@ class Medusa:
 
         return loss
 
-    def step_inputs(self, tc, cfg: MedusaConfig, batch, step: int) -> tuple:
+    def step_inputs(
+        self, tc: TrainConfig, cfg: MedusaConfig, batch: Batch, step: int
+    ) -> tuple[tuple[np.ndarray, ...], int]:
         # Seeded by (seed, step) alone: a resumed run samples the same positions.
         rng = np.random.default_rng([tc.seed, step, 1])
         picked = sample_positions(
@@ -66,9 +90,13 @@ class Medusa:
         )
         return picked, tc.medusa_positions
 
-    def eval_drafter(self, cfg: MedusaConfig, params, tree=None):
+    def eval_drafter(
+        self, cfg: MedusaConfig, params: dict, tree: StaticTree | None = None
+    ) -> Drafter:
         choices = EVAL_CHOICES[: 8 if cfg.num_heads >= 4 else 3]
         return drafters.medusa((cfg, params), tree=tree or drafters.StaticTree(choices))
 
-    def export(self, path, cfg: MedusaConfig, params, target_cfg) -> None:
+    def export(
+        self, path: StrPath, cfg: MedusaConfig, params: dict, target_cfg: ModelConfig
+    ) -> None:
         medusa_heads.save_medusa(path, cfg, params)
