@@ -95,7 +95,7 @@ def prefill(
 
 def emit(state: LoopState, v: Verified, ec: EngineConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Write the n accepted draft tokens and the bonus token of each active row to the output,
-    cut at EOS and at the row's budget -> (out, n_out, done, count [B] tokens written)."""
+    cut at EOS and at the row's budget -> (out, n_out, done); n_out grows by the tokens written."""
     B, A = v.tokens.shape
     active = ~state.done
     j = jnp.arange(A + 1)[None, :]
