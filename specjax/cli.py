@@ -8,7 +8,7 @@ specjax bench                      AR vs drafters on Spec-Bench (JSON + Markdown
 specjax bench-verify               cost of one verify forward of T tokens, causal vs tree mask
 specjax bench-step                 step anatomy: ms of propose, verify, accept/emit, commit
 specjax tune-tree                  pick the draft-tree size with the best measured tokens/s
-specjax train-drafter              train an EAGLE / EAGLE-3 drafter for a target (optax)
+specjax train-drafter              train an EAGLE / EAGLE-3 / Medusa drafter for a target (optax)
 """
 
 from __future__ import annotations
@@ -537,9 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--repeats", type=positive_int, default=1)
     tt.set_defaults(fn=cmd_tune_tree)
 
-    tr = sub.add_parser("train-drafter", help="train an EAGLE / EAGLE-3 drafter (optax, orbax)")
+    tr = sub.add_parser(
+        "train-drafter", help="train an EAGLE / EAGLE-3 / Medusa drafter (optax, orbax)"
+    )
     tr.add_argument("--target", default="smollm2-135m", help="target model (name or path)")
-    tr.add_argument("--kind", default=None, help="eagle3 | eagle (default: from --config)")
+    tr.add_argument("--kind", default=None, help="eagle3 | eagle | medusa (default: from --config)")
     tr.add_argument("--out", required=True, help="run directory (resumed when it exists)")
     tr.add_argument(
         "--config",
