@@ -21,7 +21,7 @@ from specjax.drafters.base import Draft, TargetStep, TreeDraft, Verified
 from specjax.engine import tree as tree_lib
 from specjax.engine.state import EngineConfig, LoopState
 from specjax.models import forward
-from specjax.models.cache import KVCache, gather_slots
+from specjax.models.cache import BlockKV, KVCache, gather_slots, pad_block, write_kv
 from specjax.sampling import process_logits, sample_token
 
 AnyDraft = Draft | TreeDraft | None
@@ -208,14 +208,42 @@ def verify(
     sizes, K = tuple(ec.drafter.verify_sizes), ec.drafter.nodes
     if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] != K:
         raise ValueError(f"verify_sizes must ascend from >= 1 to the draft size {K}, got {sizes}")
+    idx = size_index(draft.size, ~state.done, sizes)
+    parts = [None if n == 0 else draft if n == K else draft.truncated(n) for n in (0,) + sizes]
+    if ec.impl != "xla":  # the kernel reads the block from the cache: each branch writes it
 
-    def branch(n: int) -> Callable[[None], tuple[Verified, KVCache, TargetStep]]:
-        def run(_: None) -> tuple[Verified, KVCache, TargetStep]:
-            part = None if n == 0 else draft if n == K else draft.truncated(n)
-            verified, cache, step = verify_block(params, state, part, key, sp, ec)
-            return verified, cache, _padded_step(step, K + 1)
+        def written(part: AnyDraft) -> Callable[[], tuple[Verified, KVCache, TargetStep]]:
+            def run() -> tuple[Verified, KVCache, TargetStep]:
+                verified, cache, step = verify_block(params, state, part, key, sp, ec)
+                return verified, cache, _padded_step(step, K + 1)
+
+            return run
+
+        return jax.lax.switch(idx, [written(p) for p in parts])
+
+    # Each branch only reads the cache and returns its block's K/V; the one write and the
+    # commit follow the switch. (Branches that wrote the cache made XLA copy every layer's K
+    # and V into and out of the chosen branch on every step: tests/test_step_anatomy.py.)
+    def read_only(part: AnyDraft) -> Callable[[], tuple[Verified, BlockKV, TargetStep]]:
+        def run() -> tuple[Verified, BlockKV, TargetStep]:
+            v = verifier_for(part)
+            blk = v.block(part, state.last, state.pos)
+            logits, hiddens, kv = forward(
+                params,
+                ec.target,
+                blk.tokens,
+                blk.positions,
+                state.cache,
+                block_mask=blk.mask,
+                hidden_layers=ec.hidden_layers,
+                impl=ec.impl,
+                write=False,
+            )
+            step = _padded_step(TargetStep(blk.tokens, hiddens), K + 1)
+            return v.accept(key, logits, part, sp, ec), pad_block(kv, K + 1), step
 
         return run
 
-    idx = size_index(draft.size, ~state.done, sizes)
-    return jax.lax.switch(idx, [branch(n) for n in (0,) + sizes], None)
+    verified, kv, step = jax.lax.switch(idx, [read_only(p) for p in parts])
+    cache = write_kv(state.cache, kv, state.cache.lengths)
+    return verified, verifier_for(draft).commit(cache, verified, ~state.done), step

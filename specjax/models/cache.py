@@ -89,3 +89,51 @@ def gather_slots(cache: KVCache, src: jax.Array, n_new: jax.Array) -> KVCache:
     else:
         k, v = jax.vmap(move)(cache.k), jax.vmap(move)(cache.v)
     return KVCache(k=k, v=v, lengths=cache.lengths + n_new.astype(jnp.int32))
+
+
+def write_block(
+    c: jax.Array, layer: jax.Array | None, new: jax.Array, start: jax.Array
+) -> jax.Array:
+    """Write new [B, KV, T, hd] at slots [start[b], start[b]+T) of layer `layer` of a stacked
+    cache c [L, B, KV, S, hd], or of a per-layer buffer c [B, KV, S, hd] when `layer` is None.
+
+    Small batches use one dynamic-update-slice per row, which XLA applies in place to the
+    while-loop carry; large batches use a scatter (out-of-range slots are dropped)."""
+    B, KV, T, hd = new.shape
+    new = new.astype(c.dtype)
+    lead = () if layer is None else (layer,)
+    if B <= 8:
+        for b in range(B):
+            upd = new[b][None] if layer is None else new[b][None, None]
+            c = jax.lax.dynamic_update_slice(c, upd, lead + (b, 0, start[b], 0))
+        return c
+    slots = start[:, None] + jnp.arange(T)[None, :]  # [B, T]
+    return c.at[
+        lead + (jnp.arange(B)[:, None, None], jnp.arange(KV)[None, :, None], slots[:, None, :])
+    ].set(new, mode="drop")
+
+
+@struct.dataclass
+class BlockKV:
+    """The K/V a forward computed for its block, not yet written to any cache (a forward run
+    with `write=False`): `k`, `v` [L, B, KV, T, hd]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def pad_block(kv: BlockKV, width: int) -> BlockKV:
+    """Zero-pad the block axis to `width` slots (so blocks of several sizes share one shape)."""
+    pad = ((0, 0), (0, 0), (0, 0), (0, width - kv.k.shape[3]), (0, 0))
+    return BlockKV(k=jnp.pad(kv.k, pad), v=jnp.pad(kv.v, pad))
+
+
+def write_kv(cache: KVCache, kv: BlockKV, start: jax.Array) -> KVCache:
+    """Write a block's K/V at slots [start[b], start[b] + T) of every layer; lengths unchanged."""
+    if cache.per_layer:
+        k = tuple(write_block(c, None, kv.k[i], start) for i, c in enumerate(cache.k))
+        v = tuple(write_block(c, None, kv.v[i], start) for i, c in enumerate(cache.v))
+    else:  # the same start in every layer: one update over the layer axis
+        k = jax.vmap(lambda c, n: write_block(c, None, n, start))(cache.k, kv.k)
+        v = jax.vmap(lambda c, n: write_block(c, None, n, start))(cache.v, kv.v)
+    return cache.replace(k=k, v=v)

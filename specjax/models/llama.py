@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import tree_attention
-from specjax.models.cache import KVCache
+from specjax.models.cache import BlockKV, KVCache, write_block
 from specjax.models.config import ModelConfig
 from specjax.models.family import Family, Hiddens, register_family
 
@@ -256,28 +256,6 @@ def _attention(
     raise ValueError(f"unknown attention impl {impl!r}; valid: {ATTENTION_IMPLS}")
 
 
-def write_block(
-    c: jax.Array, layer: jax.Array | None, new: jax.Array, start: jax.Array
-) -> jax.Array:
-    """Write new [B, KV, T, hd] at slots [start[b], start[b]+T) of layer `layer` of a stacked
-    cache c [L, B, KV, S, hd], or of a per-layer buffer c [B, KV, S, hd] when `layer` is None.
-
-    Small batches use one dynamic-update-slice per row, which XLA applies in place to the
-    while-loop carry; large batches use a scatter (out-of-range slots are dropped)."""
-    B, KV, T, hd = new.shape
-    new = new.astype(c.dtype)
-    lead = () if layer is None else (layer,)
-    if B <= 8:
-        for b in range(B):
-            upd = new[b][None] if layer is None else new[b][None, None]
-            c = jax.lax.dynamic_update_slice(c, upd, lead + (b, 0, start[b], 0))
-        return c
-    slots = start[:, None] + jnp.arange(T)[None, :]  # [B, T]
-    return c.at[
-        lead + (jnp.arange(B)[:, None, None], jnp.arange(KV)[None, :, None], slots[:, None, :])
-    ].set(new, mode="drop")
-
-
 def _ordered_after(x: jax.Array, idx: jax.Array) -> jax.Array:
     """`idx`, made data-dependent on `x` (a comparison that is never true, not even for NaN).
 
@@ -308,11 +286,13 @@ def _layer(
     cv: jax.Array,
     layer: jax.Array | None = None,
     x: jax.Array | None = None,
+    write: bool = True,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decoder layer -> (h, ck, cv). Writes this block's K/V into layer `layer` of the
     stacked cache carry (or into the per-layer buffers ck, cv when `layer` is None). `x`, when
     given, is the attention input in place of `rms_norm(h)` (EAGLE layers feed [embedding;
-    feature] there, with `h` as the residual)."""
+    feature] there, with `h` as the residual). `write=False` (XLA path only) leaves the cache
+    alone and returns the block's own K/V [B, KV, T, hd] in place of ck, cv."""
     B, T, _ = h.shape
     H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if x is None:
@@ -330,20 +310,27 @@ def _layer(
         m = ctx.mask
         if m.cache is None:  # an empty cache: attend within the block only
             kl = vl = None
-        o = attention_split(
-            q, kl, vl, k.astype(ck.dtype), v.astype(cv.dtype), m.cache, m.own, m.causal_block
-        )
+        k, v = k.astype(ck.dtype), v.astype(cv.dtype)
+        o = attention_split(q, kl, vl, k, v, m.cache, m.own, m.causal_block)
+        if not write:
+            return _mlp(cfg, lp, h, o), k, v
         start = _ordered_after(o, ctx.start)
         ck, cv = write_block(ck, layer, k, start), write_block(cv, layer, v, start)
     else:  # the kernel reads the block from the cache
         ck, cv = write_block(ck, layer, k, ctx.start), write_block(cv, layer, v, ctx.start)
         kl, vl = (ck, cv) if layer is None else (ck[layer], cv[layer])
         o = _attention(ctx.impl, q, kl, vl, None, ctx.lengths, ctx.block_mask)  # [B, T, H, hd]
+    return _mlp(cfg, lp, h, o), ck, cv
+
+
+def _mlp(cfg: ModelConfig, lp: dict, h: jax.Array, o: jax.Array) -> jax.Array:
+    """The rest of a layer after attention: output projection, residual, MLP block. o [B, T,
+    H, hd] -> h [B, T, D]."""
+    B, T = h.shape[:2]
     h = h + o.reshape(B, T, -1) @ lp["wo"]
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     gate, up = jnp.split(x @ lp["w_gate_up"], 2, axis=-1)
-    h = h + (jax.nn.silu(gate) * up) @ lp["w_down"]
-    return h, ck, cv
+    return h + (jax.nn.silu(gate) * up) @ lp["w_down"]
 
 
 def embed_tokens(
@@ -376,7 +363,8 @@ def forward_hidden(
     embed_mask: jax.Array | None = None,
     write_offset: jax.Array | None = None,
     fresh: bool = False,
-) -> tuple[Hiddens, KVCache]:
+    write: bool = True,
+) -> tuple[Hiddens, KVCache | BlockKV]:
     """Run the decoder over a block of T tokens per row.
 
     tokens, positions: [B, T] int32; the block is written at cache slots [lengths, lengths + T)
@@ -388,12 +376,18 @@ def forward_hidden(
     `fresh` (static): the cache holds nothing yet (a prefill at length 0), so attention skips
     it and costs T x T instead of T x (S + T).
     Returns (Hiddens, cache) with the block's K/V written and `cache.lengths` unchanged.
+    `write=False` (static) leaves the cache as it was and returns (Hiddens, BlockKV) instead:
+    the block's K/V for the caller to write (`cache.write_kv`). A branch of a `lax.switch`
+    that only reads the cache lets XLA keep it in place; one that writes it made XLA copy
+    every layer's K and V into and out of the branch on each step.
     """
     B, T = tokens.shape
     causal = block_mask is None
     if causal:
         block_mask = causal_block_mask(B, T)
     impl = _choose_impl(impl, cfg, block_mask, T, write_offset)
+    if not write and impl != "xla":
+        raise ValueError(f"write=False needs the XLA attention path, got impl={impl!r}")
     mask = None
     if impl == "xla":
         mask = split_attention_masks(
@@ -405,7 +399,7 @@ def forward_hidden(
     ctx = LayerContext(impl, rope_inv_freq(cfg), positions, mask, start, cache.lengths, block_mask)
     h0 = embed_tokens(params, tokens, embeds, embed_mask)
     run = _run_unrolled if is_unrolled(params) else _run_scan
-    h, outs, cache = run(params, cfg, ctx, h0, cache, keep=bool(hidden_layers))
+    h, outs, cache = run(params, cfg, ctx, h0, cache, keep=bool(hidden_layers), write=write)
     layers = None
     if hidden_layers:
         # HF convention: hidden_states[0] is the embedding output, [i] the output of layer i-1.
@@ -429,31 +423,60 @@ def _choose_impl(
 
 
 def _run_unrolled(
-    params: dict, cfg: ModelConfig, ctx: LayerContext, h: jax.Array, cache: KVCache, keep: bool
-) -> tuple[jax.Array, jax.Array | None, KVCache]:
+    params: dict,
+    cfg: ModelConfig,
+    ctx: LayerContext,
+    h: jax.Array,
+    cache: KVCache,
+    keep: bool,
+    write: bool = True,
+) -> tuple[jax.Array, jax.Array | None, KVCache | BlockKV]:
     """Python-unrolled layers over per-layer weights and cache buffers: nothing is sliced out of
     a stacked array per layer (a scan's per-iteration weight slices cost ~1/3 of a decode step
     on CPU), at the price of a compile time linear in the depth. A stacked cache also works
     (split here, restacked below), at the cost of copies: the engine always pairs layouts
     (init_cache(per_layer=is_unrolled(params))). -> (h, [L, B, T, D] layer outputs or None,
-    cache)."""
+    cache, or the block's BlockKV when not `write`)."""
     ck, cv, outs = list(cache.k), list(cache.v), []
     for i, lp in enumerate(params["layers"]):
-        h, ck[i], cv[i] = _layer(cfg, ctx, lp, h, ck[i], cv[i])
+        h, ck[i], cv[i] = _layer(cfg, ctx, lp, h, ck[i], cv[i], write=write)
         outs.append(h)
+    outs = jnp.stack(outs) if keep else None
+    if not write:
+        return h, outs, BlockKV(k=jnp.stack(ck), v=jnp.stack(cv))
     ck, cv = (tuple(ck), tuple(cv)) if cache.per_layer else (jnp.stack(ck), jnp.stack(cv))
-    return h, (jnp.stack(outs) if keep else None), cache.replace(k=ck, v=cv)
+    return h, outs, cache.replace(k=ck, v=cv)
 
 
 def _run_scan(
-    params: dict, cfg: ModelConfig, ctx: LayerContext, h: jax.Array, cache: KVCache, keep: bool
-) -> tuple[jax.Array, jax.Array | None, KVCache]:
+    params: dict,
+    cfg: ModelConfig,
+    ctx: LayerContext,
+    h: jax.Array,
+    cache: KVCache,
+    keep: bool,
+    write: bool = True,
+) -> tuple[jax.Array, jax.Array | None, KVCache | BlockKV]:
     """`lax.scan` over stacked layers (deep models on accelerators: one layer body to compile).
-    -> (h, [L, B, T, D] layer outputs or None, cache)."""
+    -> (h, [L, B, T, D] layer outputs or None, cache, or the block's BlockKV when not
+    `write`)."""
     was_per_layer = cache.per_layer
     k, v = cache.k, cache.v
     if was_per_layer:
         k, v = jnp.stack(k), jnp.stack(v)
+    if not write:  # the cache is only read: closed over, not carried
+
+        def read_body(
+            h: jax.Array, xs: tuple[dict, jax.Array]
+        ) -> tuple[jax.Array, tuple[jax.Array | None, jax.Array, jax.Array]]:
+            lp, layer = xs
+            h, kb, vb = _layer(cfg, ctx, lp, h, k, v, layer, write=False)
+            return h, (h if keep else None, kb, vb)
+
+        h, (outs, kb, vb) = jax.lax.scan(
+            read_body, h, (params["layers"], jnp.arange(cfg.num_layers))
+        )
+        return h, outs, BlockKV(k=kb, v=vb)
 
     def body(
         carry: tuple[jax.Array, jax.Array, jax.Array], xs: tuple[dict, jax.Array]
@@ -543,8 +566,10 @@ def forward(
     fresh: bool = False,
     embeds: jax.Array | None = None,
     embed_mask: jax.Array | None = None,
-) -> tuple[jax.Array, Hiddens, KVCache]:
-    """`forward_hidden` plus the LM head -> (logits, hiddens, cache).
+    write: bool = True,
+) -> tuple[jax.Array, Hiddens, KVCache | BlockKV]:
+    """`forward_hidden` plus the LM head -> (logits, hiddens, cache, or BlockKV when not
+    `write`).
 
     `logits_at` [B, M] picks the block positions whose logits are needed (prefill needs only the
     last prompt token; the head over a whole prompt would dominate prefill time).
@@ -562,6 +587,7 @@ def forward(
         fresh=fresh,
         embeds=embeds,
         embed_mask=embed_mask,
+        write=write,
     )
     h = hiddens.last
     if logits_at is not None:
