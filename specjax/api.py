@@ -224,7 +224,7 @@ def prepare(
     top_p: float | None = None,
     key: KeyLike | None = None,
     chat: bool = True,
-    drafter: Drafter | None = None,
+    drafter: Drafter | str | None = None,
     impl: str = "xla",
     batch_multiple: int = 1,
 ) -> tuple[engine.EngineConfig, dict[str, Any], list[list[int]]]:
@@ -232,6 +232,10 @@ def prepare(
     mode, sp = make_sampling(temperature, top_k, top_p)  # cheap checks before tokenizing
     key = make_key(key)
     rows = encode_prompts(model, prompts, chat)
+    if isinstance(drafter, str):  # a registry name: "ngram", "eagle3_tree@8", "auto", ...
+        from specjax.drafters import registry
+
+        drafter = registry.make(drafter, None, model)
     _check_args(model, rows, max_new_tokens, drafter)
     spec, dparams = _bind_drafter(model, drafter)
     n = len(rows)
@@ -277,7 +281,7 @@ def generate(
     top_p: float | None = None,
     key: KeyLike | None = None,
     chat: bool = True,
-    drafter: Drafter | None = None,
+    drafter: Drafter | str | None = None,
     impl: str = "xla",
     mesh: jax.sharding.Mesh | None = None,
 ) -> GenerateOutput:
@@ -286,6 +290,9 @@ def generate(
     temperature 0 is greedy; otherwise sampling with optional top-k / top-p and an explicit
     `key` (int seed or `jax.random` key). With `drafter`, speculative decoding: the output
     equals (greedy) or is distributed exactly as (sampling) plain decoding of `model`.
+    `drafter` is a `specjax.drafters` Drafter or a registry name as on the command line
+    ("ngram", "eagle3_tree", ...); "auto" picks the drafter measured fastest for this model
+    on this device (measured once, then cached; see `autotune.choose_drafter`).
     With `mesh` (a `jax.sharding.Mesh` with a "data" axis) the batch is sharded over it.
     """
     # A mesh without a "data" axis is rejected with a clear message by `sharding.place`.
@@ -375,7 +382,7 @@ def generate_stream(
     top_p: float | None = None,
     key: KeyLike | None = None,
     chat: bool = True,
-    drafter: Drafter | None = None,
+    drafter: Drafter | str | None = None,
     impl: str = "xla",
 ) -> Iterator[str]:
     """Yield decoded text pieces of one prompt as they are produced.
@@ -423,7 +430,7 @@ def generate_pmap(
     top_p: float | None = None,
     key: KeyLike | None = None,
     chat: bool = True,
-    drafter: Drafter | None = None,
+    drafter: Drafter | str | None = None,
     devices: Sequence | None = None,
 ) -> GenerateOutput:
     """`generate` with the batch split over devices by `jax.pmap`.

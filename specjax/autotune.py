@@ -168,7 +168,7 @@ def cost_markdown(table: dict[int, tuple[float, float]]) -> str:
 
 def tune_tree(
     model: Model,
-    drafter_factory: Callable[[Any], Drafter],
+    drafter_factory: Callable[[Any], Drafter | None],
     prompts: Sequence[str | Sequence[int]],
     candidates: Sequence[Any] = DEFAULT_CANDIDATES,
     *,
@@ -181,11 +181,12 @@ def tune_tree(
     """Pick the draft tree with the best measured tokens/s -> (best candidate, table).
 
     `drafter_factory(candidate)` builds the drafter of one candidate (usually a `DynamicTree`),
-    e.g. `lambda t: drafters.layer_skip(8, tree=t)`. Each candidate first runs `generate` once per
-    prompt-length bucket (compilation), then on every prompt (`repeats` times), interleaved with
-    the other candidates. The table has one row per candidate, in order: candidate, drafter
-    name, tokens_per_s (new tokens over wall time, prefill included, as `specjax bench`), tau
-    (mean tokens per target forward), new_tokens, seconds.
+    e.g. `lambda t: drafters.layer_skip(8, tree=t)`; it may return None (plain decoding). Each
+    candidate first runs `generate` once per prompt-length bucket (compilation), then on every
+    prompt (`repeats` times), interleaved with the other candidates. The table has one row per
+    candidate, in order: candidate, drafter name, tokens_per_s (new tokens over wall time,
+    prefill included, as `specjax bench`), tau (mean tokens per target forward), new_tokens,
+    seconds.
     """
     from tqdm import tqdm
 
@@ -216,7 +217,7 @@ def tune_tree(
     table = [
         {
             "candidate": c,
-            "drafter": d.name,
+            "drafter": "none" if d is None else d.name,
             "tokens_per_s": float(toks[i] / secs[i]),
             "tau": float(np.mean(taus[i])),
             "new_tokens": int(toks[i]),
@@ -235,3 +236,106 @@ def tune_markdown(table: Sequence[dict], best: Any = None) -> str:
         mark = "<-" if best is not None and r["candidate"] == best else ""
         lines.append(f"| {r['drafter']} | {r['tokens_per_s']:.1f} | {r['tau']:.2f} | {mark} |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- drafter="auto"
+
+# Prompts `auto` measures on: written for it, one per kind of request users make (never taken
+# from the eval files). Two of them give the model text to copy from, as summaries, RAG and
+# extraction do.
+AUTO_PROMPTS = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
+    "A shop sells pens at 3 dollars and notebooks at 5 dollars. Tom buys 4 pens and 2 "
+    "notebooks. How much does he pay? Think step by step.",
+    "Summarize in two sentences: The city council met on Tuesday to discuss the new bus "
+    "routes. The council approved two new routes that connect the university to the train "
+    "station, and asked the transport office to publish the timetable by next month.",
+    "Extract the names and ages from this text as a list: Anna is 34 and works as a nurse. "
+    "Her brother Ben, 29, is a teacher, and their neighbour Carla is 41.",
+    "Explain why the sky is blue to a ten-year-old.",
+)
+# A drafter must beat plain decoding by this fraction of its tokens/s to be chosen (run-to-run
+# noise of a calibration on the 2-core VM is ~2-4%).
+AUTO_MARGIN = 0.05
+
+
+def auto_candidates(model: Model) -> list[str]:
+    """Drafter names `auto` measures for `model`: plain decoding, prompt lookup, and the
+    model's bundled trained EAGLE-3 drafter (with its tuned tree) when there is one."""
+    from specjax.drafters.bundled import BUNDLED_DRAFTERS
+
+    names = ["none", "ngram"]
+    if f"{model.name}-eagle3" in BUNDLED_DRAFTERS:
+        names.append("eagle3_tree")
+    return names
+
+
+def auto_key(model: Model) -> str:
+    """What `auto`'s choice depends on: the model (name, config, a weight fingerprint), the
+    device kind, and the jax version."""
+    import hashlib
+    import re
+
+    embed = np.asarray(jax.tree.leaves(model.params)[0]).ravel()[:64]
+    h = hashlib.sha256(repr(model.config).encode() + embed.tobytes()).hexdigest()[:12]
+    dev = jax.devices()[0]
+    kind = f"{dev.platform}-{getattr(dev, 'device_kind', '')}-{jax.__version__}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model.name}-{h}-{kind}")
+
+
+def choose_drafter(
+    model: Model,
+    *,
+    prompts: Sequence[str] = AUTO_PROMPTS,
+    max_new_tokens: int = 64,
+    refresh: bool = False,
+    progress: bool = True,
+) -> tuple[str, list[dict]]:
+    """The drafter `drafter="auto"` uses for `model` on this device -> (registry name, table).
+
+    Measured once per model and device by `tune_tree` over `auto_candidates(model)` on
+    `prompts` (tokens/s, interleaved, compilation excluded), then cached as JSON under
+    $SPECJAX_CACHE/auto/ (a damaged or foreign cache file is measured again). A drafter is
+    chosen only if it beats plain decoding ("none") by `AUTO_MARGIN`.
+    """
+    import json
+    import os
+
+    from specjax.drafters import registry
+    from specjax.model import cache_root
+
+    path = os.path.join(cache_root(), "auto", auto_key(model) + ".json")
+    if not refresh and os.path.exists(path):
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+            if rec["key"] == auto_key(model) and rec["choice"] in auto_candidates(model):
+                return rec["choice"], rec["table"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # measured again below
+    names = auto_candidates(model)
+    _, table = tune_tree(
+        model,
+        lambda name: registry.make(name, None, model),
+        list(prompts),
+        candidates=names,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+    )
+    plain = next(r["tokens_per_s"] for r in table if r["candidate"] == "none")
+    best = max(table, key=lambda r: r["tokens_per_s"])
+    choice = best["candidate"] if best["tokens_per_s"] >= (1 + AUTO_MARGIN) * plain else "none"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"key": auto_key(model), "choice": choice, "table": table}, f, indent=1)
+    os.replace(tmp, path)  # atomic: a crash leaves the old file or none
+    return choice, table
+
+
+def auto_drafter(model: Model, **kw: Any) -> Drafter | None:
+    """`drafter="auto"`: the drafter `choose_drafter` picks for `model` (None: plain)."""
+    from specjax.drafters import registry
+
+    return registry.make(choose_drafter(model, **kw)[0], None, model)

@@ -165,13 +165,15 @@ def cmd_convert(a: argparse.Namespace) -> None:
 def cmd_demo(a: argparse.Namespace) -> None:
     from specjax import load_model
     from specjax.api import generate
-    from specjax.drafters.bundled import BUNDLED_DRAFTERS
 
     print(f"loading {a.model} ...", flush=True)
     model = load_model(a.model)
-    if a.drafter is None:
-        a.drafter = "eagle3_tree" if f"{model.name}-eagle3" in BUNDLED_DRAFTERS else "ngram"
+    a.drafter = a.drafter or "auto"
     drafter = make_drafter(a.drafter, None, model)
+    if a.drafter == "auto":
+        from specjax.autotune import choose_drafter
+
+        print(f"auto: {choose_drafter(model, progress=False)[0]} (measured on this device)")
     # Compile every prompt's shape bucket first, so the printed speeds exclude compilation.
     for prompt in DEMO_PROMPTS:
         for d in (None, drafter) if drafter else (None,):
@@ -443,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--drafter",
         default=None,
         type=drafter_arg,
-        help="default: the model's bundled EAGLE-3 drafter (dynamic tree) when it "
-        "has one, else ngram",
+        help="default: auto (the drafter measured fastest for the model on this device, "
+        "measured once and cached; plain decoding if none wins)",
     )
     d.add_argument("--max-new-tokens", type=positive_int, default=96)
     d.set_defaults(fn=cmd_demo)

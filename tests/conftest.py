@@ -16,8 +16,9 @@ import transformers
 # compilation, and on this 2-core machine these flags cut a compile-bound file by ~40% (test_tree
 # greedy-equality tests: 110 s -> 68 s). XLA's older (non-"fusion emitter") CPU code generator
 # compiles tiny-model programs faster still (4 tiny-model generate configs: 13.8 s -> 7.8-9.7 s
-# first call; tests/test_tree_sampling.py 111 s -> 104 s; no change on the 30-layer model). Every invariant is checked against the same compiled
-# code paths (speculative vs plain decoding in one process, HF parity within tolerances);
+# first call; tests/test_tree_sampling.py 111 s -> 104 s; no change on the 30-layer model).
+# Every invariant is checked against the same compiled code paths (speculative vs plain
+# decoding in one process, HF parity within tolerances);
 # `SPECJAX_TEST_XLA_OPT=full` runs the suite with XLA's defaults, as production compiles.
 # Set before JAX starts its backend (it reads XLA_FLAGS once); workers and subprocesses inherit.
 if os.environ.get("SPECJAX_TEST_XLA_OPT", "fast") != "full":

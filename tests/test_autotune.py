@@ -153,3 +153,78 @@ def test_cli_tune_tree(tiny_dir, tmp_path, capsys):
         cli.main(
             ["tune-tree", "--model", tiny_dir, "--drafter", "layer_skip:2", "--questions", str(q)]
         )
+
+
+# ----------------------------------------------------------------------------- drafter="auto"
+
+
+def test_auto_measures_once_then_reads_its_cache(tiny_dir, tmp_path, monkeypatch):
+    """`drafter="auto"`: measured on the model (plain vs n-gram for a model with no bundled
+    drafter), cached per model and device, read back without measuring, and greedy output
+    equal to plain decoding."""
+    monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
+    model = specjax.load_model(tiny_dir)
+    assert autotune.auto_candidates(model) == ["none", "ngram"]
+    prompts = ["the cat sat on the mat. the cat sat on", "the dog"]
+    choice, table = autotune.choose_drafter(
+        model, prompts=prompts, max_new_tokens=12, progress=False
+    )
+    assert [r["candidate"] for r in table] == ["none", "ngram"]
+    assert choice in ("none", "ngram") and all(r["tokens_per_s"] > 0 for r in table)
+    (path,) = (tmp_path / "auto").iterdir()
+    assert json.loads(path.read_text())["choice"] == choice
+
+    def no_measuring(*a, **k):
+        raise AssertionError("measured again although the choice is cached")
+
+    monkeypatch.setattr(autotune, "tune_tree", no_measuring)
+    assert autotune.choose_drafter(model)[0] == choice
+    ar = specjax.generate(model, prompts, max_new_tokens=12)
+    auto = specjax.generate(model, prompts, max_new_tokens=12, drafter="auto")
+    assert auto.tokens == ar.tokens
+    named = specjax.generate(model, prompts, max_new_tokens=12, drafter="ngram@3")
+    assert named.tokens == ar.tokens
+
+
+def _fake_table(none, ngram):
+    return [
+        {"candidate": "none", "drafter": "none", "tokens_per_s": none, "tau": 1.0},
+        {"candidate": "ngram", "drafter": "ngram", "tokens_per_s": ngram, "tau": 1.4},
+    ]
+
+
+@pytest.mark.parametrize(
+    "speeds, want", [((100.0, 103.0), "none"), ((100.0, 110.0), "ngram"), ((100.0, 90.0), "none")]
+)
+def test_auto_needs_a_margin_over_plain_decoding(model, tmp_path, monkeypatch, speeds, want):
+    monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
+    monkeypatch.setattr(autotune, "tune_tree", lambda *a, **k: (None, _fake_table(*speeds)))
+    assert autotune.choose_drafter(model, progress=False)[0] == want
+
+
+def test_auto_measures_again_after_a_damaged_cache_file(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
+    calls = []
+
+    def fake(*a, **k):
+        calls.append(1)
+        return None, _fake_table(100.0, 120.0)
+
+    monkeypatch.setattr(autotune, "tune_tree", fake)
+    assert autotune.choose_drafter(model, progress=False)[0] == "ngram"
+    (path,) = (tmp_path / "auto").iterdir()
+    for damage in ("{not json", json.dumps({"key": "another model", "choice": "none"})):
+        path.write_text(damage)
+        assert autotune.choose_drafter(model, progress=False)[0] == "ngram"
+    assert len(calls) == 3
+    assert autotune.choose_drafter(model, progress=False, refresh=True)[0] == "ngram"
+    assert len(calls) == 4
+
+
+def test_auto_is_a_registry_name(model):
+    from specjax.drafters import registry
+
+    assert "auto" in registry.names()
+    assert registry.parse("auto").entry.name == "auto"
+    with pytest.raises(ValueError, match="needs the target model"):
+        registry.make("auto", None, None)

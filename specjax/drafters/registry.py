@@ -208,6 +208,17 @@ def _medusa(is_tree: bool) -> Callable[..., Drafter]:
     return make
 
 
+def _auto(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter | None:
+    """The drafter measured fastest for `model` on this device (`autotune.choose_drafter`);
+    None (plain decoding) when none beats it. `k` is not used: each candidate has its own."""
+    from specjax.autotune import auto_drafter
+
+    if model is None:
+        raise ValueError("drafter 'auto' needs the target model (it measures on it)")
+    return auto_drafter(model)
+
+
+register(DrafterEntry("auto", _auto))
 register(DrafterEntry("ngram", _ngram, arg="BRANCHES", arg_type=_positive_int, tree=True))
 register(DrafterEntry("ngram_fixed", _ngram_fixed))
 register(DrafterEntry("layer_skip", _layer_skip(False), arg="LAYERS", arg_type=_positive_int))
