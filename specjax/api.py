@@ -189,8 +189,8 @@ def _check_args(
     if drafter is not None:
         if not isinstance(drafter, Drafter):
             raise TypeError(
-                f"drafter must be a specjax Drafter (see specjax.drafters), got "
-                f"{type(drafter).__name__}"
+                f"drafter must be a specjax Drafter (see specjax.drafters) or a drafter "
+                f"name such as 'ngram' or 'auto', got {type(drafter).__name__}"
             )
         if drafter.tokenizer is not None and model.tokenizer is not None:
             if drafter.tokenizer.get_vocab() != model.tokenizer.get_vocab():

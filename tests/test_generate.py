@@ -466,15 +466,24 @@ def test_bad_drafters_are_rejected(target, other, tok_model, make_hf_model):
         _raises(ValueError, "draft length k must be a positive int", drafters.layer_skip, 1, k=k)
     _raises(ValueError, "min_ngram <= max_ngram", drafters.ngram, max_ngram=1, min_ngram=2)
     _raises(ValueError, r"short must be an int in \[0, k=4\], got 5", drafters.ngram, k=4, short=5)
-    # Not a Drafter.
+    # Not a Drafter, nor a drafter name.
     _raises(
         TypeError,
-        "drafter must be a specjax Drafter.*got str",
+        "drafter must be a specjax Drafter.*or a drafter name.*got int",
         generate,
         target,
         PROMPTS,
         max_new_tokens=4,
-        drafter="ngram",
+        drafter=3,
+    )
+    _raises(
+        ValueError,
+        "unknown drafter 'nope'; valid: ngram",
+        generate,
+        target,
+        PROMPTS,
+        max_new_tokens=4,
+        drafter="nope",
     )
     _raises(
         TypeError,

@@ -218,7 +218,6 @@ def _auto(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None
     return auto_drafter(model)
 
 
-register(DrafterEntry("auto", _auto))
 register(DrafterEntry("ngram", _ngram, arg="BRANCHES", arg_type=_positive_int, tree=True))
 register(DrafterEntry("ngram_fixed", _ngram_fixed))
 register(DrafterEntry("layer_skip", _layer_skip(False), arg="LAYERS", arg_type=_positive_int))
@@ -235,3 +234,4 @@ register(DrafterEntry("eagle", _eagle("eagle", False), arg="PATH"))
 register(DrafterEntry("eagle_tree", _eagle("eagle", True), arg="PATH", tree=True))
 register(DrafterEntry("medusa", _medusa(False), arg="PATH"))
 register(DrafterEntry("medusa_tree", _medusa(True), arg="PATH"))
+register(DrafterEntry("auto", _auto))
