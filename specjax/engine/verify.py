@@ -142,10 +142,11 @@ def verifier_for(draft: AnyDraft) -> Verifier:
 
 
 def target_forward(
-    params: dict, state: LoopState, draft: AnyDraft, ec: EngineConfig
-) -> tuple[jax.Array, TargetStep, KVCache]:
+    params: dict, state: LoopState, draft: AnyDraft, ec: EngineConfig, write: bool = True
+) -> tuple[jax.Array, TargetStep, KVCache | BlockKV]:
     """The target's forward over the block the engine verifies for `draft` (None: a plain
-    step) -> (logits [B, T, V], TargetStep, cache with the block written, uncommitted)."""
+    step) -> (logits [B, T, V], TargetStep, cache with the block written, uncommitted; or,
+    with `write=False`, the block's K/V and the cache left as it was)."""
     blk = verifier_for(draft).block(draft, state.last, state.pos)
     logits, hiddens, cache = forward(
         params,
@@ -156,6 +157,7 @@ def target_forward(
         block_mask=blk.mask,
         hidden_layers=ec.hidden_layers,
         impl=ec.impl,
+        write=write,
     )
     return logits, TargetStep(blk.tokens, hiddens), cache
 
@@ -226,21 +228,9 @@ def verify(
     # and V into and out of the chosen branch on every step: tests/test_step_anatomy.py.)
     def read_only(part: AnyDraft) -> Callable[[], tuple[Verified, BlockKV, TargetStep]]:
         def run() -> tuple[Verified, BlockKV, TargetStep]:
-            v = verifier_for(part)
-            blk = v.block(part, state.last, state.pos)
-            logits, hiddens, kv = forward(
-                params,
-                ec.target,
-                blk.tokens,
-                blk.positions,
-                state.cache,
-                block_mask=blk.mask,
-                hidden_layers=ec.hidden_layers,
-                impl=ec.impl,
-                write=False,
-            )
-            step = _padded_step(TargetStep(blk.tokens, hiddens), K + 1)
-            return v.accept(key, logits, part, sp, ec), pad_block(kv, K + 1), step
+            logits, step, kv = target_forward(params, state, part, ec, write=False)
+            verified = verifier_for(part).accept(key, logits, part, sp, ec)
+            return verified, pad_block(kv, K + 1), _padded_step(step, K + 1)
 
         return run
 
