@@ -217,27 +217,38 @@ def load_hf_dir(path: str, dtype: DTypeLike = np.float32) -> tuple[dict, ModelCo
 def load_gguf(
     path: str, dtype: DTypeLike = np.float32, tokenizer: bool = True
 ) -> tuple[dict, ModelConfig, PreTrainedTokenizerBase | None]:
-    """GGUF file -> (params as numpy, ModelConfig, tokenizer or None when not `tokenizer`), via
-    transformers + `gguf`.
+    """GGUF file -> (params as numpy, ModelConfig, tokenizer or None when not `tokenizer`).
 
-    transformers de-quantizes the tensors and undoes llama.cpp's q/k row permutation, so the
-    resulting state dict is in HF layout and goes through the same checked name map.
+    The tensors and config come from `gguf_file.read_gguf` (gguf-py + numpy, ~4x faster) for
+    the architectures it maps, else from transformers, which de-quantizes the tensors and undoes
+    llama.cpp's q/k row permutation the same way. Either way the state dict is in HF layout and
+    goes through the same checked name map. The tokenizer always comes from transformers.
     """
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(
-            "converting a GGUF file needs torch (transformers de-quantizes GGUF "
-            "with it): pip install 'specjax[convert]'"
-        ) from e
-    import transformers
+    from checkpoints_convert.gguf_file import read_gguf
 
     folder, name = os.path.split(os.path.abspath(path))
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32
-    )
-    # The tokenizer alone takes ~8 s to build from GGUF metadata: skipped when the caller has one.
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name) if tokenizer else None
-    cfg = ModelConfig.from_hf(model.config)
-    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    direct = read_gguf(path)
+    if direct is not None:
+        state, hf_cfg = direct
+        cfg = ModelConfig.from_hf(hf_cfg)
+    else:
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(
+                f"converting {path} (an architecture specjax reads through transformers) "
+                "needs torch: pip install 'specjax[convert]'"
+            ) from e
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32
+        )
+        cfg = ModelConfig.from_hf(model.config)
+        state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    tok = None
+    if tokenizer:  # ~8 s to build from GGUF metadata: skipped when the caller has one
+        import transformers
+
+        tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return convert_state_dict(state, cfg, dtype), cfg, tok

@@ -309,3 +309,95 @@ def test_converted_without_params(converted, tmp_path):
     shutil.rmtree(bad / "params")
     with pytest.raises(FileNotFoundError, match="params"):
         specjax.load_model(str(bad))
+
+
+# ----------------------------------------------------------------------------- GGUF files
+
+
+def write_gguf(path, hf_model, arch: str, extra_kv: dict | None = None) -> None:
+    """An HF model written as llama.cpp's converter writes it: `<arch>.*` metadata, llama q/k
+    rows permuted per head, matrices quantized to Q8_0, the embedding in F16, norms/biases F32."""
+    import gguf
+
+    c = hf_model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny {arch}")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_vocab_size(c.vocab_size)
+    w.add_eos_token_id(0)
+    for key, value in (extra_kv or {}).items():
+        w.add_string(key, value)
+    names = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}
+    layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    layer |= {f"self_attn.{p}_proj": f"attn_{g}" for p, g in zip("qkvo", ["q", "k", "v", "output"])}
+    layer |= {f"mlp.{p}_proj": f"ffn_{p}" for p in ("gate", "up", "down")}
+    for name, t in hf_model.state_dict().items():
+        a = t.detach().numpy().astype(np.float32)
+        parts = name.split(".")
+        if parts[1] == "layers":
+            g = f"blk.{parts[2]}.{layer['.'.join(parts[3:-1])]}.{parts[-1]}"
+        else:
+            g = f"{names[parts[-2]]}.{parts[-1]}"
+        heads = {"attn_q": c.num_attention_heads, "attn_k": c.num_key_value_heads}
+        kind = g.split(".")[-2]
+        if arch == "llama" and kind in heads:  # llama.cpp's permutation, forward direction
+            n = heads[kind]
+            a = a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+        if g == "token_embd.weight":
+            w.add_tensor(g, a.astype(np.float16))
+        elif a.ndim == 2:
+            q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(g, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_direct_reader_equals_transformers(arch, tmp_path, make_hf_model):
+    """`read_gguf` (gguf-py + numpy) gives the tensors and config transformers gives for the
+    same file, bit for bit: de-quantized values, llama's q/k row order (GQA: q and k have
+    different head counts), Qwen2's biases, tied/untied head."""
+    import transformers
+
+    from checkpoints_convert.gguf_file import read_gguf
+    from specjax.models.config import ModelConfig
+
+    hf = make_hf_model(arch, hidden_size=64, intermediate_size=64, tie_word_embeddings=False)
+    path = tmp_path / f"{arch}.gguf"
+    write_gguf(path, hf, arch)
+    state, cfg = read_gguf(str(path))
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=path.name, dtype=torch.float32
+    )
+    ref = {k: v.detach().numpy() for k, v in ref_model.state_dict().items()}
+    assert set(state) == set(ref)
+    for k in ref:
+        np.testing.assert_array_equal(state[k], ref[k], err_msg=k)
+    assert ModelConfig.from_hf(cfg) == ModelConfig.from_hf(ref_model.config)
+    # The file is really quantized: Q8_0 changed the values the reader had to de-quantize.
+    q = state["model.layers.0.self_attn.q_proj.weight"]
+    assert not np.array_equal(q, hf.state_dict()["model.layers.0.self_attn.q_proj.weight"].numpy())
+
+
+def test_gguf_unmapped_metadata_goes_through_transformers(tmp_path, make_hf_model):
+    """A metadata key the direct reader does not map (here rope scaling) is never ignored: the
+    file is left to transformers (read_gguf -> None)."""
+    from checkpoints_convert.gguf_file import read_gguf
+
+    hf = make_hf_model("llama", hidden_size=64, intermediate_size=64)
+    path = tmp_path / "scaled.gguf"
+    write_gguf(path, hf, "llama", extra_kv={"llama.rope.scaling.type": "linear"})
+    assert read_gguf(str(path)) is None
+    write_gguf(tmp_path / "plain.gguf", hf, "llama")
+    assert read_gguf(str(tmp_path / "plain.gguf")) is not None
