@@ -10,6 +10,7 @@ in `specjax.engine`, drafters in `specjax.drafters`, model families in `specjax.
 
 from specjax import drafters
 from specjax.api import GenerateOutput, generate, generate_pmap, generate_stream
+from specjax.engine.xla import xla_options
 from specjax.model import Model, load_model, model_from_hf
 from specjax.models.config import ModelConfig
 from specjax.sharding import make_mesh
@@ -26,4 +27,5 @@ __all__ = [
     "load_model",
     "make_mesh",
     "model_from_hf",
+    "xla_options",
 ]

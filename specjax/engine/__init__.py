@@ -6,6 +6,7 @@ propose -> verify -> emit -> commit steps.
     verify.py  one verifier per draft shape (plain step, chain, tree) and the size choice
     accept.py  the acceptance rules (greedy, lossless rejection sampling), AcceptRules
     tree.py    masks, positions and paths derived from a draft tree's parents
+    xla.py     xla_options: XLA settings per compiled entry point, not per process
 """
 
 from specjax.drafters.base import PrefillInput, Verified
@@ -13,6 +14,7 @@ from specjax.engine.accept import DEFAULT_RULES, AcceptRules
 from specjax.engine.loop import TRACE_COUNTS, decode, decode_one, decode_step, emit, prefill
 from specjax.engine.state import EngineConfig, LoopState
 from specjax.engine.verify import verify, verify_block
+from specjax.engine.xla import xla_options
 
 __all__ = [
     "AcceptRules",
@@ -29,4 +31,5 @@ __all__ = [
     "prefill",
     "verify",
     "verify_block",
+    "xla_options",
 ]

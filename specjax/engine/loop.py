@@ -13,12 +13,12 @@ comparable exactly.
 from __future__ import annotations
 
 import collections
-import functools
 
 import jax
 import jax.numpy as jnp
 
 from specjax.drafters.base import Params, PrefillInput, TargetPrefill, Verified
+from specjax.engine import xla
 from specjax.engine.state import EngineConfig, LoopState
 from specjax.engine.verify import verify
 from specjax.models import forward, is_unrolled
@@ -35,7 +35,7 @@ def _is_eos(tokens: jax.Array, eos: tuple[int, ...]) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(eos, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("ec", "max_len"))
+@xla.jit(static_argnames=("ec", "max_len"))
 def prefill(
     params: dict,
     dparams: Params,
@@ -152,7 +152,7 @@ def decode_step(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("ec",), donate_argnums=(2,))
+@xla.jit(static_argnames=("ec",), donate_argnums=(2,))
 def decode(
     params: dict, dparams: Params, state: LoopState, sp: dict, *, ec: EngineConfig
 ) -> LoopState:
@@ -166,7 +166,7 @@ def decode(
     return jax.lax.while_loop(cond, lambda s: decode_step(params, dparams, s, sp, ec), state)
 
 
-@functools.partial(jax.jit, static_argnames=("ec",), donate_argnums=(2,))
+@xla.jit(static_argnames=("ec",), donate_argnums=(2,))
 def decode_one(
     params: dict, dparams: Params, state: LoopState, sp: dict, *, ec: EngineConfig
 ) -> LoopState:
