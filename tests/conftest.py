@@ -31,6 +31,12 @@ if os.environ.get("SPECJAX_TEST_XLA_OPT", "fast") != "full":
         ]
     ).strip()
 
+# The HF reference models run in the xdist workers next to XLA programs: with its default two
+# intra-op threads torch oversubscribes this 2-core machine (its OpenMP threads spin while they
+# wait), which slowed HF generate on SmolLM2 ~4x (3.6 s -> ~14 s per prompt) and the other worker
+# with it. One thread each: the numerics of every reference are unchanged (tolerances hold).
+torch.set_num_threads(1)
+
 VOCAB = 101  # build_hf_model's default vocabulary
 _rng = np.random.default_rng(0)
 
