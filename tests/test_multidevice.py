@@ -51,6 +51,11 @@ SCRIPT = textwrap.dedent("""
         for how, out in (("single", single), ("mesh", sharded), ("pmap", pmapped)):
             res[name + "_" + how] = {"tokens": out.tokens,
                                      "hist": out.stats["acceptance_histogram"]}
+    # Each row alone (batch 1, one device): the steps a row takes when nothing else shares them.
+    res["ngram_rows"] = [
+        generate(model, [p], max_new_tokens=new, drafter=drafters.ngram(k=4))
+        .stats["acceptance_histogram"] for p in prompts
+    ]
     print("RESULT " + json.dumps(res))
 """)
 
@@ -103,6 +108,14 @@ def test_mesh_and_pmap_match_single_device(make_hf_model, tmp_path):
     # The drafter did draft (and was verified) on every path.
     for name in ("ngram_single", "ngram_mesh", "ngram_pmap"):
         assert sum(res[name]["hist"][1:]) > 0, name
-    # Acceptance histograms are not compared: when no row of a batch has an n-gram match the
-    # engine takes a plain step, so the step schedule depends on how rows are grouped (per
-    # device under pmap). The emitted tokens above are the invariant.
+    # Acceptance histograms. A step verifies the draft at the size the rows that share the
+    # step need (`engine.verify`: a plain step when no row has an n-gram match), so a row's
+    # steps depend on which rows it shares them with. The mesh runs one program over the whole
+    # batch (that choice is a reduction over every row, across devices): the same steps as one
+    # device. pmap runs one program per device, one row each here: every row takes the steps
+    # it takes alone, so the pmap histogram is the sum of the rows' own histograms.
+    assert res["ar_mesh"]["hist"] == res["ar_single"]["hist"] == res["ar_pmap"]["hist"]
+    assert res["ngram_mesh"]["hist"] == res["ngram_single"]["hist"]
+    alone = [sum(col) for col in zip(*res["ngram_rows"])]
+    assert res["ngram_pmap"]["hist"] == alone
+    assert res["ngram_single"]["hist"] != alone  # the grouping really matters in this batch
