@@ -33,8 +33,8 @@ if os.environ.get("SPECJAX_TEST_XLA_OPT", "fast") != "full":
 
 # The HF reference models run in the xdist workers next to XLA programs: with its default two
 # intra-op threads torch oversubscribes this 2-core machine (its OpenMP threads spin while they
-# wait), which slowed HF generate on SmolLM2 ~4x (3.6 s -> ~14 s per prompt) and the other worker
-# with it. One thread each: the numerics of every reference are unchanged (tolerances hold).
+# wait). HF generate on SmolLM2 in test_smollm2 (4 prompts x 64 tokens) took 55 s in the full
+# suite with two threads, 25 s with one. Every reference still meets its tolerance.
 torch.set_num_threads(1)
 
 VOCAB = 101  # build_hf_model's default vocabulary
@@ -46,25 +46,25 @@ _rng = np.random.default_rng(0)
 # keep this order instead of sorting files by their number of tests.) Measured wall time, longest
 # first; files not listed follow in their usual order. Re-measure with --durations=0 when a file
 # grows.
-SLOWEST_FIRST = [  # worker-seconds in a quiet `--durations=0` run (2026-12-02)
-    "test_smollm2.py",  # 398
-    "test_tree_sampling.py",  # 167
-    "test_spec_sampling.py",  # 138
-    "test_eagle.py",  # 122
-    "test_generate.py",  # 98
-    "test_train.py",  # 96
-    "test_tree.py",  # 86
-    "test_notebooks.py",  # 81
-    "test_medusa.py",  # 80
-    "test_models.py",  # 60
-    "test_cache.py",  # 60
-    "test_cli.py",  # 60
-    "test_tree_attention.py",  # 39
-    "test_static_tree.py",  # 36
-    "test_autotune.py",  # 34
-    "test_multidevice.py",  # 34
-    "test_device_check.py",  # 33
-    "test_step_anatomy.py",  # 28
+SLOWEST_FIRST = [  # worker-seconds in a `--durations=0` run of the whole suite (2026-12-02)
+    "test_smollm2.py",  # 200
+    "test_tree_sampling.py",  # 103
+    "test_spec_sampling.py",  # 98
+    "test_eagle.py",  # 73
+    "test_generate.py",  # 61
+    "test_notebooks.py",  # 50
+    "test_medusa.py",  # 48
+    "test_cache.py",  # 44
+    "test_train.py",  # 44
+    "test_tree.py",  # 41
+    "test_models.py",  # 26
+    "test_cli.py",  # 26
+    "test_autotune.py",  # 25
+    "test_tree_attention.py",  # 22
+    "test_static_tree.py",  # 18
+    "test_multidevice.py",  # 17
+    "test_step_anatomy.py",  # 15
+    "test_device_check.py",  # 14
 ]
 
 
