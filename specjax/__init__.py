@@ -10,6 +10,7 @@ in `specjax.engine`, drafters in `specjax.drafters`, model families in `specjax.
 
 from specjax import drafters
 from specjax.api import GenerateOutput, generate, generate_pmap, generate_stream
+from specjax.decode import DecodeFn, decode_fn
 from specjax.engine.xla import xla_options
 from specjax.model import Model, load_model, model_from_hf
 from specjax.models.config import ModelConfig
@@ -17,9 +18,11 @@ from specjax.sharding import make_mesh
 
 __version__ = "0.1.0"
 __all__ = [
+    "DecodeFn",
     "Model",
     "ModelConfig",
     "GenerateOutput",
+    "decode_fn",
     "drafters",
     "generate",
     "generate_stream",

@@ -169,7 +169,7 @@ def make_key(key: KeyLike | None) -> jax.Array:
     )
 
 
-def _check_args(
+def check_args(
     model: Model, rows: list[list[int]], max_new_tokens: int, drafter: Drafter | None
 ) -> None:
     if (
@@ -200,7 +200,7 @@ def _check_args(
                 )
 
 
-def _bind_drafter(model: Model, drafter: Drafter | None) -> tuple[DrafterSpec | None, Params]:
+def bind_drafter(model: Model, drafter: Drafter | None) -> tuple[DrafterSpec | None, Params]:
     """-> (spec, params) of the drafter for this target, after compatibility checks."""
     if drafter is None:
         return None, None
@@ -236,8 +236,8 @@ def prepare(
         from specjax.drafters import registry
 
         drafter = registry.make(drafter, None, model)
-    _check_args(model, rows, max_new_tokens, drafter)
-    spec, dparams = _bind_drafter(model, drafter)
+    check_args(model, rows, max_new_tokens, drafter)
+    spec, dparams = bind_drafter(model, drafter)
     n = len(rows)
     B = 1 << (n - 1).bit_length()  # batch: next power of two
     B = -(-B // batch_multiple) * batch_multiple
