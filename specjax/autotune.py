@@ -152,6 +152,52 @@ def verify_cost_table(
     }
 
 
+def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 7) -> float:
+    """Bytes per second one jitted sum reads from memory on the default device (median of
+    `repeats` after a warm-up): the rate a memory-bound decode step can at best stream its
+    weights at. 512 MiB is far larger than any CPU cache."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        total(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return nbytes / float(np.median(times))
+
+
+def step_bytes(model: Model, prefix: int, batch: int = 1) -> dict[str, int]:
+    """Bytes one plain decode step must read: every weight once (the vocabulary matrix as the
+    head; an untied embedding table only for the `batch` rows it looks up) and the KV cache
+    of `prefix` positions per row. -> {"weights", "kv", "total"}."""
+    cfg = model.config
+    weights = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(model.params):
+        name = jax.tree_util.keystr(path)
+        nbytes = leaf.size * leaf.dtype.itemsize
+        if "'embed'" in name and not cfg.tie_word_embeddings:
+            nbytes = batch * leaf.shape[-1] * leaf.dtype.itemsize
+        weights += nbytes
+    per_position = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim  # K and V
+    kv = per_position * prefix * batch * np.dtype(model.dtype).itemsize
+    return {"weights": weights, "kv": kv, "total": weights + kv}
+
+
+def floor_line(model: Model, prefix: int, plain_ms: float, batch: int = 1) -> str:
+    """One line: the memory floor of a plain step (bytes / measured bandwidth) next to the
+    measured plain step."""
+    b = step_bytes(model, prefix, batch)
+    bw = read_bandwidth()
+    floor_ms = b["total"] / bw * 1e3
+    return (
+        f"Plain-step floor: {b['total'] / 1e6:.0f} MB read (weights {b['weights'] / 1e6:.0f} MB "
+        f"+ KV cache {b['kv'] / 1e6:.1f} MB at prefix {prefix}) / {bw / 1e9:.1f} GB/s measured "
+        f"(jitted sum of 512 MiB) = {floor_ms:.1f} ms; measured plain step (T=1) "
+        f"{plain_ms:.1f} ms = {plain_ms / floor_ms:.2f}x the floor."
+    )
+
+
 def cost_markdown(table: dict[int, tuple[float, float]]) -> str:
     """The cost table as Markdown: T, causal ms, tree ms, tree/causal, causal cost vs the
     smallest T."""

@@ -286,6 +286,8 @@ def cmd_bench_verify(a: argparse.Namespace) -> None:
         f"interleaved runs; tree = ancestor-or-self mask of a random tree of T tokens.\n"
     )
     print(autotune.cost_markdown(table))
+    if 1 in table:
+        print("\n" + autotune.floor_line(model, a.prompt_len, table[1][0], a.batch))
 
 
 def cmd_bench_step(a: argparse.Namespace) -> None:

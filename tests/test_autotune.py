@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -115,6 +116,21 @@ def test_cli_bench_verify(tiny_dir, capsys):
     for r in rows:
         causal, tree, ratio = (float(x) for x in r.split("|")[2:5])
         assert causal > 0 and tree > 0 and ratio > 0
+    assert "Plain-step floor:" in out and "x the floor" in out
+
+
+def test_step_bytes_counts_every_weight_and_the_cache(target):
+    """The floor's byte count: all params (here the untied embedding table only for the rows
+    it looks up) plus K and V of every layer for the prefix."""
+    cfg, item = target.config, 4
+    b = autotune.step_bytes(target, prefix=10, batch=2)
+    everything = sum(x.size for x in jax.tree.leaves(target.params)) * item
+    embed = target.params["embed"]
+    assert not cfg.tie_word_embeddings
+    assert b["weights"] == everything - embed.size * item + 2 * embed.shape[1] * item
+    assert b["kv"] == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 10 * 2 * item
+    assert b["total"] == b["weights"] + b["kv"]
+    assert autotune.read_bandwidth(nbytes=1 << 20, repeats=2) > 0
 
 
 def test_cli_tune_tree(tiny_dir, tmp_path, capsys):
