@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
+from specjax.engine import xla
 from specjax.models import llama
 from specjax.models.config import ModelConfig
 
@@ -115,7 +116,7 @@ class Model:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-_full_logits_jit = jax.jit(llama.full_logits, static_argnums=1)
+_full_logits_jit = xla.jit(static_argnums=1)(llama.full_logits)
 
 
 def cache_root() -> str:
