@@ -19,7 +19,7 @@ from specjax import engine, sharding
 from specjax.drafters.base import Drafter, DrafterSpec, Params
 from specjax.engine import accept
 from specjax.model import Model
-from specjax.sampling import make_sampling
+from specjax.sampling import SamplingMode, make_sampling
 
 Prompt = str | Sequence[int]
 # One prompt or a batch: see PROMPTS_ACCEPTED (an int array is [T] or [B, T] token ids).
@@ -214,6 +214,30 @@ def bind_drafter(model: Model, drafter: Drafter | None) -> tuple[DrafterSpec | N
     return spec, dparams
 
 
+def engine_config(
+    model: Model, mode: SamplingMode, max_new_tokens: int, spec: DrafterSpec | None, impl: str
+) -> engine.EngineConfig:
+    """The static settings of the decode program (output capacity: `max_new_tokens` bucketed)."""
+    # The acceptance rules are read here, not at import: a swapped default is a new config.
+    return engine.EngineConfig(
+        target=model.config,
+        mode=mode,
+        max_new=bucket(int(max_new_tokens), MIN_NEW_BUCKET),
+        eos=model.eos_token_ids,
+        drafter=spec,
+        impl=impl,
+        rules=accept.DEFAULT_RULES,
+    )
+
+
+def cache_len(prompt_width: int, ec: engine.EngineConfig) -> int:
+    """KV cache slots per row: the prompt, every emitted token, and one in-flight verify block
+    (and the drafter's own in-flight tokens, for drafters that keep a cache)."""
+    spec = ec.drafter
+    slack = 0 if spec is None else max(spec.k, spec.cache_slack)
+    return prompt_width + ec.max_new + slack + 2
+
+
 def prepare(
     model: Model,
     prompts: Prompts,
@@ -242,11 +266,8 @@ def prepare(
     B = 1 << (n - 1).bit_length()  # batch: next power of two
     B = -(-B // batch_multiple) * batch_multiple
     P = bucket(max(len(r) for r in rows), MIN_PROMPT_BUCKET, half_steps=True)
-    N = bucket(int(max_new_tokens), MIN_NEW_BUCKET)
-    slack = 0 if spec is None else max(spec.k, spec.cache_slack)
-    # The cache holds the prompt, every emitted token, and one in-flight verify block (and the
-    # drafter's own in-flight tokens, for drafters that keep a cache).
-    max_len = P + N + slack + 2
+    ec = engine_config(model, mode, max_new_tokens, spec, impl)
+    max_len = cache_len(P, ec)
     tokens = np.zeros((B, P), np.int32)
     lengths = np.ones((B,), np.int32)
     budget = np.zeros((B,), np.int32)  # padding rows get no budget: done from the start
@@ -254,16 +275,6 @@ def prepare(
         tokens[i, : len(ids)] = ids
         lengths[i] = len(ids)
         budget[i] = max_new_tokens
-    # The acceptance rules are read here, not at import: a swapped default is a new config.
-    ec = engine.EngineConfig(
-        target=model.config,
-        mode=mode,
-        max_new=N,
-        eos=model.eos_token_ids,
-        drafter=spec,
-        impl=impl,
-        rules=accept.DEFAULT_RULES,
-    )
     inp = engine.PrefillInput.from_tokens(jnp.asarray(tokens), jnp.asarray(lengths))
     args = dict(
         inp=inp, max_new=jnp.asarray(budget), key=key, sp=sp, dparams=dparams, max_len=max_len

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 
 from specjax import api, engine
 from specjax.drafters.base import Drafter, Params
-from specjax.engine import accept
 from specjax.model import Model
 from specjax.sampling import make_sampling
 
@@ -58,9 +57,7 @@ class DecodeFn:
                 f"prompt width {P} + max_new_tokens {self.max_new_tokens} exceeds the model's "
                 f"context of {ctx} positions"
             )
-        spec = self.ec.drafter
-        slack = 0 if spec is None else max(spec.k, spec.cache_slack)
-        max_len = P + self.ec.max_new + slack + 2  # as `api.prepare` sizes the cache
+        max_len = api.cache_len(P, self.ec)
         inp = engine.PrefillInput.from_tokens(
             jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)
         )
@@ -101,17 +98,8 @@ def decode_fn(
         drafter = registry.make(drafter, None, model)
     api.check_args(model, [], max_new_tokens, drafter)
     spec, dparams = api.bind_drafter(model, drafter)
-    ec = engine.EngineConfig(
-        target=model.config,
-        mode=mode,
-        max_new=api.bucket(int(max_new_tokens), api.MIN_NEW_BUCKET),
-        eos=model.eos_token_ids,
-        drafter=spec,
-        impl=impl,
-        rules=accept.DEFAULT_RULES,
-    )
     return DecodeFn(
-        ec=ec,
+        ec=api.engine_config(model, mode, max_new_tokens, spec, impl),
         max_new_tokens=int(max_new_tokens),
         sp=sp,
         params=model.params,
