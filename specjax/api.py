@@ -214,6 +214,16 @@ def bind_drafter(model: Model, drafter: Drafter | None) -> tuple[DrafterSpec | N
     return spec, dparams
 
 
+def resolve_drafter(model: Model, drafter: Drafter | str | None) -> Drafter | None:
+    """A registry name ("ngram", "eagle3_tree@8", "auto", ...) -> its Drafter for `model`;
+    anything else unchanged (checked by `check_args`)."""
+    if isinstance(drafter, str):
+        from specjax.drafters import registry
+
+        return registry.make(drafter, None, model)
+    return drafter
+
+
 def engine_config(
     model: Model, mode: SamplingMode, max_new_tokens: int, spec: DrafterSpec | None, impl: str
 ) -> engine.EngineConfig:
@@ -256,10 +266,7 @@ def prepare(
     mode, sp = make_sampling(temperature, top_k, top_p)  # cheap checks before tokenizing
     key = make_key(key)
     rows = encode_prompts(model, prompts, chat)
-    if isinstance(drafter, str):  # a registry name: "ngram", "eagle3_tree@8", "auto", ...
-        from specjax.drafters import registry
-
-        drafter = registry.make(drafter, None, model)
+    drafter = resolve_drafter(model, drafter)
     check_args(model, rows, max_new_tokens, drafter)
     spec, dparams = bind_drafter(model, drafter)
     n = len(rows)

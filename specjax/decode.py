@@ -92,10 +92,7 @@ def decode_fn(
     function `fn(params, dparams, tokens, lengths, key) -> (tokens_out, lengths_out, stats)`;
     `fn.params` / `fn.dparams` are the params to pass unless you place or update them."""
     mode, sp = make_sampling(temperature, top_k, top_p)
-    if isinstance(drafter, str):
-        from specjax.drafters import registry
-
-        drafter = registry.make(drafter, None, model)
+    drafter = api.resolve_drafter(model, drafter)
     api.check_args(model, [], max_new_tokens, drafter)
     spec, dparams = api.bind_drafter(model, drafter)
     return DecodeFn(
