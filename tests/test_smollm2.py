@@ -62,10 +62,13 @@ def hf_smol():
 
 @pytest.fixture(scope="module")
 def ar_outputs(smol):
-    # XLA's own defaults for this 30-layer unrolled program (conftest's cheap flags suit tiny
-    # models): 25.1 s -> 21.2 s for the four prompts, compile included.
+    """Plain greedy decoding of the four prompts as one ragged batch (unrolled layout), compiled
+    with XLA's own defaults (conftest's cheap flags suit tiny models). One batch compiles once
+    and decodes the four rows together: 22.2 s -> 10.0 s against four batch-1 calls, with the
+    same tokens. Each row is checked against HF's batch-1 greedy output below, so the ragged
+    batch is checked against single-prompt decoding too."""
     with specjax.xla_options(xla_backend_optimization_level=2, xla_cpu_use_fusion_emitters=True):
-        return [specjax.generate(smol, p, max_new_tokens=NEW).tokens[0] for p in PROMPTS]
+        return specjax.generate(smol, PROMPTS, max_new_tokens=NEW).tokens
 
 
 def test_logits_match_hf(smol, hf_smol):
@@ -95,7 +98,7 @@ def test_greedy_matches_hf_generate(smol, hf_smol, ar_outputs):
     assert min(len(t) for t in ar_outputs) >= 16
 
 
-def test_ragged_batch_equals_single(smol, smol_scan, ar_outputs):
+def test_scan_layout_ragged_batch_equals_unrolled(smol, smol_scan, ar_outputs):
     out = scan_generate(smol_scan, PROMPTS)
     assert len({len(smol.encode(p)) for p in PROMPTS}) > 1  # really ragged
     assert out.tokens == ar_outputs
