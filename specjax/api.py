@@ -386,6 +386,8 @@ def _stats(
         "target_forwards": (1 + row_steps).tolist(),
         "tau": tau,
         "acceptance_histogram": np.asarray(state.accept_hist).tolist(),
+        # loop steps per verify size (0 = a plain step), for drafters that size their drafts
+        "verify_size_histogram": np.asarray(state.size_hist).tolist(),
         "compiled": bool(compiled),
     }
 
@@ -503,5 +505,6 @@ def generate_pmap(
         row_steps=state.row_steps.reshape(-1),
         steps=jnp.max(state.steps),
         accept_hist=jnp.sum(state.accept_hist, axis=0),
+        size_hist=jnp.sum(state.size_hist, axis=0),
     )
     return finish(model, state, rows, 0.0, dt, True)

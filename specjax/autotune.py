@@ -14,6 +14,7 @@ cost(T) / cost(1) bounds what a block of T tokens can gain: speedup <= tau / cos
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import statistics
 import time
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.drafters import DynamicTree
+from specjax.drafters import DynamicTree, VerifySizing
 from specjax.engine import tree as tree_lib
 from specjax.models import forward, is_unrolled
 from specjax.models.cache import KVCache, init_cache
@@ -207,6 +208,58 @@ def cost_markdown(table: dict[int, tuple[float, float]]) -> str:
     for T, (c, t) in sorted(table.items()):
         lines.append(f"| {T} | {c:.2f} | {t:.2f} | {t / c:.2f} | {c / base:.2f}x |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- verify sizing
+
+
+def default_verify_sizes(nodes: int) -> tuple[int, ...]:
+    """Powers of two below `nodes`, then `nodes` (8 -> (1, 2, 4, 8)): each is one compiled
+    verify branch."""
+    return tuple(1 << i for i in range(max(nodes - 1, 1).bit_length()) if 1 << i < nodes) + (nodes,)
+
+
+def measure_sizing(
+    model: Model,
+    make: Callable[[DynamicTree], Drafter],
+    tree: DynamicTree,
+    sizes: Sequence[int] | None = None,
+    *,
+    prompt: str | None = None,
+    repeats: int = 10,
+    progress: bool = True,
+) -> tuple[VerifySizing, dict]:
+    """The step costs of the tree drafter `make(tree)` on this device -> (VerifySizing for
+    `tree`, the measurements).
+
+    A step at verify size s costs D + plain + verify(s + 1) - verify(1), and a plain step
+    D + plain: D is the drafter's propose + commit (`anatomy.measure_step`, the drafting is
+    paid whatever is verified), plain a whole plain decode step, verify(T) one tree-masked
+    verify forward of T tokens (`verify_cost_table`, prefix 256)."""
+    from specjax import anatomy
+
+    sizes = tuple(sorted(set(sizes or default_verify_sizes(tree.nodes))))
+    if sizes[-1] != tree.nodes:
+        raise ValueError(f"the largest verify size must be the tree's {tree.nodes} nodes: {sizes}")
+    whole = make(dataclasses.replace(tree, sizing=None))
+    an = anatomy.measure_step(
+        model, whole, prompt or anatomy.DEFAULT_PROMPT, repeats=repeats, loop_steps=4
+    )
+    D, plain = an.ms["propose"] + an.ms["commit"], an.ms["plain step"]
+    table = verify_cost_table(
+        model, (1,) + tuple(s + 1 for s in sizes), repeats=repeats, progress=progress
+    )
+    v1 = table[1][0]
+    costs = (D + plain,) + tuple(D + plain + max(table[s + 1][1] - v1, 0.0) for s in sizes)
+    record = {
+        "drafter": whole.name,
+        "sizes": list(sizes),
+        "costs_ms": list(costs),
+        "draft_ms": D,
+        "plain_ms": plain,
+        "verify_ms": {str(T): list(v) for T, v in table.items()},
+    }
+    return VerifySizing(sizes, costs), record
 
 
 # ----------------------------------------------------------------------------- tree size

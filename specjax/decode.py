@@ -9,8 +9,9 @@ device without returning to the host).
 `tokens` [B, P] int32 holds right-padded prompts and `lengths` [B] their lengths (>= 1);
 `key` is a `jax.random.key`. The output is `tokens_out` [B, max_new_tokens] (entries at and
 after `lengths_out[b]` are `pad_id`), `lengths_out` [B] and `stats` (arrays: `steps`,
-`row_steps`, `accept_hist`). Shapes are static: one compilation per (B, P). With the same
-padded batch, key and settings the tokens equal `specjax.generate`'s (tests/test_decode_fn.py).
+`row_steps`, `accept_hist`, `size_hist`). Shapes are static: one compilation per (B, P). With
+the same padded batch, key and settings the tokens equal `specjax.generate`'s
+(tests/test_decode_fn.py).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class DecodeFn:
             "steps": state.steps,
             "row_steps": state.row_steps,
             "accept_hist": state.accept_hist,
+            "size_hist": state.size_hist,
         }
         return out, n, stats
 

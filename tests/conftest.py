@@ -49,6 +49,7 @@ SLOWEST_FIRST = [  # worker-seconds in a `--durations=0` run of the whole suite 
     "test_cache.py",  # 44
     "test_train.py",  # 44
     "test_tree.py",  # 41
+    "test_verify_sizing.py",  # 25 (new; alone)
     "test_models.py",  # 26
     "test_cli.py",  # 26
     "test_autotune.py",  # 25

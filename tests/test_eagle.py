@@ -173,11 +173,30 @@ def test_state_follows_cache_free_reference(target, version):
 SAMPLING = {  # drafter -> (version, draft vocab, chain k or tree)
     "eagle3-chain-reduced": (3, 12, 2),
     "eagle1-tree": (1, None, drafters.DynamicTree(nodes=6, depth=3, top_k=2)),
+    # Verify sizes 2 or 6 nodes or a plain step, chosen per step (`VerifySizing`); with 8192
+    # rows a step verifies the largest size any row asks for, and the whole tree's cost here is
+    # prohibitive: the steps verify the truncated 2-node tree (asserted below).
+    "eagle3-tree-sized": (
+        3,
+        12,
+        drafters.DynamicTree(
+            nodes=6, depth=3, top_k=2, sizing=drafters.VerifySizing((2, 6), (1.0, 1.1, 100.0))
+        ),
+    ),
 }
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("name", list(SAMPLING))
+# Every drafter in both modes, except the sized tree: its choice of verify size does not depend
+# on the mode, so one mode (top-k/top-p, the processed distributions) covers it.
+SAMPLING_CASES = [
+    (name, mode)
+    for name in SAMPLING
+    for mode in MODES
+    if not (name == "eagle3-tree-sized" and mode == "plain")
+]
+
+
+@pytest.mark.parametrize(("name", "mode"), SAMPLING_CASES)
 def test_sampling_matches_target(models, exact, name, mode):
     """Chi-square tests of (t1, t2, t3) and (t2, t3, t4) against the exact target law (setup,
     size and power as in test_tree_sampling.py: 8192 rows, alpha 1e-3)."""
@@ -199,6 +218,10 @@ def test_sampling_matches_target(models, exact, name, mode):
         assert fit.pvalue > ALPHA, f"{name}/{mode}: differs from the target: {fit}"
     # Both verification outcomes happen often, so p/q and the residual are exercised.
     assert hist[0] >= 0.05 * hist.sum() and hist[1:].sum() >= 0.05 * hist.sum(), hist
+    if "sized" in name:  # the truncated tree is what is verified
+        sizes = np.asarray(st["verify_size_histogram"])
+        print(f"  verify sizes (0, 2, 6): {sizes.tolist()}")
+        assert sizes[2] == 0 and sizes[1] >= 0.5 * sizes.sum(), sizes
 
 
 # ------------------------------------------------------------------ bad input

@@ -14,7 +14,7 @@ empirical counts over `N_ROWS` = 8192 copies of one prompt, decoded in one `gene
 the exact law computed from the cache-free forward `Model.logits` over every continuation.
 Target: the 2-layer V = 16 random Llama with its head scaled by 1.5. The fixed seeds make every
 test deterministic; a correct implementation fails one fit with probability ALPHA for a random
-seed (16 engine-level fits, 2 tests of the negative-control machinery: family-wise size <= 1.6%).
+seed (20 engine-level fits, 2 tests of the negative-control machinery: family-wise size <= 2.0%).
 
 Each row generates 4 tokens (EOS disabled). Two fits per case:
   * the joint law of the first 3 tokens (t1, t2, t3): p(t1) p(t2 | t1) p(t3 | t1, t2) (the claim);
@@ -37,11 +37,16 @@ Drafters (all propose deterministic candidates, one-hot q):
   * `layer_skip(layers=1, tree=DynamicTree(nodes=5, depth=3, top_k=2))`: the target's first layer.
   * `small_model(target, tree=DynamicTree(nodes=4, depth=2, top_k=2))`: the target as its own
     drafter (candidates = the target's own top tokens).
+  * `layer_skip(layers=1, tree=DynamicTree(nodes=5, depth=3, top_k=2, sizing=...))`: the
+    layer-skip tree with per-step verify sizing (`VerifySizing`: 1, 3 or 5 nodes, or a plain
+    step). A batch verifies the largest size any row asks for; the costs given make 5 nodes
+    never worth it, so every step verifies the truncated 3-node tree (the `lax.switch` branch).
 each at temperature 0.7 ("plain") and at temperature 1 with top-k = 5, top-p = 0.8 (both cut).
 The tests assert that draft tokens are accepted often (>= 20% of the verify steps accept at least
 one: the tree path is exercised), that rejections happen (>= 5%), and that depth >= 2 acceptances
 happen (two draft tokens of one branch emitted in one step): observed in 9-15% (n-gram), 12-15%
-(small model), 27-31% (layer skip, of which 2-3% depth 3) and 35-39% (self) of the steps.
+(small model), 27-31% (layer skip, of which 2-3% depth 3), 35-39% (self) and 15-16% (sized) of
+the steps.
 
 Power: after pooling, the (t1, t2, t3) joint has 132 cells (plain) / 32 (top-k/top-p, its whole
 support); with N = 8192 at ALPHA, any law whose TV distance from the target over those cells is
@@ -110,7 +115,14 @@ NEW_TOKENS = 4
 # continuations, which the target often continues with (found by a small search).
 PROMPT = [6, 1, 14, 14, 6, 13, 15, 1, 9, 9, 13, 0, 11, 4, 14, 13, 6, 6, 7, 10]
 
-DRAFTERS = ("ngram_tree", "model_tree", "layer_skip_tree", "self_tree")
+DRAFTERS = ("ngram_tree", "model_tree", "layer_skip_tree", "self_tree", "sized_tree")
+# Verify sizes 1, 3 or the whole 5-node tree, or a plain step, chosen per step from the draft's
+# confidence (`VerifySizing`). A batch verifies the largest size any active row asks for, so with
+# 8192 rows the whole tree would be verified in every step: its cost here is prohibitive, so
+# the steps verify a truncated tree (3 nodes; the lax.switch branch, asserted below).
+SIZED_TREE = drafters.DynamicTree(
+    nodes=5, depth=3, top_k=2, sizing=drafters.VerifySizing((1, 3, 5), (1.0, 1.05, 1.3, 100.0))
+)
 SEEDS = {(d, m): 2000 + 10 * i + j for i, d in enumerate(DRAFTERS) for j, m in enumerate(MODES)}
 
 
@@ -123,6 +135,8 @@ def make_drafter(name: str, target, draft):
         return drafters.layer_skip(layers=1, tree=drafters.DynamicTree(nodes=5, depth=3, top_k=2))
     if name == "self_tree":
         return drafters.small_model(target, tree=drafters.DynamicTree(nodes=4, depth=2, top_k=2))
+    if name == "sized_tree":
+        return drafters.layer_skip(layers=1, tree=SIZED_TREE)
     raise ValueError(name)
 
 
@@ -189,7 +203,13 @@ def cell_counts(toks: np.ndarray, cols) -> np.ndarray:
 
 
 # Fraction of verify steps accepting >= 2 draft tokens that each drafter must show.
-MIN_DEPTH2 = {"ngram_tree": 0.05, "model_tree": 0.05, "layer_skip_tree": 0.1, "self_tree": 0.2}
+MIN_DEPTH2 = {
+    "ngram_tree": 0.05,
+    "model_tree": 0.05,
+    "layer_skip_tree": 0.1,
+    "self_tree": 0.2,
+    "sized_tree": 0.05,
+}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -218,6 +238,10 @@ def test_tree_drafter_matches_target(models, exact, drafter, mode):
     assert hist[2:].sum() >= MIN_DEPTH2[drafter] * total, hist
     if drafter == "layer_skip_tree":  # whole depth-3 branches too
         assert len(hist) == 4 and hist[3] >= 0.01 * total, hist
+    if drafter == "sized_tree":  # the truncated tree is what is verified
+        sizes = np.asarray(st["verify_size_histogram"])
+        print(f"  verify sizes (0, 1, 3, 5): {sizes.tolist()}")
+        assert len(sizes) == 4 and sizes[3] == 0 and sizes[2] >= 0.5 * sizes.sum(), sizes
 
 
 def test_stated_power(exact):

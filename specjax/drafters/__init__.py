@@ -48,7 +48,7 @@ from specjax.drafters.lm import LMDrafterSpec, LMStaticTreeSpec, LMTreeSpec, lay
 # (`feature` for `eagle`, `medusa_heads` for `medusa`): a submodule import would rebind the name.
 from specjax.drafters.medusa_heads import MedusaConfig, MedusaHeads, MedusaSpec, MedusaTreeSpec
 from specjax.drafters.ngram import NgramSpec
-from specjax.drafters.shapes import DynamicTree, StaticTree
+from specjax.drafters.shapes import DynamicTree, StaticTree, VerifySizing
 from specjax.models.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -103,6 +103,7 @@ def _lm_spec(
             cfg=cfg,
             depth=tree.depth,
             top_k=tree.top_k,
+            sizing=tree.sizing,
             reuse_target_cache=reuse_target_cache,
         )
     raise TypeError(f"tree must be a DynamicTree or a StaticTree, got {tree!r}")
@@ -200,6 +201,7 @@ def eagle(
                 k=tree.nodes,
                 depth=tree.depth,
                 top_k=tree.top_k,
+                sizing=tree.sizing,
                 eagle=cfg,
                 target_cfg=target.config,
             )
@@ -301,6 +303,7 @@ __all__ = [
     "Drafter",
     "DrafterSpec",
     "DynamicTree",
+    "VerifySizing",
     "StaticTree",
     "TargetPrefill",
     "TargetStep",

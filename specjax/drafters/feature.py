@@ -54,7 +54,7 @@ from flax import struct
 from jax.typing import ArrayLike, DTypeLike
 
 from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, TargetStep, TreeDraft, Verified
-from specjax.drafters.shapes import check_dynamic_tree, grow_dynamic_tree
+from specjax.drafters.shapes import VerifySizing, check_dynamic_tree, grow_dynamic_tree
 from specjax.models import Hiddens, lm_head
 from specjax.models.cache import KVCache, init_cache
 from specjax.models.config import ModelConfig
@@ -475,6 +475,7 @@ class EagleTreeSpec(EagleSpec):
 
     depth: int = 4
     top_k: int = 4
+    sizing: VerifySizing | None = None  # verify only the prefix worth it (None: the whole tree)
 
     is_tree = True
 
@@ -485,6 +486,10 @@ class EagleTreeSpec(EagleSpec):
     @property
     def max_accept(self) -> int:
         return self.depth
+
+    @property
+    def verify_sizes(self) -> tuple:
+        return (self.nodes,) if self.sizing is None else self.sizing.sizes
 
     @property
     def cache_slack(self) -> int:
@@ -527,7 +532,7 @@ class EagleTreeSpec(EagleSpec):
             )
             return rank(out), out, cache
 
-        tree, _, cache = grow_dynamic_tree(
+        tree, _, cache, score = grow_dynamic_tree(
             rank(state.feat),
             feed,
             state.cache,
@@ -539,4 +544,5 @@ class EagleTreeSpec(EagleSpec):
         )
         # The window's K/V are scratch (`lengths` did not move): commit re-feeds the accepted
         # path with the target's features.
-        return TreeDraft(tree=tree), state.replace(cache=cache)
+        size = None if self.sizing is None else self.sizing.choose(score)
+        return TreeDraft(tree=tree, size=size), state.replace(cache=cache)

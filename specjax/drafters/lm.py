@@ -33,6 +33,7 @@ from specjax.drafters.base import (
 )
 from specjax.drafters.shapes import (
     StaticSchedule,
+    VerifySizing,
     check_dynamic_tree,
     check_static_tree,
     dynamic_pool_size,
@@ -278,10 +279,15 @@ class LMTreeSpec(LMTreeBase):
 
     depth: int = 4
     top_k: int = 4
+    sizing: VerifySizing | None = None  # verify only the prefix worth it (None: the whole tree)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_dynamic_tree(self.k, self.depth, self.top_k)
+
+    @property
+    def verify_sizes(self) -> tuple:
+        return (self.nodes,) if self.sizing is None else self.sizing.sizes
 
     @property
     def pool_size(self) -> int:
@@ -313,7 +319,7 @@ class LMTreeSpec(LMTreeBase):
             logits, cache = self._feed_depth(params, cache, tok, depth, vis, off)
             return rank_logp(logits, mode, sp), None, cache
 
-        tree, fed, cache = grow_dynamic_tree(
+        tree, fed, cache, score = grow_dynamic_tree(
             rank_logp(logits, mode, sp),
             feed,
             cache,
@@ -323,7 +329,8 @@ class LMTreeSpec(LMTreeBase):
             nodes=self.k,
         )
         lm = st.replace(cache=cache, len_before=st.cache.lengths)
-        return TreeDraft(tree=tree), LMTreeState(lm=lm, fed=fed)
+        size = None if self.sizing is None else self.sizing.choose(score)
+        return TreeDraft(tree=tree, size=size), LMTreeState(lm=lm, fed=fed)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,16 +28,70 @@ from specjax.drafters.base import Tree
 
 
 @dataclasses.dataclass(frozen=True)
+class VerifySizing:
+    """Verify only what is worth it: each step, on device, a dynamic tree drafter verifies the
+    prefix of its nodes (they are listed best first) that maximises expected tokens per unit of
+    cost, among a few static sizes (one compiled verify branch each) or none at all (a plain
+    one-token step).
+
+    The expected tokens of a prefix of n nodes are 1 + the sum of their draft probabilities
+    (each node's cumulative draft probability: the chance, as far as the drafter knows, that the
+    target agrees with its whole path), so a confident draft is verified long and a doubtful
+    one short. `costs` are what a whole step costs at verify size 0 (plain), sizes[0], ...
+    (drafting included, in any unit): measured per device by `specjax.autotune.measure_sizing`.
+    Exactness does not depend on them: any prefix of a tree is a tree, verified exactly."""
+
+    sizes: tuple[int, ...]  # ascending verify sizes in nodes; the last is the tree's nodes
+    costs: tuple[float, ...]  # len(sizes) + 1 step costs: plain step first, then per size
+
+    def __post_init__(self) -> None:
+        sizes, costs = tuple(self.sizes), tuple(float(c) for c in self.costs)
+        if (
+            not sizes
+            or not all(_is_int(s) and s >= 1 for s in sizes)
+            or list(sizes) != sorted(set(sizes))
+        ):
+            raise ValueError(f"VerifySizing sizes must be ascending positive ints, got {sizes!r}")
+        if len(costs) != len(sizes) + 1 or not all(c > 0 and np.isfinite(c) for c in costs):
+            raise ValueError(
+                f"VerifySizing needs {len(sizes) + 1} positive costs (plain step, then one per "
+                f"size {sizes}), got {self.costs!r}"
+            )
+        object.__setattr__(self, "sizes", sizes)
+        object.__setattr__(self, "costs", costs)
+
+    def choose(self, score: jax.Array) -> jax.Array:
+        """score [B, N]: each node's cumulative draft log-prob, nodes best first -> [B] int32
+        nodes worth verifying (0: a plain step)."""
+        B = score.shape[0]
+        expected = jnp.cumsum(jnp.exp(score.astype(jnp.float32)), axis=1)  # [B, N]
+        take = expected[:, jnp.asarray(self.sizes) - 1]  # [B, S]
+        gain = 1.0 + jnp.concatenate([jnp.zeros((B, 1), jnp.float32), take], axis=1)
+        best = jnp.argmax(gain / jnp.asarray(self.costs, jnp.float32)[None], axis=1)
+        return jnp.asarray((0,) + self.sizes, jnp.int32)[best]
+
+
+@dataclasses.dataclass(frozen=True)
 class DynamicTree:
     """EAGLE-2 style dynamic draft tree: `nodes` kept out of the candidates expanded over
-    `depth` levels with `top_k` children per frontier node and a frontier of `top_k` nodes."""
+    `depth` levels with `top_k` children per frontier node and a frontier of `top_k` nodes.
+    With `sizing`, each step verifies only the prefix of the tree worth it (`VerifySizing`)."""
 
     nodes: int = 8
     depth: int = 4
     top_k: int = 3
+    sizing: VerifySizing | None = None
 
     def __post_init__(self) -> None:
         check_dynamic_tree(self.nodes, self.depth, self.top_k)
+        if self.sizing is not None:
+            if not isinstance(self.sizing, VerifySizing):
+                raise TypeError(f"sizing must be a VerifySizing or None, got {self.sizing!r}")
+            if self.sizing.sizes[-1] != self.nodes:
+                raise ValueError(
+                    f"the largest verify size must be the tree's {self.nodes} nodes, got "
+                    f"sizes {self.sizing.sizes}"
+                )
 
 
 def _is_rank(c: object) -> bool:
@@ -285,7 +339,8 @@ def grow_dynamic_tree(
     (`root_feat` [B, ...] for depth 1; feature drafters such as EAGLE draft on their own
     features; LM drafters pass None). `token_map` [V'] maps the log-prob axis to target ids
     when the drafter ranks over its own smaller vocabulary (EAGLE-3's draft vocabulary).
-    -> (Tree of `nodes` nodes, window offset of each node's K/V [B, nodes] (-1: leaf), carry).
+    -> (Tree of `nodes` nodes listed best first, window offset of each node's K/V [B, nodes]
+    (-1: leaf), carry, cumulative log-prob of each node [B, nodes]).
     """
     kk, D, N = top_k, depth, nodes
     B = root_lp.shape[0]
@@ -329,9 +384,10 @@ def grow_dynamic_tree(
     p_fed = jnp.full(p_tok.shape, -1, jnp.int32)
     if fed_ids:
         p_fed = p_fed.at[jnp.arange(B)[:, None], cat(fed_ids)].set(cat(fed_offs))
-    # Keep the N best (stable: ties keep pool order, parents before children), then list them
-    # in pool order, which is topological.
-    keep = jnp.sort(jnp.argsort(-p_score, axis=1, stable=True)[:, :N], axis=1)  # [B, N]
+    # Keep the N best, best first (a `VerifySizing` verifies prefixes of this order). The order
+    # is topological: a child never scores above its parent (log-probs are <= 0), and a stable
+    # sort puts the parent (earlier in the pool) first on a tie.
+    keep = jnp.argsort(-p_score, axis=1, stable=True)[:, :N]  # [B, N]
     take = lambda x: jnp.take_along_axis(x, keep, axis=1)  # noqa: E731
     node_of = (
         jnp.full((B, p_tok.shape[1]), -1, jnp.int32)
@@ -345,4 +401,4 @@ def grow_dynamic_tree(
     tree = Tree(
         tokens=take(p_tok), parents=parents, depth=take(p_depth), valid=take(p_score) > -jnp.inf
     )
-    return tree, take(p_fed), carry
+    return tree, take(p_fed), carry, take(p_score)

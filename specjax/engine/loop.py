@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from specjax.drafters.base import Params, PrefillInput, TargetPrefill, Verified
 from specjax.engine import xla
 from specjax.engine.state import EngineConfig, LoopState
-from specjax.engine.verify import verify
+from specjax.engine.verify import verify, verify_index
 from specjax.models import forward, is_unrolled
 from specjax.models.cache import init_cache
 from specjax.sampling import sample_token
@@ -90,6 +90,7 @@ def prefill(
         steps=jnp.int32(0),
         row_steps=jnp.zeros((B,), jnp.int32),
         accept_hist=jnp.zeros((ec.max_accept + 1,), jnp.int32),
+        size_hist=jnp.zeros((len(ec.verify_sizes) + 1,), jnp.int32),
     )
 
 
@@ -149,6 +150,7 @@ def decode_step(
         steps=state.steps + 1,
         row_steps=state.row_steps + active.astype(jnp.int32),
         accept_hist=state.accept_hist.at[verified.n].add(active.astype(jnp.int32)),
+        size_hist=state.size_hist.at[verify_index(draft, active, ec)].add(1),
     )
 
 

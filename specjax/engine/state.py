@@ -38,6 +38,12 @@ class EngineConfig:
         return 0 if self.drafter is None else self.drafter.max_accept
 
     @property
+    def verify_sizes(self) -> tuple:
+        """The drafter's static verify sizes (empty without a drafter); with the plain step
+        they are the branches `verify` chooses among: (0,) + verify_sizes."""
+        return () if self.drafter is None else tuple(self.drafter.verify_sizes)
+
+    @property
     def hidden_layers(self) -> tuple:
         return () if self.drafter is None else tuple(self.drafter.hidden_layers)
 
@@ -62,3 +68,5 @@ class LoopState:
     steps: jax.Array  # [] int32 loop iterations (= target verify forwards)
     row_steps: jax.Array  # [B] int32 verify forwards while the row was active
     accept_hist: jax.Array  # [A+1] int32 how often n = 0..A draft tokens were accepted
+    # [S+1] int32 loop steps that verified (0,) + ec.verify_sizes draft tokens (0: a plain step)
+    size_hist: jax.Array

@@ -173,6 +173,16 @@ def verify_block(
     return verified, v.commit(cache, verified, ~state.done), step
 
 
+def verify_index(draft: AnyDraft, active: jax.Array, ec: EngineConfig) -> jax.Array:
+    """Index into (0,) + ec.verify_sizes of what `verify` verifies for `draft` (0: a plain
+    step; a draft without `size`: the whole draft)."""
+    if draft is None:
+        return jnp.int32(0)
+    if draft.size is None:
+        return jnp.int32(len(ec.verify_sizes))
+    return size_index(draft.size, active, ec.verify_sizes)
+
+
 def size_index(size: jax.Array, active: jax.Array, sizes: tuple) -> jax.Array:
     """Index into (0,) + sizes of the smallest verify size covering every active row's
     request `size` [B] (0 = a plain step)."""
@@ -210,7 +220,7 @@ def verify(
     sizes, K = tuple(ec.drafter.verify_sizes), ec.drafter.nodes
     if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] != K:
         raise ValueError(f"verify_sizes must ascend from >= 1 to the draft size {K}, got {sizes}")
-    idx = size_index(draft.size, ~state.done, sizes)
+    idx = verify_index(draft, ~state.done, ec)
     parts = [None if n == 0 else draft if n == K else draft.truncated(n) for n in (0,) + sizes]
     if ec.impl != "xla":  # the kernel reads the block from the cache: each branch writes it
 

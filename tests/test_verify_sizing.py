@@ -1,0 +1,130 @@
+"""Per-step verify sizing of dynamic trees (`VerifySizing`): the choice itself, the best-first
+node order it relies on, and greedy identity with every size taken (LM and EAGLE trees).
+
+The sampling law of sized trees is tested with the other chi-square tests (test_tree_sampling.py
+`sized_tree`, test_eagle.py `eagle3-tree-sized`)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_eagle import random_eagle
+
+import specjax
+from specjax import drafters
+from specjax.drafters import DynamicTree, VerifySizing
+from specjax.drafters.shapes import grow_dynamic_tree
+
+from conftest import RAGGED_PROMPTS
+
+NEW = 24
+
+
+def test_choose_maximises_expected_tokens_per_cost():
+    rng = np.random.default_rng(0)
+    sizing = VerifySizing(sizes=(1, 3, 6), costs=(1.0, 1.2, 1.5, 2.1))
+    # Scores best first: cumulative log-probs, descending per row (some -inf padding nodes).
+    # Rows of independent node probabilities, uniformly doubtful rows and nearly sure rows.
+    p = np.concatenate(
+        [
+            rng.random((32, 6)) ** 3,
+            rng.random((16, 1)) ** 2 * rng.random((16, 6)),
+            1 - 0.2 * rng.random((16, 6)),
+        ]
+    )
+    score = np.sort(np.log(p), axis=1)[:, ::-1]
+    score[:5, 4:] = -np.inf
+    got = np.asarray(sizing.choose(jnp.asarray(score, jnp.float32)))
+    expected = np.concatenate([np.zeros((64, 1)), np.cumsum(np.exp(score), 1)], 1)
+    sizes = np.array([0, 1, 3, 6])
+    want = sizes[np.argmax((1 + expected[:, sizes]) / np.array(sizing.costs), axis=1)]
+    np.testing.assert_array_equal(got, want)
+    assert len(set(want.tolist())) == 4  # every option is somebody's best here
+    # A sure draft is verified whole, a hopeless one not at all.
+    sure = sizing.choose(jnp.zeros((1, 6)))
+    hopeless = sizing.choose(jnp.full((1, 6), -20.0))
+    assert int(sure[0]) == 6 and int(hopeless[0]) == 0
+
+
+def test_sizing_is_checked():
+    with pytest.raises(ValueError, match="ascending positive"):
+        VerifySizing(sizes=(4, 2), costs=(1, 2, 3))
+    with pytest.raises(ValueError, match="3 positive costs"):
+        VerifySizing(sizes=(2, 4), costs=(1, 2))
+    with pytest.raises(ValueError, match="3 positive costs"):
+        VerifySizing(sizes=(2, 4), costs=(1, 0, 3))
+    with pytest.raises(ValueError, match="largest verify size must be the tree's 8 nodes"):
+        DynamicTree(nodes=8, depth=4, top_k=3, sizing=VerifySizing((2, 4), (1, 2, 3)))
+    with pytest.raises(TypeError, match="VerifySizing"):
+        DynamicTree(nodes=4, depth=2, top_k=2, sizing=(2, 4))
+
+
+def test_dynamic_tree_lists_nodes_best_first():
+    """The kept nodes are the N best by cumulative log-prob, listed best first, parents before
+    children (so every prefix is a tree, and the best one of its size)."""
+    B, V, kk, D, N = 16, 11, 3, 4, 9
+    key = jax.random.key(1)
+
+    def feed(carry, tok, feat, depth, vis, off):
+        k = jax.random.fold_in(key, depth)
+        # Ties on purpose: log-probs rounded to a coarse grid, so equal scores occur.
+        lp = jax.nn.log_softmax(jnp.round(jax.random.normal(k, tok.shape + (V,)) * 2) / 2)
+        return lp, None, carry
+
+    root = jax.nn.log_softmax(jax.random.normal(key, (B, V)))
+    tree, _, _, score = grow_dynamic_tree(root, feed, None, None, top_k=kk, depth=D, nodes=N)
+    score, parents, depth = map(np.asarray, (score, tree.parents, tree.depth))
+    assert (np.diff(score, axis=1) <= 0).all()
+    i = np.arange(N)[None, :]
+    assert (parents < i).all()
+    has = parents >= 0
+    par_depth = np.take_along_axis(depth, np.maximum(parents, 0), axis=1)
+    assert (depth[has] == par_depth[has] + 1).all() and (depth[~has] == 1).all()
+    par_score = np.take_along_axis(score, np.maximum(parents, 0), axis=1)
+    assert (score[has] <= par_score[has]).all()
+
+
+def _sized(nodes: int, depth: int, top_k: int, sizes: tuple, costs: tuple) -> DynamicTree:
+    return DynamicTree(nodes=nodes, depth=depth, top_k=top_k, sizing=VerifySizing(sizes, costs))
+
+
+# Costs chosen so that on these tiny random models each case takes the verify branches listed
+# (indices into (0,) + sizes: 0 is a plain step, the last the whole tree); together they cover
+# the plain step, truncated trees and whole trees, with drafts accepted in the LM cases.
+SIZED = {
+    "self_tree": (
+        lambda target: drafters.small_model(
+            target, tree=_sized(6, 3, 2, (1, 3, 6), (1.0, 1.1, 1.3, 1.6))
+        ),
+        (0, 1),
+    ),
+    "layer_skip_tree": (
+        lambda target: drafters.layer_skip(layers=2, tree=_sized(5, 3, 2, (2, 5), (1.0, 1.2, 1.3))),
+        (0, 1),
+    ),
+    "eagle3_tree": (
+        lambda target: drafters.eagle(
+            random_eagle(target, 3, seed=5, draft_vocab=80),
+            tree=_sized(6, 4, 2, (2, 6), (1.0, 1.1, 1.15)),
+        ),
+        (1, 2),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def ar(target):
+    return specjax.generate(target, RAGGED_PROMPTS, max_new_tokens=NEW)
+
+
+@pytest.mark.parametrize("name", list(SIZED))
+def test_sized_trees_greedy_equal_ar(name, target, ar):
+    make, taken = SIZED[name]
+    out = specjax.generate(target, RAGGED_PROMPTS, max_new_tokens=NEW, drafter=make(target))
+    assert out.tokens == ar.tokens
+    sizes = out.stats["verify_size_histogram"]
+    print(f"{name}: verify sizes {sizes}, acceptance {out.stats['acceptance_histogram']}")
+    assert sum(sizes) == out.stats["steps"]
+    assert all(sizes[i] > 0 for i in taken), sizes
