@@ -357,6 +357,9 @@ AUTO_PROMPTS = (
 # A drafter must beat plain decoding by this fraction of its tokens/s to be chosen (run-to-run
 # noise of a calibration on the 2-core VM is ~2-4%).
 AUTO_MARGIN = 0.05
+# Bumped when what a candidate means changes, so that an older cached choice is measured again
+# (2: eagle3_tree sizes its verify per step).
+AUTO_VERSION = 2
 
 
 def auto_candidates(model: Model) -> list[str]:
@@ -368,6 +371,51 @@ def auto_candidates(model: Model) -> list[str]:
     if f"{model.name}-eagle3" in BUNDLED_DRAFTERS:
         names.append("eagle3_tree")
     return names
+
+
+def auto_make(model: Model, name: str, progress: bool = True) -> Drafter | None:
+    """The drafter `auto` runs for candidate `name`. A tree drafter bundled for the model
+    (eagle3_tree) gets per-step verify sizing with this device's measured costs
+    (`cached_sizing`); the others are the registry's."""
+    from specjax.drafters import registry
+
+    if name != "eagle3_tree":
+        return registry.make(name, None, model)
+    tree = DynamicTree(**registry.EAGLE_TREE)
+    make = lambda t: registry.make(name, None, model, tree=t)  # noqa: E731
+    return make(dataclasses.replace(tree, sizing=cached_sizing(model, name, make, tree, progress)))
+
+
+def cached_sizing(
+    model: Model,
+    name: str,
+    make: Callable[[DynamicTree], Drafter],
+    tree: DynamicTree,
+    progress: bool = True,
+) -> VerifySizing:
+    """`measure_sizing` once per model, device, drafter and tree, then read from
+    $SPECJAX_CACHE/auto/ (a damaged or foreign file is measured again)."""
+    import json
+    import os
+
+    from specjax.model import cache_root
+
+    key = f"{auto_key(model)}-{name}-{tree.nodes}_{tree.depth}_{tree.top_k}"
+    path = os.path.join(cache_root(), "auto", f"sizing-{key}.json")
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+        if rec["key"] == key:
+            return VerifySizing(tuple(rec["sizes"]), tuple(rec["costs_ms"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # measured below
+    sizing, rec = measure_sizing(model, make, tree, progress=progress)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(dict(rec, key=key), f, indent=1)
+    os.replace(tmp, path)  # atomic: a crash leaves the old file or none
+    return sizing
 
 
 def auto_key(model: Model) -> str:
@@ -401,7 +449,6 @@ def choose_drafter(
     import json
     import os
 
-    from specjax.drafters import registry
     from specjax.model import cache_root
 
     path = os.path.join(cache_root(), "auto", auto_key(model) + ".json")
@@ -409,14 +456,15 @@ def choose_drafter(
         try:
             with open(path) as f:
                 rec = json.load(f)
-            if rec["key"] == auto_key(model) and rec["choice"] in auto_candidates(model):
+            fresh = rec["key"] == auto_key(model) and rec.get("version") == AUTO_VERSION
+            if fresh and rec["choice"] in auto_candidates(model):
                 return rec["choice"], rec["table"]
         except (OSError, ValueError, KeyError, TypeError):
             pass  # measured again below
     names = auto_candidates(model)
     _, table = tune_tree(
         model,
-        lambda name: registry.make(name, None, model),
+        lambda name: auto_make(model, name, progress),
         list(prompts),
         candidates=names,
         max_new_tokens=max_new_tokens,
@@ -428,13 +476,12 @@ def choose_drafter(
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"key": auto_key(model), "choice": choice, "table": table}, f, indent=1)
+        rec = {"key": auto_key(model), "version": AUTO_VERSION, "choice": choice, "table": table}
+        json.dump(rec, f, indent=1)
     os.replace(tmp, path)  # atomic: a crash leaves the old file or none
     return choice, table
 
 
 def auto_drafter(model: Model, **kw: Any) -> Drafter | None:
     """`drafter="auto"`: the drafter `choose_drafter` picks for `model` (None: plain)."""
-    from specjax.drafters import registry
-
-    return registry.make(choose_drafter(model, **kw)[0], None, model)
+    return auto_make(model, choose_drafter(model, **kw)[0])

@@ -14,6 +14,7 @@ specjax train-drafter              train an EAGLE / EAGLE-3 / Medusa drafter for
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -577,7 +578,28 @@ def build_parser() -> argparse.ArgumentParser:
         "target layers serves drafters that read fewer",
     )
     tr.set_defaults(fn=cmd_train_drafter)
+
+    mg = sub.add_parser(
+        "magpie", help="training prompts written by the target itself (Magpie), leak-checked"
+    )
+    mg.add_argument("--target", default="smollm2-135m", help="target model (name or path)")
+    mg.add_argument("--batches", type=positive_int, default=150, help="batches to sample")
+    mg.add_argument("--batch", type=positive_int, default=32, help="messages per batch")
+    mg.add_argument("--seed", type=int, default=0)
+    mg.add_argument("--work", required=True, help="JSONL of raw samples (resumed when it exists)")
+    mg.add_argument("--out", required=True, help="the prompt set to write (.jsonl.gz)")
+    mg.set_defaults(fn=cmd_magpie)
     return p
+
+
+def cmd_magpie(a: argparse.Namespace) -> None:
+    from specjax import load_model
+    from specjax.train.magpie import build_prompt_set
+
+    counts = build_prompt_set(
+        load_model(a.target), a.work, a.out, a.batches, batch=a.batch, seed=a.seed
+    )
+    print(json.dumps(counts))
 
 
 def cmd_train_drafter(a: argparse.Namespace) -> None:

@@ -229,12 +229,38 @@ def test_auto_measures_again_after_a_damaged_cache_file(model, tmp_path, monkeyp
     monkeypatch.setattr(autotune, "tune_tree", fake)
     assert autotune.choose_drafter(model, progress=False)[0] == "ngram"
     (path,) = (tmp_path / "auto").iterdir()
-    for damage in ("{not json", json.dumps({"key": "another model", "choice": "none"})):
+    older = {"key": autotune.auto_key(model), "choice": "none"}  # before AUTO_VERSION
+    for damage in ("{not json", json.dumps(dict(older, key="another model")), json.dumps(older)):
         path.write_text(damage)
         assert autotune.choose_drafter(model, progress=False)[0] == "ngram"
-    assert len(calls) == 3
-    assert autotune.choose_drafter(model, progress=False, refresh=True)[0] == "ngram"
     assert len(calls) == 4
+    assert autotune.choose_drafter(model, progress=False, refresh=True)[0] == "ngram"
+    assert len(calls) == 5
+
+
+def test_verify_sizing_is_measured_once_per_device(model, tmp_path, monkeypatch):
+    """`cached_sizing` measures a tree drafter's step costs once, then reads them back (a
+    damaged file is measured again)."""
+    from specjax.drafters import DynamicTree, VerifySizing
+
+    monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
+    calls = []
+
+    def fake(model, make, tree, progress=True):
+        calls.append(tree)
+        record = {"sizes": [2, 4], "costs_ms": [10.0, 12.5, 15.0]}
+        return VerifySizing((2, 4), (10.0, 12.5, 15.0)), record
+
+    monkeypatch.setattr(autotune, "measure_sizing", fake)
+    tree = DynamicTree(nodes=4, depth=3, top_k=2)
+    want = VerifySizing((2, 4), (10.0, 12.5, 15.0))
+    assert autotune.cached_sizing(model, "layer_skip_tree", None, tree, False) == want
+    assert autotune.cached_sizing(model, "layer_skip_tree", None, tree, False) == want
+    assert len(calls) == 1
+    (path,) = (tmp_path / "auto").iterdir()
+    path.write_text("{not json")
+    assert autotune.cached_sizing(model, "layer_skip_tree", None, tree, False) == want
+    assert len(calls) == 2
 
 
 def test_auto_is_a_registry_name(model):

@@ -21,7 +21,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    sources: tuple[str, ...] = data.SOURCES
+    sources: tuple[str, ...] = data.DEFAULT_SOURCES
     prompts: int = 1024  # training prompts
     heldout: int = 64  # held-out prompts (tau evaluation), disjoint from the training ones
     responses: str = "self"  # self-distillation, or "given" answers
@@ -86,6 +86,7 @@ def run_training(
     prompts = data.load_prompts(dc.sources)
     train_p, rest = data.split_prompts(prompts, dc.prompts, dc.heldout + dc.given_prompts, dc.seed)
     held, extra = rest[: dc.heldout], rest[dc.heldout :]
+    extra = [p for p in extra if p["answer"]]  # Magpie prompts have no given answer
     ds = Path(dataset) if dataset else out / "data"
     if dataset is None:  # build_dataset resumes after the shards that already exist
         data.build_dataset(

@@ -22,7 +22,11 @@ if TYPE_CHECKING:
     from specjax.model import Model
     from specjax.paths import StrPath
 
-SOURCES = ("gsm8k", "codealpaca")
+SOURCES = ("gsm8k", "codealpaca", "magpie")
+DEFAULT_SOURCES = ("gsm8k", "codealpaca")
+# Instructions SmolLM2-135M-Instruct wrote itself (`specjax.train.magpie`), shipped with the
+# package: they have no given answers, so they are only used with self-distilled responses.
+MAGPIE_FILE = Path(__file__).resolve().parent / "prompts" / "magpie_smollm2.jsonl.gz"
 
 
 def default_data_dir() -> Path:
@@ -36,13 +40,18 @@ def default_data_dir() -> Path:
     return Path(found)
 
 
-def load_prompts(sources: Sequence[str] = SOURCES, data_dir: StrPath | None = None) -> list[dict]:
+def load_prompts(
+    sources: Sequence[str] = DEFAULT_SOURCES, data_dir: StrPath | None = None
+) -> list[dict]:
     """-> [{"prompt": str, "answer": str, "source": str}] in file order, sources interleaved
     (so any prefix mixes them)."""
     bad = [s for s in sources if s not in SOURCES]
     if bad:
         raise ValueError(f"unknown training sources {bad}; valid: {list(SOURCES)}")
-    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    if data_dir:
+        data_dir = Path(data_dir)
+    elif any(s != "magpie" for s in sources):
+        data_dir = default_data_dir()
     per = []
     for s in sources:
         if s == "gsm8k":
@@ -50,6 +59,14 @@ def load_prompts(sources: Sequence[str] = SOURCES, data_dir: StrPath | None = No
             rows = [json.loads(line) for line in _read(path).splitlines() if line.strip()]
             per.append(
                 [{"prompt": r["question"], "answer": r["answer"], "source": s} for r in rows]
+            )
+        elif s == "magpie":
+            from specjax.train.magpie import read_prompts
+
+            if not MAGPIE_FILE.exists():
+                raise FileNotFoundError(f"the Magpie prompt set {MAGPIE_FILE} is missing")
+            per.append(
+                [{"prompt": t, "answer": "", "source": s} for t in read_prompts(MAGPIE_FILE)]
             )
         else:
             path = data_dir / "codealpaca.json"
