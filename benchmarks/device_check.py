@@ -264,7 +264,8 @@ def check_tree_attention(plan: Plan) -> None:
 # ----------------------------------------------------------------------------- 2-4. model
 
 
-def make_drafter(name: str, layers: int, k: int, nodes: int) -> Drafter | None:
+def make_drafter(layers: int, k: int, nodes: int) -> Drafter | None:
+    """A layer-skip drafter of `layers` layers (0: none), a chain of k or a tree of `nodes`."""
     from specjax import drafters
 
     if layers == 0:
@@ -321,7 +322,7 @@ def check_anatomy(model: Model, plan: Plan) -> None:
     prompt = list(np.random.default_rng(2).integers(0, plan.cfg.vocab_size, plan.prompt_len))
     results = []
     for name, layers, k, nodes in plan.drafters:
-        d = make_drafter(name, layers, k, nodes)
+        d = make_drafter(layers, k, nodes)
         results.append(
             anatomy.measure_step(
                 model,

@@ -109,6 +109,14 @@ def pick_token(
     return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32), logp
 
 
+def chosen_logp(logits: jax.Array, tok: jax.Array, logp: jax.Array | None) -> jax.Array:
+    """[B] the drafter's log-probability of its own choice `tok` [B] (`pick_token`'s outputs):
+    how sure it is (`VerifySizing` reads it)."""
+    if logp is None:  # greedy: the argmax's share of the softmax
+        return jnp.max(logits, axis=-1) - jax.nn.logsumexp(logits, axis=-1)
+    return jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+
+
 def rank_logp(logits: jax.Array, mode: SamplingMode, sp: dict) -> jax.Array:
     """Log-probs that rank a drafter's tree candidates: the distribution sampling would use."""
     return jax.nn.log_softmax(logits, -1) if mode.greedy else process_logits(logits, mode, sp)

@@ -1,8 +1,10 @@
-"""Per-step verify sizing of dynamic trees (`VerifySizing`): the choice itself, the best-first
-node order it relies on, and greedy identity with every size taken (LM and EAGLE trees).
+"""Per-step verify sizing (`VerifySizing`) of dynamic trees and chains: the choice itself, the
+best-first node order it relies on, and greedy identity with the plain step, truncated and
+whole drafts all taken (LM and EAGLE drafters).
 
-The sampling law of sized trees is tested with the other chi-square tests (test_tree_sampling.py
-`sized_tree`, test_eagle.py `eagle3-tree-sized`)."""
+The sampling law of sized drafts is tested with the other chi-square tests (test_tree_sampling.py
+`sized_tree`, test_eagle.py `eagle3-tree-sized`, and test_spec_sampling.py `short_verify` for a
+chain verified short: the verify path does not depend on how a drafter chose its size)."""
 
 from __future__ import annotations
 
@@ -59,6 +61,12 @@ def test_sizing_is_checked():
         DynamicTree(nodes=8, depth=4, top_k=3, sizing=VerifySizing((2, 4), (1, 2, 3)))
     with pytest.raises(TypeError, match="VerifySizing"):
         DynamicTree(nodes=4, depth=2, top_k=2, sizing=(2, 4))
+    with pytest.raises(ValueError, match="chain's k=4"):
+        drafters.layer_skip(layers=2, k=4, sizing=VerifySizing((1, 2), (1, 2, 3)))
+    with pytest.raises(ValueError, match="goes in DynamicTree"):
+        drafters.layer_skip(
+            layers=2, tree=DynamicTree(4, 2, 2), sizing=VerifySizing((2, 4), (1, 2, 3))
+        )
 
 
 def test_dynamic_tree_lists_nodes_best_first():
@@ -108,6 +116,21 @@ SIZED = {
         lambda target: drafters.eagle(
             random_eagle(target, 3, seed=5, draft_vocab=80),
             tree=_sized(6, 4, 2, (2, 6), (1.0, 1.1, 1.15)),
+        ),
+        (1, 2),
+    ),
+    # Chains: the cumulative log-probs of the chain's tokens are its nodes' scores.
+    "layer_skip_chain": (
+        lambda target: drafters.layer_skip(
+            layers=2, k=4, sizing=VerifySizing((1, 2, 4), (1.0, 1.1, 1.2, 1.4))
+        ),
+        (0, 1),
+    ),
+    "eagle3_chain": (
+        lambda target: drafters.eagle(
+            random_eagle(target, 3, seed=5, draft_vocab=80),
+            k=4,
+            sizing=VerifySizing((2, 4), (1.0, 1.02, 1.04)),
         ),
         (1, 2),
     ),

@@ -84,14 +84,31 @@ def ngram(
     return Drafter.fixed(f"ngram(n={min_ngram}..{max_ngram}, k={k}{tree}{fixed})", spec)
 
 
+def _chain_sizing(
+    k: int, tree: DynamicTree | StaticTree | None, sizing: VerifySizing | None
+) -> VerifySizing | None:
+    """Check `sizing` (a chain's; a tree carries its own in `DynamicTree(sizing=...)`)."""
+    if sizing is None:
+        return None
+    if tree is not None:
+        raise ValueError("a tree's verify sizing goes in DynamicTree(..., sizing=...)")
+    if not isinstance(sizing, VerifySizing):
+        raise TypeError(f"sizing must be a VerifySizing or None, got {sizing!r}")
+    if sizing.sizes[-1] != k:
+        raise ValueError(f"the largest verify size must be the chain's k={k}: {sizing.sizes}")
+    return sizing
+
+
 def _lm_spec(
     cfg: ModelConfig | None,
     k: int,
     tree: DynamicTree | StaticTree | None,
     reuse_target_cache: bool = False,
+    sizing: VerifySizing | None = None,
 ) -> LMDrafterSpec:
+    sizing = _chain_sizing(k, tree, sizing)
     if tree is None:
-        return LMDrafterSpec(k=k, cfg=cfg, reuse_target_cache=reuse_target_cache)
+        return LMDrafterSpec(k=k, cfg=cfg, reuse_target_cache=reuse_target_cache, sizing=sizing)
     if isinstance(tree, StaticTree):
         parents, rank = tree.parents_rank
         return LMStaticTreeSpec(
@@ -109,10 +126,16 @@ def _lm_spec(
     raise TypeError(f"tree must be a DynamicTree or a StaticTree, got {tree!r}")
 
 
-def small_model(model: Model, k: int = 5, tree: DynamicTree | StaticTree | None = None) -> Drafter:
+def small_model(
+    model: Model,
+    k: int = 5,
+    tree: DynamicTree | StaticTree | None = None,
+    sizing: VerifySizing | None = None,
+) -> Drafter:
     """An independent small LM with the target's tokenizer (its own KV cache). Drafts a chain of
-    k tokens, or a tree (`DynamicTree` or `StaticTree`) when `tree` is given."""
-    spec = _lm_spec(model.config, k, tree)
+    k tokens, or a tree (`DynamicTree` or `StaticTree`) when `tree` is given. `sizing`: verify
+    per step only the prefix of the chain worth it (`VerifySizing`)."""
+    spec = _lm_spec(model.config, k, tree, sizing=sizing)
     shape = f"tree={tree}" if tree else f"k={k}"
     return Drafter.fixed(
         f"model({model.name}, {shape})", spec, model.params, tokenizer=model.tokenizer
@@ -120,11 +143,15 @@ def small_model(model: Model, k: int = 5, tree: DynamicTree | StaticTree | None 
 
 
 def layer_skip(
-    layers: int | Sequence[int] = 8, k: int = 4, tree: DynamicTree | StaticTree | None = None
+    layers: int | Sequence[int] = 8,
+    k: int = 4,
+    tree: DynamicTree | StaticTree | None = None,
+    sizing: VerifySizing | None = None,
 ) -> Drafter:
     """Self-speculation: the target's first `layers` layers (or the listed subset) with its head.
 
-    The params are taken from the target when the drafter is bound to it.
+    The params are taken from the target when the drafter is bound to it. `sizing`: verify per
+    step only the prefix of the chain worth it (`VerifySizing`).
     """
 
     def is_int(x: object) -> bool:
@@ -148,11 +175,16 @@ def layer_skip(
         if top > L or (not isinstance(chosen, int) and min(chosen) < 0):
             raise ValueError(f"layer_skip layers={layers!r} not valid for a target with {L} layers")
         spec = _lm_spec(
-            dataclasses.replace(target.config, num_layers=n), k, tree, reuse_target_cache=prefix
+            dataclasses.replace(target.config, num_layers=n),
+            k,
+            tree,
+            reuse_target_cache=prefix,
+            sizing=sizing,
         )
         return spec, layer_skip_params(target.params, chosen)
 
     shape = f"tree={tree}" if tree else f"k={k}"
+    _chain_sizing(k, tree, sizing)  # bad sizing fails here, not at bind
     return Drafter(
         name=f"layer_skip(layers={layers}, {shape})", k=_lm_spec(None, k, tree).k, binder=bind
     )
@@ -166,6 +198,7 @@ def eagle(
     *,
     producer: str | None = None,
     capture_layers: Sequence[int] | None = None,
+    sizing: VerifySizing | None = None,
 ) -> Drafter:
     """An EAGLE-1/2 or EAGLE-3 feature-level drafter (module `specjax.drafters.feature`).
 
@@ -177,7 +210,9 @@ def eagle(
 
     For a directory, `producer` (one of `checkpoints_convert.eagle_hf.PRODUCERS`) overrides the
     producer detected from its config.json, and `capture_layers` (the target's HF
-    hidden_states indices) the EAGLE-3 layers it reads; see `load_eagle_hf`.
+    hidden_states indices) the EAGLE-3 layers it reads; see `load_eagle_hf`. `sizing`: verify
+    per step only the prefix of the chain worth it (`VerifySizing`; a tree's goes in
+    `DynamicTree(sizing=...)`).
     """
     if isinstance(source, tuple) and (producer is not None or capture_layers is not None):
         raise ValueError(
@@ -188,6 +223,7 @@ def eagle(
         raise TypeError(f"EAGLE drafts dynamic trees: tree must be a DynamicTree, got {tree!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise ValueError(f"draft length k must be a positive int, got {k!r}")
+    sizing = _chain_sizing(k, tree, sizing)
     label = name or (source if isinstance(source, str) else "custom")
 
     def bind(target: Model) -> tuple[eagle_lib.EagleSpec, dict]:
@@ -195,7 +231,7 @@ def eagle(
             source, target, producer=producer, capture_layers=capture_layers
         )
         if tree is None:
-            spec = eagle_lib.EagleSpec(k=k, eagle=cfg, target_cfg=target.config)
+            spec = eagle_lib.EagleSpec(k=k, eagle=cfg, target_cfg=target.config, sizing=sizing)
         else:
             spec = eagle_lib.EagleTreeSpec(
                 k=tree.nodes,

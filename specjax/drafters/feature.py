@@ -61,7 +61,7 @@ from specjax.models.config import ModelConfig
 
 # An EAGLE drafter is one Llama decoder layer by construction (whatever the target's family).
 from specjax.models.llama import rms_norm, single_layer
-from specjax.sampling import SamplingMode, pick_token, rank_logp
+from specjax.sampling import SamplingMode, chosen_logp, pick_token, rank_logp
 
 if TYPE_CHECKING:
     import numpy as np
@@ -326,6 +326,12 @@ class EagleSpec(DrafterSpec):
     # Both are always given to draft (None defaults: the base class's fields have defaults).
     eagle: EagleConfig | None = None
     target_cfg: ModelConfig | None = None
+    # Verify per step only the prefix worth it (None: the whole chain or tree).
+    sizing: VerifySizing | None = None
+
+    @property
+    def verify_sizes(self) -> tuple:
+        return (self.nodes,) if self.sizing is None else self.sizing.sizes
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -365,12 +371,16 @@ class EagleSpec(DrafterSpec):
 
     def _choose(
         self, params: dict, out: jax.Array, key: jax.Array, mode: SamplingMode, sp: dict
-    ) -> tuple[jax.Array, jax.Array | None]:
-        """The next chain token from output features out [B, D] -> (token, logp or None)."""
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+        """The next chain token from output features out [B, D] -> (token, logp or None, the
+        drafter's log-prob of the token [B])."""
         if self.eagle.version == 3 and mode.greedy:  # argmax on the draft vocabulary, no scatter
             small = draft_logits(self.eagle, params, out, self.target_cfg, full=False)
-            return params["d2t"][jnp.argmax(small, axis=-1)].astype(jnp.int32), None
-        return pick_token(self._logits(params, out), key, mode, sp)
+            tok = params["d2t"][jnp.argmax(small, axis=-1)].astype(jnp.int32)
+            return tok, None, chosen_logp(small, tok, None)
+        logits = self._logits(params, out)
+        tok, logp = pick_token(logits, key, mode, sp)
+        return tok, logp, chosen_logp(logits, tok, logp)
 
     def _feed_committed(
         self,
@@ -412,31 +422,38 @@ class EagleSpec(DrafterSpec):
     ) -> tuple[Draft, EagleState]:
         K, cache = self.k, state.cache
         keys = jax.random.split(key, K)
-        tok, logp = self._choose(params, state.feat, keys[0], mode, sp)
+        tok, logp, conf = self._choose(params, state.feat, keys[0], mode, sp)
 
         def step(
             carry: tuple[KVCache, jax.Array, jax.Array], k: jax.Array
-        ) -> tuple[tuple[KVCache, jax.Array, jax.Array], tuple[jax.Array, jax.Array | None]]:
+        ) -> tuple[
+            tuple[KVCache, jax.Array, jax.Array], tuple[jax.Array, jax.Array | None, jax.Array]
+        ]:
             cache, feat, tok = carry  # feat [B, D], tok [B]
             out, cache = draft_block(
                 self.eagle, params, feat[:, None], tok[:, None], cache.lengths[:, None], cache
             )
             cache = cache.replace(lengths=cache.lengths + 1)
-            nxt, lp = self._choose(params, out[:, 0], k, mode, sp)
-            return (cache, out[:, 0], nxt), (nxt, lp)
+            nxt, lp, c = self._choose(params, out[:, 0], k, mode, sp)
+            return (cache, out[:, 0], nxt), (nxt, lp, c)
 
-        toks, logps = [tok[:, None]], [None if logp is None else logp[:, None]]
+        toks, confs = [tok[:, None]], [conf[:, None]]
+        logps = [None if logp is None else logp[:, None]]
         if K > 1:
-            (cache, _, _), (rest, rest_lp) = jax.lax.scan(step, (cache, state.feat, tok), keys[1:])
+            carry = (cache, state.feat, tok)
+            (cache, _, _), (rest, rest_lp, rest_conf) = jax.lax.scan(step, carry, keys[1:])
             toks.append(rest.T)
+            confs.append(rest_conf.T)
             if rest_lp is not None:
                 logps.append(jnp.swapaxes(rest_lp, 0, 1))
         # The draft slots are scratch after the committed length, which does not move: the next
         # commit overwrites them with the accepted path's target features.
         draft_logp = None if mode.greedy else jnp.concatenate(logps, axis=1)
-        return Draft(tokens=jnp.concatenate(toks, axis=1), logp=draft_logp), state.replace(
-            cache=cache.replace(lengths=state.cache.lengths)
-        )
+        size = None  # the chain's cumulative log-probs are its nodes' scores, best first
+        if self.sizing is not None:
+            size = self.sizing.choose(jnp.cumsum(jnp.concatenate(confs, axis=1), axis=1))
+        draft = Draft(tokens=jnp.concatenate(toks, axis=1), logp=draft_logp, size=size)
+        return draft, state.replace(cache=cache.replace(lengths=state.cache.lengths))
 
     def commit(
         self,
@@ -475,7 +492,6 @@ class EagleTreeSpec(EagleSpec):
 
     depth: int = 4
     top_k: int = 4
-    sizing: VerifySizing | None = None  # verify only the prefix worth it (None: the whole tree)
 
     is_tree = True
 
@@ -486,10 +502,6 @@ class EagleTreeSpec(EagleSpec):
     @property
     def max_accept(self) -> int:
         return self.depth
-
-    @property
-    def verify_sizes(self) -> tuple:
-        return (self.nodes,) if self.sizing is None else self.sizing.sizes
 
     @property
     def cache_slack(self) -> int:

@@ -43,7 +43,7 @@ from specjax.drafters.shapes import (
 from specjax.models import forward, is_unrolled
 from specjax.models.cache import KVCache, gather_slots, init_cache
 from specjax.models.config import ModelConfig
-from specjax.sampling import SamplingMode, pick_token, rank_logp
+from specjax.sampling import SamplingMode, chosen_logp, pick_token, rank_logp
 
 if TYPE_CHECKING:
     import numpy as np
@@ -63,6 +63,13 @@ class LMDrafterSpec(DrafterSpec):
     # Layer skip: start from the target's prefill cache (its first layers computed exactly what
     # the drafter would) instead of running a separate draft prefill.
     reuse_target_cache: bool = False
+    # Verify per step only the prefix worth it (None: the whole chain or tree). Chains and
+    # dynamic trees set it (a tree's from `DynamicTree.sizing`); static trees verify whole.
+    sizing: VerifySizing | None = None
+
+    @property
+    def verify_sizes(self) -> tuple:
+        return (self.nodes,) if self.sizing is None else self.sizing.sizes
 
     def check_compatible(self, target_cfg: ModelConfig, target_dtype: np.dtype) -> None:
         if self.cfg.vocab_size != target_cfg.vocab_size:
@@ -128,26 +135,35 @@ class LMDrafterSpec(DrafterSpec):
         keys = jax.random.split(key, K)
         logits, cache = self._feed_pending(params, state)
         tok, logp = pick_token(logits, keys[0], mode, sp)
+        conf = chosen_logp(logits, tok, logp)
 
         def step(
             carry: tuple[KVCache, jax.Array], k: jax.Array
-        ) -> tuple[tuple[KVCache, jax.Array], tuple[jax.Array, jax.Array | None]]:
+        ) -> tuple[tuple[KVCache, jax.Array], tuple[jax.Array, jax.Array | None, jax.Array]]:
             cache, tok = carry  # tok [B]
             logits, _, cache = forward(params, cfg, tok[:, None], cache.lengths[:, None], cache)
             cache = cache.replace(lengths=cache.lengths + 1)
             nxt, lp = pick_token(logits[:, 0], k, mode, sp)
-            return (cache, nxt), (nxt, lp)
+            return (cache, nxt), (nxt, lp, chosen_logp(logits[:, 0], nxt, lp))
 
-        toks, logps = [tok[:, None]], [None if logp is None else logp[:, None]]
+        toks, logps, confs = (
+            [tok[:, None]],
+            [None if logp is None else logp[:, None]],
+            [conf[:, None]],
+        )
         if K > 1:
-            (cache, _), (rest, rest_lp) = jax.lax.scan(step, (cache, tok), keys[1:])
+            (cache, _), (rest, rest_lp, rest_conf) = jax.lax.scan(step, (cache, tok), keys[1:])
             toks.append(rest.T)  # [B, K-1]
+            confs.append(rest_conf.T)
             if rest_lp is not None:
                 logps.append(jnp.swapaxes(rest_lp, 0, 1))  # [B, K-1, V]
         tokens = jnp.concatenate(toks, axis=1)  # [B, K]
         draft_logp = None if mode.greedy else jnp.concatenate(logps, axis=1)
         new_state = state.replace(cache=cache, len_before=state.cache.lengths)
-        return Draft(tokens=tokens, logp=draft_logp), new_state
+        size = None  # the chain's cumulative log-probs are its nodes' scores, best first
+        if self.sizing is not None:
+            size = self.sizing.choose(jnp.cumsum(jnp.concatenate(confs, axis=1), axis=1))
+        return Draft(tokens=tokens, logp=draft_logp, size=size), new_state
 
     def commit(
         self,
@@ -279,15 +295,10 @@ class LMTreeSpec(LMTreeBase):
 
     depth: int = 4
     top_k: int = 4
-    sizing: VerifySizing | None = None  # verify only the prefix worth it (None: the whole tree)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_dynamic_tree(self.k, self.depth, self.top_k)
-
-    @property
-    def verify_sizes(self) -> tuple:
-        return (self.nodes,) if self.sizing is None else self.sizing.sizes
 
     @property
     def pool_size(self) -> int:
