@@ -225,7 +225,7 @@ def measure_sizing(
     tree: DynamicTree,
     sizes: Sequence[int] | None = None,
     *,
-    prompt: str | None = None,
+    prompt: str | Sequence[int] | None = None,
     repeats: int = 10,
     progress: bool = True,
 ) -> tuple[VerifySizing, dict]:
@@ -358,32 +358,27 @@ AUTO_PROMPTS = (
 # noise of a calibration on the 2-core VM is ~2-4%).
 AUTO_MARGIN = 0.05
 # Bumped when what a candidate means changes, so that an older cached choice is measured again
-# (2: eagle3_tree sizes its verify per step).
+# (2: the EAGLE-3 candidate is eagle3_tree_sized, which sizes its verify per step).
 AUTO_VERSION = 2
 
 
 def auto_candidates(model: Model) -> list[str]:
     """Drafter names `auto` measures for `model`: plain decoding, prompt lookup, and the
-    model's bundled trained EAGLE-3 drafter (with its tuned tree) when there is one."""
+    model's bundled trained EAGLE-3 drafter (its tuned tree, verified per step only as far as
+    it is worth it at this device's costs) when there is one."""
     from specjax.drafters.bundled import BUNDLED_DRAFTERS
 
     names = ["none", "ngram"]
     if f"{model.name}-eagle3" in BUNDLED_DRAFTERS:
-        names.append("eagle3_tree")
+        names.append("eagle3_tree_sized")
     return names
 
 
-def auto_make(model: Model, name: str, progress: bool = True) -> Drafter | None:
-    """The drafter `auto` runs for candidate `name`. A tree drafter bundled for the model
-    (eagle3_tree) gets per-step verify sizing with this device's measured costs
-    (`cached_sizing`); the others are the registry's."""
+def auto_make(model: Model, name: str) -> Drafter | None:
+    """The drafter `auto` runs for candidate `name` (a registry name)."""
     from specjax.drafters import registry
 
-    if name != "eagle3_tree":
-        return registry.make(name, None, model)
-    tree = DynamicTree(**registry.EAGLE_TREE)
-    make = lambda t: registry.make(name, None, model, tree=t)  # noqa: E731
-    return make(dataclasses.replace(tree, sizing=cached_sizing(model, name, make, tree, progress)))
+    return registry.make(name, None, model)
 
 
 def cached_sizing(
@@ -464,7 +459,7 @@ def choose_drafter(
     names = auto_candidates(model)
     _, table = tune_tree(
         model,
-        lambda name: auto_make(model, name, progress),
+        lambda name: auto_make(model, name),
         list(prompts),
         candidates=names,
         max_new_tokens=max_new_tokens,

@@ -270,3 +270,48 @@ def test_auto_is_a_registry_name(model):
     assert registry.parse("auto").entry.name == "auto"
     with pytest.raises(ValueError, match="needs the target model"):
         registry.make("auto", None, None)
+
+
+def test_measure_sizing_on_a_real_drafter(model):
+    """`measure_sizing` times the drafter and the verify forwards for real: one cost per verify
+    size and the plain step, each a whole step with drafting included."""
+    from specjax import drafters
+
+    tree = drafters.DynamicTree(nodes=4, depth=2, top_k=2)
+    sizing, rec = autotune.measure_sizing(
+        model,
+        lambda t: drafters.layer_skip(1, tree=t),
+        tree,
+        (2, 4),
+        prompt=list(range(1, 40)),
+        repeats=2,
+        progress=False,
+    )
+    assert sizing.sizes == (2, 4) and len(sizing.costs) == 3
+    assert rec["draft_ms"] > 0 and rec["plain_ms"] > 0
+    assert sizing.costs[0] == pytest.approx(rec["draft_ms"] + rec["plain_ms"])
+    assert all(c >= sizing.costs[0] for c in sizing.costs[1:])  # a verify adds to a plain step
+    assert set(rec["verify_ms"]) == {"1", "3", "5"}
+
+
+def test_sized_eagle3_tree_by_name(model, tmp_path, monkeypatch):
+    """`eagle3_tree_sized` is the EAGLE-3 tree with the cached measured sizing."""
+    from test_eagle import random_eagle
+
+    from specjax.drafters import VerifySizing, registry
+
+    monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
+    want = VerifySizing((1, 2, 4, 8), (10.0, 11.0, 12.0, 13.0, 15.0))
+    monkeypatch.setattr(
+        autotune,
+        "measure_sizing",
+        lambda *a, **k: (want, {"sizes": [1, 2, 4, 8], "costs_ms": list(want.costs)}),
+    )
+    monkeypatch.setattr(
+        registry, "bundled_for", lambda kind, m: random_eagle(model, 3, draft_vocab=64)
+    )
+    d = registry.make("eagle3_tree_sized", None, model)
+    spec, _ = d.bind(model)
+    assert spec.sizing == want and spec.verify_sizes == (1, 2, 4, 8)
+    with pytest.raises(ValueError, match="needs the target model"):
+        registry.make("eagle3_tree_sized", None, None)

@@ -186,14 +186,26 @@ def _small_model(is_tree: bool) -> Callable[..., Drafter]:
     return make
 
 
-def _eagle(kind: str, is_tree: bool) -> Callable[..., Drafter]:
+def _eagle(kind: str, is_tree: bool, sized: bool = False) -> Callable[..., Drafter]:
     def make(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
         from specjax.drafters import eagle
 
         src = arg or bundled_for(kind, model)
-        return eagle(
-            src, k=_or(k, 4), tree=_dynamic(tree, k, EAGLE_TREE) if is_tree else None, name=src
-        )
+        if not sized:
+            return eagle(
+                src, k=_or(k, 4), tree=_dynamic(tree, k, EAGLE_TREE) if is_tree else None, name=src
+            )
+        # The tree verified per step only as far as it is worth it, at this device's step
+        # costs (measured on `model` once, then cached: `autotune.cached_sizing`).
+        from specjax.autotune import cached_sizing
+
+        if model is None:
+            raise ValueError(f"drafter '{kind}_tree_sized' needs the target model (it measures)")
+        shape = _dynamic(tree, k, EAGLE_TREE)
+        build = lambda t: eagle(src, tree=t, name=src)  # noqa: E731
+        label = f"{kind}_tree:{src}" if isinstance(src, str) else f"{kind}_tree"
+        sizing = cached_sizing(model, label, build, shape)
+        return build(dataclasses.replace(shape, sizing=sizing))
 
     return make
 
@@ -230,6 +242,7 @@ register(DrafterEntry("model", _small_model(False), arg="PATH", arg_required=Tru
 register(DrafterEntry("model_tree", _small_model(True), arg="PATH", arg_required=True, tree=True))
 register(DrafterEntry("eagle3", _eagle("eagle3", False), arg="PATH"))
 register(DrafterEntry("eagle3_tree", _eagle("eagle3", True), arg="PATH", tree=True))
+register(DrafterEntry("eagle3_tree_sized", _eagle("eagle3", True, sized=True), arg="PATH"))
 register(DrafterEntry("eagle", _eagle("eagle", False), arg="PATH"))
 register(DrafterEntry("eagle_tree", _eagle("eagle", True), arg="PATH", tree=True))
 register(DrafterEntry("medusa", _medusa(False), arg="PATH"))
