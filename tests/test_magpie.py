@@ -91,3 +91,20 @@ def test_build_prompt_set_drops_eval_leaks(tiny, tmp_path, monkeypatch):
     counts = magpie.build_prompt_set(tiny, work, out, 1, eval_dir=eval_dir, progress=False)
     assert counts == {"sampled": 4, "ended": 4, "unique": 4, "leaked": 1, "kept": 3}
     assert magpie.read_prompts(out) == [rows[i]["text"] for i in (0, 1, 3)]
+
+
+def test_mix_draws_the_asked_number_of_each_source(tmp_path, monkeypatch):
+    from test_train import write_train_data
+
+    monkeypatch.setenv("SPECJAX_DATA", str(write_train_data(tmp_path)))
+    path = tmp_path / "m.jsonl.gz"
+    magpie.write_prompts([f"Tell me fact number {i} about owls." for i in range(6)], path)
+    monkeypatch.setattr(data, "MAGPIE_FILE", path)
+    mix = {"magpie": 4, "gsm8k": 3, "codealpaca": 2}
+    pool = data.mix_prompts(mix, seed=0)
+    assert [p["source"] for p in pool] == ["magpie"] * 4 + ["gsm8k"] * 3 + ["codealpaca"] * 2
+    assert len({p["prompt"] for p in pool}) == 9
+    assert pool == data.mix_prompts(mix, seed=0)  # fixed by the seed
+    assert pool != data.mix_prompts(mix, seed=1)
+    with pytest.raises(ValueError, match="asks for 7 prompts of 'magpie'; it has 6"):
+        data.mix_prompts({"magpie": 7})

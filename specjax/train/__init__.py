@@ -29,6 +29,9 @@ class DataConfig:
     # their given answers, teacher-forced: cheap extra data (no generation), still labelled by
     # the target's own distributions.
     given_prompts: int = 0
+    # Prompts per source in the pool the run draws from, e.g. {"magpie": 3000, "gsm8k": 1000}
+    # (None: every prompt of `sources`). It sets the share of each kind of request.
+    mix: dict | None = None
     seq_len: int = 384
     max_new_tokens: int = 256
     gen_batch: int = 16
@@ -83,7 +86,7 @@ def run_training(
     -> `train`'s (drafter config, params, history)."""
     tc, dc = load_configs(config, train_overrides, data_overrides)
     out = Path(out_dir)
-    prompts = data.load_prompts(dc.sources)
+    prompts = data.mix_prompts(dc.mix, dc.seed) if dc.mix else data.load_prompts(dc.sources)
     train_p, rest = data.split_prompts(prompts, dc.prompts, dc.heldout + dc.given_prompts, dc.seed)
     held, extra = rest[: dc.heldout], rest[dc.heldout :]
     extra = [p for p in extra if p["answer"]]  # Magpie prompts have no given answer

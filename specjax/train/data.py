@@ -97,6 +97,22 @@ def _read(path: Path) -> str:
     return path.read_text()
 
 
+def mix_prompts(mix: dict[str, int], seed: int = 0, data_dir: StrPath | None = None) -> list[dict]:
+    """A pool with `mix[source]` prompts of each source (a fixed shuffle of each, then its first
+    n), sources in `mix` order: how many of each a training run may draw on (`split_prompts`
+    shuffles the pool)."""
+    pool = []
+    for i, (source, n) in enumerate(mix.items()):
+        rows = load_prompts([source], data_dir)
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= len(rows):
+            raise ValueError(
+                f"mix asks for {n!r} prompts of {source!r}; it has {len(rows)} (use 1..{len(rows)})"
+            )
+        order = np.random.default_rng([seed, i]).permutation(len(rows))[:n]
+        pool.extend(rows[j] for j in order)
+    return pool
+
+
 def split_prompts(prompts: list, n_train: int, n_heldout: int, seed: int = 0) -> tuple[list, list]:
     """A fixed shuffle, then the first n_train for training and the next n_heldout held out."""
     if n_train + n_heldout > len(prompts):
