@@ -9,8 +9,8 @@ in `specjax.engine`, drafters in `specjax.drafters`, model families in `specjax.
 """
 
 from specjax import drafters
-from specjax.api import GenerateOutput, generate, generate_pmap, generate_stream
-from specjax.decode import DecodeFn, decode_fn
+from specjax.api import GenerateOutput, decode_fn, generate, generate_pmap, generate_stream
+from specjax.decode import DecodeFn
 from specjax.engine.xla import xla_options
 from specjax.model import Model, load_model, model_from_hf
 from specjax.models.config import ModelConfig

@@ -16,18 +16,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax import engine, sharding
+from specjax.decode import (
+    MIN_PROMPT_BUCKET,
+    DecodeFn,
+    bucket,
+    cache_len,
+    engine_config,
+)
 from specjax.drafters.base import Drafter, DrafterSpec, Params
-from specjax.engine import accept
 from specjax.model import Model
-from specjax.sampling import SamplingMode, make_sampling
+from specjax.sampling import make_sampling
 
 Prompt = str | Sequence[int]
 # One prompt or a batch: see PROMPTS_ACCEPTED (an int array is [T] or [B, T] token ids).
 Prompts = Prompt | Sequence[Prompt] | np.ndarray | jax.Array
 # `key` of generate: an int seed, or a JAX PRNG key (see `make_key`).
 KeyLike = int | np.integer | jax.Array | np.ndarray
-MIN_PROMPT_BUCKET = 16
-MIN_NEW_BUCKET = 16
 
 
 @dataclasses.dataclass
@@ -44,19 +48,6 @@ class GenerateOutput:
             f"GenerateOutput(rows={len(self.tokens)}, lengths={self.lengths}, "
             f"tok/s={s['tokens_per_s']:.1f}, tau={s['tau']:.2f})"
         )
-
-
-def bucket(n: int, minimum: int, half_steps: bool = False) -> int:
-    """Smallest power of two >= max(n, minimum); with `half_steps` also 1.5x powers of two
-    (16, 24, 32, 48, ...). Prompt lengths use half steps, so padding wastes at most a third of a
-    prefill while the number of compilations stays logarithmic in the length."""
-    b = minimum
-    while True:
-        if b >= n:
-            return b
-        if half_steps and b * 3 // 2 >= n and (b * 3) % 2 == 0:
-            return b * 3 // 2
-        b *= 2
 
 
 PROMPTS_ACCEPTED = (
@@ -224,30 +215,6 @@ def resolve_drafter(model: Model, drafter: Drafter | str | None) -> Drafter | No
     return drafter
 
 
-def engine_config(
-    model: Model, mode: SamplingMode, max_new_tokens: int, spec: DrafterSpec | None, impl: str
-) -> engine.EngineConfig:
-    """The static settings of the decode program (output capacity: `max_new_tokens` bucketed)."""
-    # The acceptance rules are read here, not at import: a swapped default is a new config.
-    return engine.EngineConfig(
-        target=model.config,
-        mode=mode,
-        max_new=bucket(int(max_new_tokens), MIN_NEW_BUCKET),
-        eos=model.eos_token_ids,
-        drafter=spec,
-        impl=impl,
-        rules=accept.DEFAULT_RULES,
-    )
-
-
-def cache_len(prompt_width: int, ec: engine.EngineConfig) -> int:
-    """KV cache slots per row: the prompt, every emitted token, and one in-flight verify block
-    (and the drafter's own in-flight tokens, for drafters that keep a cache)."""
-    spec = ec.drafter
-    slack = 0 if spec is None else max(spec.k, spec.cache_slack)
-    return prompt_width + ec.max_new + slack + 2
-
-
 def prepare(
     model: Model,
     prompts: Prompts,
@@ -331,13 +298,14 @@ def generate(
     params, dparams = model.params, args.pop("dparams")
     if mesh is not None:
         params, dparams, args = sharding.place(mesh, params, dparams, args)
+    # The same program as `decode_fn` (`DecodeFn.start` then `.run`), timed in its two parts.
+    fn = DecodeFn(ec, int(max_new_tokens), args["sp"], params, dparams)
     before = sum(engine.TRACE_COUNTS.values())
-    max_len = args.pop("max_len")
     t0 = time.perf_counter()
-    state = engine.prefill(params, dparams, **args, ec=ec, max_len=max_len)
+    state = fn.start(params, dparams, args["inp"], args["max_new"], args["key"])
     jax.block_until_ready(state.out)
     t1 = time.perf_counter()
-    state = engine.decode(params, dparams, state, args["sp"], ec=ec)
+    state = fn.run(params, dparams, state)
     jax.block_until_ready(state.out)
     t2 = time.perf_counter()
     compiled = sum(engine.TRACE_COUNTS.values()) > before
@@ -508,3 +476,31 @@ def generate_pmap(
         size_hist=jnp.sum(state.size_hist, axis=0),
     )
     return finish(model, state, rows, 0.0, dt, True)
+
+
+def decode_fn(
+    model: Model,
+    *,
+    drafter: Drafter | str | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    impl: str = "xla",
+    pad_id: int = 0,
+) -> DecodeFn:
+    """The decode program of `model` (and `drafter`: a Drafter or a registry name) as a pure
+    function `fn(params, dparams, tokens, lengths, key) -> (tokens_out, lengths_out, stats)`;
+    `fn.params` / `fn.dparams` are the params to pass unless you place or update them."""
+    mode, sp = make_sampling(temperature, top_k, top_p)
+    drafter = resolve_drafter(model, drafter)
+    check_args(model, [], max_new_tokens, drafter)
+    spec, dparams = bind_drafter(model, drafter)
+    return DecodeFn(
+        ec=engine_config(model, mode, max_new_tokens, spec, impl),
+        max_new_tokens=int(max_new_tokens),
+        sp=sp,
+        params=model.params,
+        dparams=dparams,
+        pad_id=int(pad_id),
+    )
