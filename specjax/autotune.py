@@ -392,10 +392,12 @@ def cached_sizing(
     $SPECJAX_CACHE/auto/ (a damaged or foreign file is measured again)."""
     import json
     import os
+    import re
 
     from specjax.model import cache_root
 
-    key = f"{auto_key(model)}-{name}-{tree.nodes}_{tree.depth}_{tree.top_k}"
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{auto_key(model)}-{name}-{tree.nodes}_{tree.depth}")
+    key += f"_{tree.top_k}"
     path = os.path.join(cache_root(), "auto", f"sizing-{key}.json")
     try:
         with open(path) as f:
