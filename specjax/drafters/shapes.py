@@ -29,17 +29,18 @@ from specjax.drafters.base import Tree
 
 @dataclasses.dataclass(frozen=True)
 class VerifySizing:
-    """Verify only what is worth it: each step, on device, a dynamic tree drafter verifies the
-    prefix of its nodes (they are listed best first) that maximises expected tokens per unit of
-    cost, among a few static sizes (one compiled verify branch each) or none at all (a plain
-    one-token step).
+    """Verify only what is worth it: each step, on device, a drafter (a dynamic tree, whose
+    nodes are listed best first, or a chain) verifies the prefix of its draft that maximises
+    expected tokens per unit of cost, among a few static sizes (one compiled verify branch
+    each) or none at all (a plain one-token step).
 
     The expected tokens of a prefix of n nodes are 1 + the sum of their draft probabilities
     (each node's cumulative draft probability: the chance, as far as the drafter knows, that the
     target agrees with its whole path), so a confident draft is verified long and a doubtful
     one short. `costs` are what a whole step costs at verify size 0 (plain), sizes[0], ...
     (drafting included, in any unit): measured per device by `specjax.autotune.measure_sizing`.
-    Exactness does not depend on them: any prefix of a tree is a tree, verified exactly."""
+    Exactness does not depend on them: any prefix of a tree (or chain) is one, verified
+    exactly."""
 
     sizes: tuple[int, ...]  # ascending verify sizes in nodes; the last is the tree's nodes
     costs: tuple[float, ...]  # len(sizes) + 1 step costs: plain step first, then per size
