@@ -289,7 +289,8 @@ def tune_tree(
     """
     from tqdm import tqdm
 
-    from specjax.api import MIN_PROMPT_BUCKET, bucket, generate
+    from specjax.api import generate
+    from specjax.decode import MIN_PROMPT_BUCKET, bucket
 
     if not candidates:
         raise ValueError("tune_tree needs at least one candidate")

@@ -216,7 +216,7 @@ def run_bench(
     with verify_costs ({T: relative cost}, see `lookup_bound`) its cost-aware bound."""
     from tqdm import tqdm
 
-    from specjax.api import MIN_PROMPT_BUCKET, bucket
+    from specjax.decode import MIN_PROMPT_BUCKET, bucket
 
     encoded = [model.encode(p["prompt"], chat=True) for p in prompts]
     if warmup:
