@@ -375,13 +375,6 @@ def auto_candidates(model: Model) -> list[str]:
     return names
 
 
-def auto_make(model: Model, name: str) -> Drafter | None:
-    """The drafter `auto` runs for candidate `name` (a registry name)."""
-    from specjax.drafters import registry
-
-    return registry.make(name, None, model)
-
-
 def cached_sizing(
     model: Model,
     name: str,
@@ -447,6 +440,7 @@ def choose_drafter(
     import json
     import os
 
+    from specjax.drafters import registry
     from specjax.model import cache_root
 
     path = os.path.join(cache_root(), "auto", auto_key(model) + ".json")
@@ -462,7 +456,7 @@ def choose_drafter(
     names = auto_candidates(model)
     _, table = tune_tree(
         model,
-        lambda name: auto_make(model, name),
+        lambda name: registry.make(name, None, model),
         list(prompts),
         candidates=names,
         max_new_tokens=max_new_tokens,
@@ -482,4 +476,6 @@ def choose_drafter(
 
 def auto_drafter(model: Model, **kw: Any) -> Drafter | None:
     """`drafter="auto"`: the drafter `choose_drafter` picks for `model` (None: plain)."""
-    return auto_make(model, choose_drafter(model, **kw)[0])
+    from specjax.drafters import registry
+
+    return registry.make(choose_drafter(model, **kw)[0], None, model)
