@@ -232,6 +232,8 @@ def cmd_bench(a: argparse.Namespace, ar_only: bool = False) -> None:
     path = a.questions or bench.default_questions()
     cats = a.categories.split(",") if a.categories else None
     prompts = _questions(path, a.limit, cats)  # a bad file is reported before the model loads
+    if not ar_only and a.batch != (1,):
+        return _bench_batches(a, path, prompts)
     model = load_model(a.model)
     methods = {"ar": bench._spec_runner(model, None, a.max_new_tokens)}
     if not ar_only:
@@ -269,6 +271,48 @@ def cmd_bench(a: argparse.Namespace, ar_only: bool = False) -> None:
     md = bench.write_report(records, list(methods), a.out, meta)
     print(md)
     print(f"\nwrote {a.out}/results.json, results.md, speedup.png")
+
+
+def _bench_batches(a: argparse.Namespace, path: str, prompts: list[dict]) -> None:
+    """`bench --batch 1,4,16`: AR and the drafters at each batch size (bench_batch.py)."""
+    from specjax import bench, bench_batch, load_model
+
+    if a.hf_baseline:
+        raise SystemExit("specjax: --hf-baseline runs at batch 1 only; drop it or use --batch 1")
+    try:
+        bench_batch.usable_rows(len(prompts), a.batch)
+    except ValueError as e:
+        raise SystemExit(f"specjax: {e}") from None
+    model = load_model(a.model)
+    methods = {"ar": None}
+    for name in [d for d in a.drafters.split(",") if d]:
+        methods[name] = make_drafter(name, a.k, model)
+    records = bench_batch.run_batch_bench(
+        model, [p["prompt"] for p in prompts], methods, a.batch, a.max_new_tokens
+    )
+    meta = {
+        "model": a.model,
+        "questions": path,
+        "limit": a.limit,
+        "max_new_tokens": a.max_new_tokens,
+        "dtype": str(model.dtype),
+        "batch": list(a.batch),
+        "command": " ".join(sys.argv),
+        "machine": bench.machine(),
+    }
+    print(f"machine: {meta['machine']}")
+    md = bench_batch.write_batch_report(records, a.out, meta)
+    print(md)
+    print(f"\nwrote {a.out}/results_batch.json, results_batch.md")
+
+
+def _batch_arg(text: str) -> tuple[int, ...]:
+    from specjax import bench_batch
+
+    try:
+        return bench_batch.parse_batches(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_bench_verify(a: argparse.Namespace) -> None:
@@ -478,6 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. 1:1,2:1.6,9:2.8",
     )
     b.add_argument("--hf-assistant", default=None, help="small model for HF assisted generation")
+    b.add_argument(
+        "--batch",
+        default=(1,),
+        type=_batch_arg,
+        help="batch sizes, e.g. 1,4,16,64: AR and the drafters at each size, on the same "
+        "rows (a multiple of the largest size); default 1, the per-category table",
+    )
     b.set_defaults(fn=cmd_bench)
 
     ar = sub.add_parser("bench-ar", help="specjax AR decode vs HF transformers generate")

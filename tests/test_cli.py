@@ -109,6 +109,37 @@ def test_bench_writes_reports(tiny_dir, tmp_path, capsys):
         assert why in capsys.readouterr().err
 
 
+def test_bench_batch_sizes(tiny_dir, tmp_path, capsys):
+    """`bench --batch 1,2`: AR and a drafter at each batch size on the same rows; greedy rows
+    equal AR's at batch 1 whatever batch they share; bad sizes and HF baselines are refused."""
+    q = tmp_path / "q.jsonl"
+    texts = ["the cat sat on", "the dog", "on the mat the cat", "a b c a b c a"]
+    q.write_text(
+        "\n".join(
+            json.dumps({"question_id": i, "category": "a", "turns": [t]})
+            for i, t in enumerate(texts)
+        )
+    )
+    out = tmp_path / "bench"
+    base = ["bench", "--model", tiny_dir, "--questions", str(q), "--max-new-tokens", "8"]
+    cli.main(base + ["--drafters", "ngram", "--batch", "2,1", "--out", str(out)])
+    table = capsys.readouterr().out
+    res = json.load(open(out / "results_batch.json"))
+    got = [(r["batch"], r["method"], r["rows"], r["same_as_ar"]) for r in res["records"]]
+    assert got == [(1, "ar", 4, 4), (1, "ngram", 4, 4), (2, "ar", 4, 4), (2, "ngram", 4, 4)]
+    assert not any(r["compiled"] for r in res["records"])  # the warm-up compiled every shape
+    assert all(r["new_tokens"] == sum(map(len, r["tokens"])) > 0 for r in res["records"])
+    assert "| 2 | ngram |" in table and (out / "results_batch.md").read_text() in table + "\n"
+    for bad, why in (
+        (["--batch", "0"], "positive ints"),
+        (["--batch", "8"], "batch 8 needs at least 8 prompts"),
+        (["--batch", "1,2", "--hf-baseline"], "batch 1 only"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            cli.main(base + bad)
+        assert why in str(e.value) + capsys.readouterr().err
+
+
 def test_measured_verify_costs(tiny_dir):
     from specjax import bench, load_model
 
