@@ -129,6 +129,7 @@ def test_bench_batch_sizes(tiny_dir, tmp_path, capsys):
     assert got == [(1, "ar", 4, 4), (1, "ngram", 4, 4), (2, "ar", 4, 4), (2, "ngram", 4, 4)]
     assert not any(r["compiled"] for r in res["records"])  # the warm-up compiled every shape
     assert all(r["new_tokens"] == sum(map(len, r["tokens"])) > 0 for r in res["records"])
+    assert all(0 < r["decode_s"] < r["seconds"] for r in res["records"])
     assert "| 2 | ngram |" in table and (out / "results_batch.md").read_text() in table + "\n"
     for bad, why in (
         (["--batch", "0"], "positive ints"),
