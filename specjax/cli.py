@@ -256,26 +256,32 @@ def cmd_bench(a: argparse.Namespace, ar_only: bool = False) -> None:
                 )
     costs = _verify_costs(a, model, prompts)
     records = bench.run_bench(model, prompts, methods, verify_costs=costs)
-    meta = {
-        "model": a.model,
-        "questions": path,
-        "limit": a.limit,
-        "max_new_tokens": a.max_new_tokens,
-        "dtype": str(model.dtype),
-        "batch": 1,
-        "command": " ".join(sys.argv),
-        "machine": bench.machine(),
-        "verify_costs": costs,
-    }
+    meta = _bench_meta(a, path, model, batch=1, verify_costs=costs)
     print(f"machine: {meta['machine']}")
     md = bench.write_report(records, list(methods), a.out, meta)
     print(md)
     print(f"\nwrote {a.out}/results.json, results.md, speedup.png")
 
 
+def _bench_meta(a: argparse.Namespace, path: str, model: Model, **extra: object) -> dict:
+    """What a bench report records about its run: model, prompts, command and machine."""
+    from specjax import bench
+
+    return {
+        "model": a.model,
+        "questions": path,
+        "limit": a.limit,
+        "max_new_tokens": a.max_new_tokens,
+        "dtype": str(model.dtype),
+        "command": " ".join(sys.argv),
+        "machine": bench.machine(),
+        **extra,
+    }
+
+
 def _bench_batches(a: argparse.Namespace, path: str, prompts: list[dict]) -> None:
     """`bench --batch 1,4,16`: AR and the drafters at each batch size (bench_batch.py)."""
-    from specjax import bench, bench_batch, load_model
+    from specjax import bench_batch, load_model
 
     if a.hf_baseline:
         raise SystemExit("specjax: --hf-baseline runs at batch 1 only; drop it or use --batch 1")
@@ -290,16 +296,7 @@ def _bench_batches(a: argparse.Namespace, path: str, prompts: list[dict]) -> Non
     records = bench_batch.run_batch_bench(
         model, [p["prompt"] for p in prompts], methods, a.batch, a.max_new_tokens
     )
-    meta = {
-        "model": a.model,
-        "questions": path,
-        "limit": a.limit,
-        "max_new_tokens": a.max_new_tokens,
-        "dtype": str(model.dtype),
-        "batch": list(a.batch),
-        "command": " ".join(sys.argv),
-        "machine": bench.machine(),
-    }
+    meta = _bench_meta(a, path, model, batch=list(a.batch))
     print(f"machine: {meta['machine']}")
     md = bench_batch.write_batch_report(records, a.out, meta)
     print(md)
