@@ -1,8 +1,10 @@
 """The decode engine: prefill, then one on-device `lax.while_loop` of
 propose -> verify -> emit -> commit steps.
 
-    state.py   EngineConfig (static settings of one compiled program), LoopState (the carry)
-    loop.py    prefill, the step, decode (while_loop) and decode_one (its Python-loop twin)
+    state.py   EngineConfig (static settings of one compiled program), PrefillConfig (the part
+               the target's prefill depends on), LoopState (the carry)
+    loop.py    prefill (the target's, shared by every drafter, then the drafter's start), the
+               step, decode (while_loop) and decode_one (its Python-loop twin)
     verify.py  one verifier per draft shape (plain step, chain, tree) and the size choice
     accept.py  the acceptance rules (greedy, lossless rejection sampling), AcceptRules
     tree.py    masks, positions and paths derived from a draft tree's parents
@@ -12,7 +14,7 @@ propose -> verify -> emit -> commit steps.
 from specjax.drafters.base import PrefillInput, Verified
 from specjax.engine.accept import DEFAULT_RULES, AcceptRules
 from specjax.engine.loop import TRACE_COUNTS, decode, decode_one, decode_step, emit, prefill
-from specjax.engine.state import EngineConfig, LoopState
+from specjax.engine.state import EngineConfig, LoopState, PrefillConfig
 from specjax.engine.verify import verify, verify_block
 from specjax.engine.xla import xla_options
 
@@ -21,6 +23,7 @@ __all__ = [
     "DEFAULT_RULES",
     "EngineConfig",
     "LoopState",
+    "PrefillConfig",
     "PrefillInput",
     "TRACE_COUNTS",
     "Verified",

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 
 from specjax.drafters.base import Params, PrefillInput, TargetPrefill, Verified
 from specjax.engine import xla
-from specjax.engine.state import EngineConfig, LoopState
+from specjax.engine.state import EngineConfig, LoopState, PrefillConfig
 from specjax.engine.verify import verify, verify_index
-from specjax.models import forward, is_unrolled
-from specjax.models.cache import init_cache
+from specjax.models import Hiddens, forward, is_unrolled
+from specjax.models.cache import KVCache, grow_cache, init_cache
 from specjax.sampling import sample_token
 
 # Incremented each time a jitted entry point is traced (= compiled); tests read it.
@@ -35,11 +35,42 @@ def _is_eos(tokens: jax.Array, eos: tuple[int, ...]) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(eos, jnp.int32))
 
 
+@xla.jit(static_argnames=("pc",))
+def target_prefill(
+    params: dict, inp: PrefillInput, *, pc: PrefillConfig
+) -> tuple[jax.Array, KVCache, Hiddens | None]:
+    """Run the target over the padded prompts -> (logits [B, V] float32 at each row's last
+    prompt token, a cache of the prompt's width P, hiddens (None unless a drafter reads them)).
+
+    The cache holds just the prompt: a fresh prefill attends only within its block, so the
+    cache's length changes nothing computed here, and leaving it out of the program lets
+    every output budget and drafter slack share one compiled prefill. `start_loop` grows it."""
+    TRACE_COUNTS["prefill"] += 1
+    B, P = inp.tokens.shape
+    cache = init_cache(pc.target, B, P, params["embed"].dtype, per_layer=is_unrolled(params))
+    logits, hiddens, cache = forward(
+        params,
+        pc.target,
+        inp.tokens,
+        inp.positions,
+        cache,
+        logits_at=(inp.lengths - 1)[:, None],
+        hidden_layers=pc.hidden_layers,
+        impl=pc.impl,
+        fresh=True,
+        embeds=inp.embeds,
+        embed_mask=inp.embed_mask,
+    )
+    return logits[:, 0], cache.replace(lengths=inp.lengths), hiddens if pc.with_hiddens else None
+
+
 @xla.jit(static_argnames=("ec", "max_len"))
-def prefill(
-    params: dict,
+def start_loop(
     dparams: Params,
     inp: PrefillInput,
+    logits: jax.Array,  # [B, V] float32 target logits after the prompt
+    cache: KVCache,  # the prompt's cache (width P)
+    hiddens: Hiddens | None,
     max_new: jax.Array,  # [B] int32 per-row budget
     key: jax.Array,
     sp: dict,
@@ -47,27 +78,13 @@ def prefill(
     ec: EngineConfig,
     max_len: int,
 ) -> LoopState:
-    """Run the target over the padded prompts and sample the first token -> LoopState."""
-    TRACE_COUNTS["prefill"] += 1
-    B, P = inp.tokens.shape
-    cfg = ec.target
-    cache = init_cache(cfg, B, max_len, params["embed"].dtype, per_layer=is_unrolled(params))
-    logits, hiddens, cache = forward(
-        params,
-        cfg,
-        inp.tokens,
-        inp.positions,
-        cache,
-        logits_at=(inp.lengths - 1)[:, None],
-        hidden_layers=ec.hidden_layers,
-        impl=ec.impl,
-        fresh=True,
-        embeds=inp.embeds,
-        embed_mask=inp.embed_mask,
-    )
-    cache = cache.replace(lengths=inp.lengths)
-    key, k0, kd = jax.random.split(key, 3)
-    first = sample_token(k0, logits[:, 0], ec.mode, sp)
+    """The first token, the drafter's state and the loop's first state from the target's
+    prefill; the cache grows to `max_len` slots."""
+    TRACE_COUNTS["start_loop"] += 1
+    B = logits.shape[0]
+    cache = grow_cache(cache, max_len)
+    key, k0, _ = jax.random.split(key, 3)
+    first = sample_token(k0, logits, ec.mode, sp)
     width = ec.max_new + ec.k + 1
     has_budget = max_new > 0
     out = jnp.zeros((B, width), jnp.int32).at[:, 0].set(jnp.where(has_budget, first, 0))
@@ -91,6 +108,30 @@ def prefill(
         row_steps=jnp.zeros((B,), jnp.int32),
         accept_hist=jnp.zeros((ec.max_accept + 1,), jnp.int32),
         size_hist=jnp.zeros((len(ec.verify_sizes) + 1,), jnp.int32),
+    )
+
+
+def prefill(
+    params: dict,
+    dparams: Params,
+    inp: PrefillInput,
+    max_new: jax.Array,  # [B] int32 per-row budget
+    key: jax.Array,
+    sp: dict,
+    *,
+    ec: EngineConfig,
+    max_len: int,
+) -> LoopState:
+    """The target's prefill, then the drafter's start -> the loop's first state.
+
+    Two programs, not one: the target's prefill depends only on the target, the prompt's
+    shape and the hidden layers a drafter reads (`EngineConfig.prefill_config`), so sampling
+    modes, output budgets and most drafters share one compiled prefill per shape bucket; only
+    the small `start_loop` is compiled per drafter. (Inside a caller's `jax.jit` both are
+    inlined into the caller's program.)"""
+    logits, cache, hiddens = target_prefill(params, inp, pc=ec.prefill_config)
+    return start_loop(
+        dparams, inp, logits, cache, hiddens, max_new, key, sp, ec=ec, max_len=max_len
     )
 
 

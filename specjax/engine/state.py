@@ -16,6 +16,16 @@ from specjax.sampling import SamplingMode
 
 
 @dataclasses.dataclass(frozen=True)
+class PrefillConfig:
+    """Static settings of the target's prefill: what it shares across drafters and budgets."""
+
+    target: ModelConfig
+    hidden_layers: tuple = ()  # the target layers whose hidden states the drafter reads
+    with_hiddens: bool = False  # hand the prompt's hidden states to the drafter
+    impl: str = "xla"
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Static settings of one compiled decode program (hashable: a static jit argument)."""
 
@@ -46,6 +56,15 @@ class EngineConfig:
     @property
     def hidden_layers(self) -> tuple:
         return () if self.drafter is None else tuple(self.drafter.hidden_layers)
+
+    @property
+    def prefill_config(self) -> PrefillConfig:
+        return PrefillConfig(
+            target=self.target,
+            hidden_layers=self.hidden_layers,
+            with_hiddens=self.drafter is not None,
+            impl=self.impl,
+        )
 
 
 @struct.dataclass

@@ -62,6 +62,19 @@ def init_cache(
     )
 
 
+def grow_cache(cache: KVCache, max_len: int) -> KVCache:
+    """The same cache with `max_len` slots per row: the new slots are zeros, as `init_cache`
+    leaves them (never attended to before they are written)."""
+    grow = max_len - cache.max_len
+    if grow < 0:
+        raise ValueError(f"cannot shrink a cache of {cache.max_len} slots to {max_len}")
+
+    def pad(x: jax.Array) -> jax.Array:  # [..., S, hd] -> [..., max_len, hd]
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, grow), (0, 0)])
+
+    return cache.replace(k=jax.tree.map(pad, cache.k), v=jax.tree.map(pad, cache.v))
+
+
 def commit_chain(cache: KVCache, n_new: jax.Array) -> KVCache:
     """Accept the first `n_new[b]` tokens written after `lengths[b]` (they are already in place)."""
     return cache.replace(lengths=cache.lengths + n_new.astype(jnp.int32))
