@@ -5,6 +5,7 @@
     specjax.drafters.layer_skip(layers=8, k=4)
     specjax.drafters.eagle("smollm2-135m-eagle3", tree=DynamicTree(nodes=8, depth=4, top_k=3))
     specjax.drafters.medusa("smollm2-135m-medusa", tree=StaticTree("eagle_small"))
+    specjax.drafters.cascade([ngram(k=2), layer_skip(layers=8, k=4)])  # A -> B -> target
 
 LM drafters draft a chain of k tokens, or a tree: `tree=DynamicTree(...)` (EAGLE-2, grown from
 the draft's confidence) or `tree=StaticTree(choices)` (a fixed Medusa / EAGLE-1 shape, e.g.
@@ -13,7 +14,7 @@ the draft's confidence) or `tree=StaticTree(choices)` (a fixed Medusa / EAGLE-1 
 Layout: `base.py` the protocol and records, `shapes.py` tree shapes (validation, growth),
 `registry.py` CLI names -> constructors, `bundled.py` drafters shipped with specjax, then one
 file per drafter (`ngram.py`, `lm.py`: small model and layer skip, `feature.py`: EAGLE-1/2/3,
-`medusa_heads.py`). A new drafter is one new file (its spec: init / propose / commit, and a
+`medusa_heads.py`, `cascade.py`: one drafter drafting for another). A new drafter is one new file (its spec: init / propose / commit, and a
 constructor returning a `Drafter`) plus one line in `registry.py`.
 """
 
@@ -42,6 +43,7 @@ from specjax.drafters.base import (
     Verified,
 )
 from specjax.drafters.bundled import BUNDLED_DRAFTERS, bundled_path
+from specjax.drafters.cascade import CascadeSpec, cascade
 from specjax.drafters.lm import LMDrafterSpec, LMStaticTreeSpec, LMTreeSpec, layer_skip_params
 
 # Drafter modules whose constructor shares the drafter's name are named apart from it
@@ -355,6 +357,8 @@ __all__ = [
     "layer_skip",
     "eagle",
     "medusa",
+    "cascade",
+    "CascadeSpec",
     "MedusaConfig",
     "MedusaHeads",
     "MedusaSpec",

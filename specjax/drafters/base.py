@@ -9,6 +9,8 @@ functions run inside the decode `while_loop`:
     propose(params, state, last [B], key, mode, sp) -> (Draft | TreeDraft, state)
     commit(params, state, draft, verified: Verified, active [B], target: TargetStep) -> state
 
+and, for drafters that may be a lower level of a cascade, `rewind(params, state, n_drop, last)`.
+
 `last[b]` is the newest token of row b: emitted, but not yet in the target's KV cache. A draft
 continues it. After verification the first `verified.n[b]` draft tokens (`verified.tokens`) and
 `verified.bonus[b]` were emitted; the drafter updates its own state (KV cache rollback, history)
@@ -223,6 +225,21 @@ class DrafterSpec:
         target: TargetStep,
     ) -> Any:
         raise NotImplementedError
+
+    def rewind(self, params: Params, state: Any, n_drop: jax.Array, last: jax.Array) -> Any:
+        """Only for drafters that can be a lower level of a cascade (`drafters.cascade`).
+
+        A committed state stands for a sequence x_1 .. x_t whose newest token x_t is the next
+        propose's `last`. Return the state of x_1 .. x_{t - n_drop[b]}, last[b]: the newest
+        `n_drop` tokens (>= 1, `last` among them) are dropped and `last` appended. The dropped
+        tokens' cache slots may hold stale entries; the state must not read them again."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be a lower level of a cascade (no `rewind`)"
+        )
+
+    @property
+    def can_rewind(self) -> bool:
+        return type(self).rewind is not DrafterSpec.rewind
 
     def check_compatible(self, target_cfg: ModelConfig, target_dtype: np.dtype) -> None:
         """Raise ValueError when this drafter cannot serve the target."""

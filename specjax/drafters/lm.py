@@ -165,6 +165,21 @@ class LMDrafterSpec(DrafterSpec):
             size = self.sizing.choose(jnp.cumsum(jnp.concatenate(confs, axis=1), axis=1))
         return Draft(tokens=tokens, logp=draft_logp, size=size), new_state
 
+    def rewind(
+        self, params: dict, state: LMDraftState, n_drop: jax.Array, last: jax.Array
+    ) -> LMDraftState:
+        # The sequence is the cached tokens, then the 1-2 pending ones (the newest is `last`).
+        keep = state.cache.lengths + state.n_pending - n_drop  # tokens before the new `last`
+        # keep == lengths + 1 only when the older pending token survives (n_pending 2, n_drop 1)
+        two = keep > state.cache.lengths
+        return state.replace(
+            cache=state.cache.replace(lengths=jnp.minimum(keep, state.cache.lengths)),
+            pending=jnp.stack(
+                [jnp.where(two, state.pending[:, 0], last), jnp.where(two, last, 0)], 1
+            ),
+            n_pending=jnp.where(two, 2, 1).astype(jnp.int32),
+        )
+
     def commit(
         self,
         params: dict,

@@ -181,6 +181,14 @@ class NgramSpec(DrafterSpec):
         size = self.request(n[:, 0], state.hist_len - starts[:, 0])
         return Draft(tokens=chain.astype(jnp.int32), logp=None, size=size), state
 
+    def rewind(
+        self, params: Params, state: NgramState, n_drop: jax.Array, last: jax.Array
+    ) -> NgramState:
+        B, H = state.hist.shape
+        at = state.hist_len - n_drop  # the history holds the whole sequence, `last` included
+        hist = state.hist.at[jnp.arange(B), jnp.where(at < H, at, H)].set(last, mode="drop")
+        return NgramState(hist=hist, hist_len=jnp.minimum(at + 1, H))
+
     def commit(
         self,
         params: Params,

@@ -1,0 +1,272 @@
+"""Vertical cascades: A drafts for B, B drafts for the target (and deeper: A -> B -> C -> target).
+
+`cascade([A, B])` is a chain drafter whose draft comes from B, an LM drafter (`small_model`,
+`layer_skip`), decoded speculatively with A as B's own drafter: each inner round A proposes a
+chain continuing B's newest token, B scores [newest, a_1 .. a_kA] in one block forward of its
+own cache and accepts by the exact rule (`verify_chain`: greedy argmax, or speculative sampling
+against A's distribution), then adds its bonus token. Rounds repeat until every row holds at
+least k + 1 of B's tokens; the first k are the draft the target verifies.
+
+Why the target's check stays exact. Speculative decoding of B is lossless: the tokens it emits
+are distributed exactly as B sampling one token at a time, so conditionally on the tokens
+before it, draft token i follows q_B(. | d_<i), B's processed distribution at that position.
+Those rows (from B's verify forward) are the draft's `logp`, and the target runs ordinary
+speculative sampling against them. Greedy: B's emitted tokens are B's greedy continuation.
+
+State. B's cache holds every token before the newest one (`last`, not yet fed); the lower
+level's state follows the same sequence as the cascade at its level. After the target accepts
+n of the k draft tokens, B keeps [last, d_1 .. d_n] (all in its cache: at least k + 1 tokens were
+emitted, so d_1 .. d_k were fed) and the lower level drops what the target rejected with
+`rewind`. A cascade can itself be the lower level of another (`rewind` below), which is how
+depth >= 3 works: cascade([A, B, C]) = cascade([cascade([A, B]), C]).
+
+The lower level may be any chain drafter with `rewind` (n-gram, small model, layer skip, or a
+cascade) that reads no target features; the upper level is an LM chain drafter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from specjax.drafters.base import (
+    Draft,
+    Drafter,
+    DrafterSpec,
+    Params,
+    TargetPrefill,
+    TargetStep,
+    Verified,
+)
+from specjax.drafters.lm import LMDrafterSpec
+from specjax.engine.accept import verify_chain
+from specjax.models import forward
+from specjax.models.cache import KVCache
+from specjax.models.config import ModelConfig
+from specjax.sampling import SamplingMode, process_logits
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from specjax.model import Model
+
+
+@struct.dataclass
+class CascadeState:
+    lower: Any  # the lower level's state (its sequence: the cascade's)
+    cache: KVCache  # the upper model's cache: every token before `last`
+    len_before: jax.Array  # [B] int32 upper cache length when the last propose began
+    count: jax.Array  # [B] int32 tokens the last propose emitted (>= k + 1)
+    last: jax.Array  # [B] int32 `last` of the last propose
+
+
+@struct.dataclass
+class _Carry:
+    lower: Any
+    cache: KVCache
+    last: jax.Array  # [B] newest emitted token (not in the upper cache)
+    count: jax.Array  # [B] tokens emitted so far
+    tokens: jax.Array  # [B, W] emitted tokens
+    logp: jax.Array | None  # [B, W, V] the upper level's processed log-probs at each one
+    rounds: jax.Array  # [] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class CascadeSpec(DrafterSpec):
+    lower: DrafterSpec | None = None
+    upper: LMDrafterSpec | None = None
+
+    @property
+    def width(self) -> int:
+        """Emitted-token buffer: a round starts below k + 1 and adds at most lower.k + 1."""
+        return self.k + self.lower.k + 1
+
+    @property
+    def cache_slack(self) -> int:
+        # The upper cache runs up to width - 1 slots past the committed tokens plus a block of
+        # lower.k + 1; the lower level's sequence grows by up to width, plus its own slack.
+        return self.width + self.lower.k + 2 + self.lower.cache_slack
+
+    def check_compatible(self, target_cfg: ModelConfig, target_dtype: np.dtype) -> None:
+        self.upper.check_compatible(target_cfg, target_dtype)
+
+    def init(self, params: Params, prefill: TargetPrefill, max_len: int) -> CascadeState:
+        up = self.upper.init(params["upper"], prefill, max_len)  # cache: the prompt; first pending
+        lower_prefill = TargetPrefill(
+            input=prefill.input, first=prefill.first, cache=up.cache, hiddens=None
+        )
+        lower = self.lower.init(params["lower"], lower_prefill, max_len)
+        B = prefill.first.shape[0]
+        zeros = jnp.zeros((B,), jnp.int32)
+        return CascadeState(
+            lower=lower, cache=up.cache, len_before=up.cache.lengths, count=zeros, last=zeros
+        )
+
+    def _round(
+        self, params: Params, c: _Carry, key: jax.Array, mode: SamplingMode, sp: dict
+    ) -> _Carry:
+        """One inner round: the lower level drafts, the upper level verifies and adds a token."""
+        up, K, KA, W = self.upper, self.k, self.lower.k, self.width
+        k_draft, k_verify = jax.random.split(key)
+        draft, lower = self.lower.propose(params["lower"], c.lower, c.last, k_draft, mode, sp)
+        block = jnp.concatenate([c.last[:, None], draft.tokens], axis=1)  # [B, KA+1]
+        positions = c.cache.lengths[:, None] + jnp.arange(KA + 1, dtype=jnp.int32)[None, :]
+        logits, _, cache = forward(params["upper"], up.cfg, block, positions, c.cache)
+        acc = verify_chain(k_verify, logits, draft.tokens, draft.logp, mode, sp)
+        live = c.count < K + 1  # rows that still need tokens
+        i = jnp.arange(KA + 1, dtype=jnp.int32)[None, :]
+        # emitted this round: a_1 .. a_n, then the bonus (n + 1 tokens)
+        padded = jnp.concatenate([draft.tokens, jnp.zeros_like(draft.tokens[:, :1])], axis=1)
+        new = jnp.where(i < acc.n[:, None], padded, acc.bonus[:, None])
+        col = jnp.where(live[:, None] & (i <= acc.n[:, None]), c.count[:, None] + i, W)  # W: drop
+        rows = jnp.arange(block.shape[0])[:, None]
+        tokens = c.tokens.at[rows, col].set(new, mode="drop")
+        logp = c.logp
+        if logp is not None:  # block row i is q_B at the position of emitted token i
+            logp = logp.at[rows, col].set(self._handed_logp(logits, draft, mode, sp), mode="drop")
+        path = jnp.where(i[:, :KA] < acc.n[:, None], i[:, :KA], -1)
+        verified = Verified(tokens=draft.tokens, n=acc.n, bonus=acc.bonus, path=path)
+        lower = self.lower.commit(
+            params["lower"], lower, draft, verified, live, TargetStep(tokens=block, hiddens=None)
+        )
+        moved = jnp.where(live, acc.n + 1, 0)
+        return _Carry(
+            lower=lower,
+            cache=cache.replace(lengths=c.cache.lengths + moved),
+            last=jnp.where(live, acc.bonus, c.last),
+            count=c.count + moved,
+            tokens=tokens,
+            logp=logp,
+            rounds=c.rounds + 1,
+        )
+
+    def _handed_logp(
+        self, logits: jax.Array, draft: Draft, mode: SamplingMode, sp: dict
+    ) -> jax.Array:
+        """[B, KA+1, V] the distribution each emitted token follows: the upper level's own
+        (what the target's check must use; a test overrides this to break it on purpose)."""
+        return process_logits(logits, mode, sp)
+
+    def propose(
+        self,
+        params: Params,
+        state: CascadeState,
+        last: jax.Array,
+        key: jax.Array,
+        mode: SamplingMode,
+        sp: dict,
+    ) -> tuple[Draft, CascadeState]:
+        K, W = self.k, self.width
+        B = last.shape[0]
+        V = self.upper.cfg.vocab_size
+        logp = None if mode.greedy else jnp.zeros((B, W, V), jnp.float32)
+        start = _Carry(
+            lower=state.lower,
+            cache=state.cache,
+            last=last,
+            count=jnp.zeros((B,), jnp.int32),
+            tokens=jnp.zeros((B, W), jnp.int32),
+            logp=logp,
+            rounds=jnp.zeros((), jnp.int32),
+        )
+        # Every live row gains >= 1 token per round, so K + 1 rounds always suffice.
+        c = jax.lax.while_loop(
+            lambda c: jnp.any(c.count < K + 1),
+            lambda c: self._round(params, c, jax.random.fold_in(key, c.rounds), mode, sp),
+            start,
+        )
+        draft = Draft(tokens=c.tokens[:, :K], logp=None if c.logp is None else c.logp[:, :K])
+        new_state = CascadeState(
+            lower=c.lower,
+            cache=c.cache,
+            len_before=state.cache.lengths,
+            count=c.count,
+            last=last,
+        )
+        return draft, new_state
+
+    def commit(
+        self,
+        params: Params,
+        state: CascadeState,
+        draft: Draft,
+        verified: Verified,
+        active: jax.Array,
+        target: TargetStep,
+    ) -> CascadeState:
+        n = verified.n
+        # Kept: [last, d_1 .. d_n] in the upper cache; new `last` = the target's bonus. Inactive
+        # rows go back to where the propose began (drop everything it emitted and `last`,
+        # then put `last` back).
+        lengths = jnp.where(active, state.len_before + 1 + n, state.len_before)
+        n_drop = jnp.where(active, state.count - n, state.count + 1)
+        new_last = jnp.where(active, verified.bonus, state.last)
+        lower = self.lower.rewind(params["lower"], state.lower, n_drop, new_last)
+        return state.replace(lower=lower, cache=state.cache.replace(lengths=lengths))
+
+    def rewind(
+        self, params: Params, state: CascadeState, n_drop: jax.Array, last: jax.Array
+    ) -> CascadeState:
+        # The upper cache holds the sequence but its newest token: it keeps t - n_drop tokens.
+        lengths = state.cache.lengths + 1 - n_drop
+        lower = self.lower.rewind(params["lower"], state.lower, n_drop, last)
+        return state.replace(lower=lower, cache=state.cache.replace(lengths=lengths))
+
+
+def _as_model(spec: LMDrafterSpec, params: dict, target: Model) -> Model:
+    """The upper level as a `Model`, for binding the level below it (its target)."""
+    from specjax.model import Model
+
+    return Model(params=params, config=spec.cfg, tokenizer=target.tokenizer, name="cascade-level")
+
+
+def _check_lower(spec: DrafterSpec, name: str) -> None:
+    if spec.is_tree:
+        raise ValueError(f"cascade level {name!r} drafts a tree; a lower level must draft a chain")
+    if spec.hidden_layers:
+        raise ValueError(
+            f"cascade level {name!r} reads target hidden states; a lower level cannot (the level "
+            "above it does not produce them)"
+        )
+    if not spec.can_rewind:
+        raise ValueError(
+            f"cascade level {name!r} ({type(spec).__name__}) cannot be a lower level: it has no "
+            "`rewind`; valid lower levels: ngram, small_model, layer_skip chains, or a cascade"
+        )
+
+
+def _check_upper(spec: DrafterSpec, name: str) -> None:
+    if not isinstance(spec, LMDrafterSpec) or spec.is_tree:
+        raise ValueError(
+            f"cascade level {name!r} ({type(spec).__name__}) cannot verify a lower level: an "
+            "upper level must be an LM chain drafter (small_model or layer_skip without a tree)"
+        )
+    if spec.sizing is not None:
+        raise ValueError(f"cascade level {name!r}: an upper level drafts whole chains (no sizing)")
+
+
+def cascade(levels: Sequence[Drafter]) -> Drafter:
+    """A vertical cascade, smallest level first: `cascade([A, B])` drafts with B, which A
+    drafts for; `cascade([A, B, C])` = A -> B -> C -> target. The draft size is the last
+    level's k (each level's k is what it proposes to the level above)."""
+    levels = list(levels)
+    if len(levels) < 2 or not all(isinstance(d, Drafter) for d in levels):
+        raise ValueError(f"cascade needs a list of >= 2 drafters, smallest first; got {levels!r}")
+    lower_d = levels[0] if len(levels) == 2 else cascade(levels[:-1])
+    upper_d = levels[-1]
+
+    def bind(target: Model) -> tuple[CascadeSpec, dict]:
+        upper, p_upper = upper_d.bind(target)
+        _check_upper(upper, upper_d.name)
+        lower, p_lower = lower_d.bind(_as_model(upper, p_upper, target))
+        _check_lower(lower, lower_d.name)
+        spec = CascadeSpec(k=upper.k, lower=lower, upper=upper)
+        return spec, {"lower": p_lower, "upper": p_upper}
+
+    name = f"cascade({lower_d.name} > {upper_d.name})"
+    return Drafter(name=name, k=upper_d.k, binder=bind, tokenizer=upper_d.tokenizer)

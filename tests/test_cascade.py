@@ -1,0 +1,226 @@
+"""Vertical cascades (`drafters.cascade`): A drafts for B, B for the target, and deeper.
+
+Greedy: outputs equal plain greedy decoding token for token, for a two-level cascade with an
+n-gram bottom, one with an LM bottom (its `rewind` after the target rejects), and a three-level
+one (a cascade as the lower level of another).
+
+Sampling: the chi-square test of tests/test_spec_sampling.py (same target, prompt, N_ROWS = 8192
+rows, 3 new tokens, the joint of (t1, t2, t3) against the exact target law; its stated power:
+TV >= 0.062 (plain) / 0.047 (top-k/top-p) is rejected with probability >= 0.99 at ALPHA). The
+top level is that file's 1-layer draft model with k = 2, so t2 and t3 pass through the target's
+check of the cascade's draft. Negative control: a cascade that hands the target the wrong
+distribution for its draft (uniform instead of the upper level's own q_B) must be rejected; its
+exact law is computable because the upper level's emitted tokens follow q_B exactly (the inner
+level is lossless), which gives the TV distance and the power of the test against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import specjax
+from specjax import drafters
+from specjax.drafters.cascade import CascadeSpec
+
+from test_spec_sampling import (  # noqa: F401  (`models`, `exact` are pytest fixtures)
+    ALPHA,
+    MIN_POWER,
+    MODES,
+    N_ROWS,
+    _scaled,
+    assert_follows_target,
+    chi_square,
+    exact,
+    models,
+    power,
+    sample_joint,
+)
+
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def greedy_ar(target):
+    from conftest import RAGGED_PROMPTS
+
+    return RAGGED_PROMPTS, specjax.generate(target, RAGGED_PROMPTS, max_new_tokens=NEW).tokens
+
+
+GREEDY_CASES = {
+    # n-gram bottom, the target's first 2 of 3 layers on top
+    "ngram>layer_skip": lambda other: [
+        drafters.ngram(k=2),
+        drafters.layer_skip(layers=2, k=3),
+    ],
+    # an LM bottom: after each target check it rewinds its own cache
+    "model>layer_skip": lambda other: [
+        drafters.small_model(other, k=2),
+        drafters.layer_skip(layers=2, k=3),
+    ],
+    # three levels: n-gram -> 1 layer -> 2 layers -> target
+    "ngram>layer_skip>layer_skip": lambda other: [
+        drafters.ngram(k=1),
+        drafters.layer_skip(layers=1, k=2),
+        drafters.layer_skip(layers=2, k=4),
+    ],
+}
+
+
+@pytest.mark.parametrize("case", list(GREEDY_CASES))
+def test_cascade_greedy_equals_ar(target, other, greedy_ar, case):
+    prompts, ar = greedy_ar
+    out = specjax.generate(
+        target, prompts, max_new_tokens=NEW, drafter=drafters.cascade(GREEDY_CASES[case](other))
+    )
+    assert out.tokens == ar
+    hist = np.asarray(out.stats["acceptance_histogram"])
+    # the target both accepts and rejects parts of the cascade's drafts
+    assert hist[0] > 0 and hist[1:].sum() > 0, hist
+
+
+def test_cascade_levels_are_checked(target, other):
+    ok_lower, ok_upper = drafters.ngram(k=2), drafters.small_model(other, k=2)
+    with pytest.raises(ValueError, match=">= 2 drafters"):
+        drafters.cascade([ok_upper])
+    with pytest.raises(ValueError, match="upper level must be an LM chain drafter"):
+        specjax.generate(
+            target, [[1, 2, 3]], max_new_tokens=4, drafter=drafters.cascade([ok_lower, ok_lower])
+        )
+    tree = drafters.small_model(other, tree=drafters.DynamicTree(nodes=4, depth=2, top_k=2))
+    with pytest.raises(ValueError, match="a lower level must draft a chain"):
+        specjax.generate(
+            target, [[1, 2, 3]], max_new_tokens=4, drafter=drafters.cascade([tree, ok_upper])
+        )
+    with pytest.raises(ValueError, match="upper level must be an LM chain drafter"):
+        specjax.generate(
+            target, [[1, 2, 3]], max_new_tokens=4, drafter=drafters.cascade([ok_lower, tree])
+        )
+
+
+# ---------------------------------------------------------------------------------- sampling
+
+
+def _draft2(draft: specjax.Model) -> specjax.Model:
+    """A second small model: the draft with a flatter head (a distribution of its own)."""
+    return _scaled(draft, lm_head=draft.params["lm_head"] * 0.6)
+
+
+SAMPLED = {  # name -> (levels(draft), mode, seed)
+    "ngram>model": (
+        lambda d: [drafters.ngram(max_ngram=3, k=2), drafters.small_model(d, k=2)],
+        "plain",
+        3101,
+    ),
+    "model>model": (
+        lambda d: [drafters.small_model(_draft2(d), k=2), drafters.small_model(d, k=2)],
+        "topk5_topp0.8",
+        3102,
+    ),
+    "ngram>model>model": (
+        lambda d: [
+            drafters.ngram(max_ngram=3, k=1),
+            drafters.small_model(_draft2(d), k=2),
+            drafters.small_model(d, k=2),
+        ],
+        "plain",
+        3103,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SAMPLED))
+def test_cascade_sampling_matches_target(models, exact, case):
+    target, draft = models
+    levels, mode, seed = SAMPLED[case]
+    counts, st = sample_joint(target, drafters.cascade(levels(draft)), MODES[mode], seed)
+    hist = np.asarray(st["acceptance_histogram"])
+    assert_follows_target(counts, exact[mode]["joint"], hist, f"cascade {case}/{mode}")
+    assert hist[0] >= 0.05 * hist.sum() and hist[1:].sum() >= 0.05 * hist.sum(), hist
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformHandedSpec(CascadeSpec):
+    """Broken on purpose: tells the target its draft follows the uniform distribution."""
+
+    def _handed_logp(self, logits, draft, mode, sp):
+        return jnp.full(logits.shape, -np.log(logits.shape[-1]), jnp.float32)
+
+
+def _broken(levels) -> drafters.Drafter:
+    good = drafters.cascade(levels)
+
+    def bind(target):
+        spec, params = good.bind(target)
+        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+        return UniformHandedSpec(**fields), params
+
+    return drafters.Drafter(name="broken-cascade", k=good.k, binder=bind)
+
+
+def uniform_handed_law(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Law of the first token a target check emits when the draft follows q but the target is
+    told it follows the uniform distribution u: draft x is accepted with min(1, p(x) / u(x)),
+    a rejection draws from norm(max(p - u, 0))."""
+    u = 1.0 / p.shape[-1]
+    a = q * np.minimum(1.0, p / u)
+    res = np.maximum(p - u, 0.0)
+    mass = res.sum(-1, keepdims=True)
+    res = np.where(mass > 0, res / np.where(mass > 0, mass, 1), p)
+    return a + (1.0 - a.sum(-1, keepdims=True)) * res
+
+
+def test_cascade_wrong_handed_distribution_is_detected(models, exact):
+    """With k = 2 and 3 new tokens, t2 | t1 and t3 | t1, t2 are each either a draft token checked
+    against (p, q_B) at its position or the first token of a new check there: both follow
+    `uniform_handed_law(p, q_B)` (q_B: the top level's exact law, `exact[mode]["q"]`)."""
+    target, draft = models
+    mode = "plain"
+    p1, p2, p3 = exact[mode]["p"]
+    _, q2, q3 = exact[mode]["q"]
+    law = (
+        p1[:, None, None] * uniform_handed_law(p2, q2)[:, :, None] * uniform_handed_law(p3, q3)
+    ).ravel()
+    null = exact[mode]["joint"]
+    tv, pw, lam = power(null, law, N_ROWS)
+    levels = SAMPLED["ngram>model"][0](draft)
+    counts, _ = sample_joint(target, _broken(levels), MODES[mode], 3111)
+    fit = chi_square(counts, null)
+    alt = chi_square(counts, law)
+    print(f"uniform handed q: TV={tv:.3f} lambda={lam:.0f} power={pw} {fit}; vs broken law {alt}")
+    assert pw >= MIN_POWER
+    assert fit.pvalue < ALPHA, fit
+    assert alt.pvalue > ALPHA, alt  # and it is the broken law the engine produced
+
+
+def test_rewind_follows_the_sequence():
+    """`rewind` on n-gram and LM states: drop the newest tokens, append a new newest one."""
+    from specjax.drafters.lm import LMDraftState
+    from specjax.drafters.ngram import NgramState
+    from specjax.models.cache import KVCache
+
+    ng = drafters.ngram(k=2)
+    spec, _ = ng.binder(None)
+    st = NgramState(hist=jnp.array([[5, 6, 7, 8, 0, 0]]), hist_len=jnp.array([4]))
+    out = spec.rewind(None, st, jnp.array([2]), jnp.array([9]))
+    assert out.hist_len.tolist() == [3] and out.hist[0, :3].tolist() == [5, 6, 9]
+
+    lm = drafters.LMDrafterSpec(k=2)
+    cache = KVCache(k=(), v=(), lengths=jnp.array([10, 10, 10]))
+    st = LMDraftState(
+        cache=cache,
+        pending=jnp.array([[3, 4], [3, 0], [3, 4]]),
+        n_pending=jnp.array([2, 1, 2]),
+        len_before=cache.lengths,
+    )
+    out = lm.rewind(None, st, jnp.array([1, 3, 3]), jnp.array([7, 8, 9]))
+    # row 0: drop 4, keep 3 pending -> [3, 7]; row 1: 11 tokens - 3 -> 8 cached, [8] pending;
+    # row 2: 12 - 3 -> 9 cached, [9] pending
+    assert out.cache.lengths.tolist() == [10, 8, 9]
+    assert out.n_pending.tolist() == [2, 1, 1]
+    assert out.pending.tolist() == [[3, 7], [8, 0], [9, 0]]
+    jax.block_until_ready(out)
