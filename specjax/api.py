@@ -309,7 +309,7 @@ def generate(
     jax.block_until_ready(state.out)
     t2 = time.perf_counter()
     compiled = sum(engine.TRACE_COUNTS.values()) > before
-    return finish(model, state, rows, t1 - t0, t2 - t1, compiled)
+    return finish(model, state, rows, t1 - t0, t2 - t1, compiled, ec.drafter)
 
 
 def finish(
@@ -319,6 +319,7 @@ def finish(
     prefill_s: float,
     decode_s: float,
     compiled: bool,
+    spec: DrafterSpec | None = None,
 ) -> GenerateOutput:
     out = np.asarray(state.out)
     n_out = np.asarray(state.n_out)
@@ -328,12 +329,17 @@ def finish(
         text=[model.decode(t) for t in tokens],
         lengths=[len(t) for t in tokens],
         prompt_lengths=[len(r) for r in rows],
-        stats=_stats(state, len(rows), prefill_s, decode_s, compiled),
+        stats=_stats(state, len(rows), prefill_s, decode_s, compiled, spec),
     )
 
 
 def _stats(
-    state: engine.LoopState, n: int, prefill_s: float, decode_s: float, compiled: bool
+    state: engine.LoopState,
+    n: int,
+    prefill_s: float,
+    decode_s: float,
+    compiled: bool,
+    spec: DrafterSpec | None = None,
 ) -> dict:
     n_out = np.asarray(state.n_out)[:n]
     row_steps = np.asarray(state.row_steps)[:n]
@@ -357,6 +363,7 @@ def _stats(
         # loop steps per verify size (0 = a plain step), for drafters that size their drafts
         "verify_size_histogram": np.asarray(state.size_hist).tolist(),
         "compiled": bool(compiled),
+        **({} if spec is None else spec.stats(state.dstate, n)),
     }
 
 
@@ -475,7 +482,7 @@ def generate_pmap(
         accept_hist=jnp.sum(state.accept_hist, axis=0),
         size_hist=jnp.sum(state.size_hist, axis=0),
     )
-    return finish(model, state, rows, 0.0, dt, True)
+    return finish(model, state, rows, 0.0, dt, True, ec.drafter)
 
 
 def decode_fn(

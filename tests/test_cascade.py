@@ -81,6 +81,33 @@ def test_cascade_greedy_equals_ar(target, other, greedy_ar, case):
     hist = np.asarray(out.stats["acceptance_histogram"])
     # the target both accepts and rejects parts of the cascade's drafts
     assert hist[0] > 0 and hist[1:].sum() > 0, hist
+    # per-level statistics, smallest level first; each upper level accepted some drafts
+    levels = out.stats["cascade_levels"]
+    assert len(levels) == len(GREEDY_CASES[case](other)) - 1
+    for lv in levels:
+        assert 0 < lv["accepted"] < lv["drafted"] and lv["upper_forwards"] > 0, levels
+        assert lv["tau"] == (lv["accepted"] + lv["upper_forwards"]) / lv["upper_forwards"]
+    if len(levels) == 2:  # the deepest cascade at batch 1 too
+        d = drafters.cascade(GREEDY_CASES[case](other))
+        one = specjax.generate(target, prompts[3], max_new_tokens=NEW, drafter=d, chat=False)
+        assert one.tokens == [ar[3]]
+
+
+def test_cascade_cli_name(target):
+    """`cascade:A>B` through the drafter registry (what --drafter and bench take)."""
+    from specjax.drafters import registry
+
+    d = registry.make("cascade:ngram@2>layer_skip:2@3", model=target)
+    assert d.k == 3 and d.name == "cascade(ngram(n=1..4, k=2) > layer_skip(layers=2, k=3))", d.name
+    spec, _ = d.bind(target)
+    assert (spec.lower.k, spec.upper.k, spec.upper.cfg.num_layers) == (2, 3, 2)
+    for bad, msg in [
+        ("cascade:ngram", ">= 2 levels"),
+        ("cascade:ngram>nope", "unknown drafter 'nope'"),
+        ("cascade:auto>layer_skip", "cannot be inside a cascade"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            registry.parse(bad)
 
 
 def test_cascade_levels_are_checked(target, other):

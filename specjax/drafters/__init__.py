@@ -14,8 +14,9 @@ the draft's confidence) or `tree=StaticTree(choices)` (a fixed Medusa / EAGLE-1 
 Layout: `base.py` the protocol and records, `shapes.py` tree shapes (validation, growth),
 `registry.py` CLI names -> constructors, `bundled.py` drafters shipped with specjax, then one
 file per drafter (`ngram.py`, `lm.py`: small model and layer skip, `feature.py`: EAGLE-1/2/3,
-`medusa_heads.py`, `cascade.py`: one drafter drafting for another). A new drafter is one new file (its spec: init / propose / commit, and a
-constructor returning a `Drafter`) plus one line in `registry.py`.
+`medusa_heads.py`, `cascade.py`: drafters drafting for each other). A new drafter is one new
+file (its spec: init / propose / commit, and a constructor returning a `Drafter`) plus one line
+in `registry.py`.
 """
 
 from __future__ import annotations

@@ -237,6 +237,11 @@ class DrafterSpec:
             f"{type(self).__name__} cannot be a lower level of a cascade (no `rewind`)"
         )
 
+    def stats(self, state: Any, rows: int) -> dict:
+        """Drafter statistics for `generate`'s stats, read from the final state (first `rows`
+        rows); none by default."""
+        return {}
+
     @property
     def can_rewind(self) -> bool:
         return type(self).rewind is not DrafterSpec.rewind

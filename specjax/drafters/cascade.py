@@ -63,6 +63,11 @@ class CascadeState:
     len_before: jax.Array  # [B] int32 upper cache length when the last propose began
     count: jax.Array  # [B] int32 tokens the last propose emitted (>= k + 1)
     last: jax.Array  # [B] int32 `last` of the last propose
+    # Statistics of this level (the upper model checking the lower level's drafts), per row:
+    # [3, B] int32 (upper forwards, lower tokens drafted, of them accepted); `step` holds the
+    # last propose's, added to `total` for the rows active in the target's step.
+    step: jax.Array
+    total: jax.Array
 
 
 @struct.dataclass
@@ -71,6 +76,7 @@ class _Carry:
     cache: KVCache
     last: jax.Array  # [B] newest emitted token (not in the upper cache)
     count: jax.Array  # [B] tokens emitted so far
+    stats: jax.Array  # [3, B] rounds, drafted, accepted (live rows)
     tokens: jax.Array  # [B, W] emitted tokens
     logp: jax.Array | None  # [B, W, V] the upper level's processed log-probs at each one
     rounds: jax.Array  # [] int32
@@ -80,6 +86,7 @@ class _Carry:
 class CascadeSpec(DrafterSpec):
     lower: DrafterSpec | None = None
     upper: LMDrafterSpec | None = None
+    label: str = ""  # "lower > upper" drafter names, for statistics
 
     @property
     def width(self) -> int:
@@ -104,7 +111,13 @@ class CascadeSpec(DrafterSpec):
         B = prefill.first.shape[0]
         zeros = jnp.zeros((B,), jnp.int32)
         return CascadeState(
-            lower=lower, cache=up.cache, len_before=up.cache.lengths, count=zeros, last=zeros
+            lower=lower,
+            cache=up.cache,
+            len_before=up.cache.lengths,
+            count=zeros,
+            last=zeros,
+            step=jnp.zeros((3, B), jnp.int32),
+            total=jnp.zeros((3, B), jnp.int32),
         )
 
     def _round(
@@ -140,6 +153,8 @@ class CascadeSpec(DrafterSpec):
             cache=cache.replace(lengths=c.cache.lengths + moved),
             last=jnp.where(live, acc.bonus, c.last),
             count=c.count + moved,
+            stats=c.stats
+            + jnp.where(live, jnp.stack([jnp.ones_like(acc.n), KA + 0 * acc.n, acc.n]), 0),
             tokens=tokens,
             logp=logp,
             rounds=c.rounds + 1,
@@ -170,6 +185,7 @@ class CascadeSpec(DrafterSpec):
             cache=state.cache,
             last=last,
             count=jnp.zeros((B,), jnp.int32),
+            stats=jnp.zeros((3, B), jnp.int32),
             tokens=jnp.zeros((B, W), jnp.int32),
             logp=logp,
             rounds=jnp.zeros((), jnp.int32),
@@ -181,12 +197,13 @@ class CascadeSpec(DrafterSpec):
             start,
         )
         draft = Draft(tokens=c.tokens[:, :K], logp=None if c.logp is None else c.logp[:, :K])
-        new_state = CascadeState(
+        new_state = state.replace(
             lower=c.lower,
             cache=c.cache,
             len_before=state.cache.lengths,
             count=c.count,
             last=last,
+            step=c.stats,
         )
         return draft, new_state
 
@@ -207,7 +224,27 @@ class CascadeSpec(DrafterSpec):
         n_drop = jnp.where(active, state.count - n, state.count + 1)
         new_last = jnp.where(active, verified.bonus, state.last)
         lower = self.lower.rewind(params["lower"], state.lower, n_drop, new_last)
-        return state.replace(lower=lower, cache=state.cache.replace(lengths=lengths))
+        return state.replace(
+            lower=lower,
+            cache=state.cache.replace(lengths=lengths),
+            total=state.total + jnp.where(active, state.step, 0),
+        )
+
+    def stats(self, state: CascadeState, rows: int) -> dict:
+        """Per level, smallest first: how the upper model of each level took the drafts of the
+        level below it (over the first `rows` rows)."""
+        below = self.lower.stats(state.lower, rows).get("cascade_levels", [])
+        rounds, drafted, accepted = (int(x) for x in jax.device_get(state.total[:, :rows]).sum(1))
+        level = {
+            "level": self.label,
+            "upper_forwards": rounds,
+            "drafted": drafted,
+            "accepted": accepted,
+            "acceptance": accepted / drafted if drafted else 0.0,
+            # tokens the upper level emitted per forward of its own (its bonus included)
+            "tau": (accepted + rounds) / rounds if rounds else 0.0,
+        }
+        return {"cascade_levels": [*below, level]}
 
     def rewind(
         self, params: Params, state: CascadeState, n_drop: jax.Array, last: jax.Array
@@ -250,6 +287,11 @@ def _check_upper(spec: DrafterSpec, name: str) -> None:
         raise ValueError(f"cascade level {name!r}: an upper level drafts whole chains (no sizing)")
 
 
+def _short(d: Drafter) -> str:
+    """A level's name without the cascade wrapper (labels of nested levels)."""
+    return d.name[len("cascade(") : -1] if d.name.startswith("cascade(") else d.name
+
+
 def cascade(levels: Sequence[Drafter]) -> Drafter:
     """A vertical cascade, smallest level first: `cascade([A, B])` drafts with B, which A
     drafts for; `cascade([A, B, C])` = A -> B -> C -> target. The draft size is the last
@@ -265,7 +307,8 @@ def cascade(levels: Sequence[Drafter]) -> Drafter:
         _check_upper(upper, upper_d.name)
         lower, p_lower = lower_d.bind(_as_model(upper, p_upper, target))
         _check_lower(lower, lower_d.name)
-        spec = CascadeSpec(k=upper.k, lower=lower, upper=upper)
+        label = f"{_short(lower_d)} > {_short(upper_d)}"
+        spec = CascadeSpec(k=upper.k, lower=lower, upper=upper, label=label)
         return spec, {"lower": p_lower, "upper": p_upper}
 
     name = f"cascade({lower_d.name} > {upper_d.name})"

@@ -74,6 +74,13 @@ def parse(text: str) -> DrafterName | None:
     naming what is wrong and what is valid."""
     if text in (None, "", "none", "ar"):
         return None
+    if text.startswith(CASCADE + ":"):  # its levels carry their own @K
+        entry, arg = REGISTRY[CASCADE], text[len(CASCADE) + 1 :]
+        try:
+            entry.arg_type(arg)
+        except ValueError as e:
+            raise ValueError(f"bad cascade {text!r}: {e} (usage: {entry.usage})") from None
+        return DrafterName(entry, arg, None)
     name, at, k_text = text.partition("@")
     k = None
     if at:
@@ -248,3 +255,33 @@ register(DrafterEntry("eagle_tree", _eagle("eagle", True), arg="PATH", tree=True
 register(DrafterEntry("medusa", _medusa(False), arg="PATH"))
 register(DrafterEntry("medusa_tree", _medusa(True), arg="PATH"))
 register(DrafterEntry("auto", _auto))
+
+CASCADE = "cascade"
+
+
+def _cascade_levels(arg: str) -> list[str]:
+    """'A>B[>C...]' -> the level names, each checked (smallest first)."""
+    levels = arg.split(">")
+    if len(levels) < 2:
+        raise ValueError("a cascade needs >= 2 levels joined by '>', smallest first")
+    for level in levels:
+        if level.split(":")[0].split("@")[0] in (CASCADE, "auto"):
+            raise ValueError(f"level {level!r} cannot be inside a cascade")
+        if parse(level) is None:
+            raise ValueError(f"level {level!r} names no drafter")
+    return levels
+
+
+def _cascade(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
+    """cascade:A>B>C: A drafts for B, B for C, C for the target; `k` (--k) sizes the top level
+    when its name has no @K."""
+    from specjax.drafters import cascade
+
+    levels = _cascade_levels(arg)
+    made = [make(t, None, model) for t in levels[:-1]] + [make(levels[-1], k, model)]
+    return cascade(made)
+
+
+register(
+    DrafterEntry(CASCADE, _cascade, arg="A>B[>C...]", arg_required=True, arg_type=_cascade_levels)
+)
