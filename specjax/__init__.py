@@ -14,7 +14,7 @@ from specjax.decode import DecodeFn
 from specjax.engine.xla import xla_options
 from specjax.model import Model, load_model, model_from_hf
 from specjax.models.config import ModelConfig
-from specjax.sharding import make_mesh
+from specjax.sharding import make_mesh, shard_model
 
 __version__ = "0.1.0"
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "generate_pmap",
     "load_model",
     "make_mesh",
+    "shard_model",
     "model_from_hf",
     "xla_options",
 ]

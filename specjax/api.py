@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from specjax import engine, sharding
 from specjax.decode import (
@@ -278,10 +279,14 @@ def generate(
     `drafter` is a `specjax.drafters` Drafter or a registry name as on the command line
     ("ngram", "eagle3_tree", ...); "auto" picks the drafter measured fastest for this model
     on this device (measured once, then cached; see `autotune.choose_drafter`).
-    With `mesh` (a `jax.sharding.Mesh` with a "data" axis) the batch is sharded over it.
+    With `mesh` (a `jax.sharding.Mesh` with a "data" axis) the batch is sharded over it; with
+    a "model" axis too (`specjax.make_mesh(data=D, model=M)`), the model is tensor parallel
+    (`specjax.shard_model`; pass a model already sharded for the mesh to skip regrouping).
     """
     # A mesh without a "data" axis is rejected with a clear message by `sharding.place`.
     multiple = 1 if mesh is None else dict(mesh.shape).get("data", 1)
+    if sharding.model_axis(mesh) > 1:  # tensor parallel: regroup and place (once per model)
+        model = sharding.shard_model(model, mesh)
     ec, args, rows = prepare(
         model,
         prompts,
@@ -298,6 +303,9 @@ def generate(
     params, dparams = model.params, args.pop("dparams")
     if mesh is not None:
         params, dparams, args = sharding.place(mesh, params, dparams, args)
+        if sharding.model_axis(mesh) > 1:
+            kv = NamedSharding(mesh, sharding.kv_spec(mesh))
+            ec = dataclasses.replace(ec, kv_sharding=kv)
     # The same program as `decode_fn` (`DecodeFn.start` then `.run`), timed in its two parts.
     fn = DecodeFn(ec, int(max_new_tokens), args["sp"], params, dparams)
     before = sum(engine.TRACE_COUNTS.values())

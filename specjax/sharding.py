@@ -1,37 +1,167 @@
-"""Multi-device placement: the batch sharded over a mesh "data" axis (`jit` + `NamedSharding`).
-`specjax.generate(..., mesh=...)` and `generate_pmap` (pure data parallelism) use it.
+"""Multi-device placement over a mesh with a "data" axis (the batch) and optionally a "model"
+axis (tensor parallelism), for `jit` with `NamedSharding`: XLA's SPMD partitioner runs the
+one decode program on every device, inserting the collectives the shardings imply.
 
-Weights are replicated for now; the "model" axis of the mesh is the seam for tensor-parallel
-weights (a `PartitionSpec` per param leaf) and multi-host TPU pods.
+    mesh = specjax.make_mesh(data=2, model=4)            # 8 devices
+    model = specjax.shard_model(model, mesh)              # params placed (inspect model.params)
+    out = specjax.generate(model, prompts, mesh=mesh)     # the same call as on one device
+
+Tensor parallelism (Megatron-style): each device of the "model" axis holds its query and KV
+heads of every attention projection (the fused wqkv columns regrouped by device:
+`ModelConfig.shards`), its columns of the MLP's gate/up and rows of its down projection, its
+rows of the attention output projection, and its slice of the vocabulary of the embedding and
+the head. The KV cache is sharded by KV heads (and by rows over "data"). Norms and drafter
+params are replicated (drafters that share the target's layers share their sharding).
+`generate_pmap` is pure data parallelism.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+if TYPE_CHECKING:
+    from specjax.model import Model
+    from specjax.models.config import ModelConfig
+
 BATCHED_ARGS = ("inp", "max_new")  # per-row inputs: every leaf has the batch first
 
 
-def make_mesh(devices: Sequence | None = None) -> Mesh:
-    """A 1-D mesh over `devices` (default: all) with the batch on axis "data"."""
-    devs = np.asarray(devices if devices is not None else jax.devices())
-    return Mesh(devs.reshape(-1), ("data",))
+def make_mesh(devices: Sequence | None = None, *, data: int | None = None, model: int = 1) -> Mesh:
+    """A mesh over `devices` (default: all). `make_mesh()`: the batch over every device (one
+    axis, "data"). `make_mesh(data=D, model=M)`: D x M devices, axes ("data", "model"), M-way
+    tensor parallelism; D defaults to the devices left."""
+    devs = np.asarray(devices if devices is not None else jax.devices()).reshape(-1)
+    if isinstance(model, bool) or not isinstance(model, int) or model <= 0:
+        raise ValueError(f"model axis size must be a positive int, got {model!r}")
+    if data is None and model == 1:
+        return Mesh(devs, ("data",))
+    if data is None:
+        data = len(devs) // model
+    if isinstance(data, bool) or not isinstance(data, int) or data <= 0:
+        raise ValueError(f"data axis size must be a positive int, got {data!r}")
+    if data * model > len(devs):
+        raise ValueError(
+            f"a {data} x {model} (data x model) mesh needs {data * model} devices; "
+            f"{len(devs)} are available"
+        )
+    return Mesh(devs[: data * model].reshape(data, model), ("data", "model"))
+
+
+def model_axis(mesh: Mesh | None) -> int:
+    """Size of the mesh's "model" axis (1 without one)."""
+    return 1 if mesh is None else int(dict(mesh.shape).get("model", 1))
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def _regroup_columns(cfg: ModelConfig, shards: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column orders of wqkv/bqkv and w_gate_up that put device s's columns in group s."""
+    H, KV, hd, F = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    q = np.arange(H * hd).reshape(shards, -1)
+    k = H * hd + np.arange(KV * hd).reshape(shards, -1)
+    v = (H + KV) * hd + np.arange(KV * hd).reshape(shards, -1)
+    gate = np.arange(F).reshape(shards, -1)
+    up = F + np.arange(F).reshape(shards, -1)
+    return np.concatenate([q, k, v], 1).ravel(), np.concatenate([gate, up], 1).ravel()
+
+
+def regroup(params: dict, cfg: ModelConfig, shards: int) -> tuple[dict, ModelConfig]:
+    """Params and config with the fused projections in `shards` column groups (the same model:
+    `llama.split_qkv` reads the groups). From the checkpoint layout (cfg.shards == 1) only."""
+    if cfg.shards == shards:
+        return params, cfg
+    if cfg.shards != 1:
+        raise ValueError(f"params are grouped for {cfg.shards} shards, not {shards}")
+    new_cfg = dataclasses.replace(cfg, shards=shards)  # checks the divisibility
+    qkv, gate_up = _regroup_columns(cfg, shards)
+    order = {"wqkv": qkv, "bqkv": qkv, "w_gate_up": gate_up}
+
+    def layer(lp: dict) -> dict:
+        return {n: jnp.take(w, order[n], axis=-1) if n in order else w for n, w in lp.items()}
+
+    layers = params["layers"]
+    layers = [layer(lp) for lp in layers] if isinstance(layers, list) else layer(layers)
+    return {**params, "layers": layers}, new_cfg
+
+
+def param_spec(name: str, shape: tuple, shards: int) -> P:
+    """The PartitionSpec of a target param leaf named `name` (its dict key) over the "model"
+    axis; replicated when it has no model-parallel dimension or the dimension does not divide."""
+    lead = (None,) * (len(shape) - 2)  # a stacked (scan) layout's layer axis
+    if shards == 1:
+        return P()
+    if name in ("wqkv", "w_gate_up") or name == "bqkv":
+        return P(*(None,) * (len(shape) - 1), "model")
+    if name in ("wo", "w_down"):
+        return P(*lead, "model", None)
+    if name == "embed" and shape[0] % shards == 0:
+        return P("model", None)
+    if name == "lm_head" and shape[-1] % shards == 0:
+        return P(None, "model")
+    return P()
+
+
+def _key_name(path: tuple) -> str:
+    names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+    return str(names[-1]) if names else ""
+
+
+def place_params(params: dict, mesh: Mesh) -> dict:
+    """Target params placed on `mesh`: model-parallel leaves split over "model" (`param_spec`),
+    the rest replicated. The fused projections must already be grouped (`regroup`)."""
+    shards = model_axis(mesh)
+
+    def put(path: tuple, x: Any) -> Any:
+        spec = param_spec(_key_name(path), tuple(np.shape(x)), shards)
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    return jax.tree_util.tree_map_with_path(put, params)
+
+
+def shard_model(model: Model, mesh: Mesh) -> Model:
+    """`model` with its params regrouped for and placed on `mesh` (see the module docstring);
+    `model.params` shows the placement. Pass the result to `generate(..., mesh=mesh)`; a model
+    already sharded for this mesh is returned as is."""
+    if "data" not in mesh.axis_names:
+        raise ValueError(f"mesh needs a 'data' axis for the batch; it has {mesh.axis_names}")
+    params, cfg = regroup(model.params, model.config, model_axis(mesh))
+    return dataclasses.replace(model, params=place_params(params, mesh), config=cfg)
+
+
+def kv_spec(mesh: Mesh) -> P:
+    """PartitionSpec of a per-layer KV cache buffer [B, KV, S, hd]."""
+    return P("data", "model") if model_axis(mesh) > 1 else P("data")
+
+
+# ----------------------------------------------------------------------------- one call
 
 
 def place(mesh: Mesh, params: dict, dparams: Any, args: dict) -> tuple[dict, Any, dict]:
-    """Replicate params, shard the batch dimension of the per-row inputs over "data"."""
+    """Place one generate call: target params as `place_params` (already-placed ones stay),
+    drafter params replicated unless they already live on this mesh (a layer-skip drafter's
+    shared target layers), the batch dimension of the per-row inputs over "data"."""
     if "data" not in mesh.axis_names:
         raise ValueError(f"mesh needs a 'data' axis for the batch; it has {mesh.axis_names}")
     rep = NamedSharding(mesh, P())
     row = NamedSharding(mesh, P("data"))
-    params = jax.device_put(params, rep)
-    dparams = None if dparams is None else jax.device_put(dparams, rep)
+
+    def keep_or_replicate(x: Any) -> Any:
+        on_mesh = isinstance(getattr(x, "sharding", None), NamedSharding) and (
+            x.sharding.mesh == mesh
+        )
+        return x if on_mesh else jax.device_put(x, rep)
+
+    params = place_params(params, mesh)
+    dparams = None if dparams is None else jax.tree.map(keep_or_replicate, dparams)
     args = dict(args)
     for name in BATCHED_ARGS:
         args[name] = jax.device_put(args[name], row)

@@ -119,3 +119,127 @@ def test_mesh_and_pmap_match_single_device(make_hf_model, tmp_path):
     alone = [sum(col) for col in zip(*res["ngram_rows"])]
     assert res["ngram_pmap"]["hist"] == alone
     assert res["ngram_single"]["hist"] != alone  # the grouping really matters in this batch
+
+
+TP_SCRIPT = textwrap.dedent("""
+    import dataclasses, json, pickle, sys
+    import jax, jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    import specjax
+    from specjax import drafters, engine, sharding
+    from specjax.api import generate, prepare
+    from specjax.model import Model
+
+    with open(sys.argv[1], "rb") as f:
+        data = pickle.load(f)
+    model = Model(params=jax.tree.map(jnp.asarray, data["params"]), config=data["config"])
+    prompts, new = data["prompts"], data["new"]
+    mesh = specjax.make_mesh(data=4, model=2)
+    sm = specjax.shard_model(model, mesh)
+    res = {"mesh": dict(mesh.shape), "shards": sm.config.shards}
+    res["specs"] = {name: str(x.sharding.spec) for name, x in sm.params["layers"][0].items()}
+    res["specs"]["embed"] = str(sm.params["embed"].sharding.spec)
+    res["specs"]["lm_head"] = str(sm.params["lm_head"].sharding.spec)
+    res["bytes_total"] = sum(x.nbytes for x in jax.tree.leaves(sm.params))
+    res["bytes_per_device"] = [
+        sum(s.data.nbytes for x in jax.tree.leaves(sm.params) for s in x.addressable_shards
+            if s.device == d) for d in jax.devices()]
+
+    # The KV cache of the running loop is split by rows ("data") and KV heads ("model").
+    ec, args, _ = prepare(sm, prompts, max_new_tokens=new)
+    dparams, max_len = args.pop("dparams"), args.pop("max_len")
+    params, dparams, args = sharding.place(mesh, sm.params, dparams, args)
+    ec = dataclasses.replace(ec, kv_sharding=NamedSharding(mesh, sharding.kv_spec(mesh)))
+    st = engine.decode(params, dparams, engine.prefill(
+        params, dparams, **args, ec=ec, max_len=max_len), args["sp"], ec=ec)
+    k0 = st.cache.k[0]
+    res["cache"] = [str(k0.sharding.spec), list(k0.shape),
+                    sorted({tuple(s.data.shape) for s in k0.addressable_shards})]
+
+    tree = drafters.DynamicTree(nodes=5, depth=3, top_k=2)
+    makers = {
+        "ar": lambda: None,
+        "ngram": lambda: drafters.ngram(k=4),
+        "layer_skip_tree": lambda: drafters.layer_skip(layers=1, tree=tree),
+        "cascade": lambda: drafters.cascade(
+            [drafters.ngram(k=2), drafters.layer_skip(layers=1, k=3)]),
+    }
+    sampled = {"temperature": 1.0, "top_k": 20, "key": 5}
+    for name, make in makers.items():
+        for how, kw in (("greedy", {}), ("sampled", sampled)):
+            if how == "sampled" and name not in ("ar", "layer_skip_tree"):
+                continue
+            one = generate(model, prompts, max_new_tokens=new, drafter=make(), **kw)
+            tp = generate(sm, prompts, max_new_tokens=new, drafter=make(), mesh=mesh, **kw)
+            res[f"{name}_{how}"] = [one.tokens, tp.tokens, one.stats["acceptance_histogram"],
+                                    tp.stats["acceptance_histogram"]]
+    try:  # 2 KV heads cannot be split 8 ways
+        generate(model, prompts, max_new_tokens=new, mesh=specjax.make_mesh(data=1, model=8))
+    except ValueError as e:
+        res["error"] = str(e)
+    print("RESULT " + json.dumps(res))
+""")
+
+
+def test_tensor_parallel_matches_single_device(make_hf_model, tmp_path):
+    """A 4 x 2 (data x model) mesh of 8 CPU devices: params split over "model" (per-device bytes
+    about half), the KV cache by rows and KV heads, and greedy tokens (and sampled tokens with the
+    same key) identical to one device for plain decoding, a chain, a tree and a cascade."""
+    model = specjax.model_from_hf(make_hf_model("llama", seed=3, vocab_size=128, eos_token_id=None))
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 128, n).tolist() for n in (3, 9, 14)] + [
+        [11, 12, 13] * 3,
+        [20, 21, 22, 23] * 2 + [20],
+    ]
+    new = 16
+    blob = tmp_path / "model.pkl"
+    with open(blob, "wb") as f:
+        pickle.dump(
+            dict(
+                params=jax.tree.map(np.asarray, model.params),
+                config=model.config,
+                prompts=prompts,
+                new=new,
+            ),
+            f,
+        )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_DEVICES}"
+    ).strip()
+    proc = subprocess.run(
+        [sys.executable, "-c", TP_SCRIPT, str(blob)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    res = json.loads(lines[-1][len("RESULT ") :])
+
+    assert res["mesh"] == {"data": 4, "model": 2} and res["shards"] == 2
+    assert res["specs"] == {
+        "attn_norm": "P()",
+        "mlp_norm": "P()",
+        "wqkv": "P(None, 'model')",
+        "w_gate_up": "P(None, 'model')",
+        "wo": "P('model', None)",
+        "w_down": "P('model', None)",
+        "embed": "P('model', None)",
+        "lm_head": "P(None, 'model')",
+    }
+    # every device holds about half the params (only the norms are replicated)
+    for b in res["bytes_per_device"]:
+        assert 0.5 * res["bytes_total"] <= b <= 0.52 * res["bytes_total"], res["bytes_per_device"]
+    spec, shape, shards = res["cache"]
+    assert spec == "P('data', 'model')"
+    assert shards == [[shape[0] // 4, shape[1] // 2, shape[2], shape[3]]]
+    for name in ("ar", "ngram", "layer_skip_tree", "cascade"):
+        one, tp, h_one, h_tp = res[f"{name}_greedy"]
+        assert one == tp and h_one == h_tp, name
+    assert sum(res["ngram_greedy"][2][1:]) > 0  # the drafter's tokens were accepted
+    for name in ("ar", "layer_skip_tree"):
+        one, tp, h_one, h_tp = res[f"{name}_sampled"]
+        assert one == tp and h_one == h_tp, name
+    assert "not divisible by the 8 tensor-parallel shards" in res["error"]

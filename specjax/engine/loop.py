@@ -22,7 +22,7 @@ from specjax.engine import xla
 from specjax.engine.state import EngineConfig, LoopState, PrefillConfig
 from specjax.engine.verify import verify, verify_index
 from specjax.models import Hiddens, forward, is_unrolled
-from specjax.models.cache import KVCache, grow_cache, init_cache
+from specjax.models.cache import KVCache, constrain_cache, grow_cache, init_cache
 from specjax.sampling import sample_token
 
 # Incremented each time a jitted entry point is traced (= compiled); tests read it.
@@ -48,6 +48,7 @@ def target_prefill(
     TRACE_COUNTS["prefill"] += 1
     B, P = inp.tokens.shape
     cache = init_cache(pc.target, B, P, params["embed"].dtype, per_layer=is_unrolled(params))
+    cache = constrain_cache(cache, pc.kv_sharding)
     logits, hiddens, cache = forward(
         params,
         pc.target,
@@ -82,7 +83,7 @@ def start_loop(
     prefill; the cache grows to `max_len` slots."""
     TRACE_COUNTS["start_loop"] += 1
     B = logits.shape[0]
-    cache = grow_cache(cache, max_len)
+    cache = constrain_cache(grow_cache(cache, max_len), ec.kv_sharding)
     key, k0, _ = jax.random.split(key, 3)
     first = sample_token(k0, logits, ec.mode, sp)
     width = ec.max_new + ec.k + 1

@@ -23,6 +23,9 @@ class PrefillConfig:
     hidden_layers: tuple = ()  # the target layers whose hidden states the drafter reads
     with_hiddens: bool = False  # hand the prompt's hidden states to the drafter
     impl: str = "xla"
+    # Layout of the KV cache's [B, KV, S, hd] buffers on a mesh (`sharding.kv_spec`; None:
+    # one device, or XLA's choice)
+    kv_sharding: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +39,7 @@ class EngineConfig:
     drafter: DrafterSpec | None = None
     impl: str = "xla"
     rules: AcceptRules = DEFAULT_RULES
+    kv_sharding: Any = None  # as `PrefillConfig.kv_sharding`
 
     @property
     def k(self) -> int:
@@ -64,6 +68,7 @@ class EngineConfig:
             hidden_layers=self.hidden_layers,
             with_hiddens=self.drafter is not None,
             impl=self.impl,
+            kv_sharding=self.kv_sharding,
         )
 
 

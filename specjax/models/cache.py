@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from jax.typing import DTypeLike
 
 from specjax.models.config import ModelConfig
@@ -150,3 +152,16 @@ def write_kv(cache: KVCache, kv: BlockKV, start: jax.Array) -> KVCache:
         k = jax.vmap(lambda c, n: write_block(c, None, n, start))(cache.k, kv.k)
         v = jax.vmap(lambda c, n: write_block(c, None, n, start))(cache.v, kv.v)
     return cache.replace(k=k, v=v)
+
+
+def constrain_cache(cache: KVCache, sharding: NamedSharding | None) -> KVCache:
+    """Inside a jitted program: pin the KV cache's layout (`sharding` for [B, KV, S, hd]
+    buffers; a stacked cache's layer axis stays whole). None: leave it to XLA."""
+    if sharding is None:
+        return cache
+
+    def pin(x: jax.Array) -> jax.Array:
+        spec = P(*(None,) * (x.ndim - 4), *sharding.spec)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, spec))
+
+    return cache.replace(k=jax.tree.map(pin, cache.k), v=jax.tree.map(pin, cache.v))

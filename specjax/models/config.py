@@ -51,6 +51,11 @@ class ModelConfig:
     model_type: str = "llama"
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    # Tensor parallelism: the fused projections (wqkv, bqkv, w_gate_up) hold their columns in
+    # `shards` groups, group s = what device s of the mesh's "model" axis computes (its query
+    # heads, then its key and value heads; its gate, then its up columns). 1: the checkpoint
+    # layout (q | k | v, gate | up). Set by `specjax.shard_model`.
+    shards: int = 1
 
     def __post_init__(self) -> None:
         for name in (
@@ -65,6 +70,14 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.shards, int) or self.shards <= 0:
+            raise ValueError(f"ModelConfig.shards must be a positive int, got {self.shards!r}")
+        for name in ("num_kv_heads", "intermediate_size"):
+            if getattr(self, name) % self.shards:
+                raise ValueError(
+                    f"ModelConfig.{name} ({getattr(self, name)}) is not divisible by the "
+                    f"{self.shards} tensor-parallel shards; use a model axis size dividing it"
+                )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of "

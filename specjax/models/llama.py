@@ -300,7 +300,7 @@ def _layer(
     qkv = x @ lp["wqkv"]
     if cfg.attention_bias:
         qkv = qkv + lp["bqkv"]
-    q, k, v = jnp.split(qkv, [H * hd, (H + KV) * hd], axis=-1)
+    q, k, v = split_qkv(qkv, cfg)
     q = apply_rope(q.reshape(B, T, H, hd), ctx.positions, ctx.inv_freq)
     k = apply_rope(k.reshape(B, T, KV, hd), ctx.positions, ctx.inv_freq)
     v = v.reshape(B, T, KV, hd)
@@ -329,8 +329,26 @@ def _mlp(cfg: ModelConfig, lp: dict, h: jax.Array, o: jax.Array) -> jax.Array:
     B, T = h.shape[:2]
     h = h + o.reshape(B, T, -1) @ lp["wo"]
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-    gate, up = jnp.split(x @ lp["w_gate_up"], 2, axis=-1)
+    gate, up = _grouped_split(x @ lp["w_gate_up"], cfg.shards, (1,), 2)
     return h + (jax.nn.silu(gate) * up) @ lp["w_down"]
+
+
+def _grouped_split(x: jax.Array, groups: int, parts: tuple, total: int) -> list[jax.Array]:
+    """Split the last axis of a fused projection's output into its parts. `parts`: cut points
+    in units of 1/total of the axis; with `groups` > 1 (tensor parallelism, `cfg.shards`) every
+    group holds its own slice of each part, and the parts are reassembled in group order."""
+    n = x.shape[-1]
+    cuts = [n // groups * p // total for p in parts]
+    if groups == 1:
+        return jnp.split(x, cuts, axis=-1)
+    g = x.reshape(*x.shape[:-1], groups, n // groups)
+    return [y.reshape(*x.shape[:-1], -1) for y in jnp.split(g, cuts, axis=-1)]
+
+
+def split_qkv(qkv: jax.Array, cfg: ModelConfig) -> list[jax.Array]:
+    """[..., (H + 2 KV) hd] -> q [..., H hd], k, v [..., KV hd] (grouped when cfg.shards > 1)."""
+    H, KV = cfg.num_heads, cfg.num_kv_heads
+    return _grouped_split(qkv, cfg.shards, (H, H + KV), H + 2 * KV)
 
 
 def embed_tokens(
