@@ -8,7 +8,7 @@ in `specjax.engine`, drafters in `specjax.drafters`, model families in `specjax.
                            drafter=specjax.drafters.ngram(k=8))
 """
 
-from specjax import drafters
+from specjax import distributed, drafters
 from specjax.api import GenerateOutput, decode_fn, generate, generate_pmap, generate_stream
 from specjax.decode import DecodeFn
 from specjax.engine.xla import xla_options
@@ -23,6 +23,7 @@ __all__ = [
     "ModelConfig",
     "GenerateOutput",
     "decode_fn",
+    "distributed",
     "drafters",
     "generate",
     "generate_stream",

@@ -329,8 +329,8 @@ def finish(
     compiled: bool,
     spec: DrafterSpec | None = None,
 ) -> GenerateOutput:
-    out = np.asarray(state.out)
-    n_out = np.asarray(state.n_out)
+    out = sharding.to_host(state.out)
+    n_out = sharding.to_host(state.n_out)
     tokens = [out[i, : n_out[i]].tolist() for i in range(len(rows))]
     return GenerateOutput(
         tokens=tokens,
@@ -349,8 +349,8 @@ def _stats(
     compiled: bool,
     spec: DrafterSpec | None = None,
 ) -> dict:
-    n_out = np.asarray(state.n_out)[:n]
-    row_steps = np.asarray(state.row_steps)[:n]
+    n_out = sharding.to_host(state.n_out)[:n]
+    row_steps = sharding.to_host(state.row_steps)[:n]
     new = int(n_out.sum())
     # tau (Spec-Bench): tokens emitted per target verify forward, bonus token included. The
     # first token comes from the prefill forward, so it is not counted.
@@ -364,12 +364,12 @@ def _stats(
         "total_s": total,
         "tokens_per_s": new / total if total > 0 else 0.0,
         "decode_tokens_per_s": float(decode_tokens.sum()) / decode_s if decode_s > 0 else 0.0,
-        "steps": int(state.steps),
+        "steps": int(sharding.to_host(state.steps)),
         "target_forwards": (1 + row_steps).tolist(),
         "tau": tau,
-        "acceptance_histogram": np.asarray(state.accept_hist).tolist(),
+        "acceptance_histogram": sharding.to_host(state.accept_hist).tolist(),
         # loop steps per verify size (0 = a plain step), for drafters that size their drafts
-        "verify_size_histogram": np.asarray(state.size_hist).tolist(),
+        "verify_size_histogram": sharding.to_host(state.size_hist).tolist(),
         "compiled": bool(compiled),
         **({} if spec is None else spec.stats(state.dstate, n)),
     }

@@ -115,16 +115,41 @@ def _key_name(path: tuple) -> str:
     return str(names[-1]) if names else ""
 
 
+def put(x: Any, sharding: NamedSharding) -> jax.Array:
+    """`x` (the same value in every process) as a global array with `sharding`: on one process
+    `jax.device_put`; across processes each one builds only its own devices' shards."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+        impl = jax.random.key_impl(x)
+        return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding), impl=impl)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-process) array as one numpy array on this process."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def place_params(params: dict, mesh: Mesh) -> dict:
     """Target params placed on `mesh`: model-parallel leaves split over "model" (`param_spec`),
     the rest replicated. The fused projections must already be grouped (`regroup`)."""
     shards = model_axis(mesh)
 
-    def put(path: tuple, x: Any) -> Any:
+    def place_leaf(path: tuple, x: Any) -> Any:
         spec = param_spec(_key_name(path), tuple(np.shape(x)), shards)
-        return jax.device_put(x, NamedSharding(mesh, spec))
+        return put(x, NamedSharding(mesh, spec))
 
-    return jax.tree_util.tree_map_with_path(put, params)
+    return jax.tree_util.tree_map_with_path(place_leaf, params)
 
 
 def shard_model(model: Model, mesh: Mesh) -> Model:
@@ -158,12 +183,13 @@ def place(mesh: Mesh, params: dict, dparams: Any, args: dict) -> tuple[dict, Any
         on_mesh = isinstance(getattr(x, "sharding", None), NamedSharding) and (
             x.sharding.mesh == mesh
         )
-        return x if on_mesh else jax.device_put(x, rep)
+        return x if on_mesh else put(x, rep)
 
     params = place_params(params, mesh)
     dparams = None if dparams is None else jax.tree.map(keep_or_replicate, dparams)
     args = dict(args)
     for name in BATCHED_ARGS:
-        args[name] = jax.device_put(args[name], row)
-    args["sp"] = jax.device_put(args["sp"], rep)
+        args[name] = jax.tree.map(lambda x: put(x, row), args[name])
+    args["sp"] = jax.tree.map(lambda x: put(x, rep), args["sp"])
+    args["key"] = put(args["key"], rep)
     return params, dparams, args

@@ -243,3 +243,104 @@ def test_tensor_parallel_matches_single_device(make_hf_model, tmp_path):
         one, tp, h_one, h_tp = res[f"{name}_sampled"]
         assert one == tp and h_one == h_tp, name
     assert "not divisible by the 8 tensor-parallel shards" in res["error"]
+
+
+MULTIHOST_SCRIPT = textwrap.dedent("""
+    import json, pickle, sys
+    import specjax
+    specjax.distributed.initialize(sys.argv[2], num_processes=2, process_id=int(sys.argv[3]))
+    import jax, jax.numpy as jnp
+    from specjax import drafters
+    from specjax.model import Model
+
+    with open(sys.argv[1], "rb") as f:
+        data = pickle.load(f)
+    model = Model(params=jax.tree.map(jnp.asarray, data["params"]), config=data["config"])
+    prompts, new = data["prompts"], data["new"]
+    mesh = specjax.make_mesh(data=4, model=2)  # over both processes' devices
+    sm = specjax.shard_model(model, mesh)
+    res = {"process": jax.process_index(), "devices": jax.device_count(),
+           "local": jax.local_device_count(),
+           "mesh_processes": sorted({d.process_index for d in mesh.devices.ravel()})}
+    tree = drafters.DynamicTree(nodes=5, depth=3, top_k=2)
+    for name, make in (("ar", lambda: None), ("ngram", lambda: drafters.ngram(k=4)),
+                       ("layer_skip_tree", lambda: drafters.layer_skip(layers=1, tree=tree))):
+        out = specjax.generate(sm, prompts, max_new_tokens=new, drafter=make(), mesh=mesh)
+        res[name] = [out.tokens, out.stats["acceptance_histogram"]]
+    out = specjax.generate(sm, prompts, max_new_tokens=new, mesh=mesh, temperature=1.0, key=5)
+    res["ar_sampled"] = out.tokens
+    print("RESULT " + json.dumps(res), flush=True)
+    specjax.distributed.shutdown()
+""")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_one_global_mesh(make_hf_model, tmp_path):
+    """Two processes on localhost (4 CPU devices each, JAX's gloo CPU collectives) joined by
+    `specjax.distributed.initialize` decode on one 4 x 2 (data x model) mesh over all 8 devices:
+    every process gets the tokens of a single-process, single-device run."""
+    model = specjax.model_from_hf(make_hf_model("llama", seed=3, vocab_size=128, eos_token_id=None))
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 128, n).tolist() for n in (4, 11, 7)] + [[5, 6, 7] * 3]
+    new = 12
+    blob = tmp_path / "model.pkl"
+    with open(blob, "wb") as f:
+        pickle.dump(
+            dict(
+                params=jax.tree.map(np.asarray, model.params),
+                config=model.config,
+                prompts=prompts,
+                new=new,
+            ),
+            f,
+        )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    address = f"localhost:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", MULTIHOST_SCRIPT, str(blob), address, str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
+        assert p.returncode == 0 and lines, stderr[-4000:]
+        outs.append(json.loads(lines[-1][len("RESULT ") :]))
+
+    tree = specjax.drafters.DynamicTree(nodes=5, depth=3, top_k=2)
+    ref = {
+        "ar": specjax.generate(model, prompts, max_new_tokens=new),
+        "ngram": specjax.generate(
+            model, prompts, max_new_tokens=new, drafter=specjax.drafters.ngram(k=4)
+        ),
+        "layer_skip_tree": specjax.generate(
+            model, prompts, max_new_tokens=new, drafter=specjax.drafters.layer_skip(1, tree=tree)
+        ),
+    }
+    sampled = specjax.generate(model, prompts, max_new_tokens=new, temperature=1.0, key=5)
+    assert sorted(r["process"] for r in outs) == [0, 1]
+    for r in outs:
+        assert r["devices"] == 8 and r["local"] == 4 and r["mesh_processes"] == [0, 1]
+        for name, out in ref.items():
+            assert r[name][0] == out.tokens, (r["process"], name)
+            assert r[name][1] == out.stats["acceptance_histogram"], (r["process"], name)
+        assert r["ar_sampled"] == sampled.tokens

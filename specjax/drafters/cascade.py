@@ -234,7 +234,9 @@ class CascadeSpec(DrafterSpec):
         """Per level, smallest first: how the upper model of each level took the drafts of the
         level below it (over the first `rows` rows)."""
         below = self.lower.stats(state.lower, rows).get("cascade_levels", [])
-        rounds, drafted, accepted = (int(x) for x in jax.device_get(state.total[:, :rows]).sum(1))
+        from specjax.sharding import to_host
+
+        rounds, drafted, accepted = (int(x) for x in to_host(state.total)[:, :rows].sum(1))
         level = {
             "level": self.label,
             "upper_forwards": rounds,
