@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from specjax.drafters.base import Drafter
@@ -107,10 +107,54 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def mesh_arg(text: str) -> tuple[int, int]:
+    """--mesh D or DxM (data x model devices)."""
+    data, _, model = text.lower().partition("x")
+    try:
+        d, m = int(data), int(model or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad mesh {text!r}: use D (batch over D devices) or DxM, e.g. 4x2 (M-way tensor "
+            "parallel)"
+        ) from None
+    if d <= 0 or m <= 0:
+        raise argparse.ArgumentTypeError(f"bad mesh {text!r}: sizes must be positive")
+    return d, m
+
+
+def _add_distributed(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mesh",
+        type=mesh_arg,
+        default=None,
+        help="D or DxM: the batch over D devices, M-way tensor parallel (all processes' devices)",
+    )
+    p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host)")
+    p.add_argument("--num-processes", type=positive_int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+
+
+def _start_distributed(a: argparse.Namespace) -> Any:
+    """Join the other processes (before any device is touched) and build the mesh -> Mesh|None."""
+    import specjax
+
+    if a.coordinator is not None or a.num_processes is not None or a.process_id is not None:
+        specjax.distributed.initialize(a.coordinator, a.num_processes, a.process_id)
+    if a.mesh is None:
+        return None
+    data, model = a.mesh
+    return specjax.make_mesh(data=data, model=model)
+
+
 def cmd_generate(a: argparse.Namespace) -> None:
+    import jax
+
     from specjax import load_model
     from specjax.api import generate, generate_stream
 
+    if a.stream and a.mesh is not None:
+        raise ValueError("--stream decodes on one device; drop --mesh or --stream")
+    mesh = _start_distributed(a)
     model = load_model(a.model)
     drafter = make_drafter(a.drafter, a.k, model)
     kw = dict(
@@ -122,6 +166,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
         chat=not a.no_chat,
         drafter=drafter,
     )
+    if mesh is not None:
+        kw["mesh"] = mesh
     if a.stream:
         for prompt in a.prompts:
             t0 = time.perf_counter()
@@ -130,6 +176,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
             print(f"\n[{time.perf_counter() - t0:.2f}s]", file=sys.stderr)
         return
     out = generate(model, a.prompts, **kw)
+    if jax.process_index() != 0:  # every process holds the same tokens; one prints them
+        return
     for prompt, text in zip(a.prompts, out.text):
         print(f"### {prompt}\n{text}\n")
     s = out.stats
@@ -468,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print text as it is produced")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     _add_sampling(g)
+    _add_distributed(g)
     g.set_defaults(fn=cmd_generate)
 
     c = sub.add_parser("convert", help="convert a checkpoint to a specjax orbax checkpoint")

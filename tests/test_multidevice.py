@@ -344,3 +344,23 @@ def test_two_processes_one_global_mesh(make_hf_model, tmp_path):
             assert r[name][0] == out.tokens, (r["process"], name)
             assert r[name][1] == out.stats["acceptance_histogram"], (r["process"], name)
         assert r["ar_sampled"] == sampled.tokens
+
+
+def test_cli_generate_on_a_mesh(tiny_dir):
+    """`specjax generate --mesh 4x2` (8 CPU devices, tensor parallel) prints what one device
+    prints; a bad --mesh is refused before anything loads."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_DEVICES}"
+    ).strip()
+    args = [sys.executable, "-m", "specjax.cli", "generate", "the cat sat", "the dog"]
+    args += ["--model", tiny_dir, "--max-new-tokens", "8", "--drafter", "ngram@2"]
+    runs = [
+        subprocess.run(args + extra, env=env, capture_output=True, text=True, timeout=300)
+        for extra in ([], ["--mesh", "4x2"])
+    ]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert runs[0].stdout == runs[1].stdout and "### the dog" in runs[0].stdout
+    bad = subprocess.run(args + ["--mesh", "4y2"], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "bad mesh '4y2'" in bad.stderr
