@@ -157,12 +157,17 @@ TP_SCRIPT = textwrap.dedent("""
                     sorted({tuple(s.data.shape) for s in k0.addressable_shards})]
 
     tree = drafters.DynamicTree(nodes=5, depth=3, top_k=2)
+    from specjax.drafters import feature
+    eagle_cfg = feature.make_config(model.config, 3)
+    eagle_params = feature.init_params(eagle_cfg, jax.random.key(0))
     makers = {
         "ar": lambda: None,
         "ngram": lambda: drafters.ngram(k=4),
         "layer_skip_tree": lambda: drafters.layer_skip(layers=1, tree=tree),
         "cascade": lambda: drafters.cascade(
             [drafters.ngram(k=2), drafters.layer_skip(layers=1, k=3)]),
+        # a random EAGLE-3 tree (reads the target's hidden states, shares its sharded head)
+        "eagle3_tree": lambda: drafters.eagle((eagle_cfg, eagle_params), tree=tree),
     }
     sampled = {"temperature": 1.0, "top_k": 20, "key": 5}
     for name, make in makers.items():
@@ -184,7 +189,8 @@ TP_SCRIPT = textwrap.dedent("""
 def test_tensor_parallel_matches_single_device(make_hf_model, tmp_path):
     """A 4 x 2 (data x model) mesh of 8 CPU devices: params split over "model" (per-device bytes
     about half), the KV cache by rows and KV heads, and greedy tokens (and sampled tokens with the
-    same key) identical to one device for plain decoding, a chain, a tree and a cascade."""
+    same key) identical to one device for plain decoding, a chain, a tree, a cascade and an EAGLE-3
+    tree."""
     model = specjax.model_from_hf(make_hf_model("llama", seed=3, vocab_size=128, eos_token_id=None))
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, 128, n).tolist() for n in (3, 9, 14)] + [
@@ -235,7 +241,7 @@ def test_tensor_parallel_matches_single_device(make_hf_model, tmp_path):
     spec, shape, shards = res["cache"]
     assert spec == "P('data', 'model')"
     assert shards == [[shape[0] // 4, shape[1] // 2, shape[2], shape[3]]]
-    for name in ("ar", "ngram", "layer_skip_tree", "cascade"):
+    for name in ("ar", "ngram", "layer_skip_tree", "cascade", "eagle3_tree"):
         one, tp, h_one, h_tp = res[f"{name}_greedy"]
         assert one == tp and h_one == h_tp, name
     assert sum(res["ngram_greedy"][2][1:]) > 0  # the drafter's tokens were accepted

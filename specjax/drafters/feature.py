@@ -149,6 +149,7 @@ def make_config(
         attention_bias=False,
         tie_word_embeddings=False,
         intermediate_size=intermediate_size or target.intermediate_size,
+        shards=1,  # its own weights, in the checkpoint layout (replicated on a mesh)
     )
     if version == 1:
         return EagleConfig(version=1, layer=layer)
