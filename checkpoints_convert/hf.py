@@ -7,11 +7,12 @@ be used and every shape must match, or the error names the offending key.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -81,22 +82,36 @@ class CheckpointMismatch(ValueError):
     """A checkpoint does not match the model config (missing, unused or misshapen tensor)."""
 
 
-def convert_state_dict(
-    state: Mapping[str, np.ndarray], cfg: ModelConfig, dtype: DTypeLike = np.float32
-) -> dict:
-    """Map an HF state dict (name -> array) to our nested param dict (numpy, `dtype`)."""
+@dataclasses.dataclass
+class Plan:
+    """Where each param comes from: (checkpoint name, transpose) per top-level param and per
+    layer, decided from names and shapes alone (no tensor read)."""
+
+    top: dict  # ours -> (name, transpose)
+    layers: dict  # ours -> [(name, transpose)] * num_layers
+    tied_head: str | None = None  # a stored lm_head that a tied config says equals the embedding
+
+
+def plan_state_dict(shapes_in: Mapping[str, tuple], cfg: ModelConfig) -> Plan:
+    """Check an HF checkpoint's tensor names and shapes against `cfg` -> `Plan`. Every tensor
+    must be used and every shape must match, or the error names the offending key."""
     shapes = checkpoint_shapes(cfg)
     fam = family_of(cfg)
     LAYER_MAP, TOP_MAP = fam.layer_map, fam.top_map
     per_layer: dict[str, list] = {
         k.split("/")[1]: [None] * cfg.num_layers for k in shapes if k.startswith("layers/")
     }
-    flat: dict[str, np.ndarray] = {}
+    top: dict[str, tuple] = {}
+    tied_head = None
     unused = []
-    for name, value in state.items():
+
+    def t(shape: tuple, transpose: bool) -> tuple:
+        return tuple(reversed(shape)) if transpose else tuple(shape)
+
+    for name, shape in shapes_in.items():
         if IGNORED.match(name):
             continue
-        arr = np.asarray(value)
+        shape = tuple(shape)
         m = _LAYER_RE.match(name)
         if m:
             layer, suffix = int(m.group(1)), m.group(2)
@@ -108,34 +123,28 @@ def convert_state_dict(
                 unused.append(name)
                 continue
             want = shapes["layers/" + ours][1:]
-            got = arr.T.shape if transpose else arr.shape
-            if got != want:
+            if t(shape, transpose) != want:
                 raise CheckpointMismatch(
-                    f"checkpoint tensor {name!r} has shape {arr.shape}; expected "
-                    f"{tuple(reversed(want)) if transpose else want} for this config"
+                    f"checkpoint tensor {name!r} has shape {shape}; expected "
+                    f"{t(want, transpose)} for this config"
                 )
-            per_layer[ours][layer] = arr.T if transpose else arr
+            per_layer[ours][layer] = (name, transpose)
             continue
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             # Tied checkpoints sometimes also store the head; it must be the embedding.
-            emb = state.get("model.embed_tokens.weight")
-            if emb is not None and not np.array_equal(np.asarray(emb), arr):
-                raise CheckpointMismatch(
-                    "config says tie_word_embeddings=True but 'lm_head.weight' differs from "
-                    "'model.embed_tokens.weight'"
-                )
+            if "model.embed_tokens.weight" in shapes_in:
+                tied_head = name
             continue
         if name not in TOP_MAP:
             unused.append(name)
             continue
         ours, transpose = TOP_MAP[name]
-        val = arr.T if transpose else arr
-        if val.shape != shapes[ours]:
+        if t(shape, transpose) != shapes[ours]:
             raise CheckpointMismatch(
-                f"checkpoint tensor {name!r} has shape {arr.shape}; expected "
-                f"{tuple(reversed(shapes[ours])) if transpose else shapes[ours]} for this config"
+                f"checkpoint tensor {name!r} has shape {shape}; expected "
+                f"{t(shapes[ours], transpose)} for this config"
             )
-        flat[ours] = val
+        top[ours] = (name, transpose)
     if unused:
         raise CheckpointMismatch(
             f"{len(unused)} checkpoint tensor(s) not used by a {cfg.model_type} model with this "
@@ -144,7 +153,7 @@ def convert_state_dict(
     # Name missing tensors by their HF checkpoint keys.
     hf_top = {ours: name for name, (ours, _) in TOP_MAP.items()}
     hf_layer = {ours: suffix for suffix, (ours, _) in LAYER_MAP.items()}
-    missing = [hf_top[k] for k in shapes if not k.startswith("layers/") and k not in flat]
+    missing = [hf_top[k] for k in shapes if not k.startswith("layers/") and k not in top]
     for ours, items in per_layer.items():
         missing += [f"model.layers.{i}.{hf_layer[ours]}" for i, a in enumerate(items) if a is None]
     if missing:
@@ -152,10 +161,156 @@ def convert_state_dict(
             f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}"
             f"{' ...' if len(missing) > 8 else ''}"
         )
-    layers = fuse_layers({k: np.stack(v).astype(dtype) for k, v in per_layer.items()})
-    params = {k: v.astype(dtype) for k, v in flat.items()}
+    return Plan(top=top, layers=per_layer, tied_head=tied_head)
+
+
+def _check_tied(plan: Plan, read: Callable[[str], np.ndarray]) -> None:
+    if plan.tied_head is not None and not np.array_equal(
+        read("model.embed_tokens.weight"), read(plan.tied_head)
+    ):
+        raise CheckpointMismatch(
+            "config says tie_word_embeddings=True but 'lm_head.weight' differs from "
+            "'model.embed_tokens.weight'"
+        )
+
+
+def convert_state_dict(
+    state: Mapping[str, np.ndarray], cfg: ModelConfig, dtype: DTypeLike = np.float32
+) -> dict:
+    """Map an HF state dict (name -> array) to our nested param dict (numpy, `dtype`; layers
+    stacked)."""
+    plan = plan_state_dict({k: np.shape(v) for k, v in state.items()}, cfg)
+    _check_tied(plan, lambda name: np.asarray(state[name]))
+
+    def get(name: str, transpose: bool) -> np.ndarray:
+        arr = np.asarray(state[name])
+        return arr.T if transpose else arr
+
+    layers = fuse_layers(
+        {k: np.stack([get(*it) for it in v]).astype(dtype) for k, v in plan.layers.items()}
+    )
+    params = {k: get(*v).astype(dtype) for k, v in plan.top.items()}
     params["layers"] = layers
     return params
+
+
+_ST_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+class SafetensorsFile:
+    """A safetensors file read one tensor at a time with plain reads, not a memory map: pages
+    of a mapped file count as resident memory for as long as the map lives, so reading a whole
+    model through maps would hold it in RSS next to the placed params."""
+
+    def __init__(self, path: str) -> None:
+        import struct
+
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > os.path.getsize(path):
+                    raise ValueError(f"header of {n} bytes in a {os.path.getsize(path)}-byte file")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            raise CheckpointMismatch(
+                f"cannot read {path!r} ({e}): the file is truncated or damaged"
+            ) from e
+        header.pop("__metadata__", None)
+        self.start = 8 + n
+        self.entries = header  # name -> {"dtype", "shape", "data_offsets"}
+        need = self.start + max((e["data_offsets"][1] for e in header.values()), default=0)
+        if need > os.path.getsize(path):
+            raise CheckpointMismatch(
+                f"cannot read {path!r} (its tensors end at byte {need}, the file has "
+                f"{os.path.getsize(path)}): the file is truncated or damaged"
+            )
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.entries[name]["shape"])
+
+    def read(self, name: str) -> np.ndarray:
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+        e = self.entries[name]
+        dtype = np.dtype(_ST_DTYPES[e["dtype"]])
+        begin, end = e["data_offsets"]
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin)
+            buf = bytearray(end - begin)
+            if f.readinto(buf) != end - begin:
+                raise CheckpointMismatch(
+                    f"cannot read {self.path!r} (tensor {name!r} is cut short): the file is "
+                    "truncated or damaged"
+                )
+        return np.frombuffer(buf, dtype).reshape(e["shape"])
+
+
+def stream_hf_dir(
+    path: str, dtype: DTypeLike = np.float32, mesh: Any = None
+) -> tuple[dict, ModelConfig] | None:
+    """HF safetensors checkpoint directory -> (params as device arrays, per-layer (unrolled)
+    layout, ModelConfig), one tensor at a time: each is read, transposed, fused with its
+    layer's partners, cast to `dtype` and placed before the next is read, so the host holds at
+    most one layer's tensors beyond what is already placed. With `mesh`, every param goes
+    straight to its final sharding (`specjax.sharding`; the fused columns regrouped for tensor
+    parallelism). None when the directory has no safetensors files."""
+    import jax
+    import jax.numpy as jnp
+
+    from specjax import sharding
+
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        return None
+    cfg = ModelConfig.from_hf(read_hf_config(path))
+    where: dict[str, SafetensorsFile] = {}
+    for f in files:
+        st = SafetensorsFile(os.path.join(path, f))
+        where.update({n: st for n in st.entries})
+    plan = plan_state_dict({n: st.shape(n) for n, st in where.items()}, cfg)
+    shards = sharding.model_axis(mesh)
+    cfg_out = dataclasses.replace(cfg, shards=shards) if shards > 1 else cfg
+    order = {}
+    if shards > 1:
+        qkv, gate_up = sharding._regroup_columns(cfg, shards)
+        order = {"wqkv": qkv, "bqkv": qkv, "w_gate_up": gate_up}
+
+    def read(name: str, transpose: bool = False) -> np.ndarray:
+        a = where[name].read(name)
+        return np.ascontiguousarray(a.T) if transpose else a
+
+    def place(key: str, arr: np.ndarray) -> jax.Array:
+        arr = arr.astype(dtype, copy=False)
+        if key in order:
+            arr = np.take(arr, order[key], axis=-1)
+        if mesh is None:
+            return jnp.asarray(arr)
+        spec = sharding.param_spec(key, arr.shape, shards)
+        return sharding.put(arr, jax.sharding.NamedSharding(mesh, spec))
+
+    _check_tied(plan, read)
+    params: dict[str, Any] = {}
+    for ours, (name, transpose) in plan.top.items():
+        params[ours] = place(ours, read(name, transpose))
+    layers = []
+    for i in range(cfg.num_layers):
+        host = {ours: read(*items[i]) for ours, items in plan.layers.items()}
+        layers.append({k: place(k, v) for k, v in fuse_layers(host).items()})
+        del host
+    params["layers"] = layers
+    return params, cfg_out
 
 
 def read_hf_dir(path: str) -> dict:

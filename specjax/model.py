@@ -366,6 +366,7 @@ def load_model(
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     from checkpoints_convert import is_converted_dir, load_converted, load_gguf, load_hf_dir
+    from checkpoints_convert.hf import stream_hf_dir
 
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(
@@ -383,7 +384,10 @@ def load_model(
         if is_converted_dir(path):
             params, cfg, tok = load_converted(path)
         else:
-            params, cfg = load_hf_dir(path)
+            # Tensor by tensor from safetensors (no whole host copy); .bin files: all at once.
+            target = default_dtype() if dtype is None else float_dtype(dtype, "dtype")
+            streamed = stream_hf_dir(path, target)
+            params, cfg = streamed if streamed is not None else load_hf_dir(path)
             tok = _maybe_tokenizer(path)
         return _to_model(params, cfg, tok, os.path.basename(os.path.normpath(path)), dtype, layout)
     if os.path.isfile(path) and path.endswith(".gguf"):

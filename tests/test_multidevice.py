@@ -140,6 +140,13 @@ TP_SCRIPT = textwrap.dedent("""
     res["specs"] = {name: str(x.sharding.spec) for name, x in sm.params["layers"][0].items()}
     res["specs"]["embed"] = str(sm.params["embed"].sharding.spec)
     res["specs"]["lm_head"] = str(sm.params["lm_head"].sharding.spec)
+    # Streamed from the HF checkpoint straight into its final sharding: the same arrays.
+    import numpy as np
+    from checkpoints_convert.hf import stream_hf_dir
+    streamed, cfg = stream_hf_dir(data["hf_dir"], np.float32, mesh=mesh)
+    res["streamed_equal"] = cfg == sm.config and all(
+        np.array_equal(np.asarray(a), np.asarray(b)) and a.sharding.spec == b.sharding.spec
+        for a, b in zip(jax.tree.leaves(streamed), jax.tree.leaves(sm.params)))
     res["bytes_total"] = sum(x.nbytes for x in jax.tree.leaves(sm.params))
     res["bytes_per_device"] = [
         sum(s.data.nbytes for x in jax.tree.leaves(sm.params) for s in x.addressable_shards
@@ -191,7 +198,9 @@ def test_tensor_parallel_matches_single_device(make_hf_model, tmp_path):
     about half), the KV cache by rows and KV heads, and greedy tokens (and sampled tokens with the
     same key) identical to one device for plain decoding, a chain, a tree, a cascade and an EAGLE-3
     tree."""
-    model = specjax.model_from_hf(make_hf_model("llama", seed=3, vocab_size=128, eos_token_id=None))
+    hf = make_hf_model("llama", seed=3, vocab_size=128, eos_token_id=None)
+    hf.save_pretrained(tmp_path / "hf")
+    model = specjax.model_from_hf(hf)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, 128, n).tolist() for n in (3, 9, 14)] + [
         [11, 12, 13] * 3,
@@ -206,6 +215,7 @@ def test_tensor_parallel_matches_single_device(make_hf_model, tmp_path):
                 config=model.config,
                 prompts=prompts,
                 new=new,
+                hf_dir=str(tmp_path / "hf"),
             ),
             f,
         )
@@ -225,6 +235,7 @@ def test_tensor_parallel_matches_single_device(make_hf_model, tmp_path):
     res = json.loads(lines[-1][len("RESULT ") :])
 
     assert res["mesh"] == {"data": 4, "model": 2} and res["shards"] == 2
+    assert res["streamed_equal"]
     assert res["specs"] == {
         "attn_norm": "P()",
         "mlp_norm": "P()",
