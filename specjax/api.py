@@ -407,8 +407,9 @@ def generate_stream(
     )
     if len(rows) != 1:
         raise ValueError(f"generate_stream takes one prompt, got {len(rows)}")
-    dparams, max_len, sp = args.pop("dparams"), args.pop("max_len"), args["sp"]
-    state = engine.prefill(model.params, dparams, **args, ec=ec, max_len=max_len)
+    dparams, sp = args.pop("dparams"), args["sp"]
+    fn = DecodeFn(ec, int(max_new_tokens), sp, model.params, dparams)
+    state = fn.start(model.params, dparams, args["inp"], args["max_new"], args["key"])
     emitted_text = ""
     while True:
         n = int(state.n_out[0])
@@ -418,7 +419,7 @@ def generate_stream(
             emitted_text = text
         if bool(state.done[0]):
             break
-        state = engine.decode_one(model.params, dparams, state, sp, ec=ec)
+        state = fn.step(model.params, dparams, state)
     if len(text) > len(emitted_text):
         yield text[len(emitted_text) :]
 
@@ -456,7 +457,7 @@ def generate_pmap(
         drafter=drafter,
         batch_multiple=D,
     )
-    max_len, dparams, sp, key = (
+    _, dparams, sp, key = (
         args.pop("max_len"),
         args.pop("dparams"),
         args.pop("sp"),
@@ -473,8 +474,8 @@ def generate_pmap(
         key: jax.Array,
         sp: dict,
     ) -> engine.LoopState:
-        st = engine.prefill(params, dparams, inp, max_new, key, sp, ec=ec, max_len=max_len)
-        return engine.decode(params, dparams, st, sp, ec=ec)
+        fn = DecodeFn(ec, int(max_new_tokens), sp, params, dparams)  # the generate program
+        return fn.run(params, dparams, fn.start(params, dparams, inp, max_new, key))
 
     fn = jax.pmap(run, in_axes=(None, None, 0, 0, 0, None), devices=devices)
     t0 = time.perf_counter()

@@ -103,6 +103,11 @@ class DecodeFn:
         """The decode: the one on-device while_loop from a prefilled state to the end."""
         return engine.decode(params, dparams, state, self.sp, ec=self.ec)
 
+    def step(self, params: dict, dparams: Params, state: engine.LoopState) -> engine.LoopState:
+        """One step of the same loop body, as its own call (streaming: the host sees each
+        step's tokens)."""
+        return engine.decode_one(params, dparams, state, self.sp, ec=self.ec)
+
     def __call__(
         self,
         params: dict,
