@@ -10,8 +10,10 @@ Tensor parallelism (Megatron-style): each device of the "model" axis holds its q
 heads of every attention projection (the fused wqkv columns regrouped by device:
 `ModelConfig.shards`), its columns of the MLP's gate/up and rows of its down projection, its
 rows of the attention output projection, and its slice of the vocabulary of the embedding and
-the head. The KV cache is sharded by KV heads (and by rows over "data"). Norms and drafter
-params are replicated (drafters that share the target's layers share their sharding).
+the head. The KV cache is sharded by KV heads (and by rows over "data"). Norms are
+replicated; drafter params are placed by size (`drafter_spec`: leaves of 1 MiB and more split
+over "model", smaller ones replicated), and drafters that share the target's layers share their
+sharding.
 `generate_pmap` is pure data parallelism.
 """
 
@@ -170,23 +172,50 @@ def kv_spec(mesh: Mesh) -> P:
 # ----------------------------------------------------------------------------- one call
 
 
-def place(mesh: Mesh, params: dict, dparams: Any, args: dict) -> tuple[dict, Any, dict]:
+# Drafter param leaves smaller than this are replicated on a tensor-parallel mesh; larger ones
+# are split over "model" (XLA inserts whatever collectives that takes).
+DRAFTER_REPLICATE_BELOW = 1 << 20
+
+
+def drafter_spec(shape: tuple, nbytes: int, shards: int, replicate_below: int) -> P:
+    """A drafter leaf's PartitionSpec: split on its last dimension that the model axis divides
+    when it is large, else replicated."""
+    if shards > 1 and nbytes >= replicate_below:
+        for d in reversed(range(len(shape))):
+            if shape[d] % shards == 0 and shape[d] >= shards:
+                return P(*(None,) * d, "model")
+    return P()
+
+
+def place(
+    mesh: Mesh,
+    params: dict,
+    dparams: Any,
+    args: dict,
+    replicate_below: int = DRAFTER_REPLICATE_BELOW,
+) -> tuple[dict, Any, dict]:
     """Place one generate call: target params as `place_params` (already-placed ones stay),
-    drafter params replicated unless they already live on this mesh (a layer-skip drafter's
-    shared target layers), the batch dimension of the per-row inputs over "data"."""
+    drafter params by size (`drafter_spec`) unless they already live on this mesh (a layer-skip
+    drafter's shared target layers), the batch dimension of the per-row inputs over "data"."""
     if "data" not in mesh.axis_names:
         raise ValueError(f"mesh needs a 'data' axis for the batch; it has {mesh.axis_names}")
     rep = NamedSharding(mesh, P())
     row = NamedSharding(mesh, P("data"))
+    shards = model_axis(mesh)
 
-    def keep_or_replicate(x: Any) -> Any:
+    def place_drafter_leaf(x: Any) -> Any:
         on_mesh = isinstance(getattr(x, "sharding", None), NamedSharding) and (
             x.sharding.mesh == mesh
         )
-        return x if on_mesh else put(x, rep)
+        if on_mesh:
+            return x
+        spec = drafter_spec(
+            np.shape(x), int(np.size(x)) * np.dtype(x.dtype).itemsize, shards, replicate_below
+        )
+        return put(x, NamedSharding(mesh, spec))
 
     params = place_params(params, mesh)
-    dparams = None if dparams is None else jax.tree.map(keep_or_replicate, dparams)
+    dparams = None if dparams is None else jax.tree.map(place_drafter_leaf, dparams)
     args = dict(args)
     for name in BATCHED_ARGS:
         args[name] = jax.tree.map(lambda x: put(x, row), args[name])

@@ -163,10 +163,25 @@ TP_SCRIPT = textwrap.dedent("""
     res["cache"] = [str(k0.sharding.spec), list(k0.shape),
                     sorted({tuple(s.data.shape) for s in k0.addressable_shards})]
 
+    # Drafter params by size: with the threshold at 0 every EAGLE-3 leaf with a dimension the
+    # model axis divides is split over it (at the default 1 MiB this tiny drafter stays
+    # replicated); the program gives the single-device tokens.
     tree = drafters.DynamicTree(nodes=5, depth=3, top_k=2)
     from specjax.drafters import feature
     eagle_cfg = feature.make_config(model.config, 3)
     eagle_params = feature.init_params(eagle_cfg, jax.random.key(0))
+    eagle = drafters.eagle((eagle_cfg, eagle_params), tree=tree)
+    ec, args, _ = prepare(sm, prompts, max_new_tokens=new, drafter=eagle)
+    dparams, max_len = args.pop("dparams"), args.pop("max_len")
+    params, dparams, args = sharding.place(mesh, sm.params, dparams, args, replicate_below=0)
+    res["eagle_specs"] = sorted({str(x.sharding.spec) for x in jax.tree.leaves(dparams)})
+    ec = dataclasses.replace(ec, kv_sharding=NamedSharding(mesh, sharding.kv_spec(mesh)))
+    st = engine.decode(params, dparams, engine.prefill(
+        params, dparams, **args, ec=ec, max_len=max_len), args["sp"], ec=ec)
+    res["eagle_split"] = [[int(x) for x in row[:n]] for row, n in zip(
+        jax.device_get(st.out), jax.device_get(st.n_out))][:len(prompts)]
+    res["eagle_single"] = generate(model, prompts, max_new_tokens=new, drafter=eagle).tokens
+
     makers = {
         "ar": lambda: None,
         "ngram": lambda: drafters.ngram(k=4),
@@ -236,6 +251,8 @@ def test_tensor_parallel_matches_single_device(make_hf_model, tmp_path):
 
     assert res["mesh"] == {"data": 4, "model": 2} and res["shards"] == 2
     assert res["streamed_equal"]
+    assert "P(None, 'model')" in res["eagle_specs"], res["eagle_specs"]
+    assert res["eagle_split"] == res["eagle_single"]
     assert res["specs"] == {
         "attn_norm": "P()",
         "mlp_norm": "P()",
