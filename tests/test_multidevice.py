@@ -167,7 +167,7 @@ TP_SCRIPT = textwrap.dedent("""
     # model axis divides is split over it (at the default 1 MiB this tiny drafter stays
     # replicated); the program gives the single-device tokens.
     tree = drafters.DynamicTree(nodes=5, depth=3, top_k=2)
-    from specjax.drafters import feature
+    from specjax.drafters import feature, medusa_heads
     eagle_cfg = feature.make_config(model.config, 3)
     eagle_params = feature.init_params(eagle_cfg, jax.random.key(0))
     eagle = drafters.eagle((eagle_cfg, eagle_params), tree=tree)
@@ -190,7 +190,15 @@ TP_SCRIPT = textwrap.dedent("""
             [drafters.ngram(k=2), drafters.layer_skip(layers=1, k=3)]),
         # a random EAGLE-3 tree (reads the target's hidden states, shares its sharded head)
         "eagle3_tree": lambda: drafters.eagle((eagle_cfg, eagle_params), tree=tree),
+        # Medusa heads on the target's features, a static tree
+        "medusa_tree": lambda: drafters.medusa(
+            medusa_heads.MedusaHeads(medusa_cfg, medusa_heads.init_params(
+                medusa_cfg, jax.random.key(1))),
+            tree=drafters.StaticTree([[0], [1], [0, 0]])),
+        # an independent draft model (its own unsharded config; the unsharded target itself)
+        "small_model": lambda: drafters.small_model(model, k=3),
     }
+    medusa_cfg = medusa_heads.MedusaConfig(num_heads=2, hidden=model.config.hidden_size)
     sampled = {"temperature": 1.0, "top_k": 20, "key": 5}
     for name, make in makers.items():
         for how, kw in (("greedy", {}), ("sampled", sampled)):
@@ -211,8 +219,8 @@ TP_SCRIPT = textwrap.dedent("""
 def test_tensor_parallel_matches_single_device(make_hf_model, tmp_path):
     """A 4 x 2 (data x model) mesh of 8 CPU devices: params split over "model" (per-device bytes
     about half), the KV cache by rows and KV heads, and greedy tokens (and sampled tokens with the
-    same key) identical to one device for plain decoding, a chain, a tree, a cascade and an EAGLE-3
-    tree."""
+    same key) identical to one device for plain decoding, an n-gram chain, a layer-skip tree, a
+    cascade, an EAGLE-3 tree, a Medusa tree and an independent draft model."""
     hf = make_hf_model("llama", seed=3, vocab_size=128, eos_token_id=None)
     hf.save_pretrained(tmp_path / "hf")
     model = specjax.model_from_hf(hf)
@@ -250,6 +258,8 @@ def test_tensor_parallel_matches_single_device(make_hf_model, tmp_path):
     res = json.loads(lines[-1][len("RESULT ") :])
 
     assert res["mesh"] == {"data": 4, "model": 2} and res["shards"] == 2
+    makers_names = ("ar", "ngram", "layer_skip_tree", "cascade", "eagle3_tree", "medusa_tree")
+    makers_names += ("small_model",)
     assert res["streamed_equal"]
     assert "P(None, 'model')" in res["eagle_specs"], res["eagle_specs"]
     assert res["eagle_split"] == res["eagle_single"]
@@ -269,7 +279,7 @@ def test_tensor_parallel_matches_single_device(make_hf_model, tmp_path):
     spec, shape, shards = res["cache"]
     assert spec == "P('data', 'model')"
     assert shards == [[shape[0] // 4, shape[1] // 2, shape[2], shape[3]]]
-    for name in ("ar", "ngram", "layer_skip_tree", "cascade", "eagle3_tree"):
+    for name in makers_names:
         one, tp, h_one, h_tp = res[f"{name}_greedy"]
         assert one == tp and h_one == h_tp, name
     assert sum(res["ngram_greedy"][2][1:]) > 0  # the drafter's tokens were accepted
