@@ -60,6 +60,40 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def _write_blob(path, model: specjax.Model, prompts: list, new: int, **extra) -> str:
+    """The model, prompts and budget pickled for a subprocess script (argv[1])."""
+    with open(path, "wb") as f:
+        params = jax.tree.map(np.asarray, model.params)
+        pickle.dump(dict(params=params, config=model.config, prompts=prompts, new=new, **extra), f)
+    return str(path)
+
+
+def _device_env(devices: int) -> dict:
+    """The environment of a subprocess with `devices` simulated CPU devices."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    flag = f" --xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + flag).strip()
+    return env
+
+
+def _result(stdout: str, stderr: str, returncode: int) -> dict:
+    """The JSON a subprocess script printed after "RESULT " (its stderr tail on failure)."""
+    lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
+    assert returncode == 0 and lines, stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def _run_script(script: str, blob: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", script, blob],
+        env=_device_env(N_DEVICES),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return _result(proc.stdout, proc.stderr, proc.returncode)
+
+
 def test_mesh_and_pmap_match_single_device(make_hf_model, tmp_path):
     model = specjax.model_from_hf(make_hf_model("llama", seed=3, eos_token_id=None))
     rng = np.random.default_rng(1)
@@ -69,31 +103,7 @@ def test_mesh_and_pmap_match_single_device(make_hf_model, tmp_path):
         [20, 21, 22, 23] * 2 + [20],
     ]
     new = 24
-    blob = tmp_path / "model.pkl"
-    with open(blob, "wb") as f:
-        pickle.dump(
-            dict(
-                params=jax.tree.map(np.asarray, model.params),
-                config=model.config,
-                prompts=prompts,
-                new=new,
-            ),
-            f,
-        )
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_DEVICES}"
-    ).strip()
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(blob)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    res = json.loads(lines[-1][len("RESULT ") :])
+    res = _run_script(SCRIPT, _write_blob(tmp_path / "model.pkl", model, prompts, new))
 
     assert res["devices"] == N_DEVICES
     assert res["mesh"] == {"data": N_DEVICES}
@@ -230,32 +240,8 @@ def test_tensor_parallel_matches_single_device(make_hf_model, tmp_path):
         [20, 21, 22, 23] * 2 + [20],
     ]
     new = 16
-    blob = tmp_path / "model.pkl"
-    with open(blob, "wb") as f:
-        pickle.dump(
-            dict(
-                params=jax.tree.map(np.asarray, model.params),
-                config=model.config,
-                prompts=prompts,
-                new=new,
-                hf_dir=str(tmp_path / "hf"),
-            ),
-            f,
-        )
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_DEVICES}"
-    ).strip()
-    proc = subprocess.run(
-        [sys.executable, "-c", TP_SCRIPT, str(blob)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    res = json.loads(lines[-1][len("RESULT ") :])
+    blob = _write_blob(tmp_path / "model.pkl", model, prompts, new, hf_dir=str(tmp_path / "hf"))
+    res = _run_script(TP_SCRIPT, blob)
 
     assert res["mesh"] == {"data": 4, "model": 2} and res["shards"] == 2
     makers_names = ("ar", "ngram", "layer_skip_tree", "cascade", "eagle3_tree", "medusa_tree")
@@ -334,24 +320,12 @@ def test_two_processes_one_global_mesh(make_hf_model, tmp_path):
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, 128, n).tolist() for n in (4, 11, 7)] + [[5, 6, 7] * 3]
     new = 12
-    blob = tmp_path / "model.pkl"
-    with open(blob, "wb") as f:
-        pickle.dump(
-            dict(
-                params=jax.tree.map(np.asarray, model.params),
-                config=model.config,
-                prompts=prompts,
-                new=new,
-            ),
-            f,
-        )
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    blob = _write_blob(tmp_path / "model.pkl", model, prompts, new)
     address = f"localhost:{_free_port()}"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", MULTIHOST_SCRIPT, str(blob), address, str(i)],
-            env=env,
+            [sys.executable, "-c", MULTIHOST_SCRIPT, blob, address, str(i)],
+            env=_device_env(4),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -366,9 +340,7 @@ def test_two_processes_one_global_mesh(make_hf_model, tmp_path):
             for q in procs:
                 q.kill()
             raise
-        lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
-        assert p.returncode == 0 and lines, stderr[-4000:]
-        outs.append(json.loads(lines[-1][len("RESULT ") :]))
+        outs.append(_result(stdout, stderr, p.returncode))
 
     tree = specjax.drafters.DynamicTree(nodes=5, depth=3, top_k=2)
     ref = {
@@ -393,10 +365,7 @@ def test_two_processes_one_global_mesh(make_hf_model, tmp_path):
 def test_cli_generate_on_a_mesh(tiny_dir):
     """`specjax generate --mesh 4x2` (8 CPU devices, tensor parallel) prints what one device
     prints; a bad --mesh is refused before anything loads."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_DEVICES}"
-    ).strip()
+    env = _device_env(N_DEVICES)
     args = [sys.executable, "-m", "specjax.cli", "generate", "the cat sat", "the dog"]
     args += ["--model", tiny_dir, "--max-new-tokens", "8", "--drafter", "ngram@2"]
     runs = [
