@@ -128,3 +128,17 @@ def test_peak_host_memory_while_streaming(big_dir, converted_dir):
     # flight, so one largest tensor more is allowed (still well below the all-at-once path)
     assert runs["orbax"]["params"] == s["params"]
     assert runs["orbax"]["grew"] <= bound + s["largest"] < runs["full"]["grew"], runs["orbax"]
+
+
+def test_bfloat16_checkpoint_streams_like_the_full_load(make_hf_model, tmp_path):
+    """A checkpoint stored in bfloat16 (how most published models ship): read as bf16 and
+    widened, the same values as the all-at-once path."""
+    import torch
+
+    make_hf_model("llama", num_hidden_layers=2).to(torch.bfloat16).save_pretrained(tmp_path)
+    streamed, _ = stream_hf_dir(str(tmp_path), np.float32)
+    full, _ = load_hf_dir(str(tmp_path))
+    full = unstack_layers(full)
+    for a, b in zip(jax.tree.leaves(streamed), jax.tree.leaves(full)):
+        assert a.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(a), b)
