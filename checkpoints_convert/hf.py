@@ -282,10 +282,7 @@ def stream_hf_dir(
     plan = plan_state_dict({n: st.shape(n) for n, st in where.items()}, cfg)
     shards = sharding.model_axis(mesh)
     cfg_out = dataclasses.replace(cfg, shards=shards) if shards > 1 else cfg
-    order = {}
-    if shards > 1:
-        qkv, gate_up = sharding._regroup_columns(cfg, shards)
-        order = {"wqkv": qkv, "bqkv": qkv, "w_gate_up": gate_up}
+    order = sharding.regroup_orders(cfg, shards) if shards > 1 else {}
 
     def read(name: str, transpose: bool = False) -> np.ndarray:
         a = where[name].read(name)

@@ -65,15 +65,18 @@ def model_axis(mesh: Mesh | None) -> int:
 # ----------------------------------------------------------------------------- params
 
 
-def _regroup_columns(cfg: ModelConfig, shards: int) -> tuple[np.ndarray, np.ndarray]:
-    """Column orders of wqkv/bqkv and w_gate_up that put device s's columns in group s."""
+def regroup_orders(cfg: ModelConfig, shards: int) -> dict[str, np.ndarray]:
+    """Column order of each fused projection (wqkv, bqkv, w_gate_up) that puts device s's
+    columns in group s: its query heads, then its key and value heads; its gate, then its up
+    columns."""
     H, KV, hd, F = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
     q = np.arange(H * hd).reshape(shards, -1)
     k = H * hd + np.arange(KV * hd).reshape(shards, -1)
     v = (H + KV) * hd + np.arange(KV * hd).reshape(shards, -1)
     gate = np.arange(F).reshape(shards, -1)
     up = F + np.arange(F).reshape(shards, -1)
-    return np.concatenate([q, k, v], 1).ravel(), np.concatenate([gate, up], 1).ravel()
+    qkv = np.concatenate([q, k, v], 1).ravel()
+    return {"wqkv": qkv, "bqkv": qkv, "w_gate_up": np.concatenate([gate, up], 1).ravel()}
 
 
 def regroup(params: dict, cfg: ModelConfig, shards: int) -> tuple[dict, ModelConfig]:
@@ -84,8 +87,7 @@ def regroup(params: dict, cfg: ModelConfig, shards: int) -> tuple[dict, ModelCon
     if cfg.shards != 1:
         raise ValueError(f"params are grouped for {cfg.shards} shards, not {shards}")
     new_cfg = dataclasses.replace(cfg, shards=shards)  # checks the divisibility
-    qkv, gate_up = _regroup_columns(cfg, shards)
-    order = {"wqkv": qkv, "bqkv": qkv, "w_gate_up": gate_up}
+    order = regroup_orders(cfg, shards)
 
     def layer(lp: dict) -> dict:
         return {n: jnp.take(w, order[n], axis=-1) if n in order else w for n, w in lp.items()}
