@@ -258,14 +258,23 @@ class SafetensorsFile:
 
 
 def stream_hf_dir(
-    path: str, dtype: DTypeLike = np.float32, mesh: Any = None
+    path: str,
+    dtype: DTypeLike = np.float32,
+    mesh: Any = None,
+    *,
+    cfg: ModelConfig | None = None,
+    names: Callable[[str], str | None] | None = None,
 ) -> tuple[dict, ModelConfig] | None:
     """HF safetensors checkpoint directory -> (params as device arrays, per-layer (unrolled)
     layout, ModelConfig), one tensor at a time: each is read, transposed, fused with its
     layer's partners, cast to `dtype` and placed before the next is read, so the host holds at
     most one layer's tensors beyond what is already placed. With `mesh`, every param goes
     straight to its final sharding (`specjax.sharding`; the fused columns regrouped for tensor
-    parallelism). None when the directory has no safetensors files."""
+    parallelism). None when the directory has no safetensors files.
+
+    A language model inside a bigger checkpoint (a VLM) passes its `cfg` and `names`: checkpoint
+    name -> the name this converter knows (`model.layers.0...`), or None for tensors that are
+    not the language model's."""
     import jax
     import jax.numpy as jnp
 
@@ -274,18 +283,22 @@ def stream_hf_dir(
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         return None
-    cfg = ModelConfig.from_hf(read_hf_config(path))
-    where: dict[str, SafetensorsFile] = {}
+    cfg = cfg or ModelConfig.from_hf(read_hf_config(path))
+    where: dict[str, tuple[SafetensorsFile, str]] = {}  # our name -> (file, its name there)
     for f in files:
         st = SafetensorsFile(os.path.join(path, f))
-        where.update({n: st for n in st.entries})
-    plan = plan_state_dict({n: st.shape(n) for n, st in where.items()}, cfg)
+        for n in st.entries:
+            ours = n if names is None else names(n)
+            if ours is not None:
+                where[ours] = (st, n)
+    plan = plan_state_dict({n: st.shape(m) for n, (st, m) in where.items()}, cfg)
     shards = sharding.model_axis(mesh)
     cfg_out = dataclasses.replace(cfg, shards=shards) if shards > 1 else cfg
     order = sharding.regroup_orders(cfg, shards) if shards > 1 else {}
 
     def read(name: str, transpose: bool = False) -> np.ndarray:
-        a = where[name].read(name)
+        st, stored = where[name]
+        a = st.read(stored)
         return np.ascontiguousarray(a.T) if transpose else a
 
     def place(key: str, arr: np.ndarray) -> jax.Array:

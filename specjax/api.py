@@ -229,11 +229,20 @@ def prepare(
     drafter: Drafter | str | None = None,
     impl: str = "xla",
     batch_multiple: int = 1,
+    images: Any = None,
+    videos: Any = None,
+    pixel_values: Any = None,
+    pixel_values_videos: Any = None,
 ) -> tuple[engine.EngineConfig, dict[str, Any], list[list[int]]]:
     """Everything `generate` does before running: -> (ec, args for engine.prefill, rows)."""
+    from specjax import multimodal
+
     mode, sp = make_sampling(temperature, top_k, top_p)  # cheap checks before tokenizing
     key = make_key(key)
     rows = encode_prompts(model, prompts, chat)
+    rows, items = multimodal.prepare_rows(
+        model, rows, images, videos, pixel_values, pixel_values_videos
+    )
     drafter = resolve_drafter(model, drafter)
     check_args(model, rows, max_new_tokens, drafter)
     spec, dparams = bind_drafter(model, drafter)
@@ -251,6 +260,9 @@ def prepare(
         lengths[i] = len(ids)
         budget[i] = max_new_tokens
     inp = engine.PrefillInput.from_tokens(jnp.asarray(tokens), jnp.asarray(lengths))
+    if items is not None:  # image / video features at the placeholder positions
+        embeds, mask = multimodal.prefill_embeds(model, tokens, items)
+        inp = inp.replace(embeds=embeds, embed_mask=mask)
     args = dict(
         inp=inp, max_new=jnp.asarray(budget), key=key, sp=sp, dparams=dparams, max_len=max_len
     )
@@ -270,6 +282,10 @@ def generate(
     drafter: Drafter | str | None = None,
     impl: str = "xla",
     mesh: jax.sharding.Mesh | None = None,
+    images: Any = None,
+    videos: Any = None,
+    pixel_values: Any = None,
+    pixel_values_videos: Any = None,
 ) -> GenerateOutput:
     """Generate from one prompt or a batch (strings get the chat template when `chat`).
 
@@ -282,6 +298,15 @@ def generate(
     With `mesh` (a `jax.sharding.Mesh` with a "data" axis) the batch is sharded over it; with
     a "model" axis too (`specjax.make_mesh(data=D, model=M)`), the model is tensor parallel
     (`specjax.shard_model`; pass a model already sharded for the mesh to skip regrouping).
+
+    Vision-language targets (`load_model` of a LLaVA / Video-LLaVA checkpoint): `images`
+    holds, per prompt, a list of images (PIL images or uint8 [H, W, 3] arrays; one prompt may
+    take its list directly) and `videos` (Video-LLaVA) a list of videos, each a list of
+    frames. Each prompt holds one placeholder token per image (expanded here) or the
+    expanded count. Already-processed inputs: `pixel_values` [N, C, H, W] /
+    `pixel_values_videos` [N, F, C, H, W] with token-id prompts holding expanded
+    placeholders, as HF processors write them. Features go through `model.feature_cache`
+    (stats["vision_cache"]).
     """
     # A mesh without a "data" axis is rejected with a clear message by `sharding.place`.
     multiple = 1 if mesh is None else dict(mesh.shape).get("data", 1)
@@ -299,6 +324,10 @@ def generate(
         drafter=drafter,
         impl=impl,
         batch_multiple=multiple,
+        images=images,
+        videos=videos,
+        pixel_values=pixel_values,
+        pixel_values_videos=pixel_values_videos,
     )
     params, dparams = model.params, args.pop("dparams")
     if mesh is not None:
@@ -317,7 +346,11 @@ def generate(
     jax.block_until_ready(state.out)
     t2 = time.perf_counter()
     compiled = sum(engine.TRACE_COUNTS.values()) > before
-    return finish(model, state, rows, t1 - t0, t2 - t1, compiled, ec.drafter)
+    out = finish(model, state, rows, t1 - t0, t2 - t1, compiled, ec.drafter)
+    cache = getattr(model, "feature_cache", None)
+    if cache is not None:
+        out.stats["vision_cache"] = cache.summary()
+    return out
 
 
 def finish(

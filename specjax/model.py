@@ -409,6 +409,10 @@ def load_model(
         return _to_model(params, cfg, tok, key, dtype, layout)
     path = os.fspath(name_or_path)
     if os.path.isdir(path):
+        if _is_vlm_dir(path):
+            from specjax.multimodal import load_vlm
+
+            return load_vlm(path, dtype, layout)
         if is_converted_dir(path):
             params, cfg, tok = load_converted(path)
         else:
@@ -426,6 +430,17 @@ def load_model(
         f"({', '.join(sorted(KNOWN_MODELS))}), an HF checkpoint directory (config.json + "
         f"safetensors), a .gguf file, or a directory written by `specjax convert`"
     )
+
+
+def _is_vlm_dir(path: str) -> bool:
+    """An HF LLaVA / Video-LLaVA checkpoint directory (config.json says so)."""
+    from specjax.models.vlm import VLM_TYPES
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("model_type") in VLM_TYPES
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _maybe_tokenizer(path: str) -> Any:
