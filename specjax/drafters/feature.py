@@ -248,10 +248,18 @@ def token_embedding(params: dict, tokens: jax.Array) -> jax.Array:
 
 
 def layer_inputs(
-    cfg: EagleConfig, params: dict, feat: jax.Array, tokens: jax.Array
+    cfg: EagleConfig,
+    params: dict,
+    feat: jax.Array,
+    tokens: jax.Array,
+    embeds: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """-> (residual h [B, T, D], attention input x [B, T, Din])."""
+    """-> (residual h [B, T, D], attention input x [B, T, Din]). `embeds` (values [B, T, D],
+    mask [B, T]) replaces the token embeddings where the mask is set: a VLM target's image
+    features at its placeholder tokens, which the drafter then reads as the target did."""
     e = token_embedding(params, tokens).astype(feat.dtype)
+    if embeds is not None:
+        e = jnp.where(embeds[1][..., None], embeds[0].astype(e.dtype), e)
     lp, eps = params["layer"], cfg.layer.rms_norm_eps
     if cfg.version == 1:
         h = jnp.concatenate([e, feat], axis=-1) @ params["fc"]
@@ -273,11 +281,12 @@ def draft_block(
     *,
     block_mask: jax.Array | None = None,
     write_offset: jax.Array | None = None,
+    embeds: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run the drafter layer over pairs (feat [B, T, D], tokens [B, T]) -> (output features
     [B, T, D], cache). With `feed_normed` the output is taken after the final norm: it is both
-    what the head reads and what the next draft slot is fed."""
-    h, x = layer_inputs(cfg, params, feat, tokens)
+    what the head reads and what the next draft slot is fed. `embeds`: see `layer_inputs`."""
+    h, x = layer_inputs(cfg, params, feat, tokens, embeds)
     out, cache = single_layer(
         cfg.layer,
         params["layer"],
@@ -390,12 +399,13 @@ class EagleSpec(DrafterSpec):
         feat: jax.Array,
         tokens: jax.Array,
         last_idx: jax.Array,
+        embeds: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Feed pairs (feat [B, T, D], tokens [B, T]) at the committed end of the cache; the
         first last_idx[b] + 1 are real -> (drafter output at last_idx [B, D], cache)."""
         B, T = tokens.shape
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-        out, cache = draft_block(self.eagle, params, feat, tokens, positions, cache)
+        out, cache = draft_block(self.eagle, params, feat, tokens, positions, cache, embeds=embeds)
         at = jnp.take_along_axis(out, last_idx[:, None, None], axis=1)[:, 0]
         return at, cache
 
@@ -409,7 +419,16 @@ class EagleSpec(DrafterSpec):
         nxt = jnp.concatenate([prefill.tokens[:, 1:], jnp.zeros((B, 1), jnp.int32)], axis=1)
         last = (prefill.lengths - 1)[:, None]
         pair_tok = jnp.where(j == last, prefill.first[:, None], jnp.where(j < last, nxt, 0))
-        out, cache = self._feed_committed(params, cache, feat, pair_tok, prefill.lengths - 1)
+        embeds = None
+        inp = prefill.input
+        if inp.embeds is not None:
+            # A VLM target's image features: slot j pairs with token j + 1, so shift them by
+            # one, as vLLM's EAGLE feeds a multimodal target's projected image embeddings.
+            shift = lambda a: jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
+            embeds = (shift(inp.embeds), shift(inp.embed_mask) & (j < last))
+        out, cache = self._feed_committed(
+            params, cache, feat, pair_tok, prefill.lengths - 1, embeds
+        )
         return EagleState(cache=cache.replace(lengths=prefill.lengths), feat=out)
 
     def propose(

@@ -1,0 +1,378 @@
+"""Vision-language targets (LLaVA, Video-LLaVA): conversion, generate with images, the feature
+cache, and every drafter exact over images.
+
+No VLM weights can be downloaded here, so every model is a random-weight HF model built in the
+test (`build_vlm`): a CLIP tower (3 layers, hidden 32, 28 x 28 images of 14 x 14 patches: 4
+patch tokens) and a 2-layer Llama or Qwen2 language model with GQA, all weights redrawn at O(1)
+scale (HF's own init gives near-uniform outputs under which a wrong tower could still match).
+The code path is the one a real checkpoint takes: `save_pretrained` to a directory, then
+`specjax.load_model(dir)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from safetensors.torch import save_file
+
+import specjax
+from specjax import drafters, multimodal
+from specjax.multimodal import VisionLanguageModel
+
+IMG, VID = 120, 121  # image / video placeholder token ids
+NEW = 12
+
+
+def _redraw(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("bias"):
+                p.copy_(0.5 * noise)
+            elif p.ndim == 1 and "class_embedding" not in name:  # norm weights
+                p.copy_(1.0 + 0.1 * noise)
+            elif p.ndim == 1 or "embed_tokens" in name or "position_embedding" in name:
+                p.copy_(noise)
+            else:  # Linear [out, in] or the patch conv [D, C, p, p]
+                p.copy_(noise / np.prod(p.shape[1:]) ** 0.5)
+
+
+def _text_config(family: str, vocab: int = 128, eos=None):
+    cls = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config}[family]
+    return cls(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=eos,
+    )
+
+
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=28,
+    patch_size=14,
+)
+
+
+def build_vlm(kind="llava", family="llama", seed=0, vocab=128, **kw):
+    """A random-weight HF LLaVA / Video-LLaVA (eval, float32, eager attention)."""
+    torch.manual_seed(seed)
+    vc = T.CLIPVisionConfig(**VISION)
+    tc = _text_config(family, vocab)
+    if kind == "llava":
+        cfg = T.LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMG, **kw)
+        model = T.LlavaForConditionalGeneration(cfg)
+    else:
+        cfg = T.VideoLlavaConfig(
+            vision_config=vc, text_config=tc, image_token_index=IMG, video_token_index=VID, **kw
+        )
+        model = T.VideoLlavaForConditionalGeneration(cfg)
+    model.config._attn_implementation = "eager"
+    _redraw(model, seed + 1)
+    return model.eval()
+
+
+def save_vlm(model, path, layout: str) -> str:
+    """Write `model` in one of the key layouts real checkpoints use:
+    "saved"   what transformers 5's save_pretrained writes (language_model.model.*, vision_tower.*)
+    "t5"      transformers 5's module names (model.language_model.*, model.vision_tower.*, lm_head)
+    "legacy"  the original llava-hf layout (vision_tower.vision_model.*), in two shards."""
+    model.save_pretrained(path)
+    if layout == "saved":
+        return str(path)
+    for f in os.listdir(path):
+        if f.endswith(".safetensors") or f.endswith(".safetensors.index.json"):
+            os.remove(os.path.join(path, f))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if layout == "legacy":
+        import re
+
+        from checkpoints_convert.vlm_hf import canonical_name
+
+        def legacy(k):
+            c = canonical_name(k)
+            if c.startswith(("model.", "lm_head.")):
+                return "language_model." + c
+            m = re.match(r"^(image_tower|video_tower)\.(.*)$", c)
+            if m:
+                tower = "vision_tower" if model.config.model_type == "llava" else m.group(1)
+                return f"{tower}.vision_model.{m.group(2)}"
+            return c.replace("projector.", "multi_modal_projector.", 1)
+
+        state = {legacy(k): v for k, v in state.items()}
+        names = sorted(state)
+        half = len(names) // 2
+        save_file({k: state[k] for k in names[:half]}, os.path.join(path, "model-1.safetensors"))
+        save_file({k: state[k] for k in names[half:]}, os.path.join(path, "model-2.safetensors"))
+    else:
+        save_file(state, os.path.join(path, "model.safetensors"))
+    return str(path)
+
+
+def expand(ids, counts):
+    """Placeholders expanded as an HF processor writes them: {token id: tokens per item}."""
+    return [t for x in ids for t in ([x] * counts[x] if x in counts else [x])]
+
+
+# ----------------------------------------------------------------------------- conversion
+
+CASES = {
+    # name: (kind, text family, layout, config overrides)
+    "llava-int-default-bias-t5": ("llava", "llama", "t5", dict(vision_feature_layer=-2)),
+    "llava-list-full-nobias-saved": (
+        "llava",
+        "llama",
+        "saved",
+        dict(
+            vision_feature_layer=[-3, -1],
+            vision_feature_select_strategy="full",
+            multimodal_projector_bias=False,
+        ),
+    ),
+    "llava-qwen2-legacy-sharded": ("llava", "qwen2", "legacy", dict(vision_feature_layer=-1)),
+    "videollava-legacy": ("video_llava", "llama", "legacy", {}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_hf(case, tmp_path):
+    kind, family, layout, kw = CASES[case]
+    hf = build_vlm(kind, family, **kw)
+    vm = specjax.load_model(save_vlm(hf, tmp_path, layout))
+    assert isinstance(vm, VisionLanguageModel)
+    cfg = vm.vlm_config
+    # Only the layers a feature layer reads are loaded (layers after it are dead weight).
+    assert cfg.vision.num_layers == max(cfg.feature_layers)
+    assert vm.vision_params["image_tower"]["layers"]["wqkv"].shape[0] == max(cfg.feature_layers)
+    n_img = cfg.image_tokens
+    rng = np.random.default_rng(0)
+    if kind == "llava":
+        row0 = expand([1, 5, IMG, 7, 9, IMG, 11], {IMG: n_img})
+        row1 = expand([3, IMG, 4], {IMG: n_img})
+        ids = [row0, row1 + [8] * (len(row0) - len(row1))]  # HF takes equal-length rows
+        px = rng.standard_normal((3, 3, 28, 28)).astype(np.float32)
+        with torch.no_grad():
+            ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(px)).logits.numpy()
+        out = vm.logits(ids, pixel_values=px)
+    else:
+        n_vid = cfg.video_tokens(3)
+        ids = [expand([1, IMG, 5, VID, 7, 8], {IMG: n_img, VID: n_vid})]
+        px = rng.standard_normal((1, 3, 28, 28)).astype(np.float32)
+        pv = rng.standard_normal((1, 3, 3, 28, 28)).astype(np.float32)
+        with torch.no_grad():
+            ref = hf(
+                input_ids=torch.tensor(ids),
+                pixel_values=torch.tensor(px),
+                pixel_values_videos=torch.tensor(pv),
+            ).logits.numpy()
+        out = vm.logits(ids, pixel_values=px, pixel_values_videos=pv)
+    assert np.abs(ref).max() > 1.0  # O(1) logits: a wrong tower would show
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=0)
+
+
+def test_checkpoint_errors(tmp_path):
+    hf = build_vlm("llava")
+    path = save_vlm(hf, tmp_path / "extra", "t5")
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    state["model.vision_tower.encoder.layers.7.mlp.fc1.weight"] = torch.zeros(48, 32)
+    save_file(state, os.path.join(path, "model.safetensors"))
+    with pytest.raises(ValueError, match="not used.*layers.7"):
+        specjax.load_model(path)
+    path = save_vlm(hf, tmp_path / "missing", "t5")
+    del state["model.vision_tower.encoder.layers.7.mlp.fc1.weight"]
+    del state["model.multi_modal_projector.linear_2.weight"]
+    save_file(state, os.path.join(path, "model.safetensors"))
+    with pytest.raises(ValueError, match="missing.*projector/w2"):
+        specjax.load_model(path)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["vision_feature_layer"] = 9
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match="vision_feature_layer 9"):
+        specjax.load_model(path)
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    """(HF model, specjax model) of a random LLaVA (Llama, GQA), EOS disabled."""
+    hf = build_vlm("llava", "llama", seed=3)
+    vm = specjax.load_model(save_vlm(hf, tmp_path_factory.mktemp("llava"), "t5"))
+    return hf, vm
+
+
+def _images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (20 + 9 * i, 35 - 4 * i, 3), dtype=np.uint8) for i in range(n)]
+
+
+PROMPTS = [[1, 5, IMG, 7, 9, 11], [3, IMG, 4, 8, IMG, 8, 8, 2], [6, 2, 9, 9, 4]]
+
+
+def _hf_greedy(hf, vm, prompt, images):
+    n = vm.vlm_config.image_tokens
+    ids = expand(prompt, {IMG: n})
+    kw = {}
+    if images:
+        px = np.stack([multimodal.clip_preprocess(im, 28) for im in images])
+        kw["pixel_values"] = torch.tensor(px)
+    with torch.no_grad():
+        g = hf.generate(input_ids=torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, **kw)
+    return g[0, len(ids) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def plain(llava):
+    hf, vm = llava
+    imgs = _images(3)
+    images = [[imgs[0]], [imgs[1], imgs[2]], []]
+    out = specjax.generate(vm, PROMPTS, images=images, max_new_tokens=NEW)
+    return images, out
+
+
+def test_generate_equals_hf(llava, plain):
+    """Greedy tokens equal HF `generate` row by row: one image, two images (placeholders
+    expanded here), no image; PIL images give the same output as their arrays."""
+    from PIL import Image
+
+    hf, vm = llava
+    images, out = plain
+    for prompt, ims, toks in zip(PROMPTS, images, out.tokens):
+        assert toks == _hf_greedy(hf, vm, prompt, ims)
+    pil = [[Image.fromarray(a) for a in row] for row in images]
+    again = specjax.generate(vm, PROMPTS, images=pil, max_new_tokens=NEW)
+    assert again.tokens == out.tokens
+    # Already-processed inputs: expanded ids + pixel_values, HF's convention.
+    n = vm.vlm_config.image_tokens
+    px = np.stack([multimodal.clip_preprocess(a, 28) for row in images for a in row])
+    ids = [expand(p, {IMG: n}) for p in PROMPTS]
+    pre = specjax.generate(vm, ids, pixel_values=px, max_new_tokens=NEW)
+    assert pre.tokens == out.tokens
+
+
+def _small_text_drafter(seed=11):
+    """A text-only 1-layer Llama with the target's vocabulary (placeholders are plain ids)."""
+    from conftest import build_hf_model
+
+    hf = build_hf_model("llama", seed=seed, vocab_size=128, hidden_size=64, num_hidden_layers=1)
+    return specjax.model_from_hf(hf, dtype=jnp.float32)
+
+
+def _drafter(name, vm):
+    from test_eagle import random_eagle
+    from test_medusa import random_heads
+
+    if name == "ngram":
+        return drafters.ngram(max_ngram=3, k=3)
+    if name == "layer_skip":
+        return drafters.layer_skip(layers=1, k=3)
+    if name == "layer_skip_tree":
+        return drafters.layer_skip(layers=1, tree=drafters.DynamicTree(nodes=6, depth=3, top_k=2))
+    if name == "small_model":
+        return drafters.small_model(_small_text_drafter(), k=3)
+    if name == "eagle3_tree":
+        return drafters.eagle(
+            random_eagle(vm, 3, seed=1, draft_vocab=96),
+            tree=drafters.DynamicTree(nodes=6, depth=3, top_k=2),
+        )
+    if name == "eagle1_chain":
+        return drafters.eagle(random_eagle(vm, 1, seed=2), k=3)
+    if name == "medusa_tree":
+        heads = random_heads(3, vm.config.hidden_size, 1.0, seed=0)
+        return drafters.medusa(heads, tree=drafters.StaticTree([[0], [1], [0, 0], [0, 0, 0]]))
+    raise ValueError(name)
+
+
+DRAFTERS = (
+    "ngram",
+    "layer_skip",
+    "layer_skip_tree",
+    "small_model",
+    "eagle3_tree",
+    "eagle1_chain",
+    "medusa_tree",
+)
+
+
+@pytest.mark.parametrize("name", DRAFTERS)
+def test_drafters_greedy_equal_plain(llava, plain, name):
+    hf, vm = llava
+    images, out = plain
+    spec = specjax.generate(
+        vm, PROMPTS, images=images, max_new_tokens=NEW, drafter=_drafter(name, vm)
+    )
+    assert spec.tokens == out.tokens
+    assert sum(spec.stats["acceptance_histogram"]) > 0
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def test_feature_cache(tmp_path):
+    hf = build_vlm("llava", seed=5)
+    vm = specjax.load_model(save_vlm(hf, tmp_path, "saved"))
+    a, b, c = _images(3, seed=9)
+    runs = lambda: multimodal.TOWER_RUNS["image"]  # noqa: E731
+    cache = vm.feature_cache
+    # A batch of rows sharing one image encodes it once.
+    r0 = runs()
+    first = specjax.generate(vm, [[1, IMG, 4]] * 3, images=[[a]] * 3, max_new_tokens=6)
+    assert runs() == r0 + 1 and cache.stats.encoded == 1 and cache.stats.hits == 2
+    # The same image again: no tower at all, identical output.
+    again = specjax.generate(vm, [[1, IMG, 4]], images=[[a]], max_new_tokens=6)
+    assert runs() == r0 + 1 and again.tokens == first.tokens[:1]
+    assert again.stats["vision_cache"]["hits"] == 3
+    # A different image misses (one tower call for the new one only).
+    specjax.generate(vm, [[1, IMG, 4]], images=[[b]], max_new_tokens=6)
+    assert runs() == r0 + 2 and cache.stats.encoded == 2
+    # The byte bound: room for two entries; the least recently used one goes first.
+    per = vm.vlm_config.image_tokens * vm.config.hidden_size * 4
+    small = specjax.multimodal.FeatureCache(max_bytes=2 * per)
+    vm2 = type(vm)(**{**vm.__dict__, "feature_cache": small})
+    for img in (a, b, a, c):  # a is used again before c arrives, so b is evicted
+        specjax.generate(vm2, [[1, IMG, 4]], images=[[img]], max_new_tokens=2)
+    assert small.bytes <= small.max_bytes and len(small) == 2 and small.stats.evictions == 1
+    keys = [
+        multimodal.content_hash(multimodal.clip_preprocess(x, 28), "image", vm.fingerprint)
+        for x in (a, b, c)
+    ]
+    assert keys[0] in small and keys[2] in small and keys[1] not in small
+
+
+def test_bad_inputs(llava):
+    hf, vm = llava
+    img = _images(1)[0]
+    with pytest.raises(ValueError, match="prompt 0 has 2 image placeholder.*1 image"):
+        specjax.generate(vm, [[1, IMG, IMG, 4, 5]], images=[[img]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="no images were given"):
+        specjax.generate(vm, [[1, IMG, 4]], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"shape \(20, 35\); expected"):
+        specjax.generate(vm, [[1, IMG, 4]], images=[[img[..., 0]]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="dtype float32; expected"):
+        specjax.generate(vm, [[1, IMG, 4]], images=[[img.astype(np.float32)]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="2 entries for 1 prompt"):
+        specjax.generate(vm, [[1, IMG, 4]], images=[[img], [img]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="takes images only"):
+        specjax.generate(vm, [[1, IMG, 4]], videos=[[[img]]], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"pixel_values has shape \(1, 3, 20, 20\)"):
+        specjax.generate(vm, [[1, IMG, 4]], pixel_values=np.zeros((1, 3, 20, 20)), max_new_tokens=2)
+    text = specjax.Model(params=vm.params, config=vm.config, name="text")
+    with pytest.raises(ValueError, match="text-only model"):
+        specjax.generate(text, [[1, IMG, 4]], images=[[img]], max_new_tokens=2)
