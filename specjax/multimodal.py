@@ -361,22 +361,25 @@ def split_pixel_values(
 # ----------------------------------------------------------------------------- features
 
 
-def item_features(model: VisionLanguageModel, items: list[Item]) -> list[jax.Array]:
-    """Projected features [T, D] of each item, through the model's feature cache: each
-    distinct item that misses runs its tower once (misses of a call batched per kind)."""
+def item_features(
+    model: VisionLanguageModel, items: list[Item]
+) -> tuple[list[jax.Array], list[int]]:
+    """-> (projected features [T, D] of each distinct item, the index of each item's among
+    them), through the model's feature cache: each distinct item that misses runs its tower
+    once (a call's misses batched per kind)."""
     cache = model.feature_cache
     keys = [content_hash(it.pixels, it.kind, model.fingerprint) for it in items]
+    order = list(dict.fromkeys(keys))  # distinct keys, first appearance first
     found: dict[str, jax.Array] = {}
     todo: dict[str, Item] = {}
-    for k, it in zip(keys, items):
-        if k in found or k in todo:
-            cache.stats.hits += 1  # a repeat within the call: encoded once
-            continue
+    first = dict(zip(reversed(keys), reversed(items)))
+    for k in order:
         x = cache.get(k)
         if x is None:
-            todo[k] = it
+            todo[k] = first[k]
         else:
             found[k] = x
+    cache.stats.hits += len(keys) - len(order)  # repeats within the call: encoded once
     for kind in ("image", "video"):
         group = [(k, it) for k, it in todo.items() if it.kind == kind]
         # videos of different frame counts cannot share one batch
@@ -390,7 +393,8 @@ def item_features(model: VisionLanguageModel, items: list[Item]) -> list[jax.Arr
             for j, (k, _) in enumerate(same):
                 found[k] = feats[j]
                 cache.put(k, feats[j])
-    return [found[k] for k in keys]
+    where = {k: i for i, k in enumerate(order)}
+    return [found[k] for k in order], [where[k] for k in keys]
 
 
 def encode(model: VisionLanguageModel, kind: str, pixels: np.ndarray) -> jax.Array:
@@ -417,21 +421,22 @@ def prefill_embeds(
     cfg = model.vlm_config
     B, P = tokens.shape
     flat = [it for row in items for it in row]
-    feats = item_features(model, flat)
-    sizes = [_n_tokens(model, it) for it in flat]
-    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # row of each item
+    feats, which = item_features(model, flat)
+    # One table of each distinct item's feature vectors, plus a zero row for text positions.
+    sizes = [f.shape[0] for f in feats]
+    first = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    starts = [first[w] for w in which]  # table row of each item's first vector
     D = model.config.hidden_size
-    # One table of every feature vector, plus a zero row that text positions point at.
     table = jnp.concatenate(
         [f.astype(model.dtype) for f in feats] + [jnp.zeros((1, D), model.dtype)]
     )
-    index = np.full((B, P), int(starts[-1]), np.int32)
+    index = np.full((B, P), int(first[-1]), np.int32)
     k0 = 0
     for r, row in enumerate(items):
         for kind, tid in (("image", cfg.image_token_id), ("video", cfg.video_token_id)):
             mine = [k0 + j for j, it in enumerate(row) if it.kind == kind]
             pos = np.flatnonzero(tokens[r] == tid) if tid is not None else np.zeros(0, np.int64)
-            rows_of = [np.arange(starts[k], starts[k + 1]) for k in mine]
+            rows_of = [starts[k] + np.arange(_n_tokens(model, flat[k])) for k in mine]
             src = np.concatenate(rows_of) if rows_of else np.zeros(0, np.int64)
             if len(src) != len(pos):
                 raise ValueError(

@@ -74,7 +74,8 @@ def build_vlm(kind="llava", family="llama", seed=0, vocab=128, **kw):
     vc = T.CLIPVisionConfig(**VISION)
     tc = _text_config(family, vocab)
     if kind == "llava":
-        cfg = T.LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMG, **kw)
+        kw.setdefault("image_token_index", IMG)
+        cfg = T.LlavaConfig(vision_config=vc, text_config=tc, **kw)
         model = T.LlavaForConditionalGeneration(cfg)
     else:
         cfg = T.VideoLlavaConfig(
@@ -267,11 +268,13 @@ def test_generate_equals_hf(llava, plain):
     assert pre.tokens == out.tokens
 
 
-def _small_text_drafter(seed=11):
+def _small_text_drafter(seed=11, vocab=128):
     """A text-only 1-layer Llama with the target's vocabulary (placeholders are plain ids)."""
     from conftest import build_hf_model
 
-    hf = build_hf_model("llama", seed=seed, vocab_size=128, hidden_size=64, num_hidden_layers=1)
+    hf = build_hf_model(
+        "llama", seed=seed, vocab_size=vocab, hidden_size=64, num_hidden_layers=1, eos_token_id=None
+    )
     return specjax.model_from_hf(hf, dtype=jnp.float32)
 
 
@@ -376,3 +379,137 @@ def test_bad_inputs(llava):
     text = specjax.Model(params=vm.params, config=vm.config, name="text")
     with pytest.raises(ValueError, match="text-only model"):
         specjax.generate(text, [[1, IMG, 4]], images=[[img]], max_new_tokens=2)
+
+
+# ----------------------------------------------------------------------------- sampling
+#
+# The sampled law with a VLM target: the chi-square method of tests/test_spec_sampling.py
+# (its module docstring states it), with an image in the prompt. Target: a random LLaVA whose
+# language model has V = 16 tokens (15 is the image placeholder); 8192 rows decode the same
+# prompt + image, 3 new tokens each, at temperature 0.7; the joint of (t1, t2, t3) is compared
+# with the exact law from the cache-free `VisionLanguageModel.logits` over all V^2
+# continuations (the image's features at its placeholders). Drafters: a text-only small LM
+# chain (k = 2; it sees the placeholder as a plain id) and a layer-skip dynamic tree.
+# Negative control: the chain with the residual rule broken (a rejection resamples p), whose
+# exact law is computed and whose power is asserted.
+
+SV, SIMG = 16, 15
+SPROMPT = [14, 11, SIMG, 14, 11, 14, 11]
+
+
+@pytest.fixture(scope="module")
+def sampling_setup(tmp_path_factory):
+    from test_spec_sampling import MODES, next_token_dists  # noqa: F401
+
+    hf = build_vlm("llava", "llama", seed=21, vocab=SV, image_token_index=SIMG)
+    vm = specjax.load_model(save_vlm(hf, tmp_path_factory.mktemp("llava16"), "saved"))
+    head = vm.params["lm_head"] * 0.6  # O(1) weights give peaked laws; widen them
+    vm = type(vm)(**{**vm.__dict__, "params": {**vm.params, "lm_head": head}})
+    draft = _small_text_drafter(seed=23, vocab=SV)
+    draft = type(draft)(
+        **{
+            **draft.__dict__,
+            "params": {**draft.params, "embed": vm.params["embed"], "lm_head": head},
+        }
+    )
+    img = _images(1, seed=4)[0]
+    ids = expand(SPROMPT, {SIMG: vm.vlm_config.image_tokens})
+    px = multimodal.clip_preprocess(img, 28)[None]
+    mode = dict(temperature=0.7, top_k=None, top_p=None)
+    p = _exact_dists(lambda x: _prompt_image_logits(vm, x, len(ids), px), ids, mode)
+    q = _exact_dists(draft.logits, ids, mode)
+    return vm, draft, img, mode, p, q
+
+
+def _prompt_image_logits(vm, x, P, px):
+    """Cache-free logits of rows x [N, P + 2] whose image sits in the prompt (the first P
+    tokens): a generated placeholder id is a plain token, as in decoding (and in HF generate,
+    which merges image features only at the prefill)."""
+    items = multimodal.split_pixel_values(vm, [list(x[0, :P])], px, None)
+    emb, mask = multimodal.prefill_embeds(vm, x[:1, :P], items)  # [1, P, D]
+    N, D = x.shape[0], vm.config.hidden_size
+    emb = jnp.concatenate([emb, jnp.zeros((1, 2, D), emb.dtype)], axis=1)
+    mask = jnp.concatenate([mask, jnp.zeros((1, 2), bool)], axis=1)
+    emb, mask = jnp.broadcast_to(emb, (N, P + 2, D)), jnp.broadcast_to(mask, (N, P + 2))
+    return multimodal._full_logits_embeds(vm.params, vm.config, jnp.asarray(x), emb, mask)
+
+
+def _exact_dists(logits_fn, ids, mode_kw):
+    """p1 [V], p2 [V, V], p3 [V, V, V] after `ids`, processed as the engine samples."""
+    import itertools
+
+    from specjax.sampling import make_sampling, process_logits
+
+    mode, sp = make_sampling(mode_kw["temperature"], mode_kw["top_k"], mode_kw["top_p"])
+    P = len(ids)
+    ab = np.array(list(itertools.product(range(SV), repeat=2)), np.int32)
+    x = np.concatenate([np.tile(np.asarray(ids, np.int32), (SV * SV, 1)), ab], axis=1)
+    lg = np.asarray(logits_fn(x))[:, P - 1 : P + 2]
+    probs = np.exp(np.asarray(process_logits(jnp.asarray(lg), mode, sp), np.float64))
+    probs /= probs.sum(-1, keepdims=True)
+    return probs[0, 0], probs[::SV, 1], probs[:, 2].reshape(SV, SV, SV)
+
+
+def _sample_counts(vm, img, drafter, mode, seed):
+    from test_spec_sampling import N_ROWS
+
+    with specjax.xla_options(xla_backend_optimization_level=2):
+        out = specjax.generate(
+            vm,
+            [SPROMPT] * N_ROWS,
+            images=[[img]] * N_ROWS,
+            max_new_tokens=3,
+            key=seed,
+            drafter=drafter,
+            **mode,
+        )
+    t = np.asarray(out.tokens)
+    return np.bincount((t[:, 0] * SV + t[:, 1]) * SV + t[:, 2], minlength=SV**3), out.stats
+
+
+def _sampling_drafter(name, draft):
+    if name == "text_lm_chain":
+        return drafters.small_model(draft, k=2)
+    return drafters.layer_skip(layers=1, tree=drafters.DynamicTree(nodes=4, depth=2, top_k=2))
+
+
+@pytest.mark.parametrize("name,seed", [("text_lm_chain", 4101), ("layer_skip_tree", 4102)])
+def test_sampling_follows_target_with_image(sampling_setup, name, seed):
+    from test_spec_sampling import assert_follows_target
+
+    vm, draft, img, mode, p, q = sampling_setup
+    joint = (p[0][:, None, None] * p[1][:, :, None] * p[2]).ravel()
+    counts, st = _sample_counts(vm, img, _sampling_drafter(name, draft), mode, seed)
+    hist = np.asarray(st["acceptance_histogram"])
+    assert_follows_target(counts, joint, hist, f"vlm {name}")
+    assert hist[0] >= 0.05 * hist.sum() and hist[1:].sum() >= 0.05 * hist.sum(), hist
+
+
+def test_broken_rule_detected_with_image(sampling_setup, monkeypatch):
+    from test_spec_sampling import (
+        ALPHA,
+        MIN_POWER,
+        N_ROWS,
+        broken_verify_chain,
+        chi_square,
+        patched_verify_chain,
+        power,
+        step_law,
+    )
+
+    vm, draft, img, mode, p, q = sampling_setup
+    null = (p[0][:, None, None] * p[1][:, :, None] * p[2]).ravel()
+    flaw = "residual_is_p"
+    law = (
+        p[0][:, None, None] * step_law(p[1], q[1], flaw)[:, :, None] * step_law(p[2], q[2], flaw)
+    ).ravel()
+    tv, pw, lam = power(null, law, N_ROWS)
+    broken = broken_verify_chain(flaw)
+    with patched_verify_chain(monkeypatch, broken):
+        counts, _ = _sample_counts(vm, img, _sampling_drafter("text_lm_chain", draft), mode, 4103)
+    assert broken.traced > 0
+    fit, alt = chi_square(counts, null), chi_square(counts, law)
+    print(f"vlm {flaw}: TV={tv:.3f} lambda={lam:.0f} power={pw} {fit}; vs broken law {alt}")
+    assert pw >= MIN_POWER
+    assert fit.pvalue < ALPHA, fit
+    assert alt.pvalue > ALPHA, alt
