@@ -154,9 +154,19 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
     if a.stream and a.mesh is not None:
         raise ValueError("--stream decodes on one device; drop --mesh or --stream")
+    if a.stream and a.image:
+        raise ValueError("--stream does not take --image; drop one")
     mesh = _start_distributed(a)
     model = load_model(a.model)
     drafter = make_drafter(a.drafter, a.k, model)
+    prompts = list(a.prompts)
+    images = None
+    if a.image:
+        from specjax.multimodal import open_images, with_placeholders
+
+        imgs = open_images(a.image)
+        prompts = [with_placeholders(model, p, len(imgs)) for p in prompts]
+        images = [imgs] * len(prompts)  # every prompt asks about the same images
     kw = dict(
         max_new_tokens=a.max_new_tokens,
         temperature=a.temperature,
@@ -175,7 +185,9 @@ def cmd_generate(a: argparse.Namespace) -> None:
                 print(piece, end="", flush=True)
             print(f"\n[{time.perf_counter() - t0:.2f}s]", file=sys.stderr)
         return
-    out = generate(model, a.prompts, **kw)
+    if images is not None:
+        kw["images"] = images
+    out = generate(model, prompts, **kw)
     if jax.process_index() != 0:  # every process holds the same tokens; one prints them
         return
     for prompt, text in zip(a.prompts, out.text):
@@ -515,6 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--stream", action="store_true", help="print text as it is produced")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an image file for a LLaVA-style model (repeatable); every prompt asks about "
+        "these images (a prompt without the model's image placeholder gets one per image)",
+    )
     _add_sampling(g)
     _add_distributed(g)
     g.set_defaults(fn=cmd_generate)

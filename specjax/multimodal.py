@@ -481,3 +481,28 @@ def prepare_rows(
                         f"{kind}s were given: pass {kind}s= (or pixel_values)"
                     )
     return rows, None
+
+
+def open_images(paths: Sequence[str]) -> list:
+    """Image files -> PIL images (RGB), with an error naming a file that cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                out.append(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"cannot read image {p!r}: {e}") from None
+    return out
+
+
+def with_placeholders(model: Model, prompt: str, n: int) -> str:
+    """`prompt` with n image placeholders in front when it holds none (as LLaVA prompts put
+    the image before the question); unchanged when it already holds some."""
+    if not isinstance(model, VisionLanguageModel):
+        raise ValueError(f"--image needs a LLaVA-style model; {model.name!r} is a text-only model")
+    if model.tokenizer is None:
+        raise ValueError(f"model {model.name!r} has no tokenizer: pass token ids and images")
+    tag = model.tokenizer.convert_ids_to_tokens(model.vlm_config.image_token_id)
+    return prompt if tag in prompt else tag * n + "\n" + prompt

@@ -513,3 +513,31 @@ def test_broken_rule_detected_with_image(sampling_setup, monkeypatch):
     assert pw >= MIN_POWER
     assert fit.pvalue < ALPHA, fit
     assert alt.pvalue > ALPHA, alt
+
+
+def test_cli_image(tmp_path, capsys):
+    from conftest import byte_bpe
+    from PIL import Image
+
+    from specjax import cli
+
+    tok = byte_bpe(["what is in the picture? a cat on a mat. " * 4])
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+        "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    image_id = tok.convert_tokens_to_ids("<image>")
+    hf = build_vlm("llava", seed=8, vocab=len(tok), image_token_index=image_id)
+    path = save_vlm(hf, tmp_path / "llava", "saved")
+    tok.save_pretrained(path)
+    png = str(tmp_path / "cat.png")
+    Image.fromarray(_images(1, seed=2)[0]).save(png)
+    cli.main(["generate", "--model", path, "--image", png, "--max-new-tokens", "6", "what?"])
+    printed = capsys.readouterr().out
+    vm = specjax.load_model(path)
+    ref = specjax.generate(vm, "<image>\nwhat?", images=[Image.open(png)], max_new_tokens=6)
+    assert printed.strip() == f"### what?\n{ref.text[0]}".strip()
+    assert ref.stats["vision_cache"]["encoded"] == 1
+    with pytest.raises(ValueError, match="cannot read image"):
+        cli.main(["generate", "--model", path, "--image", path, "what?"])
