@@ -516,10 +516,11 @@ def test_broken_rule_detected_with_image(sampling_setup, monkeypatch):
 
 
 def test_cli_image(tmp_path, capsys):
-    from conftest import byte_bpe
     from PIL import Image
 
     from specjax import cli
+
+    from conftest import byte_bpe
 
     tok = byte_bpe(["what is in the picture? a cat on a mat. " * 4])
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
