@@ -1,4 +1,5 @@
-"""specjax: lossless speculative decoding for Hugging Face language models in JAX.
+"""specjax: lossless speculative decoding for Hugging Face language and vision-language models
+in JAX.
 
 The host API lives in `specjax.api` (generate, generate_stream, generate_pmap); the decode engine
 in `specjax.engine`, drafters in `specjax.drafters`, model families in `specjax.models`.
@@ -14,12 +15,16 @@ from specjax.decode import DecodeFn
 from specjax.engine.xla import xla_options
 from specjax.model import Model, load_model, model_from_hf
 from specjax.models.config import ModelConfig
+from specjax.multimodal import VisionLanguageModel
 from specjax.sharding import make_mesh, shard_model
+from specjax.vision_cache import FeatureCache
 
 __version__ = "0.1.0"
 __all__ = [
     "DecodeFn",
+    "FeatureCache",
     "Model",
+    "VisionLanguageModel",
     "ModelConfig",
     "GenerateOutput",
     "decode_fn",

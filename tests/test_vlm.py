@@ -347,7 +347,7 @@ def test_feature_cache(tmp_path):
     assert runs() == r0 + 2 and cache.stats.encoded == 2
     # The byte bound: room for two entries; the least recently used one goes first.
     per = vm.vlm_config.image_tokens * vm.config.hidden_size * 4
-    small = specjax.multimodal.FeatureCache(max_bytes=2 * per)
+    small = specjax.FeatureCache(max_bytes=2 * per)
     vm2 = type(vm)(**{**vm.__dict__, "feature_cache": small})
     for img in (a, b, a, c):  # a is used again before c arrives, so b is evicted
         specjax.generate(vm2, [[1, IMG, 4]], images=[[img]], max_new_tokens=2)
