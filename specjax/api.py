@@ -260,12 +260,13 @@ def prepare(
         lengths[i] = len(ids)
         budget[i] = max_new_tokens
     inp = engine.PrefillInput.from_tokens(jnp.asarray(tokens), jnp.asarray(lengths))
-    if items is not None:  # image / video features at the placeholder positions
-        embeds, mask = multimodal.prefill_embeds(model, tokens, items)
-        inp = inp.replace(embeds=embeds, embed_mask=mask)
     args = dict(
         inp=inp, max_new=jnp.asarray(budget), key=key, sp=sp, dparams=dparams, max_len=max_len
     )
+    if items is not None:  # image / video features at the placeholder positions
+        embeds, mask = multimodal.prefill_embeds(model, tokens, items)
+        args["inp"] = inp.replace(embeds=embeds, embed_mask=mask)
+        args["items"] = items
     return ec, args, rows
 
 
@@ -329,7 +330,7 @@ def generate(
         pixel_values=pixel_values,
         pixel_values_videos=pixel_values_videos,
     )
-    params, dparams = model.params, args.pop("dparams")
+    params, dparams, items = model.params, args.pop("dparams"), args.pop("items", None)
     if mesh is not None:
         params, dparams, args = sharding.place(mesh, params, dparams, args)
         if sharding.model_axis(mesh) > 1:
@@ -339,7 +340,18 @@ def generate(
     fn = DecodeFn(ec, int(max_new_tokens), args["sp"], params, dparams)
     before = sum(engine.TRACE_COUNTS.values())
     t0 = time.perf_counter()
-    state = fn.start(params, dparams, args["inp"], args["max_new"], args["key"])
+    prefixes = _prefix_plan(model, rows, items, ec, mesh)
+    if prefixes is None:
+        state = fn.start(params, dparams, args["inp"], args["max_new"], args["key"])
+    else:  # a VLM prompt: the target's prefill through the prefix KV cache
+        from specjax import prefix_cache
+
+        pc = ec.prefill_config
+        logits, cache, hid = prefix_cache.prefill(model, params, args["inp"], pc, prefixes)
+        state = engine.start_loop(
+            dparams, args["inp"], logits, cache, hid, args["max_new"], args["key"], args["sp"],
+            ec=ec, max_len=args["max_len"],
+        )  # fmt: skip
     jax.block_until_ready(state.out)
     t1 = time.perf_counter()
     state = fn.run(params, dparams, state)
@@ -347,10 +359,25 @@ def generate(
     t2 = time.perf_counter()
     compiled = sum(engine.TRACE_COUNTS.values()) > before
     out = finish(model, state, rows, t1 - t0, t2 - t1, compiled, ec.drafter)
-    cache = getattr(model, "feature_cache", None)
-    if cache is not None:
-        out.stats["vision_cache"] = cache.summary()
+    for name in ("feature_cache", "prefix_cache"):  # vision-language models
+        cache = getattr(model, name, None)
+        if cache is not None:
+            out.stats["vision_cache" if name == "feature_cache" else name] = cache.summary()
     return out
+
+
+def _prefix_plan(
+    model: Model, rows: list[list[int]], items: list | None, ec: engine.EngineConfig, mesh: Any
+) -> list | None:
+    """Per-row prefix keys for the prefix KV cache, or None when it does not apply (no images,
+    the cache is off (max_bytes 0), or a mesh: the cache is kept for one device)."""
+    store = getattr(model, "prefix_cache", None)
+    if items is None or store is None or store.max_bytes == 0 or mesh is not None:
+        return None
+    from specjax import prefix_cache
+
+    plan = prefix_cache.plan(model, rows, items, ec.prefill_config)
+    return plan if any(k is not None for k, _ in plan) else None
 
 
 def finish(

@@ -25,6 +25,7 @@ from specjax.model import Model
 from specjax.models import forward, init_cache, is_unrolled
 from specjax.models import vlm as vlm_fns
 from specjax.models.vlm import VLMConfig
+from specjax.prefix_cache import PrefixCache
 from specjax.vision_cache import FeatureCache, content_hash
 
 # CLIP's preprocessing constants (OpenAI CLIP; what LLaVA's processors use).
@@ -43,6 +44,8 @@ class VisionLanguageModel(Model):
     vlm_config: VLMConfig | None = None
     processor: Any = None  # the checkpoint's HF image processor, when it ships one
     feature_cache: FeatureCache = dataclasses.field(default_factory=FeatureCache)
+    # K/V (and hidden states) of prompt prefixes up to their last image: see prefix_cache.py
+    prefix_cache: PrefixCache = dataclasses.field(default_factory=PrefixCache)
     fingerprint: str = ""
 
     def logits(

@@ -36,16 +36,18 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
-    encode_s: float = 0.0  # seconds spent running towers for misses
-    encoded: int = 0  # images / videos run through a tower
+    encode_s: float = 0.0  # seconds spent computing entries for misses
+    encoded: int = 0  # entries computed (images / videos run through a tower; prefixes)
+    reused_tokens: int = 0  # prefix cache: prompt tokens whose prefill was skipped
 
 
-class FeatureCache:
-    """An LRU map content key -> projected features (a device array [T, D]), bounded in bytes.
+def nbytes(tree: Any) -> int:
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
-    One cache may serve several models (the fingerprint is part of every key). An entry larger
-    than the whole bound is used for the call that made it and not kept.
-    """
+
+class ByteLRU:
+    """An LRU map key -> a pytree of arrays, bounded by the bytes of its arrays. An entry
+    larger than the whole bound is used for the call that made it and not kept."""
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
@@ -61,8 +63,8 @@ class FeatureCache:
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
-    def get(self, key: str) -> jax.Array | None:
-        """The features under `key` (now the most recently used), or None; counts a hit/miss."""
+    def get(self, key: str) -> Any:
+        """The entry under `key` (now the most recently used), or None; counts a hit/miss."""
         x = self._entries.get(key)
         if x is None:
             self.stats.misses += 1
@@ -71,17 +73,17 @@ class FeatureCache:
         self.stats.hits += 1
         return x
 
-    def put(self, key: str, feats: jax.Array) -> None:
-        size = int(feats.size) * feats.dtype.itemsize
+    def put(self, key: str, value: Any) -> None:
+        size = nbytes(value)
         if key in self._entries:
-            self.bytes -= self._nbytes(self._entries.pop(key))
+            self.bytes -= nbytes(self._entries.pop(key))
         if size > self.max_bytes:
             return
         while self._entries and self.bytes + size > self.max_bytes:
             _, old = self._entries.popitem(last=False)
-            self.bytes -= self._nbytes(old)
+            self.bytes -= nbytes(old)
             self.stats.evictions += 1
-        self._entries[key] = feats
+        self._entries[key] = value
         self.bytes += size
 
     def clear(self) -> None:
@@ -89,7 +91,7 @@ class FeatureCache:
         self.bytes = 0
 
     def summary(self) -> dict:
-        """What `generate` reports under stats["vision_cache"]."""
+        """What `generate` reports in its stats."""
         return {
             **dataclasses.asdict(self.stats),
             "entries": len(self._entries),
@@ -97,6 +99,7 @@ class FeatureCache:
             "max_bytes": self.max_bytes,
         }
 
-    @staticmethod
-    def _nbytes(x: jax.Array) -> int:
-        return int(x.size) * x.dtype.itemsize
+
+class FeatureCache(ByteLRU):
+    """Content key -> projected features (a device array [T, D]), bounded in bytes. One cache
+    may serve several models (the fingerprint is part of every key)."""

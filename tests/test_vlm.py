@@ -542,3 +542,41 @@ def test_cli_image(tmp_path, capsys):
     assert ref.stats["vision_cache"]["encoded"] == 1
     with pytest.raises(ValueError, match="cannot read image"):
         cli.main(["generate", "--model", path, "--image", path, "what?"])
+
+
+def test_prefix_kv_cache(tmp_path):
+    """A follow-up question about the same image (same text before it) reuses the image's K/V
+    (and, for EAGLE, hidden states): only the new tokens are prefilled, and the output equals
+    a model without the prefix cache, with and without a drafter, for rows that hit and rows
+    that miss in one batch."""
+    from test_eagle import random_eagle
+
+    from specjax.prefix_cache import PrefixCache
+
+    hf = build_vlm("llava", seed=13)
+    vm = specjax.load_model(save_vlm(hf, tmp_path, "saved"))
+    off = type(vm)(**{**vm.__dict__, "prefix_cache": PrefixCache(max_bytes=0)})
+    a, b = _images(2, seed=5)
+    n = vm.vlm_config.image_tokens
+    q1, q2, q3 = [1, 5, IMG, 7, 9], [1, 5, IMG, 3, 3, 8, 2], [4, IMG, 6]
+    eagle = drafters.eagle(
+        random_eagle(vm, 3, seed=3, draft_vocab=96),
+        tree=drafters.DynamicTree(nodes=6, depth=3, top_k=2),
+    )
+    for drafter in (None, eagle):
+        vm.prefix_cache.clear()
+        first = specjax.generate(vm, [q1], images=[[a]], max_new_tokens=NEW, drafter=drafter)
+        assert first.stats["prefix_cache"]["entries"] == 1
+        reused = vm.prefix_cache.stats.reused_tokens
+        # Row 0 asks a follow-up about image a (a hit); row 1 is about image b (a miss).
+        out = specjax.generate(vm, [q2, q3], images=[[a], [b]], max_new_tokens=NEW, drafter=drafter)
+        ref = specjax.generate(
+            off, [q2, q3], images=[[a], [b]], max_new_tokens=NEW, drafter=drafter
+        )
+        assert out.tokens == ref.tokens
+        assert vm.prefix_cache.stats.reused_tokens - reused == 2 + n  # [1, 5] + the image
+        assert out.stats["prefix_cache"]["entries"] == 2  # row 1's prefix is stored now
+        # The first question again: its own prefix hits, the answer is unchanged.
+        again = specjax.generate(vm, [q1], images=[[a]], max_new_tokens=NEW, drafter=drafter)
+        assert again.tokens == first.tokens
+    assert ref.stats["prefix_cache"]["entries"] == 0  # max_bytes=0 keeps nothing

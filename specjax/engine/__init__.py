@@ -13,7 +13,17 @@ propose -> verify -> emit -> commit steps.
 
 from specjax.drafters.base import PrefillInput, Verified
 from specjax.engine.accept import DEFAULT_RULES, AcceptRules
-from specjax.engine.loop import TRACE_COUNTS, decode, decode_one, decode_step, emit, prefill
+from specjax.engine.loop import (
+    TRACE_COUNTS,
+    decode,
+    decode_one,
+    decode_step,
+    emit,
+    prefill,
+    start_loop,
+    target_prefill,
+    target_prefill_after,
+)
 from specjax.engine.state import EngineConfig, LoopState, PrefillConfig
 from specjax.engine.verify import verify, verify_block
 from specjax.engine.xla import xla_options
@@ -32,6 +42,9 @@ __all__ = [
     "decode_step",
     "emit",
     "prefill",
+    "start_loop",
+    "target_prefill",
+    "target_prefill_after",
     "verify",
     "verify_block",
     "xla_options",

@@ -65,6 +65,60 @@ def target_prefill(
     return logits[:, 0], cache.replace(lengths=inp.lengths), hiddens if pc.with_hiddens else None
 
 
+@xla.jit(static_argnames=("pc", "width"))
+def target_prefill_after(
+    params: dict,
+    inp: PrefillInput,
+    start: jax.Array,  # [B] int32 prompt tokens whose K/V (and hiddens) are already in `cache`
+    cache: KVCache,  # width P + width: slots [0, start[b]) hold row b's prefix
+    hiddens: Hiddens | None,  # [.., B, P, D] valid before `start` (None unless pc.with_hiddens)
+    *,
+    pc: PrefillConfig,
+    width: int,  # static: the block of prompt tokens computed here, >= max(lengths - start)
+) -> tuple[jax.Array, KVCache, Hiddens | None]:
+    """`target_prefill` for prompts whose first `start[b]` tokens were prefilled before (a
+    prefix KV cache: the image of a follow-up question). Runs the target only over each row's
+    tokens [start, length), attending to the cached prefix -> the same (logits [B, V], cache of
+    width P, hiddens over the whole prompt) as `target_prefill`, up to float rounding (the
+    suffix attends through the cache instead of inside one block)."""
+    TRACE_COUNTS["prefill_after"] += 1
+    B, P = inp.tokens.shape
+    j = start[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]  # [B, W] prompt slots
+    jc = jnp.minimum(j, P - 1)
+    take = lambda x: jnp.take_along_axis(x, jc.reshape(B, width, *([1] * (x.ndim - 2))), axis=1)  # noqa: E731
+    embeds = None if inp.embeds is None else take(inp.embeds)
+    emask = None if inp.embed_mask is None else take(inp.embed_mask) & (j < P)
+    logits, hid, cache = forward(
+        params,
+        pc.target,
+        take(inp.tokens),
+        take(inp.positions),
+        constrain_cache(cache.replace(lengths=start), pc.kv_sharding),
+        logits_at=(inp.lengths - 1 - start)[:, None],
+        hidden_layers=pc.hidden_layers,
+        impl=pc.impl,
+        embeds=embeds,
+        embed_mask=emask,
+    )
+
+    def trim(x: jax.Array) -> jax.Array:  # [..., P + W, hd] -> [..., P, hd]: garbage beyond P
+        return x[..., :P, :]
+
+    cache = cache.replace(
+        k=jax.tree.map(trim, cache.k), v=jax.tree.map(trim, cache.v), lengths=inp.lengths
+    )
+    if not pc.with_hiddens:
+        return logits[:, 0], cache, None
+
+    def place(full: jax.Array, block: jax.Array) -> jax.Array:
+        # full [..., B, P, D] <- block [..., B, W, D] at slots j (slots >= P dropped)
+        rows = jnp.arange(B)[:, None]
+        return full.at[..., rows, j, :].set(block, mode="drop")
+
+    layers = None if hid.layers is None else place(hiddens.layers, hid.layers)
+    return logits[:, 0], cache, Hiddens(last=place(hiddens.last, hid.last), layers=layers)
+
+
 @xla.jit(static_argnames=("ec", "max_len"))
 def start_loop(
     dparams: Params,
