@@ -6,9 +6,11 @@ weights can be downloaded here, and the tower's cost does not depend on its valu
 two-layer projector; feature layer -2, CLS dropped: 576 image tokens per image.
 
 For one image it times (greedy, batch 1, float32, the compiled programs warmed up first):
-  first question       tower + prefill + decode
-  follow-up, cached    the same image again: no tower (a cache hit)
-  follow-up, no cache  the same image with an emptied cache: the tower runs again
+  first question                 tower + prefill + decode
+  follow-up, feature + prefix    the same image, same text before it: no tower, and only the
+                                 question's tokens are prefilled (the image's K/V is reused)
+  follow-up, feature cache only  no tower, but the image tokens are prefilled again
+  follow-up, no cache            both caches emptied: the tower runs again
 
     python benchmarks/vlm_cache.py [--new-tokens 32] [--repeats 3]
 """
@@ -28,6 +30,7 @@ import specjax
 from specjax import multimodal
 from specjax.models import vision, vlm
 from specjax.multimodal import VisionLanguageModel
+from specjax.prefix_cache import PrefixCache
 from specjax.vision_cache import FeatureCache
 
 CLIP_L_336 = dict(
@@ -99,16 +102,25 @@ def main() -> None:
         s["tower_s"] = vm.feature_cache.stats.encode_s - enc
         return s
 
-    # Warm up every program: the tower, the prefill bucket and the decode loop.
+    # Warm up every program: the tower, both prefill kinds and the decode loop.
     ask(vm, q1)
     ask(vm, q2)
-    rows = {"first question (tower runs)": [], "follow-up, cached": [], "follow-up, no cache": []}
+    ask(dataclasses.replace(vm, prefix_cache=PrefixCache(max_bytes=0)), q2)
+    rows: dict[str, list] = {
+        "first question": [],
+        "follow-up, feature + prefix KV cache": [],
+        "follow-up, feature cache only": [],
+        "follow-up, no cache": [],
+    }
     for _ in range(a.repeats):
-        vm = dataclasses.replace(vm, feature_cache=FeatureCache())
-        rows["first question (tower runs)"].append(ask(vm, q1))
-        rows["follow-up, cached"].append(ask(vm, q2))
+        vm = dataclasses.replace(vm, feature_cache=FeatureCache(), prefix_cache=PrefixCache())
+        rows["first question"].append(ask(vm, q1))
+        rows["follow-up, feature + prefix KV cache"].append(ask(vm, q2))
+        vm.prefix_cache.clear()
+        no_prefix = dataclasses.replace(vm, prefix_cache=PrefixCache(max_bytes=0))
+        rows["follow-up, feature cache only"].append(ask(no_prefix, q2))
         vm.feature_cache.clear()
-        rows["follow-up, no cache"].append(ask(vm, q2))
+        rows["follow-up, no cache"].append(ask(no_prefix, q2))
     print(f"image tokens per image: {vm.vlm_config.image_tokens}; new tokens: {a.new_tokens}")
     print("| question | wall s | tower s | prefill s | decode s | tower runs |")
     print("|---|---|---|---|---|---|")

@@ -267,6 +267,9 @@ def prepare(
         embeds, mask = multimodal.prefill_embeds(model, tokens, items)
         args["inp"] = inp.replace(embeds=embeds, embed_mask=mask)
         args["items"] = items
+        if getattr(drafter, "vision", None) is not None:  # a small VLM drafter: its own tower
+            own = multimodal.drafter_embeds(drafter.vision, model, tokens, items)
+            args["inp"] = args["inp"].replace(draft_embeds=own)
     return ec, args, rows
 
 

@@ -206,6 +206,7 @@ class Item:
 
     kind: str  # "image" or "video"
     pixels: np.ndarray
+    raw: Any = None  # the image (or frames) as given, for a drafter that preprocesses its own
 
 
 def _n_tokens(model: VisionLanguageModel, item: Item) -> int:
@@ -269,7 +270,7 @@ def normalize_items(model: Model, n_rows: int, images: Any, videos: Any) -> list
                     if kind == "image"
                     else preprocess_video(model, x, what)
                 )
-                rows[r].append(Item(kind, px))
+                rows[r].append(Item(kind, px, raw=x))
     return rows
 
 
@@ -509,3 +510,40 @@ def with_placeholders(model: Model, prompt: str, n: int) -> str:
         raise ValueError(f"model {model.name!r} has no tokenizer: pass token ids and images")
     tag = model.tokenizer.convert_ids_to_tokens(model.vlm_config.image_token_id)
     return prompt if tag in prompt else tag * n + "\n" + prompt
+
+
+def drafter_embeds(
+    draft: VisionLanguageModel, target: Model, tokens: np.ndarray, items: list[list[Item]]
+) -> jax.Array:
+    """A small vision-language drafter's own features at the target's placeholders ->
+    [B, P, Dd] (its tower, its feature cache, its preprocessing)."""
+    if not isinstance(target, VisionLanguageModel):
+        raise ValueError(f"drafter {draft.name!r} encodes images but the target is text-only")
+    dc, tc = draft.vlm_config, target.vlm_config
+    same = (dc.image_token_id, dc.video_token_id, dc.image_tokens) == (
+        tc.image_token_id,
+        tc.video_token_id,
+        tc.image_tokens,
+    )
+    if not same:
+        raise ValueError(
+            f"drafter {draft.name!r} cannot share the target's image placeholders: placeholder "
+            f"ids {dc.image_token_id}/{dc.video_token_id} and {dc.image_tokens} tokens per "
+            f"image against the target's {tc.image_token_id}/{tc.video_token_id} and "
+            f"{tc.image_tokens}"
+        )
+
+    def own(it: Item) -> Item:
+        if it.raw is None:  # given as pixel_values: usable only at the drafter's image size
+            if it.pixels.shape[-1] != dc.vision.image_size:
+                raise ValueError(
+                    f"pixel_values of size {it.pixels.shape[-1]} cannot feed drafter "
+                    f"{draft.name!r} (image size {dc.vision.image_size}): pass images= instead"
+                )
+            return it
+        what = f"{it.kind} for drafter {draft.name!r}"
+        prep = preprocess_image if it.kind == "image" else preprocess_video
+        return Item(it.kind, prep(draft, it.raw, what), raw=it.raw)
+
+    embeds, _ = prefill_embeds(draft, tokens, [[own(it) for it in row] for row in items])
+    return embeds

@@ -68,11 +68,12 @@ VISION = dict(
 )
 
 
-def build_vlm(kind="llava", family="llama", seed=0, vocab=128, **kw):
+def build_vlm(kind="llava", family="llama", seed=0, vocab=128, vision=None, text_layers=2, **kw):
     """A random-weight HF LLaVA / Video-LLaVA (eval, float32, eager attention)."""
     torch.manual_seed(seed)
-    vc = T.CLIPVisionConfig(**VISION)
+    vc = T.CLIPVisionConfig(**{**VISION, **(vision or {})})
     tc = _text_config(family, vocab)
+    tc.num_hidden_layers = text_layers
     if kind == "llava":
         kw.setdefault("image_token_index", IMG)
         cfg = T.LlavaConfig(vision_config=vc, text_config=tc, **kw)
@@ -580,3 +581,36 @@ def test_prefix_kv_cache(tmp_path):
         again = specjax.generate(vm, [q1], images=[[a]], max_new_tokens=NEW, drafter=drafter)
         assert again.tokens == first.tokens
     assert ref.stats["prefix_cache"]["entries"] == 0  # max_bytes=0 keeps nothing
+
+
+def test_small_vlm_drafter_with_its_own_tower(llava, plain, tmp_path):
+    """The seed's EventGPT-style setting: a small VLM drafts with its own (smaller, differently
+    sized) tower and its own feature cache; greedy output equals plain decoding, and the
+    drafter's tower runs once per distinct image."""
+    hf, vm = llava
+    images, out = plain
+    small_hf = build_vlm(
+        "llava", seed=31, text_layers=1, vision=dict(hidden_size=16, image_size=42, patch_size=21)
+    )
+    small = specjax.load_model(save_vlm(small_hf, tmp_path / "small", "saved"))
+    assert small.vlm_config.image_tokens == vm.vlm_config.image_tokens  # 4 patches each
+    hists = []
+    for tree in (None, drafters.DynamicTree(nodes=6, depth=3, top_k=2)):
+        drafter = drafters.small_model(small, k=3, tree=tree)
+        spec = specjax.generate(vm, PROMPTS, images=images, max_new_tokens=NEW, drafter=drafter)
+        assert spec.tokens == out.tokens
+        hists.append(spec.stats["acceptance_histogram"])
+    assert small.feature_cache.stats.encoded == 3  # three distinct images, encoded once
+    # The drafter reads its features: the target as its own VLM drafter predicts every token
+    # (all drafts accepted); the same LM blind to the images (placeholders as plain ids) does not.
+    for model, full in ((vm, True), (specjax.Model(params=vm.params, config=vm.config), False)):
+        drafter = drafters.small_model(model, k=3)
+        spec = specjax.generate(vm, PROMPTS, images=images, max_new_tokens=NEW, drafter=drafter)
+        hist = spec.stats["acceptance_histogram"]
+        assert spec.tokens == out.tokens and (hist[-1] == sum(hist)) == full, hist
+    other = build_vlm("llava", seed=32, text_layers=1, vision=dict(image_size=28, patch_size=7))
+    wrong = specjax.load_model(save_vlm(other, tmp_path / "wrong", "saved"))
+    with pytest.raises(ValueError, match="16 tokens per image against the target's.* 4"):
+        specjax.generate(
+            vm, PROMPTS, images=images, max_new_tokens=2, drafter=drafters.small_model(wrong)
+        )

@@ -137,11 +137,22 @@ def small_model(
 ) -> Drafter:
     """An independent small LM with the target's tokenizer (its own KV cache). Drafts a chain of
     k tokens, or a tree (`DynamicTree` or `StaticTree`) when `tree` is given. `sizing`: verify
-    per step only the prefix of the chain worth it (`VerifySizing`)."""
+    per step only the prefix of the chain worth it (`VerifySizing`). With a vision-language
+    target, `model` may be a text LM (placeholders are plain ids to it) or a small
+    `VisionLanguageModel` that encodes the images with its own tower and feature cache (its
+    placeholder id and count per image must equal the target's)."""
     spec = _lm_spec(model.config, k, tree, sizing=sizing)
     shape = f"tree={tree}" if tree else f"k={k}"
+    # A small vision-language model drafts with its own tower's image features.
+    vision = model if getattr(model, "vlm_config", None) is not None else None
+    if vision is not None:
+        spec = dataclasses.replace(spec, own_images=True)
     return Drafter.fixed(
-        f"model({model.name}, {shape})", spec, model.params, tokenizer=model.tokenizer
+        f"model({model.name}, {shape})",
+        spec,
+        model.params,
+        tokenizer=model.tokenizer,
+        vision=vision,
     )
 
 

@@ -121,6 +121,9 @@ class PrefillInput:
     positions: jax.Array  # [B, P] int32 position ids
     embeds: jax.Array | None = None  # [B, P, D] used where `embed_mask`
     embed_mask: jax.Array | None = None  # [B, P] bool
+    # [B, P, Dd] a drafter's own image features where `embed_mask` (a small vision-language
+    # drafter with its own tower); None for every other drafter
+    draft_embeds: jax.Array | None = None
 
     @classmethod
     def from_tokens(cls, tokens: jax.Array, lengths: jax.Array) -> PrefillInput:
@@ -262,6 +265,9 @@ class Drafter:
     k: int
     binder: Callable[[Any], tuple]  # target Model -> (DrafterSpec, params)
     tokenizer: Any = None  # the drafter's tokenizer, when it has one (checked against the target)
+    # A drafter that encodes images itself (a small VisionLanguageModel): `generate` runs its
+    # tower (through its own feature cache) and hands it `PrefillInput.draft_embeds`.
+    vision: Any = None
 
     def bind(self, target: Model) -> tuple[DrafterSpec, Params]:
         """-> (spec, params) for `target`, after the spec's compatibility check."""
@@ -271,7 +277,18 @@ class Drafter:
 
     @classmethod
     def fixed(
-        cls, name: str, spec: DrafterSpec, params: Params = None, tokenizer: Any = None
+        cls,
+        name: str,
+        spec: DrafterSpec,
+        params: Params = None,
+        tokenizer: Any = None,
+        vision: Any = None,
     ) -> Drafter:
         """A drafter whose spec and params do not depend on the target."""
-        return cls(name=name, k=spec.k, binder=lambda target: (spec, params), tokenizer=tokenizer)
+        return cls(
+            name=name,
+            k=spec.k,
+            binder=lambda target: (spec, params),
+            tokenizer=tokenizer,
+            vision=vision,
+        )

@@ -66,6 +66,9 @@ class LMDrafterSpec(DrafterSpec):
     # Verify per step only the prefix worth it (None: the whole chain or tree). Chains and
     # dynamic trees set it (a tree's from `DynamicTree.sizing`); static trees verify whole.
     sizing: VerifySizing | None = None
+    # A small vision-language drafter: its prefill reads its own image features
+    # (`PrefillInput.draft_embeds`) at the placeholder positions.
+    own_images: bool = False
 
     @property
     def verify_sizes(self) -> tuple:
@@ -89,6 +92,8 @@ class LMDrafterSpec(DrafterSpec):
                 self.cfg, B, max_len, params["embed"].dtype, per_layer=is_unrolled(params)
             )
             positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+            inp = prefill.input
+            own = self.own_images and inp.draft_embeds is not None
             _, _, cache = forward(
                 params,
                 self.cfg,
@@ -97,6 +102,8 @@ class LMDrafterSpec(DrafterSpec):
                 cache,
                 logits_at=jnp.zeros((B, 1), jnp.int32),
                 fresh=True,
+                embeds=inp.draft_embeds if own else None,
+                embed_mask=inp.embed_mask if own else None,
             )
             cache = cache.replace(lengths=prefill.lengths)
         pending = jnp.stack([prefill.first, jnp.zeros_like(prefill.first)], axis=1)
