@@ -150,7 +150,12 @@ def build_dataset(
     responses="self": the target answers each prompt greedily (self-distillation);
     "given": the dataset's own answers, teacher-forced. Both kinds may share one directory
     (shards are named by kind) as long as they use the same seq_len. Prompts longer than
-    seq_len - 16 tokens are skipped (they would leave nothing to learn)."""
+    seq_len - 16 tokens are skipped (they would leave nothing to learn).
+
+    A vision-language target's prompts may carry images (`{"prompt": ..., "images": [...]}`,
+    one placeholder per image): the shard then also holds the preprocessed `pixels` [N, C, H,
+    W] and `image_row` [N] (each image's row), and `cache_features` puts their features at the
+    placeholders."""
     from tqdm.auto import tqdm
 
     if responses not in ("self", "given"):
@@ -160,6 +165,15 @@ def build_dataset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoded = [model.encode(p["prompt"]) for p in prompts]
+    images = [p.get("images") or [] for p in prompts]
+    items = None
+    if any(images):
+        from specjax import multimodal
+
+        items = multimodal.normalize_items(model, len(prompts), images, None)
+        encoded = [
+            multimodal.expand_placeholders(model, i, ids, items[i]) for i, ids in enumerate(encoded)
+        ]
     keep = [i for i, ids in enumerate(encoded) if len(ids) <= seq_len - 16]
     if prompts and not keep:  # else the only error would be "no dataset shards" later
         raise ValueError(
@@ -181,7 +195,12 @@ def build_dataset(
             chunk = idx[b : b + batch]
             if responses == "self":
                 room = min(max_new_tokens, seq_len - max(len(encoded[i]) for i in chunk))
-                res = model_generate(model, [encoded[i] for i in chunk], room)
+                res = model_generate(
+                    model,
+                    [encoded[i] for i in chunk],
+                    room,
+                    images=None if items is None else [images[i] for i in chunk],
+                )
             else:
                 res = [
                     model.tokenizer.encode(prompts[i]["answer"], add_special_tokens=False)
@@ -190,8 +209,15 @@ def build_dataset(
             rows.extend((encoded[i], r) for i, r in zip(chunk, res))
             bar.update(len(chunk))
         tokens, mask = _pack(rows, seq_len)
+        extra = {}
+        if items is not None:
+            mine = [(r, it) for r, i in enumerate(idx) for it in items[i]]
+            cfg = model.vlm_config.vision
+            empty = np.zeros((0, cfg.num_channels, cfg.image_size, cfg.image_size), np.float32)
+            extra["pixels"] = np.stack([it.pixels for _, it in mine]) if mine else empty
+            extra["image_row"] = np.array([r for r, _ in mine], np.int32)
         tmp = out / f"partial_{path.name}"  # outside the shard_*.npz pattern
-        np.savez(tmp, tokens=tokens, loss_mask=mask)
+        np.savez(tmp, tokens=tokens, loss_mask=mask, **extra)
         os.replace(tmp, path)  # a shard is complete or absent
     bar.close()
     meta = {"rows": len(keep), "seq_len": seq_len, "responses": responses, "model": model.name}
@@ -199,11 +225,13 @@ def build_dataset(
     return out
 
 
-def model_generate(model: Model, rows: list, max_new_tokens: int) -> list:
+def model_generate(
+    model: Model, rows: list, max_new_tokens: int, images: list | None = None
+) -> list:
     """Greedy responses of the target (token ids, EOS included when hit)."""
     from specjax.api import generate
 
-    return generate(model, rows, max_new_tokens=max_new_tokens, chat=False).tokens
+    return generate(model, rows, max_new_tokens=max_new_tokens, chat=False, images=images).tokens
 
 
 def read_dataset(path: StrPath) -> tuple[np.ndarray, np.ndarray]:

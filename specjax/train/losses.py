@@ -39,11 +39,19 @@ def ttt_masks(S: int, steps: int) -> np.ndarray:
 
 
 def draft_steps(
-    cfg: F.EagleConfig, params: dict, feats: jax.Array, tokens: jax.Array, steps: int
+    cfg: F.EagleConfig,
+    params: dict,
+    feats: jax.Array,
+    tokens: jax.Array,
+    steps: int,
+    embeds: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Teacher-forced drafter outputs for TTT steps 0..steps-1 -> [steps, B, S-1, D].
 
-    feats [B, S-1, D] target features g_0..g_{S-2}; tokens [B, S] the sequence."""
+    feats [B, S-1, D] target features g_0..g_{S-2}; tokens [B, S] the sequence. `embeds`
+    (values [B, S, D], mask [B, S]): a vision-language target's image features, read by the
+    drafter in place of the placeholder tokens' embeddings (as at decode time)."""
+    pair = None if embeds is None else (embeds[0][:, 1:], embeds[1][:, 1:])  # token j + 1
     B, T, D = feats.shape
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     masks = jnp.asarray(ttt_masks(T, steps))
@@ -59,6 +67,7 @@ def draft_steps(
             cache,
             block_mask=jnp.broadcast_to(masks[i], (B,) + masks[i].shape),
             write_offset=jnp.full((B,), i * T, jnp.int32),
+            embeds=pair,
         )
         outs.append(out)
         # Row j of the next step drafts from this step's output at row j - 1.
@@ -84,6 +93,7 @@ def eagle_loss(
     steps: int = 3,
     decay: float = 0.8,
     feature_weight: float = 1.0,
+    embeds: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """-> (loss, metrics {"acc": [steps] top-1 agreement with the target, "ce": [steps]}).
 
@@ -93,7 +103,7 @@ def eagle_loss(
     tokens, loss_mask [B, S]: rows j with loss_mask[j + 2] are trained (the drafted token is a
     response token). Version 1 adds a smooth-L1 regression of o_j onto g_{j+1} (EAGLE-1)."""
     feats = F.target_features(cfg, params, hiddens)  # [B, S-1, D]
-    outs = draft_steps(cfg, params, feats, tokens, steps)  # [steps, B, T, D]
+    outs = draft_steps(cfg, params, feats, tokens, steps, embeds)  # [steps, B, T, D]
     T = feats.shape[1]
     valid = jnp.concatenate([loss_mask[:, 2:], jnp.zeros_like(loss_mask[:, :1])], axis=1)[:, :T]
     tgt_top = jnp.argmax(target_logits, axis=-1)

@@ -76,14 +76,26 @@ class Eagle:
             mask: jax.Array,
             last: jax.Array,
             layers: jax.Array,
+            embeds: jax.Array | None = None,
+            emask: jax.Array | None = None,
         ) -> tuple[jax.Array, dict[str, jax.Array]]:
             """tokens, mask [B, S]; last [B, S, D]; layers [n, B, S, D] (features of every
-            position: the drafter reads 0..S-2 and must match the target's logits at 1..S-1)."""
+            position: the drafter reads 0..S-2 and must match the target's logits at 1..S-1);
+            embeds [B, S, D], emask [B, S]: image features of a vision-language target."""
             p = cast_floats(dict(params, target=shared), compute)
             hid = self.hiddens(last[:, :-1], layers[:, :, :-1], compute)
             tl = self.teacher_logits(params, shared, target_cfg, last[:, 1:].astype(jnp.float32))
             value, metrics = eagle_loss(
-                cfg, p, target_cfg, hid, tl, tokens, mask, steps=tc.ttt_steps, decay=tc.ttt_decay
+                cfg,
+                p,
+                target_cfg,
+                hid,
+                tl,
+                tokens,
+                mask,
+                steps=tc.ttt_steps,
+                decay=tc.ttt_decay,
+                embeds=None if embeds is None else (embeds.astype(compute), emask),
             )
             return value.astype(jnp.float32), metrics
 
@@ -92,8 +104,9 @@ class Eagle:
     def step_inputs(
         self, tc: TrainConfig, cfg: F.EagleConfig, batch: Batch, step: int
     ) -> tuple[tuple[np.ndarray, ...], int]:
-        # Whole feature sequences: the training-time test needs every position's context.
-        return tuple(batch), int(batch.mask.sum())
+        # Whole feature sequences: the training-time test needs every position's context
+        # (and, for a vision-language target, its image features).
+        return tuple(x for x in batch if x is not None), int(batch.mask.sum())
 
     def eval_drafter(
         self, cfg: F.EagleConfig, params: dict, tree: DynamicTree | None = None
