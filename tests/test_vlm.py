@@ -665,3 +665,56 @@ def test_eagle3_training_over_images_learns(llava, tmp_path):
     before, after = tau(untrained), tau(params)
     print(f"held-out tau untrained {before:.2f} -> trained {after:.2f}; history {history[-1]}")
     assert after > before + 0.3
+
+
+def test_video_llava_generate_equals_hf(tmp_path):
+    """Video-LLaVA with an image and a video (a list of frames) in one prompt: greedy tokens
+    equal HF `generate` on the expanded ids and processed pixels; frames given as one uint8
+    array [F, H, W, 3] are the same video."""
+    hf = build_vlm("video_llava", "qwen2", seed=17)
+    vm = specjax.load_model(save_vlm(hf, tmp_path, "t5"))
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (30, 26, 3), dtype=np.uint8)
+    frames = [rng.integers(0, 256, (28, 33, 3), dtype=np.uint8) for _ in range(3)]
+    prompt = [1, IMG, 5, VID, 7, 8]
+    out = specjax.generate(vm, prompt, images=[img], videos=[frames], max_new_tokens=NEW)
+    cfg = vm.vlm_config
+    ids = expand(prompt, {IMG: cfg.image_tokens, VID: cfg.video_tokens(3)})
+    px = multimodal.clip_preprocess(img, 28)[None]
+    pv = np.stack([multimodal.clip_preprocess(f, 28) for f in frames])[None]
+    with torch.no_grad():
+        g = hf.generate(
+            input_ids=torch.tensor([ids]),
+            pixel_values=torch.tensor(px),
+            pixel_values_videos=torch.tensor(pv),
+            max_new_tokens=NEW,
+            do_sample=False,
+        )
+    assert out.tokens[0] == g[0, len(ids) :].tolist()
+    again = specjax.generate(
+        vm, prompt, images=[img], videos=[np.stack(frames)], max_new_tokens=NEW
+    )
+    assert again.tokens == out.tokens and again.stats["vision_cache"]["hits"] == 2
+
+
+def test_preprocessing_matches_hf(tmp_path):
+    """Without a processor in the checkpoint, CLIP preprocessing equals HF's
+    CLIPImageProcessor (PIL backend) exactly; with a preprocessor_config.json the checkpoint's
+    own processor is used (here one that resizes differently, so the two paths differ)."""
+    proc_cls = getattr(T, "CLIPImageProcessorPil", T.CLIPImageProcessor)
+    proc = proc_cls(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    rng = np.random.default_rng(0)
+    for shape in [(40, 30, 3), (30, 50, 3), (28, 28, 3), (100, 61, 3)]:
+        img = rng.integers(0, 256, shape, dtype=np.uint8)
+        ref = np.asarray(proc(images=[img], return_tensors="np")["pixel_values"][0])
+        np.testing.assert_array_equal(multimodal.clip_preprocess(img, 28), ref)
+    hf = build_vlm("llava", seed=19)
+    path = save_vlm(hf, tmp_path, "saved")
+    other = proc_cls(size={"height": 28, "width": 28}, do_center_crop=False)
+    other.save_pretrained(path)
+    vm = specjax.load_model(path)
+    assert vm.processor is not None
+    img = rng.integers(0, 256, (50, 30, 3), dtype=np.uint8)
+    mine = multimodal.preprocess_image(vm, img, "image")
+    np.testing.assert_array_equal(mine, other(images=[img], return_tensors="np")["pixel_values"][0])
+    assert np.abs(mine - multimodal.clip_preprocess(img, 28)).max() > 0.1
