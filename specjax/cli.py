@@ -678,6 +678,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--heldout", type=int, default=None, help="held-out prompts for tau")
     tr.add_argument(
+        "--image-prompts",
+        default=None,
+        metavar="JSONL",
+        help='a vision-language target\'s training prompts: {"prompt": "<image>\\n...", '
+        '"images": ["a.jpg"]} per line (image paths relative to the file)',
+    )
+    tr.add_argument(
         "--responses",
         default=None,
         choices=("self", "given"),
@@ -725,7 +732,9 @@ def cmd_train_drafter(a: argparse.Namespace) -> None:
 
     target = load_model(a.target)
     overrides = dict(kind=a.kind, steps=a.steps, batch=a.batch, lr=a.lr)
-    data_over = dict(prompts=a.prompts, heldout=a.heldout, responses=a.responses)
+    data_over = dict(
+        prompts=a.prompts, heldout=a.heldout, responses=a.responses, image_prompts=a.image_prompts
+    )
     ecfg, _, hist = run_training(
         target,
         a.config,

@@ -517,11 +517,9 @@ def test_broken_rule_detected_with_image(sampling_setup, monkeypatch):
     assert alt.pvalue > ALPHA, alt
 
 
-def test_cli_image(tmp_path, capsys):
-    from PIL import Image
-
-    from specjax import cli
-
+def llava_with_tokenizer(path, seed=8) -> str:
+    """A random LLaVA directory with a byte-level BPE tokenizer that knows "<image>" and a
+    chat template: what the CLI loads by path."""
     from conftest import byte_bpe
 
     tok = byte_bpe(["what is in the picture? a cat on a mat. " * 4])
@@ -531,9 +529,18 @@ def test_cli_image(tmp_path, capsys):
         "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
     )
     image_id = tok.convert_tokens_to_ids("<image>")
-    hf = build_vlm("llava", seed=8, vocab=len(tok), image_token_index=image_id)
-    path = save_vlm(hf, tmp_path / "llava", "saved")
+    hf = build_vlm("llava", seed=seed, vocab=len(tok), image_token_index=image_id)
+    path = save_vlm(hf, path, "saved")
     tok.save_pretrained(path)
+    return path
+
+
+def test_cli_image(tmp_path, capsys):
+    from PIL import Image
+
+    from specjax import cli
+
+    path = llava_with_tokenizer(tmp_path / "llava")
     png = str(tmp_path / "cat.png")
     Image.fromarray(_images(1, seed=2)[0]).save(png)
     cli.main(["generate", "--model", path, "--image", png, "--max-new-tokens", "6", "what?"])
@@ -718,3 +725,38 @@ def test_preprocessing_matches_hf(tmp_path):
     mine = multimodal.preprocess_image(vm, img, "image")
     np.testing.assert_array_equal(mine, other(images=[img], return_tensors="np")["pixel_values"][0])
     assert np.abs(mine - multimodal.clip_preprocess(img, 28)).max() > 0.1
+
+
+def test_cli_train_drafter_on_images(tmp_path, capsys):
+    """`specjax train-drafter --image-prompts FILE`: a JSONL of prompts with image files
+    trains (and evaluates, with the held-out prompts' images) an EAGLE-3 drafter for a VLM."""
+    from PIL import Image
+
+    from specjax import cli
+
+    path = llava_with_tokenizer(tmp_path / "llava", seed=9)
+    rng = np.random.default_rng(1)
+    lines = []
+    for i in range(18):
+        img = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+        Image.fromarray(img).save(tmp_path / f"im{i}.png")
+        rec = {"prompt": "<image>\nwhat is in the picture?", "images": [f"im{i}.png"]}
+        lines.append(json.dumps(rec))
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines))
+    (tmp_path / "cfg.yaml").write_text(
+        "kind: eagle3\nsteps: 16\nbatch: 8\nlog_every: 8\nsave_every: 8\ndraft_vocab: 64\n"
+        "eval_prompts: 2\neval_new_tokens: 8\nfeature_dtype: float32\n"
+        "data:\n  prompts: 16\n  heldout: 2\n  seq_len: 64\n  max_new_tokens: 12\n"
+        "  gen_batch: 8\n"
+    )
+    out = tmp_path / "run"
+    argv = ["train-drafter", "--target", path, "--config", str(tmp_path / "cfg.yaml")]
+    cli.main(argv + ["--out", str(out), "--image-prompts", str(tmp_path / "prompts.jsonl")])
+    printed = capsys.readouterr().out
+    assert "held-out tau" in printed and (out / "drafter" / "config.json").exists()
+    z = np.load(sorted((out / "data").glob("shard_*.npz"))[0])
+    assert z["pixels"].shape[0] == 16  # one image per training prompt, kept with its row
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"images": ["im0.png"]}))
+    with pytest.raises(ValueError, match="line 1: expected"):
+        cli.main(argv + ["--out", str(tmp_path / "run2"), "--image-prompts", str(bad)])

@@ -36,6 +36,9 @@ class DataConfig:
     max_new_tokens: int = 256
     gen_batch: int = 16
     seed: int = 0
+    # A vision-language target's prompts: a JSONL file of {"prompt": str, "images": [path]}
+    # (paths relative to the file); replaces `sources` / `mix` (see data.load_image_prompts)
+    image_prompts: str | None = None
 
 
 def config_path(name_or_path: str) -> Path:
@@ -86,7 +89,12 @@ def run_training(
     -> `train`'s (drafter config, params, history)."""
     tc, dc = load_configs(config, train_overrides, data_overrides)
     out = Path(out_dir)
-    prompts = data.mix_prompts(dc.mix, dc.seed) if dc.mix else data.load_prompts(dc.sources)
+    if dc.image_prompts:
+        prompts = data.load_image_prompts(dc.image_prompts)
+    elif dc.mix:
+        prompts = data.mix_prompts(dc.mix, dc.seed)
+    else:
+        prompts = data.load_prompts(dc.sources)
     train_p, rest = data.split_prompts(prompts, dc.prompts, dc.heldout + dc.given_prompts, dc.seed)
     held, extra = rest[: dc.heldout], rest[dc.heldout :]
     extra = [p for p in extra if p["answer"]]  # Magpie prompts have no given answer
@@ -119,7 +127,8 @@ def run_training(
         tc,
         ds,
         out,
-        heldout_prompts=[p["prompt"] for p in held],
+        # prompts with images stay records: the held-out tau runs them with their images
+        heldout_prompts=[p if p.get("images") else p["prompt"] for p in held],
         progress=progress,
         features_dir=features,
     )

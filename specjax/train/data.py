@@ -88,6 +88,30 @@ def load_prompts(
     return out
 
 
+def load_image_prompts(path: StrPath) -> list[dict]:
+    """A JSONL file of {"prompt": str, "images": [image file, ...]} (paths relative to the
+    file; the prompt holds one image placeholder per image) -> prompt records with the images
+    opened (RGB), for a vision-language target."""
+    from specjax.multimodal import open_images
+
+    path = Path(path)
+    out = []
+    for i, line in enumerate(_read(path).splitlines()):
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if not isinstance(r.get("prompt"), str) or not isinstance(r.get("images", []), list):
+            raise ValueError(
+                f"{path} line {i + 1}: expected {{'prompt': str, 'images': [paths]}}, got "
+                f"{sorted(r)}"
+            )
+        files = [str(path.parent / f) for f in r.get("images", [])]
+        out.append(
+            {"prompt": r["prompt"], "answer": "", "source": "images", "images": open_images(files)}
+        )
+    return out
+
+
 def _read(path: Path) -> str:
     if not path.exists():
         raise FileNotFoundError(

@@ -342,13 +342,23 @@ def evaluate_tau(
     new_tokens: int = 64,
 ) -> float:
     """Greedy tau of `drafter` (a `specjax.drafters.Drafter`) on `prompts` (batch 1 each, as
-    Spec-Bench): tokens emitted after the first per target verify forward. A trained drafter:
+    Spec-Bench; a prompt may be a {"prompt", "images"} record for a vision-language target):
+    tokens emitted after the first per target verify forward. A trained drafter:
     `recipes.get(kind).eval_drafter(cfg, params)`."""
     from specjax.api import generate
 
     fwd = emitted = 0
     for p in prompts:
-        o = generate(target, [p], max_new_tokens=new_tokens, drafter=drafter)
+        if isinstance(p, dict):  # a prompt with its images (a vision-language target)
+            o = generate(
+                target,
+                [p["prompt"]],
+                images=[p.get("images") or []],
+                max_new_tokens=new_tokens,
+                drafter=drafter,
+            )
+        else:
+            o = generate(target, [p], max_new_tokens=new_tokens, drafter=drafter)
         fwd += sum(o.stats["target_forwards"]) - 1
         emitted += o.lengths[0] - 1
     return emitted / max(fwd, 1)
