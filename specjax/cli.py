@@ -212,6 +212,13 @@ def cmd_convert(a: argparse.Namespace) -> None:
     except FileExistsError as e:
         raise SystemExit(f"specjax convert: {e}") from None
     model = load_model(a.src)
+    if getattr(model, "vlm_config", None) is not None:
+        # The orbax format holds a language model only: converting would drop the towers.
+        raise SystemExit(
+            f"specjax convert: {a.src} is a vision-language checkpoint "
+            f"({model.vlm_config.model_type}); the converted format holds language models "
+            f"only. Load the HF directory directly: load_model streams it tensor by tensor"
+        )
     import jax
 
     save_converted(

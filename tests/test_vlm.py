@@ -756,6 +756,9 @@ def test_cli_train_drafter_on_images(tmp_path, capsys):
     assert "held-out tau" in printed and (out / "drafter" / "config.json").exists()
     z = np.load(sorted((out / "data").glob("shard_*.npz"))[0])
     assert z["pixels"].shape[0] == 16  # one image per training prompt, kept with its row
+    with pytest.raises(SystemExit, match="vision-language checkpoint"):
+        cli.main(["convert", path, str(tmp_path / "converted")])
+    assert not (tmp_path / "converted" / "config.json").exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"images": ["im0.png"]}))
     with pytest.raises(ValueError, match="line 1: expected"):
