@@ -173,3 +173,18 @@ def test_cascade_equals_ar(smol_scan, ar_outputs):
     assert out.tokens == [t[:24] for t in ar_outputs[1:3]]
     for level in out.stats["cascade_levels"]:
         assert 0 < level["accepted"] < level["drafted"], out.stats["cascade_levels"]
+
+
+def test_hybrid_equals_ar(smol_scan, ar_outputs):
+    # The SAM-style hybrid on real weights: the n-gram chain when a 2-token suffix matches,
+    # else the bundled EAGLE-3 tree, on a ragged batch of two prompts (tests/test_hybrid.py
+    # covers sampling and batch 1 on tiny models). Both branches are taken and accepted.
+    tree = drafters.DynamicTree(nodes=8, depth=4, top_k=3)
+    d = drafters.hybrid(
+        drafters.ngram(max_ngram=3, k=5), drafters.eagle("smollm2-135m-eagle3", tree=tree)
+    )
+    with specjax.xla_options(xla_backend_optimization_level=2):  # as `scan_generate`
+        out = specjax.generate(smol_scan, PROMPTS[:2], max_new_tokens=NEW, drafter=d)
+    assert out.tokens == ar_outputs[:2]
+    h = out.stats["hybrid"]
+    assert h["retrieval_accepted"] > 0 and h["model_accepted"] > 0, h

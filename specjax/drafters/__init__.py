@@ -6,6 +6,7 @@
     specjax.drafters.eagle("smollm2-135m-eagle3", tree=DynamicTree(nodes=8, depth=4, top_k=3))
     specjax.drafters.medusa("smollm2-135m-medusa", tree=StaticTree("eagle_small"))
     specjax.drafters.cascade([ngram(k=2), layer_skip(layers=8, k=4)])  # A -> B -> target
+    specjax.drafters.hybrid(ngram(k=6), eagle("smollm2-135m-eagle3", tree=...))  # SAM switch
 
 LM drafters draft a chain of k tokens, or a tree: `tree=DynamicTree(...)` (EAGLE-2, grown from
 the draft's confidence) or `tree=StaticTree(choices)` (a fixed Medusa / EAGLE-1 shape, e.g.
@@ -14,7 +15,8 @@ the draft's confidence) or `tree=StaticTree(choices)` (a fixed Medusa / EAGLE-1 
 Layout: `base.py` the protocol and records, `shapes.py` tree shapes (validation, growth),
 `registry.py` CLI names -> constructors, `bundled.py` drafters shipped with specjax, then one
 file per drafter (`ngram.py`, `lm.py`: small model and layer skip, `feature.py`: EAGLE-1/2/3,
-`medusa_heads.py`, `cascade.py`: drafters drafting for each other). A new drafter is one new
+`medusa_heads.py`, `cascade.py`: drafters drafting for each other, `hybrid.py`: retrieval or
+a feature drafter per step). A new drafter is one new
 file (its spec: init / propose / commit, and a constructor returning a `Drafter`) plus one line
 in `registry.py`.
 """
@@ -45,6 +47,7 @@ from specjax.drafters.base import (
 )
 from specjax.drafters.bundled import BUNDLED_DRAFTERS, bundled_path
 from specjax.drafters.cascade import CascadeSpec, cascade
+from specjax.drafters.hybrid import HybridSpec, hybrid
 from specjax.drafters.lm import LMDrafterSpec, LMStaticTreeSpec, LMTreeSpec, layer_skip_params
 
 # Drafter modules whose constructor shares the drafter's name are named apart from it
@@ -371,6 +374,8 @@ __all__ = [
     "medusa",
     "cascade",
     "CascadeSpec",
+    "hybrid",
+    "HybridSpec",
     "MedusaConfig",
     "MedusaHeads",
     "MedusaSpec",

@@ -199,10 +199,10 @@ class NgramSpec(DrafterSpec):
         target: TargetStep,
     ) -> NgramState:
         B, H = state.hist.shape
-        K = self.k
+        # The accepted tokens (a tree's accepted branch, root to leaf) are as wide as the most
+        # one step accepts: k for an n-gram's own chains and trees, more inside a hybrid.
+        K = verified.tokens.shape[1]
         j = jnp.arange(K + 1)[None, :]
-        # The accepted tokens (a tree's accepted branch, root to leaf) are K wide: a tree's
-        # depth is k too.
         padded = jnp.concatenate([verified.tokens, jnp.zeros((B, 1), jnp.int32)], axis=1)
         emitted = jnp.where(j < verified.n[:, None], padded, verified.bonus[:, None])  # [B, K+1]
         count = jnp.where(active, verified.n + 1, 0)

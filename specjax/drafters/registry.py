@@ -74,13 +74,14 @@ def parse(text: str) -> DrafterName | None:
     naming what is wrong and what is valid."""
     if text in (None, "", "none", "ar"):
         return None
-    if text.startswith(CASCADE + ":"):  # its levels carry their own @K
-        entry, arg = REGISTRY[CASCADE], text[len(CASCADE) + 1 :]
-        try:
-            entry.arg_type(arg)
-        except ValueError as e:
-            raise ValueError(f"bad cascade {text!r}: {e} (usage: {entry.usage})") from None
-        return DrafterName(entry, arg, None)
+    for combined in (CASCADE, HYBRID):  # their parts carry their own @K
+        if text.startswith(combined + ":"):
+            entry, arg = REGISTRY[combined], text[len(combined) + 1 :]
+            try:
+                entry.arg_type(arg)
+            except ValueError as e:
+                raise ValueError(f"bad {combined} {text!r}: {e} (usage: {entry.usage})") from None
+            return DrafterName(entry, arg, None)
     name, at, k_text = text.partition("@")
     k = None
     if at:
@@ -265,7 +266,7 @@ def _cascade_levels(arg: str) -> list[str]:
     if len(levels) < 2:
         raise ValueError("a cascade needs >= 2 levels joined by '>', smallest first")
     for level in levels:
-        if level.split(":")[0].split("@")[0] in (CASCADE, "auto"):
+        if level.split(":")[0].split("@")[0] in (CASCADE, HYBRID, "auto"):
             raise ValueError(f"level {level!r} cannot be inside a cascade")
         if parse(level) is None:
             raise ValueError(f"level {level!r} names no drafter")
@@ -284,4 +285,34 @@ def _cascade(arg: str, k: int | None, model: Model | None, tree: DynamicTree | N
 
 register(
     DrafterEntry(CASCADE, _cascade, arg="A>B[>C...]", arg_required=True, arg_type=_cascade_levels)
+)
+
+HYBRID = "hybrid"
+# Suffix match length from which a hybrid row takes the retrieval chain.
+HYBRID_MIN_MATCH = 2
+
+
+def _hybrid_parts(arg: str) -> list[str]:
+    """'RETRIEVAL+MODEL' -> the two names, each checked: an n-gram chain and an EAGLE tree."""
+    parts = arg.split("+")
+    if len(parts) != 2:
+        raise ValueError("a hybrid is RETRIEVAL+MODEL, e.g. ngram@6+eagle3_tree")
+    for part in parts:
+        if part.split(":")[0].split("@")[0] in (CASCADE, HYBRID, "auto"):
+            raise ValueError(f"{part!r} cannot be a part of a hybrid")
+        if parse(part) is None:
+            raise ValueError(f"part {part!r} names no drafter")
+    return parts
+
+
+def _hybrid(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
+    """hybrid:R+M (SAM-style switch): R's chain when its match is long enough, else M's tree."""
+    from specjax.drafters import hybrid
+
+    retrieval, drafter = _hybrid_parts(arg)
+    return hybrid(make(retrieval, None, model), make(drafter, k, model), "switch", HYBRID_MIN_MATCH)
+
+
+register(
+    DrafterEntry(HYBRID, _hybrid, arg="RETRIEVAL+MODEL", arg_required=True, arg_type=_hybrid_parts)
 )

@@ -1,0 +1,49 @@
+"""The SAM-style hybrid on SmolLM2-135M against its parts, and its min_match by measurement.
+
+Prompts: `autotune.AUTO_PROMPTS` (six built-in prompts, not the eval files); 96 new tokens,
+greedy, batch 1; one warm-up call, then 2 repeats of every prompt, candidates interleaved;
+decode tokens/s (prefill excluded) and tau. Every output is asserted equal to AR's.
+
+    python benchmarks/hybrid_smollm2.py
+"""
+
+from __future__ import annotations
+
+import specjax
+from specjax import drafters
+from specjax.autotune import AUTO_PROMPTS
+
+NEW = 96
+REPEATS = 2
+
+
+def main() -> None:
+    model = specjax.load_model("smollm2-135m")
+    tree = drafters.DynamicTree(nodes=8, depth=4, top_k=3)
+    eagle = drafters.eagle("smollm2-135m-eagle3", tree=tree)
+    cands = {"ar": None, "ngram": "ngram", "eagle3_tree": eagle}
+    for mm in (1, 2, 3):
+        ngram = drafters.ngram(max_ngram=3, k=6)
+        cands[f"hybrid min_match={mm}"] = drafters.hybrid(ngram, eagle, min_match=mm)
+    for d in cands.values():  # compile every program once
+        specjax.generate(model, AUTO_PROMPTS[0], max_new_tokens=NEW, drafter=d)
+    ref: dict[int, list] = {}
+    total = {k: [0.0, 0, 0.0] for k in cands}  # decode s, tokens, sum of tau
+    for _ in range(REPEATS):
+        for i, p in enumerate(AUTO_PROMPTS):
+            for name, d in cands.items():
+                o = specjax.generate(model, p, max_new_tokens=NEW, drafter=d)
+                ref.setdefault(i, o.tokens)
+                assert o.tokens == ref[i], f"{name} differs from AR on prompt {i}"
+                total[name][0] += o.stats["decode_s"]
+                total[name][1] += o.lengths[0]
+                total[name][2] += o.stats["tau"]
+    ar = total["ar"][1] / total["ar"][0]
+    runs = REPEATS * len(AUTO_PROMPTS)
+    print("| decoding | decode tok/s | vs AR | tau |\n|---|---|---|---|")
+    for name, (s, n, tau) in total.items():
+        print(f"| {name} | {n / s:.1f} | {n / s / ar:.2f}x | {tau / runs:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
