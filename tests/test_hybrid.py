@@ -106,3 +106,17 @@ def test_hybrid_refuses_what_it_cannot_follow(target):
         )
     with pytest.raises(ValueError, match="unknown hybrid mode 'merge'"):
         drafters.hybrid(drafters.ngram(), eagle, mode="merge")
+
+
+def test_hybrid_cli_name():
+    from specjax.drafters import registry
+
+    name = registry.parse("hybrid:ngram@6+eagle3_tree")
+    assert name.entry.name == "hybrid" and name.arg == "ngram@6+eagle3_tree"
+    for bad, why in (
+        ("hybrid:ngram", "RETRIEVAL\\+MODEL"),
+        ("hybrid:cascade:ngram>layer_skip+eagle3_tree", "cannot be a part of a hybrid"),
+        ("hybrid:ngram+nope", "unknown drafter 'nope'"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            registry.parse(bad)

@@ -265,12 +265,18 @@ def _cascade_levels(arg: str) -> list[str]:
     levels = arg.split(">")
     if len(levels) < 2:
         raise ValueError("a cascade needs >= 2 levels joined by '>', smallest first")
-    for level in levels:
-        if level.split(":")[0].split("@")[0] in (CASCADE, HYBRID, "auto"):
-            raise ValueError(f"level {level!r} cannot be inside a cascade")
-        if parse(level) is None:
-            raise ValueError(f"level {level!r} names no drafter")
-    return levels
+    return _check_parts(levels, "level", "inside a cascade")
+
+
+def _check_parts(parts: list[str], what: str, where: str) -> list[str]:
+    """Each part of a combined drafter name names a plain drafter (not auto, a cascade or a
+    hybrid), checked as `parse` checks it."""
+    for part in parts:
+        if part.split(":")[0].split("@")[0] in (CASCADE, HYBRID, "auto"):
+            raise ValueError(f"{what} {part!r} cannot be {where}")
+        if parse(part) is None:
+            raise ValueError(f"{what} {part!r} names no drafter")
+    return parts
 
 
 def _cascade(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
@@ -297,12 +303,7 @@ def _hybrid_parts(arg: str) -> list[str]:
     parts = arg.split("+")
     if len(parts) != 2:
         raise ValueError("a hybrid is RETRIEVAL+MODEL, e.g. ngram@6+eagle3_tree")
-    for part in parts:
-        if part.split(":")[0].split("@")[0] in (CASCADE, HYBRID, "auto"):
-            raise ValueError(f"{part!r} cannot be a part of a hybrid")
-        if parse(part) is None:
-            raise ValueError(f"part {part!r} names no drafter")
-    return parts
+    return _check_parts(parts, "part", "a part of a hybrid")
 
 
 def _hybrid(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
