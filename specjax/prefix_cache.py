@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -107,28 +108,48 @@ def _restore(
     P: int,
     width: int,
 ) -> tuple[KVCache, Hiddens | None]:
-    """A cache of width P + width (and full-prompt hiddens) holding each hit row's prefix."""
+    """A cache of width P + width (and full-prompt hiddens) holding each hit row's prefix.
+    Built with one gather over the distinct entries (a row-by-row update would copy the whole
+    cache once per row: 8192 rows sharing one image took minutes)."""
     B = len(entries)
     unrolled = is_unrolled(params)
     cache = init_cache(pc.target, B, P + width, params["embed"].dtype, per_layer=unrolled)
-    k, v = _stacked(cache.k), _stacked(cache.v)
-    D = pc.target.hidden_size
-    n = len(pc.hidden_layers)
-    layers = jnp.zeros((n, B, P, D), k.dtype) if pc.with_hiddens and n else None
-    last = jnp.zeros((B, P, D), k.dtype) if pc.with_hiddens else None
+    dtype = params["embed"].dtype
+    uniq: list[dict] = []
+    slot = {}
+    rows = np.zeros(B, np.int32)  # 0: the all-zero entry
     for b, e in enumerate(entries):
-        if e is None:
-            continue
-        s = int(starts[b])
-        k = k.at[:, b, :, :s].set(e["k"])
-        v = v.at[:, b, :, :s].set(e["v"])
-        if layers is not None:
-            layers = layers.at[:, b, :s].set(e["layers"])
-        if last is not None:
-            last = last.at[b, :s].set(e["last"])
+        if e is not None:
+            if id(e) not in slot:
+                uniq.append(e)
+                slot[id(e)] = len(uniq)
+            rows[b] = slot[id(e)]
+    idx = jnp.asarray(rows)
+
+    def table(get: Callable[[dict], jax.Array], length: int, axis: int) -> jax.Array:
+        # [U + 1, ...] distinct entries padded to `length` on `axis`, a zero entry first
+        arrs = [get(e) for e in uniq]
+        pad = [
+            jnp.pad(
+                a, [(0, length - a.shape[axis]) if d == axis else (0, 0) for d in range(a.ndim)]
+            )
+            for a in arrs
+        ]
+        return jnp.concatenate([jnp.zeros_like(pad[0])[None]] + [a[None] for a in pad]).astype(
+            dtype
+        )
+
+    k = jnp.moveaxis(jnp.take(table(lambda e: e["k"], P + width, 2), idx, axis=0), 0, 1)
+    v = jnp.moveaxis(jnp.take(table(lambda e: e["v"], P + width, 2), idx, axis=0), 0, 1)
+    hiddens = None
+    if pc.with_hiddens:
+        last = jnp.take(table(lambda e: e["last"], P, 0), idx, axis=0)  # [B, P, D]
+        layers = None
+        if pc.hidden_layers:
+            layers = jnp.moveaxis(jnp.take(table(lambda e: e["layers"], P, 1), idx, axis=0), 0, 1)
+        hiddens = Hiddens(last=last, layers=layers)
     if unrolled:
         k, v = tuple(k), tuple(v)
-    hiddens = Hiddens(last=last, layers=layers) if pc.with_hiddens else None
     return cache.replace(k=k, v=v), hiddens
 
 
