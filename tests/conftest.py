@@ -37,27 +37,39 @@ _rng = np.random.default_rng(0)
 # worker idle at the end. (The README command passes --no-loadscope-reorder, which makes xdist
 # keep this order instead of sorting files by their number of tests.) Measured wall time, longest
 # first; files not listed follow in their usual order. Re-measure with --durations=0 when a file
-# grows.
-SLOWEST_FIRST = [  # worker-seconds in a `--durations=0` run of the whole suite (2026-12-02)
-    "test_smollm2.py",  # 200
-    "test_tree_sampling.py",  # 103
+# grows (a long file missing here runs last and leaves the other worker idle).
+SLOWEST_FIRST = [  # worker-seconds in a `--durations=0` run of the whole suite (2026-12-03)
+    "test_smollm2.py",  # 247
+    "test_multidevice.py",  # 197
+    "test_models.py",  # 192
+    "test_tree_sampling.py",  # 168
+    "test_vlm.py",  # 156
     "test_spec_sampling.py",  # 98
-    "test_eagle.py",  # 73
-    "test_generate.py",  # 61
-    "test_notebooks.py",  # 50
-    "test_medusa.py",  # 48
-    "test_cache.py",  # 44
-    "test_train.py",  # 44
-    "test_tree.py",  # 41
-    "test_verify_sizing.py",  # 25 (new; alone)
-    "test_models.py",  # 26
-    "test_cli.py",  # 26
-    "test_autotune.py",  # 25
-    "test_tree_attention.py",  # 22
+    "test_convert.py",  # 88
+    "test_eagle.py",  # 86
+    "test_hybrid.py",  # 85
+    "test_cascade.py",  # 81
+    "test_generate.py",  # 73
+    "test_cli.py",  # 51
+    "test_train.py",  # 47
+    "test_cache.py",  # 46
+    "test_medusa.py",  # 45
+    "test_notebooks.py",  # 42
+    "test_tree.py",  # 40
+    "test_tree_attention.py",  # 29
+    "test_autotune.py",  # 28
+    "test_streaming.py",  # 27
+    "test_verify_sizing.py",  # 20
+    "test_step_anatomy.py",  # 20
+    "test_decode_fn.py",  # 19
     "test_static_tree.py",  # 18
-    "test_multidevice.py",  # 17
-    "test_step_anatomy.py",  # 15
-    "test_device_check.py",  # 14
+    "test_device_check.py",  # 15
+    "test_robustness.py",  # 14
+    "test_eagle_producers.py",  # 11
+    "test_eagle_hf.py",  # 10
+    "test_magpie.py",  # 2
+    "test_engine_contract.py",  # 2
+    "test_registry.py",  # 1
 ]
 
 
