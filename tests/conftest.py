@@ -79,6 +79,15 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable
 
 
+# A worker's resident size above which a file's end unfreezes the heap (see below).
+_UNFREEZE_ABOVE_BYTES = 6 << 30
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:  # Linux (CI); elsewhere the heap is unfrozen per file
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _frozen_old_heap():
     """Keep the garbage collector's work proportional to what a test allocates.
@@ -87,15 +96,23 @@ def _frozen_old_heap():
     caches, fixtures), and every full collection walks all of them: the loader's collections
     after each stacked weight (`model._place_consuming`) cost 0.3-1 s each in a busy worker
     (tests/test_models.py alone: 69 s; 50 s with a freeze per file; 28 s with one per test;
-    the whole suite: 1,961 -> 1,466 worker-seconds, 755 s on two workers). So each test starts with a collection of what the previous test left and then freezes
-    what survives (`_frozen_before_test`): later collections examine only objects the test
-    made. The same collections still run at the same points. At the end of a file everything
-    is unfrozen, and the next file's first collection is a full one, so nothing leaks across
-    files."""
+    the whole suite: 1,961 -> 1,466 worker-seconds, 755 s on two workers). So each test starts
+    with a collection of what the previous test left and then freezes what survives
+    (`_frozen_before_test`): later collections examine only objects the test made. The same
+    collections still run at the same points. Cyclic garbage among frozen objects (an earlier
+    file's module fixtures, once released) is not collected while frozen, so at the end of a
+    file the heap is unfrozen and fully collected once the worker holds more than
+    `_UNFREEZE_ABOVE_BYTES` (a full collection per file cost 1-8 s each)."""
     gc.collect()
     gc.freeze()
     yield
-    gc.unfreeze()
+    try:
+        big = _rss_bytes() > _UNFREEZE_ABOVE_BYTES
+    except (OSError, ValueError, IndexError):
+        big = True
+    if big:
+        gc.unfreeze()
+        gc.collect()
 
 
 @pytest.fixture(autouse=True)
