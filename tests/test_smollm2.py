@@ -4,14 +4,14 @@ against HF transformers loading the same GGUF file.
 These tests load real trained weights: greedy outputs are long, non-degenerate texts, so token
 identity is a strong check of the whole stack (conversion, RoPE, cache, loop, drafters).
 
-The reference outputs (`ar_outputs`) come from the default (unrolled) layout, compiled with
-XLA's defaults, and are checked against HF. The other runs use the scan layout, compiled with
-XLA's default backend optimization (`xla_options`): the 30 layers compile once instead of 30
-times (the AR loop 15 s -> 6 s, the n-gram loop 24 s -> 8 s first call; the same run time),
-and every drafter's output is compared with the unrolled AR output, so layout identity on
-real weights is checked too. (conftest's `--xla_backend_optimization_level=0`, which speeds up
-tiny-model compiles, makes the scan layout ~5x slower: each step copies the sliced layer
-weights with unoptimized code.)
+The reference outputs (`ar_outputs`) come from the default (unrolled) layout and are checked
+against HF. The other runs use the scan layout. All are compiled with XLA's default backend
+optimization and fusion emitters (`REAL_MODEL_XLA`, through `xla_options`); the scan layout's
+30 layers compile once instead of 30 times (the AR loop 15 s -> 6 s, the n-gram loop 24 s -> 8
+s first call; the same run time), and every drafter's output is compared with the unrolled AR
+output, so layout identity on real weights is checked too. (conftest's
+`--xla_backend_optimization_level=0`, which speeds up tiny-model compiles, makes the scan
+layout ~5x slower: each step copies the sliced layer weights with unoptimized code.)
 """
 
 import os
@@ -32,6 +32,11 @@ PROMPTS = [
     "oxidative phosphorylation, and it has its own DNA inherited from the mother.",
 ]
 NEW = 64
+# How the real model's programs compile: XLA's default backend optimization and its fusion
+# emitters (conftest turns both off to compile tiny models faster). With the emitters the scan
+# layout's n-gram loop took 11.9-12.9 s to compile and run against 16.1-16.9 s without, and
+# 7.4-7.7 s against 8.6-12.7 s warm (4 prompts x 64 tokens, one run each way in both orders).
+REAL_MODEL_XLA = dict(xla_backend_optimization_level=2, xla_cpu_use_fusion_emitters=True)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +50,8 @@ def smol_scan(smol):
 
 
 def scan_generate(model, prompts, drafter=None):
-    """`generate` on a scan-layout model, compiled with XLA's default backend optimization."""
-    with specjax.xla_options(xla_backend_optimization_level=2):
+    """`generate` on a scan-layout model, compiled as `REAL_MODEL_XLA` says."""
+    with specjax.xla_options(**REAL_MODEL_XLA):
         return specjax.generate(model, prompts, max_new_tokens=NEW, drafter=drafter)
 
 
@@ -67,7 +72,7 @@ def ar_outputs(smol):
     and decodes the four rows together: 22.2 s -> 10.0 s against four batch-1 calls, with the
     same tokens. Each row is checked against HF's batch-1 greedy output below, so the ragged
     batch is checked against single-prompt decoding too."""
-    with specjax.xla_options(xla_backend_optimization_level=2, xla_cpu_use_fusion_emitters=True):
+    with specjax.xla_options(**REAL_MODEL_XLA):
         return specjax.generate(smol, PROMPTS, max_new_tokens=NEW).tokens
 
 
@@ -168,7 +173,7 @@ def test_cascade_equals_ar(smol_scan, ar_outputs):
     d = drafters.cascade(
         [drafters.ngram(k=2), drafters.layer_skip(layers=8, k=2), drafters.layer_skip(24, k=3)]
     )
-    with specjax.xla_options(xla_backend_optimization_level=2):  # as `scan_generate`
+    with specjax.xla_options(**REAL_MODEL_XLA):
         out = specjax.generate(smol_scan, PROMPTS[1:3], max_new_tokens=24, drafter=d)
     assert out.tokens == [t[:24] for t in ar_outputs[1:3]]
     for level in out.stats["cascade_levels"]:
@@ -183,7 +188,7 @@ def test_hybrid_equals_ar(smol_scan, ar_outputs):
     d = drafters.hybrid(
         drafters.ngram(max_ngram=3, k=5), drafters.eagle("smollm2-135m-eagle3", tree=tree)
     )
-    with specjax.xla_options(xla_backend_optimization_level=2):  # as `scan_generate`
+    with specjax.xla_options(**REAL_MODEL_XLA):
         out = specjax.generate(smol_scan, PROMPTS[:2], max_new_tokens=NEW, drafter=d)
     assert out.tokens == ar_outputs[:2]
     h = out.stats["hybrid"]
