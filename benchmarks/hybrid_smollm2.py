@@ -1,13 +1,16 @@
-"""The SAM-style hybrid on SmolLM2-135M against its parts, and its min_match by measurement.
+"""The hybrids (switch: SAM-style; merge: one tree) on SmolLM2-135M against their parts, and
+min_match by measurement (`--min-match 1,2,3`; default 2).
 
 Prompts: `autotune.AUTO_PROMPTS` (six built-in prompts, not the eval files); 96 new tokens,
 greedy, batch 1; one warm-up call, then 2 repeats of every prompt, candidates interleaved;
 decode tokens/s (prefill excluded) and tau. Every output is asserted equal to AR's.
 
-    python benchmarks/hybrid_smollm2.py
+    python benchmarks/hybrid_smollm2.py [--min-match 1,2,3]
 """
 
 from __future__ import annotations
+
+import argparse
 
 import specjax
 from specjax import drafters
@@ -18,13 +21,18 @@ REPEATS = 2
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--min-match", default="2", help="comma-separated suffix match lengths")
+    min_match = [int(x) for x in ap.parse_args().min_match.split(",")]
     model = specjax.load_model("smollm2-135m")
     tree = drafters.DynamicTree(nodes=8, depth=4, top_k=3)
     eagle = drafters.eagle("smollm2-135m-eagle3", tree=tree)
     cands = {"ar": None, "ngram": "ngram", "eagle3_tree": eagle}
-    for mm in (1, 2, 3):
-        ngram = drafters.ngram(max_ngram=3, k=6)
-        cands[f"hybrid min_match={mm}"] = drafters.hybrid(ngram, eagle, min_match=mm)
+    for mode in ("switch", "merge"):
+        for mm in min_match:
+            ngram = drafters.ngram(max_ngram=3, k=6)
+            d = drafters.hybrid(ngram, eagle, mode=mode, min_match=mm)
+            cands[f"hybrid {mode} min_match={mm}"] = d
     for d in cands.values():  # compile every program once
         specjax.generate(model, AUTO_PROMPTS[0], max_new_tokens=NEW, drafter=d)
     ref: dict[int, list] = {}

@@ -180,13 +180,17 @@ def test_cascade_equals_ar(smol_scan, ar_outputs):
         assert 0 < level["accepted"] < level["drafted"], out.stats["cascade_levels"]
 
 
-def test_hybrid_equals_ar(smol_scan, ar_outputs):
-    # The SAM-style hybrid on real weights: the n-gram chain when a 2-token suffix matches,
-    # else the bundled EAGLE-3 tree, on a ragged batch of two prompts (tests/test_hybrid.py
-    # covers sampling and batch 1 on tiny models). Both branches are taken and accepted.
+@pytest.mark.parametrize("mode", ["switch", "merge"])
+def test_hybrid_equals_ar(smol_scan, ar_outputs, mode):
+    # The hybrids on real weights (switch: the n-gram chain when a 2-token suffix matches, else
+    # the bundled EAGLE-3 tree; merge: the chain grafted onto the tree), on a ragged batch of two
+    # prompts (tests/test_hybrid.py covers sampling and batch 1 on tiny models). Tokens of both
+    # origins are accepted.
     tree = drafters.DynamicTree(nodes=8, depth=4, top_k=3)
     d = drafters.hybrid(
-        drafters.ngram(max_ngram=3, k=5), drafters.eagle("smollm2-135m-eagle3", tree=tree)
+        drafters.ngram(max_ngram=3, k=5),
+        drafters.eagle("smollm2-135m-eagle3", tree=tree),
+        mode=mode,
     )
     with specjax.xla_options(**REAL_MODEL_XLA):
         out = specjax.generate(smol_scan, PROMPTS[:2], max_new_tokens=NEW, drafter=d)

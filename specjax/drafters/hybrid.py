@@ -1,6 +1,14 @@
-"""Hybrid drafting, `switch` mode (SAM-Decoding, Arctic suffix decoding): per step and per row,
-a retrieval chain (n-gram lookup over the prompt and the generated tokens) when its suffix
-match is long enough, else the model drafter's tree.
+"""Hybrid drafting: a retrieval chain (n-gram lookup over the prompt and the generated tokens)
+and a model drafter's tree, in one of two modes.
+
+`switch` (SAM-Decoding, Arctic suffix decoding): per step and per row, the retrieval chain when
+its suffix match is long enough, else the model drafter's tree.
+
+`merge`: one tree holding both, verified in one forward: the model's M nodes first (their
+indices unchanged), then the retrieval chain grafted onto them: the chain's longest prefix that
+is already a path of the model's tree is not drafted twice, and the rest of the chain hangs
+below the deepest node of that path (at the root when the first token differs). A row whose
+suffix match is shorter than `min_match` drafts no chain nodes.
 
 Both drafters propose every step (their states follow the same sequence); each row's draft is
 one of the two, laid out as one static tree of N = max(retrieval k, model nodes) nodes: the
@@ -11,13 +19,18 @@ accepted path with the target's features at it, whichever draft it came from. (A
 commit reuses the K/V its own nodes left in its cache, so it cannot follow a path drafted by
 retrieval: the model drafter is an EAGLE tree.)
 
-Why it is exact at any temperature. Which draft a row takes depends only on the sequence so
-far (the match length), never on the target. Both candidate sets are deterministic: the
+Why both are exact at any temperature. Which draft a row takes, and which chain nodes a merged
+tree holds, depend only on the sequence so far (the match length), never on the target. Both
+candidate sets are deterministic: the
 retrieval chain is copied from the history, and the model's tree holds top-k candidates
 (its `child_logp` is None). Verification of deterministic candidates is the engine's exact
 one-hot construction (recursive rejection with q = the candidate's point mass), so every
-row's output follows the target's law whichever draft it took. A model drafter whose tree
-children are sampled (`child_logp` set) is refused: rows would need two verification rules.
+row's output follows the target's law whichever draft it took, and a merged tree's siblings of
+either origin are each tested against their own (point-mass) law. A model drafter whose tree
+children are sampled (`child_logp` set) is refused: no drafter here drafts so today; the
+verifier's rule for siblings of mixed laws (`engine.accept.verify_tree_sampling`'s
+`point_mass`, a deterministic retrieval node among sampled model children) is what such a
+drafter would use.
 """
 
 from __future__ import annotations
@@ -50,7 +63,7 @@ if TYPE_CHECKING:
     from specjax.model import Model
     from specjax.sampling import SamplingMode
 
-MODES = ("switch",)
+MODES = ("switch", "merge")
 
 
 @struct.dataclass
@@ -58,8 +71,9 @@ class HybridState:
     retrieval: Any
     model: Any
     chose: jax.Array  # [B] bool: the last propose's row took the retrieval chain
-    # [4, B] int32: steps with the retrieval chain, its accepted tokens, steps with the model
-    # tree, its accepted tokens (rows active in the target's step)
+    # [4, B] int32: steps with the retrieval chain (merge: with chain nodes in the tree), tokens
+    # accepted from it, steps with the model tree only, tokens accepted from it (rows active in
+    # the target's step; merge counts each accepted token by the origin of its node)
     counts: jax.Array
 
 
@@ -68,6 +82,7 @@ class HybridSpec(DrafterSpec):
     retrieval: NgramSpec | None = None
     model: DrafterSpec | None = None
     min_match: int = 2  # suffix match length (tokens) from which a row takes the retrieval chain
+    mode: str = "switch"  # see the module docstring
 
     is_tree = True
 
@@ -75,6 +90,8 @@ class HybridSpec(DrafterSpec):
         super().__post_init__()
         if not isinstance(self.min_match, int) or self.min_match < 1:
             raise ValueError(f"min_match must be a positive int, got {self.min_match!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown hybrid mode {self.mode!r}; valid: {', '.join(MODES)}")
 
     @property
     def nodes(self) -> int:
@@ -90,6 +107,8 @@ class HybridSpec(DrafterSpec):
 
     @property
     def verify_sizes(self) -> tuple:
+        if self.mode == "merge":  # one tree, verified whole
+            return (self.k,)
         # A step where every row takes the chain verifies its k nodes, not the whole tree.
         return tuple(sorted({self.retrieval.k, self.k}))
 
@@ -136,6 +155,13 @@ class HybridSpec(DrafterSpec):
             draft = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape[0])
             return draft, state.model
 
+        if self.mode == "merge":
+            mdraft, mstate = model_propose(None)
+            tree = _graft(mdraft.tree, chain.tokens, use, self.k)
+            drafted = jnp.any(tree.valid[:, self.model.nodes :], axis=1)  # [B] chain nodes kept
+            return TreeDraft(tree=tree), state.replace(
+                retrieval=rstate, model=mstate, chose=drafted
+            )
         mdraft, mstate = jax.lax.cond(jnp.all(use), skip, model_propose, None)
         tree = _select(use, _chain_tree(chain.tokens, self.k), _pad(mdraft.tree, self.k))
         size = jnp.where(use, ret.k, self.k).astype(jnp.int32)
@@ -155,7 +181,14 @@ class HybridSpec(DrafterSpec):
         mstate = self.model.commit(params, state.model, draft, verified, active, target)
         a = active.astype(jnp.int32)
         r = state.chose.astype(jnp.int32)
-        step = jnp.stack([a * r, a * r * verified.n, a * (1 - r), a * (1 - r) * verified.n])
+        if self.mode == "merge":  # accepted tokens by the origin of their node
+            j = jnp.arange(verified.path.shape[1])[None, :]
+            on_path = j < verified.n[:, None]
+            chain = jnp.sum(on_path & (verified.path >= self.model.nodes), axis=1)
+            got = jnp.stack([chain, verified.n - chain])
+        else:  # the whole step's tokens came from the one draft the row took
+            got = jnp.stack([r * verified.n, (1 - r) * verified.n])
+        step = jnp.stack([a * r, a * got[0], a * (1 - r), a * got[1]])
         return state.replace(retrieval=rstate, model=mstate, counts=state.counts + step)
 
     def stats(self, state: HybridState, rows: int) -> dict:
@@ -197,14 +230,43 @@ def _pad(tree: Tree, N: int) -> Tree:
     )
 
 
+def _graft(model: Tree, chain: jax.Array, use: jax.Array, N: int) -> Tree:
+    """The model's tree of M nodes and a retrieval chain [B, k] as one tree of N = M + k nodes:
+    model nodes keep their indices; chain token j is node M + j, invalid when the chain's first
+    j + 1 tokens already are a path of the model's tree (or the row does not `use` its chain),
+    and otherwise the child of the previous chain node, or of that path's last model node when
+    it is the first token off the path. Parents still precede children."""
+    B, M = model.tokens.shape
+    k = chain.shape[1]
+    assert N == M + k, (N, M, k)
+    on = jnp.full((B,), -1, jnp.int32)  # model node equal to the chain so far (-1: the root)
+    dup = jnp.ones((B,), bool)  # the chain so far is a path of the model's tree
+    parents, valid = [], []
+    for j in range(k):  # k is small and static
+        parents.append(jnp.where(dup, on, M + j - 1))
+        hit = (model.parents == on[:, None]) & (model.tokens == chain[:, j : j + 1]) & model.valid
+        found = dup & jnp.any(hit, axis=1)
+        valid.append(use & ~found)
+        on = jnp.where(found, jnp.argmax(hit, axis=1).astype(jnp.int32), on)
+        dup = found
+    i = jnp.arange(k, dtype=jnp.int32)
+    return Tree(
+        tokens=jnp.concatenate([model.tokens, chain.astype(jnp.int32)], axis=1),
+        parents=jnp.concatenate([model.parents, jnp.stack(parents, axis=1)], axis=1),
+        depth=jnp.concatenate([model.depth, jnp.broadcast_to(i + 1, (B, k))], axis=1),
+        valid=jnp.concatenate([model.valid, jnp.stack(valid, axis=1)], axis=1),
+    )
+
+
 def _select(use: jax.Array, a: Tree, b: Tree) -> Tree:
     return Tree(*(jnp.where(use[:, None], x, y) for x, y in zip(a, b)))
 
 
 def hybrid(retrieval: Drafter, model: Drafter, mode: str = "switch", min_match: int = 2) -> Drafter:
     """`switch`: per step and row, `retrieval`'s chain (an n-gram drafter) when its longest
-    suffix match has >= `min_match` tokens, else `model`'s tree (an EAGLE or LM dynamic tree).
-    Lossless at any temperature (see the module docstring)."""
+    suffix match has >= `min_match` tokens, else `model`'s tree (an EAGLE dynamic tree).
+    `merge`: `model`'s tree with that chain grafted onto it (where the match is long enough),
+    verified in one forward. Lossless at any temperature (see the module docstring)."""
     if mode not in MODES:
         raise ValueError(f"unknown hybrid mode {mode!r}; valid: {', '.join(MODES)}")
 
@@ -221,16 +283,17 @@ def hybrid(retrieval: Drafter, model: Drafter, mode: str = "switch", min_match: 
                 f"a hybrid's model drafter must be an EAGLE tree (eagle / eagle3 with a "
                 f"DynamicTree), got {model.name!r}"
             )
-        k = max(rspec.k, mspec.nodes)
+        k = rspec.k + mspec.nodes if mode == "merge" else max(rspec.k, mspec.nodes)
         spec = HybridSpec(
             k=k,
             retrieval=rspec,
             model=mspec,
             min_match=min_match,
+            mode=mode,
             hidden_layers=tuple(mspec.hidden_layers),
         )
         return spec, mparams
 
-    k = max(retrieval.k, model.k)
+    k = retrieval.k + model.k if mode == "merge" else max(retrieval.k, model.k)
     name = f"hybrid({retrieval.name} + {model.name}, {mode}, min_match={min_match})"
     return Drafter(name=name, k=k, binder=bind, tokenizer=model.tokenizer)

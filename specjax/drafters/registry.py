@@ -74,7 +74,7 @@ def parse(text: str) -> DrafterName | None:
     naming what is wrong and what is valid."""
     if text in (None, "", "none", "ar"):
         return None
-    for combined in (CASCADE, HYBRID):  # their parts carry their own @K
+    for combined in (CASCADE, HYBRID, HYBRID_MERGE):  # their parts carry their own @K
         if text.startswith(combined + ":"):
             entry, arg = REGISTRY[combined], text[len(combined) + 1 :]
             try:
@@ -272,7 +272,7 @@ def _check_parts(parts: list[str], what: str, where: str) -> list[str]:
     """Each part of a combined drafter name names a plain drafter (not auto, a cascade or a
     hybrid), checked as `parse` checks it."""
     for part in parts:
-        if part.split(":")[0].split("@")[0] in (CASCADE, HYBRID, "auto"):
+        if part.split(":")[0].split("@")[0] in (CASCADE, HYBRID, HYBRID_MERGE, "auto"):
             raise ValueError(f"{what} {part!r} cannot be {where}")
         if parse(part) is None:
             raise ValueError(f"{what} {part!r} names no drafter")
@@ -294,6 +294,7 @@ register(
 )
 
 HYBRID = "hybrid"
+HYBRID_MERGE = "hybrid_merge"
 # Suffix match length from which a hybrid row takes the retrieval chain.
 HYBRID_MIN_MATCH = 2
 
@@ -306,14 +307,28 @@ def _hybrid_parts(arg: str) -> list[str]:
     return _check_parts(parts, "part", "a part of a hybrid")
 
 
-def _hybrid(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
-    """hybrid:R+M (SAM-style switch): R's chain when its match is long enough, else M's tree."""
-    from specjax.drafters import hybrid
+def _hybrid_maker(mode: str) -> Callable[..., Drafter]:
+    def make_hybrid(
+        arg: str, k: int | None, model: Model | None, tree: DynamicTree | None
+    ) -> Drafter:
+        from specjax.drafters import hybrid
 
-    retrieval, drafter = _hybrid_parts(arg)
-    return hybrid(make(retrieval, None, model), make(drafter, k, model), "switch", HYBRID_MIN_MATCH)
+        retrieval, drafter = _hybrid_parts(arg)
+        r, m = make(retrieval, None, model), make(drafter, k, model)
+        return hybrid(r, m, mode, HYBRID_MIN_MATCH)
+
+    return make_hybrid
 
 
-register(
-    DrafterEntry(HYBRID, _hybrid, arg="RETRIEVAL+MODEL", arg_required=True, arg_type=_hybrid_parts)
-)
+# hybrid:R+M (SAM-style switch): R's chain when its match is long enough, else M's tree.
+# hybrid_merge:R+M: M's tree with R's chain grafted onto it, one verify forward.
+for _name, _mode in ((HYBRID, "switch"), (HYBRID_MERGE, "merge")):
+    register(
+        DrafterEntry(
+            _name,
+            _hybrid_maker(_mode),
+            arg="RETRIEVAL+MODEL",
+            arg_required=True,
+            arg_type=_hybrid_parts,
+        )
+    )

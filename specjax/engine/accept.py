@@ -122,6 +122,7 @@ def verify_tree_sampling(
     child_logp: jax.Array | None,
     max_depth: int,
     without_replacement: bool,
+    point_mass: jax.Array | None = None,
 ) -> TreeAccepted:
     """Recursive rejection sampling over siblings (SpecInfer, Miao et al. 2024; Jeon et al. 2024).
 
@@ -138,6 +139,19 @@ def verify_tree_sampling(
         draw from exactly that conditional q, so every step is a standard exact rejection step.
       * deterministic candidates (`child_logp` None): q is one-hot on x, so acceptance is p(x)
         and the residual is p with x removed.
+      * mixed siblings (`point_mass` [B, N] bool marks deterministic nodes among children drawn
+        from q, e.g. a retrieval continuation merged into a sampled model tree): each sibling is
+        tested against its own proposal law, one-hot for a marked node and q for the others,
+        and only a rejected unmarked sibling updates q (without replacement). Why this is exact:
+        the recursive rule is exact when, given everything tried before it, sibling j is a draw
+        from the law q_j the rule uses for it, independent of the earlier accept/reject coins
+        (each step is then one standard rejection step from the current residual p). A marked
+        sibling's token is fixed by the history before any coin is drawn, so its law is the
+        point mass whatever was rejected before it; an unmarked sibling was drawn from q (or q
+        less the earlier unmarked draws) by the drafter before verification, so neither the
+        marked siblings nor the coins change its law. Tested by chi-square in
+        tests/test_hybrid.py (mixed siblings, with a negative control that treats the
+        deterministic sibling as a draw from q).
     When a child is accepted, p and q move to that child's position. When the current node's
     children are exhausted, the bonus token is drawn from the current (residual) p.
     """
@@ -151,7 +165,14 @@ def verify_tree_sampling(
         x = tree.tokens[:, i]
         is_child = (tree.parents[:, i] == cur) & tree.valid[:, i]
         p_x = p[b_idx, x]
-        q_vec = jax.nn.one_hot(x, p.shape[-1], dtype=p.dtype) if q is None else q
+        one_hot = jax.nn.one_hot(x, p.shape[-1], dtype=p.dtype)
+        marked = None if point_mass is None else point_mass[:, i]
+        if q is None:
+            q_vec = one_hot
+        elif marked is None:
+            q_vec = q
+        else:
+            q_vec = jnp.where(marked[:, None], one_hot, q)
         q_x = q_vec[b_idx, x]
         u = jax.random.uniform(keys[i], (B,))
         accept = is_child & (u * q_x < p_x)
@@ -169,7 +190,9 @@ def verify_tree_sampling(
                 q_wo = q_wo / jnp.maximum(q_wo.sum(-1, keepdims=True), 1e-30)
             else:
                 q_wo = q
-            q = jnp.where(accept[:, None], q_next, jnp.where(reject[:, None], q_wo, q))
+            # A rejected marked (deterministic) sibling leaves the model's draft law as it was.
+            moves = reject if marked is None else reject & ~marked
+            q = jnp.where(accept[:, None], q_next, jnp.where(moves[:, None], q_wo, q))
         p = new_p
         cur = jnp.where(accept, i, cur)
     bonus = jax.random.categorical(keys[N], jnp.log(p), axis=-1).astype(jnp.int32)
