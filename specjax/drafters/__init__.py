@@ -53,7 +53,7 @@ from specjax.drafters.lm import LMDrafterSpec, LMStaticTreeSpec, LMTreeSpec, lay
 # Drafter modules whose constructor shares the drafter's name are named apart from it
 # (`feature` for `eagle`, `medusa_heads` for `medusa`): a submodule import would rebind the name.
 from specjax.drafters.medusa_heads import MedusaConfig, MedusaHeads, MedusaSpec, MedusaTreeSpec
-from specjax.drafters.ngram import NgramSpec
+from specjax.drafters.ngram import NgramSpec, index_datastore
 from specjax.drafters.shapes import DynamicTree, StaticTree, VerifySizing
 from specjax.models.config import ModelConfig
 
@@ -71,12 +71,15 @@ def ngram(
     branches: int = 1,
     adaptive: bool = True,
     short: int = 1,
+    datastore: Sequence[Sequence[int]] | None = None,
 ) -> Drafter:
     """Prompt-lookup drafting over the prompt and the generated tokens. With `branches` > 1 it
     drafts a tree of that many candidate continuations of k tokens (shared prefixes merged).
     `adaptive` (chains): verify k tokens after a max_ngram match, `short` after a one shorter
     match, and take a plain step after shorter ones (see `NgramSpec.adaptive`); False verifies
-    k tokens after any match."""
+    k tokens after any match. `datastore` (chains): documents of token ids (e.g. a code base or
+    earlier answers, tokenized with the target's tokenizer) indexed once and searched on device
+    besides the history, REST-style (`ngram.index_datastore`); the longer match drafts."""
     spec = NgramSpec(
         k=k,
         max_ngram=max_ngram,
@@ -84,10 +87,17 @@ def ngram(
         branches=branches,
         adaptive=adaptive,
         short=short,
+        datastore=datastore is not None,
     )
     tree = f", branches={branches}" if branches > 1 else ""
     fixed = "" if adaptive or branches > 1 else ", fixed k"
-    return Drafter.fixed(f"ngram(n={min_ngram}..{max_ngram}, k={k}{tree}{fixed})", spec)
+    params, store = None, ""
+    if datastore is not None:
+        params = index_datastore(datastore, max_ngram, k)
+        store = f", datastore of {params.order.shape[0]} tokens"
+    return Drafter.fixed(
+        f"ngram(n={min_ngram}..{max_ngram}, k={k}{tree}{fixed}{store})", spec, params
+    )
 
 
 def _chain_sizing(

@@ -276,6 +276,8 @@ def hybrid(retrieval: Drafter, model: Drafter, mode: str = "switch", min_match: 
             raise ValueError(
                 f"a hybrid's retrieval drafter must be an n-gram chain, got {retrieval.name!r}"
             )
+        if rspec.datastore:
+            raise ValueError("a hybrid's n-gram chain searches the history only (no datastore)")
         rspec = dataclasses.replace(rspec, adaptive=False)  # the hybrid picks the chain itself
         mspec, mparams = model.bind(target)
         if not (isinstance(mspec, EagleSpec) and mspec.is_tree):

@@ -4,6 +4,12 @@ The drafter keeps the row's whole token history (prompt + emitted tokens) in a s
 To draft, it takes the last n tokens (n = max_ngram down to min_ngram), finds their most recent
 earlier occurrence in the history, and proposes the K tokens that followed it. Deterministic,
 so the draft distribution is one-hot (verification handles that exactly).
+
+A chain may also retrieve from a user-given datastore (REST, He et al. 2023): a corpus of
+token-id documents indexed once on the host (`index_datastore`: every position sorted by the
+max_ngram tokens that start there, a suffix array cut at max_ngram tokens) and searched on
+device by binary search, log2(positions) steps of static shape per n-gram size. Each step the
+longer match wins (the history on ties) and its continuation is drafted.
 """
 
 from __future__ import annotations
@@ -26,6 +32,85 @@ from specjax.drafters.base import (
     Verified,
 )
 from specjax.sampling import SamplingMode
+
+
+@struct.dataclass
+class Datastore:
+    """A corpus indexed for n-gram lookup (the n-gram drafter's params)."""
+
+    tokens: jax.Array  # [S + pad] int32 documents joined by SEPARATOR, padded with SEPARATOR
+    order: jax.Array  # [S] int32 positions sorted by the window of max_ngram tokens at each
+
+
+# Joins documents: no token id equals it, so no match spans two documents; the largest int32, so
+# among the windows that match a query the ones ending a document sort last and the binary
+# search's first match has a continuation whenever any match has one.
+SEPARATOR = 2**31 - 1
+
+
+def index_datastore(docs: Sequence[Sequence[int]], max_ngram: int, k: int) -> Datastore:
+    """Index token-id documents once (host side): the positions of the joined corpus sorted
+    lexicographically by the `max_ngram` tokens starting there. Any n <= max_ngram tokens then
+    occupy one contiguous run of that order, found by binary search."""
+    import numpy as np
+
+    docs = [np.asarray(d, np.int64).ravel() for d in docs]
+    if not docs or not any(len(d) for d in docs):
+        raise ValueError("a datastore needs at least one non-empty document of token ids")
+    for i, d in enumerate(docs):
+        if len(d) and d.min() < 0:
+            raise ValueError(f"datastore document {i} holds a negative token id ({d.min()})")
+    parts = []
+    for d in docs:
+        parts += [d, np.full(1, SEPARATOR)]
+    corpus = np.concatenate(parts)
+    S = len(corpus)
+    padded = np.concatenate([corpus, np.full(max_ngram + k, SEPARATOR)])
+    windows = np.stack([padded[j : j + S] for j in range(max_ngram)])  # [max_ngram, S]
+    order = np.lexsort(windows[::-1])  # sort by window[0], then window[1], ...
+    return Datastore(
+        tokens=jnp.asarray(padded, jnp.int32), order=jnp.asarray(order.astype(np.int32))
+    )
+
+
+def search_datastore(
+    store: Datastore, hist: jax.Array, hist_len: jax.Array, sizes: Sequence[int], k: int
+) -> tuple[jax.Array, jax.Array]:
+    """The longest n in `sizes` whose last n history tokens occur in the store and are followed
+    by a token there -> (continuation [B, k] int32, n [B] int32, 0 where none)."""
+    B, H = hist.shape
+    S = store.order.shape[0]
+    best_n = jnp.zeros((B,), jnp.int32)
+    best_at = jnp.zeros((B,), jnp.int32)
+    for n in sorted(sizes):  # longer matches overwrite shorter ones
+        qpos = hist_len[:, None] - n + jnp.arange(n)[None, :]
+        query = jnp.take_along_axis(hist, jnp.clip(qpos, 0, H - 1), axis=1)  # [B, n]
+
+        def window(i: jax.Array, n: int = n) -> jax.Array:  # [B] order indices -> [B, n]
+            return store.tokens[store.order[jnp.clip(i, 0, S - 1)][:, None] + jnp.arange(n)]
+
+        def less(w: jax.Array, q: jax.Array) -> jax.Array:  # lexicographic w < q, rows
+            diff = w != q
+            first = jnp.argmax(diff, axis=1)
+            wf = jnp.take_along_axis(w, first[:, None], 1)[:, 0]
+            qf = jnp.take_along_axis(q, first[:, None], 1)[:, 0]
+            return jnp.any(diff, axis=1) & (wf < qf)
+
+        lo, hi = jnp.zeros((B,), jnp.int32), jnp.full((B,), S, jnp.int32)
+        for _ in range(max(1, S.bit_length())):  # lower bound: first window >= query
+            mid = (lo + hi) // 2
+            go_right = less(window(mid), query) & (lo < hi)
+            lo = jnp.where(go_right, mid + 1, lo)
+            hi = jnp.where(go_right | (lo >= hi), hi, mid)
+        at = store.order[jnp.clip(lo, 0, S - 1)] + n  # where the continuation starts
+        hit = (lo < S) & jnp.all(window(lo) == query, axis=1) & (hist_len >= n)
+        hit &= store.tokens[at] != SEPARATOR  # at least one token follows
+        best_n = jnp.where(hit, n, best_n)
+        best_at = jnp.where(hit, at, best_at)
+    cont = store.tokens[best_at[:, None] + jnp.arange(k)]  # [B, k]
+    # Past a document's end any guess is exact after verification: repeat its first token.
+    cont = jnp.where(cont == SEPARATOR, cont[:, :1], cont)
+    return jnp.where(cont == SEPARATOR, 0, cont).astype(jnp.int32), best_n
 
 
 @struct.dataclass
@@ -113,9 +198,13 @@ class NgramSpec(DrafterSpec):
     # the AMD VM (decode 1.17x AR; 1.11x for the earlier (3, 2)) and within 2% on the Intel VM.
     adaptive: bool = True
     short: int = 1
+    # The params are a `Datastore` searched besides the history (chains only).
+    datastore: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.datastore and self.branches > 1:
+            raise ValueError("a datastore serves an n-gram chain (branches=1), not a tree")
         if not (1 <= self.min_ngram <= self.max_ngram):
             raise ValueError(
                 f"need 1 <= min_ngram <= max_ngram, got min_ngram={self.min_ngram}, "
@@ -178,7 +267,13 @@ class NgramSpec(DrafterSpec):
             size = jnp.where(found[:, 0], self.nodes, 0).astype(jnp.int32)
             return TreeDraft(tree=merge_prefixes(tokens, found), size=size), state
         chain = jnp.where(found[:, :1], tokens[:, 0], last[:, None])
-        size = self.request(n[:, 0], state.hist_len - starts[:, 0])
+        n, known = n[:, 0], state.hist_len - starts[:, 0]
+        if self.datastore:  # the longer match wins, the history's on ties
+            cont, n_store = search_datastore(params, state.hist, state.hist_len, sizes, self.k)
+            store = n_store > n
+            chain = jnp.where(store[:, None], cont, chain)
+            n, known = jnp.maximum(n, n_store), jnp.where(store, self.k, known)
+        size = self.request(n, known)
         return Draft(tokens=chain.astype(jnp.int32), logp=None, size=size), state
 
     def rewind(
