@@ -7,6 +7,8 @@
     specjax.drafters.medusa("smollm2-135m-medusa", tree=StaticTree("eagle_small"))
     specjax.drafters.cascade([ngram(k=2), layer_skip(layers=8, k=4)])  # A -> B -> target
     specjax.drafters.hybrid(ngram(k=6), eagle("smollm2-135m-eagle3", tree=...))  # SAM switch
+    specjax.drafters.hybrid(ngram(k=6), eagle(...), mode="merge")  # both in one tree
+    specjax.drafters.ngram(k=4, datastore=[token_ids, ...])  # REST-style retrieval
 
 LM drafters draft a chain of k tokens, or a tree: `tree=DynamicTree(...)` (EAGLE-2, grown from
 the draft's confidence) or `tree=StaticTree(choices)` (a fixed Medusa / EAGLE-1 shape, e.g.
@@ -15,8 +17,8 @@ the draft's confidence) or `tree=StaticTree(choices)` (a fixed Medusa / EAGLE-1 
 Layout: `base.py` the protocol and records, `shapes.py` tree shapes (validation, growth),
 `registry.py` CLI names -> constructors, `bundled.py` drafters shipped with specjax, then one
 file per drafter (`ngram.py`, `lm.py`: small model and layer skip, `feature.py`: EAGLE-1/2/3,
-`medusa_heads.py`, `cascade.py`: drafters drafting for each other, `hybrid.py`: retrieval or
-a feature drafter per step). A new drafter is one new
+`medusa_heads.py`, `cascade.py`: drafters drafting for each other, `hybrid.py`: retrieval and
+a feature drafter, per step or merged into one tree). A new drafter is one new
 file (its spec: init / propose / commit, and a constructor returning a `Drafter`) plus one line
 in `registry.py`.
 """
