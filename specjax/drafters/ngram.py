@@ -73,6 +73,40 @@ def index_datastore(docs: Sequence[Sequence[int]], max_ngram: int, k: int) -> Da
     )
 
 
+def read_documents(path: str) -> list[str]:
+    """The text documents of a datastore path: a `.jsonl` file holds one per line (a JSON string
+    or an object with a "text" field), any other file is one document, and a directory holds
+    such files (read in sorted order, hidden files skipped)."""
+    import json
+    import os
+
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if not n.startswith("."))
+        files = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+        if not files:
+            raise ValueError(f"datastore directory {path!r} holds no files")
+        return [doc for f in files for doc in read_documents(f)]
+    if not os.path.isfile(path):
+        raise ValueError(f"datastore {path!r} is neither a file nor a directory")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        if not path.endswith(".jsonl"):
+            return [f.read()]
+        docs = []
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
+            if isinstance(item, dict) and isinstance(item.get("text"), str):
+                item = item["text"]
+            if not isinstance(item, str):
+                raise ValueError(f'{path}:{i}: expected a JSON string or {{"text": ...}}')
+            docs.append(item)
+        return docs
+
+
 def search_datastore(
     store: Datastore, hist: jax.Array, hist_len: jax.Array, sizes: Sequence[int], k: int
 ) -> tuple[jax.Array, jax.Array]:

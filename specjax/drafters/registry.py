@@ -99,9 +99,10 @@ def parse(text: str) -> DrafterName | None:
     if arg:
         try:
             entry.arg_type(arg)
-        except ValueError:
+        except ValueError as e:
+            why = f": {e}" if str(e) and str(e) != arg else ""  # int() and friends repeat it
             raise ValueError(
-                f"bad {entry.arg} {arg!r} in drafter {text!r} (usage: {entry.usage})"
+                f"bad {entry.arg} {arg!r} in drafter {text!r}{why} (usage: {entry.usage})"
             ) from None
     return DrafterName(entry, arg, k)
 
@@ -165,6 +166,26 @@ def _ngram_fixed(  # always verifies k tokens after a match
     from specjax.drafters import ngram
 
     return ngram(k=_or(k, 8), adaptive=False)
+
+
+def _existing_path(text: str) -> str:
+    import os
+
+    if not os.path.exists(text):
+        raise ValueError(f"no such file or directory: {text!r}")
+    return text
+
+
+def _ngram_store(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
+    """ngram_store:PATH: the n-gram chain that also retrieves from the documents at PATH
+    (`ngram.read_documents`), tokenized with the target's tokenizer."""
+    from specjax.drafters import ngram
+    from specjax.drafters.ngram import read_documents
+
+    if model is None or getattr(model, "tokenizer", None) is None:
+        raise ValueError("ngram_store needs a target with a tokenizer to tokenize its documents")
+    docs = [model.encode(text, chat=False) for text in read_documents(arg)]
+    return ngram(k=_or(k, 8), datastore=docs)
 
 
 def _dynamic(tree: DynamicTree | None, k: int | None, default: dict | None = None) -> DynamicTree:
@@ -240,6 +261,11 @@ def _auto(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None
 
 register(DrafterEntry("ngram", _ngram, arg="BRANCHES", arg_type=_positive_int, tree=True))
 register(DrafterEntry("ngram_fixed", _ngram_fixed))
+register(
+    DrafterEntry(
+        "ngram_store", _ngram_store, arg="PATH", arg_required=True, arg_type=_existing_path
+    )
+)
 register(DrafterEntry("layer_skip", _layer_skip(False), arg="LAYERS", arg_type=_positive_int))
 register(
     DrafterEntry(
