@@ -211,6 +211,10 @@ def place(
         )
         if on_mesh:
             return x
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            # Integer leaves are tables read by gathers (an n-gram datastore's index): split,
+            # every lookup would cross devices.
+            return put(x, rep)
         spec = drafter_spec(
             np.shape(x), int(np.size(x)) * np.dtype(x.dtype).itemsize, shards, replicate_below
         )

@@ -12,6 +12,7 @@ chain when the store's match is longer than the history's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -45,8 +46,9 @@ def _brute_force(corpus, query_hist, k, sizes):
         for p in range(S - n):
             if np.array_equal(corpus[p : p + n], q) and corpus[p + n] != SEPARATOR:
                 c = corpus[p + n : p + n + k].copy()
-                conts.append(np.where(c == SEPARATOR, c[0], c).tolist())
-        if conts:
+                past_end = np.cumsum(c == SEPARATOR) > 0
+                conts.append(np.where(past_end, c[0], c).tolist())
+        if conts and len(query_hist) >= n:
             return n, conts
     return 0, []
 
@@ -63,12 +65,13 @@ def test_search_matches_brute_force():
             hist[b, 10:13] = d[i : i + 3]
     hist[1::8, 12] = 25  # a token no document holds: no match
     hist_len = np.full(64, 13)
+    hist_len[3::16], hist_len[5::16] = 1, 2  # histories shorter than the longest n-gram
     search = jax.jit(search_datastore, static_argnums=(3, 4))
     cont, n = search(store, jnp.asarray(hist), jnp.asarray(hist_len), (3, 2, 1), 4)
     corpus = np.asarray(store.tokens)
     seen = set()
     for b in range(64):
-        want_n, conts = _brute_force(corpus, hist[b, :13], 4, (1, 2, 3))
+        want_n, conts = _brute_force(corpus, hist[b, : hist_len[b]], 4, (1, 2, 3))
         assert int(n[b]) == want_n, b
         if want_n:
             assert np.asarray(cont[b]).tolist() in conts, b
@@ -76,13 +79,47 @@ def test_search_matches_brute_force():
     assert seen == {0, 1, 2, 3}  # every outcome was exercised
 
 
+def test_a_match_that_ends_a_document_does_not_hide_one_that_continues():
+    store = index_datastore([[1, 2, 3], [1, 2, 3, 4, 5]], 3, 3)
+    hist = jnp.asarray([[9, 1, 2, 3]])
+    cont, n = search_datastore(store, hist, jnp.asarray([4]), (3, 2, 1), 3)
+    assert int(n[0]) == 3 and cont[0].tolist() == [4, 5, 4]  # past the end: a guess
+
+
 def test_bad_datastores_are_refused():
     with pytest.raises(ValueError, match="at least one non-empty document"):
         specjax.drafters.ngram(datastore=[[]])
-    with pytest.raises(ValueError, match="document 1 holds a negative token id"):
+    with pytest.raises(ValueError, match="document 1 holds token id -4"):
         specjax.drafters.ngram(datastore=[[1, 2], [3, -4]])
+    with pytest.raises(ValueError, match="token id 2147483647; valid: 0 <= id < 2147483647"):
+        specjax.drafters.ngram(datastore=[[2**31 - 1]])
     with pytest.raises(ValueError, match="serves an n-gram chain"):
         specjax.drafters.ngram(branches=2, datastore=[[1, 2, 3]])
+
+
+@pytest.mark.parametrize("mode", ["switch", "merge"])
+def test_hybrid_retrieves_from_a_store(target, mode):
+    """A hybrid's retrieval chain reads the store too: greedy output unchanged, and with a store
+    of the answers the retrieval branch serves more steps and accepted tokens than without."""
+    from test_eagle import random_eagle
+
+    from conftest import RAGGED_PROMPTS
+
+    new = 16
+    ar = specjax.generate(target, RAGGED_PROMPTS, max_new_tokens=new)
+    docs = [p + t for p, t in zip(RAGGED_PROMPTS, ar.tokens)]
+    tree = specjax.drafters.DynamicTree(nodes=6, depth=3, top_k=2)
+    eagle = specjax.drafters.eagle(random_eagle(target, 3, seed=2), tree=tree)
+    got = {}
+    for name, store in (("plain", None), ("store", docs)):
+        ret = specjax.drafters.ngram(max_ngram=3, k=4, datastore=store)
+        d = specjax.drafters.hybrid(ret, eagle, mode=mode, min_match=2)
+        out = specjax.generate(target, RAGGED_PROMPTS, max_new_tokens=new, drafter=d)
+        assert out.tokens == ar.tokens, name
+        got[name] = out.stats["hybrid"]
+    print(mode, got)
+    for key in ("retrieval_steps", "retrieval_accepted"):
+        assert got["store"][key] > got["plain"][key], (key, got)
 
 
 def test_datastore_greedy_equals_ar(target):
@@ -110,6 +147,26 @@ def _store_drafter():
     rng = np.random.default_rng(3)
     docs = [rng.integers(0, V, 40).tolist() for _ in range(60)]  # most 3-grams occur
     return specjax.drafters.ngram(max_ngram=3, k=2, adaptive=False, datastore=docs)
+
+
+def test_the_store_outmatches_the_history():
+    """In the sampling test's setting the store drafts most steps: after the prompt and any two
+    sampled tokens its match is longer than the history's for most pairs (the history wins
+    ties)."""
+    from specjax.drafters.ngram import NgramState
+
+    from test_spec_sampling import PROMPT
+
+    spec, store = _store_drafter().binder(None)
+    pairs = np.array([(a, b) for a in range(V) for b in range(V)])
+    hist = jnp.asarray([PROMPT + list(p) + [0] * 4 for p in pairs], jnp.int32)
+    state = NgramState(hist=hist, hist_len=jnp.full((len(pairs),), len(PROMPT) + 2, jnp.int32))
+    _, n_both, _ = spec.match(store, state, hist[:, 0])
+    alone = dataclasses.replace(spec, datastore=False)
+    _, n_hist, _ = alone.match(None, state, hist[:, 0])
+    wins = float(np.mean(np.asarray(n_both) > np.asarray(n_hist)))
+    print(f"the store's match is longer for {wins:.0%} of the (t1, t2) pairs")
+    assert wins > 0.5, wins
 
 
 def test_datastore_sampling_matches_target(models, exact):

@@ -85,7 +85,12 @@ def test_hybrid_merge_greedy_equals_ar(target):
     assert h["retrieval_steps"] + h["model_steps"] == sum(out.stats["acceptance_histogram"])
     single = specjax.generate(target, RAGGED_PROMPTS[1:2], max_new_tokens=NEW, drafter=d)
     assert single.tokens == ar.tokens[1:2]
-    assert single.stats["verify_size_histogram"][-1] > 0  # one size: the merged tree (5 + 6)
+    # Batch 1: a step with chain nodes verifies the merged tree (6 + 5 nodes), one without
+    # them the model's 6 nodes only. Sizes: [plain, 6, 11].
+    sizes = single.stats["verify_size_histogram"]
+    h = single.stats["hybrid"]
+    assert sizes == [0, h["model_steps"], h["retrieval_steps"]], (sizes, h)
+    assert h["model_steps"] > 0 and h["retrieval_steps"] > 0, h
 
 
 def test_graft_shares_the_common_prefix():
@@ -183,9 +188,10 @@ def test_hybrid_cli_name():
 
 
 # Mixed sibling laws. V = 6 tokens; the target's law after a token depends only on that token
-# (P_NEXT[a]), the model's draft law after it likewise (Q_NEXT[a]). Tree (parents first):
-#   0: deterministic X0 (root)   1, 2: drawn from Q_ROOT (root)   3: drawn from Q_NEXT[t1] (under 1)
-#   4: deterministic Y0 (under 0)   5: deterministic X1 (root, after the sampled siblings)
+# (P_NEXT[a]), the model's draft law after it likewise (Q_NEXT[a]). Tree (parents first), the
+# root's children alternating between the two kinds:
+#   0: deterministic X0 (root)   1: drawn from Q_ROOT (root)   2: deterministic X1 (root)
+#   3: drawn from Q_ROOT (root)   4: drawn from Q_NEXT[t1] (under 1)   5: deterministic Y0 (under 0)
 V_MIX = 6
 P_ROOT = np.array([0.10, 0.30, 0.05, 0.25, 0.20, 0.10])
 Q_ROOT = np.array([0.40, 0.05, 0.30, 0.05, 0.10, 0.10])
@@ -214,20 +220,20 @@ def _mixed_tree_tokens(rows: int, rng: np.random.Generator, without_replacement:
         t2 = (q2.cumsum(1) > rng.random((rows, 1))).argmax(1)
     else:
         t1, t2 = draw(Q_ROOT, rows), draw(Q_ROOT, rows)
-    t3 = (Q_NEXT[t1].cumsum(1) > rng.random((rows, 1))).argmax(1)
+    t4 = (Q_NEXT[t1].cumsum(1) > rng.random((rows, 1))).argmax(1)
     col = lambda v: np.full(rows, v)
-    tokens = np.stack([col(X0), t1, t2, t3, col(Y0), col(X1)], axis=1)
-    parents = np.array([-1, -1, -1, 1, 0, -1])
+    tokens = np.stack([col(X0), t1, col(X1), t2, t4, col(Y0)], axis=1)
+    parents = np.array([-1, -1, -1, -1, 1, 0])
     tree = Tree(
         tokens=jnp.asarray(tokens, jnp.int32),
         parents=jnp.asarray(np.tile(parents, (rows, 1)), jnp.int32),
-        depth=jnp.asarray(np.tile([1, 1, 1, 2, 2, 1], (rows, 1)), jnp.int32),
+        depth=jnp.asarray(np.tile([1, 1, 1, 1, 2, 2], (rows, 1)), jnp.int32),
         valid=jnp.ones((rows, 6), bool),
     )
     # Block position 0 is the root, i + 1 follows node i.
     p = np.concatenate([np.tile(P_ROOT, (rows, 1))[:, None], P_NEXT[tokens]], axis=1)
     q = np.concatenate([np.tile(Q_ROOT, (rows, 1))[:, None], Q_NEXT[tokens]], axis=1)
-    point_mass = jnp.asarray(np.tile([True, False, False, False, True, True], (rows, 1)))
+    point_mass = jnp.asarray(np.tile([True, False, True, False, False, True], (rows, 1)))
     logp, logq = (jnp.log(jnp.asarray(x, jnp.float32)) for x in (p, q))
     return tree, logp, logq, point_mass, jax.random.key(int(rng.integers(1 << 30)))
 

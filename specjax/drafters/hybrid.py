@@ -10,9 +10,10 @@ is already a path of the model's tree is not drafted twice, and the rest of the 
 below the deepest node of that path (at the root when the first token differs). A row whose
 suffix match is shorter than `min_match` drafts no chain nodes.
 
-Both drafters propose every step (their states follow the same sequence); each row's draft is
-one of the two, laid out as one static tree of N = max(retrieval k, model nodes) nodes: the
-chain is the tree whose node i continues node i - 1, padded with invalid nodes. The engine
+Both drafters propose every step (their states follow the same sequence). In `switch` each
+row's draft is one of the two, laid out as one static tree of N = max(retrieval k, model nodes)
+nodes: the chain is the tree whose node i continues node i - 1, padded with invalid nodes; in
+`merge` the tree has N = retrieval k + model nodes. The engine
 verifies that tree as any other and both drafters commit what was accepted. Neither reads its
 own draft at commit: the n-gram appends the emitted tokens, and an EAGLE tree feeds the
 accepted path with the target's features at it, whichever draft it came from. (An LM tree's
@@ -54,7 +55,7 @@ from specjax.drafters.base import (
     Verified,
 )
 from specjax.drafters.feature import EagleSpec
-from specjax.drafters.ngram import NgramSpec, continuation_starts
+from specjax.drafters.ngram import NgramSpec
 from specjax.models.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -73,7 +74,8 @@ class HybridState:
     chose: jax.Array  # [B] bool: the last propose's row took the retrieval chain
     # [4, B] int32: steps with the retrieval chain (merge: with chain nodes in the tree), tokens
     # accepted from it, steps with the model tree only, tokens accepted from it (rows active in
-    # the target's step; merge counts each accepted token by the origin of its node)
+    # the target's step). Merge counts each accepted token by the origin of its node (a prefix
+    # the chain shares with the model's tree is the model's), over all steps.
     counts: jax.Array
 
 
@@ -107,8 +109,8 @@ class HybridSpec(DrafterSpec):
 
     @property
     def verify_sizes(self) -> tuple:
-        if self.mode == "merge":  # one tree, verified whole
-            return (self.k,)
+        if self.mode == "merge":  # the model's tree alone (no row kept chain nodes), or all
+            return (self.model.nodes, self.k)
         # A step where every row takes the chain verifies its k nodes, not the whole tree.
         return tuple(sorted({self.retrieval.k, self.k}))
 
@@ -119,7 +121,7 @@ class HybridSpec(DrafterSpec):
         B = prefill.first.shape[0]
         return HybridState(
             retrieval=self.retrieval.init(None, prefill, max_len),
-            model=self.model.init(params, prefill, max_len),
+            model=self.model.init(params["model"], prefill, max_len),
             chose=jnp.zeros((B,), bool),
             counts=jnp.zeros((4, B), jnp.int32),
         )
@@ -134,13 +136,11 @@ class HybridSpec(DrafterSpec):
         sp: dict,
     ) -> tuple[TreeDraft, HybridState]:
         ret = self.retrieval
-        sizes = range(ret.max_ngram, ret.min_ngram - 1, -1)
-        _, n = continuation_starts(state.retrieval.hist, state.retrieval.hist_len, sizes, 1)
-        chain, rstate = ret.propose(None, state.retrieval, last, key, mode, sp)
-        use = n[:, 0] >= self.min_match  # [B]
+        chain, n, _ = ret.match(params["retrieval"], state.retrieval, last)  # history (+ store)
+        use = n >= self.min_match  # [B]
 
         def model_propose(_: None) -> tuple[TreeDraft, Any]:
-            return self.model.propose(params, state.model, last, key, mode, sp)
+            return self.model.propose(params["model"], state.model, last, key, mode, sp)
 
         shape = jax.eval_shape(model_propose, None)
         if isinstance(shape[0], Draft) or shape[0].child_logp is not None:
@@ -157,16 +157,17 @@ class HybridSpec(DrafterSpec):
 
         if self.mode == "merge":
             mdraft, mstate = model_propose(None)
-            tree = _graft(mdraft.tree, chain.tokens, use, self.k)
+            tree = _graft(mdraft.tree, chain, use, self.k)
             drafted = jnp.any(tree.valid[:, self.model.nodes :], axis=1)  # [B] chain nodes kept
-            return TreeDraft(tree=tree), state.replace(
-                retrieval=rstate, model=mstate, chose=drafted
-            )
+            # Chain nodes come last: a step where no row kept any verifies the model's tree.
+            size = jnp.where(drafted, self.k, self.model.nodes).astype(jnp.int32)
+            draft = TreeDraft(tree=tree, size=size)
+            return draft, state.replace(model=mstate, chose=drafted)
         mdraft, mstate = jax.lax.cond(jnp.all(use), skip, model_propose, None)
-        tree = _select(use, _chain_tree(chain.tokens, self.k), _pad(mdraft.tree, self.k))
+        tree = _select(use, _chain_tree(chain, self.k), _pad(mdraft.tree, self.k))
         size = jnp.where(use, ret.k, self.k).astype(jnp.int32)
         draft = TreeDraft(tree=tree, size=size)
-        return draft, state.replace(retrieval=rstate, model=mstate, chose=use)
+        return draft, state.replace(model=mstate, chose=use)
 
     def commit(
         self,
@@ -177,8 +178,10 @@ class HybridSpec(DrafterSpec):
         active: jax.Array,
         target: TargetStep,
     ) -> HybridState:
-        rstate = self.retrieval.commit(None, state.retrieval, draft, verified, active, target)
-        mstate = self.model.commit(params, state.model, draft, verified, active, target)
+        rstate = self.retrieval.commit(
+            params["retrieval"], state.retrieval, draft, verified, active, target
+        )
+        mstate = self.model.commit(params["model"], state.model, draft, verified, active, target)
         a = active.astype(jnp.int32)
         r = state.chose.astype(jnp.int32)
         if self.mode == "merge":  # accepted tokens by the origin of their node
@@ -271,13 +274,11 @@ def hybrid(retrieval: Drafter, model: Drafter, mode: str = "switch", min_match: 
         raise ValueError(f"unknown hybrid mode {mode!r}; valid: {', '.join(MODES)}")
 
     def bind(target: Model) -> tuple[HybridSpec, Params]:
-        rspec, _ = retrieval.bind(target)
+        rspec, rparams = retrieval.bind(target)
         if not isinstance(rspec, NgramSpec) or rspec.is_tree:
             raise ValueError(
                 f"a hybrid's retrieval drafter must be an n-gram chain, got {retrieval.name!r}"
             )
-        if rspec.datastore:
-            raise ValueError("a hybrid's n-gram chain searches the history only (no datastore)")
         rspec = dataclasses.replace(rspec, adaptive=False)  # the hybrid picks the chain itself
         mspec, mparams = model.bind(target)
         if not (isinstance(mspec, EagleSpec) and mspec.is_tree):
@@ -294,7 +295,7 @@ def hybrid(retrieval: Drafter, model: Drafter, mode: str = "switch", min_match: 
             mode=mode,
             hidden_layers=tuple(mspec.hidden_layers),
         )
-        return spec, mparams
+        return spec, {"retrieval": rparams, "model": mparams}
 
     k = retrieval.k + model.k if mode == "merge" else max(retrieval.k, model.k)
     name = f"hybrid({retrieval.name} + {model.name}, {mode}, min_match={min_match})"

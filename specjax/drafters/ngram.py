@@ -50,7 +50,7 @@ SEPARATOR = 2**31 - 1
 
 def index_datastore(docs: Sequence[Sequence[int]], max_ngram: int, k: int) -> Datastore:
     """Index token-id documents once (host side): the positions of the joined corpus sorted
-    lexicographically by the `max_ngram` tokens starting there. Any n <= max_ngram tokens then
+    lexicographically by the `max_ngram` (+ 1) tokens starting there. Any n <= max_ngram tokens then
     occupy one contiguous run of that order, found by binary search."""
     import numpy as np
 
@@ -58,15 +58,20 @@ def index_datastore(docs: Sequence[Sequence[int]], max_ngram: int, k: int) -> Da
     if not docs or not any(len(d) for d in docs):
         raise ValueError("a datastore needs at least one non-empty document of token ids")
     for i, d in enumerate(docs):
-        if len(d) and d.min() < 0:
-            raise ValueError(f"datastore document {i} holds a negative token id ({d.min()})")
+        if len(d) and (d.min() < 0 or d.max() >= SEPARATOR):
+            bad = d.min() if d.min() < 0 else d.max()
+            raise ValueError(
+                f"datastore document {i} holds token id {bad}; valid: 0 <= id < {SEPARATOR}"
+            )
     parts = []
     for d in docs:
         parts += [d, np.full(1, SEPARATOR)]
     corpus = np.concatenate(parts)
     S = len(corpus)
     padded = np.concatenate([corpus, np.full(max_ngram + k, SEPARATOR)])
-    windows = np.stack([padded[j : j + S] for j in range(max_ngram)])  # [max_ngram, S]
+    # Sorted by max_ngram + 1 tokens: among equal max_ngram-grams the one that ends a document
+    # (its next token is SEPARATOR) sorts last, as for shorter n-grams.
+    windows = np.stack([padded[j : j + S] for j in range(max_ngram + 1)])  # [max_ngram + 1, S]
     order = np.lexsort(windows[::-1])  # sort by window[0], then window[1], ...
     return Datastore(
         tokens=jnp.asarray(padded, jnp.int32), order=jnp.asarray(order.astype(np.int32))
@@ -142,8 +147,10 @@ def search_datastore(
         best_n = jnp.where(hit, n, best_n)
         best_at = jnp.where(hit, at, best_at)
     cont = store.tokens[best_at[:, None] + jnp.arange(k)]  # [B, k]
-    # Past a document's end any guess is exact after verification: repeat its first token.
-    cont = jnp.where(cont == SEPARATOR, cont[:, :1], cont)
+    # Past a document's end (the next document follows) any guess is exact after
+    # verification: repeat the continuation's first token.
+    past_end = jnp.cumsum(cont == SEPARATOR, axis=1) > 0
+    cont = jnp.where(past_end, cont[:, :1], cont)
     return jnp.where(cont == SEPARATOR, 0, cont).astype(jnp.int32), best_n
 
 
@@ -293,22 +300,32 @@ class NgramSpec(DrafterSpec):
         mode: SamplingMode,
         sp: dict,
     ) -> tuple[Draft | TreeDraft, NgramState]:
-        sizes = range(self.max_ngram, self.min_ngram - 1, -1)
-        starts, n = continuation_starts(state.hist, state.hist_len, sizes, self.branches)
-        found = n > 0
-        tokens = copy_continuations(state.hist, state.hist_len, starts, self.k)  # [B, C, k]
         if self.is_tree:  # no match anywhere: the engine takes a plain step instead
+            sizes = range(self.max_ngram, self.min_ngram - 1, -1)
+            starts, n = continuation_starts(state.hist, state.hist_len, sizes, self.branches)
+            found = n > 0
+            tokens = copy_continuations(state.hist, state.hist_len, starts, self.k)  # [B, C, k]
             size = jnp.where(found[:, 0], self.nodes, 0).astype(jnp.int32)
             return TreeDraft(tree=merge_prefixes(tokens, found), size=size), state
-        chain = jnp.where(found[:, :1], tokens[:, 0], last[:, None])
+        chain, n, known = self.match(params, state, last)
+        return Draft(tokens=chain, logp=None, size=self.request(n, known)), state
+
+    def match(
+        self, params: Datastore | None, state: NgramState, last: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The chain's best match: (continuation [B, k] int32 (`last` repeated where nothing
+        matched), matched length n [B] (0: none), tokens of the continuation known [B])."""
+        sizes = range(self.max_ngram, self.min_ngram - 1, -1)
+        starts, n = continuation_starts(state.hist, state.hist_len, sizes, 1)
+        tokens = copy_continuations(state.hist, state.hist_len, starts, self.k)[:, 0]
+        chain = jnp.where(n[:, :1] > 0, tokens, last[:, None])
         n, known = n[:, 0], state.hist_len - starts[:, 0]
         if self.datastore:  # the longer match wins, the history's on ties
             cont, n_store = search_datastore(params, state.hist, state.hist_len, sizes, self.k)
             store = n_store > n
             chain = jnp.where(store[:, None], cont, chain)
             n, known = jnp.maximum(n, n_store), jnp.where(store, self.k, known)
-        size = self.request(n, known)
-        return Draft(tokens=chain.astype(jnp.int32), logp=None, size=size), state
+        return chain.astype(jnp.int32), n, known
 
     def rewind(
         self, params: Params, state: NgramState, n_drop: jax.Array, last: jax.Array
