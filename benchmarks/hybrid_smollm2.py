@@ -1,11 +1,12 @@
 """The hybrids (switch: SAM-style; merge: one tree) on SmolLM2-135M against their parts, and
-min_match by measurement (`--min-match 1,2,3`; default 2).
+min_match by measurement (`--min-match 1,2,3`; default 2); with `--horizontal`, the horizontal
+cascade (EAGLE-3 chain of 2, then an n-gram continuation of 4) against EAGLE-3 chains instead.
 
 Prompts: `autotune.AUTO_PROMPTS` (six built-in prompts, not the eval files); 96 new tokens,
 greedy, batch 1; one warm-up call, then 2 repeats of every prompt, candidates interleaved;
 decode tokens/s (prefill excluded) and tau. Every output is asserted equal to AR's.
 
-    python benchmarks/hybrid_smollm2.py [--min-match 1,2,3]
+    python benchmarks/hybrid_smollm2.py [--min-match 1,2,3] [--horizontal]
 """
 
 from __future__ import annotations
@@ -23,16 +24,25 @@ REPEATS = 2
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--min-match", default="2", help="comma-separated suffix match lengths")
-    min_match = [int(x) for x in ap.parse_args().min_match.split(",")]
+    ap.add_argument("--horizontal", action="store_true", help="the horizontal cascade instead")
+    args = ap.parse_args()
+    min_match = [int(x) for x in args.min_match.split(",")]
     model = specjax.load_model("smollm2-135m")
-    tree = drafters.DynamicTree(nodes=8, depth=4, top_k=3)
-    eagle = drafters.eagle("smollm2-135m-eagle3", tree=tree)
-    cands = {"ar": None, "ngram": "ngram", "eagle3_tree": eagle}
-    for mode in ("switch", "merge"):
-        for mm in min_match:
-            ngram = drafters.ngram(max_ngram=3, k=6)
-            d = drafters.hybrid(ngram, eagle, mode=mode, min_match=mm)
-            cands[f"hybrid {mode} min_match={mm}"] = d
+    if args.horizontal:
+        chain = lambda k: drafters.eagle("smollm2-135m-eagle3", k=k)  # noqa: E731
+        cands = {"ar": None, "eagle3@2": chain(2), "eagle3@6": chain(2 + 4)}
+        cands["horizontal eagle3@2 + ngram@4"] = drafters.horizontal(
+            chain(2), drafters.ngram(max_ngram=3, k=4)
+        )
+    else:
+        tree = drafters.DynamicTree(nodes=8, depth=4, top_k=3)
+        eagle = drafters.eagle("smollm2-135m-eagle3", tree=tree)
+        cands = {"ar": None, "ngram": "ngram", "eagle3_tree": eagle}
+        for mode in ("switch", "merge"):
+            for mm in min_match:
+                ngram = drafters.ngram(max_ngram=3, k=6)
+                d = drafters.hybrid(ngram, eagle, mode=mode, min_match=mm)
+                cands[f"hybrid {mode} min_match={mm}"] = d
     for d in cands.values():  # compile every program once
         specjax.generate(model, AUTO_PROMPTS[0], max_new_tokens=NEW, drafter=d)
     ref: dict[int, list] = {}

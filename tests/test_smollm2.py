@@ -197,3 +197,15 @@ def test_hybrid_equals_ar(smol_scan, ar_outputs, mode):
     assert out.tokens == ar_outputs[:2]
     h = out.stats["hybrid"]
     assert h["retrieval_accepted"] > 0 and h["model_accepted"] > 0, h
+
+
+def test_horizontal_equals_ar(smol_scan, ar_outputs):
+    # The bundled EAGLE-3 chain for the first 2 positions, the n-gram for the next 4, on a
+    # ragged batch of two prompts (tests/test_horizontal.py covers sampling on tiny models).
+    d = drafters.horizontal(
+        drafters.eagle("smollm2-135m-eagle3", k=2), drafters.ngram(max_ngram=3, k=4)
+    )
+    with specjax.xla_options(**REAL_MODEL_XLA):
+        out = specjax.generate(smol_scan, PROMPTS[:2], max_new_tokens=NEW, drafter=d)
+    assert out.tokens == ar_outputs[:2]
+    assert sum(out.stats["acceptance_histogram"][1:]) > 0

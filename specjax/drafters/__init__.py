@@ -9,6 +9,7 @@
     specjax.drafters.hybrid(ngram(k=6), eagle("smollm2-135m-eagle3", tree=...))  # SAM switch
     specjax.drafters.hybrid(ngram(k=6), eagle(...), mode="merge")  # both in one tree
     specjax.drafters.ngram(k=4, datastore=[token_ids, ...])  # REST-style retrieval
+    specjax.drafters.horizontal(eagle(..., k=2), ngram(k=4))  # later positions from the n-gram
 
 LM drafters draft a chain of k tokens, or a tree: `tree=DynamicTree(...)` (EAGLE-2, grown from
 the draft's confidence) or `tree=StaticTree(choices)` (a fixed Medusa / EAGLE-1 shape, e.g.
@@ -17,8 +18,9 @@ the draft's confidence) or `tree=StaticTree(choices)` (a fixed Medusa / EAGLE-1 
 Layout: `base.py` the protocol and records, `shapes.py` tree shapes (validation, growth),
 `registry.py` CLI names -> constructors, `bundled.py` drafters shipped with specjax, then one
 file per drafter (`ngram.py`, `lm.py`: small model and layer skip, `feature.py`: EAGLE-1/2/3,
-`medusa_heads.py`, `cascade.py`: drafters drafting for each other, `hybrid.py`: retrieval and
-a feature drafter, per step or merged into one tree). A new drafter is one new
+`medusa_heads.py`, `cascade.py`: drafters drafting for each other, `horizontal.py`: a cheaper
+drafter for later positions, `hybrid.py`: retrieval and a feature drafter, per step or merged
+into one tree). A new drafter is one new
 file (its spec: init / propose / commit, and a constructor returning a `Drafter`) plus one line
 in `registry.py`.
 """
@@ -49,6 +51,7 @@ from specjax.drafters.base import (
 )
 from specjax.drafters.bundled import BUNDLED_DRAFTERS, bundled_path
 from specjax.drafters.cascade import CascadeSpec, cascade
+from specjax.drafters.horizontal import HorizontalSpec, horizontal
 from specjax.drafters.hybrid import HybridSpec, hybrid
 from specjax.drafters.lm import LMDrafterSpec, LMStaticTreeSpec, LMTreeSpec, layer_skip_params
 
@@ -388,6 +391,8 @@ __all__ = [
     "CascadeSpec",
     "hybrid",
     "HybridSpec",
+    "horizontal",
+    "HorizontalSpec",
     "MedusaConfig",
     "MedusaHeads",
     "MedusaSpec",

@@ -74,7 +74,7 @@ def parse(text: str) -> DrafterName | None:
     naming what is wrong and what is valid."""
     if text in (None, "", "none", "ar"):
         return None
-    for combined in (CASCADE, HYBRID, HYBRID_MERGE):  # their parts carry their own @K
+    for combined in (CASCADE, HYBRID, HYBRID_MERGE, HORIZONTAL):  # their parts carry their own @K
         if text.startswith(combined + ":"):
             entry, arg = REGISTRY[combined], text[len(combined) + 1 :]
             try:
@@ -298,7 +298,7 @@ def _check_parts(parts: list[str], what: str, where: str) -> list[str]:
     """Each part of a combined drafter name names a plain drafter (not auto, a cascade or a
     hybrid), checked as `parse` checks it."""
     for part in parts:
-        if part.split(":")[0].split("@")[0] in (CASCADE, HYBRID, HYBRID_MERGE, "auto"):
+        if part.split(":")[0].split("@")[0] in (CASCADE, HYBRID, HYBRID_MERGE, HORIZONTAL, "auto"):
             raise ValueError(f"{what} {part!r} cannot be {where}")
         if parse(part) is None:
             raise ValueError(f"{what} {part!r} names no drafter")
@@ -321,6 +321,7 @@ register(
 
 HYBRID = "hybrid"
 HYBRID_MERGE = "hybrid_merge"
+HORIZONTAL = "horizontal"
 # Suffix match length from which a hybrid row takes the retrieval chain.
 HYBRID_MIN_MATCH = 2
 
@@ -358,3 +359,26 @@ for _name, _mode in ((HYBRID, "switch"), (HYBRID_MERGE, "merge")):
             arg_type=_hybrid_parts,
         )
     )
+
+
+def _horizontal_parts(arg: str) -> list[str]:
+    """'FIRST+LATER' -> the two names, each checked: an EAGLE chain, then an n-gram chain."""
+    parts = arg.split("+")
+    if len(parts) != 2:
+        raise ValueError("a horizontal cascade is FIRST+LATER, e.g. eagle3@2+ngram@4")
+    return _check_parts(parts, "part", "a part of a horizontal cascade")
+
+
+def _horizontal(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
+    """horizontal:F+L: F's chain for the first positions, L's continuation for the later ones."""
+    from specjax.drafters import horizontal
+
+    first, later = _horizontal_parts(arg)
+    return horizontal(make(first, None, model), make(later, None, model))
+
+
+register(
+    DrafterEntry(
+        HORIZONTAL, _horizontal, arg="FIRST+LATER", arg_required=True, arg_type=_horizontal_parts
+    )
+)
