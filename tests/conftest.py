@@ -51,12 +51,14 @@ SLOWEST_FIRST = [  # worker-seconds in a `--durations=0` run of the whole suite 
     "test_hybrid.py",  # 85
     "test_cascade.py",  # 81
     "test_generate.py",  # 73
+    "test_datastore.py",  # ~75 (measured alone, 2026-12-03)
     "test_cli.py",  # 51
     "test_train.py",  # 47
     "test_cache.py",  # 46
     "test_medusa.py",  # 45
     "test_notebooks.py",  # 42
     "test_tree.py",  # 40
+    "test_horizontal.py",  # ~37 (measured alone, 2026-12-03)
     "test_tree_attention.py",  # 29
     "test_autotune.py",  # 28
     "test_streaming.py",  # 27
