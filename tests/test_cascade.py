@@ -93,6 +93,21 @@ def test_cascade_greedy_equals_ar(target, other, greedy_ar, case):
         assert one.tokens == [ar[3]]
 
 
+def test_lenient_cascade_greedy_equals_ar(target, other, greedy_ar):
+    """A lenient level accepts more of the draft below it; the target's check keeps the output."""
+    prompts, ar = greedy_ar
+    acceptance = {}
+    for leniency in (1.0, 4.0):
+        d = drafters.cascade(GREEDY_CASES["model>layer_skip"](other), leniency=leniency)
+        out = specjax.generate(target, prompts, max_new_tokens=NEW, drafter=d)
+        assert out.tokens == ar, leniency
+        acceptance[leniency] = out.stats["cascade_levels"][0]["acceptance"]
+    print(acceptance)
+    assert acceptance[4.0] > acceptance[1.0], acceptance
+    with pytest.raises(ValueError, match="leniency must be a number >= 1, got 0.5"):
+        drafters.cascade(GREEDY_CASES["model>layer_skip"](other), leniency=0.5)
+
+
 def test_cascade_cli_name(target):
     """`cascade:A>B` through the drafter registry (what --drafter and bench take)."""
     from specjax.drafters import registry
@@ -157,14 +172,28 @@ SAMPLED = {  # name -> (levels(draft), mode, seed)
         "plain",
         3103,
     ),
+    # lenient middle level: the upper model accepts the n-gram's tokens with min(1, 4 p / q)
+    "ngram>model lenient": (
+        lambda d: [drafters.ngram(max_ngram=3, k=2), drafters.small_model(d, k=2)],
+        "plain",
+        3104,
+    ),
+    "model>model lenient": (
+        lambda d: [drafters.small_model(_draft2(d), k=2), drafters.small_model(d, k=2)],
+        "topk5_topp0.8",
+        3105,
+    ),
 }
+LENIENCY = 4.0
 
 
 @pytest.mark.parametrize("case", list(SAMPLED))
 def test_cascade_sampling_matches_target(models, exact, case):
     target, draft = models
     levels, mode, seed = SAMPLED[case]
-    counts, st = sample_joint(target, drafters.cascade(levels(draft)), MODES[mode], seed)
+    leniency = LENIENCY if case.endswith("lenient") else 1.0
+    d = drafters.cascade(levels(draft), leniency=leniency)
+    counts, st = sample_joint(target, d, MODES[mode], seed)
     hist = np.asarray(st["acceptance_histogram"])
     assert_follows_target(counts, exact[mode]["joint"], hist, f"cascade {case}/{mode}")
     assert hist[0] >= 0.05 * hist.sum() and hist[1:].sum() >= 0.05 * hist.sum(), hist
@@ -251,3 +280,30 @@ def test_rewind_follows_the_sequence():
     assert out.n_pending.tolist() == [2, 1, 1]
     assert out.pending.tolist() == [[3, 7], [8, 0], [9, 0]]
     jax.block_until_ready(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlainHandedLenientSpec(CascadeSpec):
+    """Broken on purpose: a lenient level that tells the target its draft follows q_B (what an
+    exact level would hand) instead of the lenient law pi."""
+
+    def _lenient_handed(self, law, logits, mode, sp):
+        from specjax.sampling import process_logits
+
+        return process_logits(logits, mode, sp)
+
+
+def test_lenient_level_handing_q_b_is_detected(models, exact):
+    target, draft = models
+    good = drafters.cascade(SAMPLED["ngram>model lenient"][0](draft), leniency=LENIENCY)
+
+    def bind(t):
+        spec, params = good.bind(t)
+        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+        return PlainHandedLenientSpec(**fields), params
+
+    broken = drafters.Drafter(name="lenient handing q_B", k=good.k, binder=bind)
+    counts, _ = sample_joint(target, broken, MODES["plain"], 3112)
+    fit = chi_square(counts, exact["plain"]["joint"])
+    print(f"lenient level handing q_B: {fit}")
+    assert fit.pvalue < ALPHA, fit

@@ -22,6 +22,17 @@ depth >= 3 works: cascade([A, B, C]) = cascade([cascade([A, B]), C]).
 
 The lower level may be any chain drafter with `rewind` (n-gram, small model, layer skip, or a
 cascade) that reads no target features; the upper level is an LM chain drafter.
+
+Lenient levels (`leniency` l > 1; CS Drafting's lenient reviewers, made exact at any
+temperature). B accepts the lower level's token x with probability min(1, l p_B(x) / q(x))
+instead of min(1, p_B(x) / q(x)) (greedy: when p_B(x) >= max p_B / l) and on rejection draws
+from r = norm(max(p_B - q, 0)). B's emitted token then follows
+    pi(x) = min(q(x), l p_B(x)) + (1 - sum_y min(q(y), l p_B(y))) r(x),
+which is p_B only when l = 1. The law of each emitted token is what the target's check must be
+told, so B hands the target pi (computed on device from q and p_B at that position) for tokens
+from a lenient check, and p_B for its bonus token: the target's speculative sampling against
+the law the draft really follows keeps the final output exactly the target's. More of the lower
+level's draft survives per B forward; the target accepts B's draft a little less often.
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ from specjax.drafters.base import (
     Verified,
 )
 from specjax.drafters.lm import LMDrafterSpec
-from specjax.engine.accept import verify_chain
+from specjax.engine.accept import Accepted, verify_chain
 from specjax.models import forward
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
@@ -87,6 +98,12 @@ class CascadeSpec(DrafterSpec):
     lower: DrafterSpec | None = None
     upper: LMDrafterSpec | None = None
     label: str = ""  # "lower > upper" drafter names, for statistics
+    leniency: float = 1.0  # >= 1; > 1: this level accepts the lower draft leniently (above)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.leniency, (int, float)) and self.leniency >= 1.0):
+            raise ValueError(f"leniency must be a number >= 1, got {self.leniency!r}")
 
     @property
     def width(self) -> int:
@@ -130,7 +147,14 @@ class CascadeSpec(DrafterSpec):
         block = jnp.concatenate([c.last[:, None], draft.tokens], axis=1)  # [B, KA+1]
         positions = c.cache.lengths[:, None] + jnp.arange(KA + 1, dtype=jnp.int32)[None, :]
         logits, _, cache = forward(params["upper"], up.cfg, block, positions, c.cache)
-        acc = verify_chain(k_verify, logits, draft.tokens, draft.logp, mode, sp)
+        if self.leniency == 1.0:
+            acc = verify_chain(k_verify, logits, draft.tokens, draft.logp, mode, sp)
+            handed = None if c.logp is None else self._handed_logp(logits, draft, mode, sp)
+        else:
+            acc, law = lenient_chain(
+                k_verify, logits, draft.tokens, draft.logp, mode, sp, float(self.leniency)
+            )
+            handed = None if c.logp is None else self._lenient_handed(law, logits, mode, sp)
         live = c.count < K + 1  # rows that still need tokens
         i = jnp.arange(KA + 1, dtype=jnp.int32)[None, :]
         # emitted this round: a_1 .. a_n, then the bonus (n + 1 tokens)
@@ -140,8 +164,8 @@ class CascadeSpec(DrafterSpec):
         rows = jnp.arange(block.shape[0])[:, None]
         tokens = c.tokens.at[rows, col].set(new, mode="drop")
         logp = c.logp
-        if logp is not None:  # block row i is q_B at the position of emitted token i
-            logp = logp.at[rows, col].set(self._handed_logp(logits, draft, mode, sp), mode="drop")
+        if logp is not None:  # block row i: the law emitted token i follows
+            logp = logp.at[rows, col].set(handed, mode="drop")
         path = jnp.where(i[:, :KA] < acc.n[:, None], i[:, :KA], -1)
         verified = Verified(tokens=draft.tokens, n=acc.n, bonus=acc.bonus, path=path)
         lower = self.lower.commit(
@@ -166,6 +190,13 @@ class CascadeSpec(DrafterSpec):
         """[B, KA+1, V] the distribution each emitted token follows: the upper level's own
         (what the target's check must use; a test overrides this to break it on purpose)."""
         return process_logits(logits, mode, sp)
+
+    def _lenient_handed(
+        self, law: jax.Array, logits: jax.Array, mode: SamplingMode, sp: dict
+    ) -> jax.Array:
+        """[B, KA+1, V] what a lenient level hands the target: `law` (pi at the checked
+        positions, q_B at the bonus); a test overrides this to hand q_B everywhere."""
+        return law
 
     def propose(
         self,
@@ -257,6 +288,54 @@ class CascadeSpec(DrafterSpec):
         return state.replace(lower=lower, cache=state.cache.replace(lengths=lengths))
 
 
+def lenient_chain(
+    key: jax.Array,
+    logits: jax.Array,
+    draft_tokens: jax.Array,
+    draft_logp: jax.Array | None,
+    mode: SamplingMode,
+    sp: dict,
+    leniency: float,
+) -> tuple[Accepted, jax.Array | None]:
+    """A lenient check of a chain (module docstring): -> (accepted prefix and the token after
+    it, [B, K+1, V] log of the law each emitted token follows, or None when greedy).
+    logits [B, K+1, V] the checking level's; draft_logp [B, K, V] or None (point masses)."""
+    B, K = draft_tokens.shape
+    if mode.greedy:
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        best = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, K+1]
+        top = jnp.max(logp, axis=-1)
+        lp_d = jnp.take_along_axis(logp[:, :K], draft_tokens[..., None], axis=-1)[..., 0]
+        n = jnp.sum(jnp.cumprod((lp_d + jnp.log(leniency) >= top[:, :K]).astype(jnp.int32), 1), 1)
+        bonus = jnp.take_along_axis(best, n[:, None], axis=1)[:, 0]
+        return Accepted(n=n, bonus=bonus), None
+    logp = process_logits(logits, mode, sp)  # [B, K+1, V]
+    p = jnp.exp(logp)
+    V = p.shape[-1]
+    if draft_logp is None:
+        q = jax.nn.one_hot(draft_tokens, V, dtype=p.dtype)
+    else:
+        q = jnp.exp(draft_logp)
+    kept = jnp.minimum(q, leniency * p[:, :K])  # [B, K, V] accepted mass per token
+    resid = jnp.maximum(p[:, :K] - q, 0.0)
+    mass = jnp.sum(resid, axis=-1, keepdims=True)
+    resid = jnp.where(mass > 0, resid / jnp.where(mass > 0, mass, 1.0), p[:, :K])
+    law = kept + (1.0 - jnp.sum(kept, axis=-1, keepdims=True)) * resid  # pi [B, K, V]
+    k_acc, k_res = jax.random.split(key)
+    q_d = jnp.take_along_axis(q, draft_tokens[..., None], axis=-1)[..., 0]
+    kept_d = jnp.take_along_axis(kept, draft_tokens[..., None], axis=-1)[..., 0]
+    u = jax.random.uniform(k_acc, (B, K))
+    n = jnp.sum(jnp.cumprod((u * q_d < kept_d).astype(jnp.int32), axis=1), axis=1)
+    # The token after the accepted prefix: from r at a rejection, from p_B after all K.
+    at = jnp.minimum(n, K - 1)
+    r_n = jnp.take_along_axis(resid, at[:, None, None], axis=1)[:, 0]
+    p_last = p[:, K]
+    dist = jnp.where((n < K)[:, None], r_n, p_last)
+    bonus = jax.random.categorical(k_res, jnp.log(dist), axis=-1).astype(jnp.int32)
+    handed = jnp.concatenate([jnp.log(law), logp[:, K:]], axis=1)
+    return Accepted(n=n, bonus=bonus), handed
+
+
 def _as_model(spec: LMDrafterSpec, params: dict, target: Model) -> Model:
     """The upper level as a `Model`, for binding the level below it (its target)."""
     from specjax.model import Model
@@ -294,14 +373,18 @@ def _short(d: Drafter) -> str:
     return d.name[len("cascade(") : -1] if d.name.startswith("cascade(") else d.name
 
 
-def cascade(levels: Sequence[Drafter]) -> Drafter:
+def cascade(levels: Sequence[Drafter], leniency: float = 1.0) -> Drafter:
     """A vertical cascade, smallest level first: `cascade([A, B])` drafts with B, which A
     drafts for; `cascade([A, B, C])` = A -> B -> C -> target. The draft size is the last
-    level's k (each level's k is what it proposes to the level above)."""
+    level's k (each level's k is what it proposes to the level above). `leniency` > 1: every
+    level accepts the draft below it leniently (the target's own check stays exact; see the
+    module docstring)."""
     levels = list(levels)
     if len(levels) < 2 or not all(isinstance(d, Drafter) for d in levels):
         raise ValueError(f"cascade needs a list of >= 2 drafters, smallest first; got {levels!r}")
-    lower_d = levels[0] if len(levels) == 2 else cascade(levels[:-1])
+    if isinstance(leniency, bool) or not isinstance(leniency, (int, float)) or leniency < 1:
+        raise ValueError(f"leniency must be a number >= 1, got {leniency!r}")
+    lower_d = levels[0] if len(levels) == 2 else cascade(levels[:-1], leniency)
     upper_d = levels[-1]
 
     def bind(target: Model) -> tuple[CascadeSpec, dict]:
@@ -310,8 +393,11 @@ def cascade(levels: Sequence[Drafter]) -> Drafter:
         lower, p_lower = lower_d.bind(_as_model(upper, p_upper, target))
         _check_lower(lower, lower_d.name)
         label = f"{_short(lower_d)} > {_short(upper_d)}"
-        spec = CascadeSpec(k=upper.k, lower=lower, upper=upper, label=label)
+        spec = CascadeSpec(
+            k=upper.k, lower=lower, upper=upper, label=label, leniency=float(leniency)
+        )
         return spec, {"lower": p_lower, "upper": p_upper}
 
-    name = f"cascade({lower_d.name} > {upper_d.name})"
+    lenient = f", leniency={leniency:g}" if leniency != 1 else ""
+    name = f"cascade({lower_d.name} > {upper_d.name}{lenient})"
     return Drafter(name=name, k=upper_d.k, binder=bind, tokenizer=upper_d.tokenizer)
