@@ -368,13 +368,14 @@ def exact(models):
 def sample_rows(target, drafter, mode_kw, seed, prompt, new_tokens, n=N_ROWS):
     """-> (tokens [n, new_tokens] of n independent rows decoding `prompt`, generate stats).
 
-    Compiled with XLA's default backend optimization (conftest's level 0 compiles tiny models
-    faster but runs them slower): with n = 8192 rows the run outweighs the compile, e.g. the
-    self-drafting tree case 9.7 s -> 6.6 s for its one call (run alone 6.9 s -> 1.8 s)."""
-    with specjax.xla_options(xla_backend_optimization_level=2):
-        out = specjax.generate(
-            target, [prompt] * n, max_new_tokens=new_tokens, key=seed, drafter=drafter, **mode_kw
-        )
+    Compiled like the rest of the suite (conftest: XLA backend optimization 0). XLA's default
+    level runs these 8192-row programs ~3x faster but compiles them 3-5x slower: the 19 sampling
+    tests of test_tree_sampling.py and test_hybrid.py took 225 s at level 2, 189 s at level 1 and
+    194 s at level 0 (one core each, 2026-12-04); the VLM sampling tests 28.7 s at level 2, 25.8
+    s at 0."""
+    out = specjax.generate(
+        target, [prompt] * n, max_new_tokens=new_tokens, key=seed, drafter=drafter, **mode_kw
+    )
     toks = np.asarray(out.tokens)
     assert toks.shape == (n, new_tokens)
     return toks, out.stats

@@ -455,16 +455,15 @@ def _exact_dists(logits_fn, ids, mode_kw):
 def _sample_counts(vm, img, drafter, mode, seed):
     from test_spec_sampling import N_ROWS
 
-    with specjax.xla_options(xla_backend_optimization_level=2):
-        out = specjax.generate(
-            vm,
-            [SPROMPT] * N_ROWS,
-            images=[[img]] * N_ROWS,
-            max_new_tokens=3,
-            key=seed,
-            drafter=drafter,
-            **mode,
-        )
+    out = specjax.generate(  # compiled as test_spec_sampling's `sample_rows` says
+        vm,
+        [SPROMPT] * N_ROWS,
+        images=[[img]] * N_ROWS,
+        max_new_tokens=3,
+        key=seed,
+        drafter=drafter,
+        **mode,
+    )
     t = np.asarray(out.tokens)
     return np.bincount((t[:, 0] * SV + t[:, 1]) * SV + t[:, 2], minlength=SV**3), out.stats
 
