@@ -116,10 +116,17 @@ def test_cascade_cli_name(target):
     assert d.k == 3 and d.name == "cascade(ngram(n=1..4, k=2) > layer_skip(layers=2, k=3))", d.name
     spec, _ = d.bind(target)
     assert (spec.lower.k, spec.upper.k, spec.upper.cfg.num_layers) == (2, 3, 2)
+    # `~L` makes every level lenient by the factor L (the name says so, the spec carries it).
+    d = registry.make("cascade:ngram@2>layer_skip:2@3~2.5", model=target)
+    assert d.name == "cascade(ngram(n=1..4, k=2) > layer_skip(layers=2, k=3), leniency=2.5)"
+    assert d.bind(target)[0].leniency == 2.5
     for bad, msg in [
         ("cascade:ngram", ">= 2 levels"),
         ("cascade:ngram>nope", "unknown drafter 'nope'"),
         ("cascade:auto>layer_skip", "cannot be inside a cascade"),
+        ("cascade:ngram>layer_skip~0.5", "leniency after '~' must be a number >= 1, got '0.5'"),
+        ("cascade:ngram>layer_skip~x", "leniency after '~' must be a number >= 1, got 'x'"),
+        ("cascade:ngram>layer_skip~nan", "leniency after '~' must be a number >= 1, got 'nan'"),
     ]:
         with pytest.raises(ValueError, match=msg):
             registry.parse(bad)
@@ -207,15 +214,18 @@ class UniformHandedSpec(CascadeSpec):
         return jnp.full(logits.shape, -np.log(logits.shape[-1]), jnp.float32)
 
 
-def _broken(levels) -> drafters.Drafter:
-    good = drafters.cascade(levels)
+def _broken(
+    levels, spec_class=UniformHandedSpec, leniency: float = 1.0, name: str = "broken-cascade"
+) -> drafters.Drafter:
+    """The cascade of `levels`, its spec rebuilt as `spec_class` (a broken subclass)."""
+    good = drafters.cascade(levels, leniency=leniency)
 
     def bind(target):
         spec, params = good.bind(target)
         fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-        return UniformHandedSpec(**fields), params
+        return spec_class(**fields), params
 
-    return drafters.Drafter(name="broken-cascade", k=good.k, binder=bind)
+    return drafters.Drafter(name=name, k=good.k, binder=bind)
 
 
 def uniform_handed_law(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -295,14 +305,8 @@ class PlainHandedLenientSpec(CascadeSpec):
 
 def test_lenient_level_handing_q_b_is_detected(models, exact):
     target, draft = models
-    good = drafters.cascade(SAMPLED["ngram>model lenient"][0](draft), leniency=LENIENCY)
-
-    def bind(t):
-        spec, params = good.bind(t)
-        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-        return PlainHandedLenientSpec(**fields), params
-
-    broken = drafters.Drafter(name="lenient handing q_B", k=good.k, binder=bind)
+    levels = SAMPLED["ngram>model lenient"][0](draft)
+    broken = _broken(levels, PlainHandedLenientSpec, LENIENCY, "lenient handing q_B")
     counts, _ = sample_joint(target, broken, MODES["plain"], 3112)
     fit = chi_square(counts, exact["plain"]["joint"])
     print(f"lenient level handing q_B: {fit}")

@@ -286,12 +286,23 @@ register(DrafterEntry("auto", _auto))
 CASCADE = "cascade"
 
 
-def _cascade_levels(arg: str) -> list[str]:
-    """'A>B[>C...]' -> the level names, each checked (smallest first)."""
-    levels = arg.split(">")
+def _cascade_arg(arg: str) -> tuple[list[str], float]:
+    """'A>B[>C...][~L]' -> (the level names, each checked, smallest first; the leniency L,
+    1 when absent: every level accepts the draft below it within a factor L, see
+    `drafters.cascade`)."""
+    levels_text, tilde, leniency_text = arg.partition("~")
+    leniency = 1.0
+    if tilde:
+        try:
+            leniency = float(leniency_text)
+        except ValueError:
+            leniency = float("nan")
+        if not leniency >= 1 or leniency == float("inf"):  # NaN fails too
+            raise ValueError(f"the leniency after '~' must be a number >= 1, got {leniency_text!r}")
+    levels = levels_text.split(">")
     if len(levels) < 2:
         raise ValueError("a cascade needs >= 2 levels joined by '>', smallest first")
-    return _check_parts(levels, "level", "inside a cascade")
+    return _check_parts(levels, "level", "inside a cascade"), leniency
 
 
 def _check_parts(parts: list[str], what: str, where: str) -> list[str]:
@@ -306,17 +317,19 @@ def _check_parts(parts: list[str], what: str, where: str) -> list[str]:
 
 
 def _cascade(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
-    """cascade:A>B>C: A drafts for B, B for C, C for the target; `k` (--k) sizes the top level
-    when its name has no @K."""
+    """cascade:A>B>C[~L]: A drafts for B, B for C, C for the target; `k` (--k) sizes the top
+    level when its name has no @K; `~L` makes every level lenient by the factor L."""
     from specjax.drafters import cascade
 
-    levels = _cascade_levels(arg)
+    levels, leniency = _cascade_arg(arg)
     made = [make(t, None, model) for t in levels[:-1]] + [make(levels[-1], k, model)]
-    return cascade(made)
+    return cascade(made, leniency=leniency)
 
 
 register(
-    DrafterEntry(CASCADE, _cascade, arg="A>B[>C...]", arg_required=True, arg_type=_cascade_levels)
+    DrafterEntry(
+        CASCADE, _cascade, arg="A>B[>C...][~LENIENCY]", arg_required=True, arg_type=_cascade_arg
+    )
 )
 
 HYBRID = "hybrid"
