@@ -60,6 +60,15 @@ def test_horizontal_greedy_equals_ar(models):
     hist = out.stats["acceptance_histogram"]
     print(hist, out.stats["tau"])
     assert len(hist) == 5 and _accepted_beyond(hist, 1) > 0, hist
+    # Per-part statistics agree with the histogram (first part: 1 token, then the n-gram's).
+    h = np.asarray(hist)
+    n = np.arange(len(h))
+    assert out.stats["horizontal"] == {
+        "steps": int(h.sum()),
+        "first_accepted": int((h * np.minimum(n, 1)).sum()),
+        "later_reached": int(h[1:].sum()),
+        "later_accepted": int((h * np.maximum(n - 1, 0)).sum()),
+    }, out.stats["horizontal"]
     single = specjax.generate(target, prompts[1:2], max_new_tokens=NEW, drafter=d)
     assert single.tokens == ar.tokens[1:2]
 

@@ -53,6 +53,10 @@ if TYPE_CHECKING:
 class HorizontalState:
     first: Any
     later: NgramState
+    # [4, B] int32 over the steps a row was active in: steps, draft tokens accepted from the
+    # first part, steps that accepted all of the first part's tokens (the later part's tokens
+    # were reachable), draft tokens accepted from the later part.
+    counts: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +76,7 @@ class HorizontalSpec(DrafterSpec):
         return HorizontalState(
             first=self.first.init(params["first"], prefill, max_len),
             later=self.later.init(params["later"], prefill, max_len),
+            counts=jnp.zeros((4, prefill.first.shape[0]), jnp.int32),
         )
 
     def propose(
@@ -112,7 +117,18 @@ class HorizontalSpec(DrafterSpec):
     ) -> HorizontalState:
         first = self.first.commit(params["first"], state.first, draft, verified, active, target)
         later = self.later.commit(params["later"], state.later, draft, verified, active, target)
-        return HorizontalState(first=first, later=later)
+        a, n = active.astype(jnp.int32), verified.n
+        step = jnp.stack(
+            [a, jnp.minimum(n, self.first.k), n >= self.first.k, jnp.maximum(n - self.first.k, 0)]
+        )
+        return HorizontalState(first=first, later=later, counts=state.counts + a * step)
+
+    def stats(self, state: HorizontalState, rows: int) -> dict:
+        """{"horizontal": steps, first_accepted, later_reached (steps that accepted every
+        first-part token), later_accepted} over the first `rows` rows."""
+        c = jax.device_get(state.counts[:, :rows]).sum(axis=1).tolist()
+        names = ("steps", "first_accepted", "later_reached", "later_accepted")
+        return {"horizontal": dict(zip(names, c))}
 
 
 def horizontal(first: Drafter, later: Drafter) -> Drafter:
