@@ -39,40 +39,40 @@ _rng = np.random.default_rng(0)
 # keep this order instead of sorting files by their number of tests.) Measured wall time, longest
 # first; files not listed follow in their usual order. Re-measure with --durations=0 when a file
 # grows (a long file missing here runs last and leaves the other worker idle).
-SLOWEST_FIRST = [  # worker-seconds in a `--durations=0` run of the whole suite (2026-12-03)
-    "test_smollm2.py",  # 247
-    "test_multidevice.py",  # 197
-    "test_models.py",  # 192
-    "test_tree_sampling.py",  # 168
-    "test_vlm.py",  # 156
-    "test_spec_sampling.py",  # 98
-    "test_convert.py",  # 88
-    "test_eagle.py",  # 86
-    "test_hybrid.py",  # 85
-    "test_cascade.py",  # 81
-    "test_generate.py",  # 73
-    "test_datastore.py",  # ~75 (measured alone, 2026-12-03)
-    "test_cli.py",  # 51
-    "test_train.py",  # 47
-    "test_cache.py",  # 46
-    "test_medusa.py",  # 45
-    "test_notebooks.py",  # 42
-    "test_tree.py",  # 40
-    "test_horizontal.py",  # ~37 (measured alone, 2026-12-03)
-    "test_tree_attention.py",  # 29
-    "test_autotune.py",  # 28
-    "test_streaming.py",  # 27
-    "test_verify_sizing.py",  # 20
-    "test_step_anatomy.py",  # 20
-    "test_decode_fn.py",  # 19
-    "test_static_tree.py",  # 18
-    "test_device_check.py",  # 15
-    "test_robustness.py",  # 14
-    "test_eagle_producers.py",  # 11
+SLOWEST_FIRST = [  # worker-seconds in a `--durations=0` run of the whole suite (2026-12-04)
+    "test_smollm2.py",  # 270
+    "test_multidevice.py",  # 142
+    "test_tree_sampling.py",  # 128
+    "test_vlm.py",  # 108
+    "test_eagle.py",  # 91
+    "test_hybrid.py",  # 90
+    "test_spec_sampling.py",  # 74
+    "test_cascade.py",  # 61
+    "test_cache.py",  # 47
+    "test_datastore.py",  # 45
+    "test_notebooks.py",  # 44
+    "test_horizontal.py",  # 40
+    "test_tree.py",  # 39
+    "test_medusa.py",  # 39
+    "test_train.py",  # 39
+    "test_generate.py",  # 37
+    "test_cli.py",  # 30
+    "test_streaming.py",  # 29
+    "test_autotune.py",  # 29
+    "test_verify_sizing.py",  # 23
+    "test_models.py",  # 22
+    "test_tree_attention.py",  # 20
+    "test_decode_fn.py",  # 18
+    "test_static_tree.py",  # 17
+    "test_device_check.py",  # 14
+    "test_step_anatomy.py",  # 14
+    "test_eagle_producers.py",  # 10
     "test_eagle_hf.py",  # 10
-    "test_magpie.py",  # 2
-    "test_engine_contract.py",  # 2
-    "test_registry.py",  # 1
+    "test_magpie.py",  # 4
+    "test_registry.py",  # 4
+    "test_engine_contract.py",  # 4
+    "test_robustness.py",  # 3
+    "test_convert.py",  # 2
 ]
 
 
