@@ -298,7 +298,9 @@ def _cascade_arg(arg: str) -> tuple[list[str], float]:
         except ValueError:
             leniency = float("nan")
         if not leniency >= 1 or leniency == float("inf"):  # NaN fails too
-            raise ValueError(f"the leniency after '~' must be a number >= 1, got {leniency_text!r}")
+            raise ValueError(
+                f"the leniency after '~' must be a finite number >= 1, got {leniency_text!r}"
+            )
     levels = levels_text.split(">")
     if len(levels) < 2:
         raise ValueError("a cascade needs >= 2 levels joined by '>', smallest first")
