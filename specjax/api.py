@@ -545,11 +545,14 @@ def generate_pmap(
     state = fn(model.params, dparams, split["inp"], split["max_new"], keys, sp)
     jax.block_until_ready(state.out)
     dt = time.perf_counter() - t0
-    # Merge the device axis back into the batch axis.
+    # Merge the device axis back into the batch axis. Drafter state leaves are batch first
+    # (their per-row statistics included), so the same merge serves `spec.stats`.
+    rows_first = lambda x: x.reshape((-1,) + x.shape[2:]) if x.ndim >= 2 else x  # noqa: E731
     state = state.replace(
-        out=state.out.reshape((-1,) + state.out.shape[2:]),
+        out=rows_first(state.out),
         n_out=state.n_out.reshape(-1),
         row_steps=state.row_steps.reshape(-1),
+        dstate=jax.tree.map(rows_first, state.dstate),
         steps=jnp.max(state.steps),
         accept_hist=jnp.sum(state.accept_hist, axis=0),
         size_hist=jnp.sum(state.size_hist, axis=0),

@@ -146,7 +146,7 @@ def pytest_configure(config):
 
 
 def _pin_worker(config: pytest.Config) -> None:
-    """Each xdist worker (and the processes it starts) on a core of its own.
+    """Each xdist worker (and the processes it starts) on cores of its own.
 
     XLA's CPU client sizes its thread pools by the cores a process may use, so two unpinned
     workers on this 2-core machine run four compute threads (plus compile threads) on two
@@ -157,13 +157,19 @@ def _pin_worker(config: pytest.Config) -> None:
     796 s pinned (1,678 -> 1,546 worker-seconds, user time 24.8 -> 23.0 min). The machine's
     speed drifts between runs (a run of the same suite earlier that day took 1,114 s), so
     compare runs made close together. SPECJAX_TEST_PIN=0 turns it off."""
-    wid = getattr(config, "workerinput", {}).get("workerid")
-    if wid is None or os.environ.get("SPECJAX_TEST_PIN", "1") == "0":
+    worker = getattr(config, "workerinput", None)
+    if worker is None or os.environ.get("SPECJAX_TEST_PIN", "1") == "0":
+        return
+    if not hasattr(os, "sched_setaffinity"):  # not Linux: leave the OS to schedule
         return
     cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
+    n, i = int(worker["workercount"]), int(worker["workerid"][2:])
+    if n < 2 or n > len(cpus):  # one worker, or more workers than cores: nothing to split
         return
-    os.sched_setaffinity(0, {cpus[int(wid[2:]) % len(cpus)]})
+    try:  # worker i gets every n-th core (one core each with -n 2 on 2 cores)
+        os.sched_setaffinity(0, set(cpus[i::n]))
+    except OSError:  # a cpuset that refuses: run unpinned
+        pass
 
 
 def _jax_cache(config: pytest.Config) -> None:

@@ -91,6 +91,10 @@ def test_cascade_greedy_equals_ar(target, other, greedy_ar, case):
         d = drafters.cascade(GREEDY_CASES[case](other))
         one = specjax.generate(target, prompts[3], max_new_tokens=NEW, drafter=d, chat=False)
         assert one.tokens == [ar[3]]
+        # and through generate_pmap (a device axis on every state leaf, merged into rows):
+        # the same tokens and per-level statistics
+        pm = specjax.generate_pmap(target, prompts, max_new_tokens=NEW, drafter=d)
+        assert pm.tokens == ar and pm.stats["cascade_levels"] == levels, pm.stats
 
 
 def test_lenient_cascade_greedy_equals_ar(target, other, greedy_ar):
@@ -104,7 +108,7 @@ def test_lenient_cascade_greedy_equals_ar(target, other, greedy_ar):
         acceptance[leniency] = out.stats["cascade_levels"][0]["acceptance"]
     print(acceptance)
     assert acceptance[4.0] > acceptance[1.0], acceptance
-    with pytest.raises(ValueError, match="leniency must be a number >= 1, got 0.5"):
+    with pytest.raises(ValueError, match="leniency must be a finite number >= 1, got 0.5"):
         drafters.cascade(GREEDY_CASES["model>layer_skip"](other), leniency=0.5)
 
 
@@ -131,6 +135,7 @@ def test_cascade_cli_name(target):
         ("cascade:ngram>layer_skip~x", f"{BAD_LENIENCY}, got 'x'"),
         ("cascade:ngram>layer_skip~nan", f"{BAD_LENIENCY}, got 'nan'"),
         ("cascade:ngram>layer_skip~inf", f"{BAD_LENIENCY}, got 'inf'"),
+        ("cascade:ngram>layer_skip~", f"{BAD_LENIENCY}, got ''"),
     ]:
         with pytest.raises(ValueError, match=msg):
             registry.parse(bad)

@@ -69,6 +69,8 @@ def test_horizontal_greedy_equals_ar(models):
         "later_reached": int(h[1:].sum()),
         "later_accepted": int((h * np.maximum(n - 1, 0)).sum()),
     }, out.stats["horizontal"]
+    pm = specjax.generate_pmap(target, prompts, max_new_tokens=NEW, drafter=d)
+    assert pm.tokens == ar.tokens and pm.stats["horizontal"] == out.stats["horizontal"]
     single = specjax.generate(target, prompts[1:2], max_new_tokens=NEW, drafter=d)
     assert single.tokens == ar.tokens[1:2]
 

@@ -60,6 +60,9 @@ def test_hybrid_greedy_equals_ar(target, min_match):
     assert h["retrieval_steps"] > 0 and h["model_steps"] > 0, h
     assert h["retrieval_accepted"] > 0  # the looping random target repeats itself
     assert h["retrieval_steps"] + h["model_steps"] == sum(out.stats["acceptance_histogram"])
+    if min_match == 2:  # generate_pmap: the device axis of the statistics merged into rows
+        pm = specjax.generate_pmap(target, RAGGED_PROMPTS, max_new_tokens=NEW, drafter=d)
+        assert pm.tokens == ar.tokens and pm.stats["hybrid"] == h, pm.stats["hybrid"]
     single = specjax.generate(target, RAGGED_PROMPTS[:1], max_new_tokens=NEW, drafter=d)
     assert single.tokens == ar.tokens[:1]
     # Batch 1: a step that takes the chain verifies its 5 nodes only (and skips the model's

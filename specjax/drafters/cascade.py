@@ -38,6 +38,7 @@ level's draft survives per B forward; the target accepts B's draft a little less
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +76,8 @@ class CascadeState:
     count: jax.Array  # [B] int32 tokens the last propose emitted (>= k + 1)
     last: jax.Array  # [B] int32 `last` of the last propose
     # Statistics of this level (the upper model checking the lower level's drafts), per row:
-    # [3, B] int32 (upper forwards, lower tokens drafted, of them accepted); `step` holds the
+    # [B, 3] int32 (upper forwards, lower tokens drafted, of them accepted; batch first like
+    # every per-row leaf, so `generate_pmap` can merge devices into rows); `step` holds the
     # last propose's, added to `total` for the rows active in the target's step.
     step: jax.Array
     total: jax.Array
@@ -87,7 +89,7 @@ class _Carry:
     cache: KVCache
     last: jax.Array  # [B] newest emitted token (not in the upper cache)
     count: jax.Array  # [B] tokens emitted so far
-    stats: jax.Array  # [3, B] rounds, drafted, accepted (live rows)
+    stats: jax.Array  # [B, 3] rounds, drafted, accepted (live rows)
     tokens: jax.Array  # [B, W] emitted tokens
     logp: jax.Array | None  # [B, W, V] the upper level's processed log-probs at each one
     rounds: jax.Array  # [] int32
@@ -102,8 +104,7 @@ class CascadeSpec(DrafterSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (isinstance(self.leniency, (int, float)) and self.leniency >= 1.0):
-            raise ValueError(f"leniency must be a number >= 1, got {self.leniency!r}")
+        check_leniency(self.leniency)
 
     @property
     def width(self) -> int:
@@ -133,8 +134,8 @@ class CascadeSpec(DrafterSpec):
             len_before=up.cache.lengths,
             count=zeros,
             last=zeros,
-            step=jnp.zeros((3, B), jnp.int32),
-            total=jnp.zeros((3, B), jnp.int32),
+            step=jnp.zeros((B, 3), jnp.int32),
+            total=jnp.zeros((B, 3), jnp.int32),
         )
 
     def _round(
@@ -178,7 +179,9 @@ class CascadeSpec(DrafterSpec):
             last=jnp.where(live, acc.bonus, c.last),
             count=c.count + moved,
             stats=c.stats
-            + jnp.where(live, jnp.stack([jnp.ones_like(acc.n), KA + 0 * acc.n, acc.n]), 0),
+            + jnp.where(
+                live[:, None], jnp.stack([jnp.ones_like(acc.n), KA + 0 * acc.n, acc.n], 1), 0
+            ),
             tokens=tokens,
             logp=logp,
             rounds=c.rounds + 1,
@@ -216,7 +219,7 @@ class CascadeSpec(DrafterSpec):
             cache=state.cache,
             last=last,
             count=jnp.zeros((B,), jnp.int32),
-            stats=jnp.zeros((3, B), jnp.int32),
+            stats=jnp.zeros((B, 3), jnp.int32),
             tokens=jnp.zeros((B, W), jnp.int32),
             logp=logp,
             rounds=jnp.zeros((), jnp.int32),
@@ -258,7 +261,7 @@ class CascadeSpec(DrafterSpec):
         return state.replace(
             lower=lower,
             cache=state.cache.replace(lengths=lengths),
-            total=state.total + jnp.where(active, state.step, 0),
+            total=state.total + jnp.where(active[:, None], state.step, 0),
         )
 
     def stats(self, state: CascadeState, rows: int) -> dict:
@@ -267,7 +270,7 @@ class CascadeSpec(DrafterSpec):
         below = self.lower.stats(state.lower, rows).get("cascade_levels", [])
         from specjax.sharding import to_host
 
-        rounds, drafted, accepted = (int(x) for x in to_host(state.total)[:, :rows].sum(1))
+        rounds, drafted, accepted = (int(x) for x in to_host(state.total)[:rows].sum(0))
         level = {
             "level": self.label,
             "upper_forwards": rounds,
@@ -373,6 +376,14 @@ def _short(d: Drafter) -> str:
     return d.name[len("cascade(") : -1] if d.name.startswith("cascade(") else d.name
 
 
+def check_leniency(value: Any) -> float:
+    """A level's leniency as a float: a finite number >= 1 (1: the exact rule). NaN and inf
+    are refused (inf would weigh a token the level gives probability 0 by 0 * inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value < math.inf:
+        raise ValueError(f"leniency must be a finite number >= 1, got {value!r}")
+    return float(value)
+
+
 def cascade(levels: Sequence[Drafter], leniency: float = 1.0) -> Drafter:
     """A vertical cascade, smallest level first: `cascade([A, B])` drafts with B, which A
     drafts for; `cascade([A, B, C])` = A -> B -> C -> target. The draft size is the last
@@ -382,8 +393,7 @@ def cascade(levels: Sequence[Drafter], leniency: float = 1.0) -> Drafter:
     levels = list(levels)
     if len(levels) < 2 or not all(isinstance(d, Drafter) for d in levels):
         raise ValueError(f"cascade needs a list of >= 2 drafters, smallest first; got {levels!r}")
-    if isinstance(leniency, bool) or not isinstance(leniency, (int, float)) or leniency < 1:
-        raise ValueError(f"leniency must be a number >= 1, got {leniency!r}")
+    leniency = check_leniency(leniency)
     lower_d = levels[0] if len(levels) == 2 else cascade(levels[:-1], leniency)
     upper_d = levels[-1]
 

@@ -53,9 +53,9 @@ if TYPE_CHECKING:
 class HorizontalState:
     first: Any
     later: NgramState
-    # [4, B] int32 over the steps a row was active in: steps, draft tokens accepted from the
-    # first part, steps that accepted all of the first part's tokens (the later part's tokens
-    # were reachable), draft tokens accepted from the later part.
+    # [B, 4] int32 (batch first, as every per-row leaf) over the steps a row was active in:
+    # steps, draft tokens accepted from the first part, steps that accepted all of the first
+    # part's tokens (the later part's tokens were reachable), tokens accepted from the later.
     counts: jax.Array
 
 
@@ -76,7 +76,7 @@ class HorizontalSpec(DrafterSpec):
         return HorizontalState(
             first=self.first.init(params["first"], prefill, max_len),
             later=self.later.init(params["later"], prefill, max_len),
-            counts=jnp.zeros((4, prefill.first.shape[0]), jnp.int32),
+            counts=jnp.zeros((prefill.first.shape[0], 4), jnp.int32),
         )
 
     def propose(
@@ -117,16 +117,16 @@ class HorizontalSpec(DrafterSpec):
     ) -> HorizontalState:
         first = self.first.commit(params["first"], state.first, draft, verified, active, target)
         later = self.later.commit(params["later"], state.later, draft, verified, active, target)
-        a, n = active.astype(jnp.int32), verified.n
-        step = jnp.stack(
-            [a, jnp.minimum(n, self.first.k), n >= self.first.k, jnp.maximum(n - self.first.k, 0)]
-        )
-        return HorizontalState(first=first, later=later, counts=state.counts + a * step)
+        on, n, a = active.astype(jnp.int32), verified.n, self.first.k
+        step = jnp.stack([on, jnp.minimum(n, a), n >= a, jnp.maximum(n - a, 0)], axis=1)
+        return HorizontalState(first=first, later=later, counts=state.counts + on[:, None] * step)
 
     def stats(self, state: HorizontalState, rows: int) -> dict:
         """{"horizontal": steps, first_accepted, later_reached (steps that accepted every
         first-part token), later_accepted} over the first `rows` rows."""
-        c = jax.device_get(state.counts[:, :rows]).sum(axis=1).tolist()
+        from specjax.sharding import to_host
+
+        c = to_host(state.counts)[:rows].sum(axis=0).tolist()
         names = ("steps", "first_accepted", "later_reached", "later_accepted")
         return {"horizontal": dict(zip(names, c))}
 

@@ -72,10 +72,11 @@ class HybridState:
     retrieval: Any
     model: Any
     chose: jax.Array  # [B] bool: the last propose's row took the retrieval chain
-    # [4, B] int32: steps with the retrieval chain (merge: with chain nodes in the tree), tokens
-    # accepted from it, steps with the model tree only, tokens accepted from it (rows active in
-    # the target's step). Merge counts each accepted token by the origin of its node (a prefix
-    # the chain shares with the model's tree is the model's), over all steps.
+    # [B, 4] int32 (batch first, as every per-row leaf): steps with the retrieval chain (merge:
+    # with chain nodes in the tree), tokens accepted from it, steps with the model tree only,
+    # tokens accepted from it (rows active in the target's step). Merge counts each accepted
+    # token by the origin of its node (a prefix the chain shares with the model's tree is the
+    # model's), over all steps.
     counts: jax.Array
 
 
@@ -123,7 +124,7 @@ class HybridSpec(DrafterSpec):
             retrieval=self.retrieval.init(None, prefill, max_len),
             model=self.model.init(params["model"], prefill, max_len),
             chose=jnp.zeros((B,), bool),
-            counts=jnp.zeros((4, B), jnp.int32),
+            counts=jnp.zeros((B, 4), jnp.int32),
         )
 
     def propose(
@@ -191,11 +192,13 @@ class HybridSpec(DrafterSpec):
             got = jnp.stack([chain, verified.n - chain])
         else:  # the whole step's tokens came from the one draft the row took
             got = jnp.stack([r * verified.n, (1 - r) * verified.n])
-        step = jnp.stack([a * r, a * got[0], a * (1 - r), a * got[1]])
+        step = jnp.stack([a * r, a * got[0], a * (1 - r), a * got[1]], axis=1)
         return state.replace(retrieval=rstate, model=mstate, counts=state.counts + step)
 
     def stats(self, state: HybridState, rows: int) -> dict:
-        c = jax.device_get(state.counts[:, :rows]).sum(axis=1).tolist()
+        from specjax.sharding import to_host
+
+        c = to_host(state.counts)[:rows].sum(axis=0).tolist()
         return {
             "hybrid": {
                 "retrieval_steps": c[0],

@@ -289,22 +289,27 @@ CASCADE = "cascade"
 def _cascade_arg(arg: str) -> tuple[list[str], float]:
     """'A>B[>C...][~L]' -> (the level names, each checked, smallest first; the leniency L,
     1 when absent: every level accepts the draft below it within a factor L, see
-    `drafters.cascade`)."""
-    levels_text, tilde, leniency_text = arg.partition("~")
-    leniency = 1.0
-    if tilde:
-        try:
-            leniency = float(leniency_text)
-        except ValueError:
-            leniency = float("nan")
-        if not leniency >= 1 or leniency == float("inf"):  # NaN fails too
-            raise ValueError(
-                f"the leniency after '~' must be a finite number >= 1, got {leniency_text!r}"
-            )
+    `drafters.cascade`). A '~' followed by a path or another level is part of a name."""
+    levels_text, tilde, tail = arg.rpartition("~")
+    if not tilde or any(c in tail for c in "/>:@"):
+        levels_text, tilde = arg, ""
+    leniency = _leniency(tail) if tilde else 1.0
     levels = levels_text.split(">")
     if len(levels) < 2:
         raise ValueError("a cascade needs >= 2 levels joined by '>', smallest first")
     return _check_parts(levels, "level", "inside a cascade"), leniency
+
+
+def _leniency(text: str) -> float:
+    """The L of 'cascade:...~L', checked as `drafters.cascade` checks it."""
+    from specjax.drafters.cascade import check_leniency
+
+    try:
+        return check_leniency(float(text))
+    except ValueError:
+        raise ValueError(
+            f"the leniency after '~' must be a finite number >= 1, got {text!r}"
+        ) from None
 
 
 def _check_parts(parts: list[str], what: str, where: str) -> list[str]:
