@@ -173,12 +173,18 @@ def _pin_worker(config: pytest.Config) -> None:
 
 
 def _jax_cache(config: pytest.Config) -> None:
-    """One JAX persistent compilation cache per test session, shared by the xdist workers and
-    the processes the tests start (notebook kernels, CLI subprocesses): a program compiled by one
-    of them is loaded, not compiled again, by the others. It starts empty in a fresh temporary
-    directory (as on a fresh clone) and is removed at the end. SPECJAX_TEST_JAX_CACHE=0 turns it
-    off."""
-    if hasattr(config, "workerinput") or os.environ.get("SPECJAX_TEST_JAX_CACHE") == "0":
+    """With SPECJAX_TEST_JAX_CACHE=1: one JAX persistent compilation cache per test session,
+    shared by the xdist workers and the processes the tests start (notebook kernels, CLI
+    subprocesses), started empty in a fresh temporary directory and removed at the end.
+
+    Off by default: it does not pay here, and writing to it once killed a worker. In a profile of
+    the whole suite (2026-12-04, compile events logged per test) the workers wrote 276 programs
+    and read back 27, saving 10 s of the 652 s of compilation; the files that start processes
+    (test_notebooks, test_cli, test_multidevice, test_cache on two workers) took 147.7 s with the
+    cache and 140.3 s without (user time 184.7 s -> 174.3 s). In that profiled run a worker died
+    with SIGABRT inside XLA's `executable.serialize()` while writing a test_magpie program to
+    the cache (not reproduced alone); xdist then hung at 97%."""
+    if hasattr(config, "workerinput") or os.environ.get("SPECJAX_TEST_JAX_CACHE", "0") != "1":
         return  # workers inherit the controller's environment
     path = tempfile.mkdtemp(prefix="specjax-test-jax-cache-")
     config._specjax_jax_cache = path
