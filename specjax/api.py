@@ -302,6 +302,8 @@ def generate(
     With `mesh` (a `jax.sharding.Mesh` with a "data" axis) the batch is sharded over it; with
     a "model" axis too (`specjax.make_mesh(data=D, model=M)`), the model is tensor parallel
     (`specjax.shard_model`; pass a model already sharded for the mesh to skip regrouping).
+    A batch that repeats prompts (n samples of one question) runs the target's prefill once
+    per distinct prompt (text prompts, one device); every row still samples on its own.
 
     Vision-language targets (`load_model` of a LLaVA / Video-LLaVA checkpoint): `images`
     holds, per prompt, a list of images (PIL images or uint8 [H, W, 3] arrays; one prompt may
@@ -344,7 +346,16 @@ def generate(
     before = sum(engine.TRACE_COUNTS.values())
     t0 = time.perf_counter()
     prefixes = _prefix_plan(model, rows, items, ec, mesh)
-    if prefixes is None:
+    shared = _distinct_prompts(args["inp"], items, mesh) if prefixes is None else None
+    if shared is not None:  # repeated prompts (n samples of one question): one prefill each
+        logits, cache, hid = engine.target_prefill_shared(
+            params, shared[0], shared[1], pc=ec.prefill_config
+        )
+        state = engine.start_loop(
+            dparams, args["inp"], logits, cache, hid, args["max_new"], args["key"], args["sp"],
+            ec=ec, max_len=args["max_len"],
+        )  # fmt: skip
+    elif prefixes is None:
         state = fn.start(params, dparams, args["inp"], args["max_new"], args["key"])
     else:  # a VLM prompt: the target's prefill through the prefix KV cache
         from specjax import prefix_cache
@@ -367,6 +378,32 @@ def generate(
         if cache is not None:
             out.stats["vision_cache" if name == "feature_cache" else name] = cache.summary()
     return out
+
+
+def _distinct_prompts(
+    inp: engine.PrefillInput, items: list | None, mesh: Any
+) -> tuple[engine.PrefillInput, jax.Array] | None:
+    """(the batch's distinct padded prompts [U, P], row -> prompt index [B]) when the batch
+    repeats prompts enough to halve the prefill's batch bucket (U rounded up to a power of
+    two), else None. Text prompts on one device only (images and meshes keep the plain
+    prefill)."""
+    if items is not None or mesh is not None:
+        return None
+    tokens, lengths = np.asarray(inp.tokens), np.asarray(inp.lengths)
+    B = tokens.shape[0]
+    keys = np.concatenate([lengths[:, None], tokens, np.asarray(inp.positions)], axis=1)
+    distinct, first, rows = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    U = 1 << (len(distinct) - 1).bit_length()
+    if U >= B:
+        return None
+    pick = np.concatenate([first, np.full(U - len(first), first[0])])  # pad to the bucket
+    positions = np.asarray(inp.positions)
+    shared = engine.PrefillInput(
+        tokens=jnp.asarray(tokens[pick]),
+        lengths=jnp.asarray(lengths[pick]),
+        positions=jnp.asarray(positions[pick]),
+    )
+    return shared, jnp.asarray(rows.reshape(-1), jnp.int32)
 
 
 def _prefix_plan(

@@ -613,3 +613,41 @@ def test_xla_options_compile_a_program_of_their_own(target):
     with pytest.raises(TypeError, match="expected a bool, int, float or str"):
         with specjax.xla_options(xla_cpu_enable_fast_math=[True]):
             pass
+
+
+@pytest.mark.parametrize("layout", ["unrolled", "scan"])
+def test_repeated_prompts_share_one_prefill(target, monkeypatch, layout):
+    """A batch that repeats prompts (n samples of one question) runs the target's prefill once
+    per distinct prompt (`engine.target_prefill_shared`) and decodes exactly as with the
+    per-row prefill: the same tokens and acceptance statistics, greedy and sampled, with an
+    EAGLE-3 tree drafter (it starts from the prefill's hidden states and cache), for both cache
+    layouts (per-layer buffers, stacked layers)."""
+    from specjax.drafters import feature
+
+    model = target if layout == "unrolled" else target.with_layout("scan")
+    a, b = PROMPTS[0], PROMPTS[3]
+    batch = [a, b, a, a, b, a, a]  # 7 rows: bucket 8 with one padding row; 3 distinct rows
+    cfg = feature.make_config(model.config, 3)
+    tree = drafters.DynamicTree(nodes=4, depth=2, top_k=2)
+    eagle = drafters.eagle((cfg, feature.init_params(cfg, jax.random.key(0))), tree=tree)
+    shapes = []
+    real = engine.target_prefill_shared
+
+    def spy(params, inp, rows, **kw):
+        shapes.append((inp.tokens.shape[0], rows.tolist()))
+        return real(params, inp, rows, **kw)
+
+    monkeypatch.setattr(engine, "target_prefill_shared", spy)
+    modes = ({}, dict(temperature=1.0, key=4))
+    shared = [generate(model, batch, max_new_tokens=12, drafter=eagle, **kw) for kw in modes]
+    assert len(shapes) == 2 and shapes[0][0] == 4, shapes  # (a, b, padding) -> bucket 4
+    rows = shapes[0][1]
+    assert len(set(rows)) == 3 and [rows[i] == rows[0] for i in range(7)] == [p == a for p in batch]
+    monkeypatch.setattr(gen, "_distinct_prompts", lambda *args: None)  # the per-row prefill
+    plain = [generate(model, batch, max_new_tokens=12, drafter=eagle, **kw) for kw in modes]
+    assert len(shapes) == 2
+    for s, p in zip(shared, plain):
+        assert s.tokens == p.tokens
+        assert s.stats["acceptance_histogram"] == p.stats["acceptance_histogram"]
+    assert sum(shared[0].stats["acceptance_histogram"][1:]) > 0  # drafts were accepted
+    assert len({tuple(t) for t in shared[1].tokens}) > 2  # the samples differ by row

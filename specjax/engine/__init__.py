@@ -23,6 +23,7 @@ from specjax.engine.loop import (
     start_loop,
     target_prefill,
     target_prefill_after,
+    target_prefill_shared,
 )
 from specjax.engine.state import EngineConfig, LoopState, PrefillConfig
 from specjax.engine.verify import verify, verify_block
@@ -45,6 +46,7 @@ __all__ = [
     "start_loop",
     "target_prefill",
     "target_prefill_after",
+    "target_prefill_shared",
     "verify",
     "verify_block",
     "xla_options",

@@ -65,6 +65,37 @@ def target_prefill(
     return logits[:, 0], cache.replace(lengths=inp.lengths), hiddens if pc.with_hiddens else None
 
 
+@xla.jit(static_argnames=("pc",))
+def target_prefill_shared(
+    params: dict,
+    inp: PrefillInput,  # [U, P]: the distinct prompts of the batch
+    rows: jax.Array,  # [B] int32: row b of the batch is prompt rows[b] of `inp`
+    *,
+    pc: PrefillConfig,
+) -> tuple[jax.Array, KVCache, Hiddens | None]:
+    """`target_prefill` for a batch that repeats prompts (n samples of one question): the
+    target runs once per distinct prompt and each row gets its prompt's logits, cache and
+    hiddens -> what `target_prefill` returns for the whole batch. (8192 samples of one prompt:
+    a prefill of one row instead of 8192.)"""
+    TRACE_COUNTS["prefill_shared"] += 1
+    logits, cache, hiddens = target_prefill(params, inp, pc=pc)
+
+    def pick(x: jax.Array, axis: int = 0) -> jax.Array:
+        return jnp.take(x, rows, axis=axis)
+
+    batch_axis = 0 if cache.per_layer else 1  # k, v: a tuple of [B, ...] or [L, B, ...]
+    cache = KVCache(
+        k=jax.tree.map(lambda x: pick(x, batch_axis), cache.k),
+        v=jax.tree.map(lambda x: pick(x, batch_axis), cache.v),
+        lengths=pick(cache.lengths),
+    )
+    cache = constrain_cache(cache, pc.kv_sharding)
+    if hiddens is not None:  # last [B, P, D], layers [n, B, P, D]
+        layers = None if hiddens.layers is None else pick(hiddens.layers, 1)
+        hiddens = Hiddens(last=pick(hiddens.last), layers=layers)
+    return pick(logits), cache, hiddens
+
+
 @xla.jit(static_argnames=("pc", "width"))
 def target_prefill_after(
     params: dict,
