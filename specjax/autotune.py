@@ -375,6 +375,21 @@ def auto_candidates(model: Model) -> list[str]:
     return names
 
 
+def candidates_fingerprint(model: Model) -> str:
+    """A hash of the weights of the bundled drafters `auto` measures for `model`: a new
+    release that retrains them makes a cached choice stale (it was measured on the old ones)."""
+    import hashlib
+
+    from specjax.drafters.bundled import BUNDLED_DRAFTERS, bundled_path
+
+    h = hashlib.sha256()
+    name = f"{model.name}-eagle3"
+    if name in BUNDLED_DRAFTERS:
+        for f in sorted(bundled_path(name).glob("*.safetensors")):
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def cached_sizing(
     model: Model,
     name: str,
@@ -449,6 +464,7 @@ def choose_drafter(
             with open(path) as f:
                 rec = json.load(f)
             fresh = rec["key"] == auto_key(model) and rec.get("version") == AUTO_VERSION
+            fresh = fresh and rec.get("drafters") == candidates_fingerprint(model)
             if fresh and rec["choice"] in auto_candidates(model):
                 return rec["choice"], rec["table"]
         except (OSError, ValueError, KeyError, TypeError):
@@ -468,7 +484,13 @@ def choose_drafter(
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        rec = {"key": auto_key(model), "version": AUTO_VERSION, "choice": choice, "table": table}
+        rec = {
+            "key": auto_key(model),
+            "version": AUTO_VERSION,
+            "drafters": candidates_fingerprint(model),  # the bundled drafters measured
+            "choice": choice,
+            "table": table,
+        }
         json.dump(rec, f, indent=1)
     os.replace(tmp, path)  # atomic: a crash leaves the old file or none
     return choice, table

@@ -236,6 +236,12 @@ def test_auto_measures_again_after_a_damaged_cache_file(model, tmp_path, monkeyp
     assert len(calls) == 4
     assert autotune.choose_drafter(model, progress=False, refresh=True)[0] == "ngram"
     assert len(calls) == 5
+    # A release with retrained bundled drafters: the choice measured on the old ones is stale.
+    assert autotune.choose_drafter(model, progress=False)[0] == "ngram"
+    assert len(calls) == 5
+    monkeypatch.setattr(autotune, "candidates_fingerprint", lambda m: "retrained")
+    assert autotune.choose_drafter(model, progress=False)[0] == "ngram"
+    assert len(calls) == 6
 
 
 def test_verify_sizing_is_measured_once_per_device(model, tmp_path, monkeypatch):
