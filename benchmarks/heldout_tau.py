@@ -7,12 +7,16 @@ the bundled drafter on the same prompts:
 
     python benchmarks/heldout_tau.py --config eagle3_smollm2_general \
         smollm2-135m-eagle3 runs/eagle3_general/drafter
+
+`--run DIR` prints a run's held-out tau against the tokens it had trained on (history.jsonl;
+the trained tokens are summed over the exact batches of each step, as the trainer draws them).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import specjax
 from specjax import drafters
@@ -28,13 +32,44 @@ def heldout_prompts(config: str) -> list[str]:
     return [p["prompt"] for p in rest[: dc.heldout]][: tc.eval_prompts]
 
 
+def tau_table(run: str) -> str:
+    """A run's held-out tau against trained tokens (loss-masked positions seen), markdown."""
+    cfg = json.loads((Path(run) / "run.json").read_text())
+    tc = cfg["train"]
+    _, mask = data.read_dataset(cfg["dataset"])
+    per_row = mask.sum(axis=1)
+    hist = [json.loads(x) for x in (Path(run) / "history.jsonl").read_text().splitlines() if x]
+    losses = {r["step"]: r for r in hist if "loss" in r}
+    rows = ["| step | rows seen | trained tokens | held-out tau | loss | top-1 acc (TTT 0/1/2) |"]
+    rows.append("|---|---|---|---|---|---|")
+    batches = data.iterate_batches(len(per_row), tc["batch"], tc["seed"])
+    seen, step = 0, 0
+    for r in (r for r in hist if "tau" in r):
+        while step < r["step"]:
+            seen += int(per_row[next(batches)[1]].sum())
+            step += 1
+        lo = losses.get(r["step"], {})
+        acc = "/".join(f"{a:.2f}" for a in lo.get("acc", []))
+        loss = f"{lo['loss']:.3f}" if lo else ""
+        rows.append(
+            f"| {r['step']} | {r['step'] * tc['batch']:,} | {seen:,} | {r['tau']:.2f} | "
+            f"{loss} | {acc} |"
+        )
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="eagle3_smollm2_general", help="training recipe")
     ap.add_argument("--target", default="smollm2-135m")
     ap.add_argument("--nodes", type=int, default=8, help="dynamic tree nodes (trainer: 8)")
-    ap.add_argument("drafters", nargs="+", help="bundled drafter names or exported directories")
+    ap.add_argument("--run", help="a training run directory: print its tau table")
+    ap.add_argument("drafters", nargs="*", help="bundled drafter names or exported directories")
     a = ap.parse_args()
+    if a.run:
+        print(tau_table(a.run))
+    if not a.drafters:
+        return
     tc, _ = load_configs(a.config)
     target = specjax.load_model(a.target)
     prompts = heldout_prompts(a.config)
