@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the 8B model + caches fit; leave room for Triton
-timeout --signal=INT 470 python -u benchmarks/device_check.py "$@"
+# python3 first: on the GPU image a plain `python` may be missing or another interpreter.
+PY=$(command -v python3 || command -v python)
+timeout --signal=INT 470 "$PY" -u benchmarks/device_check.py "$@"
 rc=$?
 [ "$rc" = 124 ] && echo "device_check: stopped at the 470 s limit (sections above are complete)"
 exit "$rc"
