@@ -384,6 +384,34 @@ def check_greedy_identity(model: Model, plan: Plan) -> None:
         )
 
 
+# ----------------------------------------------------------------------------- 5. layouts
+
+
+def check_layouts(model: Model, plan: Plan) -> None:
+    """The plain decode step in both layouts (stacked layers under lax.scan vs unrolled), timed
+    inside `generate`'s while_loop: the weights and cache bytes one step must read over the
+    measured ms. Shows whether slicing stacked weights per layer costs extra reads."""
+    from specjax.api import generate
+
+    prompt = np.random.default_rng(4).integers(0, plan.cfg.vocab_size, plan.prompt_len).tolist()
+    weights = nbytes(model.params)
+    print("| layout | ms per step | GB/s (weights / step) | tokens/s |")
+    print("|---|---|---|---|")
+    for layout in ("scan", "unrolled"):
+        m = model if model.layout == layout else model.with_layout(layout)
+        generate(m, [prompt], max_new_tokens=plan.max_new, chat=False)  # compile
+        best = None
+        for _ in range(3):
+            st = generate(m, [prompt], max_new_tokens=plan.max_new, chat=False).stats
+            ms = st["decode_s"] / max(st["steps"], 1) * 1e3
+            best = ms if best is None else min(best, ms)
+        print(
+            f"| {layout} | {best:.2f} | {weights / best / 1e6:.0f} | {1e3 / best:.1f} |",
+            flush=True,
+        )
+        del m
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -407,7 +435,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="tiny shapes, float32, Pallas interpreted: runs anywhere (CPU smoke)",
     )
+    ap.add_argument(
+        "--only",
+        default="1,2,3,4",
+        help="sections to run, comma-separated (5: plain step by layout, not in the default run)",
+    )
     args = ap.parse_args(argv)
+    only = set(args.only.split(","))
     backend = jax.default_backend()
     if backend != "gpu" and not args.tiny:
         print(
@@ -421,16 +455,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# specjax device check ({'tiny' if args.tiny else 'full'})\n\njax {jax.__version__}, "
         f"backend {backend}, device {jax.devices()[0].device_kind}, dtype {plan.dtype}"
     )
-    ok = run_section("1. tree attention: Pallas vs XLA", check_tree_attention, plan)
+    ok = True
+    if "1" in only:
+        ok &= run_section("1. tree attention: Pallas vs XLA", check_tree_attention, plan)
     section("model")
     model = random_model(plan)
     print(
         f"random-weight model: {plan.cfg.num_layers} layers, hidden {plan.cfg.hidden_size}, "
         f"{nbytes(model.params) / 1e9:.2f} GB of {plan.dtype} weights, layout {model.layout}"
     )
-    ok &= run_section("2. verify forward: causal vs tree mask", check_verify, model, plan)
-    ok &= run_section("3. plain step, step anatomy, copies in the loop", check_anatomy, model, plan)
-    ok &= run_section("4. greedy identity in " + plan.dtype, check_greedy_identity, model, plan)
+    for key, title, fn in (
+        ("2", "2. verify forward: causal vs tree mask", check_verify),
+        ("3", "3. plain step, step anatomy, copies in the loop", check_anatomy),
+        ("4", "4. greedy identity in " + plan.dtype, check_greedy_identity),
+        ("5", "5. plain step by layout", check_layouts),
+    ):
+        if key in only:
+            ok &= run_section(title, fn, model, plan)
     print(
         f"\n# done in {time.perf_counter() - t0:.0f} s" + ("" if ok else "; some sections FAILED")
     )
