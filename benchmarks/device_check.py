@@ -440,6 +440,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="1,2,3,4",
         help="sections to run, comma-separated (5: plain step by layout, not in the default run)",
     )
+    ap.add_argument(
+        "--layout",
+        default="scan",
+        choices=("scan", "unrolled"),
+        help="the model's layer layout for sections 2-4 (scan compiles fastest)",
+    )
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
     backend = jax.default_backend()
@@ -460,6 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ok &= run_section("1. tree attention: Pallas vs XLA", check_tree_attention, plan)
     section("model")
     model = random_model(plan)
+    if args.layout != model.layout:
+        model = model.with_layout(args.layout)
     print(
         f"random-weight model: {plan.cfg.num_layers} layers, hidden {plan.cfg.hidden_size}, "
         f"{nbytes(model.params) / 1e9:.2f} GB of {plan.dtype} weights, layout {model.layout}"
