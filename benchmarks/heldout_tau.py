@@ -10,6 +10,12 @@ the bundled drafter on the same prompts:
 
 `--run DIR` prints a run's held-out tau against the tokens it had trained on (history.jsonl;
 the trained tokens are summed over the exact batches of each step, as the trainer draws them).
+
+`--questions FILE --limit N` measures on a benchmark's first turns instead (per category; tau
+is a count, so it is the same on a busy machine, unlike tokens/s):
+
+    python benchmarks/heldout_tau.py --questions ../shared/data/eval/eagle_mt_bench.jsonl \
+        --limit 2 --new-tokens 128 smollm2-135m-eagle3 runs/eagle3_general/drafter
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 
 import specjax
 from specjax import drafters
+from specjax.bench import load_questions
 from specjax.train import data, load_configs
 from specjax.train.trainer import evaluate_tau
 
@@ -58,12 +65,36 @@ def tau_table(run: str) -> str:
     return "\n".join(rows)
 
 
+def category_tau(
+    target: specjax.Model, drafter: drafters.Drafter, questions: list[dict], new_tokens: int
+) -> dict[str, float]:
+    """Greedy tau per category (and "overall") over benchmark questions, batch 1 each."""
+    by_cat: dict[str, list[str]] = {}
+    for q in questions:
+        by_cat.setdefault(q["category"], []).append(q["prompt"])
+    out = {}
+    fwd = emitted = 0
+    for cat, prompts in by_cat.items():
+        f = e = 0
+        for p in prompts:
+            o = specjax.generate(target, [p], max_new_tokens=new_tokens, drafter=drafter)
+            f += sum(o.stats["target_forwards"]) - 1
+            e += o.lengths[0] - 1
+        out[cat] = e / max(f, 1)
+        fwd, emitted = fwd + f, emitted + e
+    out["overall"] = emitted / max(fwd, 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="eagle3_smollm2_general", help="training recipe")
     ap.add_argument("--target", default="smollm2-135m")
     ap.add_argument("--nodes", type=int, default=8, help="dynamic tree nodes (trainer: 8)")
     ap.add_argument("--run", help="a training run directory: print its tau table")
+    ap.add_argument("--questions", help="benchmark .jsonl: tau per category on its first turns")
+    ap.add_argument("--limit", type=int, default=1, help="questions per category")
+    ap.add_argument("--new-tokens", type=int, default=None, help="default: the recipe's")
     ap.add_argument("drafters", nargs="*", help="bundled drafter names or exported directories")
     a = ap.parse_args()
     if a.run:
@@ -71,14 +102,19 @@ def main() -> None:
     if not a.drafters:
         return
     tc, _ = load_configs(a.config)
+    new = a.new_tokens or tc.eval_new_tokens
     target = specjax.load_model(a.target)
+    questions = load_questions(a.questions, a.limit) if a.questions else None
     prompts = heldout_prompts(a.config)
     for src in a.drafters:
-        tree = drafters.DynamicTree(nodes=a.nodes, depth=4, top_k=3)
-        tau = evaluate_tau(
-            target, drafters.eagle(src, tree=tree), prompts, new_tokens=tc.eval_new_tokens
-        )
-        print(json.dumps({"drafter": src, "prompts": len(prompts), "tau": round(tau, 3)}))
+        d = drafters.eagle(src, tree=drafters.DynamicTree(nodes=a.nodes, depth=4, top_k=3))
+        if questions:
+            taus = category_tau(target, d, questions, new)
+            rec = {"drafter": src, "questions": len(questions), "new_tokens": new}
+            print(json.dumps(rec | {k: round(v, 3) for k, v in taus.items()}), flush=True)
+        else:
+            tau = evaluate_tau(target, d, prompts, new_tokens=new)
+            print(json.dumps({"drafter": src, "prompts": len(prompts), "tau": round(tau, 3)}))
 
 
 if __name__ == "__main__":
