@@ -48,6 +48,7 @@ def tau_table(run: str) -> str:
     hist = [json.loads(x) for x in (Path(run) / "history.jsonl").read_text().splitlines() if x]
     losses = {r["step"]: r for r in hist if "loss" in r}
     rows = ["| step | rows seen | trained tokens | held-out tau | loss | top-1 acc (TTT 0/1/2) |"]
+    # loss and accuracy: of the last logged training batch (a noisy single-batch reading)
     rows.append("|---|---|---|---|---|---|")
     batches = data.iterate_batches(len(per_row), tc["batch"], tc["seed"])
     seen, step = 0, 0
@@ -55,7 +56,9 @@ def tau_table(run: str) -> str:
         while step < r["step"]:
             seen += int(per_row[next(batches)[1]].sum())
             step += 1
-        lo = losses.get(r["step"], {})
+        # the last logged training batch at or before this step (log_every may not divide it)
+        logged = [k for k in losses if k <= r["step"]]
+        lo = losses[max(logged)] if logged else {}
         acc = "/".join(f"{a:.2f}" for a in lo.get("acc", []))
         loss = f"{lo['loss']:.3f}" if lo else ""
         rows.append(
