@@ -386,8 +386,21 @@ def candidates_fingerprint(model: Model) -> str:
     name = f"{model.name}-eagle3"
     if name in BUNDLED_DRAFTERS:
         for f in sorted(bundled_path(name).glob("*.safetensors")):
-            h.update(f.name.encode() + f.read_bytes())
+            st = f.stat()
+            h.update(f.name.encode() + _file_digest(str(f), st.st_size, st.st_mtime_ns))
     return h.hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
+    """sha256 of a file, read once per (path, size, mtime): `auto` asks on every call."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):  # 3.10 has no hashlib.file_digest
+            h.update(chunk)
+    return h.digest()
 
 
 def cached_sizing(
