@@ -27,16 +27,14 @@ from pathlib import Path
 import specjax
 from specjax import drafters
 from specjax.bench import load_questions
-from specjax.train import data, load_configs
+from specjax.train import data, load_configs, select_prompts
 from specjax.train.trainer import evaluate_tau
 
 
 def heldout_prompts(config: str) -> list[str]:
     """The recipe's held-out prompts, in the order the trainer evaluates them."""
     tc, dc = load_configs(config)
-    prompts = data.mix_prompts(dc.mix, dc.seed) if dc.mix else data.load_prompts(dc.sources)
-    _, rest = data.split_prompts(prompts, dc.prompts, dc.heldout + dc.given_prompts, dc.seed)
-    return [p["prompt"] for p in rest[: dc.heldout]][: tc.eval_prompts]
+    return [p["prompt"] for p in select_prompts(dc)[1]][: tc.eval_prompts]
 
 
 def tau_table(run: str) -> str:

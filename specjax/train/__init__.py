@@ -73,6 +73,20 @@ def load_configs(
     return TrainConfig.from_yaml(path, **(train_overrides or {})), DataConfig(**d)
 
 
+def select_prompts(dc: DataConfig) -> tuple[list[dict], list[dict], list[dict]]:
+    """A recipe's prompts -> (self-distilled training prompts, held-out prompts, prompts
+    trained on with their given answers), by the recipe's fixed shuffle."""
+    if dc.image_prompts:
+        prompts = data.load_image_prompts(dc.image_prompts)
+    elif dc.mix:
+        prompts = data.mix_prompts(dc.mix, dc.seed)
+    else:
+        prompts = data.load_prompts(dc.sources)
+    train_p, rest = data.split_prompts(prompts, dc.prompts, dc.heldout + dc.given_prompts, dc.seed)
+    held, extra = rest[: dc.heldout], rest[dc.heldout :]
+    return train_p, held, [p for p in extra if p["answer"]]  # Magpie prompts have no answer
+
+
 def run_training(
     target: Model,
     config: str,
@@ -89,15 +103,7 @@ def run_training(
     -> `train`'s (drafter config, params, history)."""
     tc, dc = load_configs(config, train_overrides, data_overrides)
     out = Path(out_dir)
-    if dc.image_prompts:
-        prompts = data.load_image_prompts(dc.image_prompts)
-    elif dc.mix:
-        prompts = data.mix_prompts(dc.mix, dc.seed)
-    else:
-        prompts = data.load_prompts(dc.sources)
-    train_p, rest = data.split_prompts(prompts, dc.prompts, dc.heldout + dc.given_prompts, dc.seed)
-    held, extra = rest[: dc.heldout], rest[dc.heldout :]
-    extra = [p for p in extra if p["answer"]]  # Magpie prompts have no given answer
+    train_p, held, extra = select_prompts(dc)
     ds = Path(dataset) if dataset else out / "data"
     if dataset is None:  # build_dataset resumes after the shards that already exist
         data.build_dataset(
