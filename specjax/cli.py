@@ -681,6 +681,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch", type=positive_int, default=None)
     tr.add_argument("--lr", type=float, default=None)
     tr.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN_DIR",
+        help="start from the params of another run's latest checkpoint (same kind and data)",
+    )
+    tr.add_argument(
         "--prompts", type=positive_int, default=None, help="training prompts (self-distilled)"
     )
     tr.add_argument("--heldout", type=int, default=None, help="held-out prompts for tau")
@@ -738,7 +744,7 @@ def cmd_train_drafter(a: argparse.Namespace) -> None:
     from specjax.train import run_training
 
     target = load_model(a.target)
-    overrides = dict(kind=a.kind, steps=a.steps, batch=a.batch, lr=a.lr)
+    overrides = dict(kind=a.kind, steps=a.steps, batch=a.batch, lr=a.lr, init_from=a.init_from)
     data_over = dict(
         prompts=a.prompts, heldout=a.heldout, responses=a.responses, image_prompts=a.image_prompts
     )

@@ -113,6 +113,25 @@ def test_resume_gives_the_same_loss_curve(target, dataset, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     # The exported drafter loads by path and drafts exactly.
     assert (tmp_path / "b/drafter/config.json").exists()
+    # A warm start (init_from) begins from the params run "a" ended with, under its own schedule.
+    warm = small(init_from=str(tmp_path / "a"))
+    _, p_warm, _ = trainer.train(target, warm, ds, tmp_path / "w", progress=False, stop_after=0)
+    for a, b in zip(jax.tree.leaves(p_full), jax.tree.leaves(p_warm)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(trainer.CheckpointError, match="no checkpoint"):
+        trainer.train(
+            target, small(init_from=str(tmp_path / "none")), ds, tmp_path / "x", progress=False
+        )
+    with pytest.raises(
+        trainer.CheckpointError, match="cannot restore the checkpoint"
+    ):  # other shapes
+        trainer.train(
+            target,
+            small(init_from=str(tmp_path / "a"), draft_vocab=32),
+            ds,
+            tmp_path / "y",
+            progress=False,
+        )
 
 
 def test_mismatched_and_corrupted_checkpoints(target, dataset, tmp_path):

@@ -76,6 +76,10 @@ class TrainConfig:
     eval_every: int = 0  # tau on held-out prompts every N steps (0: at the end only)
     eval_prompts: int = 16
     eval_new_tokens: int = 64
+    # Warm start: another run directory of the same kind, drafter shape and dataset; this run
+    # starts from the params of its latest checkpoint (fresh optimizer state and schedule), so a
+    # finished run can train on with a new schedule (more epochs, another learning rate).
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         recipes.get(self.kind)  # an unknown kind raises, naming the valid ones
@@ -185,6 +189,26 @@ def _restore(
     return got["params"], got["opt_state"]
 
 
+def _warm_start(
+    src: Path, params: dict, opt_state: optax.OptState, frozen: tuple[str, ...]
+) -> dict:
+    """The params of run `src`'s latest checkpoint, checked against this run's shapes and its
+    untrained leaves (EAGLE-3's d2t: the same draft vocabulary, or the head would mean other
+    tokens)."""
+    ckpt = src / "checkpoints"
+    mgr = _manager(ckpt) if ckpt.is_dir() else None
+    if mgr is None or mgr.latest_step() is None:
+        raise CheckpointError(f"init_from: no checkpoint in {ckpt} to start from")
+    got, _ = _restore(mgr, int(mgr.latest_step()), params, opt_state, ckpt)
+    for k in frozen:
+        if not np.array_equal(np.asarray(got[k]), np.asarray(params[k])):
+            raise CheckpointError(
+                f"init_from {src}: its {k!r} differs from this run's (another dataset or draft "
+                f"vocabulary); start from a run over the same data"
+            )
+    return got
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     """{"train": {"lr": 1}} -> {"train.lr": 1}: a mismatch then names the one field that differs."""
     out = {}
@@ -272,6 +296,9 @@ def train(
     opt_state = optimizer.init({k: v for k, v in params.items() if k not in recipe.frozen})
     mgr = _manager(out / "checkpoints")
     start = 0
+    if tc.init_from and mgr.latest_step() is None:
+        params = _warm_start(Path(tc.init_from), params, opt_state, recipe.frozen)
+        log(f"started from the params of {tc.init_from}")
     if mgr.latest_step() is not None:
         start = int(mgr.latest_step())
         params, opt_state = _restore(mgr, start, params, opt_state, out / "checkpoints")
