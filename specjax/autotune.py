@@ -359,19 +359,21 @@ AUTO_PROMPTS = (
 # noise of a calibration on the 2-core VM is ~2-4%).
 AUTO_MARGIN = 0.05
 # Bumped when what a candidate means changes, so that an older cached choice is measured again
-# (2: the EAGLE-3 candidate is eagle3_tree_sized, which sizes its verify per step).
-AUTO_VERSION = 2
+# (2: the EAGLE-3 candidate is eagle3_tree_sized, which sizes its verify per step; 3: the hybrid
+# of prompt lookup and that tree joined the candidates).
+AUTO_VERSION = 3
 
 
 def auto_candidates(model: Model) -> list[str]:
-    """Drafter names `auto` measures for `model`: plain decoding, prompt lookup, and the
-    model's bundled trained EAGLE-3 drafter (its tuned tree, verified per step only as far as
-    it is worth it at this device's costs) when there is one."""
+    """Drafter names `auto` measures for `model`: plain decoding, prompt lookup, and, when the
+    model has a bundled trained EAGLE-3 drafter, its tuned tree verified per step only as far as
+    it is worth it at this device's costs, alone and as the model half of a hybrid with prompt
+    lookup (the lookup's chain where the text repeats, else that sized tree)."""
     from specjax.drafters.bundled import BUNDLED_DRAFTERS
 
     names = ["none", "ngram"]
     if f"{model.name}-eagle3" in BUNDLED_DRAFTERS:
-        names.append("eagle3_tree_sized")
+        names += ["eagle3_tree_sized", "hybrid:ngram+eagle3_tree_sized"]
     return names
 
 

@@ -40,8 +40,8 @@ NEW = 20
 TREE = drafters.DynamicTree(nodes=6, depth=3, top_k=2)
 
 
-def make_hybrid(target, min_match=2, seed=1, k=3, mode="switch"):
-    model = drafters.eagle(random_eagle(target, 3, seed=seed, draft_vocab=12), tree=TREE)
+def make_hybrid(target, min_match=2, seed=1, k=3, mode="switch", tree=TREE):
+    model = drafters.eagle(random_eagle(target, 3, seed=seed, draft_vocab=12), tree=tree)
     return drafters.hybrid(drafters.ngram(max_ngram=3, k=k), model, mode=mode, min_match=min_match)
 
 
@@ -70,6 +70,34 @@ def test_hybrid_greedy_equals_ar(target, min_match):
     sizes = single.stats["verify_size_histogram"]
     h = single.stats["hybrid"]
     assert sizes == [0, h["retrieval_steps"], h["model_steps"]], (sizes, h)
+
+
+# The model's tree verified only as far as its own sizing says (`DynamicTree(sizing=...)`): costs
+# chosen so that on the tiny random model, rows drafting the tree take plain steps and its best 2
+# nodes (asserted) besides the whole tree, next to the chain's 5.
+SIZED_TREE = drafters.DynamicTree(
+    nodes=6, depth=3, top_k=2, sizing=drafters.VerifySizing((2, 6), (1.0, 1.1, 1.12))
+)
+
+
+@pytest.mark.parametrize("mode", ["switch", "merge"])
+def test_hybrid_with_a_sized_model_tree_greedy_equals_ar(target, mode):
+    from conftest import RAGGED_PROMPTS
+
+    ar = specjax.generate(target, RAGGED_PROMPTS[1:2], max_new_tokens=NEW)
+    model = drafters.eagle(random_eagle(target, 3, seed=2), tree=SIZED_TREE)
+    d = drafters.hybrid(drafters.ngram(max_ngram=3, k=5), model, mode=mode, min_match=2)
+    out = specjax.generate(target, RAGGED_PROMPTS[1:2], max_new_tokens=NEW, drafter=d)
+    assert out.tokens == ar.tokens
+    sizes, h = out.stats["verify_size_histogram"], out.stats["hybrid"]
+    print(mode, sizes, h, out.stats["tau"])
+    if mode == "switch":  # sizes: plain, the tree's best 2, the chain's 5, the whole tree (6)
+        assert sizes[2] == h["retrieval_steps"] > 0, (sizes, h)
+        assert sizes[0] + sizes[1] + sizes[3] == h["model_steps"], (sizes, h)
+    else:  # plain, 2, 6 (no chain nodes kept), 11 (chain nodes: the merged tree)
+        assert sizes[3] == h["retrieval_steps"] > 0, (sizes, h)
+        assert sizes[0] + sizes[1] + sizes[2] == h["model_steps"], (sizes, h)
+    assert sizes[0] > 0 and sizes[1] > 0, sizes  # plain steps and truncated trees were taken
 
 
 def test_hybrid_merge_greedy_equals_ar(target):
@@ -122,11 +150,26 @@ def test_graft_shares_the_common_prefix():
     assert t.depth[:, 4:].tolist() == [[1, 2, 3]] * 4
 
 
-@pytest.mark.parametrize("mode", ["switch", "merge"])
+# Under sampling the 8192 rows verify together, at the smallest size covering every row's
+# request: a whole tree that costs 100 is never asked for, so each step verifies the model's
+# trees truncated to 2 nodes, or to 3 beside the rows' 3-token chains (asserted).
+TRUNCATED_TREE = drafters.DynamicTree(
+    nodes=6, depth=3, top_k=2, sizing=drafters.VerifySizing((2, 6), (1.0, 1.05, 100.0))
+)
+
+
+@pytest.mark.parametrize("mode", ["switch", "merge", "switch_sized"])
 def test_hybrid_sampling_matches_target(models, exact, mode):
     target, _ = models
-    seed = 5151 if mode == "switch" else 5153
-    toks, st = sample_tokens(target, make_hybrid(target, mode=mode), MODES["plain"], seed=seed)
+    seed = {"switch": 5151, "merge": 5153, "switch_sized": 5155}[mode]
+    if mode == "switch_sized":
+        d = make_hybrid(target, mode="switch", tree=TRUNCATED_TREE)
+    else:
+        d = make_hybrid(target, mode=mode)
+    toks, st = sample_tokens(target, d, MODES["plain"], seed=seed)
+    if mode == "switch_sized":  # sizes: plain, 2, 3 (the chain's), 6
+        sizes = st["verify_size_histogram"]
+        assert sizes[0] == sizes[3] == 0 and sizes[1] + sizes[2] == st["steps"], sizes
     h = st["hybrid"]
     steps = h["retrieval_steps"] + h["model_steps"]
     print(f"hybrid {mode} branches {h}, histogram {st['acceptance_histogram']}")

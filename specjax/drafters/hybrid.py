@@ -14,7 +14,11 @@ Both drafters propose every step (their states follow the same sequence). In `sw
 row's draft is one of the two, laid out as one static tree of N = max(retrieval k, model nodes)
 nodes: the chain is the tree whose node i continues node i - 1, padded with invalid nodes; in
 `merge` the tree has N = retrieval k + model nodes. The engine
-verifies that tree as any other and both drafters commit what was accepted. Neither reads its
+verifies that tree as any other and both drafters commit what was accepted. A model tree with
+its own verify sizing (`DynamicTree(sizing=...)`, e.g. `eagle3_tree_sized`) keeps it: a row
+drafting the model's tree asks for the prefix its sizing finds worth verifying, or a plain step
+(a batch verifies the smallest size covering every row's request), so a step where retrieval
+has no long match and the model is unsure costs what plain decoding does. Neither reads its
 own draft at commit: the n-gram appends the emitted tokens, and an EAGLE tree feeds the
 accepted path with the target's features at it, whichever draft it came from. (An LM tree's
 commit reuses the K/V its own nodes left in its cache, so it cannot follow a path drafted by
@@ -110,10 +114,13 @@ class HybridSpec(DrafterSpec):
 
     @property
     def verify_sizes(self) -> tuple:
+        # A model tree with its own sizing (`DynamicTree(sizing=...)`) keeps its sizes: a row
+        # that drafts the model's tree asks for the prefix worth verifying (or a plain step).
+        sized = set(self.model.verify_sizes) if self.model.sizing is not None else set()
         if self.mode == "merge":  # the model's tree alone (no row kept chain nodes), or all
-            return (self.model.nodes, self.k)
+            return tuple(sorted(sized | {self.model.nodes, self.k}))
         # A step where every row takes the chain verifies its k nodes, not the whole tree.
-        return tuple(sorted({self.retrieval.k, self.k}))
+        return tuple(sorted(sized | {self.retrieval.k, self.k}))
 
     def check_compatible(self, target_cfg: ModelConfig, target_dtype: np.dtype) -> None:
         self.model.check_compatible(target_cfg, target_dtype)
@@ -160,15 +167,23 @@ class HybridSpec(DrafterSpec):
             mdraft, mstate = model_propose(None)
             tree = _graft(mdraft.tree, chain, use, self.k)
             drafted = jnp.any(tree.valid[:, self.model.nodes :], axis=1)  # [B] chain nodes kept
-            # Chain nodes come last: a step where no row kept any verifies the model's tree.
-            size = jnp.where(drafted, self.k, self.model.nodes).astype(jnp.int32)
+            # Chain nodes come last: a step where no row kept any verifies the model's tree
+            # (or the prefix of it its sizing chose).
+            size = jnp.where(drafted, self.k, self._model_size(mdraft)).astype(jnp.int32)
             draft = TreeDraft(tree=tree, size=size)
             return draft, state.replace(model=mstate, chose=drafted)
         mdraft, mstate = jax.lax.cond(jnp.all(use), skip, model_propose, None)
         tree = _select(use, _chain_tree(chain, self.k), _pad(mdraft.tree, self.k))
-        size = jnp.where(use, ret.k, self.k).astype(jnp.int32)
+        size = jnp.where(use, ret.k, self._model_size(mdraft, self.k)).astype(jnp.int32)
         draft = TreeDraft(tree=tree, size=size)
         return draft, state.replace(model=mstate, chose=use)
+
+    def _model_size(self, mdraft: TreeDraft, whole: int | None = None) -> jax.Array | int:
+        """Nodes a row drafting the model's tree asks to verify: its sizing's choice ([B], 0 =
+        a plain step), or the whole tree (`whole`, default the model's nodes)."""
+        if self.model.sizing is None:
+            return self.model.nodes if whole is None else whole
+        return mdraft.size
 
     def commit(
         self,
