@@ -28,7 +28,7 @@ import specjax
 from specjax import drafters
 from specjax.bench import load_questions
 from specjax.train import data, load_configs, select_prompts
-from specjax.train.trainer import evaluate_tau
+from specjax.train.trainer import evaluate_tau, tau_counts
 
 
 def heldout_prompts(config: str) -> list[str]:
@@ -76,11 +76,7 @@ def category_tau(
     out = {}
     fwd = emitted = 0
     for cat, prompts in by_cat.items():
-        f = e = 0
-        for p in prompts:
-            o = specjax.generate(target, [p], max_new_tokens=new_tokens, drafter=drafter)
-            f += sum(o.stats["target_forwards"]) - 1
-            e += o.lengths[0] - 1
+        e, f = tau_counts(target, drafter, prompts, new_tokens=new_tokens)
         out[cat] = e / max(f, 1)
         fwd, emitted = fwd + f, emitted + e
     out["overall"] = emitted / max(fwd, 1)

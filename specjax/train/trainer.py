@@ -372,6 +372,19 @@ def evaluate_tau(
     Spec-Bench; a prompt may be a {"prompt", "images"} record for a vision-language target):
     tokens emitted after the first per target verify forward. A trained drafter:
     `recipes.get(kind).eval_drafter(cfg, params)`."""
+    emitted, forwards = tau_counts(target, drafter, prompts, new_tokens=new_tokens)
+    return emitted / max(forwards, 1)
+
+
+def tau_counts(
+    target: Model,
+    drafter: Drafter,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    new_tokens: int = 64,
+) -> tuple[int, int]:
+    """`evaluate_tau`'s counts -> (tokens emitted after the first, target verify forwards), so
+    that several prompt sets (categories) pool into one tau."""
     from specjax.api import generate
 
     fwd = emitted = 0
@@ -388,7 +401,7 @@ def evaluate_tau(
             o = generate(target, [p], max_new_tokens=new_tokens, drafter=drafter)
         fwd += sum(o.stats["target_forwards"]) - 1
         emitted += o.lengths[0] - 1
-    return emitted / max(fwd, 1)
+    return emitted, fwd
 
 
 def _log_tau(
