@@ -143,9 +143,10 @@ def _release_compiled(maps: int) -> None:
     Each executable XLA CPU compiles keeps ~500-1,100 memory mappings of its own (measured on
     SmolLM2: one generate program per drafter, 673 -> 4,538 mappings for five; jax.clear_caches()
     gave them all back: 710). A worker that keeps every program of a long run passes Linux's
-    vm.max_map_count (65,530 by default), and the next mmap inside XLA's compiler fails: that was
-    the segfault that killed a worker late in two full runs (its sibling held 52,263 mappings).
-    So at the end of a file past a third of the limit, the caches go."""
+    vm.max_map_count (65,530 by default), and the next mmap inside XLA's compiler fails: the
+    likely cause of the segfaults that killed a worker late in two full runs (its sibling held
+    52,263 mappings then; not reproduced on purpose). So at the end of a file past a third of the
+    limit, the caches go."""
     import sys
 
     jax = sys.modules.get("jax")
