@@ -15,8 +15,8 @@ from benchmarks import device_check  # noqa: E402
 def test_device_check_tiny():
     # Its own process, as the script runs on a GPU machine: a crash inside XLA's compiler (seen
     # once, a segfault compiling this check's greedy-identity program late in a long-lived
-    # xdist worker; alone it passes) then fails this test instead of killing the worker,
-    # which leaves pytest-xdist waiting forever.
+    # xdist worker, likely past the memory-mapping limit conftest now guards; alone it passes)
+    # then fails this test instead of killing the worker and ending the run.
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "device_check.py"), "--tiny"],
         capture_output=True,
