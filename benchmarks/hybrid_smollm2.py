@@ -3,7 +3,9 @@ min_match by measurement (`--min-match 1,2,3`; default 2); with `--horizontal`, 
 cascade (EAGLE-3 chain of 2, then an n-gram continuation of 4) against EAGLE-3 chains instead.
 
 Prompts: `autotune.AUTO_PROMPTS` (six built-in prompts, not the eval files); 96 new tokens,
-greedy, batch 1; one warm-up call, then 2 repeats of every prompt, candidates interleaved;
+greedy, batch 1; every prompt once per candidate to compile its length bucket (before
+2026-12-04 only the first prompt was: later buckets compiled inside the first timed repeat),
+then 2 repeats of every prompt, candidates interleaved;
 decode tokens/s (prefill excluded) and tau. Every output is asserted equal to AR's.
 
     python benchmarks/hybrid_smollm2.py [--min-match 1,2,3] [--horizontal]
@@ -43,14 +45,16 @@ def main() -> None:
                 ngram = drafters.ngram(max_ngram=3, k=6)
                 d = drafters.hybrid(ngram, eagle, mode=mode, min_match=mm)
                 cands[f"hybrid {mode} min_match={mm}"] = d
-    for d in cands.values():  # compile every program once
-        specjax.generate(model, AUTO_PROMPTS[0], max_new_tokens=NEW, drafter=d)
+    for d in cands.values():  # compile every prompt's length bucket before timing
+        for p in AUTO_PROMPTS:
+            specjax.generate(model, p, max_new_tokens=NEW, drafter=d)
     ref: dict[int, list] = {}
     total = {k: [0.0, 0, 0.0] for k in cands}  # decode s, tokens, sum of tau
     for _ in range(REPEATS):
         for i, p in enumerate(AUTO_PROMPTS):
             for name, d in cands.items():
                 o = specjax.generate(model, p, max_new_tokens=NEW, drafter=d)
+                assert not o.stats["compiled"], f"{name} compiled while timed (prompt {i})"
                 ref.setdefault(i, o.tokens)
                 assert o.tokens == ref[i], f"{name} differs from AR on prompt {i}"
                 total[name][0] += o.stats["decode_s"]
