@@ -4,7 +4,8 @@ propose -> verify -> emit -> commit steps.
     state.py   EngineConfig (static settings of one compiled program), PrefillConfig (the part
                the target's prefill depends on), LoopState (the carry)
     loop.py    prefill (the target's, shared by every drafter, then the drafter's start), the
-               step, decode (while_loop) and decode_one (its Python-loop twin)
+               step, decode (while_loop), start_and_decode (start and loop as one program:
+               generate's) and decode_one (its Python-loop twin)
     verify.py  one verifier per draft shape (plain step, chain, tree) and the size choice
     accept.py  the acceptance rules (greedy, lossless rejection sampling), AcceptRules
     tree.py    masks, positions and paths derived from a draft tree's parents
@@ -20,6 +21,7 @@ from specjax.engine.loop import (
     decode_step,
     emit,
     prefill,
+    start_and_decode,
     start_loop,
     target_prefill,
     target_prefill_after,
@@ -43,6 +45,7 @@ __all__ = [
     "decode_step",
     "emit",
     "prefill",
+    "start_and_decode",
     "start_loop",
     "target_prefill",
     "target_prefill_after",

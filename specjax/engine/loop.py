@@ -150,8 +150,7 @@ def target_prefill_after(
     return logits[:, 0], cache, Hiddens(last=place(hiddens.last, hid.last), layers=layers)
 
 
-@xla.jit(static_argnames=("ec", "max_len"))
-def start_loop(
+def _first_state(
     dparams: Params,
     inp: PrefillInput,
     logits: jax.Array,  # [B, V] float32 target logits after the prompt
@@ -166,7 +165,6 @@ def start_loop(
 ) -> LoopState:
     """The first token, the drafter's state and the loop's first state from the target's
     prefill; the cache grows to `max_len` slots."""
-    TRACE_COUNTS["start_loop"] += 1
     B = logits.shape[0]
     cache = constrain_cache(grow_cache(cache, max_len), ec.kv_sharding)
     key, k0, _ = jax.random.split(key, 3)
@@ -194,6 +192,28 @@ def start_loop(
         row_steps=jnp.zeros((B,), jnp.int32),
         accept_hist=jnp.zeros((ec.max_accept + 1,), jnp.int32),
         size_hist=jnp.zeros((len(ec.verify_sizes) + 1,), jnp.int32),
+    )
+
+
+@xla.jit(static_argnames=("ec", "max_len"))
+def start_loop(
+    dparams: Params,
+    inp: PrefillInput,
+    logits: jax.Array,  # [B, V] float32 target logits after the prompt
+    cache: KVCache,  # the prompt's cache (width P)
+    hiddens: Hiddens | None,
+    max_new: jax.Array,  # [B] int32 per-row budget
+    key: jax.Array,
+    sp: dict,
+    *,
+    ec: EngineConfig,
+    max_len: int,
+) -> LoopState:
+    """The loop's first state (`_first_state`) as its own program: for callers that step the
+    loop themselves (`decode_one`: streaming) or run it in parts (`DecodeFn.start`)."""
+    TRACE_COUNTS["start_loop"] += 1
+    return _first_state(
+        dparams, inp, logits, cache, hiddens, max_new, key, sp, ec=ec, max_len=max_len
     )
 
 
@@ -281,18 +301,50 @@ def decode_step(
     )
 
 
-@xla.jit(static_argnames=("ec",), donate_argnums=(2,))
-def decode(
-    params: dict, dparams: Params, state: LoopState, sp: dict, *, ec: EngineConfig
+def _run_loop(
+    params: dict, dparams: Params, state: LoopState, sp: dict, ec: EngineConfig
 ) -> LoopState:
-    """The whole decode phase as one on-device `lax.while_loop`."""
-    TRACE_COUNTS["decode"] += 1
+    """The whole decode phase as one on-device `lax.while_loop` from `state`."""
 
     def cond(s: LoopState) -> jax.Array:
         # Every step emits >= 1 token for each active row, so max_new steps always suffice.
         return jnp.any(~s.done) & (s.steps < ec.max_new)
 
     return jax.lax.while_loop(cond, lambda s: decode_step(params, dparams, s, sp, ec), state)
+
+
+@xla.jit(static_argnames=("ec",), donate_argnums=(2,))
+def decode(
+    params: dict, dparams: Params, state: LoopState, sp: dict, *, ec: EngineConfig
+) -> LoopState:
+    """The whole decode phase as one on-device `lax.while_loop`."""
+    TRACE_COUNTS["decode"] += 1
+    return _run_loop(params, dparams, state, sp, ec)
+
+
+@xla.jit(static_argnames=("ec", "max_len"))
+def start_and_decode(
+    params: dict,
+    dparams: Params,
+    inp: PrefillInput,
+    logits: jax.Array,  # [B, V] float32 target logits after the prompt
+    cache: KVCache,  # the prompt's cache (width P)
+    hiddens: Hiddens | None,
+    max_new: jax.Array,  # [B] int32 per-row budget
+    key: jax.Array,
+    sp: dict,
+    *,
+    ec: EngineConfig,
+    max_len: int,
+) -> LoopState:
+    """`start_loop` then `decode` as one program, from the target's prefill to the end: what
+    `generate` runs. One compilation per drafter and shape bucket instead of two (a program's
+    fixed cost of lowering and compiling is paid once), with the same tokens."""
+    TRACE_COUNTS["decode"] += 1
+    state = _first_state(
+        dparams, inp, logits, cache, hiddens, max_new, key, sp, ec=ec, max_len=max_len
+    )
+    return _run_loop(params, dparams, state, sp, ec)
 
 
 @xla.jit(static_argnames=("ec",), donate_argnums=(2,))
