@@ -603,6 +603,11 @@ def test_xla_options_compile_a_program_of_their_own(target):
     with specjax.xla_options(xla_backend_optimization_level=1):
         optioned = generate(target, prompts, max_new_tokens=6)
     assert optioned.tokens == plain.tokens
+    # Repeated prompts: the shared prefill program calls the plain one inside its trace (a
+    # nested entry point takes the caller's options; JAX rejects options on a nested jit).
+    with specjax.xla_options(xla_backend_optimization_level=1):
+        shared = generate(target, prompts * 4, max_new_tokens=6)
+    assert shared.tokens == plain.tokens * 4
     with specjax.xla_options(xla_no_such_option=True):
         with pytest.raises(Exception, match="xla_no_such_option"):
             generate(target, prompts, max_new_tokens=6)

@@ -65,8 +65,11 @@ class _OptionedJit:
         self._jitted: dict[Options, Callable] = {}
         functools.update_wrapper(self, fn)
 
-    def _current(self) -> Any:  # a jax.jit wrapper: has .lower, .trace, ...
-        opts = _CURRENT.get()
+    def _current(self, nested: bool = False) -> Any:  # a jax.jit wrapper: .lower, .trace, ...
+        # Called while another program is traced (a jitted entry point calling another), the
+        # callee is part of the caller's program, compiled with the caller's options: JAX
+        # rejects compiler options on a nested jit.
+        opts = () if nested else _CURRENT.get()
         jitted = self._jitted.get(opts)
         if jitted is None:
             jitted = jax.jit(self._fn, compiler_options=dict(opts) or None, **self._kwargs)
@@ -74,7 +77,8 @@ class _OptionedJit:
         return jitted
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._current()(*args, **kwargs)
+        nested = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs)))
+        return self._current(nested)(*args, **kwargs)
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:
         return self._current().lower(*args, **kwargs)
