@@ -18,7 +18,11 @@ two paths tensor for tensor (tests/test_convert.py) and the real model's logits 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -62,6 +66,40 @@ LAYER_TENSORS = {
     "ffn_down": "mlp.down_proj",
 }
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+@contextlib.contextmanager
+def parsed_once() -> Iterator[None]:
+    """Inside the block each GGUF file's metadata is parsed once, however many loaders read it
+    (this module, transformers' model and tokenizer loaders), and gguf-py's tensor-name map is
+    built once per (architecture, depth).
+
+    Why: gguf-py parses every metadata field element by element (SmolLM2's 49k-entry vocabulary
+    and merges: ~3-5 s a parse on the 2-core machine), transformers parses a file twice for a
+    model (config, then tensors) and once more for its tokenizer, and rebuilds the name map for
+    every tensor (397 times for SmolLM2: ~9 s). `from_pretrained(gguf_file=...)` of SmolLM2-135M
+    took 17.5 s, 7.3 s inside this block, with the same tensors. Both are read-only: the cached
+    reader is the same memory map transformers would open again. gguf-py's module attributes
+    are swapped for the block and restored after it (transformers imports them at each call)."""
+    import gguf
+
+    readers: dict[str, Any] = {}
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def reader(path: str | os.PathLike, mode: str = "r") -> Any:
+        if mode != "r":
+            return reader_cls(path, mode)
+        key = os.path.realpath(path)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
 
 
 def hf_name(gguf_name: str) -> str | None:

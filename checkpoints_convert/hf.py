@@ -395,31 +395,40 @@ def load_gguf(
     llama.cpp's q/k row permutation the same way. Either way the state dict is in HF layout and
     goes through the same checked name map. The tokenizer always comes from transformers.
     """
+    from checkpoints_convert.gguf_file import parsed_once
+
+    with parsed_once():  # the tokenizer reuses the parse of the tensors' metadata
+        state, cfg = _gguf_state(path)
+        tok = None
+        if tokenizer:  # ~8 s to build from GGUF metadata: skipped when the caller has one
+            import transformers
+
+            folder, name = os.path.split(os.path.abspath(path))
+            tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return convert_state_dict(state, cfg, dtype), cfg, tok
+
+
+def _gguf_state(path: str) -> tuple[dict[str, np.ndarray], ModelConfig]:
+    """GGUF file -> (HF-named float32 state dict, ModelConfig): `gguf_file.read_gguf` where it
+    maps the architecture, else transformers."""
     from checkpoints_convert.gguf_file import read_gguf
 
-    folder, name = os.path.split(os.path.abspath(path))
     direct = read_gguf(path)
     if direct is not None:
         state, hf_cfg = direct
-        cfg = ModelConfig.from_hf(hf_cfg)
-    else:
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(
-                f"converting {path} (an architecture specjax reads through transformers) "
-                "needs torch: pip install 'specjax[convert]'"
-            ) from e
-        import transformers
+        return state, ModelConfig.from_hf(hf_cfg)
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"converting {path} (an architecture specjax reads through transformers) "
+            "needs torch: pip install 'specjax[convert]'"
+        ) from e
+    import transformers
 
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32
-        )
-        cfg = ModelConfig.from_hf(model.config)
-        state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    tok = None
-    if tokenizer:  # ~8 s to build from GGUF metadata: skipped when the caller has one
-        import transformers
-
-        tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return convert_state_dict(state, cfg, dtype), cfg, tok
+    folder, name = os.path.split(os.path.abspath(path))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32
+    )
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    return state, ModelConfig.from_hf(model.config)

@@ -172,11 +172,14 @@ def load_hf_twin(model: Model) -> transformers.PreTrainedModel:
         raise ValueError(
             f"--hf-baseline needs a named model ({', '.join(KNOWN_MODELS)}), got {model.name!r}"
         )
+    from checkpoints_convert.gguf_file import parsed_once
+
     path = find_gguf(model.name)
     folder, fname = os.path.split(path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=fname, dtype=torch.float32
-    ).eval()
+    with parsed_once():  # one metadata parse instead of two: 17.5 -> 7.3 s for SmolLM2
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=fname, dtype=torch.float32
+        ).eval()
     return hf
 
 

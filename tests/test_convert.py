@@ -390,6 +390,52 @@ def test_gguf_direct_reader_equals_transformers(arch, tmp_path, make_hf_model):
     assert not np.array_equal(q, hf.state_dict()["model.layers.0.self_attn.q_proj.weight"].numpy())
 
 
+def test_parsed_once_gives_transformers_the_same_model(tmp_path, make_hf_model):
+    """Inside `parsed_once` transformers' GGUF model loader reads the same tensors and config
+    as without it, the file's metadata is parsed once for all readers, and
+    gguf-py's module attributes are restored after the block (also after an error)."""
+    import gguf
+    import transformers
+
+    from checkpoints_convert.gguf_file import parsed_once, read_gguf
+
+    hf = make_hf_model("llama", hidden_size=64, intermediate_size=64, tie_word_embeddings=False)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, hf, "llama")
+
+    def load() -> tuple[dict, dict]:
+        m = transformers.AutoModelForCausalLM.from_pretrained(
+            str(tmp_path), gguf_file=path.name, dtype=torch.float32
+        )
+        return {k: v.detach().numpy() for k, v in m.state_dict().items()}, m.config.to_dict()
+
+    ref, ref_cfg = load()
+    original = gguf.GGUFReader, gguf.get_tensor_name_map
+    parses = []
+
+    class Counting(original[0]):
+        def __init__(self, *args, **kwargs):
+            parses.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    gguf.GGUFReader = Counting
+    try:
+        with parsed_once():
+            state, cfg = load()
+            read_gguf(str(path))  # this module's reader shares the parse too
+    finally:
+        restored = gguf.GGUFReader
+        gguf.GGUFReader = original[0]
+    assert restored is Counting and gguf.get_tensor_name_map is original[1]
+    assert len(parses) == 1, parses  # transformers alone parses it twice (config, tensors)
+    assert cfg == ref_cfg and set(state) == set(ref)
+    for k in ref:
+        np.testing.assert_array_equal(state[k], ref[k], err_msg=k)
+    with pytest.raises(RuntimeError), parsed_once():
+        raise RuntimeError("a loader failed")
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == original
+
+
 def test_gguf_unmapped_metadata_goes_through_transformers(tmp_path, make_hf_model):
     """A metadata key the direct reader does not map (here rope scaling) is never ignored: the
     file is left to transformers (read_gguf -> None)."""

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import specjax
+from checkpoints_convert.gguf_file import parsed_once
 from specjax import drafters
 from specjax.model import find_gguf
 
@@ -60,9 +61,10 @@ def hf_smol():
     import transformers
 
     folder, name = os.path.split(find_gguf("smollm2-135m"))
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32
-    ).eval()
+    with parsed_once():  # transformers' own loader, one metadata parse (17.5 -> 7.3 s)
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32
+        ).eval()
 
 
 @pytest.fixture(scope="module")
