@@ -36,6 +36,24 @@ if os.environ.get("SPECJAX_TEST_XLA_OPT", "fast") != "full":
         ]
     ).strip()
 
+# The 8192-row decodes of the statistical tests (`test_spec_sampling.sample_rows`, the VLM's
+# `_sample_counts`) compile with YNNPACK's elementwise kernels besides its dots (XLA's default):
+# their running time is mostly elementwise code (softmax `exp`, selects), which XLA's level-0
+# loops run slowly and YNNPACK runs vectorized. Only these programs, through `xla_options`: as
+# a process-wide flag it made the tiny-model programs compile ~7% slower and the 30-layer
+# model run ~5% slower. Measured side by side on the two cores (swapped once), same results:
+# tests/test_tree_sampling.py 104.8 / 107.8 s -> 92.6 / 90.6 s, test_hybrid.py 132.8 -> 126.1
+# s, test_spec_sampling.py 62.3 -> 60.6 s.
+MANY_ROWS_XLA = (
+    {}
+    if os.environ.get("SPECJAX_TEST_XLA_OPT", "fast") == "full"
+    else {
+        "xla_cpu_experimental_ynn_fusion_type": (
+            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_ELTWISE"
+        )
+    }
+)
+
 VOCAB = 101  # build_hf_model's default vocabulary
 _rng = np.random.default_rng(0)
 

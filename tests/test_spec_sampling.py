@@ -85,6 +85,8 @@ from specjax.engine import accept
 from specjax.engine.accept import Accepted, AcceptRules
 from specjax.sampling import make_sampling, process_logits
 
+from conftest import MANY_ROWS_XLA
+
 ALPHA = 1e-3
 MIN_EXPECTED = 5.0
 MIN_POWER = 0.999
@@ -368,15 +370,17 @@ def exact(models):
 def sample_rows(target, drafter, mode_kw, seed, prompt, new_tokens, n=N_ROWS):
     """-> (tokens [n, new_tokens] of n independent rows decoding `prompt`, generate stats).
 
-    Compiled like the rest of the suite (conftest: XLA backend optimization 0). XLA's default
+    Compiled like the rest of the suite (conftest: XLA backend optimization 0), with YNNPACK's
+    elementwise kernels (`conftest.MANY_ROWS_XLA`: 10-16% off the sampling files). XLA's default
     level runs these 8192-row programs ~3x faster but compiles them 3-5x slower: the 19 sampling
     tests of test_tree_sampling.py and test_hybrid.py took 225 s at level 2, 189 s at level 1 and
     194 s at level 0 (one core each, 2026-12-04); the VLM sampling tests 28.7 s at level 2, 25.8
     s at 0. The n copies of the prompt share one prefill (`engine.target_prefill_shared`:
     0.37 s instead of 1.6 s for 8192 rows once compiled); decoding runs every row."""
-    out = specjax.generate(
-        target, [prompt] * n, max_new_tokens=new_tokens, key=seed, drafter=drafter, **mode_kw
-    )
+    with specjax.xla_options(**MANY_ROWS_XLA):
+        out = specjax.generate(
+            target, [prompt] * n, max_new_tokens=new_tokens, key=seed, drafter=drafter, **mode_kw
+        )
     toks = np.asarray(out.tokens)
     assert toks.shape == (n, new_tokens)
     return toks, out.stats

@@ -453,17 +453,19 @@ def _exact_dists(logits_fn, ids, mode_kw):
 
 
 def _sample_counts(vm, img, drafter, mode, seed):
+    from conftest import MANY_ROWS_XLA
     from test_spec_sampling import N_ROWS
 
-    out = specjax.generate(  # compiled as test_spec_sampling's `sample_rows` says
-        vm,
-        [SPROMPT] * N_ROWS,
-        images=[[img]] * N_ROWS,
-        max_new_tokens=3,
-        key=seed,
-        drafter=drafter,
-        **mode,
-    )
+    with specjax.xla_options(**MANY_ROWS_XLA):  # compiled as `sample_rows` compiles
+        out = specjax.generate(
+            vm,
+            [SPROMPT] * N_ROWS,
+            images=[[img]] * N_ROWS,
+            max_new_tokens=3,
+            key=seed,
+            drafter=drafter,
+            **mode,
+        )
     t = np.asarray(out.tokens)
     return np.bincount((t[:, 0] * SV + t[:, 1]) * SV + t[:, 2], minlength=SV**3), out.stats
 
