@@ -25,7 +25,8 @@ from specjax.models import Hiddens, forward, is_unrolled
 from specjax.models.cache import KVCache, constrain_cache, grow_cache, init_cache
 from specjax.sampling import sample_token
 
-# Incremented each time a jitted entry point is traced (= compiled); tests read it.
+# Incremented each time a jitted entry point is traced (compiled, or traced into a caller's
+# program: `start_and_decode` traces `start_loop`); tests read it.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
@@ -150,7 +151,8 @@ def target_prefill_after(
     return logits[:, 0], cache, Hiddens(last=place(hiddens.last, hid.last), layers=layers)
 
 
-def _first_state(
+@xla.jit(static_argnames=("ec", "max_len"))
+def start_loop(
     dparams: Params,
     inp: PrefillInput,
     logits: jax.Array,  # [B, V] float32 target logits after the prompt
@@ -164,7 +166,9 @@ def _first_state(
     max_len: int,
 ) -> LoopState:
     """The first token, the drafter's state and the loop's first state from the target's
-    prefill; the cache grows to `max_len` slots."""
+    prefill; the cache grows to `max_len` slots. (Its own program for callers that step the
+    loop themselves or run it in parts; inside `start_and_decode` it is part of that one.)"""
+    TRACE_COUNTS["start_loop"] += 1
     B = logits.shape[0]
     cache = constrain_cache(grow_cache(cache, max_len), ec.kv_sharding)
     key, k0, _ = jax.random.split(key, 3)
@@ -192,28 +196,6 @@ def _first_state(
         row_steps=jnp.zeros((B,), jnp.int32),
         accept_hist=jnp.zeros((ec.max_accept + 1,), jnp.int32),
         size_hist=jnp.zeros((len(ec.verify_sizes) + 1,), jnp.int32),
-    )
-
-
-@xla.jit(static_argnames=("ec", "max_len"))
-def start_loop(
-    dparams: Params,
-    inp: PrefillInput,
-    logits: jax.Array,  # [B, V] float32 target logits after the prompt
-    cache: KVCache,  # the prompt's cache (width P)
-    hiddens: Hiddens | None,
-    max_new: jax.Array,  # [B] int32 per-row budget
-    key: jax.Array,
-    sp: dict,
-    *,
-    ec: EngineConfig,
-    max_len: int,
-) -> LoopState:
-    """The loop's first state (`_first_state`) as its own program: for callers that step the
-    loop themselves (`decode_one`: streaming) or run it in parts (`DecodeFn.start`)."""
-    TRACE_COUNTS["start_loop"] += 1
-    return _first_state(
-        dparams, inp, logits, cache, hiddens, max_new, key, sp, ec=ec, max_len=max_len
     )
 
 
@@ -341,9 +323,9 @@ def start_and_decode(
     `generate` runs. One compilation per drafter and shape bucket instead of two (a program's
     fixed cost of lowering and compiling is paid once), with the same tokens."""
     TRACE_COUNTS["decode"] += 1
-    state = _first_state(
+    state = start_loop(
         dparams, inp, logits, cache, hiddens, max_new, key, sp, ec=ec, max_len=max_len
-    )
+    )  # traced into this program
     return _run_loop(params, dparams, state, sp, ec)
 
 
