@@ -70,24 +70,65 @@ def make_sampling(
     return mode, params
 
 
+# Top-p without top-k looks for its cut among the 256 most likely tokens (XLA's TopK kernel,
+# ~0.3 ms a row at V = 49,152), then among 2048 (~1.1 ms) in a call where some row's cut lies
+# beyond them, and sorts the whole vocabulary (~11 ms a row) only where even that falls short.
+# SmolLM2-135M's own text at temperature 1.0, top_p 0.95: the cut lies within 256 tokens at
+# 77% of positions, within 2048 at 98%, within 4096 at 99.5%.
+TOP_P_HEADS = (256, 2048)
+
+
 def process_logits(logits: jax.Array, mode: SamplingMode, sp: dict) -> jax.Array:
-    """float32 logits [..., V] -> normalized log-probs [..., V] (-inf outside top-k / top-p)."""
+    """float32 logits [..., V] -> normalized log-probs [..., V] (-inf outside top-k / top-p).
+
+    No full sort of the vocabulary in the common cases: XLA CPU sorts 49,152 floats in ~12 ms
+    (a SmolLM2 step is ~25 ms), while its TopK kernel takes the 50 largest in ~0.1 ms. (XLA
+    runs `top_k` as that kernel only when the whole top-k result is read: taking just the k-th
+    value, as this function once did, compiled to a full sort.)"""
     x = logits.astype(jnp.float32) / sp["temperature"]
-    if mode.top_k is not None and mode.top_k < x.shape[-1]:
-        kth = jax.lax.top_k(x, mode.top_k)[0][..., -1:]
+    V = x.shape[-1]
+    top_idx = None  # [..., k] indices of the k largest logits, largest first (with top-k)
+    if mode.top_k is not None and mode.top_k < V:
+        top_val, top_idx = jax.lax.top_k(x, mode.top_k)
+        kth = jnp.min(top_val, axis=-1, keepdims=True)  # = top_val[..., -1:], read whole
         x = jnp.where(x < kth, NEG_INF, x)
     logp = jax.nn.log_softmax(x, axis=-1)
     if mode.use_top_p:
-        # Keep the smallest set of most likely tokens whose mass reaches top_p (HF semantics:
-        # a token is kept while the mass strictly before it is < top_p; the top token always).
         p = jnp.exp(logp)
-        sorted_p = jnp.sort(p, axis=-1)[..., ::-1]
-        before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
-        keep_sorted = before < sp["top_p"]
-        keep_sorted = keep_sorted.at[..., 0].set(True)
-        min_kept = jnp.min(jnp.where(keep_sorted, sorted_p, jnp.inf), axis=-1, keepdims=True)
+        if top_idx is not None:
+            # After top-k only the k largest (and ties with the k-th, whose probability equals
+            # the k-th's) have mass: the k largest in order are the head of the descending sort.
+            min_kept, _ = _top_p_cut(jnp.take_along_axis(p, top_idx, axis=-1), sp["top_p"])
+        else:
+            min_kept = _top_p_min_kept(p, sp["top_p"], TOP_P_HEADS)
         logp = jax.nn.log_softmax(jnp.where(p >= min_kept, logp, NEG_INF), axis=-1)
     return logp
+
+
+def _top_p_min_kept(p: jax.Array, top_p: jax.Array, heads: tuple[int, ...]) -> jax.Array:
+    """[..., V] probabilities -> [..., 1] the smallest probability top-p keeps, found in the
+    head of the descending sort of the first size in `heads` that holds every row's cut (the
+    whole sort when none does). The same cut as sorting everything: the head's order is the
+    sort's."""
+    V = p.shape[-1]
+    if not heads or heads[0] >= V:
+        return _top_p_cut(jnp.sort(p, axis=-1)[..., ::-1], top_p)[0]
+    min_kept, last_kept = _top_p_cut(jax.lax.top_k(p, heads[0])[0], top_p)
+    # The head holds the cut unless its last token is kept: then the cut may lie beyond it.
+    return jax.lax.cond(
+        jnp.any(last_kept), lambda: _top_p_min_kept(p, top_p, heads[1:]), lambda: min_kept
+    )
+
+
+def _top_p_cut(sorted_p: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[..., n] probabilities in descending order (the head of the sorted distribution) ->
+    ([..., 1] the smallest probability top-p keeps, [...] whether the head's last token is kept:
+    then the cut may lie beyond the head). HF semantics: a token is kept while the mass strictly
+    before it is < top_p; the top token always. Every token with at least the returned
+    probability is kept (ties with the last kept token too)."""
+    before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
+    keep = (before < top_p).at[..., 0].set(True)
+    return jnp.min(jnp.where(keep, sorted_p, jnp.inf), axis=-1, keepdims=True), keep[..., -1]
 
 
 def sample_token(key: jax.Array, logits: jax.Array, mode: SamplingMode, sp: dict) -> jax.Array:
