@@ -115,12 +115,16 @@ class Record:
 
 
 def _spec_runner(
-    model: Model, drafter: Drafter | None, max_new_tokens: int
+    model: Model, drafter: Drafter | None, max_new_tokens: int, sampling: dict | None = None
 ) -> Callable[[list[int]], Run]:
+    """sampling: `generate`'s temperature / top_k / top_p / key (None: greedy). Every prompt
+    and method decodes with the same key."""
     from specjax.api import generate
 
     def run(ids: list[int]) -> Run:
-        out = generate(model, [ids], max_new_tokens=max_new_tokens, drafter=drafter)
+        out = generate(
+            model, [ids], max_new_tokens=max_new_tokens, drafter=drafter, **(sampling or {})
+        )
         s = out.stats
         return Run(
             out.tokens[0],
@@ -138,18 +142,35 @@ def _hf_runner(
     hf_model: transformers.PreTrainedModel,
     max_new_tokens: int,
     eos: Sequence[int],
+    sampling: dict | None = None,
     **gen_kwargs: Any,
 ) -> Callable[[list[int]], Run]:
+    """sampling: as `_spec_runner`'s; HF samples with the same temperature / top-k / top-p (no
+    top-k or top-p unless given: HF's own default top-k of 50 is switched off) and torch
+    seeded with the key before each prompt."""
     import torch
+
+    sampling = dict(sampling or {})
+    seed = sampling.pop("key", 0)
+    if sampling.get("temperature", 0.0) > 0:
+        gen_kwargs = dict(
+            gen_kwargs,
+            do_sample=True,
+            temperature=sampling["temperature"],
+            top_k=sampling.get("top_k") or 0,
+            top_p=sampling.get("top_p") or 1.0,
+        )
+    else:
+        gen_kwargs = dict(gen_kwargs, do_sample=False)
 
     def run(ids: list[int]) -> Run:
         x = torch.tensor([ids])
+        torch.manual_seed(seed)
         t0 = time.perf_counter()
         with torch.no_grad():
             y = hf_model.generate(
                 x,
                 attention_mask=torch.ones_like(x),
-                do_sample=False,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=list(eos),
                 pad_token_id=eos[0],
@@ -461,9 +482,15 @@ def _cell(s: dict) -> str:
 
 
 def markdown(
-    summary: dict, methods: Sequence[str], baseline: str = "ar", verify_costs: dict | None = None
+    summary: dict,
+    methods: Sequence[str],
+    baseline: str = "ar",
+    verify_costs: dict | None = None,
+    sampling: dict | None = None,
 ) -> str:
-    """Table: tokens/s (total speedup, decode-only speedup, tau) per method and category."""
+    """Table: tokens/s (total speedup, decode-only speedup, tau) per method and category.
+    sampling: the run's temperature / top_k / top_p / key when it sampled (outputs are then
+    draws, not compared with the baseline's)."""
     others = [m for m in methods if m != baseline]
     lines = [
         "| category | " + " | ".join([f"{baseline} tok/s", "lookup ceiling"] + others) + " |",
@@ -484,7 +511,14 @@ def markdown(
     same = [
         f"{m} {overall[m]['same_as_ar']}/{overall[m]['prompts']}" for m in others if m in overall
     ]
-    if same:
+    if sampling and sampling.get("temperature", 0) > 0:
+        setting = ", ".join(f"{k} {v}" for k, v in sampling.items() if v is not None)
+        lines += [
+            "",
+            f"Sampled ({setting}; the same key for every prompt and method): outputs are "
+            "draws from the target's distribution, not compared token for token.",
+        ]
+    elif same:
         lines += ["", f"Greedy outputs identical to {baseline}: " + ", ".join(same) + "."]
     if verify_costs and any("bound_speedup" in row.get(baseline, {}) for row in summary.values()):
         listed = ", ".join(f"{t}: {c:.2f}" for t, c in sorted(verify_costs.items()))
@@ -524,7 +558,10 @@ def write_report(records: list[Record], methods: Sequence[str], out_dir: str, me
     summary = summarize(records)
     costs = meta.get("verify_costs")
     md = markdown(
-        summary, methods, verify_costs={int(t): c for t, c in costs.items()} if costs else None
+        summary,
+        methods,
+        verify_costs={int(t): c for t, c in costs.items()} if costs else None,
+        sampling=meta.get("sampling"),
     )
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(

@@ -101,6 +101,10 @@ _top_p = _number_in(lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    _add_sampling_params(p)
+
+
+def _add_sampling_params(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=_top_p, default=None)
@@ -268,6 +272,7 @@ def _bench_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--categories", default=None, help="comma-separated subset")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--out", default="bench_out")
+    _add_sampling_params(p)
 
 
 def _costs_arg(text: str) -> str | dict[int, float]:
@@ -302,32 +307,41 @@ def cmd_bench(a: argparse.Namespace, ar_only: bool = False) -> None:
     if not ar_only and a.batch != (1,):
         return _bench_batches(a, path, prompts)
     model = load_model(a.model)
-    methods = {"ar": bench._spec_runner(model, None, a.max_new_tokens)}
+    sampling = _bench_sampling(a)
+    methods = {"ar": bench._spec_runner(model, None, a.max_new_tokens, sampling)}
     if not ar_only:
         for name in [d for d in a.drafters.split(",") if d]:
             methods[name] = bench._spec_runner(
-                model, make_drafter(name, a.k, model), a.max_new_tokens
+                model, make_drafter(name, a.k, model), a.max_new_tokens, sampling
             )
     if ar_only or a.hf_baseline:
         hf = bench.load_hf_twin(model)
         eos = model.eos_token_ids
-        methods["hf"] = bench._hf_runner(hf, a.max_new_tokens, eos)
+        methods["hf"] = bench._hf_runner(hf, a.max_new_tokens, eos, sampling)
         if not ar_only:
             methods["hf_lookup"] = bench._hf_runner(
-                hf, a.max_new_tokens, eos, prompt_lookup_num_tokens=a.hf_lookup_tokens
+                hf, a.max_new_tokens, eos, sampling, prompt_lookup_num_tokens=a.hf_lookup_tokens
             )
             if a.hf_assistant:
                 assistant = bench.load_hf_twin(load_model(a.hf_assistant))
                 methods["hf_assisted"] = bench._hf_runner(
-                    hf, a.max_new_tokens, eos, assistant_model=assistant
+                    hf, a.max_new_tokens, eos, sampling, assistant_model=assistant
                 )
     costs = _verify_costs(a, model, prompts)
     records = bench.run_bench(model, prompts, methods, verify_costs=costs)
-    meta = _bench_meta(a, path, model, batch=1, verify_costs=costs)
+    meta = _bench_meta(a, path, model, batch=1, verify_costs=costs, sampling=sampling)
     print(f"machine: {meta['machine']}")
     md = bench.write_report(records, list(methods), a.out, meta)
     print(md)
     print(f"\nwrote {a.out}/results.json, results.md, speedup.png")
+
+
+def _bench_sampling(a: argparse.Namespace) -> dict | None:
+    """`bench --temperature T [--top-k K] [--top-p P] [--seed S]` -> `generate`'s sampling
+    keywords (None: greedy, the default)."""
+    if a.temperature == 0:
+        return None
+    return {"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "key": a.seed}
 
 
 def _bench_meta(a: argparse.Namespace, path: str, model: Model, **extra: object) -> dict:
@@ -352,6 +366,11 @@ def _bench_batches(a: argparse.Namespace, path: str, prompts: list[dict]) -> Non
 
     if a.hf_baseline:
         raise SystemExit("specjax: --hf-baseline runs at batch 1 only; drop it or use --batch 1")
+    if a.temperature > 0:
+        raise SystemExit(
+            f"specjax: --temperature {a.temperature} runs at batch 1 only (the batch table "
+            "compares greedy rows with AR's); drop --batch or use --temperature 0"
+        )
     try:
         bench_batch.usable_rows(len(prompts), a.batch)
     except ValueError as e:

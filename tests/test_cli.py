@@ -135,10 +135,48 @@ def test_bench_batch_sizes(tiny_dir, tmp_path, capsys):
         (["--batch", "0"], "positive ints"),
         (["--batch", "8"], "batch 8 needs at least 8 prompts"),
         (["--batch", "1,2", "--hf-baseline"], "batch 1 only"),
+        (["--batch", "1,2", "--temperature", "1"], "--temperature 1.0 runs at batch 1 only"),
     ):
         with pytest.raises(SystemExit) as e:
             cli.main(base + bad)
         assert why in str(e.value) + capsys.readouterr().err
+
+
+def test_bench_samples_with_one_key_per_run(tiny_dir, tmp_path, capsys):
+    """`bench --temperature T --top-k K --top-p P --seed S`: every method samples with the same
+    settings and key (two runs give the same draws), the report says the outputs are draws, and
+    an HF runner samples with the same settings (its own top-k default off), seeded."""
+    from specjax import bench, load_model
+
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question_id": 0, "category": "a", "turns": ["the cat sat on"]}))
+    args = ["bench", "--model", tiny_dir, "--questions", str(q), "--max-new-tokens", "12"]
+    args += ["--drafters", "ngram", "--verify-costs", "none", "--temperature", "1.5"]
+    runs = []
+    for seed in ("3", "3", "4"):
+        out = tmp_path / f"bench{len(runs)}"
+        cli.main(args + ["--top-k", "40", "--top-p", "0.95", "--seed", seed, "--out", str(out)])
+        runs.append(json.load(open(out / "results.json")))
+    table = capsys.readouterr().out
+    assert "Sampled (temperature 1.5, top_k 40, top_p 0.95, key 3;" in table
+    assert "Greedy outputs identical" not in table
+    assert runs[0]["meta"]["sampling"] == {"temperature": 1.5, "top_k": 40, "top_p": 0.95, "key": 3}
+    draws = [{r["method"]: r["tokens"] for r in res["records"]} for res in runs]
+    assert draws[0] == draws[1] and draws[0]["ar"] != draws[2]["ar"]
+    model = load_model(tiny_dir)
+    greedy = bench._spec_runner(model, None, 12)(model.encode("the cat sat on"))
+    assert draws[0]["ar"] != greedy.tokens  # sampled, not greedy
+
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    eos = model.eos_token_ids
+    sampled = dict(temperature=1.5, top_k=None, top_p=None, key=3)
+    ids = model.encode("the cat sat on")
+    hf_draws = [bench._hf_runner(hf, 12, eos, dict(sampled, key=k))(ids).tokens for k in (3, 3, 4)]
+    assert hf_draws[0] == hf_draws[1] != hf_draws[2]
+    assert bench._hf_runner(hf, 12, eos)(ids).tokens != hf_draws[0]  # greedy without sampling
 
 
 def test_measured_verify_costs(tiny_dir):
