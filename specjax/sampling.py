@@ -131,10 +131,20 @@ def _top_p_cut(sorted_p: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Ar
     return jnp.min(jnp.where(keep, sorted_p, jnp.inf), axis=-1, keepdims=True), keep[..., -1]
 
 
+def argmax(x: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` as int32 (the first maximum; the first NaN if any), computed as
+    a max, then the smallest index holding it. XLA CPU runs argmax's (value, index) reduction
+    unvectorized: over 9 rows of 49,152 logits (a tree verify) 1.8 ms against 0.6 ms here."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    hit = (x == m) | jnp.isnan(x)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
+
+
 def sample_token(key: jax.Array, logits: jax.Array, mode: SamplingMode, sp: dict) -> jax.Array:
     """[..., V] logits -> [...] int32 token (argmax when greedy)."""
     if mode.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits)
     return jax.random.categorical(key, process_logits(logits, mode, sp), axis=-1).astype(jnp.int32)
 
 
@@ -145,7 +155,7 @@ def pick_token(
     argmax at temperature 0, else a sample from the processed distribution (which speculative
     sampling then needs as q)."""
     if mode.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+        return argmax(logits), None
     logp = process_logits(logits, mode, sp)
     return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32), logp
 

@@ -107,3 +107,21 @@ def test_top_k_compiles_without_a_sort():
     assert _compiled_ops(50, 0.9) == (0, 1)
     sorts, topks = _compiled_ops(None, 0.9)
     assert sorts == 1 and topks == 2
+
+
+def test_argmax_is_jnp_argmax():
+    """The greedy paths' `sampling.argmax` (max, then the first index holding it) returns what
+    `jnp.argmax` returns: the first maximum on ties, the first NaN when a row holds one."""
+    rng = np.random.default_rng(5)
+    rows = [
+        rng.standard_normal(300),
+        rng.integers(-2, 3, 300),  # ties everywhere
+        np.full(300, -np.inf),
+        np.where(np.arange(300) % 7 == 3, np.nan, rng.standard_normal(300)),
+        np.r_[np.full(299, -np.inf), 0.0],
+    ]
+    x = jnp.asarray(np.stack(rows).astype(np.float32))
+    for arr in (x, x.reshape(1, 5, 300), x[:, :196]):
+        got = jax.jit(sampling.argmax)(arr)
+        assert got.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(arr, axis=-1)))

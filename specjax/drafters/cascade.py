@@ -60,7 +60,7 @@ from specjax.engine.accept import Accepted, verify_chain
 from specjax.models import forward
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
-from specjax.sampling import SamplingMode, process_logits
+from specjax.sampling import SamplingMode, argmax, process_logits
 
 if TYPE_CHECKING:
     import numpy as np
@@ -306,7 +306,7 @@ def lenient_chain(
     B, K = draft_tokens.shape
     if mode.greedy:
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        best = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, K+1]
+        best = argmax(logits)  # [B, K+1]
         top = jnp.max(logp, axis=-1)
         lp_d = jnp.take_along_axis(logp[:, :K], draft_tokens[..., None], axis=-1)[..., 0]
         n = jnp.sum(jnp.cumprod((lp_d + jnp.log(leniency) >= top[:, :K]).astype(jnp.int32), 1), 1)

@@ -61,7 +61,7 @@ from specjax.models.config import ModelConfig
 
 # An EAGLE drafter is one Llama decoder layer by construction (whatever the target's family).
 from specjax.models.llama import rms_norm, single_layer
-from specjax.sampling import SamplingMode, chosen_logp, pick_token, rank_logp
+from specjax.sampling import SamplingMode, argmax, chosen_logp, pick_token, rank_logp
 
 if TYPE_CHECKING:
     import numpy as np
@@ -386,7 +386,7 @@ class EagleSpec(DrafterSpec):
         drafter's log-prob of the token [B])."""
         if self.eagle.version == 3 and mode.greedy:  # argmax on the draft vocabulary, no scatter
             small = draft_logits(self.eagle, params, out, self.target_cfg, full=False)
-            tok = params["d2t"][jnp.argmax(small, axis=-1)].astype(jnp.int32)
+            tok = params["d2t"][argmax(small)].astype(jnp.int32)
             return tok, None, chosen_logp(small, tok, None)
         logits = self._logits(params, out)
         tok, logp = pick_token(logits, key, mode, sp)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from specjax.drafters.base import Tree
 from specjax.engine.tree import ancestor_matrix, path_to
-from specjax.sampling import SamplingMode, process_logits
+from specjax.sampling import SamplingMode, argmax, process_logits
 
 
 class Accepted(NamedTuple):
@@ -54,7 +54,7 @@ def verify_chain(
 ) -> Accepted:
     B, K = draft_tokens.shape
     if mode.greedy:
-        best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, K+1]
+        best = argmax(target_logits)  # [B, K+1]
         n = _leading_true(draft_tokens == best[:, :K])
         return Accepted(n=n, bonus=jnp.take_along_axis(best, n[:, None], axis=1)[:, 0])
     logp = process_logits(target_logits, mode, sp)  # [B, K+1, V]
@@ -101,7 +101,7 @@ class TreeAccepted(NamedTuple):
 def verify_tree_greedy(target_logits: jax.Array, tree: Tree, max_depth: int) -> TreeAccepted:
     """Temperature 0: accept the deepest node whose whole root path agrees with the target
     argmax at each parent. target_logits [B, N+1, V] over the block [root, nodes]."""
-    best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, N+1]
+    best = argmax(target_logits)  # [B, N+1]
     at_parent = jnp.take_along_axis(best, tree.parents + 1, axis=1)  # [B, N]
     correct = (tree.tokens == at_parent) & tree.valid
     anc = ancestor_matrix(tree.parents)
