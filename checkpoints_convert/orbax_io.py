@@ -207,9 +207,10 @@ def save_converted(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
-        from specjax.models.llama import stack_layers
+        from specjax.models.llama import orient, stack_layers
 
-        params = stack_layers(params)  # checkpoints keep layers stacked, whatever the layout
+        # Checkpoints keep layers stacked and matrices [in, out], whatever the layout in memory.
+        params = orient(stack_layers(params), "in_out")
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "params"), jax.tree.map(np.asarray, params))
         if tokenizer is not None:

@@ -29,6 +29,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from specjax.models import llama
+
 if TYPE_CHECKING:
     from specjax.model import Model
     from specjax.models.config import ModelConfig
@@ -162,7 +164,10 @@ def shard_model(model: Model, mesh: Mesh) -> Model:
     already sharded for this mesh is returned as is."""
     if "data" not in mesh.axis_names:
         raise ValueError(f"mesh needs a 'data' axis for the batch; it has {mesh.axis_names}")
-    params, cfg = regroup(model.params, model.config, model_axis(mesh))
+    # Split in the checkpoint orientation, [in, out] (`param_spec`); the [out, in] one is
+    # CPU's, for a single device.
+    params = llama.orient(model.params, "in_out")
+    params, cfg = regroup(params, model.config, model_axis(mesh))
     return dataclasses.replace(model, params=place_params(params, mesh), config=cfg)
 
 

@@ -379,3 +379,36 @@ def test_scan_and_unrolled_layouts_agree(make_hf_model):
     assert a.tokens == b.tokens
     with pytest.raises(ValueError, match="layout"):
         unrolled.with_layout("stacked")
+
+
+def test_weight_orientations_agree(make_hf_model):
+    """Layer matrices stored [in, out] (checkpoints) or [out, in] (CPU's default: products of
+    2-16 rows as row reductions, `llama.times_out_in`): the same model. Logits agree for 1 row
+    (matrix-vector), 2 x 4 rows (row reduction) and 2 x 20 rows (weight-left product), with HF
+    too; greedy and speculative generations are identical; the conversion round-trips exactly in
+    both layouts; a bad name is refused."""
+    hf = make_hf_model("qwen2", num_hidden_layers=3)  # biases too
+    loaded = specjax.model_from_hf(hf)
+    assert loaded.orientation == specjax.model.default_orientation()
+    out_in, in_out = loaded.with_orientation("out_in"), loaded.with_orientation("in_out")
+    assert out_in.orientation == "out_in" and in_out.orientation == "in_out"
+    assert "wqkv_t" in out_in.params["layers"][0] and "wqkv" in in_out.params["layers"][0]
+    for shape in ((1, 1), (2, 4), (2, 20)):
+        ids = random_ids(hf.config.vocab_size, shape, seed=4)
+        a, b = np.asarray(out_in.logits(ids)), np.asarray(in_out.logits(ids))
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_allclose(a, hf_logits(hf, ids), atol=1e-4)
+    for layout in ("unrolled", "scan"):
+        m = in_out.with_layout(layout)
+        back = m.with_orientation("out_in").with_orientation("in_out")
+        assert jax.tree.structure(back.params) == jax.tree.structure(m.params)
+        for x, y in zip(jax.tree.leaves(back.params), jax.tree.leaves(m.params)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    prompts = [[5, 6, 7, 5, 6, 7, 5], [9, 3, 1, 4, 1, 5, 9, 2, 6]]
+    ngram = specjax.drafters.ngram(k=4)
+    ref = specjax.generate(in_out, prompts, max_new_tokens=16).tokens
+    for m in (out_in, out_in.with_layout("scan")):
+        assert specjax.generate(m, prompts, max_new_tokens=16).tokens == ref
+        assert specjax.generate(m, prompts, max_new_tokens=16, drafter=ngram).tokens == ref
+    with pytest.raises(ValueError, match="orientation"):
+        loaded.with_orientation("transposed")

@@ -12,6 +12,12 @@ step; see `forward_hidden`):
     final_norm   [D]
     lm_head      [D, V]          (absent when cfg.tie_word_embeddings: the head is embed.T)
 
+The four layer matrices may instead be stored transposed, [out, in], under the names
+`OUT_IN_NAMES` gives ("wqkv_t", ...): the "out_in" orientation (`orient`), the default on CPU,
+where a product of 2-16 rows against an [out, in] matrix runs ~20% faster as a row reduction
+than XLA's small-M matrix product (see `linear`). The names say the orientation, so a traced
+function knows it from the pytree's structure.
+
 Axis letters used in einsums: b batch, t query tokens, s key slots, k kv heads, g query heads per
 kv head, d head dim.
 """
@@ -36,6 +42,21 @@ ATTENTION_IMPLS = ("xla", "pallas")
 # Measured for SmolLM2-135M on a 2-core CPU (one fresh forward): T = 1024: 3.65 s unblocked,
 # 2.98 s at 256, 2.3-2.6 s at 128 and 64; T = 768: 2.22 s -> 1.54 s at 128.
 PREFILL_BLOCK = 128
+
+
+# The layer matrices and their names when stored [out, in] (the "out_in" orientation).
+OUT_IN_NAMES = {"wqkv": "wqkv_t", "wo": "wo_t", "w_gate_up": "w_gate_up_t", "w_down": "w_down_t"}
+ORIENTATIONS = ("in_out", "out_in")
+# Rows (batch x block tokens) for which `linear` writes a product against an [out, in] matrix as
+# a row reduction on CPU. XLA CPU runs it as one YNNPACK reduce kernel that reads the matrix
+# once for up to 8 rows (twice for 9-16), where its matrix-product kernel for 2+ rows runs far
+# below the memory bound; for one row the matrix-vector product stays (as a reduction it took
+# 0.7-1.2 s for SmolLM2's 30 layers). SmolLM2-135M verify forward, prefix 256, medians of 3
+# interleaved rounds (`python benchmarks/verify_orientation.py`, 2026-12-05, a slow hour):
+# T = 4 / 8 / 16: 63.1 / 76.9 / 94.9 ms [in, out] -> 54.1 / 65.5 / 86.2 ms [out, in]; T = 9 (two
+# passes) 79.8 -> 84.6; T = 1 and prefill (> 16 rows) within noise. Trees of 7 nodes (T = 8)
+# suit it best.
+ROW_REDUCE_ROWS = (2, 16)
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -297,7 +318,7 @@ def _layer(
     H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if x is None:
         x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
-    qkv = x @ lp["wqkv"]
+    qkv = linear(x, lp, "wqkv")
     if cfg.attention_bias:
         qkv = qkv + lp["bqkv"]
     q, k, v = split_qkv(qkv, cfg)
@@ -327,10 +348,34 @@ def _mlp(cfg: ModelConfig, lp: dict, h: jax.Array, o: jax.Array) -> jax.Array:
     """The rest of a layer after attention: output projection, residual, MLP block. o [B, T,
     H, hd] -> h [B, T, D]."""
     B, T = h.shape[:2]
-    h = h + o.reshape(B, T, -1) @ lp["wo"]
+    h = h + linear(o.reshape(B, T, -1), lp, "wo")
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-    gate, up = _grouped_split(x @ lp["w_gate_up"], cfg.shards, (1,), 2)
-    return h + (jax.nn.silu(gate) * up) @ lp["w_down"]
+    gate, up = _grouped_split(linear(x, lp, "w_gate_up"), cfg.shards, (1,), 2)
+    return h + linear(jax.nn.silu(gate) * up, lp, "w_down")
+
+
+def linear(x: jax.Array, lp: dict, name: str) -> jax.Array:
+    """x [..., in] times the layer matrix `name`, stored [in, out] under `name` or [out, in]
+    under `OUT_IN_NAMES[name]` -> [..., out]."""
+    if name in lp:
+        return x @ lp[name]
+    return times_out_in(x, lp[OUT_IN_NAMES[name]])
+
+
+def times_out_in(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] @ w.T for w stored [out, in] -> [..., out], in the form XLA runs fastest for
+    this many rows (on CPU: `ROW_REDUCE_ROWS`; a matrix-vector product for one row)."""
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    rows = math.prod(lead)
+    x2 = x.reshape(rows, n_in)
+    lo, hi = ROW_REDUCE_ROWS
+    if lo <= rows <= hi and jax.default_backend() == "cpu":
+        y = jnp.sum(w[None] * x2[:, None, :], axis=-1)  # [rows, out]: one reduce kernel
+    elif rows == 1:
+        y = jnp.einsum("ti,oi->to", x2, w)
+    else:  # the matrix as the left operand: as fast as [in, out] storage for prefill here
+        y = jnp.einsum("oi,ti->ot", w, x2).T
+    return y.reshape(*lead, w.shape[0])
 
 
 def _grouped_split(x: jax.Array, groups: int, parts: tuple, total: int) -> list[jax.Array]:
@@ -560,10 +605,35 @@ def stack_layers(params: dict) -> dict:
     return dict(params, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"]))
 
 
+def orientation(params: dict) -> str:
+    """ "out_in" when the layer matrices are stored [out, in] (`OUT_IN_NAMES`), else "in_out"."""
+    lp = params["layers"] if not is_unrolled(params) else params["layers"][0]
+    return "out_in" if OUT_IN_NAMES["wqkv"] in lp else "in_out"
+
+
+def orient(params: dict, to: str) -> dict:
+    """The same params with the layer matrices stored as `to` says ("in_out": [in, out], the
+    checkpoint orientation; "out_in": [out, in], see `ROW_REDUCE_ROWS`). Either layout."""
+    if to not in ORIENTATIONS:
+        raise ValueError(f"unknown weight orientation {to!r}; valid: {', '.join(ORIENTATIONS)}")
+    if orientation(params) == to:
+        return params
+    names = OUT_IN_NAMES if to == "out_in" else {v: k for k, v in OUT_IN_NAMES.items()}
+
+    def layer(lp: dict) -> dict:
+        return {
+            names.get(n, n): jnp.swapaxes(w, -1, -2) if n in names else w for n, w in lp.items()
+        }
+
+    layers = params["layers"]
+    layers = [layer(lp) for lp in layers] if is_unrolled(params) else layer(layers)
+    return dict(params, layers=layers)
+
+
 def lm_head(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     """[..., D] -> float32 logits [..., V]."""
     if cfg.tie_word_embeddings:
-        out = jnp.einsum("...d,vd->...v", h, params["embed"])
+        out = times_out_in(h, params["embed"])  # embed [V, D] is already [out, in]
     else:
         out = h @ params["lm_head"]
     return out.astype(jnp.float32)
