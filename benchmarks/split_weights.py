@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,2,4,9,16", help="comma-separated block lengths T")
     args = ap.parse_args()
     sizes = [int(t) for t in args.sizes.split(",")]
-    model = specjax.load_model("smollm2-135m")
+    model = specjax.load_model("smollm2-135m").with_orientation("in_out")  # x @ w, [in, out]
     if not isinstance(model.params["layers"], list):
         raise SystemExit("needs the unrolled layout (the default)")
     variants = {"baseline": variant(model, 1, False)}
