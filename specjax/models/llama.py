@@ -369,12 +369,13 @@ def times_out_in(x: jax.Array, w: jax.Array) -> jax.Array:
     rows = math.prod(lead)
     x2 = x.reshape(rows, n_in)
     lo, hi = ROW_REDUCE_ROWS
-    if lo <= rows <= hi and jax.default_backend() == "cpu":
+    cpu = jax.default_backend() == "cpu"
+    if cpu and lo <= rows <= hi:
         y = jnp.sum(w[None] * x2[:, None, :], axis=-1)  # [rows, out]: one reduce kernel
-    elif rows == 1:
-        y = jnp.einsum("ti,oi->to", x2, w)
-    else:  # the matrix as the left operand: as fast as [in, out] storage for prefill here
+    elif cpu and rows > 1:  # the matrix as the left operand: on CPU as fast as [in, out] storage
         y = jnp.einsum("oi,ti->ot", w, x2).T
+    else:  # one row on CPU; every product elsewhere (XLA picks the layouts on accelerators)
+        y = jnp.einsum("ti,oi->to", x2, w)
     return y.reshape(*lead, w.shape[0])
 
 
