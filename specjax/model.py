@@ -184,11 +184,9 @@ def _place_consuming(params: dict, dtype: DTypeLike, unrolled: bool, out_in: boo
     again), so each host leaf is freed once placed and the host never holds the model twice.
     With `unrolled`, stacked layers are split per layer as they are placed; with `out_in`, the
     layer matrices are placed transposed under their `llama.OUT_IN_NAMES`."""
-    renamed = llama.OUT_IN_NAMES if out_in else {}
 
     def put(n: str, x: Any) -> tuple[str, jax.Array]:
-        if n in renamed:
-            return renamed[n], jnp.asarray(x.swapaxes(-1, -2), dtype)  # numpy: a view
+        n, x = llama.oriented_leaf(n, x, "out_in") if out_in else (n, x)
         return n, jnp.asarray(x, dtype)
 
     out = {k: jnp.asarray(params.pop(k), dtype) for k in [k for k in params if k != "layers"]}

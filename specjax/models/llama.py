@@ -612,6 +612,13 @@ def orientation(params: dict) -> str:
     return "out_in" if OUT_IN_NAMES["wqkv"] in lp else "in_out"
 
 
+def oriented_leaf(name: str, w: Any, to: str) -> tuple[str, Any]:
+    """One layer leaf (name, array) stored as `to` says: a layer matrix in the other orientation
+    is renamed and transposed (numpy: a view), anything else is returned as is."""
+    names = OUT_IN_NAMES if to == "out_in" else {v: k for k, v in OUT_IN_NAMES.items()}
+    return (names[name], w.swapaxes(-1, -2)) if name in names else (name, w)
+
+
 def orient(params: dict, to: str) -> dict:
     """The same params with the layer matrices stored as `to` says ("in_out": [in, out], the
     checkpoint orientation; "out_in": [out, in], see `ROW_REDUCE_ROWS`). Either layout."""
@@ -619,12 +626,9 @@ def orient(params: dict, to: str) -> dict:
         raise ValueError(f"unknown weight orientation {to!r}; valid: {', '.join(ORIENTATIONS)}")
     if orientation(params) == to:
         return params
-    names = OUT_IN_NAMES if to == "out_in" else {v: k for k, v in OUT_IN_NAMES.items()}
 
     def layer(lp: dict) -> dict:
-        return {
-            names.get(n, n): jnp.swapaxes(w, -1, -2) if n in names else w for n, w in lp.items()
-        }
+        return dict(oriented_leaf(n, w, to) for n, w in lp.items())
 
     layers = params["layers"]
     layers = [layer(lp) for lp in layers] if is_unrolled(params) else layer(layers)
