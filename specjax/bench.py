@@ -41,6 +41,14 @@ def default_questions() -> str:
     )
 
 
+def tune_questions() -> str:
+    """Questions for choosing settings (tree shapes, `tune-tree`'s default): 16 of our own, 2 per
+    MT-bench category, shipped in the package (specjax/configs/tune_questions.jsonl). Settings
+    are never picked on the eval files, which only measure; no 6-word n-gram of these occurs in
+    them (`specjax.train.magpie.leaks`)."""
+    return os.path.join(os.path.dirname(__file__), "configs", "tune_questions.jsonl")
+
+
 def load_questions(
     path: str, limit: int | None = None, categories: Sequence[str] | None = None
 ) -> list[dict]:

@@ -509,7 +509,7 @@ def cmd_tune_tree(a: argparse.Namespace) -> None:
     from specjax import autotune, bench, load_model
 
     cands = _parse_candidates(a.candidates) if a.candidates else autotune.DEFAULT_CANDIDATES
-    prompts = _spread_prompts(a.questions or bench.default_questions(), a.limit)
+    prompts = _spread_prompts(a.questions or bench.tune_questions(), a.limit)
     model = load_model(a.model)
     best, table = autotune.tune_tree(
         model,
@@ -677,7 +677,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated NODES:DEPTH:TOP_K (default: 4:3:2,8:4:3,12:5:3,16:6:4)",
     )
-    tt.add_argument("--questions", default=None, help="question .jsonl (default: Spec-Bench)")
+    tt.add_argument(
+        "--questions",
+        default=None,
+        help="question .jsonl (default: the package's own tuning questions, never the eval files)",
+    )
     tt.add_argument(
         "--limit", type=positive_int, default=4, help="prompts (round-robin over categories)"
     )

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import specjax
-from specjax import autotune, cli, drafters
+from specjax import autotune, bench, cli, drafters
 from specjax.engine import tree as tree_lib
 
 
@@ -169,6 +169,29 @@ def test_cli_tune_tree(tiny_dir, tmp_path, capsys):
         cli.main(
             ["tune-tree", "--model", tiny_dir, "--drafter", "layer_skip:2", "--questions", str(q)]
         )
+
+
+def test_tune_questions_are_our_own():
+    # Settings are chosen on the package's own questions (tune-tree's default), never on the
+    # eval files: every MT-bench category twice, and no 6-word n-gram shared with an eval prompt
+    # (checked where the shared eval folder exists, as on the development machine).
+    from specjax.paths import data_file
+    from specjax.train import magpie
+
+    qs = bench.load_questions(bench.tune_questions())
+    cats = [q["category"] for q in qs]
+    assert len(qs) == 16 and {cats.count(c) for c in set(cats)} == {2}, cats
+    eval_dir = data_file("eval")
+    if eval_dir:
+        evals = magpie.eval_prompt_texts(eval_dir)
+        assert len(evals) > 1000
+        assert magpie.leaks([q["prompt"] for q in qs], evals, n=6) == []
+    # The check would catch a copied eval prompt.
+    assert magpie.leaks(
+        ["Write a story about x " + "one two three four five six"],
+        ["one two three four five six seven"],
+        n=6,
+    ) == [0]
 
 
 # ----------------------------------------------------------------------------- drafter="auto"
