@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from jax.typing import DTypeLike
 
     from specjax.anatomy import StepAnatomy
-    from specjax.drafters.base import Drafter
+    from specjax.engine.protocol import Drafter
     from specjax.model import Model
 
 LLAMA3_8B = ModelConfig(

@@ -92,7 +92,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from checkpoints_convert.hf import IGNORED, CheckpointMismatch, read_hf_config, read_hf_dir
-from specjax.drafters import feature as eagle_lib
+from specjax.models import eagle as eagle_lib
 from specjax.models.config import ModelConfig
 
 if TYPE_CHECKING:

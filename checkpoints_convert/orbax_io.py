@@ -207,10 +207,10 @@ def save_converted(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
-        from specjax.models.llama import orient, stack_layers
+        from specjax.models import family_of, stack_layers
 
         # Checkpoints keep layers stacked and matrices [in, out], whatever the layout in memory.
-        params = orient(stack_layers(params), "in_out")
+        params = family_of(cfg).orient(stack_layers(params), "in_out")
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "params"), jax.tree.map(np.asarray, params))
         if tokenizer is not None:

@@ -9,7 +9,8 @@ in `specjax.engine`, drafters in `specjax.drafters`, model families in `specjax.
                            drafter=specjax.drafters.ngram(k=8))
 """
 
-from specjax import distributed, drafters
+# autotune registers the drafter names that measure on the device ("auto", "eagle3_tree_sized").
+from specjax import autotune, distributed, drafters
 from specjax.api import GenerateOutput, decode_fn, generate, generate_pmap, generate_stream
 from specjax.decode import DecodeFn
 from specjax.engine.xla import xla_options
@@ -27,6 +28,7 @@ __all__ = [
     "VisionLanguageModel",
     "ModelConfig",
     "GenerateOutput",
+    "autotune",
     "decode_fn",
     "distributed",
     "drafters",

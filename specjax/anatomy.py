@@ -39,12 +39,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import jax
 
 from specjax import engine
-from specjax.drafters.base import Drafter
 from specjax.engine.loop import emit
+from specjax.engine.protocol import Drafter
 from specjax.engine.verify import _padded_step, size_index, target_forward, verifier_for
 
 if TYPE_CHECKING:
-    from specjax.drafters.base import Draft, TargetStep, TreeDraft, Verified
+    from specjax.engine.protocol import Draft, TargetStep, TreeDraft, Verified
     from specjax.engine.state import EngineConfig, LoopState
     from specjax.engine.verify import AnyDraft
     from specjax.model import Model

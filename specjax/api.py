@@ -24,7 +24,7 @@ from specjax.decode import (
     cache_len,
     engine_config,
 )
-from specjax.drafters.base import Drafter, DrafterSpec, Params
+from specjax.engine.protocol import Drafter, DrafterSpec, Params
 from specjax.model import Model
 from specjax.sampling import make_sampling
 

@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.drafters import DynamicTree, VerifySizing
+from specjax.drafters import DynamicTree, VerifySizing, registry
 from specjax.engine import tree as tree_lib
 from specjax.models import forward, is_unrolled
 from specjax.models.cache import KVCache, init_cache
 
 if TYPE_CHECKING:
-    from specjax.drafters.base import Drafter
+    from specjax.engine.protocol import Drafter
     from specjax.model import Model
     from specjax.models.config import ModelConfig
 
@@ -470,7 +470,6 @@ def choose_drafter(
     import json
     import os
 
-    from specjax.drafters import registry
     from specjax.model import cache_root
 
     path = os.path.join(cache_root(), "auto", auto_key(model) + ".json")
@@ -513,6 +512,41 @@ def choose_drafter(
 
 def auto_drafter(model: Model, **kw: Any) -> Drafter | None:
     """`drafter="auto"`: the drafter `choose_drafter` picks for `model` (None: plain)."""
-    from specjax.drafters import registry
-
     return registry.make(choose_drafter(model, **kw)[0], None, model)
+
+
+# ----------------------------------------------------------------------------- registry entries
+# The CLI names whose drafters measure on the device register here, not in
+# `specjax.drafters.registry`: this module builds on the registry (and on `generate`), so the
+# registry needs no import of it.
+
+
+def _sized_eagle(kind: str) -> Callable[..., Drafter]:
+    """`KIND_tree_sized[:PATH]`: the EAGLE tree verified per step only as far as it is worth it,
+    at this device's step costs (measured on the target once, then cached: `cached_sizing`)."""
+
+    def make(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
+        from specjax.drafters import eagle
+
+        if model is None:
+            raise ValueError(f"drafter '{kind}_tree_sized' needs the target model (it measures)")
+        src = arg or registry.bundled_for(kind, model)
+        shape = registry.eagle_tree(tree, k)
+        build = lambda t: eagle(src, tree=t, name=src)  # noqa: E731
+        label = f"{kind}_tree:{src}" if isinstance(src, str) else f"{kind}_tree"
+        sizing = cached_sizing(model, label, build, shape)
+        return build(dataclasses.replace(shape, sizing=sizing))
+
+    return make
+
+
+def _auto(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter | None:
+    """The drafter measured fastest for `model` on this device (`choose_drafter`); None (plain
+    decoding) when none beats it. `k` is not used: each candidate has its own."""
+    if model is None:
+        raise ValueError("drafter 'auto' needs the target model (it measures on it)")
+    return auto_drafter(model)
+
+
+registry.register(registry.DrafterEntry("eagle3_tree_sized", _sized_eagle("eagle3"), arg="PATH"))
+registry.register(registry.DrafterEntry("auto", _auto))

@@ -26,7 +26,7 @@ from specjax.paths import DATA_ENV, data_file  # noqa: F401  (re-exported)
 if TYPE_CHECKING:
     import transformers
 
-    from specjax.drafters.base import Drafter
+    from specjax.engine.protocol import Drafter
     from specjax.model import Model
 
 

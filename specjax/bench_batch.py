@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from specjax.drafters.base import Drafter
+    from specjax.engine.protocol import Drafter
     from specjax.model import Model
 
 

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from specjax.drafters.base import Drafter
     from specjax.drafters.shapes import DynamicTree
+    from specjax.engine.protocol import Drafter
     from specjax.model import Model
 
 DEMO_PROMPTS = [

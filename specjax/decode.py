@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from specjax import engine
-from specjax.drafters.base import DrafterSpec, Params
 from specjax.engine import accept
+from specjax.engine.protocol import DrafterSpec, Params
 from specjax.sampling import SamplingMode
 
 if TYPE_CHECKING:

@@ -22,11 +22,13 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from specjax.engine import xla
-from specjax.models import llama
+from specjax.models import family_of, full_logits, is_unrolled, stack_layers, unstack_layers
 from specjax.models.config import ModelConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+    from specjax.models import Family
 
 # (params, config, tokenizer or None): what checkpoint loaders and converters return.
 Checkpoint = tuple[dict, ModelConfig, Any]
@@ -56,25 +58,26 @@ class Model:
     @property
     def layout(self) -> str:
         """ "unrolled" (per-layer param dicts) or "scan" (layers stacked on a leading axis)."""
-        return "unrolled" if llama.is_unrolled(self.params) else "scan"
+        return "unrolled" if is_unrolled(self.params) else "scan"
 
     @property
     def orientation(self) -> str:
         """ "in_out" (layer matrices stored [in, out], as checkpoints are) or "out_in" (stored
         [out, in]: faster verify blocks on CPU, the default there; see `llama.ROW_REDUCE_ROWS`)."""
-        return llama.orientation(self.params)
+        return family_of(self.config).orientation(self.params)
 
     def with_orientation(self, orientation: str) -> Model:
         """The same model with its layer matrices stored as `orientation` says (the same
         function; products of a few rows accumulate in another order)."""
-        return dataclasses.replace(self, params=llama.orient(self.params, orientation))
+        params = family_of(self.config).orient(self.params, orientation)
+        return dataclasses.replace(self, params=params)
 
     def with_layout(self, layout: str) -> Model:
         """The same model with layers stacked for `lax.scan` ("scan": compiles in time
         independent of depth) or as a list run unrolled ("unrolled": fastest decode on CPU)."""
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
-        fn = llama.unstack_layers if layout == "unrolled" else llama.stack_layers
+        fn = unstack_layers if layout == "unrolled" else stack_layers
         return dataclasses.replace(self, params=fn(self.params))
 
     @property
@@ -128,7 +131,7 @@ class Model:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-_full_logits_jit = xla.jit(static_argnums=1)(llama.full_logits)
+_full_logits_jit = xla.jit(static_argnums=1)(full_logits)
 
 
 def cache_root() -> str:
@@ -174,19 +177,23 @@ def _to_model(
 ) -> Model:
     dtype = default_dtype() if dtype is None else float_dtype(dtype, "load_model(dtype=...)")
     out_in = default_orientation() == "out_in"
-    params = _place_consuming(params, dtype, unrolled=layout == "unrolled", out_in=out_in)
+    params = _place_consuming(
+        params, dtype, unrolled=layout == "unrolled", out_in=out_in, family=family_of(cfg)
+    )
     return Model(params=params, config=cfg, tokenizer=tok, name=name).with_layout(layout)
 
 
-def _place_consuming(params: dict, dtype: DTypeLike, unrolled: bool, out_in: bool) -> dict:
+def _place_consuming(
+    params: dict, dtype: DTypeLike, unrolled: bool, out_in: bool, family: Family
+) -> dict:
     """Host params (numpy, layers stacked or not, layer matrices [in, out]) -> device arrays in
     `dtype`, one leaf at a time, emptying `params` as it goes (the caller's dict: it is not used
     again), so each host leaf is freed once placed and the host never holds the model twice.
     With `unrolled`, stacked layers are split per layer as they are placed; with `out_in`, the
-    layer matrices are placed transposed under their `llama.OUT_IN_NAMES`."""
+    layer matrices are placed transposed under the `family`'s `out_in_names`."""
 
     def put(n: str, x: Any) -> tuple[str, jax.Array]:
-        n, x = llama.oriented_leaf(n, x, "out_in") if out_in else (n, x)
+        n, x = family.oriented_leaf(n, x, "out_in") if out_in else (n, x)
         return n, jnp.asarray(x, dtype)
 
     out = {k: jnp.asarray(params.pop(k), dtype) for k in [k for k in params if k != "layers"]}
@@ -407,6 +414,20 @@ def _intact_tokenizer(path: str) -> Any:
         return None
 
 
+# Checkpoint directories that a module built on this one loads: (accepts(path), load(path,
+# dtype, layout)) pairs tried first by `load_model`. `specjax.multimodal` registers the LLaVA /
+# Video-LLaVA loader, so this module needs no import of it (it imports `Model` from here).
+DIR_LOADERS: list[tuple[Callable[[str], bool], Callable[[str, Any, str], Model]]] = []
+
+
+def register_dir_loader(
+    accepts: Callable[[str], bool], load: Callable[[str, Any, str], Model]
+) -> None:
+    """`load_model(path)` of a directory that `accepts(path)` returns `load(path, dtype,
+    layout)`."""
+    DIR_LOADERS.append((accepts, load))
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     *,
@@ -434,10 +455,9 @@ def load_model(
         return _to_model(params, cfg, tok, key, dtype, layout)
     path = os.fspath(name_or_path)
     if os.path.isdir(path):
-        if _is_vlm_dir(path):
-            from specjax.multimodal import load_vlm
-
-            return load_vlm(path, dtype, layout)
+        for accepts, load in DIR_LOADERS:
+            if accepts(path):
+                return load(path, dtype, layout)
         if is_converted_dir(path):
             params, cfg, tok = load_converted(path)
         else:
@@ -455,17 +475,6 @@ def load_model(
         f"({', '.join(sorted(KNOWN_MODELS))}), an HF checkpoint directory (config.json + "
         f"safetensors), a .gguf file, or a directory written by `specjax convert`"
     )
-
-
-def _is_vlm_dir(path: str) -> bool:
-    """An HF LLaVA / Video-LLaVA checkpoint directory (config.json says so)."""
-    from specjax.models.vlm import VLM_TYPES
-
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            return json.load(f).get("model_type") in VLM_TYPES
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _maybe_tokenizer(path: str) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from specjax.model import Model
+from specjax.model import Model, register_dir_loader
 from specjax.models import forward, init_cache, is_unrolled
 from specjax.models import vlm as vlm_fns
 from specjax.models.vlm import VLMConfig
@@ -102,6 +103,15 @@ def fingerprint(vparams: dict, cfg: VLMConfig, params: dict) -> str:
         a = np.asarray(leaf, np.float32).reshape(-1)
         h.update(np.ascontiguousarray(a[:: max(1, a.size // 4096)]).tobytes())
     return h.hexdigest()[:32]
+
+
+def is_vlm_dir(path: str) -> bool:
+    """An HF LLaVA / Video-LLaVA checkpoint directory (config.json says so)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("model_type") in vlm_fns.VLM_TYPES
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_vlm(path: str, dtype: Any, layout: str) -> VisionLanguageModel:
@@ -547,3 +557,7 @@ def drafter_embeds(
 
     embeds, _ = prefill_embeds(draft, tokens, [[own(it) for it in row] for row in items])
     return embeds
+
+
+# `load_model(dir)` of a LLaVA / Video-LLaVA checkpoint returns a VisionLanguageModel.
+register_dir_loader(is_vlm_dir, load_vlm)

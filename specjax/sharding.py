@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from specjax.models import llama
+from specjax.models import family_of
 
 if TYPE_CHECKING:
     from specjax.model import Model
@@ -83,7 +83,7 @@ def regroup_orders(cfg: ModelConfig, shards: int) -> dict[str, np.ndarray]:
 
 def regroup(params: dict, cfg: ModelConfig, shards: int) -> tuple[dict, ModelConfig]:
     """Params and config with the fused projections in `shards` column groups (the same model:
-    `llama.split_qkv` reads the groups). From the checkpoint layout (cfg.shards == 1) only."""
+    the family's forward splits the groups). From the checkpoint layout (cfg.shards == 1) only."""
     if cfg.shards == shards:
         return params, cfg
     if cfg.shards != 1:
@@ -166,7 +166,7 @@ def shard_model(model: Model, mesh: Mesh) -> Model:
         raise ValueError(f"mesh needs a 'data' axis for the batch; it has {mesh.axis_names}")
     # Split in the checkpoint orientation, [in, out] (`param_spec`); the [out, in] one is
     # CPU's, for a single device.
-    params = llama.orient(model.params, "in_out")
+    params = family_of(model.config).orient(model.params, "in_out")
     params, cfg = regroup(params, model.config, model_axis(mesh))
     return dataclasses.replace(model, params=place_params(params, mesh), config=cfg)
 

@@ -10,7 +10,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from specjax.drafters.base import Draft, Drafter, DrafterSpec
+from specjax.engine.protocol import Draft, Drafter, DrafterSpec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,8 @@ from test_tree_sampling import cell_counts, exact, sample_tokens  # noqa: F401  
 import specjax
 from specjax import drafters
 from specjax.drafters import feature as E
-from specjax.drafters.base import PrefillInput, TargetPrefill, TargetStep, Tree, Verified
+from specjax.engine.protocol import PrefillInput, TargetPrefill, TargetStep, Tree, Verified
+from specjax.models import eagle as N
 from specjax.models.cache import init_cache
 from specjax.models.llama import forward_hidden
 
@@ -34,11 +35,11 @@ def random_eagle(target, version, seed=0, draft_vocab=None):
     subset of target ids (so d2t is not the identity)."""
     V_t = target.config.vocab_size
     dv = draft_vocab or V_t
-    cfg = E.make_config(target.config, version, draft_vocab=dv)
+    cfg = N.make_config(target.config, version, draft_vocab=dv)
     d2t = None
     if version == 3:
         d2t = np.sort(np.random.default_rng(seed).choice(V_t, dv, replace=False)).astype(np.int32)
-    return cfg, E.init_params(cfg, jax.random.key(seed), d2t=d2t)
+    return cfg, N.init_params(cfg, jax.random.key(seed), d2t=d2t)
 
 
 CASES = {
@@ -87,16 +88,16 @@ def _reference_outputs(target, cfg, params, seq):
         init_cache(target.config, 1, T, per_layer=True),
         hidden_layers=cfg.feature_layers,
     )
-    feats = E.target_features(cfg, params, hid)[:, : T - 1]
+    feats = N.target_features(cfg, params, hid)[:, : T - 1]
     cache = init_cache(cfg.layer, 1, T, per_layer=True)
-    out, _ = E.draft_block(cfg, params, feats, toks[:, 1:], pos[:, : T - 1], cache)
+    out, _ = N.draft_block(cfg, params, feats, toks[:, 1:], pos[:, : T - 1], cache)
     return np.asarray(out[0]), hid
 
 
 @pytest.mark.parametrize("version", [1, 3])
 def test_state_follows_cache_free_reference(target, version):
     cfg, raw = random_eagle(target, version, seed=3, draft_vocab=60)
-    params = E.bind_target(raw, target.params)
+    params = N.bind_target(raw, target.params)
     rng = np.random.default_rng(version)
     seq = rng.integers(0, target.config.vocab_size, 24).tolist()
     ref, hid = _reference_outputs(target, cfg, params, seq)
@@ -162,7 +163,7 @@ def test_state_follows_cache_free_reference(target, version):
         bonus=jnp.asarray([seq[n_len + 3]]),
     )
     tstep = TargetStep(tokens=jnp.asarray([[seq[n_len]] + node_tok]), hiddens=fake)
-    st = tspec.commit(params, st, specjax.drafters.base.TreeDraft(tree=tree), tacc, active, tstep)
+    st = tspec.commit(params, st, specjax.engine.protocol.TreeDraft(tree=tree), tacc, active, tstep)
     n_len += 3
     assert int(st.cache.lengths[0]) == n_len
     np.testing.assert_allclose(st.feat[0], ref[n_len - 1], atol=1e-4)
@@ -245,4 +246,4 @@ def test_bad_eagle_input(target, make_hf_model):
             target, [[1, 2, 3]], max_new_tokens=4, drafter=drafters.eagle("/no/such/dir")
         )
     with pytest.raises(ValueError, match="EAGLE version"):
-        E.EagleConfig(version=2, layer=cfg.layer)
+        N.EagleConfig(version=2, layer=cfg.layer)

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 import specjax
 from checkpoints_convert.eagle_hf import CheckpointMismatch, load_eagle_hf, save_eagle_hf
-from specjax.drafters import feature as E
+from specjax.models import eagle as E
 from specjax.models.cache import init_cache
 from specjax.models.llama import Hiddens
 

@@ -32,7 +32,8 @@ from safetensors.torch import save_file
 import specjax
 from checkpoints_convert.eagle_hf import CheckpointMismatch, load_eagle_hf, save_eagle_hf
 from specjax.drafters import feature as E
-from specjax.drafters.base import PrefillInput, TargetPrefill
+from specjax.engine.protocol import PrefillInput, TargetPrefill
+from specjax.models import eagle as N
 from specjax.models.cache import init_cache
 from specjax.models.llama import forward_hidden
 from specjax.sampling import make_sampling
@@ -335,7 +336,7 @@ def reference_chain(step, feats, embed, tokens, first, d2t):
 def specjax_chain(target, cfg, params, tokens, first):
     """specjax's own drafting: EagleSpec.init over the prompt, one greedy propose of K."""
     spec = E.EagleSpec(k=K, eagle=cfg, target_cfg=target.config)
-    bound = E.bind_target(params, target.params)
+    bound = N.bind_target(params, target.params)
     toks = jnp.asarray(tokens, jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     hid, _ = forward_hidden(
@@ -355,7 +356,7 @@ def specjax_chain(target, cfg, params, tokens, first):
     state = spec.init(bound, pre, P + K + 8)
     mode, sp = make_sampling(0.0, None, None)
     draft, _ = spec.propose(bound, state, pre.first, jax.random.key(0), mode, sp)
-    first_logits = E.draft_logits(cfg, bound, state.feat, target.config, full=False)
+    first_logits = N.draft_logits(cfg, bound, state.feat, target.config, full=False)
     return np.asarray(draft.tokens), np.asarray(first_logits)
 
 
@@ -573,7 +574,7 @@ def test_capture_layer_rule_per_producer(target, tmp_path):
         1,
         2,
     )
-    assert load("plain", base.hf_config(target, 3)) == E.default_feature_layers(3)
+    assert load("plain", base.hf_config(target, 3)) == N.default_feature_layers(3)
     assert load("override", sf, capture_layers=[3, 3, 0]) == (3, 3, 0)
     both = base.hf_config(
         target,
@@ -619,9 +620,9 @@ def test_drafter_embedding_is_used_or_refused(target, tmp_path):
             target_embed=target.params["embed"],
         )
     np.testing.assert_array_equal(np.asarray(params["embed"]), own.numpy())
-    bound = E.bind_target(params, target.params)
+    bound = N.bind_target(params, target.params)
     tok = jnp.asarray([[3, 5]])
-    np.testing.assert_array_equal(np.asarray(E.token_embedding(bound, tok)), own.numpy()[[[3, 5]]])
+    np.testing.assert_array_equal(np.asarray(N.token_embedding(bound, tok)), own.numpy()[[[3, 5]]])
     # Written back, the own embedding travels with the drafter.
     save_eagle_hf(tmp_path / "rt", cfg, params, target.config)
     with pytest.warns(UserWarning):
@@ -654,7 +655,7 @@ def test_variant_flags_round_trip(target, tmp_path):
             target.config,
         )
     with pytest.raises(ValueError, match=r"fc_norm exist only in EAGLE-3"):
-        E.EagleConfig(version=1, layer=cfg.layer, fc_norm=True)
+        N.EagleConfig(version=1, layer=cfg.layer, fc_norm=True)
 
 
 def test_unsupported_producer_fields(target, tmp_path):

@@ -627,7 +627,7 @@ def test_repeated_prompts_share_one_prefill(target, monkeypatch, layout):
     per-row prefill: the same tokens and acceptance statistics, greedy and sampled, with an
     EAGLE-3 tree drafter (it starts from the prefill's hidden states and cache), for both cache
     layouts (per-layer buffers, stacked layers)."""
-    from specjax.drafters import feature
+    from specjax.models import eagle as feature
 
     model = target if layout == "unrolled" else target.with_layout("scan")
     a, b = PROMPTS[0], PROMPTS[3]

@@ -127,8 +127,8 @@ def test_hybrid_merge_greedy_equals_ar(target):
 def test_graft_shares_the_common_prefix():
     import jax.numpy as jnp
 
-    from specjax.drafters.base import Tree
     from specjax.drafters.hybrid import _graft
+    from specjax.engine.protocol import Tree
 
     # Model tree: 7 -> (8 -> 9), 5. Chains: [7, 8, 4] shares "7 8" (one new node under 8);
     # [5, 6, 1] shares "5"; [3, 3, 3] shares nothing; the last row has no match (not used).
@@ -253,7 +253,7 @@ def _mixed_tree_tokens(rows: int, rng: np.random.Generator, without_replacement:
     import jax
     import jax.numpy as jnp
 
-    from specjax.drafters.base import Tree
+    from specjax.engine.protocol import Tree
 
     def draw(law, n):  # [n] tokens from one law
         return rng.choice(V_MIX, size=n, p=law)

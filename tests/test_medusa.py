@@ -28,7 +28,6 @@ import pytest
 
 import specjax
 from specjax import drafters
-from specjax.drafters.base import PrefillInput, TargetPrefill, TargetStep, Verified
 from specjax.drafters.medusa_heads import (
     LOSS_DECAY,
     MedusaConfig,
@@ -39,6 +38,7 @@ from specjax.drafters.medusa_heads import (
     init_params,
     medusa_loss,
 )
+from specjax.engine.protocol import PrefillInput, TargetPrefill, TargetStep, Verified
 from specjax.models.llama import Hiddens, lm_head
 from specjax.sampling import make_sampling
 
@@ -320,8 +320,9 @@ def test_trained_heads_are_accepted(target):
     import optax
 
     from specjax.drafters.medusa_heads import bind_target
+    from specjax.models import is_unrolled
     from specjax.models.cache import init_cache
-    from specjax.models.llama import forward_hidden, is_unrolled
+    from specjax.models.llama import forward_hidden
 
     cfg_t, rng = target.config, np.random.default_rng(0)
     prompts = [rng.integers(0, cfg_t.vocab_size, 4).tolist() for _ in range(64)]

@@ -178,7 +178,8 @@ TP_SCRIPT = textwrap.dedent("""
     # model axis divides is split over it (at the default 1 MiB this tiny drafter stays
     # replicated); the program gives the single-device tokens.
     tree = drafters.DynamicTree(nodes=5, depth=3, top_k=2)
-    from specjax.drafters import feature, medusa_heads
+    from specjax.drafters import medusa_heads
+    from specjax.models import eagle as feature
     eagle_cfg = feature.make_config(model.config, 3)
     eagle_params = feature.init_params(eagle_cfg, jax.random.key(0))
     eagle = drafters.eagle((eagle_cfg, eagle_params), tree=tree)

@@ -17,7 +17,7 @@ import pytest
 
 import specjax
 from checkpoints_convert.hf import load_hf_dir, stream_hf_dir
-from specjax.models.llama import unstack_layers
+from specjax.models import unstack_layers
 
 MEASURE = textwrap.dedent("""
     import json, sys

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from specjax.drafters import feature as F
+from specjax.models import eagle as F
 from specjax.models.cache import init_cache
 from specjax.models.llama import forward_hidden
 from specjax.train import data, losses, trainer

@@ -12,8 +12,8 @@ from scipy import stats
 from specjax import api as gen
 from specjax import drafters
 from specjax.drafters import shapes
-from specjax.drafters.base import Tree
 from specjax.engine import accept, tree
+from specjax.engine.protocol import Tree
 
 from conftest import RAGGED_PROMPTS
 

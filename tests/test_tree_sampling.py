@@ -87,11 +87,11 @@ import pytest
 
 import specjax
 from specjax import drafters
-from specjax.drafters.base import Tree
 from specjax.drafters.ngram import NgramState
 from specjax.engine import accept
 from specjax.engine import tree as tree_lib
 from specjax.engine.accept import AcceptRules, TreeAccepted
+from specjax.engine.protocol import Tree
 from specjax.sampling import make_sampling, process_logits
 
 # Shared with the chain-drafter test: statistics helpers and the target / draft model fixture.

@@ -15,7 +15,9 @@ LM drafters draft a chain of k tokens, or a tree: `tree=DynamicTree(...)` (EAGLE
 the draft's confidence) or `tree=StaticTree(choices)` (a fixed Medusa / EAGLE-1 shape, e.g.
 `StaticTree("eagle_small")` from specjax/configs/trees/).
 
-Layout: `base.py` the protocol and records, `shapes.py` tree shapes (validation, growth),
+Layout: the protocol and records a drafter implements live with the engine that drives them
+(`specjax.engine.protocol`: drafters import the engine's contract, the engine never imports a
+drafter); here `shapes.py` tree shapes (validation, growth),
 `registry.py` CLI names -> constructors, `bundled.py` drafters shipped with specjax, then one
 file per drafter (`ngram.py`, `lm.py`: small model and layer skip, `feature.py`: EAGLE-1/2/3,
 `medusa_heads.py`, `cascade.py`: drafters drafting for each other, `horizontal.py`: a cheaper
@@ -38,7 +40,20 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from specjax.drafters import feature as eagle_lib
-from specjax.drafters.base import (
+from specjax.drafters.bundled import BUNDLED_DRAFTERS, bundled_path
+from specjax.drafters.cascade import CascadeSpec, cascade
+from specjax.drafters.horizontal import HorizontalSpec, horizontal
+from specjax.drafters.hybrid import HybridSpec, hybrid
+from specjax.drafters.lm import LMDrafterSpec, LMStaticTreeSpec, LMTreeSpec, layer_skip_params
+
+# `specjax.drafters.NAME` is the constructor: `eagle` and `medusa` live in modules named apart
+# (`feature`, `medusa_heads`); `ngram`, `cascade`, `hybrid` and `horizontal` share their module's
+# name and are defined below the submodule imports, so the attribute is the function (their
+# contents: `from specjax.drafters.ngram import NgramSpec`).
+from specjax.drafters.medusa_heads import MedusaConfig, MedusaHeads, MedusaSpec, MedusaTreeSpec
+from specjax.drafters.ngram import NgramSpec, index_datastore
+from specjax.drafters.shapes import DynamicTree, StaticTree, VerifySizing
+from specjax.engine.protocol import (
     Draft,
     Drafter,
     DrafterSpec,
@@ -49,24 +64,14 @@ from specjax.drafters.base import (
     TreeDraft,
     Verified,
 )
-from specjax.drafters.bundled import BUNDLED_DRAFTERS, bundled_path
-from specjax.drafters.cascade import CascadeSpec, cascade
-from specjax.drafters.horizontal import HorizontalSpec, horizontal
-from specjax.drafters.hybrid import HybridSpec, hybrid
-from specjax.drafters.lm import LMDrafterSpec, LMStaticTreeSpec, LMTreeSpec, layer_skip_params
-
-# Drafter modules whose constructor shares the drafter's name are named apart from it
-# (`feature` for `eagle`, `medusa_heads` for `medusa`): a submodule import would rebind the name.
-from specjax.drafters.medusa_heads import MedusaConfig, MedusaHeads, MedusaSpec, MedusaTreeSpec
-from specjax.drafters.ngram import NgramSpec, index_datastore
-from specjax.drafters.shapes import DynamicTree, StaticTree, VerifySizing
+from specjax.models import eagle as eagle_net
 from specjax.models.config import ModelConfig
 
 if TYPE_CHECKING:
     from specjax.model import Model
 
 # What `eagle` drafts from: an (EagleConfig, params) pair, a checkpoint directory or a bundled name.
-EagleSource = tuple[eagle_lib.EagleConfig, dict] | str | os.PathLike
+EagleSource = tuple[eagle_net.EagleConfig, dict] | str | os.PathLike
 
 
 def ngram(
@@ -274,7 +279,7 @@ def eagle(
                 target_cfg=target.config,
             )
         params = jax_cast(params, target.dtype)
-        return spec, eagle_lib.bind_target(params, target.params)
+        return spec, eagle_net.bind_target(params, target.params)
 
     shape = f"tree={tree}" if tree else f"k={k}"
     return Drafter(name=f"eagle({label}, {shape})", k=tree.nodes if tree else k, binder=bind)
@@ -285,7 +290,7 @@ def _eagle_weights(
     target: Model,
     producer: str | None = None,
     capture_layers: Sequence[int] | None = None,
-) -> tuple[eagle_lib.EagleConfig, dict]:
+) -> tuple[eagle_net.EagleConfig, dict]:
     """-> (EagleConfig, params) for `target` from any accepted `source`."""
     from pathlib import Path
 

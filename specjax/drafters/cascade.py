@@ -46,7 +46,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from specjax.drafters.base import (
+from specjax.drafters.lm import LMDrafterSpec
+from specjax.engine.accept import Accepted, verify_chain
+from specjax.engine.protocol import (
     Draft,
     Drafter,
     DrafterSpec,
@@ -55,8 +57,6 @@ from specjax.drafters.base import (
     TargetStep,
     Verified,
 )
-from specjax.drafters.lm import LMDrafterSpec
-from specjax.engine.accept import Accepted, verify_chain
 from specjax.models import forward
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig

@@ -1,40 +1,12 @@
-"""Feature-level drafters: EAGLE-1/2 and EAGLE-3 (Li et al. 2024, 2025).
-
-One decoder layer drafts on *features* instead of tokens. Drafter slot j holds the pair
-(g_j, x_{j+1}): the feature at position j and the token after it, at RoPE position j. Its output
-o_j estimates the feature at j+1, and the head over o_j gives the token x_{j+2}.
+"""Feature-level drafters: EAGLE-1/2 and EAGLE-3 (Li et al. 2024, 2025), drafting with the
+network of `specjax.models.eagle` (one decoder layer on the target's features; its versions and
+variants are described there).
 
 - committed slots (j < target length) pair the **target's** features with the emitted tokens;
 - draft slots pair the drafter's **own** previous output with the draft token it chose.
 
-Versions (`EagleConfig.version`):
-
-- 1 (EAGLE-1/2): g = the target's final hidden state (after the final norm, what its LM head
-  reads). Attention input = fc([embed(x); g]) + bias, which is also the residual; the layer has
-  no input norm; the target's LM head reads o directly. Trained to regress the next feature
-  plus a token loss.
-- 3 (EAGLE-3): g = fc([h_low; h_mid; h_high]), three target layers fused (no bias). Attention
-  input = [rms(embed(x)); rms(g)] (2D wide), residual g; own final norm and LM head over a draft
-  vocabulary (`d2t` maps draft ids to target ids; tokens outside it get probability 0). Trained
-  on tokens only, with training-time test.
-
-Variants of version 3 published checkpoints carry (all off by default; see
-checkpoints_convert/eagle_hf.py for which producer sets which):
-
-- `fc_norm`: an RMSNorm per captured layer before fc (EAGLE-3.1: SpecForge `fc_norm`,
-  speculators `fc_norm`); `fc_input_norm`: one RMSNorm over the concatenation (speculators
-  `norm_before_fc`, gpt-oss drafters).
-- `norm_before_residual`: the layer's residual is rms(g) instead of g (speculators / vLLM).
-- `feed_normed`: draft slots read the drafter's output *after* its final norm (speculators /
-  vLLM `norm_output`: EAGLE-3.1's remedy for the feature's magnitude drift over draft depth);
-  the head then reads that output as is.
-- `head_norm=False`: the head reads the raw output, no final norm (SpecForge `norm_output:
-  false`).
-
-The target's embedding (and for version 1 its LM head) are shared, never copied: `bind_target`
-adds them to the drafter's params under "target" when `generate` runs. A drafter that drafts
-with an embedding of its own (a checkpoint whose `embed_tokens` differs from the target's and
-whose producer runs it that way) carries it as params["embed"], which then wins.
+The target's embedding (and for version 1 its LM head) are bound when `generate` runs
+(`bind_target`), never copied.
 
 State per row: the drafter's one-layer KV cache whose committed length always equals the
 target's, and `feat` = the drafter output at the last committed slot (it gives the first draft
@@ -51,274 +23,23 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.typing import ArrayLike, DTypeLike
 
-from specjax.drafters.base import Draft, DrafterSpec, TargetPrefill, TargetStep, TreeDraft, Verified
 from specjax.drafters.shapes import VerifySizing, check_dynamic_tree, grow_dynamic_tree
-from specjax.models import Hiddens, lm_head
+from specjax.engine.protocol import (
+    Draft,
+    DrafterSpec,
+    TargetPrefill,
+    TargetStep,
+    TreeDraft,
+    Verified,
+)
 from specjax.models.cache import KVCache, init_cache
 from specjax.models.config import ModelConfig
-
-# An EAGLE drafter is one Llama decoder layer by construction (whatever the target's family).
-from specjax.models.llama import rms_norm, single_layer
+from specjax.models.eagle import EagleConfig, draft_block, draft_logits, target_features
 from specjax.sampling import SamplingMode, argmax, chosen_logp, pick_token, rank_logp
 
 if TYPE_CHECKING:
     import numpy as np
-
-VERSIONS = (1, 3)
-
-
-@dataclasses.dataclass(frozen=True)
-class EagleConfig:
-    """Static shape of an EAGLE drafter (hashable: part of the compiled program)."""
-
-    version: int  # 1 or 3
-    layer: ModelConfig  # the one decoder layer (num_layers=1, hidden size = the target's)
-    feature_layers: tuple = ()  # version 3: HF hidden_states indices fused by fc (low, mid, high)
-    draft_vocab: int = 0  # version 3: size of the drafter's own head (0: the target's head)
-    fc_bias: bool = True  # version 1 (SafeAILab's default)
-    # Version 3 variants (module docstring): where norms sit around fc, the residual and the head.
-    fc_norm: bool = False  # params["fc_norm"] [n, D]: one RMSNorm per captured layer before fc
-    fc_input_norm: bool = False  # params["fc_input_norm"] [n*D]: one RMSNorm over the concat
-    norm_before_residual: bool = False  # residual = rms(g) (hidden_norm) instead of g
-    feed_normed: bool = False  # draft slots read norm(output); the head reads it as is
-    head_norm: bool = True  # the head reads norm(output) (False: the raw output)
-
-    def __post_init__(self) -> None:
-        if self.version not in VERSIONS:
-            raise ValueError(f"EAGLE version must be one of {VERSIONS}, got {self.version!r}")
-        if self.version == 3 and not self.feature_layers:
-            raise ValueError("EAGLE-3 needs feature_layers (the target layers fc fuses)")
-        if self.version == 3 and self.draft_vocab <= 0:
-            raise ValueError(f"EAGLE-3 needs a draft_vocab > 0, got {self.draft_vocab}")
-        v3_only = [
-            f
-            for f in ("fc_norm", "fc_input_norm", "norm_before_residual", "feed_normed")
-            if getattr(self, f)
-        ] + ([] if self.head_norm else ["head_norm=False"])
-        if self.version != 3 and v3_only:
-            raise ValueError(
-                f"{', '.join(v3_only)} exist only in EAGLE-3 drafters; this "
-                f"config has version {self.version}"
-            )
-        if self.feed_normed and not self.head_norm:
-            raise ValueError(
-                "feed_normed feeds the head the normed output; head_norm=False "
-                "(a head without the final norm) contradicts it"
-            )
-
-    @property
-    def hidden(self) -> int:
-        return self.layer.hidden_size
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["layer"] = self.layer.to_dict()
-        d["feature_layers"] = list(self.feature_layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> EagleConfig:
-        d = dict(d)
-        d["layer"] = ModelConfig.from_dict(d["layer"])
-        d["feature_layers"] = tuple(d.get("feature_layers", ()))
-        return cls(**d)
-
-
-def default_feature_layers(num_layers: int) -> tuple:
-    """EAGLE-3's choice: the residual streams entering layers 2, L/2 and L-3 (clamped for tiny
-    models to valid HF hidden_states indices 0..L)."""
-    pick = (2, num_layers // 2, num_layers - 3)
-    return tuple(min(max(i, 0), num_layers) for i in pick)
-
-
-def make_config(
-    target: ModelConfig,
-    version: int = 3,
-    *,
-    intermediate_size: int | None = None,
-    draft_vocab: int | None = None,
-    feature_layers: tuple | None = None,
-) -> EagleConfig:
-    """An EAGLE drafter shaped for `target`: its heads, head size and RoPE, one layer."""
-    layer = dataclasses.replace(
-        target,
-        num_layers=1,
-        sliding_window=None,
-        attention_bias=False,
-        tie_word_embeddings=False,
-        intermediate_size=intermediate_size or target.intermediate_size,
-        shards=1,  # its own weights, in the checkpoint layout (replicated on a mesh)
-    )
-    if version == 1:
-        return EagleConfig(version=1, layer=layer)
-    fl = tuple(feature_layers) if feature_layers else default_feature_layers(target.num_layers)
-    return EagleConfig(
-        version=3,
-        layer=layer,
-        feature_layers=fl,
-        draft_vocab=int(draft_vocab or target.vocab_size),
-        fc_bias=False,
-    )
-
-
-def init_params(
-    cfg: EagleConfig,
-    key: jax.Array,
-    dtype: DTypeLike = jnp.float32,
-    d2t: ArrayLike | None = None,
-) -> dict:
-    """Random drafter params (the target's embedding/head are bound later, not stored).
-
-    `d2t` [draft_vocab]: the target id of each draft-vocabulary entry (version 3; default: the
-    first `draft_vocab` ids)."""
-    L, D = cfg.layer, cfg.hidden
-    H, KV, hd, F = L.num_heads, L.num_kv_heads, L.head_dim, L.intermediate_size
-    keys = iter(jax.random.split(key, 8))
-
-    def dense(shape: tuple[int, int], fan_in: int) -> jax.Array:
-        return (jax.random.normal(next(keys), shape, jnp.float32) / jnp.sqrt(fan_in)).astype(dtype)
-
-    d_in = 2 * D
-    layer = {
-        "wqkv": dense(
-            (d_in if cfg.version == 3 else D, (H + 2 * KV) * hd), d_in if cfg.version == 3 else D
-        ),
-        "wo": dense((H * hd, D), H * hd) * 0.5,
-        "mlp_norm": jnp.ones((D,), dtype),
-        "w_gate_up": dense((D, 2 * F), D),
-        "w_down": dense((F, D), F) * 0.5,
-    }
-    if cfg.version == 1:
-        fc_in = 2 * D
-        p = {"fc": dense((fc_in, D), fc_in), "layer": layer}
-        if cfg.fc_bias:
-            p["fc_b"] = jnp.zeros((D,), dtype)
-        return p
-    layer["embed_norm"] = jnp.ones((D,), dtype)
-    layer["hidden_norm"] = jnp.ones((D,), dtype)
-    n = len(cfg.feature_layers)
-    if d2t is None:
-        d2t = jnp.arange(cfg.draft_vocab, dtype=jnp.int32)
-    p = {
-        "fc": dense((n * D, D), n * D),
-        "layer": layer,
-        "norm": jnp.ones((D,), dtype),
-        "lm_head": dense((D, cfg.draft_vocab), D),
-        "d2t": jnp.asarray(d2t, jnp.int32),
-    }
-    if cfg.fc_norm:
-        p["fc_norm"] = jnp.ones((n, D), dtype)
-    if cfg.fc_input_norm:
-        p["fc_input_norm"] = jnp.ones((n * D,), dtype)
-    return p
-
-
-def bind_target(params: dict, target_params: dict) -> dict:
-    """Drafter params plus the target's shared embedding (and head) under "target"."""
-    shared = {"embed": target_params["embed"]}
-    if "lm_head" in target_params:
-        shared["lm_head"] = target_params["lm_head"]
-    return dict(params, target=shared)
-
-
-# ----------------------------------------------------------------------------- pure functions
-# Shared by inference (below) and training (specjax.train).
-
-
-def target_features(cfg: EagleConfig, params: dict, hiddens: Hiddens) -> jax.Array:
-    """The target's features at each block position [B, T, D] (what committed slots read)."""
-    if cfg.version == 1:
-        return hiddens.last
-    layers = list(hiddens.layers)  # n x [B, T, D] low, mid, high
-    eps = cfg.layer.rms_norm_eps
-    if cfg.fc_norm:  # EAGLE-3.1: each captured layer normed on its own (SpecForge, speculators)
-        layers = [rms_norm(h, params["fc_norm"][i], eps) for i, h in enumerate(layers)]
-    fused = jnp.concatenate(layers, axis=-1)  # [B, T, n*D]
-    if cfg.fc_input_norm:  # speculators `norm_before_fc`: one norm over the concatenation
-        fused = rms_norm(fused, params["fc_input_norm"], eps)
-    return fused @ params["fc"]
-
-
-def token_embedding(params: dict, tokens: jax.Array) -> jax.Array:
-    """The drafter's own embedding when it has one (params["embed"]), else the target's."""
-    table = params["embed"] if "embed" in params else params["target"]["embed"]
-    return table[tokens]
-
-
-def layer_inputs(
-    cfg: EagleConfig,
-    params: dict,
-    feat: jax.Array,
-    tokens: jax.Array,
-    embeds: tuple[jax.Array, jax.Array] | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """-> (residual h [B, T, D], attention input x [B, T, Din]). `embeds` (values [B, T, D],
-    mask [B, T]) replaces the token embeddings where the mask is set: a VLM target's image
-    features at its placeholder tokens, which the drafter then reads as the target did."""
-    e = token_embedding(params, tokens).astype(feat.dtype)
-    if embeds is not None:
-        e = jnp.where(embeds[1][..., None], embeds[0].astype(e.dtype), e)
-    lp, eps = params["layer"], cfg.layer.rms_norm_eps
-    if cfg.version == 1:
-        h = jnp.concatenate([e, feat], axis=-1) @ params["fc"]
-        if "fc_b" in params:
-            h = h + params["fc_b"]
-        return h, h  # layer 0 of EAGLE-1 has no input norm
-    g = rms_norm(feat, lp["hidden_norm"], eps)
-    x = jnp.concatenate([rms_norm(e, lp["embed_norm"], eps), g], axis=-1)
-    return (g if cfg.norm_before_residual else feat), x
-
-
-def draft_block(
-    cfg: EagleConfig,
-    params: dict,
-    feat: jax.Array,
-    tokens: jax.Array,
-    positions: jax.Array,
-    cache: KVCache,
-    *,
-    block_mask: jax.Array | None = None,
-    write_offset: jax.Array | None = None,
-    embeds: tuple[jax.Array, jax.Array] | None = None,
-) -> tuple[jax.Array, KVCache]:
-    """Run the drafter layer over pairs (feat [B, T, D], tokens [B, T]) -> (output features
-    [B, T, D], cache). With `feed_normed` the output is taken after the final norm: it is both
-    what the head reads and what the next draft slot is fed. `embeds`: see `layer_inputs`."""
-    h, x = layer_inputs(cfg, params, feat, tokens, embeds)
-    out, cache = single_layer(
-        cfg.layer,
-        params["layer"],
-        h,
-        x,
-        positions,
-        cache,
-        block_mask=block_mask,
-        write_offset=write_offset,
-    )
-    if cfg.feed_normed:
-        out = rms_norm(out, params["norm"], cfg.layer.rms_norm_eps)
-    return out, cache
-
-
-def draft_logits(
-    cfg: EagleConfig, params: dict, out: jax.Array, target_cfg: ModelConfig, full: bool = True
-) -> jax.Array:
-    """Output features [..., D] -> float32 logits over the target vocabulary [..., V] (version 3:
-    -inf outside the draft vocabulary), or over the draft vocabulary when `full` is False."""
-    if cfg.version == 1:
-        return lm_head(params["target"], target_cfg, out)
-    if cfg.head_norm and not cfg.feed_normed:  # feed_normed: `out` is normed already
-        out = rms_norm(out, params["norm"], cfg.layer.rms_norm_eps)
-    logits = (out @ params["lm_head"]).astype(jnp.float32)
-    if not full:
-        return logits
-    flat = logits.reshape(-1, logits.shape[-1])
-    big = jnp.full((flat.shape[0], target_cfg.vocab_size), -jnp.inf, jnp.float32)
-    big = big.at[:, params["d2t"]].set(flat)
-    return big.reshape(logits.shape[:-1] + (target_cfg.vocab_size,))
-
 
 # ----------------------------------------------------------------------------- the drafter
 

@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from specjax.drafters.base import (
+from specjax.drafters.feature import EagleSpec
+from specjax.drafters.ngram import NgramSpec, NgramState
+from specjax.engine.protocol import (
     Draft,
     Drafter,
     DrafterSpec,
@@ -38,8 +40,6 @@ from specjax.drafters.base import (
     TargetStep,
     Verified,
 )
-from specjax.drafters.feature import EagleSpec
-from specjax.drafters.ngram import NgramSpec, NgramState
 from specjax.models.config import ModelConfig
 
 if TYPE_CHECKING:

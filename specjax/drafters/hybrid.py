@@ -47,7 +47,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from specjax.drafters.base import (
+from specjax.drafters.feature import EagleSpec
+from specjax.drafters.ngram import NgramSpec
+from specjax.engine.protocol import (
     Draft,
     Drafter,
     DrafterSpec,
@@ -58,8 +60,6 @@ from specjax.drafters.base import (
     TreeDraft,
     Verified,
 )
-from specjax.drafters.feature import EagleSpec
-from specjax.drafters.ngram import NgramSpec
 from specjax.models.config import ModelConfig
 
 if TYPE_CHECKING:

@@ -22,15 +22,6 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from specjax.drafters.base import (
-    Draft,
-    DrafterSpec,
-    TargetPrefill,
-    TargetStep,
-    Tree,
-    TreeDraft,
-    Verified,
-)
 from specjax.drafters.shapes import (
     StaticSchedule,
     VerifySizing,
@@ -39,6 +30,15 @@ from specjax.drafters.shapes import (
     dynamic_pool_size,
     grow_dynamic_tree,
     static_tree_schedule,
+)
+from specjax.engine.protocol import (
+    Draft,
+    DrafterSpec,
+    TargetPrefill,
+    TargetStep,
+    Tree,
+    TreeDraft,
+    Verified,
 )
 from specjax.models import forward, is_unrolled
 from specjax.models.cache import KVCache, gather_slots, init_cache

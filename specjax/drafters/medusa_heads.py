@@ -32,7 +32,8 @@ import numpy as np
 from flax import struct
 from jax.typing import DTypeLike
 
-from specjax.drafters.base import (
+from specjax.drafters.shapes import check_static_tree, tree_depths
+from specjax.engine.protocol import (
     Draft,
     DrafterSpec,
     TargetPrefill,
@@ -41,12 +42,11 @@ from specjax.drafters.base import (
     TreeDraft,
     Verified,
 )
-
-# Shared with EAGLE: the target's embedding and LM head go under params["target"].
-from specjax.drafters.feature import bind_target  # noqa: F401  (re-exported)
-from specjax.drafters.shapes import check_static_tree, tree_depths
 from specjax.models import lm_head
 from specjax.models.config import ModelConfig
+
+# Shared with EAGLE: the target's embedding and LM head go under params["target"].
+from specjax.models.eagle import bind_target  # noqa: F401  (re-exported)
 from specjax.sampling import SamplingMode, pick_token, process_logits
 
 LOSS_DECAY = 0.8  # Medusa's per-head loss weight decay: head i is weighted 0.8**i

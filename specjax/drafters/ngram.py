@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from specjax.drafters.base import (
+from specjax.engine.protocol import (
     Draft,
     DrafterSpec,
     Params,

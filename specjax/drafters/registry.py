@@ -11,8 +11,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from specjax.drafters.base import Drafter
 from specjax.drafters.shapes import DynamicTree, StaticTree
+from specjax.engine.protocol import Drafter
 
 if TYPE_CHECKING:
     from specjax.model import Model
@@ -193,6 +193,12 @@ def _dynamic(tree: DynamicTree | None, k: int | None, default: dict | None = Non
     return tree or DynamicTree(**dict(default, nodes=_or(k, default.get("nodes", 8))))
 
 
+def eagle_tree(tree: DynamicTree | None, k: int | None) -> DynamicTree:
+    """The dynamic tree an EAGLE tree entry drafts: `tree` when given, else `EAGLE_TREE` with
+    `k` nodes when given (`eagle3_tree@7`)."""
+    return _dynamic(tree, k, EAGLE_TREE)
+
+
 def _layer_skip(is_tree: bool) -> Callable[..., Drafter]:
     def make(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
         from specjax.drafters import layer_skip
@@ -215,26 +221,12 @@ def _small_model(is_tree: bool) -> Callable[..., Drafter]:
     return make
 
 
-def _eagle(kind: str, is_tree: bool, sized: bool = False) -> Callable[..., Drafter]:
+def _eagle(kind: str, is_tree: bool) -> Callable[..., Drafter]:
     def make(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
         from specjax.drafters import eagle
 
         src = arg or bundled_for(kind, model)
-        if not sized:
-            return eagle(
-                src, k=_or(k, 4), tree=_dynamic(tree, k, EAGLE_TREE) if is_tree else None, name=src
-            )
-        # The tree verified per step only as far as it is worth it, at this device's step
-        # costs (measured on `model` once, then cached: `autotune.cached_sizing`).
-        from specjax.autotune import cached_sizing
-
-        if model is None:
-            raise ValueError(f"drafter '{kind}_tree_sized' needs the target model (it measures)")
-        shape = _dynamic(tree, k, EAGLE_TREE)
-        build = lambda t: eagle(src, tree=t, name=src)  # noqa: E731
-        label = f"{kind}_tree:{src}" if isinstance(src, str) else f"{kind}_tree"
-        sizing = cached_sizing(model, label, build, shape)
-        return build(dataclasses.replace(shape, sizing=sizing))
+        return eagle(src, k=_or(k, 4), tree=eagle_tree(tree, k) if is_tree else None, name=src)
 
     return make
 
@@ -247,16 +239,6 @@ def _medusa(is_tree: bool) -> Callable[..., Drafter]:
         return medusa(src, k=k, tree=StaticTree(MEDUSA_TREE) if is_tree else None)
 
     return make
-
-
-def _auto(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter | None:
-    """The drafter measured fastest for `model` on this device (`autotune.choose_drafter`);
-    None (plain decoding) when none beats it. `k` is not used: each candidate has its own."""
-    from specjax.autotune import auto_drafter
-
-    if model is None:
-        raise ValueError("drafter 'auto' needs the target model (it measures on it)")
-    return auto_drafter(model)
 
 
 register(DrafterEntry("ngram", _ngram, arg="BRANCHES", arg_type=_positive_int, tree=True))
@@ -276,12 +258,12 @@ register(DrafterEntry("model", _small_model(False), arg="PATH", arg_required=Tru
 register(DrafterEntry("model_tree", _small_model(True), arg="PATH", arg_required=True, tree=True))
 register(DrafterEntry("eagle3", _eagle("eagle3", False), arg="PATH"))
 register(DrafterEntry("eagle3_tree", _eagle("eagle3", True), arg="PATH", tree=True))
-register(DrafterEntry("eagle3_tree_sized", _eagle("eagle3", True, sized=True), arg="PATH"))
 register(DrafterEntry("eagle", _eagle("eagle", False), arg="PATH"))
 register(DrafterEntry("eagle_tree", _eagle("eagle", True), arg="PATH", tree=True))
 register(DrafterEntry("medusa", _medusa(False), arg="PATH"))
 register(DrafterEntry("medusa_tree", _medusa(True), arg="PATH"))
-register(DrafterEntry("auto", _auto))
+# The entries that measure on the device ("auto", "eagle3_tree_sized") are registered by
+# `specjax.autotune`, which measures (imported with the package).
 
 CASCADE = "cascade"
 

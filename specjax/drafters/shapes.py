@@ -7,7 +7,7 @@
   (`check_dynamic_tree`) and the growth itself (`grow_dynamic_tree`), shared by every drafter that
   returns a distribution (LM drafters, EAGLE).
 
-The tree a drafter hands the engine is a `specjax.drafters.base.Tree` record; the structure the
+The tree a drafter hands the engine is a `specjax.engine.protocol.Tree` record; the structure the
 engine derives from it for verification (masks, positions, paths) lives in `specjax.engine.tree`.
 """
 
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.drafters.base import Tree
+from specjax.engine.protocol import Tree
 
 
 @dataclasses.dataclass(frozen=True)

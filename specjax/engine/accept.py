@@ -29,7 +29,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from specjax.drafters.base import Tree
+from specjax.engine.protocol import Tree
 from specjax.engine.tree import ancestor_matrix, path_to
 from specjax.sampling import SamplingMode, argmax, process_logits
 

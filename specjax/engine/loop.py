@@ -17,8 +17,8 @@ import collections
 import jax
 import jax.numpy as jnp
 
-from specjax.drafters.base import Params, PrefillInput, TargetPrefill, Verified
 from specjax.engine import xla
+from specjax.engine.protocol import Params, PrefillInput, TargetPrefill, Verified
 from specjax.engine.state import EngineConfig, LoopState, PrefillConfig
 from specjax.engine.verify import verify, verify_index
 from specjax.models import Hiddens, forward, is_unrolled

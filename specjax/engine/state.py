@@ -8,8 +8,8 @@ from typing import Any
 import jax
 from flax import struct
 
-from specjax.drafters.base import DrafterSpec
 from specjax.engine.accept import DEFAULT_RULES, AcceptRules
+from specjax.engine.protocol import DrafterSpec
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
 from specjax.sampling import SamplingMode

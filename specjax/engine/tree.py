@@ -1,6 +1,6 @@
 """What the engine derives from a draft tree's `parents` to verify it.
 
-A tree of N draft nodes per row (`specjax.drafters.base.Tree`) continues the row's newest token
+A tree of N draft nodes per row (`specjax.engine.protocol.Tree`) continues the row's newest token
 `last` (the root, block index 0); node i sits at block index i + 1. A chain of K tokens is the
 tree with parents[i] = i - 1. From `parents` come the ancestor-or-self attention mask over the
 verify block, position ids (`position of last + depth`) and the root-to-node paths used to commit

@@ -17,8 +17,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from specjax.drafters.base import Draft, TargetStep, TreeDraft, Verified
 from specjax.engine import tree as tree_lib
+from specjax.engine.protocol import Draft, TargetStep, TreeDraft, Verified
 from specjax.engine.state import EngineConfig, LoopState
 from specjax.models import forward
 from specjax.models.cache import BlockKV, KVCache, gather_slots, pad_block, write_kv
@@ -108,9 +108,13 @@ def _tree_accept(
     if ec.mode.greedy:
         acc = ec.rules.tree_greedy(logits, t, D)
     else:
-        # No drafter samples siblings without replacement today (the rule supports it).
         acc = ec.rules.tree_sampling(
-            key, process_logits(logits, ec.mode, sp), t, draft.child_logp, D, False
+            key,
+            process_logits(logits, ec.mode, sp),
+            t,
+            draft.child_logp,
+            D,
+            ec.drafter.siblings_without_replacement,
         )
     tokens = jnp.take_along_axis(t.tokens, jnp.maximum(acc.path, 0), axis=1)  # [B, D]
     return Verified(tokens=tokens, n=acc.n, bonus=acc.bonus, path=acc.path)

@@ -2,7 +2,9 @@
 
     config.py   ModelConfig (frozen, hashable: a static jit argument)
     family.py   the family registry and the forward / forward_hidden / lm_head that dispatch on
-                cfg.model_type (what the engine, drafters, trainer and converters call)
+                cfg.model_type (what the engine, drafters, trainer and converters call); the
+                param layouts (unrolled / stacked layers) and orientations every family shares
+    eagle.py    the EAGLE drafter network (one Llama decoder layer on the target's features)
     llama.py    the Llama family (Llama, Mistral, Qwen2), registered under those model_types
     cache.py    the static-shape KV cache
 
@@ -10,7 +12,7 @@ A new family: a module like llama.py that calls `register_family(...)`, imported
 """
 
 from specjax.models import llama  # noqa: F401  (registers llama, mistral, qwen2)
-from specjax.models.cache import KVCache, init_cache
+from specjax.models.cache import KVCache, full_logits, init_cache
 from specjax.models.config import ModelConfig, RopeScaling
 from specjax.models.family import (
     FAMILIES,
@@ -19,9 +21,11 @@ from specjax.models.family import (
     family_of,
     forward,
     forward_hidden,
+    is_unrolled,
     lm_head,
+    stack_layers,
+    unstack_layers,
 )
-from specjax.models.llama import full_logits, is_unrolled
 
 __all__ = [
     "FAMILIES",
@@ -37,4 +41,6 @@ __all__ = [
     "init_cache",
     "is_unrolled",
     "lm_head",
+    "stack_layers",
+    "unstack_layers",
 ]

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import DTypeLike
 
 from specjax.models.config import ModelConfig
+from specjax.models.family import forward, is_unrolled
 
 
 @struct.dataclass
@@ -165,3 +166,13 @@ def constrain_cache(cache: KVCache, sharding: NamedSharding | None) -> KVCache:
         return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, spec))
 
     return cache.replace(k=jax.tree.map(pin, cache.k), v=jax.tree.map(pin, cache.v))
+
+
+def full_logits(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Logits [B, T, V] of a full causal forward over `tokens` in a fresh cache (for tests and
+    users)."""
+    B, T = tokens.shape
+    cache = init_cache(cfg, B, T, params["embed"].dtype, per_layer=is_unrolled(params))
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    logits, _, _ = forward(params, cfg, tokens, positions, cache, fresh=True)
+    return logits

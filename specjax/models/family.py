@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 if TYPE_CHECKING:  # both import this module
     from specjax.models.cache import KVCache
@@ -32,6 +33,9 @@ class Hiddens(NamedTuple):
     # i < num_layers; HF's `hidden_states[num_layers]` is post-norm, i.e. `last`. None if none.
     layers: jax.Array | None
 
+
+# How layer matrices are stored: "in_out" ([in, out], checkpoints) or "out_in" (`Family.orient`).
+ORIENTATIONS = ("in_out", "out_in")
 
 # Family name -> Family; filled by the family modules (imported by `specjax.models`).
 FAMILIES: dict[str, Family] = {}
@@ -50,6 +54,38 @@ class Family:
     ]  # (params, cfg, tokens, positions, cache, **kw) -> (logits, hiddens, cache)
     forward_hidden: Callable[..., Any]  # the same without the head -> (hiddens, cache)
     lm_head: Callable[..., Any]  # (params, cfg, h [..., D]) -> float32 logits [..., V]
+    # Layer matrices the family may store [out, in] (faster products of a few rows on CPU):
+    # checkpoint name -> the name it has when stored transposed. The key says the orientation,
+    # so params carry it with no config field.
+    out_in_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def orientation(self, params: dict) -> str:
+        """ "out_in" when the layer matrices are stored [out, in] (`out_in_names`), else
+        "in_out" (the checkpoint orientation)."""
+        lp = params["layers"][0] if is_unrolled(params) else params["layers"]
+        return "out_in" if any(n in lp for n in self.out_in_names.values()) else "in_out"
+
+    def oriented_leaf(self, name: str, w: Any, to: str) -> tuple[str, Any]:
+        """One layer leaf (name, array) stored as `to` says: a layer matrix in the other
+        orientation is renamed and transposed (numpy: a view), anything else is returned as is."""
+        names = self.out_in_names
+        names = names if to == "out_in" else {v: k for k, v in names.items()}
+        return (names[name], w.swapaxes(-1, -2)) if name in names else (name, w)
+
+    def orient(self, params: dict, to: str) -> dict:
+        """The same params with the layer matrices stored as `to` says ("in_out": [in, out], the
+        checkpoint orientation; "out_in": [out, in]). Either layout."""
+        if to not in ORIENTATIONS:
+            raise ValueError(f"unknown weight orientation {to!r}; valid: {', '.join(ORIENTATIONS)}")
+        if self.orientation(params) == to:
+            return params
+
+        def layer(lp: dict) -> dict:
+            return dict(self.oriented_leaf(n, w, to) for n, w in lp.items())
+
+        layers = params["layers"]
+        layers = [layer(lp) for lp in layers] if is_unrolled(params) else layer(layers)
+        return dict(params, layers=layers)
 
 
 def register_family(family: Family) -> Family:
@@ -82,3 +118,28 @@ def forward_hidden(
 def lm_head(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     """Hidden states [..., D] -> float32 logits [..., V]."""
     return family_of(cfg).lm_head(params, cfg, h)
+
+
+# ----------------------------------------------------------------------------- param layouts
+# Every family keeps its decoder layers under params["layers"]: a list of per-layer dicts (the
+# unrolled layout) or one dict of arrays stacked on a leading axis (the scan layout).
+
+
+def is_unrolled(params: dict) -> bool:
+    return isinstance(params["layers"], (list, tuple))
+
+
+def unstack_layers(params: dict) -> dict:
+    """Stacked layers {name: [L, ...]} -> a list of L per-layer dicts (the unrolled layout)."""
+    if is_unrolled(params):
+        return params
+    L = jax.tree.leaves(params["layers"])[0].shape[0]
+    layers = params["layers"]
+    return dict(params, layers=[jax.tree.map(lambda x, i=i: x[i], layers) for i in range(L)])
+
+
+def stack_layers(params: dict) -> dict:
+    """Inverse of `unstack_layers` (the scan layout, also the checkpoint layout)."""
+    if not is_unrolled(params):
+        return params
+    return dict(params, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"]))

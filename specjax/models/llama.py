@@ -13,7 +13,7 @@ step; see `forward_hidden`):
     lm_head      [D, V]          (absent when cfg.tie_word_embeddings: the head is embed.T)
 
 The four layer matrices may instead be stored transposed, [out, in], under the names
-`OUT_IN_NAMES` gives ("wqkv_t", ...): the "out_in" orientation (`orient`), the default on CPU,
+`OUT_IN_NAMES` gives ("wqkv_t", ...): the "out_in" orientation (`Family.orient`), CPU's default,
 where a product of 2-16 rows against an [out, in] matrix runs ~20% faster as a row reduction
 than XLA's small-M matrix product (see `linear`). The names say the orientation, so a traced
 function knows it from the pytree's structure.
@@ -35,7 +35,7 @@ import numpy as np
 from pallas_kernels import tree_attention
 from specjax.models.cache import BlockKV, KVCache, write_block
 from specjax.models.config import ModelConfig
-from specjax.models.family import Family, Hiddens, register_family
+from specjax.models.family import Family, Hiddens, is_unrolled, register_family
 
 ATTENTION_IMPLS = ("xla", "pallas")
 # Query block of a causal prefill (`_causal_blocks`); 0 computes the full T x T scores.
@@ -46,7 +46,6 @@ PREFILL_BLOCK = 128
 
 # The layer matrices and their names when stored [out, in] (the "out_in" orientation).
 OUT_IN_NAMES = {"wqkv": "wqkv_t", "wo": "wo_t", "w_gate_up": "w_gate_up_t", "w_down": "w_down_t"}
-ORIENTATIONS = ("in_out", "out_in")
 # Rows (batch x block tokens) for which `linear` writes a product against an [out, in] matrix as
 # a row reduction on CPU. XLA CPU runs it as one YNNPACK reduce kernel that reads the matrix
 # once for up to 8 rows (twice for 9-16), where its matrix-product kernel for 2+ rows runs far
@@ -586,55 +585,6 @@ def single_layer(
     return h, cache.replace(k=(ck,), v=(cv,))
 
 
-def is_unrolled(params: dict) -> bool:
-    return isinstance(params["layers"], (list, tuple))
-
-
-def unstack_layers(params: dict) -> dict:
-    """Stacked layers {name: [L, ...]} -> a list of L per-layer dicts (the unrolled layout)."""
-    if is_unrolled(params):
-        return params
-    L = jax.tree.leaves(params["layers"])[0].shape[0]
-    layers = params["layers"]
-    return dict(params, layers=[jax.tree.map(lambda x, i=i: x[i], layers) for i in range(L)])
-
-
-def stack_layers(params: dict) -> dict:
-    """Inverse of `unstack_layers` (the scan layout, also the checkpoint layout)."""
-    if not is_unrolled(params):
-        return params
-    return dict(params, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"]))
-
-
-def orientation(params: dict) -> str:
-    """ "out_in" when the layer matrices are stored [out, in] (`OUT_IN_NAMES`), else "in_out"."""
-    lp = params["layers"] if not is_unrolled(params) else params["layers"][0]
-    return "out_in" if OUT_IN_NAMES["wqkv"] in lp else "in_out"
-
-
-def oriented_leaf(name: str, w: Any, to: str) -> tuple[str, Any]:
-    """One layer leaf (name, array) stored as `to` says: a layer matrix in the other orientation
-    is renamed and transposed (numpy: a view), anything else is returned as is."""
-    names = OUT_IN_NAMES if to == "out_in" else {v: k for k, v in OUT_IN_NAMES.items()}
-    return (names[name], w.swapaxes(-1, -2)) if name in names else (name, w)
-
-
-def orient(params: dict, to: str) -> dict:
-    """The same params with the layer matrices stored as `to` says ("in_out": [in, out], the
-    checkpoint orientation; "out_in": [out, in], see `ROW_REDUCE_ROWS`). Either layout."""
-    if to not in ORIENTATIONS:
-        raise ValueError(f"unknown weight orientation {to!r}; valid: {', '.join(ORIENTATIONS)}")
-    if orientation(params) == to:
-        return params
-
-    def layer(lp: dict) -> dict:
-        return dict(oriented_leaf(n, w, to) for n, w in lp.items())
-
-    layers = params["layers"]
-    layers = [layer(lp) for lp in layers] if is_unrolled(params) else layer(layers)
-    return dict(params, layers=layers)
-
-
 def lm_head(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     """[..., D] -> float32 logits [..., V]."""
     if cfg.tie_word_embeddings:
@@ -686,17 +636,6 @@ def forward(
     if logits_at is not None:
         h = jnp.take_along_axis(h, logits_at[..., None], axis=1)  # [B, M, D]
     return lm_head(params, cfg, h), hiddens, cache
-
-
-def full_logits(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
-    """Logits [B, T, V] of a full causal forward with no cache (for tests and users)."""
-    from specjax.models.cache import init_cache
-
-    B, T = tokens.shape
-    cache = init_cache(cfg, B, T, params["embed"].dtype, per_layer=is_unrolled(params))
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    logits, _, _ = forward(params, cfg, tokens, positions, cache, fresh=True)
-    return logits
 
 
 # ----------------------------------------------------------------------------- the families
@@ -755,5 +694,6 @@ for _name, _fields in (
             forward=forward,
             forward_hidden=forward_hidden,
             lm_head=lm_head,
+            out_in_names=OUT_IN_NAMES,
         )
     )

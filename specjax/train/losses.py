@@ -1,7 +1,8 @@
-"""EAGLE training losses, built on the drafter's own inference code (`feature.draft_block`), so
-training and drafting cannot disagree about inputs, positions or masks.
+"""EAGLE training losses, built on the drafter's own inference code
+(`specjax.models.eagle.draft_block`), so training and drafting cannot disagree about inputs,
+positions or masks.
 
-Notation: a sequence x_0..x_{S-1}; target features g_j (`feature.target_features`) and the
+Notation: a sequence x_0..x_{S-1}; target features g_j (`eagle.target_features`) and the
 target's next-token logits l_j (predicting x_{j+1}) at every position. Row j of step 0 feeds
 (g_j, x_{j+1}); its output o_j should predict x_{j+2}, i.e. match l_{j+1}.
 
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.drafters import feature as F
+from specjax.models import eagle as F
 from specjax.models.cache import init_cache
 from specjax.models.config import ModelConfig
 from specjax.models.family import Hiddens

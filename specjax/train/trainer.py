@@ -41,7 +41,7 @@ from specjax.train.features import FeatureStore, cache_features
 if TYPE_CHECKING:
     from orbax.checkpoint import CheckpointManager
 
-    from specjax.drafters.base import Drafter
+    from specjax.engine.protocol import Drafter
     from specjax.model import Model
     from specjax.paths import StrPath
     from specjax.train.recipes import LossFn, Recipe

@@ -25,8 +25,8 @@ from specjax.train.recipes.medusa import Medusa
 if TYPE_CHECKING:
     import numpy as np
 
-    from specjax.drafters.base import Drafter
     from specjax.drafters.shapes import DynamicTree, StaticTree
+    from specjax.engine.protocol import Drafter
     from specjax.model import Model
     from specjax.models.config import ModelConfig
     from specjax.paths import StrPath

@@ -13,16 +13,16 @@ import jax
 import jax.numpy as jnp
 
 from specjax import drafters
-from specjax.drafters import feature as F
 from specjax.models import Hiddens, lm_head
+from specjax.models import eagle as F
 from specjax.train.losses import eagle_loss
 
 if TYPE_CHECKING:
     import numpy as np
     from jax.typing import DTypeLike
 
-    from specjax.drafters.base import Drafter
     from specjax.drafters.shapes import DynamicTree
+    from specjax.engine.protocol import Drafter
     from specjax.model import Model
     from specjax.models.config import ModelConfig
     from specjax.paths import StrPath

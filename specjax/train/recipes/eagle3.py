@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.drafters import feature as F
 from specjax.models import Hiddens
+from specjax.models import eagle as F
 from specjax.train import data as data_lib
 from specjax.train.recipes.eagle import Eagle
 

@@ -18,8 +18,8 @@ from specjax.drafters import medusa_heads
 from specjax.drafters.medusa_heads import MedusaConfig
 
 if TYPE_CHECKING:
-    from specjax.drafters.base import Drafter
     from specjax.drafters.shapes import StaticTree
+    from specjax.engine.protocol import Drafter
     from specjax.model import Model
     from specjax.models.config import ModelConfig
     from specjax.paths import StrPath

@@ -182,6 +182,11 @@ class DrafterSpec:
     # A chain drafter proposes k tokens and can have all k accepted. A tree drafter proposes k
     # nodes (`is_tree`), of which at most `max_accept` (the tree depth) lie on one path.
     is_tree = False
+    # A tree drafter that samples children (`TreeDraft.child_logp` set) says how it drew
+    # siblings, so that the verifier's rejection rule matches: False i.i.d. from q (SpecInfer),
+    # True without replacement (q renormalised without each drawn token, as Gumbel-top-k draws;
+    # Jeon et al.). Deterministic candidates (`child_logp` None) ignore it.
+    siblings_without_replacement = False
 
     @property
     def nodes(self) -> int:
