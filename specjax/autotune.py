@@ -37,11 +37,13 @@ if TYPE_CHECKING:
 
 DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32)
 # Small trees first: on a 2-core CPU a verify block of 32 tokens costs ~3x one of 1 token.
+# Node counts one below a multiple of 8: with the root, verify blocks of 8 and 16 tokens (on CPU
+# a product of up to 8 rows reads each weight once, `llama.ROW_REDUCE_ROWS`).
 DEFAULT_CANDIDATES = (
     DynamicTree(nodes=4, depth=3, top_k=2),
-    DynamicTree(nodes=8, depth=4, top_k=3),
-    DynamicTree(nodes=12, depth=5, top_k=3),
-    DynamicTree(nodes=16, depth=6, top_k=4),
+    DynamicTree(nodes=7, depth=4, top_k=3),
+    DynamicTree(nodes=11, depth=5, top_k=3),
+    DynamicTree(nodes=15, depth=6, top_k=4),
 )
 
 

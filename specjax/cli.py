@@ -474,7 +474,7 @@ def _parse_candidates(text: str) -> tuple[DynamicTree, ...]:
     for c in (c for c in text.split(",") if c.strip()):
         parts = c.split(":")
         if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-            raise SystemExit(f"bad tree candidate {c!r}: expected NODES:DEPTH:TOP_K, e.g. 8:4:3")
+            raise SystemExit(f"bad tree candidate {c!r}: expected NODES:DEPTH:TOP_K, e.g. 7:4:3")
         try:
             out.append(DynamicTree(*(int(p) for p in parts)))
         except ValueError as e:
@@ -675,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument(
         "--candidates",
         default=None,
-        help="comma-separated NODES:DEPTH:TOP_K (default: 4:3:2,8:4:3,12:5:3,16:6:4)",
+        help="comma-separated NODES:DEPTH:TOP_K (default: 4:3:2,7:4:3,11:5:3,15:6:4)",
     )
     tt.add_argument(
         "--questions",

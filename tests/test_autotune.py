@@ -330,17 +330,18 @@ def test_sized_eagle3_tree_by_name(model, tmp_path, monkeypatch):
     from specjax.drafters import VerifySizing, registry
 
     monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
-    want = VerifySizing((1, 2, 4, 8), (10.0, 11.0, 12.0, 13.0, 15.0))
+    sizes = autotune.default_verify_sizes(registry.EAGLE_TREE["nodes"])  # the default tree's
+    want = VerifySizing(sizes, (10.0, 11.0, 12.0, 13.0, 15.0))
     monkeypatch.setattr(
         autotune,
         "measure_sizing",
-        lambda *a, **k: (want, {"sizes": [1, 2, 4, 8], "costs_ms": list(want.costs)}),
+        lambda *a, **k: (want, {"sizes": list(sizes), "costs_ms": list(want.costs)}),
     )
     monkeypatch.setattr(
         registry, "bundled_for", lambda kind, m: random_eagle(model, 3, draft_vocab=64)
     )
     d = registry.make("eagle3_tree_sized", None, model)
     spec, _ = d.bind(model)
-    assert spec.sizing == want and spec.verify_sizes == (1, 2, 4, 8)
+    assert spec.sizing == want and spec.verify_sizes == sizes == (1, 2, 4, 7)
     with pytest.raises(ValueError, match="needs the target model"):
         registry.make("eagle3_tree_sized", None, None)

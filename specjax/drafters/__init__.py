@@ -3,7 +3,7 @@
     specjax.drafters.ngram(max_ngram=4, k=8)
     specjax.drafters.small_model(model_b, k=5)
     specjax.drafters.layer_skip(layers=8, k=4)
-    specjax.drafters.eagle("smollm2-135m-eagle3", tree=DynamicTree(nodes=8, depth=4, top_k=3))
+    specjax.drafters.eagle("smollm2-135m-eagle3", tree=DynamicTree(nodes=7, depth=4, top_k=3))
     specjax.drafters.medusa("smollm2-135m-medusa", tree=StaticTree("eagle_small"))
     specjax.drafters.cascade([ngram(k=2), layer_skip(layers=8, k=4)])  # A -> B -> target
     specjax.drafters.hybrid(ngram(k=6), eagle("smollm2-135m-eagle3", tree=...))  # SAM switch

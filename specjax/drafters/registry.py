@@ -20,8 +20,11 @@ if TYPE_CHECKING:
 # Medusa's static tree when none is given (depth 4: needs 4 heads).
 MEDUSA_TREE = "eagle_small"
 # The EAGLE tree shape used when none is given: measured best on the 2-core CPU for SmolLM2
-# (see README, `specjax tune-tree --drafter eagle3_tree`).
-EAGLE_TREE = dict(nodes=8, depth=4, top_k=3)
+# (`specjax tune-tree --drafter eagle3_tree --candidates 4:3:2,6:4:3,7:4:3,8:4:3,11:5:3,15:5:4
+# --limit 16 --max-new-tokens 96 --repeats 2` on the package's tuning questions, 2026-12-05:
+# 7 nodes 42.0 tok/s, 8 nodes 33.8; with the root a verify block of 8 tokens, which CPU's
+# row-reduction kernel reads the weights once for, `llama.ROW_REDUCE_ROWS`).
+EAGLE_TREE = dict(nodes=7, depth=4, top_k=3)
 
 
 @dataclasses.dataclass(frozen=True)
