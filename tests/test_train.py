@@ -118,6 +118,21 @@ def test_resume_gives_the_same_loss_curve(target, dataset, tmp_path):
     _, p_warm, _ = trainer.train(target, warm, ds, tmp_path / "w", progress=False, stop_after=0)
     for a, b in zip(jax.tree.leaves(p_full), jax.tree.leaves(p_warm)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A warm start from the exported drafter (what survives a new machine) begins from the same
+    # params, draft vocabulary included, whatever this run's draft_vocab says.
+    exported = small(init_from=str(tmp_path / "a" / "drafter"), draft_vocab=32)
+    _, p_exp, _ = trainer.train(target, exported, ds, tmp_path / "e", progress=False, stop_after=0)
+    assert jax.tree.structure(p_exp) == jax.tree.structure(p_full)
+    for a, b in zip(jax.tree.leaves(p_full), jax.tree.leaves(p_exp)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    with pytest.raises(trainer.CheckpointError, match="another drafter shape"):
+        trainer.train(
+            target,
+            small(init_from=str(tmp_path / "a" / "drafter"), intermediate_size=20),
+            ds,
+            tmp_path / "z",
+            progress=False,
+        )
     with pytest.raises(trainer.CheckpointError, match="no checkpoint"):
         trainer.train(
             target, small(init_from=str(tmp_path / "none")), ds, tmp_path / "x", progress=False

@@ -37,6 +37,7 @@ import optax
 from specjax.train import data as data_lib
 from specjax.train import recipes
 from specjax.train.features import FeatureStore, cache_features
+from specjax.train.recipes.eagle import is_export
 
 if TYPE_CHECKING:
     from orbax.checkpoint import CheckpointManager
@@ -76,9 +77,11 @@ class TrainConfig:
     eval_every: int = 0  # tau on held-out prompts every N steps (0: at the end only)
     eval_prompts: int = 16
     eval_new_tokens: int = 64
-    # Warm start: another run directory of the same kind, drafter shape and dataset; this run
-    # starts from the params of its latest checkpoint (fresh optimizer state and schedule), so a
-    # finished run can train on with a new schedule (more epochs, another learning rate).
+    # Warm start: another run directory of the same kind, drafter shape and dataset (this run
+    # starts from the params of its latest checkpoint), or a drafter exported in the kind's
+    # format (a run's `drafter/`, a shipped one in specjax/weights/: EAGLE-3 then keeps its draft
+    # vocabulary, so new data can continue it). Fresh optimizer state and schedule, so a
+    # finished drafter can train on with new data, more epochs or another learning rate.
     init_from: str | None = None
 
     def __post_init__(self) -> None:
@@ -190,23 +193,41 @@ def _restore(
 
 
 def _warm_start(
-    src: Path, params: dict, opt_state: optax.OptState, frozen: tuple[str, ...]
+    src: Path, params: dict, opt_state: optax.OptState, recipe: Recipe, target: Model
 ) -> dict:
-    """The params of run `src`'s latest checkpoint, checked against this run's shapes and its
+    """The params of run `src`'s latest checkpoint, or of the exported drafter `src` (the
+    recipe's shareable format, e.g. a drafter shipped in specjax/weights/: a run's checkpoints
+    do not survive a new machine, its export does), checked against this run's shapes and its
     untrained leaves (EAGLE-3's d2t: the same draft vocabulary, or the head would mean other
     tokens)."""
-    ckpt = src / "checkpoints"
-    mgr = _manager(ckpt) if ckpt.is_dir() else None
-    if mgr is None or mgr.latest_step() is None:
-        raise CheckpointError(f"init_from: no checkpoint in {ckpt} to start from")
-    got, _ = _restore(mgr, int(mgr.latest_step()), params, opt_state, ckpt)
-    for k in frozen:
+    if is_export(src):
+        _, got = recipe.load_export(src, target)
+        want = {jax.tree_util.keystr(p): np.shape(x) for p, x in _leaves(params)}
+        have = {jax.tree_util.keystr(p): np.shape(x) for p, x in _leaves(got)}
+        if want != have:
+            diff = sorted(
+                f"{k}: {have.get(k, 'absent')} in {src}, {want.get(k, 'absent')} here"
+                for k in set(want) | set(have)
+                if want.get(k) != have.get(k)
+            )
+            raise CheckpointError(f"init_from {src}: another drafter shape ({'; '.join(diff)})")
+    else:
+        ckpt = src / "checkpoints"
+        mgr = _manager(ckpt) if ckpt.is_dir() else None
+        if mgr is None or mgr.latest_step() is None:
+            raise CheckpointError(f"init_from: no checkpoint in {ckpt} to start from")
+        got, _ = _restore(mgr, int(mgr.latest_step()), params, opt_state, ckpt)
+    for k in recipe.frozen:
         if not np.array_equal(np.asarray(got[k]), np.asarray(params[k])):
             raise CheckpointError(
                 f"init_from {src}: its {k!r} differs from this run's (another dataset or draft "
                 f"vocabulary); start from a run over the same data"
             )
     return got
+
+
+def _leaves(tree: Any) -> list:
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -297,7 +318,7 @@ def train(
     mgr = _manager(out / "checkpoints")
     start = 0
     if tc.init_from and mgr.latest_step() is None:
-        params = _warm_start(Path(tc.init_from), params, opt_state, recipe.frozen)
+        params = _warm_start(Path(tc.init_from), params, opt_state, recipe, target)
         log(f"started from the params of {tc.init_from}")
     if mgr.latest_step() is not None:
         start = int(mgr.latest_step())

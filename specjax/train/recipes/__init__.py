@@ -76,6 +76,11 @@ class Recipe(Protocol):
     def export(self, path: StrPath, cfg: Any, params: dict, target_cfg: ModelConfig) -> None:
         """Write the trained drafter in its shareable format (loadable by path)."""
 
+    def load_export(self, path: Path, target: Model) -> tuple[Any, dict]:
+        """A drafter in the format `export` writes (a shipped one included) -> (its config,
+        float32 params in the tree `init_params` builds): the warm start when
+        `TrainConfig.init_from` names an exported drafter instead of a run."""
+
 
 RECIPES = {
     "eagle": Eagle(),

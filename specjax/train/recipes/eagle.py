@@ -119,3 +119,17 @@ class Eagle:
         from checkpoints_convert.eagle_hf import save_eagle_hf
 
         save_eagle_hf(path, cfg, params, target_cfg)
+
+    def load_export(self, path: Path, target: Model) -> tuple[F.EagleConfig, dict]:
+        from checkpoints_convert.eagle_hf import load_eagle_hf
+
+        return load_eagle_hf(path, target.config, jnp.float32)
+
+
+def is_export(path: StrPath | None) -> bool:
+    """`init_from` names an exported drafter (its config.json, no run checkpoints) rather than a
+    run directory."""
+    if not path:
+        return False
+    p = Path(path)
+    return (p / "config.json").is_file() and not (p / "checkpoints").is_dir()

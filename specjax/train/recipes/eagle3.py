@@ -16,7 +16,7 @@ import numpy as np
 from specjax.models import Hiddens
 from specjax.models import eagle as F
 from specjax.train import data as data_lib
-from specjax.train.recipes.eagle import Eagle
+from specjax.train.recipes.eagle import Eagle, is_export
 
 if TYPE_CHECKING:
     from jax.typing import DTypeLike
@@ -36,12 +36,13 @@ class Eagle3(Eagle):
         vocab = target.config.vocab_size
         f = Path(out) / "d2t.npy"
         if not f.exists():  # fixed once per run: a resumed run must keep the same head
-            np.save(
-                f,
-                data_lib.draft_vocab(
+            if is_export(tc.init_from):  # a warm start keeps the exported drafter's vocabulary
+                d2t = np.asarray(self.load_export(Path(tc.init_from), target)[1]["d2t"])
+            else:
+                d2t = data_lib.draft_vocab(
                     tokens, mask, min(tc.draft_vocab, vocab), vocab, always=target.eos_token_ids
-                ),
-            )
+                )
+            np.save(f, d2t)
         size = int(np.load(f).shape[0])
         return F.make_config(
             target.config, 3, intermediate_size=tc.intermediate_size, draft_vocab=size

@@ -100,3 +100,7 @@ class Medusa:
         self, path: StrPath, cfg: MedusaConfig, params: dict, target_cfg: ModelConfig
     ) -> None:
         medusa_heads.save_medusa(path, cfg, params)
+
+    def load_export(self, path: Path, target: Model) -> tuple[MedusaConfig, dict]:
+        heads = medusa_heads.load_medusa(path)
+        return heads.config, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), heads.params)
