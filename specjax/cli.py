@@ -749,16 +749,27 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--seed", type=int, default=0)
     mg.add_argument("--work", required=True, help="JSONL of raw samples (resumed when it exists)")
     mg.add_argument("--out", required=True, help="the prompt set to write (.jsonl.gz)")
+    mg.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="SET",
+        help="an earlier prompt set (.jsonl.gz) whose messages are not repeated (repeatable)",
+    )
     mg.set_defaults(fn=cmd_magpie)
     return p
 
 
 def cmd_magpie(a: argparse.Namespace) -> None:
     from specjax import load_model
-    from specjax.train.magpie import build_prompt_set
+    from specjax.train.magpie import build_prompt_set, read_prompts
 
+    try:
+        exclude = [t for path in a.exclude for t in read_prompts(path)]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"specjax: --exclude: {e}") from None
     counts = build_prompt_set(
-        load_model(a.target), a.work, a.out, a.batches, batch=a.batch, seed=a.seed
+        load_model(a.target), a.work, a.out, a.batches, batch=a.batch, seed=a.seed, exclude=exclude
     )
     print(json.dumps(counts))
 

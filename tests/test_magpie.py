@@ -66,13 +66,15 @@ def test_leaks_finds_shared_ngrams():
 def test_magpie_source_reads_the_prompt_set(tmp_path, monkeypatch):
     path = tmp_path / "m.jsonl.gz"
     magpie.write_prompts(["Question one?", "Question two?"], path)
-    monkeypatch.setattr(data, "MAGPIE_FILE", path)
+    monkeypatch.setitem(data.MAGPIE_FILES, "magpie", path)
     got = data.load_prompts(["magpie"])
     assert [(r["prompt"], r["answer"], r["source"]) for r in got] == [
         ("Question one?", "", "magpie"),
         ("Question two?", "", "magpie"),
     ]
-    with pytest.raises(ValueError, match="valid: \\['gsm8k', 'codealpaca', 'magpie'\\]"):
+    with pytest.raises(
+        ValueError, match="valid: \\['gsm8k', 'codealpaca', 'magpie', 'magpie_b'\\]"
+    ):
         data.load_prompts(["alpaca"])
 
 
@@ -89,8 +91,15 @@ def test_build_prompt_set_drops_eval_leaks(tiny, tmp_path, monkeypatch):
     (eval_dir / "e.jsonl").write_text(json.dumps({"turns": [rows[2]["text"]]}) + "\n")
     out = tmp_path / "p.jsonl.gz"
     counts = magpie.build_prompt_set(tiny, work, out, 1, eval_dir=eval_dir, progress=False)
-    assert counts == {"sampled": 4, "ended": 4, "unique": 4, "leaked": 1, "kept": 3}
+    assert counts == {"sampled": 4, "ended": 4, "unique": 4, "leaked": 1, "excluded": 0, "kept": 3}
     assert magpie.read_prompts(out) == [rows[i]["text"] for i in (0, 1, 3)]
+    # A second set repeats none of an earlier one (compared ignoring case and punctuation).
+    earlier = [rows[1]["text"].upper() + "!"]
+    counts = magpie.build_prompt_set(
+        tiny, work, out, 1, eval_dir=eval_dir, exclude=earlier, progress=False
+    )
+    assert counts["excluded"] == 1 and counts["kept"] == 2
+    assert magpie.read_prompts(out) == [rows[i]["text"] for i in (0, 3)]
 
 
 def test_mix_draws_the_asked_number_of_each_source(tmp_path, monkeypatch):
@@ -99,7 +108,7 @@ def test_mix_draws_the_asked_number_of_each_source(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECJAX_DATA", str(write_train_data(tmp_path)))
     path = tmp_path / "m.jsonl.gz"
     magpie.write_prompts([f"Tell me fact number {i} about owls." for i in range(6)], path)
-    monkeypatch.setattr(data, "MAGPIE_FILE", path)
+    monkeypatch.setitem(data.MAGPIE_FILES, "magpie", path)
     mix = {"magpie": 4, "gsm8k": 3, "codealpaca": 2}
     pool = data.mix_prompts(mix, seed=0)
     assert [p["source"] for p in pool] == ["magpie"] * 4 + ["gsm8k"] * 3 + ["codealpaca"] * 2

@@ -22,11 +22,17 @@ if TYPE_CHECKING:
     from specjax.model import Model
     from specjax.paths import StrPath
 
-SOURCES = ("gsm8k", "codealpaca", "magpie")
 DEFAULT_SOURCES = ("gsm8k", "codealpaca")
 # Instructions SmolLM2-135M-Instruct wrote itself (`specjax.train.magpie`), shipped with the
 # package: they have no given answers, so they are only used with self-distilled responses.
-MAGPIE_FILE = Path(__file__).resolve().parent / "prompts" / "magpie_smollm2.jsonl.gz"
+# "magpie_b": a second set sampled with another seed, repeating none of the first
+# (`specjax magpie --seed 1 --exclude .../magpie_smollm2.jsonl.gz`).
+PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
+MAGPIE_FILES = {
+    "magpie": PROMPT_DIR / "magpie_smollm2.jsonl.gz",
+    "magpie_b": PROMPT_DIR / "magpie_smollm2_b.jsonl.gz",
+}
+SOURCES = ("gsm8k", "codealpaca", *MAGPIE_FILES)
 
 
 def default_data_dir() -> Path:
@@ -50,7 +56,7 @@ def load_prompts(
         raise ValueError(f"unknown training sources {bad}; valid: {list(SOURCES)}")
     if data_dir:
         data_dir = Path(data_dir)
-    elif any(s != "magpie" for s in sources):
+    elif any(s not in MAGPIE_FILES for s in sources):
         data_dir = default_data_dir()
     per = []
     for s in sources:
@@ -60,13 +66,13 @@ def load_prompts(
             per.append(
                 [{"prompt": r["question"], "answer": r["answer"], "source": s} for r in rows]
             )
-        elif s == "magpie":
+        elif s in MAGPIE_FILES:
             from specjax.train.magpie import read_prompts
 
-            if not MAGPIE_FILE.exists():
-                raise FileNotFoundError(f"the Magpie prompt set {MAGPIE_FILE} is missing")
+            if not MAGPIE_FILES[s].exists():
+                raise FileNotFoundError(f"the Magpie prompt set {MAGPIE_FILES[s]} is missing")
             per.append(
-                [{"prompt": t, "answer": "", "source": s} for t in read_prompts(MAGPIE_FILE)]
+                [{"prompt": t, "answer": "", "source": s} for t in read_prompts(MAGPIE_FILES[s])]
             )
         else:
             path = data_dir / "codealpaca.json"

@@ -187,11 +187,13 @@ def build_prompt_set(
     eval_dir: StrPath | None = None,
     batch: int = 32,
     seed: int = 0,
+    exclude: Sequence[str] = (),
     progress: bool = True,
 ) -> dict:
     """Sample `n_batches` batches into the JSONL `work` (resuming), then write the cleaned
     messages that share no 8-word n-gram with any eval prompt (of `eval_dir`, default the
-    shared data's eval/ folder; it must exist) to `out` (`write_prompts`) -> counts."""
+    shared data's eval/ folder; it must exist) and repeat none of `exclude` (an earlier set:
+    compared as `clean` compares) to `out` (`write_prompts`) -> counts."""
     from specjax.paths import data_file
 
     eval_dir = eval_dir or data_file("eval")
@@ -204,12 +206,15 @@ def build_prompt_set(
     rows = read_samples(work)
     texts = clean(rows)
     bad = set(leaks(texts, eval_prompt_texts(eval_dir)))
-    keep = [t for i, t in enumerate(texts) if i not in bad]
+    seen = {_norm(t) for t in exclude}
+    repeats = {i for i, t in enumerate(texts) if _norm(t) in seen}
+    keep = [t for i, t in enumerate(texts) if i not in bad | repeats]
     write_prompts(keep, out)
     return {
         "sampled": len(rows),
         "ended": sum(r["ended"] for r in rows),
         "unique": len(texts),
         "leaked": len(bad),
+        "excluded": len(repeats - bad),
         "kept": len(keep),
     }
