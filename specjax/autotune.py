@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 
 DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32)
 # Small trees first: on a 2-core CPU a verify block of 32 tokens costs ~3x one of 1 token.
-# Node counts one below a multiple of 8: with the root, verify blocks of 8 and 16 tokens (on CPU
-# a product of up to 8 rows reads each weight once, `llama.ROW_REDUCE_ROWS`).
+# With the root, verify blocks of 5, 8, 12 and 16 tokens: 7 and 15 nodes fill the blocks of 8
+# and 16 that CPU's row reduction reads each weight once and twice for (`llama.ROW_REDUCE_ROWS`).
 DEFAULT_CANDIDATES = (
     DynamicTree(nodes=4, depth=3, top_k=2),
     DynamicTree(nodes=7, depth=4, top_k=3),
@@ -362,8 +362,8 @@ AUTO_PROMPTS = (
 AUTO_MARGIN = 0.05
 # Bumped when what a candidate means changes, so that an older cached choice is measured again
 # (2: the EAGLE-3 candidate is eagle3_tree_sized, which sizes its verify per step; 3: the hybrid
-# of prompt lookup and that tree joined the candidates).
-AUTO_VERSION = 3
+# of prompt lookup and that tree joined the candidates; 4: EAGLE trees default to 7 nodes).
+AUTO_VERSION = 4
 
 
 def auto_candidates(model: Model) -> list[str]:

@@ -778,18 +778,8 @@ def cmd_train_drafter(a: argparse.Namespace) -> None:
     from specjax import load_model
     from specjax.train import run_training
 
-    init_from = a.init_from
-    if init_from and not os.path.exists(init_from):  # a bundled drafter's name
-        from specjax.drafters.bundled import BUNDLED_DRAFTERS, bundled_path
-
-        if init_from not in BUNDLED_DRAFTERS:
-            raise SystemExit(
-                f"specjax: --init-from {init_from!r} is neither a directory nor a bundled "
-                f"drafter ({', '.join(sorted(BUNDLED_DRAFTERS))})"
-            )
-        init_from = str(bundled_path(init_from))
     target = load_model(a.target)
-    overrides = dict(kind=a.kind, steps=a.steps, batch=a.batch, lr=a.lr, init_from=init_from)
+    overrides = dict(kind=a.kind, steps=a.steps, batch=a.batch, lr=a.lr, init_from=a.init_from)
     data_over = dict(
         prompts=a.prompts, heldout=a.heldout, responses=a.responses, image_prompts=a.image_prompts
     )

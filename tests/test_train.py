@@ -125,7 +125,7 @@ def test_resume_gives_the_same_loss_curve(target, dataset, tmp_path):
     assert jax.tree.structure(p_exp) == jax.tree.structure(p_full)
     for a, b in zip(jax.tree.leaves(p_full), jax.tree.leaves(p_exp)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-    with pytest.raises(trainer.CheckpointError, match="another drafter shape"):
+    with pytest.raises(trainer.CheckpointError, match="another drafter .*intermediate_size"):
         trainer.train(
             target,
             small(init_from=str(tmp_path / "a" / "drafter"), intermediate_size=20),
@@ -137,6 +137,8 @@ def test_resume_gives_the_same_loss_curve(target, dataset, tmp_path):
         trainer.train(
             target, small(init_from=str(tmp_path / "none")), ds, tmp_path / "x", progress=False
         )
+    with pytest.raises(trainer.CheckpointError, match="no checkpoint .* smollm2-135m-eagle3"):
+        trainer.train(target, small(init_from="no-such-drafter"), ds, tmp_path / "n")
     with pytest.raises(
         trainer.CheckpointError, match="cannot restore the checkpoint"
     ):  # other shapes

@@ -47,9 +47,9 @@ from specjax.drafters.hybrid import HybridSpec, hybrid
 from specjax.drafters.lm import LMDrafterSpec, LMStaticTreeSpec, LMTreeSpec, layer_skip_params
 
 # `specjax.drafters.NAME` is the constructor: `eagle` and `medusa` live in modules named apart
-# (`feature`, `medusa_heads`); `ngram`, `cascade`, `hybrid` and `horizontal` share their module's
-# name and are defined below the submodule imports, so the attribute is the function (their
-# contents: `from specjax.drafters.ngram import NgramSpec`).
+# (`feature`, `medusa_heads`); `cascade`, `hybrid` and `horizontal` are imported from their
+# modules of the same name and `ngram` is defined below the import of its module, so the
+# attribute is the function (a module's contents: `from specjax.drafters.ngram import NgramSpec`).
 from specjax.drafters.medusa_heads import MedusaConfig, MedusaHeads, MedusaSpec, MedusaTreeSpec
 from specjax.drafters.ngram import NgramSpec, index_datastore
 from specjax.drafters.shapes import DynamicTree, StaticTree, VerifySizing

@@ -6,7 +6,7 @@ variants are described there).
 - draft slots pair the drafter's **own** previous output with the draft token it chose.
 
 The target's embedding (and for version 1 its LM head) are bound when `generate` runs
-(`bind_target`), never copied.
+(`specjax.models.eagle.bind_target`), never copied.
 
 State per row: the drafter's one-layer KV cache whose committed length always equals the
 target's, and `feat` = the drafter output at the last committed slot (it gives the first draft
@@ -40,8 +40,6 @@ from specjax.sampling import SamplingMode, argmax, chosen_logp, pick_token, rank
 
 if TYPE_CHECKING:
     import numpy as np
-
-# ----------------------------------------------------------------------------- the drafter
 
 
 @struct.dataclass

@@ -210,7 +210,7 @@ def bind_target(params: dict, target_params: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- pure functions
-# Shared by inference (below) and training (specjax.train).
+# Shared by the drafter (specjax.drafters.feature) and training (specjax.train).
 
 
 def target_features(cfg: EagleConfig, params: dict, hiddens: Hiddens) -> jax.Array:

@@ -6,10 +6,14 @@ A `Family` names, for one HF `model_type`:
     HF name map    checkpoint tensor names -> param names (+ which are transposed)
     functions      forward / forward_hidden / lm_head over the family's param pytree
 
+    out_in_names   layer matrices it may store [out, in] (`Family.orient`, CPU's default)
+
 Register with `register_family(...)` (Llama, Mistral and Qwen2 register in
 `specjax.models.llama`); look up with `family_of(cfg)`. The module-level `forward`,
 `forward_hidden` and `lm_head` dispatch on `cfg.model_type`, which is static under `jit`, so
-the dispatch costs nothing at run time.
+the dispatch costs nothing at run time. Every family keeps its decoder layers under
+params["layers"], unrolled (a list) or stacked (the scan layout): `is_unrolled`,
+`stack_layers` and `unstack_layers` below serve them all.
 """
 
 from __future__ import annotations

@@ -208,7 +208,8 @@ def build_prompt_set(
     bad = set(leaks(texts, eval_prompt_texts(eval_dir)))
     seen = {_norm(t) for t in exclude}
     repeats = {i for i, t in enumerate(texts) if _norm(t) in seen}
-    keep = [t for i, t in enumerate(texts) if i not in bad | repeats]
+    dropped = bad | repeats
+    keep = [t for i, t in enumerate(texts) if i not in dropped]
     write_prompts(keep, out)
     return {
         "sampled": len(rows),

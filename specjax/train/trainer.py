@@ -37,7 +37,6 @@ import optax
 from specjax.train import data as data_lib
 from specjax.train import recipes
 from specjax.train.features import FeatureStore, cache_features
-from specjax.train.recipes.eagle import is_export
 
 if TYPE_CHECKING:
     from orbax.checkpoint import CheckpointManager
@@ -192,16 +191,44 @@ def _restore(
     return got["params"], got["opt_state"]
 
 
+def exported_init(init_from: str | None, recipe: Recipe, target: Model) -> tuple[Any, dict] | None:
+    """(config, float32 params) of the exported drafter `init_from` names (a directory in the
+    recipe's export format, e.g. a run's `drafter/`, or a bundled drafter's name such as
+    "smollm2-135m-eagle3"); None when it names a run directory or nothing."""
+    if not init_from:
+        return None
+    from specjax.drafters.bundled import BUNDLED_DRAFTERS, bundled_path
+
+    path = Path(init_from)
+    if not path.exists() and init_from in BUNDLED_DRAFTERS:
+        path = bundled_path(init_from)
+    if (path / "checkpoints").is_dir() or not (path / "config.json").is_file():
+        return None  # a run directory, or nothing (`_warm_start` says so)
+    return recipe.load_export(path, target)
+
+
 def _warm_start(
-    src: Path, params: dict, opt_state: optax.OptState, recipe: Recipe, target: Model
+    src: Path,
+    params: dict,
+    opt_state: optax.OptState,
+    recipe: Recipe,
+    dcfg: Any,
+    exported: tuple[Any, dict] | None,
 ) -> dict:
-    """The params of run `src`'s latest checkpoint, or of the exported drafter `src` (the
-    recipe's shareable format, e.g. a drafter shipped in specjax/weights/: a run's checkpoints
-    do not survive a new machine, its export does), checked against this run's shapes and its
-    untrained leaves (EAGLE-3's d2t: the same draft vocabulary, or the head would mean other
-    tokens)."""
-    if is_export(src):
-        _, got = recipe.load_export(src, target)
+    """The params of run `src`'s latest checkpoint, or of the exported drafter `exported`
+    (`exported_init`: a run's checkpoints do not survive a new machine, its export does),
+    checked against this run's drafter config and shapes and its untrained leaves (EAGLE-3's
+    d2t: the same draft vocabulary, or the head would mean other tokens)."""
+    if exported is not None:
+        ecfg, got = exported
+        theirs, ours = _flatten(dataclasses.asdict(ecfg)), _flatten(dataclasses.asdict(dcfg))
+        if theirs != ours:
+            diff = sorted(
+                f"{k}: {theirs.get(k, 'absent')!r} there, {ours.get(k, 'absent')!r} here"
+                for k in set(theirs) | set(ours)
+                if theirs.get(k) != ours.get(k)
+            )
+            raise CheckpointError(f"init_from {src}: another drafter ({'; '.join(diff)})")
         want = {jax.tree_util.keystr(p): np.shape(x) for p, x in _leaves(params)}
         have = {jax.tree_util.keystr(p): np.shape(x) for p, x in _leaves(got)}
         if want != have:
@@ -210,12 +237,17 @@ def _warm_start(
                 for k in set(want) | set(have)
                 if want.get(k) != have.get(k)
             )
-            raise CheckpointError(f"init_from {src}: another drafter shape ({'; '.join(diff)})")
+            raise CheckpointError(f"init_from {src}: another drafter ({'; '.join(diff)})")
     else:
         ckpt = src / "checkpoints"
         mgr = _manager(ckpt) if ckpt.is_dir() else None
         if mgr is None or mgr.latest_step() is None:
-            raise CheckpointError(f"init_from: no checkpoint in {ckpt} to start from")
+            from specjax.drafters.bundled import BUNDLED_DRAFTERS
+
+            raise CheckpointError(
+                f"init_from: no checkpoint in {ckpt} to start from (give a run directory, an "
+                f"exported drafter or a bundled one: {', '.join(sorted(BUNDLED_DRAFTERS))})"
+            )
         got, _ = _restore(mgr, int(mgr.latest_step()), params, opt_state, ckpt)
     for k in recipe.frozen:
         if not np.array_equal(np.asarray(got[k]), np.asarray(params[k])):
@@ -291,7 +323,8 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokens_all, mask_all = data_lib.read_dataset(dataset_dir)
-    dcfg = recipe.drafter_config(target, tc, tokens_all, mask_all, out)
+    exported = exported_init(tc.init_from, recipe, target)
+    dcfg = recipe.drafter_config(target, tc, tokens_all, mask_all, out, exported)
     _check_run_config(
         out,
         {
@@ -318,7 +351,7 @@ def train(
     mgr = _manager(out / "checkpoints")
     start = 0
     if tc.init_from and mgr.latest_step() is None:
-        params = _warm_start(Path(tc.init_from), params, opt_state, recipe, target)
+        params = _warm_start(Path(tc.init_from), params, opt_state, recipe, dcfg, exported)
         log(f"started from the params of {tc.init_from}")
     if mgr.latest_step() is not None:
         start = int(mgr.latest_step())

@@ -47,10 +47,17 @@ class Recipe(Protocol):
     frozen: tuple[str, ...]
 
     def drafter_config(
-        self, target: Model, tc: TrainConfig, tokens: np.ndarray, mask: np.ndarray, out: Path
+        self,
+        target: Model,
+        tc: TrainConfig,
+        tokens: np.ndarray,
+        mask: np.ndarray,
+        out: Path,
+        exported: tuple[Any, dict] | None = None,
     ) -> Any:
         """The drafter's static config (has `to_dict`). tokens, mask [rows, S]: the whole
-        dataset; out: the run directory."""
+        dataset; out: the run directory; exported: (config, params) of the exported drafter
+        the run warm-starts from (`load_export`), whose untrained leaves it keeps."""
 
     def feature_layers(self, cfg: Any) -> tuple[int, ...]:
         """The target layers the feature cache must hold besides the final hidden state."""

@@ -46,7 +46,13 @@ class Eagle:
     frozen: tuple[str, ...] = ()
 
     def drafter_config(
-        self, target: Model, tc: TrainConfig, tokens: np.ndarray, mask: np.ndarray, out: Path
+        self,
+        target: Model,
+        tc: TrainConfig,
+        tokens: np.ndarray,
+        mask: np.ndarray,
+        out: Path,
+        exported: tuple[F.EagleConfig, dict] | None = None,
     ) -> F.EagleConfig:
         return F.make_config(target.config, 1, intermediate_size=tc.intermediate_size)
 
@@ -124,12 +130,3 @@ class Eagle:
         from checkpoints_convert.eagle_hf import load_eagle_hf
 
         return load_eagle_hf(path, target.config, jnp.float32)
-
-
-def is_export(path: StrPath | None) -> bool:
-    """`init_from` names an exported drafter (its config.json, no run checkpoints) rather than a
-    run directory."""
-    if not path:
-        return False
-    p = Path(path)
-    return (p / "config.json").is_file() and not (p / "checkpoints").is_dir()

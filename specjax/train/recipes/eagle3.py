@@ -16,7 +16,7 @@ import numpy as np
 from specjax.models import Hiddens
 from specjax.models import eagle as F
 from specjax.train import data as data_lib
-from specjax.train.recipes.eagle import Eagle, is_export
+from specjax.train.recipes.eagle import Eagle
 
 if TYPE_CHECKING:
     from jax.typing import DTypeLike
@@ -31,13 +31,19 @@ class Eagle3(Eagle):
     frozen: tuple[str, ...] = ("d2t",)
 
     def drafter_config(
-        self, target: Model, tc: TrainConfig, tokens: np.ndarray, mask: np.ndarray, out: Path
+        self,
+        target: Model,
+        tc: TrainConfig,
+        tokens: np.ndarray,
+        mask: np.ndarray,
+        out: Path,
+        exported: tuple[F.EagleConfig, dict] | None = None,
     ) -> F.EagleConfig:
         vocab = target.config.vocab_size
         f = Path(out) / "d2t.npy"
         if not f.exists():  # fixed once per run: a resumed run must keep the same head
-            if is_export(tc.init_from):  # a warm start keeps the exported drafter's vocabulary
-                d2t = np.asarray(self.load_export(Path(tc.init_from), target)[1]["d2t"])
+            if exported is not None:  # a warm start keeps the exported drafter's vocabulary
+                d2t = np.asarray(exported[1]["d2t"])
             else:
                 d2t = data_lib.draft_vocab(
                     tokens, mask, min(tc.draft_vocab, vocab), vocab, always=target.eos_token_ids

@@ -58,7 +58,13 @@ class Medusa:
     frozen: tuple[str, ...] = ()
 
     def drafter_config(
-        self, target: Model, tc: TrainConfig, tokens: np.ndarray, mask: np.ndarray, out: Path
+        self,
+        target: Model,
+        tc: TrainConfig,
+        tokens: np.ndarray,
+        mask: np.ndarray,
+        out: Path,
+        exported: tuple[MedusaConfig, dict] | None = None,
     ) -> MedusaConfig:
         return MedusaConfig(num_heads=tc.medusa_heads, hidden=target.config.hidden_size)
 
