@@ -221,23 +221,17 @@ def _warm_start(
     d2t: the same draft vocabulary, or the head would mean other tokens)."""
     if exported is not None:
         ecfg, got = exported
-        theirs, ours = _flatten(dataclasses.asdict(ecfg)), _flatten(dataclasses.asdict(dcfg))
-        if theirs != ours:
-            diff = sorted(
+        for theirs, ours in (
+            (_flatten(dataclasses.asdict(ecfg)), _flatten(dataclasses.asdict(dcfg))),
+            (_shapes(got), _shapes(params)),
+        ):
+            diff = [
                 f"{k}: {theirs.get(k, 'absent')!r} there, {ours.get(k, 'absent')!r} here"
-                for k in set(theirs) | set(ours)
+                for k in sorted(set(theirs) | set(ours))
                 if theirs.get(k) != ours.get(k)
-            )
-            raise CheckpointError(f"init_from {src}: another drafter ({'; '.join(diff)})")
-        want = {jax.tree_util.keystr(p): np.shape(x) for p, x in _leaves(params)}
-        have = {jax.tree_util.keystr(p): np.shape(x) for p, x in _leaves(got)}
-        if want != have:
-            diff = sorted(
-                f"{k}: {have.get(k, 'absent')} in {src}, {want.get(k, 'absent')} here"
-                for k in set(want) | set(have)
-                if want.get(k) != have.get(k)
-            )
-            raise CheckpointError(f"init_from {src}: another drafter ({'; '.join(diff)})")
+            ]
+            if diff:
+                raise CheckpointError(f"init_from {src}: another drafter ({'; '.join(diff)})")
     else:
         ckpt = src / "checkpoints"
         mgr = _manager(ckpt) if ckpt.is_dir() else None
@@ -258,8 +252,10 @@ def _warm_start(
     return got
 
 
-def _leaves(tree: Any) -> list:
-    return jax.tree_util.tree_flatten_with_path(tree)[0]
+def _shapes(tree: Any) -> dict[str, tuple]:
+    """{leaf path: shape} of a pytree."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p): np.shape(x) for p, x in leaves}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
