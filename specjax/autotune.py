@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.drafters import DynamicTree, VerifySizing, registry
+from specjax.drafters import DraftGate, DynamicTree, VerifySizing, registry
 from specjax.engine import tree as tree_lib
 from specjax.models import forward, is_unrolled
 from specjax.models.cache import KVCache, init_cache
@@ -413,9 +413,12 @@ def cached_sizing(
     make: Callable[[DynamicTree], Drafter],
     tree: DynamicTree,
     progress: bool = True,
+    gate: bool = False,
 ) -> VerifySizing:
     """`measure_sizing` once per model, device, drafter and tree, then read from
-    $SPECJAX_CACHE/auto/ (a damaged or foreign file is measured again)."""
+    $SPECJAX_CACHE/auto/ (a damaged or foreign file is measured again). `gate`: with a
+    `DraftGate` at the measured cost of a plain step (the drafting skipped while it does not
+    pay)."""
     import json
     import os
     import re
@@ -429,16 +432,22 @@ def cached_sizing(
         with open(path) as f:
             rec = json.load(f)
         if rec["key"] == key:
-            return VerifySizing(tuple(rec["sizes"]), tuple(rec["costs_ms"]))
+            return _sizing(rec, gate)
     except (OSError, ValueError, KeyError, TypeError):
         pass  # measured below
-    sizing, rec = measure_sizing(model, make, tree, progress=progress)
+    _, rec = measure_sizing(model, make, tree, progress=progress)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(dict(rec, key=key), f, indent=1)
     os.replace(tmp, path)  # atomic: a crash leaves the old file or none
-    return sizing
+    return _sizing(rec, gate)
+
+
+def _sizing(rec: dict, gate: bool) -> VerifySizing:
+    """A `measure_sizing` record -> its VerifySizing (`gate`: with a DraftGate)."""
+    draft_gate = DraftGate(plain=float(rec["plain_ms"])) if gate else None
+    return VerifySizing(tuple(rec["sizes"]), tuple(rec["costs_ms"]), draft_gate)
 
 
 def auto_key(model: Model) -> str:
@@ -523,20 +532,23 @@ def auto_drafter(model: Model, **kw: Any) -> Drafter | None:
 # registry needs no import of it.
 
 
-def _sized_eagle(kind: str) -> Callable[..., Drafter]:
+def _sized_eagle(kind: str, gate: bool = False) -> Callable[..., Drafter]:
     """`KIND_tree_sized[:PATH]`: the EAGLE tree verified per step only as far as it is worth it,
-    at this device's step costs (measured on the target once, then cached: `cached_sizing`)."""
+    at this device's step costs (measured on the target once, then cached: `cached_sizing`).
+    `KIND_tree_gated[:PATH]`: the same, and drafting only while it pays (`DraftGate`)."""
+
+    suffix = "gated" if gate else "sized"
 
     def make(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
         from specjax.drafters import eagle
 
         if model is None:
-            raise ValueError(f"drafter '{kind}_tree_sized' needs the target model (it measures)")
+            raise ValueError(f"drafter '{kind}_tree_{suffix}' needs the target model (it measures)")
         src = arg or registry.bundled_for(kind, model)
         shape = registry.eagle_tree(tree, k)
         build = lambda t: eagle(src, tree=t, name=src)  # noqa: E731
         label = f"{kind}_tree:{src}" if isinstance(src, str) else f"{kind}_tree"
-        sizing = cached_sizing(model, label, build, shape)
+        sizing = cached_sizing(model, label, build, shape, gate=gate)
         return build(dataclasses.replace(shape, sizing=sizing))
 
     return make
@@ -551,4 +563,7 @@ def _auto(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None
 
 
 registry.register(registry.DrafterEntry("eagle3_tree_sized", _sized_eagle("eagle3"), arg="PATH"))
+registry.register(
+    registry.DrafterEntry("eagle3_tree_gated", _sized_eagle("eagle3", gate=True), arg="PATH")
+)
 registry.register(registry.DrafterEntry("auto", _auto))

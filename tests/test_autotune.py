@@ -327,7 +327,7 @@ def test_sized_eagle3_tree_by_name(model, tmp_path, monkeypatch):
     """`eagle3_tree_sized` is the EAGLE-3 tree with the cached measured sizing."""
     from test_eagle import random_eagle
 
-    from specjax.drafters import VerifySizing, registry
+    from specjax.drafters import DraftGate, VerifySizing, registry
 
     monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
     sizes = autotune.default_verify_sizes(registry.EAGLE_TREE["nodes"])  # the default tree's
@@ -335,7 +335,10 @@ def test_sized_eagle3_tree_by_name(model, tmp_path, monkeypatch):
     monkeypatch.setattr(
         autotune,
         "measure_sizing",
-        lambda *a, **k: (want, {"sizes": list(sizes), "costs_ms": list(want.costs)}),
+        lambda *a, **k: (
+            want,
+            {"sizes": list(sizes), "costs_ms": list(want.costs), "plain_ms": 8.0},
+        ),
     )
     monkeypatch.setattr(
         registry, "bundled_for", lambda kind, m: random_eagle(model, 3, draft_vocab=64)
@@ -343,5 +346,10 @@ def test_sized_eagle3_tree_by_name(model, tmp_path, monkeypatch):
     d = registry.make("eagle3_tree_sized", None, model)
     spec, _ = d.bind(model)
     assert spec.sizing == want and spec.verify_sizes == sizes == (1, 2, 4, 7)
-    with pytest.raises(ValueError, match="needs the target model"):
-        registry.make("eagle3_tree_sized", None, None)
+    # `eagle3_tree_gated`: the same sizing (read back from the cache) with a gate at the
+    # measured plain step.
+    gated, _ = registry.make("eagle3_tree_gated", None, model).bind(model)
+    assert gated.sizing == VerifySizing(sizes, want.costs, DraftGate(plain=8.0))
+    for name in ("eagle3_tree_sized", "eagle3_tree_gated"):
+        with pytest.raises(ValueError, match=f"'{name}' needs the target model"):
+            registry.make(name, None, None)

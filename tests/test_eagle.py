@@ -42,6 +42,20 @@ def random_eagle(target, version, seed=0, draft_vocab=None):
     return cfg, N.init_params(cfg, jax.random.key(seed), d2t=d2t)
 
 
+def echo_eagle1(target):
+    """An EAGLE-1 drafter that passes the target's feature through (fc = [0; I], the layer's
+    output projections zero), so it drafts what the target predicted one position earlier:
+    accepted where the target repeats itself (random tiny targets often do), which a random
+    drafter never is."""
+    cfg = N.make_config(target.config, 1)
+    p = N.init_params(cfg, jax.random.key(0))
+    D = cfg.hidden
+    p["fc"] = jnp.concatenate([jnp.zeros((D, D)), jnp.eye(D)], 0).astype(p["fc"].dtype)
+    p["layer"]["wo"] = jnp.zeros_like(p["layer"]["wo"])
+    p["layer"]["w_down"] = jnp.zeros_like(p["layer"]["w_down"])
+    return cfg, p
+
+
 CASES = {
     "eagle1-chain-k3": (1, None, 3),
     "eagle3-chain-k4": (3, 80, 4),
@@ -184,16 +198,31 @@ SAMPLING = {  # drafter -> (version, draft vocab, chain k or tree)
             nodes=6, depth=3, top_k=2, sizing=drafters.VerifySizing((2, 6), (1.0, 1.1, 100.0))
         ),
     ),
+    # The same with a draft gate that drafting never pays (a plain step costs 0.01 against
+    # 1.0-1.1): every row backs off, so the batch drafts at steps 1, 3, 6, 11, .. and takes
+    # plain steps between them; t2..t4 come from both kinds of step. (With 8192 rows the gate
+    # closes only when every row waits; its choice depending on acceptance is covered by the
+    # argument in `DraftGate` and the greedy tests in test_verify_sizing.py.)
+    "eagle3-tree-gated": (
+        3,
+        12,
+        drafters.DynamicTree(
+            nodes=6,
+            depth=3,
+            top_k=2,
+            sizing=drafters.VerifySizing((2, 6), (1.0, 1.1, 100.0), drafters.DraftGate(0.01)),
+        ),
+    ),
 }
 
 
-# Every drafter in both modes, except the sized tree: its choice of verify size does not depend
-# on the mode, so one mode (top-k/top-p, the processed distributions) covers it.
+# Every drafter in both modes, except the sized and gated trees: their choice of verify size
+# does not depend on the mode, so one mode (top-k/top-p, the processed distributions) covers it.
 SAMPLING_CASES = [
     (name, mode)
     for name in SAMPLING
     for mode in MODES
-    if not (name == "eagle3-tree-sized" and mode == "plain")
+    if not (name.startswith("eagle3-tree-") and mode == "plain")
 ]
 
 
@@ -223,6 +252,11 @@ def test_sampling_matches_target(models, exact, name, mode):
         sizes = np.asarray(st["verify_size_histogram"])
         print(f"  verify sizes (0, 2, 6): {sizes.tolist()}")
         assert sizes[2] == 0 and sizes[1] >= 0.5 * sizes.sum(), sizes
+    if "gated" in name:  # drafted and plain steps, the truncated tree when drafted
+        sizes = np.asarray(st["verify_size_histogram"])
+        print(f"  verify sizes (0, 2, 6): {sizes.tolist()}, skipped {st['draft_skipped_steps']}")
+        assert sizes[2] == 0 and sizes[1] >= 2 and sizes[0] >= 1, sizes
+        assert st["draft_skipped_steps"] >= 8192 // 2, st["draft_skipped_steps"]
 
 
 # ------------------------------------------------------------------ bad input

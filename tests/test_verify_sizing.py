@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_eagle import random_eagle
+from test_eagle import echo_eagle1, random_eagle
 
 import specjax
 from specjax import drafters
-from specjax.drafters import DynamicTree, VerifySizing
+from specjax.drafters import DraftGate, DynamicTree, VerifySizing
 from specjax.drafters.shapes import grow_dynamic_tree
 
 from conftest import RAGGED_PROMPTS
@@ -151,3 +151,67 @@ def test_sized_trees_greedy_equal_ar(name, target, ar):
     print(f"{name}: verify sizes {sizes}, acceptance {out.stats['acceptance_histogram']}")
     assert sum(sizes) == out.stats["steps"]
     assert all(sizes[i] > 0 for i in taken), sizes
+
+
+# ------------------------------------------------------------------ the draft gate
+
+
+def _gate_state(**kw):
+    g = DraftGate(plain=1.0).init(3)
+    return g._replace(**{k: jnp.asarray(v, getattr(g, k).dtype) for k, v in kw.items()})
+
+
+def test_gate_backs_off_while_drafting_does_not_pay():
+    gate = DraftGate(plain=1.0, decay=0.5, max_wait=4)
+    active = jnp.asarray([True, True, False])
+    # Row 0 drafted and emitted 1 token at cost 2 (paid 0.5): value 0.75, it waits its backoff
+    # (2) and the next backoff doubles, capped at max_wait. Row 1 emitted 3 (paid 1.5): value
+    # 1.25, no wait, backoff reset. Row 2 finished: it waits, so it never holds the gate open.
+    g = _gate_state(value=[1.0, 1.0, 1.0], wait=[0, 0, 0], backoff=[2, 3, 1], asked=[4, 4, 4])
+    u = gate.update(g, jnp.asarray([1, 3, 1]), jnp.float32(2.0), active)
+    np.testing.assert_allclose(u.value, [0.75, 1.25, 1.0])
+    assert u.wait.tolist() == [2, 0, 4] and u.backoff.tolist() == [4, 1, 1]
+    assert u.skipped.tolist() == [0, 0, 0]
+    assert not bool(gate.closed(u))  # row 1 wants to draft
+    # A step without drafting (asked -1): waits count down, value unchanged, skipped counted.
+    s = gate.update(u._replace(asked=jnp.full((3,), -1)), jnp.ones(3, int), 1.0, active)
+    assert s.wait.tolist() == [1, 0, 4] and s.skipped.tolist() == [1, 1, 0]
+    np.testing.assert_allclose(s.value, u.value)
+    assert bool(gate.closed(s._replace(wait=jnp.asarray([1, 2, 4]))))
+    with pytest.raises(ValueError, match="plain must be a positive cost"):
+        DraftGate(plain=0.0)
+    with pytest.raises(ValueError, match="decay"):
+        DraftGate(plain=1.0, decay=1.5)
+    with pytest.raises(TypeError, match="DraftGate or None"):
+        VerifySizing((2,), (1.0, 1.1), gate=1.0)
+
+
+# A plain step without drafting costs 0.6 against ~1.0 for a drafted one (verifying costs next
+# to nothing, so the sizing verifies drafts the tiny target gives any chance): a drafted step
+# pays only when it emits >= 2 tokens. The echo drafter is accepted where the target repeats
+# itself, so rows draft on through repetitions and back off elsewhere (both branches taken, and
+# drafts accepted, asserted).
+GATE = DraftGate(plain=0.6)
+GATED = {
+    "eagle1_tree_gated": lambda target: drafters.eagle(
+        echo_eagle1(target),
+        tree=DynamicTree(6, 4, 2, VerifySizing((2, 6), (1.0, 1.001, 1.002), GATE)),
+    ),
+    "eagle1_chain_gated": lambda target: drafters.eagle(
+        echo_eagle1(target), k=4, sizing=VerifySizing((2, 4), (1.0, 1.001, 1.002), GATE)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(GATED))
+def test_gated_drafters_greedy_equal_ar(name, target, ar):
+    d = GATED[name](target)
+    for rows in (slice(None), slice(1, 2), slice(3, 4)):  # the ragged batch, two rows alone
+        out = specjax.generate(target, RAGGED_PROMPTS[rows], max_new_tokens=NEW, drafter=d)
+        assert out.tokens == ar.tokens[rows]
+        st = out.stats
+        sizes, skipped, acc = st["verify_size_histogram"], st["draft_skipped_steps"], st["tau"]
+        print(f"{name} rows {rows}: verify sizes {sizes}, skipped {skipped}, tau {acc:.2f}")
+        assert skipped > 0 and sum(sizes[1:]) > 0, sizes
+        if rows == slice(None):  # drafts accepted, between steps without drafting
+            assert sum(st["acceptance_histogram"][1:]) > 0, st["acceptance_histogram"]

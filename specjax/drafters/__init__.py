@@ -52,7 +52,7 @@ from specjax.drafters.lm import LMDrafterSpec, LMStaticTreeSpec, LMTreeSpec, lay
 # attribute is the function (a module's contents: `from specjax.drafters.ngram import NgramSpec`).
 from specjax.drafters.medusa_heads import MedusaConfig, MedusaHeads, MedusaSpec, MedusaTreeSpec
 from specjax.drafters.ngram import NgramSpec, index_datastore
-from specjax.drafters.shapes import DynamicTree, StaticTree, VerifySizing
+from specjax.drafters.shapes import DraftGate, DynamicTree, StaticTree, VerifySizing
 from specjax.engine.protocol import (
     Draft,
     Drafter,
@@ -377,6 +377,7 @@ __all__ = [
     "DrafterSpec",
     "DynamicTree",
     "VerifySizing",
+    "DraftGate",
     "StaticTree",
     "TargetPrefill",
     "TargetStep",

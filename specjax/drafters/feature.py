@@ -24,7 +24,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from specjax.drafters.shapes import VerifySizing, check_dynamic_tree, grow_dynamic_tree
+from specjax.drafters.shapes import (
+    DraftGate,
+    GateState,
+    VerifySizing,
+    check_dynamic_tree,
+    grow_dynamic_tree,
+)
 from specjax.engine.protocol import (
     Draft,
     DrafterSpec,
@@ -46,6 +52,7 @@ if TYPE_CHECKING:
 class EagleState:
     cache: KVCache  # the drafter layer's cache; committed length = the target's
     feat: jax.Array  # [B, D] drafter output at the last committed slot
+    gate: GateState | None = None  # with a gated sizing (`VerifySizing.gate`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +155,12 @@ class EagleSpec(DrafterSpec):
         out, cache = self._feed_committed(
             params, cache, feat, pair_tok, prefill.lengths - 1, embeds
         )
-        return EagleState(cache=cache.replace(lengths=prefill.lengths), feat=out)
+        gate = None if self._gate is None else self._gate.init(B)
+        return EagleState(cache=cache.replace(lengths=prefill.lengths), feat=out, gate=gate)
+
+    @property
+    def _gate(self) -> DraftGate | None:
+        return None if self.sizing is None else self.sizing.gate
 
     def propose(
         self,
@@ -158,7 +170,36 @@ class EagleSpec(DrafterSpec):
         key: jax.Array,
         mode: SamplingMode,
         sp: dict,
+    ) -> tuple[Draft | TreeDraft, EagleState]:
+        """`draft`, or with a gate (`DraftGate`) nothing when it is closed: a draft of the same
+        shapes asking for no verify (size 0), and the state as the last commit left it."""
+        if self._gate is None:
+            return self.draft(params, state, last, key, mode, sp)
+
+        def drafted(_: None) -> tuple[Draft | TreeDraft, EagleState]:
+            draft, st = self.draft(params, state, last, key, mode, sp)
+            return draft, st.replace(gate=st.gate._replace(asked=draft.size))
+
+        shape = jax.eval_shape(drafted, None)
+
+        def skipped(_: None) -> tuple[Draft | TreeDraft, EagleState]:
+            nothing = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shape[0])
+            return nothing, state.replace(
+                gate=state.gate._replace(asked=jnp.full_like(state.gate.asked, -1))
+            )
+
+        return jax.lax.cond(self._gate.closed(state.gate), skipped, drafted, None)
+
+    def draft(
+        self,
+        params: dict,
+        state: EagleState,
+        last: jax.Array,
+        key: jax.Array,
+        mode: SamplingMode,
+        sp: dict,
     ) -> tuple[Draft, EagleState]:
+        """Draft a chain of k tokens (sized: `Draft.size` asks for the prefix worth verifying)."""
         K, cache = self.k, state.cache
         keys = jax.random.split(key, K)
         tok, logp, conf = self._choose(params, state.feat, keys[0], mode, sp)
@@ -219,7 +260,18 @@ class EagleSpec(DrafterSpec):
         out, cache = self._feed_committed(params, state.cache, path_feats, pair_tok, n)
         lengths = jnp.where(active, state.cache.lengths + n + 1, state.cache.lengths)
         feat = jnp.where(active[:, None], out, state.feat)
-        return EagleState(cache=cache.replace(lengths=lengths), feat=feat)
+        gate = state.gate
+        if gate is not None:  # what this step paid, by the size this drafter asked for
+            cost = self.sizing.step_cost(jnp.maximum(gate.asked, 0), active)
+            gate = self._gate.update(gate, n + 1, cost, active)
+        return EagleState(cache=cache.replace(lengths=lengths), feat=feat, gate=gate)
+
+    def stats(self, state: EagleState, rows: int) -> dict:
+        if state.gate is None:
+            return {}
+        from specjax.sharding import to_host
+
+        return {"draft_skipped_steps": int(to_host(state.gate.skipped)[:rows].sum())}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +298,7 @@ class EagleTreeSpec(EagleSpec):
     def cache_slack(self) -> int:
         return max(self.depth + 1, (self.depth - 1) * self.top_k) + 2
 
-    def propose(
+    def draft(
         self,
         params: dict,
         state: EagleState,
@@ -255,6 +307,7 @@ class EagleTreeSpec(EagleSpec):
         mode: SamplingMode,
         sp: dict,
     ) -> tuple[TreeDraft, EagleState]:
+        """Grow the dynamic tree (sized: `TreeDraft.size` asks for the prefix worth it)."""
         B = last.shape[0]
 
         # Rank candidates over the drafter's own vocabulary (version 3: 4096 of 49152 ids)

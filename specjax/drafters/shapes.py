@@ -25,6 +25,77 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax.engine.protocol import Tree
+from specjax.engine.verify import size_index
+
+
+class GateState(NamedTuple):
+    """Per-row state of a `DraftGate` (batch first, as every drafter state leaf)."""
+
+    value: jax.Array  # [B] float32 decayed mean of what drafted steps paid (1: a plain step's)
+    wait: jax.Array  # [B] int32 steps left without drafting
+    backoff: jax.Array  # [B] int32 the next wait, doubling while drafting keeps not paying
+    asked: jax.Array  # [B] int32 the last propose's requested verify size (-1: it skipped)
+    skipped: jax.Array  # [B] int32 steps without drafting (statistics)
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftGate:
+    """Draft only when it pays. `VerifySizing` makes a doubtful draft cost only a plain verify,
+    but the drafting itself is paid every step (on the 2-core CPU an EAGLE tree's propose +
+    commit is ~25% of a plain step), so where the drafter keeps missing (prose, for a drafter
+    trained mostly on code and math) a sized tree still loses to plain decoding. The gate keeps a
+    per-row decayed mean of what each drafted step paid: tokens emitted x `plain` / the step's
+    cost (`VerifySizing.costs` at the size verified, drafting included), so 1 = what a plain step
+    without drafting pays. While it is below 1 the row waits `backoff` steps without drafting
+    (the drafter only commits, so its state stays in step), then drafts once to look again;
+    `backoff` doubles up to `max_wait` while that keeps failing and resets when drafting pays.
+    A batch skips the drafting when every active row waits.
+
+    Exact at any temperature: whether a step drafts depends only on earlier steps, and a step
+    without a draft is a plain step."""
+
+    plain: float  # a plain decode step without drafting, in the unit of `VerifySizing.costs`
+    decay: float = 0.5  # weight of the newest drafted step in `value`
+    max_wait: int = 8
+
+    def __post_init__(self) -> None:
+        if not (
+            isinstance(self.plain, numbers.Real) and self.plain > 0 and np.isfinite(self.plain)
+        ):
+            raise ValueError(f"DraftGate plain must be a positive cost, got {self.plain!r}")
+        if not (isinstance(self.decay, numbers.Real) and 0 < self.decay <= 1):
+            raise ValueError(f"DraftGate decay must be in (0, 1], got {self.decay!r}")
+        if not (_is_int(self.max_wait) and self.max_wait >= 1):
+            raise ValueError(f"DraftGate max_wait must be a positive int, got {self.max_wait!r}")
+
+    def init(self, batch: int) -> GateState:
+        zeros = jnp.zeros((batch,), jnp.int32)
+        return GateState(jnp.ones((batch,), jnp.float32), zeros, zeros + 1, zeros - 1, zeros)
+
+    def closed(self, g: GateState) -> jax.Array:
+        """[] bool: skip this step's drafting (every row waits; finished rows always do)."""
+        return jnp.all(g.wait > 0)
+
+    def update(
+        self, g: GateState, tokens: jax.Array, cost: jax.Array, active: jax.Array
+    ) -> GateState:
+        """After a step: `tokens` [B] emitted, `cost` [] of the verify size the drafter asked
+        for (`g.asked`, batch-wide), `active` [B] the rows that took part."""
+        drafted = g.asked >= 0
+        paid = tokens.astype(jnp.float32) * self.plain / cost
+        value = jnp.where(drafted, (1 - self.decay) * g.value + self.decay * paid, g.value)
+        bad = value < 1.0
+        wait = jnp.where(drafted, jnp.where(bad, g.backoff, 0), jnp.maximum(g.wait - 1, 0))
+        grown = jnp.minimum(2 * g.backoff, self.max_wait)
+        backoff = jnp.where(drafted, jnp.where(bad, grown, 1), g.backoff)
+        return GateState(
+            value=jnp.where(active, value, g.value),
+            # A finished row never holds the gate open for the others.
+            wait=jnp.where(active, wait, self.max_wait),
+            backoff=jnp.where(active, backoff, g.backoff),
+            asked=g.asked,
+            skipped=g.skipped + (active & ~drafted).astype(jnp.int32),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +115,7 @@ class VerifySizing:
 
     sizes: tuple[int, ...]  # ascending verify sizes in nodes; the last is the tree's nodes
     costs: tuple[float, ...]  # len(sizes) + 1 step costs: plain step first, then per size
+    gate: DraftGate | None = None  # skip the drafting itself while it does not pay
 
     def __post_init__(self) -> None:
         sizes, costs = tuple(self.sizes), tuple(float(c) for c in self.costs)
@@ -58,6 +130,8 @@ class VerifySizing:
                 f"VerifySizing needs {len(sizes) + 1} positive costs (plain step, then one per "
                 f"size {sizes}), got {self.costs!r}"
             )
+        if self.gate is not None and not isinstance(self.gate, DraftGate):
+            raise TypeError(f"VerifySizing gate must be a DraftGate or None, got {self.gate!r}")
         object.__setattr__(self, "sizes", sizes)
         object.__setattr__(self, "costs", costs)
 
@@ -70,6 +144,11 @@ class VerifySizing:
         gain = 1.0 + jnp.concatenate([jnp.zeros((B, 1), jnp.float32), take], axis=1)
         best = jnp.argmax(gain / jnp.asarray(self.costs, jnp.float32)[None], axis=1)
         return jnp.asarray((0,) + self.sizes, jnp.int32)[best]
+
+    def step_cost(self, asked: jax.Array, active: jax.Array) -> jax.Array:
+        """[] the cost of the step that verifies the smallest size covering every active row's
+        request `asked` [B] (0: a plain step), as the engine's verify chooses it."""
+        return jnp.asarray(self.costs, jnp.float32)[size_index(asked, active, self.sizes)]
 
 
 @dataclasses.dataclass(frozen=True)
