@@ -165,17 +165,18 @@ def test_gate_backs_off_while_drafting_does_not_pay():
     gate = DraftGate(plain=1.0, decay=0.5, max_wait=4)
     active = jnp.asarray([True, True, False])
     # Row 0 drafted and emitted 1 token at cost 2 (paid 0.5): value 0.75, it waits its backoff
-    # (2) and the next backoff doubles, capped at max_wait. Row 1 emitted 3 (paid 1.5): value
-    # 1.25, no wait, backoff reset. Row 2 finished: it waits, so it never holds the gate open.
-    g = _gate_state(value=[1.0, 1.0, 1.0], wait=[0, 0, 0], backoff=[2, 3, 1], asked=[4, 4, 4])
+    # (3) and the next backoff doubles, capped at max_wait (6 -> 4). Row 1 emitted 3 (paid 1.5):
+    # value 1.25, no wait, backoff reset. Row 2 finished: it waits, so it never holds the gate
+    # open.
+    g = _gate_state(value=[1.0, 1.0, 1.0], wait=[0, 0, 0], backoff=[3, 2, 1], asked=[4, 4, 4])
     u = gate.update(g, jnp.asarray([1, 3, 1]), jnp.float32(2.0), active)
     np.testing.assert_allclose(u.value, [0.75, 1.25, 1.0])
-    assert u.wait.tolist() == [2, 0, 4] and u.backoff.tolist() == [4, 1, 1]
+    assert u.wait.tolist() == [3, 0, 4] and u.backoff.tolist() == [4, 1, 1]
     assert u.skipped.tolist() == [0, 0, 0]
     assert not bool(gate.closed(u))  # row 1 wants to draft
     # A step without drafting (asked -1): waits count down, value unchanged, skipped counted.
     s = gate.update(u._replace(asked=jnp.full((3,), -1)), jnp.ones(3, int), 1.0, active)
-    assert s.wait.tolist() == [1, 0, 4] and s.skipped.tolist() == [1, 1, 0]
+    assert s.wait.tolist() == [2, 0, 4] and s.skipped.tolist() == [1, 1, 0]
     np.testing.assert_allclose(s.value, u.value)
     assert bool(gate.closed(s._replace(wait=jnp.asarray([1, 2, 4]))))
     with pytest.raises(ValueError, match="plain must be a positive cost"):
