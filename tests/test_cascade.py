@@ -12,6 +12,10 @@ check of the cascade's draft. Negative control: a cascade that hands the target 
 distribution for its draft (uniform instead of the upper level's own q_B) must be rejected; its
 exact law is computable because the upper level's emitted tokens follow q_B exactly (the inner
 level is lossless), which gives the TV distance and the power of the test against it.
+
+An EAGLE top level (n-gram -> EAGLE, n-gram -> layer skip -> EAGLE): greedy identity, the
+Jacobi block scoring against sequential feeding, chi-square by one pass and by a pass per slot,
+and a negative control (the uniform law handed to the target).
 """
 
 from __future__ import annotations
@@ -224,10 +228,14 @@ class UniformHandedSpec(CascadeSpec):
 
 
 def _broken(
-    levels, spec_class=UniformHandedSpec, leniency: float = 1.0, name: str = "broken-cascade"
+    levels,
+    spec_class=UniformHandedSpec,
+    leniency: float = 1.0,
+    name: str = "broken-cascade",
+    passes: int | None = None,
 ) -> drafters.Drafter:
     """The cascade of `levels`, its spec rebuilt as `spec_class` (a broken subclass)."""
-    good = drafters.cascade(levels, leniency=leniency)
+    good = drafters.cascade(levels, leniency=leniency, passes=passes)
 
     def bind(target):
         spec, params = good.bind(target)
@@ -299,6 +307,152 @@ def test_rewind_follows_the_sequence():
     assert out.n_pending.tolist() == [2, 1, 1]
     assert out.pending.tolist() == [[3, 7], [8, 0], [9, 0]]
     jax.block_until_ready(out)
+
+
+# ------------------------------------------------------------------- an EAGLE top level
+
+
+def wobbly_echo(target, scale: float = 1.0):
+    """`echo_eagle1` with a random attention output projection: drafts the target often accepts
+    (the echo) from outputs that depend on the features fed before them (the projection), so a
+    block scored with fewer Jacobi passes than slots follows another law than the chain."""
+    from test_eagle import echo_eagle1
+
+    from specjax.models import eagle as N
+
+    cfg, p = echo_eagle1(target)
+    wo = N.init_params(cfg, jax.random.key(5))["layer"]["wo"]
+    return cfg, {**p, "layer": {**p["layer"], "wo": wo * scale}}
+
+
+def test_eagle_block_passes():
+    """`eagle_block`: as many Jacobi passes as slots give the sequential outputs (each slot fed
+    the output before it, one token at a time, as the EAGLE chain drafts); one pass does not."""
+    from test_eagle import random_eagle
+
+    from specjax.drafters.cascade import eagle_block
+    from specjax.drafters.feature import EagleSpec
+    from specjax.models import eagle as N
+    from specjax.models.cache import init_cache
+
+    from conftest import build_hf_model
+
+    target = specjax.model_from_hf(build_hf_model("llama", seed=0, eos_token_id=None))
+    cfg, params = random_eagle(target, 3, seed=2, draft_vocab=80)
+    params = N.bind_target(params, target.params)
+    spec = EagleSpec(k=3, eagle=cfg, target_cfg=target.config)
+    B, T, P, D = 2, 4, 5, cfg.hidden
+    rng = np.random.default_rng(0)
+    cache = init_cache(cfg.layer, B, 16, jnp.float32, per_layer=True)
+    _, cache = N.draft_block(
+        cfg,
+        params,
+        jnp.asarray(rng.normal(size=(B, P, D)), jnp.float32),
+        jnp.asarray(rng.integers(0, 100, (B, P))),
+        jnp.broadcast_to(jnp.arange(P), (B, P)),
+        cache,
+    )
+    cache = cache.replace(lengths=jnp.asarray([P, P - 2]))  # ragged: row 1 two slots earlier
+    feat = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
+    block = jnp.asarray(rng.integers(0, 100, (B, T)))
+    pos = cache.lengths[:, None] + jnp.arange(T)[None, :]
+    seq, f, c = [], feat, cache
+    for i in range(T):
+        o, c = N.draft_block(cfg, params, f[:, None], block[:, i : i + 1], pos[:, i : i + 1], c)
+        c = c.replace(lengths=c.lengths + 1)
+        seq.append(o[:, 0])
+        f = o[:, 0]
+    seq = np.stack(seq, 1)
+    full, _ = eagle_block(spec, params, feat, block, pos, cache, T)
+    np.testing.assert_allclose(full, seq, atol=2e-5)
+    one, _ = eagle_block(spec, params, feat, block, pos, cache, 1)
+    np.testing.assert_allclose(one[:, 0], seq[:, 0], atol=2e-5)  # slot 0 is exact in any pass
+    assert np.abs(np.asarray(one[:, 1:]) - seq[:, 1:]).max() > 1e-2
+
+
+def test_eagle_top_greedy_equals_ar(target, greedy_ar):
+    """An EAGLE chain as the top level of a cascade: the n-gram drafts for it (two levels), or
+    a layer-skip level between them (three); greedy output equals AR, ragged batch and batch 1.
+    With a pass per slot the cascade's draft is the EAGLE chain's own (lossless at its level):
+    the target's acceptance histogram equals that of the EAGLE drafter alone, step for step."""
+    prompts, ar = greedy_ar
+    w = wobbly_echo(target)
+    alone = specjax.generate(target, prompts, max_new_tokens=NEW, drafter=drafters.eagle(w, k=3))
+    hists = {}
+    for passes in (None, 1):
+        d = drafters.cascade([drafters.ngram(k=2), drafters.eagle(w, k=3)], passes=passes)
+        out = specjax.generate(target, prompts, max_new_tokens=NEW, drafter=d)
+        assert out.tokens == ar, passes
+        (lv,) = out.stats["cascade_levels"]
+        assert 0 < lv["accepted"] < lv["drafted"], lv
+        hists[passes] = out.stats["acceptance_histogram"]
+    assert hists[None] == alone.stats["acceptance_histogram"], (hists, alone.stats)
+    assert sum(hists[1][1:]) > 0, hists  # the target accepts the one-pass law's drafts too
+    d = drafters.cascade(
+        [drafters.ngram(k=1), drafters.layer_skip(layers=2, k=2), drafters.eagle(w, k=3)],
+        passes=2,
+    )
+    out = specjax.generate(target, prompts, max_new_tokens=NEW, drafter=d)
+    assert out.tokens == ar
+    assert [lv["upper_forwards"] > 0 for lv in out.stats["cascade_levels"]] == [True, True]
+    one = specjax.generate(target, prompts[3], max_new_tokens=NEW, drafter=d, chat=False)
+    assert one.tokens == [ar[3]]
+
+
+def test_eagle_level_placement_is_checked(target):
+    from test_eagle import random_eagle
+
+    w = random_eagle(target, 3, seed=1, draft_vocab=80)
+    ngram = drafters.ngram(k=2)
+    with pytest.raises(ValueError, match="an EAGLE drafter can only be the top level"):
+        specjax.generate(
+            target,
+            [[1, 2, 3]],
+            max_new_tokens=4,
+            drafter=drafters.cascade([ngram, drafters.eagle(w, k=2), drafters.layer_skip(2)]),
+        )
+    tree = drafters.eagle(w, tree=drafters.DynamicTree(nodes=4, depth=2, top_k=2))
+    with pytest.raises(ValueError, match="or, at the top, an EAGLE chain"):
+        specjax.generate(
+            target, [[1, 2, 3]], max_new_tokens=4, drafter=drafters.cascade([ngram, tree])
+        )
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match=f"passes must be a positive int.*got {bad!r}"):
+            drafters.cascade([ngram, drafters.eagle(w, k=2)], passes=bad)
+
+
+def _eagle_top(target, passes):
+    from test_eagle import random_eagle
+
+    weights = random_eagle(target, 3, seed=11, draft_vocab=12)
+    return [drafters.ngram(max_ngram=3, k=2), drafters.eagle(weights, k=2)], passes
+
+
+@pytest.mark.parametrize(("passes", "mode"), [(1, "plain"), (None, "topk5_topp0.8")])
+def test_eagle_top_sampling_matches_target(models, exact, passes, mode):
+    """The chi-square test above for n-gram -> EAGLE-3 chain (draft vocabulary 12 of 16) ->
+    target, by one Jacobi pass (a law of its own) and by the EAGLE chain's law."""
+    target, _ = models
+    levels, passes = _eagle_top(target, passes)
+    d = drafters.cascade(levels, passes=passes)
+    counts, st = sample_joint(target, d, MODES[mode], 3120 + (passes or 0))
+    hist = np.asarray(st["acceptance_histogram"])
+    assert_follows_target(counts, exact[mode]["joint"], hist, f"ngram > eagle3 passes={passes}")
+    assert hist[0] >= 0.05 * hist.sum() and hist[1:].sum() >= 0.05 * hist.sum(), hist
+    (lv,) = st["cascade_levels"]
+    assert 0.05 < lv["acceptance"] < 0.95, lv
+
+
+def test_eagle_top_wrong_handed_distribution_is_detected(models, exact):
+    """Negative control of the test above: the EAGLE level tells the target its draft follows
+    the uniform distribution (`UniformHandedSpec`); the chi-square test rejects it."""
+    target, _ = models
+    levels, passes = _eagle_top(target, 1)
+    broken = _broken(levels, name="broken eagle top", passes=passes)
+    counts, _ = sample_joint(target, broken, MODES["plain"], 3123)
+    fit = chi_square(counts, exact["plain"]["joint"])
+    print(f"EAGLE top handing the uniform law: {fit}")
+    assert fit.pvalue < ALPHA, fit
 
 
 @dataclasses.dataclass(frozen=True)

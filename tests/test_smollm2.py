@@ -112,20 +112,24 @@ def test_scan_layout_ragged_batch_equals_unrolled(smol, smol_scan, ar_outputs):
 
 
 @pytest.mark.parametrize(
-    "make",
+    "make, single",
     [
-        lambda: drafters.ngram(k=6),
+        (lambda: drafters.ngram(k=6), True),
         # 28 of 30 layers, k=1: accepts in about half of the steps (tau 1.52 here), so both the
         # accept and the reject paths are checked; with 10 layers (k=3) SmolLM2 accepted no
         # draft at all (tau 1.0). 26 layers with k=2: the same tau, 35% more time.
-        lambda: drafters.layer_skip(layers=28, k=1),
+        (lambda: drafters.layer_skip(layers=28, k=1), False),
     ],
     ids=["ngram", "layer_skip"],
 )
-def test_speculative_greedy_equals_ar(smol_scan, ar_outputs, make):
+def test_speculative_greedy_equals_ar(smol_scan, ar_outputs, make, single):
+    # The ragged batch for both drafters; one batch-1 run (a program of its own) for the n-gram
+    # only: a layer-skip drafter at batch 1 is checked on a tiny model (`specjax bench` in
+    # tests/test_cli.py compares each prompt alone with AR). Batch-1 runs of both drafters over
+    # two prompts each cost ~20 s of this file's ~180.
     d = make()
-    single = [scan_generate(smol_scan, p, d) for p in PROMPTS[:2]]
-    assert [o.tokens[0] for o in single] == ar_outputs[:2]
+    if single:
+        assert scan_generate(smol_scan, PROMPTS[0], d).tokens[0] == ar_outputs[0]
     batch = scan_generate(smol_scan, PROMPTS, d)
     assert batch.tokens == ar_outputs
     assert batch.stats["tau"] >= 1.0
@@ -180,6 +184,21 @@ def test_cascade_equals_ar(smol_scan, ar_outputs):
     assert out.tokens == [t[:24] for t in ar_outputs[1:3]]
     for level in out.stats["cascade_levels"]:
         assert 0 < level["accepted"] < level["drafted"], out.stats["cascade_levels"]
+
+
+def test_eagle_top_cascade_equals_ar(smol_scan, ar_outputs):
+    # The n-gram drafting for the bundled EAGLE-3 drafter (a chain of 4), by its CLI name, on a
+    # ragged batch of two prompts, 32 tokens: the EAGLE level scores each n-gram draft in one
+    # block (a Jacobi pass per slot: the drafter's own chain law), accepting and rejecting.
+    from specjax.drafters import registry
+
+    d = registry.make("cascade:ngram@2>eagle3@4", model=smol_scan)
+    with specjax.xla_options(**REAL_MODEL_XLA):
+        out = specjax.generate(smol_scan, PROMPTS[:2], max_new_tokens=32, drafter=d)
+    assert out.tokens == [t[:32] for t in ar_outputs[:2]]
+    (level,) = out.stats["cascade_levels"]
+    assert 0 < level["accepted"] < level["drafted"], level
+    assert sum(out.stats["acceptance_histogram"][1:]) > 0
 
 
 @pytest.mark.parametrize("mode", ["switch", "merge"])

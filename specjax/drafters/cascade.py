@@ -21,7 +21,22 @@ emitted, so d_1 .. d_k were fed) and the lower level drops what the target rejec
 depth >= 3 works: cascade([A, B, C]) = cascade([cascade([A, B]), C]).
 
 The lower level may be any chain drafter with `rewind` (n-gram, small model, layer skip, or a
-cascade) that reads no target features; the upper level is an LM chain drafter.
+cascade) that reads no target features; the upper level is an LM chain drafter, or at the top of
+a cascade an EAGLE chain drafter (below).
+
+An EAGLE top level (`cascade([ngram, eagle3])`, `cascade([ngram, layer_skip, eagle3])`). Its
+network pairs each token with the feature before it: the target's feature for committed tokens,
+its own previous output for drafted ones, so the law of draft token i + 1 needs the output at
+token i: a chain is sequential. A block of the lower level's tokens is scored by Jacobi passes
+(`eagle_block`): pass 1 feeds every slot the pending slot's feature, pass m feeds slot i the
+output of pass m - 1 at slot i - 1. Slot i's output is the sequential one from pass i + 1 on, so
+`passes` >= the block's length gives the EAGLE chain's own law; fewer passes give another law,
+still a function of the tokens before each slot (causal attention, features from earlier slots
+only), which is all the exact check needs: each emitted token follows the law computed at its
+slot, and that law is what the target is told. The EAGLE state follows the target: the pending
+slot (the feature before `last`, and `last`) is re-fed at the start of every round, and the
+commit feeds the accepted path with the target's features (as the EAGLE drafter's own commit).
+Such a cascade reads the target's features, so it cannot be the lower level of another.
 
 Lenient levels (`leniency` l > 1; CS Drafting's lenient reviewers, made exact at any
 temperature). B accepts the lower level's token x with probability min(1, l p_B(x) / q(x))
@@ -46,6 +61,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from specjax.drafters.feature import EagleSpec, EagleTreeSpec
 from specjax.drafters.lm import LMDrafterSpec
 from specjax.engine.accept import Accepted, verify_chain
 from specjax.engine.protocol import (
@@ -60,6 +76,7 @@ from specjax.engine.protocol import (
 from specjax.models import forward
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
+from specjax.models.eagle import draft_block, draft_logits, target_features
 from specjax.sampling import SamplingMode, argmax, process_logits
 
 if TYPE_CHECKING:
@@ -81,6 +98,9 @@ class CascadeState:
     # last propose's, added to `total` for the rows active in the target's step.
     step: jax.Array
     total: jax.Array
+    # An EAGLE top level: [B, D] the feature paired with `last` (the target's feature of the
+    # token before it), the input of the slot every round starts with. None for an LM top.
+    feat: jax.Array | None = None
 
 
 @struct.dataclass
@@ -93,18 +113,40 @@ class _Carry:
     tokens: jax.Array  # [B, W] emitted tokens
     logp: jax.Array | None  # [B, W, V] the upper level's processed log-probs at each one
     rounds: jax.Array  # [] int32
+    feat: jax.Array | None  # [B, D] an EAGLE top level: the feature paired with `last`
 
 
 @dataclasses.dataclass(frozen=True)
 class CascadeSpec(DrafterSpec):
     lower: DrafterSpec | None = None
-    upper: LMDrafterSpec | None = None
+    upper: LMDrafterSpec | EagleSpec | None = None
     label: str = ""  # "lower > upper" drafter names, for statistics
     leniency: float = 1.0  # >= 1; > 1: this level accepts the lower draft leniently (above)
+    # An EAGLE top level: Jacobi passes over a block of the lower level's draft (None: one per
+    # block slot, the EAGLE chain's own law; see the module docstring).
+    passes: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_leniency(self.leniency)
+        if self.passes is not None:
+            check_passes(self.passes)
+        if self.upper is not None:  # an EAGLE-3 top level reads the target's layers
+            object.__setattr__(self, "hidden_layers", self.upper.hidden_layers)
+
+    @property
+    def feature_top(self) -> bool:
+        """The top level is an EAGLE drafter: it reads the target's features."""
+        return isinstance(self.upper, EagleSpec)
+
+    @property
+    def n_passes(self) -> int:
+        return self.lower.k + 1 if self.passes is None else min(self.passes, self.lower.k + 1)
+
+    @property
+    def vocab_size(self) -> int:
+        up = self.upper
+        return up.target_cfg.vocab_size if self.feature_top else up.cfg.vocab_size
 
     @property
     def width(self) -> int:
@@ -122,16 +164,27 @@ class CascadeSpec(DrafterSpec):
 
     def init(self, params: Params, prefill: TargetPrefill, max_len: int) -> CascadeState:
         up = self.upper.init(params["upper"], prefill, max_len)  # cache: the prompt; first pending
+        feat, cache = None, up.cache
+        if self.feature_top:
+            # The EAGLE state holds the prompt's slots up to (f_{P-1}, first); as a top level the
+            # last of them is the pending slot, re-fed by the first round.
+            cache = cache.replace(lengths=prefill.lengths - 1)
+            feats = target_features(self.upper.eagle, params["upper"], prefill.hiddens)
+            feat = jnp.take_along_axis(feats, cache.lengths[:, None, None], axis=1)[:, 0]
         lower_prefill = TargetPrefill(
-            input=prefill.input, first=prefill.first, cache=up.cache, hiddens=None
+            input=prefill.input,
+            first=prefill.first,
+            cache=prefill.cache if self.feature_top else up.cache,
+            hiddens=None,
         )
         lower = self.lower.init(params["lower"], lower_prefill, max_len)
         B = prefill.first.shape[0]
         zeros = jnp.zeros((B,), jnp.int32)
         return CascadeState(
             lower=lower,
-            cache=up.cache,
-            len_before=up.cache.lengths,
+            cache=cache,
+            feat=feat,
+            len_before=cache.lengths,
             count=zeros,
             last=zeros,
             step=jnp.zeros((B, 3), jnp.int32),
@@ -147,7 +200,13 @@ class CascadeSpec(DrafterSpec):
         draft, lower = self.lower.propose(params["lower"], c.lower, c.last, k_draft, mode, sp)
         block = jnp.concatenate([c.last[:, None], draft.tokens], axis=1)  # [B, KA+1]
         positions = c.cache.lengths[:, None] + jnp.arange(KA + 1, dtype=jnp.int32)[None, :]
-        logits, _, cache = forward(params["upper"], up.cfg, block, positions, c.cache)
+        if self.feature_top:
+            out, cache = eagle_block(
+                up, params["upper"], c.feat, block, positions, c.cache, self.n_passes
+            )
+            logits = draft_logits(up.eagle, params["upper"], out, up.target_cfg)
+        else:
+            logits, _, cache = forward(params["upper"], up.cfg, block, positions, c.cache)
         if self.leniency == 1.0:
             acc = verify_chain(k_verify, logits, draft.tokens, draft.logp, mode, sp)
             handed = None if c.logp is None else self._handed_logp(logits, draft, mode, sp)
@@ -173,6 +232,10 @@ class CascadeSpec(DrafterSpec):
             params["lower"], lower, draft, verified, live, TargetStep(tokens=block, hiddens=None)
         )
         moved = jnp.where(live, acc.n + 1, 0)
+        feat = c.feat
+        if feat is not None:  # the next round's first slot pairs the output at slot n with bonus
+            at = jnp.take_along_axis(out, acc.n[:, None, None], axis=1)[:, 0]
+            feat = jnp.where(live[:, None], at, feat)
         return _Carry(
             lower=lower,
             cache=cache.replace(lengths=c.cache.lengths + moved),
@@ -185,6 +248,7 @@ class CascadeSpec(DrafterSpec):
             tokens=tokens,
             logp=logp,
             rounds=c.rounds + 1,
+            feat=feat,
         )
 
     def _handed_logp(
@@ -212,7 +276,7 @@ class CascadeSpec(DrafterSpec):
     ) -> tuple[Draft, CascadeState]:
         K, W = self.k, self.width
         B = last.shape[0]
-        V = self.upper.cfg.vocab_size
+        V = self.vocab_size
         logp = None if mode.greedy else jnp.zeros((B, W, V), jnp.float32)
         start = _Carry(
             lower=state.lower,
@@ -223,6 +287,7 @@ class CascadeSpec(DrafterSpec):
             tokens=jnp.zeros((B, W), jnp.int32),
             logp=logp,
             rounds=jnp.zeros((), jnp.int32),
+            feat=state.feat,
         )
         # Every live row gains >= 1 token per round, so K + 1 rounds always suffice.
         c = jax.lax.while_loop(
@@ -258,11 +323,38 @@ class CascadeSpec(DrafterSpec):
         n_drop = jnp.where(active, state.count - n, state.count + 1)
         new_last = jnp.where(active, verified.bonus, state.last)
         lower = self.lower.rewind(params["lower"], state.lower, n_drop, new_last)
+        cache, feat = state.cache, state.feat
+        if self.feature_top:
+            cache, feat = self._commit_features(params["upper"], state, verified, active, target)
         return state.replace(
             lower=lower,
-            cache=state.cache.replace(lengths=lengths),
+            cache=cache.replace(lengths=lengths),
+            feat=feat,
             total=state.total + jnp.where(active[:, None], state.step, 0),
         )
+
+    def _commit_features(
+        self,
+        params: dict,
+        state: CascadeState,
+        verified: Verified,
+        active: jax.Array,
+        target: TargetStep,
+    ) -> tuple[KVCache, jax.Array]:
+        """An EAGLE top level after the target's check: the accepted d_1 .. d_n fed after the
+        pending slot, each paired with the target's feature before it (block offset i: the
+        feature of `last` or of d_i), as the EAGLE drafter commits -> (cache, the feature paired
+        with the new `last`, the bonus: the target's at offset n)."""
+        feats = target_features(self.upper.eagle, params, target.hiddens)  # [B, K+1, D]
+        n = verified.n
+        B, K1 = feats.shape[:2]
+        i = jnp.arange(K1)[None, :]
+        toks = jnp.concatenate([verified.tokens, jnp.zeros((B, 1), jnp.int32)], axis=1)
+        pair_tok = jnp.where(i < n[:, None], toks, verified.bonus[:, None])
+        start = state.cache.replace(lengths=state.len_before + 1)
+        _, cache = self.upper._feed_committed(params, start, feats, pair_tok, n)
+        at = jnp.take_along_axis(feats, n[:, None, None], axis=1)[:, 0]
+        return cache, jnp.where(active[:, None], at, state.feat)
 
     def stats(self, state: CascadeState, rows: int) -> dict:
         """Per level, smallest first: how the upper model of each level took the drafts of the
@@ -289,6 +381,36 @@ class CascadeSpec(DrafterSpec):
         lengths = state.cache.lengths + 1 - n_drop
         lower = self.lower.rewind(params["lower"], state.lower, n_drop, last)
         return state.replace(lower=lower, cache=state.cache.replace(lengths=lengths))
+
+
+def eagle_block(
+    up: EagleSpec,
+    params: dict,
+    feat: jax.Array,
+    block: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    passes: int,
+) -> tuple[jax.Array, KVCache]:
+    """An EAGLE network over a block of tokens [B, T] at `positions`, the first paired with
+    feat [B, D], slot i > 0 with the output at slot i - 1, by `passes` Jacobi passes (module
+    docstring; passes >= T: the sequential outputs) -> (outputs [B, T, D], cache holding the last
+    pass's K/V at the block's slots)."""
+    B, T = block.shape
+    first = feat[:, None]
+    inputs = jnp.broadcast_to(first, (B, T, feat.shape[-1]))
+    out, new_cache = None, cache
+    for _ in range(passes):  # each pass writes the block's slots over the same cache
+        out, new_cache = draft_block(up.eagle, params, inputs, block, positions, cache)
+        inputs = jnp.concatenate([first, out[:, :-1]], axis=1)
+    return out, new_cache
+
+
+def check_passes(value: Any) -> int:
+    """Jacobi passes of an EAGLE top level: a positive int."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"passes must be a positive int (None: exact sequential), got {value!r}")
+    return value
 
 
 def lenient_chain(
@@ -347,6 +469,11 @@ def _as_model(spec: LMDrafterSpec, params: dict, target: Model) -> Model:
 
 
 def _check_lower(spec: DrafterSpec, name: str) -> None:
+    if isinstance(spec, CascadeSpec) and spec.feature_top:
+        raise ValueError(
+            f"cascade level {name!r} has an EAGLE top level, which reads the target's features: "
+            "an EAGLE drafter can only be the top level of a cascade"
+        )
     if spec.is_tree:
         raise ValueError(f"cascade level {name!r} drafts a tree; a lower level must draft a chain")
     if spec.hidden_layers:
@@ -362,10 +489,13 @@ def _check_lower(spec: DrafterSpec, name: str) -> None:
 
 
 def _check_upper(spec: DrafterSpec, name: str) -> None:
-    if not isinstance(spec, LMDrafterSpec) or spec.is_tree:
+    # An EAGLE chain is refused below the top by `_check_lower` (its cascade reads features).
+    eagle_chain = isinstance(spec, EagleSpec) and not isinstance(spec, EagleTreeSpec)
+    if not (isinstance(spec, LMDrafterSpec) or eagle_chain) or spec.is_tree:
         raise ValueError(
             f"cascade level {name!r} ({type(spec).__name__}) cannot verify a lower level: an "
-            "upper level must be an LM chain drafter (small_model or layer_skip without a tree)"
+            "upper level must be an LM chain drafter (small_model or layer_skip without a tree) "
+            "or, at the top, an EAGLE chain (eagle or eagle3 without a tree)"
         )
     if spec.sizing is not None:
         raise ValueError(f"cascade level {name!r}: an upper level drafts whole chains (no sizing)")
@@ -384,30 +514,43 @@ def check_leniency(value: Any) -> float:
     return float(value)
 
 
-def cascade(levels: Sequence[Drafter], leniency: float = 1.0) -> Drafter:
+def cascade(levels: Sequence[Drafter], leniency: float = 1.0, passes: int | None = None) -> Drafter:
     """A vertical cascade, smallest level first: `cascade([A, B])` drafts with B, which A
     drafts for; `cascade([A, B, C])` = A -> B -> C -> target. The draft size is the last
     level's k (each level's k is what it proposes to the level above). `leniency` > 1: every
     level accepts the draft below it leniently (the target's own check stays exact; see the
-    module docstring)."""
+    module docstring). `passes`: with an EAGLE top level, the Jacobi passes it scores a block
+    of the level below with (None: as many as the block has slots, the EAGLE chain's own law;
+    fewer are cheaper and draft by another law, equally exact)."""
     levels = list(levels)
     if len(levels) < 2 or not all(isinstance(d, Drafter) for d in levels):
         raise ValueError(f"cascade needs a list of >= 2 drafters, smallest first; got {levels!r}")
     leniency = check_leniency(leniency)
+    if passes is not None:
+        check_passes(passes)
     lower_d = levels[0] if len(levels) == 2 else cascade(levels[:-1], leniency)
     upper_d = levels[-1]
 
     def bind(target: Model) -> tuple[CascadeSpec, dict]:
         upper, p_upper = upper_d.bind(target)
         _check_upper(upper, upper_d.name)
-        lower, p_lower = lower_d.bind(_as_model(upper, p_upper, target))
+        # An EAGLE level drafts for the target with the target's own vocabulary and embedding:
+        # the level below it drafts for the target model itself.
+        below = target if isinstance(upper, EagleSpec) else _as_model(upper, p_upper, target)
+        lower, p_lower = lower_d.bind(below)
         _check_lower(lower, lower_d.name)
         label = f"{_short(lower_d)} > {_short(upper_d)}"
         spec = CascadeSpec(
-            k=upper.k, lower=lower, upper=upper, label=label, leniency=float(leniency)
+            k=upper.k,
+            lower=lower,
+            upper=upper,
+            label=label,
+            leniency=float(leniency),
+            passes=passes,
         )
         return spec, {"lower": p_lower, "upper": p_upper}
 
     lenient = f", leniency={leniency:g}" if leniency != 1 else ""
+    lenient += f", passes={passes}" if passes is not None else ""
     name = f"cascade({lower_d.name} > {upper_d.name}{lenient})"
     return Drafter(name=name, k=upper_d.k, binder=bind, tokenizer=upper_d.tokenizer)
