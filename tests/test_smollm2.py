@@ -32,7 +32,7 @@ PROMPTS = [
     "Summarize: The mitochondrion is the powerhouse of the cell. It produces ATP through "
     "oxidative phosphorylation, and it has its own DNA inherited from the mother.",
 ]
-NEW = 64
+NEW = 48  # long, real answers (64 cost ~25% more of this file's running time)
 # How the real model's programs compile: XLA's default backend optimization and its fusion
 # emitters (conftest turns both off to compile tiny models faster). With the emitters the scan
 # layout's n-gram loop took 11.9-12.9 s to compile and run against 16.1-16.9 s without, and
