@@ -14,7 +14,7 @@ empirical counts over `N_ROWS` = 8192 copies of one prompt, decoded in one `gene
 the exact law computed from the cache-free forward `Model.logits` over every continuation.
 Target: the 2-layer V = 16 random Llama with its head scaled by 1.5. The fixed seeds make every
 test deterministic; a correct implementation fails one fit with probability ALPHA for a random
-seed (20 engine-level fits, 2 tests of the negative-control machinery: family-wise size <= 2.0%).
+seed (12 engine-level fits, 2 tests of the negative-control machinery: family-wise size <= 1.4%).
 
 Each row generates 4 tokens (EOS disabled). Two fits per case:
   * the joint law of the first 3 tokens (t1, t2, t3): p(t1) p(t2 | t1) p(t3 | t1, t2) (the claim);
@@ -41,7 +41,12 @@ Drafters (all propose deterministic candidates, one-hot q):
     layer-skip tree with per-step verify sizing (`VerifySizing`: 1, 3 or 5 nodes, or a plain
     step). A batch verifies the largest size any row asks for; the costs given make 5 nodes
     never worth it, so every step verifies the truncated 3-node tree (the `lax.switch` branch).
-each at temperature 0.7 ("plain") and at temperature 1 with top-k = 5, top-p = 0.8 (both cut).
+at temperature 0.7 ("plain") and at temperature 1 with top-k = 5, top-p = 0.8 (both cut): the
+n-gram tree (the one whose first step accepts a root child other than the first most often) in
+both modes, the others in one mode each (`CASES`), since the rule they exercise is the same code
+for every drafter and the mode changes only the laws it is handed: the model and self trees
+plain, the layer-skip and sized trees top-k/top-p (the sized tree's choice of size does not
+depend on the mode).
 The tests assert that draft tokens are accepted often (>= 20% of the verify steps accept at least
 one: the tree path is exercised), that rejections happen (>= 5%), and that depth >= 2 acceptances
 happen (two draft tokens of one branch emitted in one step): observed in 9-15% (n-gram), 12-15%
@@ -124,6 +129,9 @@ SIZED_TREE = drafters.DynamicTree(
     nodes=5, depth=3, top_k=2, sizing=drafters.VerifySizing((1, 3, 5), (1.0, 1.05, 1.3, 100.0))
 )
 SEEDS = {(d, m): 2000 + 10 * i + j for i, d in enumerate(DRAFTERS) for j, m in enumerate(MODES)}
+ONE_MODE = {"model_tree": "plain", "self_tree": "plain", "layer_skip_tree": "topk5_topp0.8"}
+ONE_MODE["sized_tree"] = "topk5_topp0.8"
+CASES = [(d, m) for d in DRAFTERS for m in MODES if ONE_MODE.get(d, m) == m]
 
 
 def make_drafter(name: str, target, draft):
@@ -212,8 +220,7 @@ MIN_DEPTH2 = {
 }
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("drafter", DRAFTERS)
+@pytest.mark.parametrize(("drafter", "mode"), CASES)
 def test_tree_drafter_matches_target(models, exact, drafter, mode):
     target, draft = models
     toks, st = sample_tokens(
