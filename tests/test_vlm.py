@@ -648,8 +648,8 @@ def test_eagle3_training_over_images_learns(llava, tmp_path):
     z = np.load(sorted(ds.glob("shard_*.npz"))[0])
     assert z["pixels"].shape == (16, 3, 28, 28) and z["image_row"].tolist() == list(range(16))
     tc = trainer.TrainConfig(
-        kind="eagle3", steps=200, batch=8, lr=3e-3, warmup=10, draft_vocab=100, log_every=50,
-        save_every=200, feature_dtype="float32",
+        kind="eagle3", steps=100, batch=8, lr=3e-3, warmup=10, draft_vocab=100, log_every=50,
+        save_every=100, feature_dtype="float32",
     )  # fmt: skip
     cfg, params, history = trainer.train(vm, tc, ds, tmp_path / "out", progress=False, log=print)
     feats = sorted((tmp_path / "out" / "features").glob("*.embeds.npy"))
