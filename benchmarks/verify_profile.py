@@ -2,9 +2,9 @@
 forward (the engine's, `autotune.verify_forward`: a causal block of T tokens against a cache of
 256 committed tokens, the block written) traced with `jax.profiler.trace` and read back with
 `jax.profiler.ProfileData`. Every traced XLA operation is grouped by its kind, result shape and
-the ops of its fused computation (from the compiled HLO), summed per forward, and listed with
-the bytes of weights it reads where the shape names a layer matrix, so each product's read rate
-can be set against the plain step's.
+the ops of its fused computation (from the compiled HLO) and summed per forward; a product's
+read rate is its matrix bytes over its time (README: "Where a verify of 8 tokens spends its
+time").
 
     python benchmarks/verify_profile.py [--sizes 1,8] [--runs 8] [--top 12]
 
