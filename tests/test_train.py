@@ -18,11 +18,16 @@ from specjax.models.llama import forward_hidden
 from specjax.train import data, losses, trainer
 
 
+def dataset_prompts() -> list[dict]:
+    """The `dataset` fixture's 48 prompts (random, 4-11 tokens)."""
+    rng = np.random.default_rng(0)
+    return [{"prompt": rng.integers(0, 101, rng.integers(4, 12)).tolist()} for _ in range(48)]
+
+
 @pytest.fixture(scope="module")
 def dataset(target, tmp_path_factory):
     """48 self-distilled rows of the tiny target (random prompts of 4-11 tokens)."""
-    rng = np.random.default_rng(0)
-    prompts = [{"prompt": rng.integers(0, 101, rng.integers(4, 12)).tolist()} for _ in range(48)]
+    prompts = dataset_prompts()
     d = tmp_path_factory.mktemp("ds")
     data.build_dataset(
         target,
@@ -199,6 +204,32 @@ def test_data_helpers(tmp_path):
         trainer.TrainConfig(kind="hydra")
     with pytest.raises(ValueError, match="steps must be a positive int"):
         trainer.TrainConfig(steps=0)
+
+
+def test_dataset_resumes_only_over_its_own_shards(target, dataset, tmp_path):
+    """A rerun over a finished dataset generates nothing; one whose prompts or shard size
+    (`gen_batch`) differ is refused by name instead of reusing rows built from other prompts;
+    shards written before the prompt CRCs were stored are checked by row count."""
+    d = tmp_path / "ds"
+    shutil.copytree(dataset[0], d)
+    prompts = dataset_prompts()
+    before = {p.name: p.stat().st_mtime_ns for p in d.glob("shard_*.npz")}
+    kw = dict(seq_len=40, max_new_tokens=28, progress=False)
+    data.build_dataset(target, prompts, d, batch=16, shard_rows=16, **kw)
+    assert {p.name: p.stat().st_mtime_ns for p in d.glob("shard_*.npz")} == before
+    with pytest.raises(
+        ValueError,
+        match=r"shard_self_00000.npz holds 16 rows, but this run "
+        r"puts 8 prompts there \(shard_rows 8\)",
+    ):
+        data.build_dataset(target, prompts, d, batch=8, shard_rows=8, **kw)
+    with pytest.raises(ValueError, match="holds rows of other prompts"):
+        data.build_dataset(target, prompts[::-1], d, batch=16, shard_rows=16, **kw)
+    first = d / "shard_self_00000.npz"
+    with np.load(first) as f:  # as a shard from before the CRCs
+        old = {k: f[k] for k in f.files if k != "prompt_crc"}
+    np.savez(first, **old)
+    data.build_dataset(target, prompts[::-1][:16] + prompts[16:], d, batch=16, shard_rows=16, **kw)
 
 
 def write_train_data(root, n_gsm=30, n_code=20):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,11 +27,13 @@ DEFAULT_SOURCES = ("gsm8k", "codealpaca")
 # Instructions SmolLM2-135M-Instruct wrote itself (`specjax.train.magpie`), shipped with the
 # package: they have no given answers, so they are only used with self-distilled responses.
 # "magpie_b": a second set sampled with another seed, repeating none of the first
-# (`specjax magpie --seed 1 --exclude .../magpie_smollm2.jsonl.gz`).
+# (`specjax magpie --seed 1 --exclude .../magpie_smollm2.jsonl.gz`); "magpie_c" a third (seed 2,
+# batches of 64, excluding both).
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 MAGPIE_FILES = {
     "magpie": PROMPT_DIR / "magpie_smollm2.jsonl.gz",
     "magpie_b": PROMPT_DIR / "magpie_smollm2_b.jsonl.gz",
+    "magpie_c": PROMPT_DIR / "magpie_smollm2_c.jsonl.gz",
 }
 SOURCES = ("gsm8k", "codealpaca", *MAGPIE_FILES)
 
@@ -217,7 +220,9 @@ def build_dataset(
     for s in range(n_shards):
         path = out / f"shard_{responses}_{s:05d}.npz"
         idx = keep[s * shard_rows : (s + 1) * shard_rows]
-        if path.exists():
+        crc = _prompt_crcs([encoded[i] for i in idx])
+        if path.exists():  # resume: the shard must hold these prompts, or rows would mix
+            _check_shard(path, crc, shard_rows)
             bar.update(len(idx))
             continue
         rows = []
@@ -247,12 +252,34 @@ def build_dataset(
             extra["pixels"] = np.stack([it.pixels for _, it in mine]) if mine else empty
             extra["image_row"] = np.array([r for r, _ in mine], np.int32)
         tmp = out / f"partial_{path.name}"  # outside the shard_*.npz pattern
-        np.savez(tmp, tokens=tokens, loss_mask=mask, **extra)
+        np.savez(tmp, tokens=tokens, loss_mask=mask, prompt_crc=crc, **extra)
         os.replace(tmp, path)  # a shard is complete or absent
     bar.close()
     meta = {"rows": len(keep), "seq_len": seq_len, "responses": responses, "model": model.name}
     (out / f"dataset_{responses}.json").write_text(json.dumps(meta, indent=1))
     return out
+
+
+def _prompt_crcs(prompts: list) -> np.ndarray:
+    """CRC-32 of each prompt's token ids [n] uint32: what a shard says it was built from."""
+    return np.array([zlib.crc32(np.asarray(p, np.int32).tobytes()) for p in prompts], np.uint32)
+
+
+def _check_shard(path: Path, crc: np.ndarray, shard_rows: int) -> None:
+    """Refuse to resume over a shard built from other prompts (another prompt list, seed or
+    `shard_rows`, e.g. a changed `gen_batch`): its rows would silently stand in for these.
+    Shards written before the CRCs were stored are checked by their row count only."""
+    with np.load(path) as f:
+        rows = f["tokens"].shape[0]
+        old = f["prompt_crc"] if "prompt_crc" in f.files else None
+    if rows == len(crc) and (old is None or np.array_equal(old, crc)):
+        return
+    what = f"{rows} rows" if rows != len(crc) else "rows of other prompts"
+    raise ValueError(
+        f"{path} holds {what}, but this run puts {len(crc)} prompts there (shard_rows "
+        f"{shard_rows}): the directory was built from another prompt list or batch size. "
+        "Resume with the settings that wrote it, or write to a new directory"
+    )
 
 
 def model_generate(
