@@ -73,7 +73,7 @@ def test_magpie_source_reads_the_prompt_set(tmp_path, monkeypatch):
         ("Question two?", "", "magpie"),
     ]
     with pytest.raises(
-        ValueError, match="valid: \\['gsm8k', 'codealpaca', 'magpie', 'magpie_b'\\]"
+        ValueError, match="valid: \\['gsm8k', 'codealpaca', 'magpie', 'magpie_b', 'magpie_c'\\]"
     ):
         data.load_prompts(["alpaca"])
 
