@@ -263,6 +263,32 @@ def write_train_data(root, n_gsm=30, n_code=20):
     return root
 
 
+def test_a_later_stage_excludes_earlier_recipes_prompts(tmp_path, monkeypatch):
+    """`exclude_recipes`: a stage's pool leaves out every prompt (trained or held out) of the
+    recipes it names, still with the counts it asks for; without it the pool is unchanged."""
+    from specjax.train import load_configs, select_prompts
+
+    monkeypatch.setenv("SPECJAX_DATA", str(write_train_data(tmp_path, n_gsm=40, n_code=30)))
+    stage = "kind: eagle3\ndata:\n  mix: {gsm8k: %d, codealpaca: %d}\n  prompts: %d\n"
+    stage += "  heldout: 4\n  seed: %d\n"
+    a, b, c = (tmp_path / f"{n}.yaml" for n in "abc")
+    a.write_text(stage % (20, 10, 26, 0))
+    b.write_text(stage % (20, 20, 36, 1) + f"  exclude_recipes: [{a}]\n")
+    c.write_text(stage % (21, 10, 26, 0) + f"  exclude_recipes: [{a}]\n")
+    train_a, held_a, _ = select_prompts(load_configs(str(a))[1])
+    train_b, held_b, _ = select_prompts(load_configs(str(b))[1])
+    used_a = {p["prompt"] for p in train_a + held_a}
+    assert len(used_a) == 30 and len(train_b) == 36 and len(held_b) == 4
+    assert not used_a & {p["prompt"] for p in train_b + held_b}
+    without = data.mix_prompts({"gsm8k": 20, "codealpaca": 10}, 0)  # as before the option
+    assert [p["prompt"] for p in without] == [
+        p["prompt"] for p in data.mix_prompts({"gsm8k": 20, "codealpaca": 10}, 0, exclude=set())
+    ]
+    assert {p["prompt"] for p in without} == used_a
+    with pytest.raises(ValueError, match=r"21 prompts of 'gsm8k'; it has 20 \(20 excluded\)"):
+        select_prompts(load_configs(str(c))[1])
+
+
 def test_prompts_interleave_sources(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECJAX_DATA", str(write_train_data(tmp_path)))
     prompts = data.load_prompts()

@@ -32,6 +32,10 @@ class DataConfig:
     # Prompts per source in the pool the run draws from, e.g. {"magpie": 3000, "gsm8k": 1000}
     # (None: every prompt of `sources`). It sets the share of each kind of request.
     mix: dict | None = None
+    # Recipes (names or YAML paths) whose prompts, trained on or held out, this one leaves out
+    # of its pool: a stage on new data repeats no earlier stage's prompt, and every earlier
+    # stage's held-out prompts stay unseen (so their tau still measures generalisation).
+    exclude_recipes: tuple[str, ...] = ()
     seq_len: int = 384
     max_new_tokens: int = 256
     gen_batch: int = 16
@@ -68,23 +72,40 @@ def load_configs(
     if bad:
         raise ValueError(f"unknown data keys {bad} in {path}; valid: {sorted(known)}")
     d.update({k: v for k, v in (data_overrides or {}).items() if v is not None})
-    if "sources" in d:
-        d["sources"] = tuple(d["sources"])
+    for key in ("sources", "exclude_recipes"):
+        if key in d:
+            d[key] = tuple(d[key])
     return TrainConfig.from_yaml(path, **(train_overrides or {})), DataConfig(**d)
 
 
 def select_prompts(dc: DataConfig) -> tuple[list[dict], list[dict], list[dict]]:
     """A recipe's prompts -> (self-distilled training prompts, held-out prompts, prompts
     trained on with their given answers), by the recipe's fixed shuffle."""
+    if dc.image_prompts and dc.exclude_recipes:
+        raise ValueError(
+            "exclude_recipes applies to text prompts (mix or sources), not to image_prompts: "
+            f"remove one of image_prompts={dc.image_prompts!r}, "
+            f"exclude_recipes={list(dc.exclude_recipes)}"
+        )
+    seen = recipe_prompts(dc.exclude_recipes)
     if dc.image_prompts:
         prompts = data.load_image_prompts(dc.image_prompts)
     elif dc.mix:
-        prompts = data.mix_prompts(dc.mix, dc.seed)
+        prompts = data.mix_prompts(dc.mix, dc.seed, exclude=seen)
     else:
-        prompts = data.load_prompts(dc.sources)
+        prompts = [p for p in data.load_prompts(dc.sources) if p["prompt"] not in seen]
     train_p, rest = data.split_prompts(prompts, dc.prompts, dc.heldout + dc.given_prompts, dc.seed)
     held, extra = rest[: dc.heldout], rest[dc.heldout :]
     return train_p, held, [p for p in extra if p["answer"]]  # Magpie prompts have no answer
+
+
+def recipe_prompts(recipes: tuple[str, ...]) -> set[str]:
+    """Every prompt (training and held-out) the named recipes select."""
+    out: set[str] = set()
+    for name in recipes:
+        train_p, held, extra = select_prompts(load_configs(name)[1])
+        out.update(p["prompt"] for p in train_p + held + extra)
+    return out
 
 
 def run_training(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -130,19 +130,28 @@ def _read(path: Path) -> str:
     return path.read_text()
 
 
-def mix_prompts(mix: dict[str, int], seed: int = 0, data_dir: StrPath | None = None) -> list[dict]:
+def mix_prompts(
+    mix: dict[str, int],
+    seed: int = 0,
+    data_dir: StrPath | None = None,
+    exclude: Collection[str] = frozenset(),
+) -> list[dict]:
     """A pool with `mix[source]` prompts of each source (a fixed shuffle of each, then its first
-    n), sources in `mix` order: how many of each a training run may draw on (`split_prompts`
-    shuffles the pool)."""
+    n that are not in `exclude`), sources in `mix` order: how many of each a training run may
+    draw on (`split_prompts` shuffles the pool). Without `exclude` the pool is what it was
+    before `exclude` existed (the same shuffles)."""
     pool = []
     for i, (source, n) in enumerate(mix.items()):
         rows = load_prompts([source], data_dir)
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= len(rows):
+        order = np.random.default_rng([seed, i]).permutation(len(rows))
+        order = [j for j in order if rows[j]["prompt"] not in exclude]
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= len(order):
+            left = f" ({len(rows) - len(order)} excluded)" if len(order) < len(rows) else ""
             raise ValueError(
-                f"mix asks for {n!r} prompts of {source!r}; it has {len(rows)} (use 1..{len(rows)})"
+                f"mix asks for {n!r} prompts of {source!r}; it has {len(order)}{left} "
+                f"(use 1..{len(order)})"
             )
-        order = np.random.default_rng([seed, i]).permutation(len(rows))[:n]
-        pool.extend(rows[j] for j in order)
+        pool.extend(rows[j] for j in order[:n])
     return pool
 
 
