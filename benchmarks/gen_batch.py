@@ -1,9 +1,11 @@
-"""How fast the target answers training prompts at each batch size (the self-distillation's
-`gen_batch`): greedy plain decoding of SmolLM2-135M over random-token prompts, tokens produced
-per second of `generate` (compiled first, then one timed call per batch size; rows that stop at
-EOS count only the tokens they produced).
+"""How fast the target answers a recipe's training prompts at each batch size (the
+self-distillation's `gen_batch`): the last `--prompts` training prompts of the recipe, sorted by
+length as `build_dataset` batches them, answered greedily in batches whose room for the answer
+is seq_len minus the batch's longest prompt (so a larger batch may cut answers shorter).
+Each batch size runs twice, interleaved; the second round is compiled.
 
-    python benchmarks/gen_batch.py [--batches 16,64,128] [--prompt-len 60] [--new 64]
+    SPECJAX_DATA=../shared/data python benchmarks/gen_batch.py \
+        [--config eagle3_smollm2_general_c] [--batches 16,64] [--prompts 64]
 """
 
 from __future__ import annotations
@@ -11,27 +13,34 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-
-import specjax
+from specjax import load_model
+from specjax.train import data, load_configs, select_prompts
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batches", default="16,64,128")
-    ap.add_argument("--prompt-len", type=int, default=60)
-    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--config", default="eagle3_smollm2_general_c")
+    ap.add_argument("--batches", default="16,64")
+    ap.add_argument("--prompts", type=int, default=64)
     a = ap.parse_args()
-    model = specjax.load_model("smollm2-135m")
-    rng = np.random.default_rng(0)
-    for batch in [int(b) for b in a.batches.split(",")]:
-        prompts = [rng.integers(100, 40000, a.prompt_len).tolist() for _ in range(batch)]
-        specjax.generate(model, prompts, max_new_tokens=a.new, chat=False)  # compile
-        t = time.perf_counter()
-        out = specjax.generate(model, prompts, max_new_tokens=a.new, chat=False)
-        dt = time.perf_counter() - t
-        n = sum(len(x) for x in out.tokens)
-        print(f"batch {batch}: {dt:.2f} s, {n} tokens, {n / dt:.0f} tokens/s", flush=True)
+    model = load_model("smollm2-135m")
+    _, dc = load_configs(a.config)
+    train_p, _, _ = select_prompts(dc)
+    enc = sorted((model.encode(p["prompt"]) for p in train_p[-a.prompts :]), key=len)
+    for rnd in (1, 2):
+        for batch in [int(b) for b in a.batches.split(",")]:
+            t, answers = time.perf_counter(), []
+            for i in range(0, len(enc), batch):
+                chunk = enc[i : i + batch]
+                room = min(dc.max_new_tokens, dc.seq_len - max(map(len, chunk)))
+                answers += data.model_generate(model, chunk, room)
+            dt = time.perf_counter() - t
+            n = sum(map(len, answers))
+            print(
+                f"round {rnd} batch {batch}: {dt:.1f} s, {n} answer tokens "
+                f"({n / len(enc):.0f} a prompt), {n / dt:.0f} tokens/s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -263,6 +263,23 @@ def write_train_data(root, n_gsm=30, n_code=20):
     return root
 
 
+def test_answers_are_not_cut_by_a_longer_prompt_in_the_batch(target, tmp_path):
+    """A batch's room for answers is seq_len minus its longest prompt; prompts are batched by
+    length, so long prompts do not cut short prompts' answers (here 28 tokens each against the
+    long ones' 20; in file order every batch would mix them and give all 20), and the shard
+    keeps the prompts' order."""
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 101, 20 if i % 2 else 4).tolist() for i in range(16)]
+    data.build_dataset(
+        target, [{"prompt": p} for p in prompts], tmp_path, seq_len=40, max_new_tokens=28,
+        batch=8, shard_rows=16, progress=False,
+    )  # fmt: skip
+    tokens, mask = data.read_dataset(tmp_path)
+    assert mask.sum(1).tolist() == [28, 20] * 8
+    for row, p in zip(tokens, prompts):
+        assert row[: len(p)].tolist() == p
+
+
 def test_a_later_stage_excludes_earlier_recipes_prompts(tmp_path, monkeypatch):
     """`exclude_recipes`: a stage's pool leaves out every prompt (trained or held out) of the
     recipes it names, still with the counts it asks for; without it the pool is unchanged."""

@@ -38,9 +38,9 @@ class DataConfig:
     exclude_recipes: tuple[str, ...] = ()
     seq_len: int = 384
     max_new_tokens: int = 256
-    # Prompts answered at a time (self-distillation). On the 2-core CPU SmolLM2-135M decodes
-    # 258 tokens/s at 64 rows against 88 at 16 and 250 at 128 (README, training section).
-    gen_batch: int = 64
+    # Prompts answered at a time (self-distillation). A batch's answers get seq_len minus its
+    # longest prompt: larger batches run faster per token but cut answers shorter (README).
+    gen_batch: int = 16
     seed: int = 0
     # A vision-language target's prompts: a JSONL file of {"prompt": str, "images": [path]}
     # (paths relative to the file); replaces `sources` / `mix` (see data.load_image_prompts)

@@ -234,9 +234,13 @@ def build_dataset(
             _check_shard(path, crc, shard_rows)
             bar.update(len(idx))
             continue
-        rows = []
-        for b in range(0, len(idx), batch):
-            chunk = idx[b : b + batch]
+        # Answered in batches of similar prompt length: a batch's room for the answer is
+        # seq_len minus its longest prompt, so mixed lengths would cut short answers. The
+        # shard keeps the prompts' order.
+        answers = {}
+        by_len = sorted(idx, key=lambda i: len(encoded[i]))
+        for b in range(0, len(by_len), batch):
+            chunk = by_len[b : b + batch]
             if responses == "self":
                 room = min(max_new_tokens, seq_len - max(len(encoded[i]) for i in chunk))
                 res = model_generate(
@@ -250,8 +254,9 @@ def build_dataset(
                     model.tokenizer.encode(prompts[i]["answer"], add_special_tokens=False)
                     for i in chunk
                 ]
-            rows.extend((encoded[i], r) for i, r in zip(chunk, res))
+            answers.update(zip(chunk, res))
             bar.update(len(chunk))
+        rows = [(encoded[i], answers[i]) for i in idx]
         tokens, mask = _pack(rows, seq_len)
         extra = {}
         if items is not None:
