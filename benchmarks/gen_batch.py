@@ -1,8 +1,8 @@
 """How fast the target answers a recipe's training prompts at each batch size (the
 self-distillation's `gen_batch`): the last `--prompts` training prompts of the recipe, sorted by
-length as `build_dataset` batches them, answered greedily in batches whose room for the answer
-is seq_len minus the batch's longest prompt (so a larger batch may cut answers shorter).
-Each batch size runs twice, interleaved; the second round is compiled.
+length as `build_dataset` batches them, answered greedily, each with its own room (seq_len
+minus its prompt, per-row budgets), as `build_dataset` answers them. Each batch size runs
+twice, interleaved; the second round is compiled.
 
     SPECJAX_DATA=../shared/data python benchmarks/gen_batch.py \
         [--config eagle3_smollm2_general_c] [--batches 16,64] [--prompts 64]
@@ -32,7 +32,7 @@ def main() -> None:
             t, answers = time.perf_counter(), []
             for i in range(0, len(enc), batch):
                 chunk = enc[i : i + batch]
-                room = min(dc.max_new_tokens, dc.seq_len - max(map(len, chunk)))
+                room = [min(dc.max_new_tokens, dc.seq_len - len(p)) for p in chunk]
                 answers += data.model_generate(model, chunk, room)
             dt = time.perf_counter() - t
             n = sum(map(len, answers))

@@ -161,21 +161,50 @@ def make_key(key: KeyLike | None) -> jax.Array:
     )
 
 
-def check_args(
-    model: Model, rows: list[list[int]], max_new_tokens: int, drafter: Drafter | None
-) -> None:
-    if (
-        isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, (int, np.integer))
-        or max_new_tokens <= 0
-    ):
+def _is_budget(x: object) -> bool:
+    return _is_int(x) and int(x) > 0
+
+
+def row_budgets(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
+    """`max_new_tokens` as one budget per row: one positive int for all `n` rows, or a
+    sequence of `n` positive ints (each row stops at its own)."""
+    if _is_budget(max_new_tokens):
+        return [int(max_new_tokens)] * n
+    if not isinstance(max_new_tokens, (list, tuple, np.ndarray)):
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    max_new_tokens = int(max_new_tokens)
+    values = list(max_new_tokens)
+    if len(values) != n:
+        raise ValueError(
+            f"max_new_tokens has {len(values)} budgets for {n} prompts: give one int for "
+            "every prompt or one per prompt"
+        )
+    for i, v in enumerate(values):
+        if not _is_budget(v):
+            raise ValueError(f"max_new_tokens[{i}] must be a positive int, got {v!r}")
+    return [int(v) for v in values]
+
+
+def _one_budget(max_new_tokens: object, fn: str) -> None:
+    """Per-row budgets are a `generate` option; these entry points take one int."""
+    if isinstance(max_new_tokens, (list, tuple, np.ndarray)):
+        raise ValueError(
+            f"{fn} takes one max_new_tokens (a positive int) for every row, got "
+            f"{_short(max_new_tokens)}; per-row budgets are a `generate` option"
+        )
+
+
+def check_args(
+    model: Model,
+    rows: list[list[int]],
+    max_new_tokens: int | Sequence[int],
+    drafter: Drafter | None,
+) -> None:
+    budgets = row_budgets(max_new_tokens, len(rows))
     ctx = model.config.max_position_embeddings
-    for i, ids in enumerate(rows):
-        if len(ids) + max_new_tokens > ctx:
+    for i, (ids, new) in enumerate(zip(rows, budgets)):
+        if len(ids) + new > ctx:
             raise ValueError(
-                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that "
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={new} that "
                 f"exceeds the model's context of {ctx} positions"
             )
     if drafter is not None:
@@ -220,7 +249,7 @@ def prepare(
     model: Model,
     prompts: Prompts,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -245,12 +274,13 @@ def prepare(
     )
     drafter = resolve_drafter(model, drafter)
     check_args(model, rows, max_new_tokens, drafter)
+    budgets = row_budgets(max_new_tokens, len(rows))
     spec, dparams = bind_drafter(model, drafter)
     n = len(rows)
     B = 1 << (n - 1).bit_length()  # batch: next power of two
     B = -(-B // batch_multiple) * batch_multiple
     P = bucket(max(len(r) for r in rows), MIN_PROMPT_BUCKET, half_steps=True)
-    ec = engine_config(model, mode, max_new_tokens, spec, impl)
+    ec = engine_config(model, mode, max(budgets), spec, impl)  # the largest budget's bucket
     max_len = cache_len(P, ec)
     tokens = np.zeros((B, P), np.int32)
     lengths = np.ones((B,), np.int32)
@@ -258,7 +288,7 @@ def prepare(
     for i, ids in enumerate(rows):
         tokens[i, : len(ids)] = ids
         lengths[i] = len(ids)
-        budget[i] = max_new_tokens
+        budget[i] = budgets[i]
     inp = engine.PrefillInput.from_tokens(jnp.asarray(tokens), jnp.asarray(lengths))
     args = dict(
         inp=inp, max_new=jnp.asarray(budget), key=key, sp=sp, dparams=dparams, max_len=max_len
@@ -277,7 +307,7 @@ def generate(
     model: Model,
     prompts: Prompts,
     *,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | Sequence[int] = 128,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -293,9 +323,11 @@ def generate(
 ) -> GenerateOutput:
     """Generate from one prompt or a batch (strings get the chat template when `chat`).
 
-    temperature 0 is greedy; otherwise sampling with optional top-k / top-p and an explicit
-    `key` (int seed or `jax.random` key). With `drafter`, speculative decoding: the output
-    equals (greedy) or is distributed exactly as (sampling) plain decoding of `model`.
+    `max_new_tokens`: one budget for every prompt, or one per prompt (a row stops at its own;
+    the largest sets the compiled bucket). temperature 0 is greedy; otherwise sampling with
+    optional top-k / top-p and an explicit `key` (int seed or `jax.random` key). With
+    `drafter`, speculative decoding: the output equals (greedy) or is distributed exactly as
+    (sampling) plain decoding of `model`.
     `drafter` is a `specjax.drafters` Drafter or a registry name as on the command line
     ("ngram", "eagle3_tree", ...); "auto" picks the drafter measured fastest for this model
     on this device (measured once, then cached; see `autotune.choose_drafter`).
@@ -487,6 +519,7 @@ def generate_stream(
     Uses the Python-loop twin of the decode step (one jitted call per step) so the host can see
     each step's tokens; same step function, same tokens as `generate`.
     """
+    _one_budget(max_new_tokens, "generate_stream")
     ec, args, rows = prepare(
         model,
         [prompt] if isinstance(prompt, str) else prompt,
@@ -537,6 +570,7 @@ def generate_pmap(
     early. Sampling uses one key per device (folded from `key`), so sampled tokens differ from a
     single-device run; greedy tokens are identical.
     """
+    _one_budget(max_new_tokens, "generate_pmap")
     devices = list(devices if devices is not None else jax.devices())
     D = len(devices)
     ec, args, rows = prepare(
@@ -605,6 +639,7 @@ def decode_fn(
     """The decode program of `model` (and `drafter`: a Drafter or a registry name) as a pure
     function `fn(params, dparams, tokens, lengths, key) -> (tokens_out, lengths_out, stats)`;
     `fn.params` / `fn.dparams` are the params to pass unless you place or update them."""
+    _one_budget(max_new_tokens, "decode_fn")
     mode, sp = make_sampling(temperature, top_k, top_p)
     drafter = resolve_drafter(model, drafter)
     check_args(model, [], max_new_tokens, drafter)

@@ -31,12 +31,7 @@ from specjax.model import Model
 from conftest import RAGGED_PROMPTS, VOCAB, byte_bpe
 from test_spec_sampling import sized_drafter
 
-generate, generate_stream, prepare, finish = (
-    gen.generate,
-    gen.generate_stream,
-    gen.prepare,
-    gen.finish,
-)
+generate, generate_stream, prepare = gen.generate, gen.generate_stream, gen.prepare
 
 NEW = 32
 PROMPTS = RAGGED_PROMPTS
@@ -191,21 +186,64 @@ def test_rows_stop_at_eos(eos_case):
 
 @pytest.mark.parametrize("which", ["ar", "self-k4"])
 def test_per_row_budgets(eos_case, which):
-    """The engine takes one budget per row (generate passes the same one to every row); a
-    budget smaller than the draft length cuts an accepted block."""
+    """`generate(max_new_tokens=[...])`: each row stops at its own budget, the tokens a prefix
+    of the row's output with the largest budget (a budget smaller than the draft length cuts
+    an accepted block; a row at EOS before its budget stops there)."""
     model, eos, expected = eos_case
     d = None if which == "ar" else drafters.small_model(model, k=4)
-    ec, args, rows = prepare(model, PROMPTS, max_new_tokens=NEW, drafter=d)
     budgets = [3, 1, NEW, 10]
-    args["max_new"] = jnp.asarray(budgets, jnp.int32)
-    dparams, max_len = args.pop("dparams"), args.pop("max_len")
-    state = engine.prefill(model.params, dparams, **args, ec=ec, max_len=max_len)
-    state = engine.decode(model.params, dparams, state, args["sp"], ec=ec)
-    out = finish(model, state, rows, 0.0, 1.0, False)
+    out = generate(model, PROMPTS, max_new_tokens=budgets, drafter=d)
     for i, (b, exp) in enumerate(zip(budgets, expected)):
         assert out.tokens[i] == exp[:b], f"row {i}"
+    assert [len(t) for t in out.tokens] != [min(NEW, len(e)) for e in expected]  # budgets bit
     if d is None:
         assert out.stats["target_forwards"] == [len(t) for t in out.tokens]
+
+
+def test_per_row_budgets_are_checked(target):
+    _raises(
+        ValueError,
+        "max_new_tokens has 2 budgets for 4 prompts: give one int for every "
+        "prompt or one per prompt",
+        generate,
+        target,
+        PROMPTS,
+        max_new_tokens=[4, 4],
+    )
+    _raises(
+        ValueError,
+        r"max_new_tokens\[1\] must be a positive int, got 0",
+        generate,
+        target,
+        PROMPTS,
+        max_new_tokens=[4, 0, 4, 4],
+    )
+    ctx = target.config.max_position_embeddings
+    _raises(
+        ValueError,
+        f"prompt 2 has 16 tokens; with max_new_tokens={ctx} that exceeds",
+        generate,
+        target,
+        PROMPTS,
+        max_new_tokens=[4, 4, ctx, 4],
+    )
+    stream = lambda *a, **k: list(generate_stream(*a, **k))  # noqa: E731 (a generator)
+    for name, fn in (("generate_stream", stream), ("generate_pmap", gen.generate_pmap)):
+        _raises(
+            ValueError,
+            f"{name} takes one max_new_tokens",
+            fn,
+            target,
+            PROMPTS[0],
+            max_new_tokens=[4],
+        )
+    _raises(
+        ValueError,
+        "decode_fn takes one max_new_tokens",
+        gen.decode_fn,
+        target,
+        max_new_tokens=(4, 4),
+    )
 
 
 @pytest.mark.parametrize("which", ["self-k4", "ngram-k4"])

@@ -264,10 +264,10 @@ def write_train_data(root, n_gsm=30, n_code=20):
 
 
 def test_answers_are_not_cut_by_a_longer_prompt_in_the_batch(target, tmp_path):
-    """A batch's room for answers is seq_len minus its longest prompt; prompts are batched by
-    length, so long prompts do not cut short prompts' answers (here 28 tokens each against the
-    long ones' 20; in file order every batch would mix them and give all 20), and the shard
-    keeps the prompts' order."""
+    """Every answer gets its own room, seq_len minus its prompt (per-row budgets), so long
+    prompts in the batch do not cut short prompts' answers (here 28 tokens each against the
+    long ones' 20; one room per batch would give all 20), and the shard keeps the prompts'
+    order."""
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, 101, 20 if i % 2 else 4).tolist() for i in range(16)]
     data.build_dataset(

@@ -234,15 +234,15 @@ def build_dataset(
             _check_shard(path, crc, shard_rows)
             bar.update(len(idx))
             continue
-        # Answered in batches of similar prompt length: a batch's room for the answer is
-        # seq_len minus its longest prompt, so mixed lengths would cut short answers. The
+        # Each answer gets its own room (seq_len minus its prompt: per-row budgets), in batches
+        # of similar prompt length (less prompt padding, and rows that finish together). The
         # shard keeps the prompts' order.
         answers = {}
         by_len = sorted(idx, key=lambda i: len(encoded[i]))
         for b in range(0, len(by_len), batch):
             chunk = by_len[b : b + batch]
             if responses == "self":
-                room = min(max_new_tokens, seq_len - max(len(encoded[i]) for i in chunk))
+                room = [min(max_new_tokens, seq_len - len(encoded[i])) for i in chunk]
                 res = model_generate(
                     model,
                     [encoded[i] for i in chunk],
@@ -297,9 +297,10 @@ def _check_shard(path: Path, crc: np.ndarray, shard_rows: int) -> None:
 
 
 def model_generate(
-    model: Model, rows: list, max_new_tokens: int, images: list | None = None
+    model: Model, rows: list, max_new_tokens: int | list[int], images: list | None = None
 ) -> list:
-    """Greedy responses of the target (token ids, EOS included when hit)."""
+    """Greedy responses of the target (token ids, EOS included when hit); `max_new_tokens`
+    one budget for all rows or one per row."""
     from specjax.api import generate
 
     return generate(model, rows, max_new_tokens=max_new_tokens, chat=False, images=images).tokens
