@@ -297,7 +297,7 @@ def test_a_later_stage_excludes_earlier_recipes_prompts(tmp_path, monkeypatch):
     used_a = {p["prompt"] for p in train_a + held_a}
     assert len(used_a) == 30 and len(train_b) == 36 and len(held_b) == 4
     assert not used_a & {p["prompt"] for p in train_b + held_b}
-    without = data.mix_prompts({"gsm8k": 20, "codealpaca": 10}, 0)  # as before the option
+    without = data.mix_prompts({"gsm8k": 20, "codealpaca": 10}, 0)  # no exclusion at all
     assert [p["prompt"] for p in without] == [
         p["prompt"] for p in data.mix_prompts({"gsm8k": 20, "codealpaca": 10}, 0, exclude=set())
     ]
