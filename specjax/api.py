@@ -198,7 +198,8 @@ def check_args(
     rows: list[list[int]],
     max_new_tokens: int | Sequence[int],
     drafter: Drafter | None,
-) -> None:
+) -> list[int]:
+    """Checks the call's arguments -> each row's budget (`row_budgets`)."""
     budgets = row_budgets(max_new_tokens, len(rows))
     ctx = model.config.max_position_embeddings
     for i, (ids, new) in enumerate(zip(rows, budgets)):
@@ -219,6 +220,7 @@ def check_args(
                     f"drafter {drafter.name!r} uses a different tokenizer than the "
                     f"target {model.name!r}: speculative decoding needs one vocabulary"
                 )
+    return budgets
 
 
 def bind_drafter(model: Model, drafter: Drafter | None) -> tuple[DrafterSpec | None, Params]:
@@ -273,8 +275,7 @@ def prepare(
         model, rows, images, videos, pixel_values, pixel_values_videos
     )
     drafter = resolve_drafter(model, drafter)
-    check_args(model, rows, max_new_tokens, drafter)
-    budgets = row_budgets(max_new_tokens, len(rows))
+    budgets = check_args(model, rows, max_new_tokens, drafter)
     spec, dparams = bind_drafter(model, drafter)
     n = len(rows)
     B = 1 << (n - 1).bit_length()  # batch: next power of two
