@@ -29,6 +29,10 @@ EAGLE-3 (SafeAILab `cnets.py`, AngelSlim, SpecForge, vLLM `llama_eagle3`)::
     input_norm.weight [3D]                    speculators `norm_before_fc`: a norm over the concat
 
   Some exports name the layer `layers.0.` instead of `midlayer.`; both are read.
+
+Deeper drafters (either version; `num_hidden_layers` N > 1 in config.json): layers 1..N-1 are
+plain Llama decoder layers over the first one's output, under `layers.{i}.` with their own
+`input_layernorm.weight` (the layout SGLang's multi-layer EAGLE-3 work uses for the added layers).
   `draft_vocab_size` in config.json gives Vd (absent: the vocabulary size).
 
 Producers (`PRODUCERS`; detected from config.json by `detect_producer`, or named by the caller)
@@ -171,11 +175,11 @@ def _layer_config(hf: dict, target: ModelConfig) -> ModelConfig:
     for field in ("hidden_size", "num_attention_heads", "intermediate_size"):
         if hf.get(field) is None:
             raise CheckpointMismatch(f"EAGLE config.json has no {field!r}")
-    n = int(hf.get("num_hidden_layers", 1) or 1)
-    if n != 1:
+    n = hf.get("num_hidden_layers")
+    n = 1 if n is None else n
+    if not isinstance(n, int) or n < 1:
         raise CheckpointMismatch(
-            f"EAGLE config.json has num_hidden_layers={n}; specjax's EAGLE drafter has exactly "
-            f"one decoder layer (multi-layer drafters are not supported)"
+            f"EAGLE config.json has num_hidden_layers={n!r}; a drafter has >= 1 decoder layer"
         )
     D = int(hf["hidden_size"])
     if D != target.hidden_size:
@@ -212,7 +216,7 @@ def _layer_config(hf: dict, target: ModelConfig) -> ModelConfig:
     )
     return dataclasses.replace(
         parsed,
-        num_layers=1,
+        num_layers=n,
         sliding_window=None,
         attention_bias=False,
         tie_word_embeddings=False,
@@ -399,17 +403,40 @@ def _detect_version(state: dict, hf: dict) -> int:
     )
 
 
-def _check_single_layer(state: dict) -> None:
-    extra = sorted({int(m.group(1)) for k in state if (m := _LAYER_NUM.match(k))} - {0})
-    if extra:
+def _check_layer_count(state: dict, n: int) -> None:
+    """The checkpoint's numbered decoder layers are 1..n-1 (layer 0 may be `midlayer.`)."""
+    found = sorted({int(m.group(1)) for k in state if (m := _LAYER_NUM.match(k))} - {0})
+    if found != list(range(1, n)):
         first = next(
-            k for k in sorted(state) if (m := _LAYER_NUM.match(k)) and int(m.group(1)) == extra[0]
+            (k for k in sorted(state) if (m := _LAYER_NUM.match(k)) and int(m.group(1)) >= n),
+            None,
         )
         raise CheckpointMismatch(
-            f"EAGLE checkpoint has decoder layer(s) {[0] + extra} (e.g. {first!r}); specjax's "
-            f"EAGLE drafter has exactly one decoder layer (multi-layer drafters are not "
-            f"supported)"
+            f"EAGLE checkpoint has decoder layers {[0] + found}"
+            + (f" (e.g. {first!r})" if first else "")
+            + f" but its config.json says num_hidden_layers={n} (layers 0..{n - 1})"
         )
+
+
+def _added_shapes(lc: ModelConfig) -> dict:
+    """Expected shapes of layers 1.. of a deeper drafter (`layers.{i}.`)."""
+    shapes = {}
+    for i in range(1, lc.num_layers):
+        shapes.update(_layer_shapes(lc, f"layers.{i}.", lc.hidden_size))
+        shapes[f"layers.{i}.input_layernorm.weight"] = (lc.hidden_size,)
+    return shapes
+
+
+def _added_params(state: dict, lc: ModelConfig, cast: Callable[[np.ndarray], jax.Array]) -> dict:
+    """{"layers": [...]} of a deeper drafter's layers 1.. (nothing for one layer)."""
+    layers = [
+        {
+            "attn_norm": cast(state[f"layers.{i}.input_layernorm.weight"]),
+            **_layer_params(state, f"layers.{i}.", cast),
+        }
+        for i in range(1, lc.num_layers)
+    ]
+    return {"layers": layers} if layers else {}
 
 
 def _check_tensors(
@@ -600,7 +627,7 @@ def load_eagle_hf(
     state = _read_state(path)
     version = _detect_version(state, hf)
     layer = _layer_config(hf, target_cfg)
-    _check_single_layer(state)
+    _check_layer_count(state, layer.num_layers)
     D, V = layer.hidden_size, target_cfg.vocab_size
     cast = lambda x: jnp.asarray(np.asarray(x, np.float32), dtype)  # noqa: E731
     # Shape-checked here, compared with the target's below (never silently dropped).
@@ -617,6 +644,7 @@ def load_eagle_hf(
         if bias:
             required["fc.bias"] = (D,)
         required.update(_layer_shapes(layer, "layers.0.", D))
+        required.update(_added_shapes(layer))
         hint = (
             '; config.json has no "bias" entry, so (like SafeAILab\'s loader) fc.bias is '
             'expected: set "bias": false if the drafter has none'
@@ -628,6 +656,7 @@ def load_eagle_hf(
         params = {
             "fc": cast(state["fc.weight"].T),
             "layer": _layer_params(state, "layers.0.", cast),
+            **_added_params(state, layer, cast),
         }
         if bias:
             params["fc_b"] = cast(state["fc.bias"])
@@ -658,6 +687,7 @@ def load_eagle_hf(
         required["input_norm.weight"] = (n * D,)
     required.update({prefix + s: (D,) for s in _V3_NORMS})
     required.update(_layer_shapes(layer, prefix, 2 * D))
+    required.update(_added_shapes(layer))
     required.update({"norm.weight": (D,), "lm_head.weight": (Vd, D)})
     if Vd != V:
         required["d2t"] = (Vd,)
@@ -688,6 +718,7 @@ def load_eagle_hf(
         "norm": cast(state["norm.weight"]),
         "lm_head": cast(state["lm_head.weight"].T),
         "d2t": jnp.asarray(d2t, jnp.int32),
+        **_added_params(state, layer, cast),
     }
     if flags["fc_norm"]:
         params["fc_norm"] = cast(np.stack([state[f"fc_norm.{i}.weight"] for i in range(n)]))
@@ -697,6 +728,17 @@ def load_eagle_hf(
     if own is not None:
         params["embed"] = cast(own)
     return cfg, params
+
+
+def _hf_layer(lc: ModelConfig, lp: dict, prefix: str) -> dict:
+    """A decoder layer's attention and MLP tensors in the HF layout (torch's [out, in])."""
+    H, KV, hd = lc.num_heads, lc.num_kv_heads, lc.head_dim
+    t = lambda x: np.ascontiguousarray(np.asarray(x).T)  # noqa: E731
+    q, k, v = np.split(np.asarray(lp["wqkv"]), [H * hd, (H + KV) * hd], axis=-1)
+    gate, up = np.split(np.asarray(lp["w_gate_up"]), 2, axis=-1)
+    tensors = (t(q), t(k), t(v), t(lp["wo"]), np.asarray(lp["mlp_norm"]))
+    tensors += (t(gate), t(up), t(lp["w_down"]))
+    return {prefix + s: w for s, w in zip(_ATTN_MLP, tensors)}
 
 
 def _hf_config(cfg: eagle_lib.EagleConfig, target_cfg: ModelConfig, dtype_name: str) -> dict:
@@ -709,7 +751,7 @@ def _hf_config(cfg: eagle_lib.EagleConfig, target_cfg: ModelConfig, dtype_name: 
         "num_attention_heads": L.num_heads,
         "num_key_value_heads": L.num_kv_heads,
         "head_dim": L.head_dim,
-        "num_hidden_layers": 1,
+        "num_hidden_layers": L.num_layers,
         "hidden_act": "silu",
         "rms_norm_eps": L.rms_norm_eps,
         "rope_theta": L.rope_theta,
@@ -771,33 +813,14 @@ def save_eagle_hf(
             f"EagleConfig.fc_bias={cfg.fc_bias} but the params "
             f"{'lack' if cfg.fc_bias else 'have'} 'fc_b'"
         )
-    L = cfg.layer
-    H, KV, hd = L.num_heads, L.num_kv_heads, L.head_dim
     arr = lambda x: np.asarray(x)  # noqa: E731  (bfloat16 stays bfloat16: safetensors has it)
     t = lambda x: np.ascontiguousarray(arr(x).T)  # noqa: E731  ours [in, out] -> torch [out, in]
     lp = params["layer"]
-    q, k, v = np.split(arr(lp["wqkv"]), [H * hd, (H + KV) * hd], axis=-1)
-    gate, up = np.split(arr(lp["w_gate_up"]), 2, axis=-1)
     prefix = "layers.0." if cfg.version == 1 else "midlayer."
-    state = {"fc.weight": t(params["fc"])}
-    state.update(
-        {
-            prefix + s: w
-            for s, w in zip(
-                _ATTN_MLP,
-                (
-                    t(q),
-                    t(k),
-                    t(v),
-                    t(lp["wo"]),
-                    arr(lp["mlp_norm"]),
-                    t(gate),
-                    t(up),
-                    t(lp["w_down"]),
-                ),
-            )
-        }
-    )
+    state = {"fc.weight": t(params["fc"]), **_hf_layer(cfg.layer, lp, prefix)}
+    for i, extra in enumerate(params.get("layers", ()), start=1):
+        state.update(_hf_layer(cfg.layer, extra, f"layers.{i}."))
+        state[f"layers.{i}.input_layernorm.weight"] = arr(extra["attn_norm"])
     if cfg.version == 1:
         if "fc_b" in params:
             state["fc.bias"] = arr(params["fc_b"])

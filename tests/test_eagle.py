@@ -30,16 +30,22 @@ from test_spec_sampling import ALPHA, MODES, chi_square, models  # noqa: F401  (
 NEW = 20
 
 
-def random_eagle(target, version, seed=0, draft_vocab=None):
+def random_eagle(target, version, seed=0, draft_vocab=None, depth=1):
     """A random EAGLE drafter for `target`; version 3 gets a reduced vocabulary of a random
-    subset of target ids (so d2t is not the identity)."""
+    subset of target ids (so d2t is not the identity). With depth > 1 the added layers get
+    random output projections too (init_params starts them as the identity)."""
     V_t = target.config.vocab_size
     dv = draft_vocab or V_t
-    cfg = N.make_config(target.config, version, draft_vocab=dv)
+    cfg = N.make_config(target.config, version, draft_vocab=dv, num_layers=depth)
     d2t = None
     if version == 3:
         d2t = np.sort(np.random.default_rng(seed).choice(V_t, dv, replace=False)).astype(np.int32)
-    return cfg, N.init_params(cfg, jax.random.key(seed), d2t=d2t)
+    params = N.init_params(cfg, jax.random.key(seed), d2t=d2t)
+    for i, lp in enumerate(params.get("layers", ())):
+        for j, name in enumerate(("wo", "w_down")):
+            k = jax.random.key(1000 * seed + 10 * i + j)
+            lp[name] = jax.random.normal(k, lp[name].shape) / np.sqrt(lp[name].shape[0])
+    return cfg, params
 
 
 def echo_eagle1(target):
@@ -56,17 +62,18 @@ def echo_eagle1(target):
     return cfg, p
 
 
-CASES = {
+CASES = {  # name -> (version, draft vocab, chain k or tree[, decoder layers])
     "eagle1-chain-k3": (1, None, 3),
     "eagle3-chain-k4": (3, 80, 4),
     "eagle1-tree-8": (1, None, drafters.DynamicTree(nodes=8, depth=3, top_k=3)),
-    "eagle3-tree-6": (3, 80, drafters.DynamicTree(nodes=6, depth=4, top_k=2)),
+    # three decoder layers (one-layer EAGLE-3 trees: tests/test_smollm2.py, bundled drafter)
+    "eagle3-tree-6-3layers": (3, 80, drafters.DynamicTree(nodes=6, depth=4, top_k=2), 3),
 }
 
 
 def make(target, case, seed=0):
-    version, dv, shape = CASES[case]
-    weights = random_eagle(target, version, seed, dv)
+    version, dv, shape, *depth = CASES[case]
+    weights = random_eagle(target, version, seed, dv, *depth)
     if isinstance(shape, int):
         return drafters.eagle(weights, k=shape)
     return drafters.eagle(weights, tree=shape)
@@ -108,9 +115,9 @@ def _reference_outputs(target, cfg, params, seq):
     return np.asarray(out[0]), hid
 
 
-@pytest.mark.parametrize("version", [1, 3])
-def test_state_follows_cache_free_reference(target, version):
-    cfg, raw = random_eagle(target, version, seed=3, draft_vocab=60)
+@pytest.mark.parametrize("version,depth", [(1, 1), (3, 2)])
+def test_state_follows_cache_free_reference(target, version, depth):
+    cfg, raw = random_eagle(target, version, seed=3, draft_vocab=60, depth=depth)
     params = N.bind_target(raw, target.params)
     rng = np.random.default_rng(version)
     seq = rng.integers(0, target.config.vocab_size, 24).tolist()
@@ -185,8 +192,8 @@ def test_state_follows_cache_free_reference(target, version):
 
 # ------------------------------------------------------------------ sampling law
 
-SAMPLING = {  # drafter -> (version, draft vocab, chain k or tree)
-    "eagle3-chain-reduced": (3, 12, 2),
+SAMPLING = {  # drafter -> (version, draft vocab, chain k or tree[, decoder layers])
+    "eagle3-chain-reduced-2layers": (3, 12, 2, 2),
     "eagle1-tree": (1, None, drafters.DynamicTree(nodes=6, depth=3, top_k=2)),
     # Verify sizes 2 or 6 nodes or a plain step, chosen per step (`VerifySizing`); with 8192
     # rows a step verifies the largest size any row asks for, and the whole tree's cost here is
@@ -230,8 +237,8 @@ def test_sampling_matches_target(models, exact, name, mode):
     """Chi-square tests of (t1, t2, t3) and (t2, t3, t4) against the exact target law (setup,
     size and power as in test_tree_sampling.py: 8192 rows, alpha 1e-3)."""
     target, _ = models
-    version, dv, shape = SAMPLING[name]
-    weights = random_eagle(target, version, seed=11, draft_vocab=dv)
+    version, dv, shape, *depth = SAMPLING[name]
+    weights = random_eagle(target, version, 11, dv, *depth)
     d = (
         drafters.eagle(weights, k=shape)
         if isinstance(shape, int)

@@ -447,23 +447,64 @@ def test_extra_key_or_wrong_shape(target, tmp_path, version, key, shape, message
         _load(target, tmp_path / "x", hf_config(target, version), sd)
 
 
-def test_two_layer_eagle1(target, tmp_path):
-    cfg_json = hf_config(target, 1, num_hidden_layers=2)
-    sd = hf_state(target, 1)
-    second = hf_state(target, 1, seed=9)
-    sd.update(
-        {
-            k.replace("layers.0.", "layers.1."): v
-            for k, v in second.items()
-            if k.startswith("layers.0.")
-        }
+def add_layers(target, version, sd, depth, seed=9):
+    """Layers 1..depth-1 of a deeper drafter (`layers.{i}.`, their own input norm) added to
+    `sd`: plain layers over the hidden size, taken from EAGLE-1 states of other seeds."""
+    for i in range(1, depth):
+        other = hf_state(target, 1, seed=seed + i)
+        sd.update({f"layers.{i}.{k}": other["layers.0." + k] for k in LAYER})
+        gen = torch.Generator().manual_seed(seed + 100 + i)
+        sd[f"layers.{i}.input_layernorm.weight"] = _rand(gen, (target.config.hidden_size,), "norm")
+    return sd
+
+
+@pytest.mark.parametrize("version", [1, 3])
+def test_deeper_drafter_matches_torch_reference(target, tmp_path, version):
+    """num_hidden_layers 3: layer 0 as EAGLE defines it, then two plain Llama layers over its
+    output (input norm, attention, MLP); the head reads the last one."""
+    cfg_json = hf_config(target, version, num_hidden_layers=3)
+    sd = add_layers(target, version, hf_state(target, version, seed=7, cfg=cfg_json), 3)
+    cfg, params = load_eagle_hf(
+        write_ckpt(tmp_path / "deep", cfg_json, sd),
+        target.config,
+        target_embed=target.params["embed"],
     )
-    sd["layers.1.input_layernorm.weight"] = torch.ones(32)
-    with pytest.raises(CheckpointMismatch, match=r"num_hidden_layers=2.*exactly one decoder"):
-        _load(target, tmp_path / "x", cfg_json, sd)
-    # The same tensors under a config that claims one layer: caught from the keys.
-    with pytest.raises(CheckpointMismatch, match=r"decoder layer\(s\) \[0, 1\].*'layers\.1\."):
+    assert cfg.depth == 3 and len(params["layers"]) == 2
+    tokens, feats = inputs(target, n_layers=0 if version == 1 else 3, seed=7)
+    if version == 1:
+        out, logits, _ = run_drafter(target, cfg, params, tokens, feat=feats)
+        ref, _ = ref_eagle1(target, sd, cfg_json, tokens, feats)
+    else:
+        out, logits, _ = run_drafter(target, cfg, params, tokens, layers=feats)
+        ref, _ = ref_eagle3(target, sd, cfg_json, tokens, feats)
+    eps = cfg_json["rms_norm_eps"]
+    for i in (1, 2):
+        x = rms(ref, sd[f"layers.{i}.input_layernorm.weight"].double(), eps)
+        ref = ref_layer(sd, f"layers.{i}.", cfg_json, x, ref)
+    if version == 1:
+        ref_logits = ref @ _target_tensors(target)[1]
+    else:
+        ref_logits = rms(ref, sd["norm.weight"].double(), eps) @ sd["lm_head.weight"].double().T
+    close(out, ref)
+    close(logits, ref_logits)
+    # Written back as read: the same tensors under the same names, the depth in config.json.
+    save_eagle_hf(tmp_path / "back", cfg, params, target.config)
+    cfg2, params2 = load_eagle_hf(tmp_path / "back", target.config)
+    assert cfg2 == cfg and jax_tree_equal(params, params2)
+    with open(tmp_path / "back" / "config.json") as f:
+        assert json.load(f)["num_hidden_layers"] == 3
+
+
+def test_layer_count_disagrees_with_config(target, tmp_path):
+    sd = add_layers(target, 1, hf_state(target, 1), 2)
+    # Two layers' tensors under a config that claims one: caught from the keys.
+    with pytest.raises(CheckpointMismatch, match=r"decoder layers \[0, 1\].*'layers\.1\..*=1"):
         _load(target, tmp_path / "y", hf_config(target, 1), sd)
+    # A config that claims three: layer 2 is missing.
+    with pytest.raises(CheckpointMismatch, match=r"decoder layers \[0, 1\].*num_hidden_layers=3"):
+        _load(target, tmp_path / "z", hf_config(target, 1, num_hidden_layers=3), sd)
+    with pytest.raises(CheckpointMismatch, match=r"num_hidden_layers=0"):
+        _load(target, tmp_path / "w", hf_config(target, 1, num_hidden_layers=0), sd)
 
 
 def test_hidden_size_differs_from_target(target, tmp_path):

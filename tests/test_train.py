@@ -4,6 +4,7 @@ handling, and that training actually teaches the drafter something."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -130,6 +131,32 @@ def test_resume_gives_the_same_loss_curve(target, dataset, tmp_path):
     assert jax.tree.structure(p_exp) == jax.tree.structure(p_full)
     for a, b in zip(jax.tree.leaves(p_full), jax.tree.leaves(p_exp)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    # A deeper drafter grown from the exported one: the same params plus an added layer that
+    # starts as the identity (zero output projections), so it drafts exactly as the shallower
+    # one; training then moves the added layer.
+    deep = small(init_from=str(tmp_path / "a" / "drafter"), draft_layers=2)
+    dcfg, p_deep, _ = trainer.train(target, deep, ds, tmp_path / "d", progress=False, stop_after=0)
+    assert dcfg.depth == 2 and len(p_deep["layers"]) == 1
+    assert not np.any(np.asarray(p_deep["layers"][0]["wo"]))
+    for a, b in zip(jax.tree.leaves(p_full), jax.tree.leaves({**p_deep, "layers": []})):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    cfg1 = dataclasses.replace(dcfg, layer=dataclasses.replace(dcfg.layer, num_layers=1))
+    feats = jax.random.normal(jax.random.key(0), (1, 5, cfg1.hidden))
+    toks, pos = jnp.arange(5)[None], jnp.arange(5)[None]
+    outs = [
+        F.draft_block(
+            c,
+            F.bind_target(p, target.params),
+            feats,
+            toks,
+            pos,
+            init_cache(c.layer, 1, 8, per_layer=True),
+        )[0]
+        for c, p in ((cfg1, p_full), (dcfg, p_deep))
+    ]
+    np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(outs[1]), atol=1e-6)
+    _, p_deep, _ = trainer.train(target, deep, ds, tmp_path / "d", progress=False, stop_after=2)
+    assert np.any(np.asarray(p_deep["layers"][0]["wo"]))
     with pytest.raises(trainer.CheckpointError, match="another drafter .*intermediate_size"):
         trainer.train(
             target,
@@ -161,6 +188,15 @@ def test_mismatched_and_corrupted_checkpoints(target, dataset, tmp_path):
     trainer.train(target, small(), ds, tmp_path / "r", progress=False, stop_after=3)
     with pytest.raises(trainer.CheckpointError, match="different configuration.*lr"):
         trainer.train(target, small(lr=1e-2), ds, tmp_path / "r", progress=False)
+    # A run saved before a TrainConfig field existed (here draft_layers) ran with its default:
+    # it resumes under today's config.
+    shutil.copytree(tmp_path / "r", tmp_path / "old")
+    record = json.loads((tmp_path / "old/run.json").read_text())
+    del record["train"]["draft_layers"]
+    (tmp_path / "old/run.json").write_text(json.dumps(record))
+    trainer.train(target, small(), ds, tmp_path / "old", progress=False, stop_after=3)
+    with pytest.raises(trainer.CheckpointError, match="different configuration.*draft_layers"):
+        trainer.train(target, small(draft_layers=2), ds, tmp_path / "old", progress=False)
     # Same config, but the saved arrays were written for another drafter shape.
     shutil.copytree(tmp_path / "r", tmp_path / "s")
     (tmp_path / "s/run.json").unlink()

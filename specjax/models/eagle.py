@@ -1,5 +1,5 @@
-"""The EAGLE drafter network (Li et al. 2024, 2025): one Llama decoder layer over the target's
-features, with its config, init and pure functions (shared by the drafter in
+"""The EAGLE drafter network (Li et al. 2024, 2025): a Llama decoder layer (or a few) over the
+target's features, with its config, init and pure functions (shared by the drafter in
 `specjax.drafters.feature`, the trainer and the HF converter in checkpoints_convert/eagle_hf.py).
 
 Drafter slot j holds the pair (g_j, x_{j+1}): the feature at position j and the token after it,
@@ -37,6 +37,14 @@ that way) carries it as params["embed"], which then wins.
 
 The layer is a Llama decoder layer by construction, whatever the target's family: EAGLE's
 checkpoints (`LlamaForCausalLMEagle3`) define it so.
+
+Depth (`layer.num_layers`, default 1): layers after the first are plain Llama decoder layers over
+the first one's output (params["layers"], a list; their input norm is `attn_norm`), so the
+first layer keeps EAGLE's special inputs and the drafter's output is the last layer's. EAGLE's
+authors report better acceptance with 2 layers (SafeAILab/EAGLE#168) and Scylla (arXiv
+2505.07858) a log-linear gain in the layer count; on a CPU a drafter layer costs ~2% of the
+target's step. `init_params` zeroes the output projections of the added layers, so they start
+as the identity: a drafter grown from a trained shallower one drafts exactly as it did.
 """
 
 from __future__ import annotations
@@ -60,7 +68,7 @@ class EagleConfig:
     """Static shape of an EAGLE drafter (hashable: part of the compiled program)."""
 
     version: int  # 1 or 3
-    layer: ModelConfig  # the one decoder layer (num_layers=1, hidden size = the target's)
+    layer: ModelConfig  # the decoder layers (num_layers: depth, hidden size = the target's)
     feature_layers: tuple = ()  # version 3: HF hidden_states indices fused by fc (low, mid, high)
     draft_vocab: int = 0  # version 3: size of the drafter's own head (0: the target's head)
     fc_bias: bool = True  # version 1 (SafeAILab's default)
@@ -88,6 +96,10 @@ class EagleConfig:
                 f"{', '.join(v3_only)} exist only in EAGLE-3 drafters; this "
                 f"config has version {self.version}"
             )
+        if not isinstance(self.layer.num_layers, int) or self.layer.num_layers < 1:
+            raise ValueError(
+                f"an EAGLE drafter needs >= 1 decoder layer, got {self.layer.num_layers!r}"
+            )
         if self.feed_normed and not self.head_norm:
             raise ValueError(
                 "feed_normed feeds the head the normed output; head_norm=False "
@@ -97,6 +109,11 @@ class EagleConfig:
     @property
     def hidden(self) -> int:
         return self.layer.hidden_size
+
+    @property
+    def depth(self) -> int:
+        """Decoder layers: the first (EAGLE's inputs) plus params["layers"]."""
+        return self.layer.num_layers
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -126,11 +143,13 @@ def make_config(
     intermediate_size: int | None = None,
     draft_vocab: int | None = None,
     feature_layers: tuple | None = None,
+    num_layers: int = 1,
 ) -> EagleConfig:
-    """An EAGLE drafter shaped for `target`: its heads, head size and RoPE, one layer."""
+    """An EAGLE drafter shaped for `target`: its heads, head size and RoPE, `num_layers` decoder
+    layers (EAGLE's: 1)."""
     layer = dataclasses.replace(
         target,
-        num_layers=1,
+        num_layers=num_layers,
         sliding_window=None,
         attention_bias=False,
         tie_word_embeddings=False,
@@ -176,9 +195,12 @@ def init_params(
         "w_gate_up": dense((D, 2 * F), D),
         "w_down": dense((F, D), F) * 0.5,
     }
+    more = (
+        {"layers": _added_layers(cfg, jax.random.fold_in(key, 1), dtype)} if cfg.depth > 1 else {}
+    )
     if cfg.version == 1:
         fc_in = 2 * D
-        p = {"fc": dense((fc_in, D), fc_in), "layer": layer}
+        p = {"fc": dense((fc_in, D), fc_in), "layer": layer, **more}
         if cfg.fc_bias:
             p["fc_b"] = jnp.zeros((D,), dtype)
         return p
@@ -193,12 +215,36 @@ def init_params(
         "norm": jnp.ones((D,), dtype),
         "lm_head": dense((D, cfg.draft_vocab), D),
         "d2t": jnp.asarray(d2t, jnp.int32),
+        **more,
     }
     if cfg.fc_norm:
         p["fc_norm"] = jnp.ones((n, D), dtype)
     if cfg.fc_input_norm:
         p["fc_input_norm"] = jnp.ones((n * D,), dtype)
     return p
+
+
+def _added_layers(cfg: EagleConfig, key: jax.Array, dtype: DTypeLike) -> list[dict]:
+    """Layers 1.. of a deeper drafter: plain Llama layers whose output projections (wo, w_down)
+    are zero, so each starts as the identity on the residual stream (the gradient still reaches
+    those projections first, then the rest)."""
+    L, D = cfg.layer, cfg.hidden
+    qkv, F = (L.num_heads + 2 * L.num_kv_heads) * L.head_dim, L.intermediate_size
+    out = []
+    for k in jax.random.split(key, cfg.depth - 1):
+        k1, k2 = jax.random.split(k)
+        normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32) / jnp.sqrt(shape[0])  # noqa: E731
+        out.append(
+            {
+                "attn_norm": jnp.ones((D,), dtype),
+                "wqkv": normal(k1, (D, qkv)).astype(dtype),
+                "wo": jnp.zeros((L.num_heads * L.head_dim, D), dtype),
+                "mlp_norm": jnp.ones((D,), dtype),
+                "w_gate_up": normal(k2, (D, 2 * F)).astype(dtype),
+                "w_down": jnp.zeros((F, D), dtype),
+            }
+        )
+    return out
 
 
 def bind_target(params: dict, target_params: dict) -> dict:
@@ -269,20 +315,26 @@ def draft_block(
     write_offset: jax.Array | None = None,
     embeds: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, KVCache]:
-    """Run the drafter layer over pairs (feat [B, T, D], tokens [B, T]) -> (output features
+    """Run the drafter's layers over pairs (feat [B, T, D], tokens [B, T]) -> (output features
     [B, T, D], cache). With `feed_normed` the output is taken after the final norm: it is both
     what the head reads and what the next draft slot is fed. `embeds`: see `layer_inputs`."""
     h, x = layer_inputs(cfg, params, feat, tokens, embeds)
-    out, cache = single_layer(
-        cfg.layer,
-        params["layer"],
-        h,
-        x,
-        positions,
-        cache,
-        block_mask=block_mask,
-        write_offset=write_offset,
-    )
+    layers = [params["layer"]] + list(params.get("layers", ()))
+    if len(layers) != cfg.depth:
+        raise ValueError(f"the drafter's params hold {len(layers)} layers, its config {cfg.depth}")
+    out = h
+    for i, lp in enumerate(layers):  # layer 0 reads EAGLE's input x; the rest norm their input
+        out, cache = single_layer(
+            cfg.layer,
+            lp,
+            out,
+            x if i == 0 else None,
+            positions,
+            cache,
+            block_mask=block_mask,
+            write_offset=write_offset,
+            index=i,
+        )
     if cfg.feed_normed:
         out = rms_norm(out, params["norm"], cfg.layer.rms_norm_eps)
     return out, cache

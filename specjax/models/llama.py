@@ -567,12 +567,14 @@ def single_layer(
     *,
     block_mask: jax.Array | None = None,
     write_offset: jax.Array | None = None,
+    index: int = 0,
 ) -> tuple[jax.Array, KVCache]:
-    """One decoder layer `lp` over a block (drafters built from a single layer, e.g. EAGLE).
+    """One decoder layer `lp` over a block (drafters built from a few layers, e.g. EAGLE).
 
     h [B, T, D] is the residual stream, x [B, T, Din] the attention input (None: rms_norm(h)).
-    The cache holds one layer (per-layer layout); the block goes where `forward_hidden` would
-    put it. -> (h after the layer [B, T, D], cache with the block's K/V written)."""
+    The layer reads and writes layer `index` of a per-layer cache; the block goes where
+    `forward_hidden` would put it. -> (h after the layer [B, T, D], cache with the block's K/V
+    written)."""
     B, T = positions.shape
     if block_mask is None:
         block_mask = causal_block_mask(B, T)
@@ -581,8 +583,10 @@ def single_layer(
     )
     start = cache.lengths if write_offset is None else cache.lengths + write_offset
     ctx = LayerContext("xla", rope_inv_freq(cfg), positions, mask, start, cache.lengths, block_mask)
-    h, ck, cv = _layer(cfg, ctx, lp, h, cache.k[0], cache.v[0], x=x)
-    return h, cache.replace(k=(ck,), v=(cv,))
+    h, ck, cv = _layer(cfg, ctx, lp, h, cache.k[index], cache.v[index], x=x)
+    k, v = list(cache.k), list(cache.v)
+    k[index], v[index] = ck, cv
+    return h, cache.replace(k=tuple(k), v=tuple(v))
 
 
 def lm_head(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:

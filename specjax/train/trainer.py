@@ -66,6 +66,7 @@ class TrainConfig:
     ttt_decay: float = 0.8
     draft_vocab: int = 8192  # eagle3: the most frequent response tokens
     intermediate_size: int | None = None  # the drafter's MLP width (default: the target's)
+    draft_layers: int = 1  # eagle/eagle3: decoder layers (a warm start may add layers: identity)
     medusa_heads: int = 4  # medusa: number of heads
     medusa_positions: int = 512  # medusa: positions sampled per step (heads need no context)
     dtype: str = "float32"  # compute dtype of the step (optimizer state stays float32)
@@ -87,7 +88,7 @@ class TrainConfig:
         recipes.get(self.kind)  # an unknown kind raises, naming the valid ones
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("steps", "batch", "ttt_steps", "log_every", "save_every"):
+        for name in ("steps", "batch", "ttt_steps", "log_every", "save_every", "draft_layers"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -220,7 +221,7 @@ def _warm_start(
     checked against this run's drafter config and shapes and its untrained leaves (EAGLE-3's
     d2t: the same draft vocabulary, or the head would mean other tokens)."""
     if exported is not None:
-        ecfg, got = exported
+        ecfg, got = _grown(*exported, dcfg, params)
         for theirs, ours in (
             (_flatten(dataclasses.asdict(ecfg)), _flatten(dataclasses.asdict(dcfg))),
             (_shapes(got), _shapes(params)),
@@ -252,6 +253,20 @@ def _warm_start(
     return got
 
 
+def _grown(ecfg: Any, got: dict, dcfg: Any, fresh: dict) -> tuple[Any, dict]:
+    """An exported EAGLE drafter with fewer layers than this run's, deepened by this run's
+    fresh added layers (identity at init: `eagle.init_params`), so it drafts as before; any
+    other exported drafter as it is."""
+    depth = getattr(getattr(ecfg, "layer", None), "num_layers", None)
+    want = getattr(getattr(dcfg, "layer", None), "num_layers", None)
+    if depth is None or want is None or depth >= want:
+        return ecfg, got
+    layers = list(got.get("layers", ())) + list(fresh["layers"][depth - 1 :])
+    return dataclasses.replace(ecfg, layer=dataclasses.replace(ecfg.layer, num_layers=want)), dict(
+        got, layers=layers
+    )
+
+
 def _shapes(tree: Any) -> dict[str, tuple]:
     """{leaf path: shape} of a pytree."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -275,7 +290,9 @@ def _check_run_config(out: Path, record: dict) -> None:
     record = json.loads(json.dumps(record))  # tuples -> lists, as the saved file has them
     if f.exists():
         old = json.loads(f.read_text())
-        old, new = _flatten(old), _flatten(record)
+        # A run saved before a TrainConfig field existed ran with that field's default.
+        known = _flatten({"train": json.loads(json.dumps(dataclasses.asdict(TrainConfig())))})
+        old, new = {**known, **_flatten(old)}, _flatten(record)
         diff = {
             k: (old.get(k), new.get(k))
             for k in sorted(set(old) | set(new))

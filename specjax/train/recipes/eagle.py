@@ -54,7 +54,9 @@ class Eagle:
         out: Path,
         exported: tuple[F.EagleConfig, dict] | None = None,
     ) -> F.EagleConfig:
-        return F.make_config(target.config, 1, intermediate_size=tc.intermediate_size)
+        return F.make_config(
+            target.config, 1, intermediate_size=tc.intermediate_size, num_layers=tc.draft_layers
+        )
 
     def feature_layers(self, cfg: F.EagleConfig) -> tuple[int, ...]:
         return tuple(cfg.feature_layers)  # () for EAGLE-1: the final hidden state only

@@ -51,7 +51,11 @@ class Eagle3(Eagle):
             np.save(f, d2t)
         size = int(np.load(f).shape[0])
         return F.make_config(
-            target.config, 3, intermediate_size=tc.intermediate_size, draft_vocab=size
+            target.config,
+            3,
+            intermediate_size=tc.intermediate_size,
+            draft_vocab=size,
+            num_layers=tc.draft_layers,
         )
 
     def init_params(self, tc: TrainConfig, cfg: F.EagleConfig, out: Path) -> dict:
