@@ -175,6 +175,7 @@ def _restore(
     import orbax.checkpoint as ocp
 
     like = {"params": params, "opt_state": opt_state}
+    _check_saved_shapes(ckpt_dir, step, like)
     try:
         got = mgr.restore(step, args=ocp.args.StandardRestore(like))
     except Exception as e:  # orbax raises many types for unreadable or mismatched trees
@@ -190,6 +191,37 @@ def _restore(
                 f"expects {np.shape(a)}"
             )
     return got["params"], got["opt_state"]
+
+
+def _check_saved_shapes(ckpt_dir: Path, step: int, like: dict) -> None:
+    """Refuse a checkpoint whose arrays have other shapes than `like`'s, from its metadata,
+    before orbax reads it (a restore that fails half-way leaves its reads unawaited, which
+    Python reports as ignored exceptions). Leaves are matched by path (names and indices);
+    anything unreadable is left to the restore, which reports it."""
+    import orbax.checkpoint as ocp
+
+    def named(tree: Any) -> dict[tuple, tuple]:
+        def part(k: Any) -> str:
+            for attr in ("key", "idx", "name"):
+                if hasattr(k, attr):
+                    return str(getattr(k, attr))
+            return str(k)
+
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {tuple(part(k) for k in path): tuple(np.shape(x)) for path, x in leaves}
+
+    try:
+        with ocp.StandardCheckpointer() as ck:
+            md = ck.metadata(ckpt_dir.absolute() / str(step) / "default")
+        saved = named(getattr(md, "item_metadata", md))
+    except Exception:  # no or other metadata: the restore itself decides
+        return
+    for path, shape in sorted(named(like).items(), key=lambda kv: kv[0][0] != "params"):
+        if path in saved and saved[path] != shape:
+            raise CheckpointError(
+                f"checkpoint {ckpt_dir} step {step}: {'/'.join(path)} has shape {saved[path]}, "
+                f"this run expects {shape}"
+            )
 
 
 def exported_init(init_from: str | None, recipe: Recipe, target: Model) -> tuple[Any, dict] | None:
@@ -237,13 +269,18 @@ def _warm_start(
         ckpt = src / "checkpoints"
         mgr = _manager(ckpt) if ckpt.is_dir() else None
         if mgr is None or mgr.latest_step() is None:
+            if mgr is not None:
+                mgr.close()
             from specjax.drafters.bundled import BUNDLED_DRAFTERS
 
             raise CheckpointError(
                 f"init_from: no checkpoint in {ckpt} to start from (give a run directory, an "
                 f"exported drafter or a bundled one: {', '.join(sorted(BUNDLED_DRAFTERS))})"
             )
-        got, _ = _restore(mgr, int(mgr.latest_step()), params, opt_state, ckpt)
+        try:
+            got, _ = _restore(mgr, int(mgr.latest_step()), params, opt_state, ckpt)
+        finally:
+            mgr.close()
     for k in recipe.frozen:
         if not np.array_equal(np.asarray(got[k]), np.asarray(params[k])):
             raise CheckpointError(
@@ -362,55 +399,60 @@ def train(
     optimizer, sched = make_optimizer(tc)
     opt_state = optimizer.init({k: v for k, v in params.items() if k not in recipe.frozen})
     mgr = _manager(out / "checkpoints")
-    start = 0
-    if tc.init_from and mgr.latest_step() is None:
-        params = _warm_start(Path(tc.init_from), params, opt_state, recipe, dcfg, exported)
-        log(f"started from the params of {tc.init_from}")
-    if mgr.latest_step() is not None:
-        start = int(mgr.latest_step())
-        params, opt_state = _restore(mgr, start, params, opt_state, out / "checkpoints")
-        log(f"resumed from step {start} ({out / 'checkpoints'})")
-    history = _read_history(out, start)
-    shared = {k: target.params[k] for k in ("embed", "lm_head") if k in target.params}
-    step_fn = make_step(recipe.loss_fn(tc, dcfg, target.config), optimizer, recipe.frozen)
-    end = tc.steps if stop_after is None else min(tc.steps, stop_after)
-    bar = tqdm(total=tc.steps, initial=start, desc=f"train {tc.kind}", disable=not progress)
-    t0, seen = time.perf_counter(), 0
-    batches = data_lib.iterate_batches(store.rows, tc.batch, tc.seed, start)
-    for step, idx in batches:
-        if step >= end:
-            break
-        inputs, n_tokens = recipe.step_inputs(tc, dcfg, store.batch(idx), step)
-        seen += n_tokens
-        params, opt_state, loss, metrics = step_fn(
-            params, opt_state, shared, *map(jnp.asarray, inputs)
-        )
-        done = step + 1
-        if done % tc.log_every == 0 or done == end:
-            acc = np.asarray(metrics["acc"], np.float64).round(3).tolist()
-            rec = {
-                "step": done,
-                "loss": float(loss),
-                "acc": acc,
-                "lr": float(sched(step)),
-                "tok_per_s": seen / (time.perf_counter() - t0),
-            }
-            if "ce" in metrics:
-                rec["ce"] = np.asarray(metrics["ce"], np.float64).round(4).tolist()
-            history.append(rec)
-            _append_history(out, rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=acc, tok_s=f"{rec['tok_per_s']:.0f}")
-        if tc.eval_every and done % tc.eval_every == 0 and heldout_prompts:
-            _log_tau(target, recipe, dcfg, params, heldout_prompts, tc, done, out, history, log)
-        if done % tc.save_every == 0 or done == end:
-            _save(mgr, done, params, opt_state)
-        bar.update(1)
-    bar.close()
-    if end == tc.steps:
-        if heldout_prompts and (not tc.eval_every or tc.steps % tc.eval_every):
-            _log_tau(target, recipe, dcfg, params, heldout_prompts, tc, tc.steps, out, history, log)
-        recipe.export(out / "drafter", dcfg, jax.device_get(params), target.config)
-    return dcfg, params, history
+    try:  # closed on every exit: a failed restore must not leave its threads running
+        start = 0
+        if tc.init_from and mgr.latest_step() is None:
+            params = _warm_start(Path(tc.init_from), params, opt_state, recipe, dcfg, exported)
+            log(f"started from the params of {tc.init_from}")
+        if mgr.latest_step() is not None:
+            start = int(mgr.latest_step())
+            params, opt_state = _restore(mgr, start, params, opt_state, out / "checkpoints")
+            log(f"resumed from step {start} ({out / 'checkpoints'})")
+        history = _read_history(out, start)
+        shared = {k: target.params[k] for k in ("embed", "lm_head") if k in target.params}
+        step_fn = make_step(recipe.loss_fn(tc, dcfg, target.config), optimizer, recipe.frozen)
+        end = tc.steps if stop_after is None else min(tc.steps, stop_after)
+        bar = tqdm(total=tc.steps, initial=start, desc=f"train {tc.kind}", disable=not progress)
+        t0, seen = time.perf_counter(), 0
+        batches = data_lib.iterate_batches(store.rows, tc.batch, tc.seed, start)
+        for step, idx in batches:
+            if step >= end:
+                break
+            inputs, n_tokens = recipe.step_inputs(tc, dcfg, store.batch(idx), step)
+            seen += n_tokens
+            params, opt_state, loss, metrics = step_fn(
+                params, opt_state, shared, *map(jnp.asarray, inputs)
+            )
+            done = step + 1
+            if done % tc.log_every == 0 or done == end:
+                acc = np.asarray(metrics["acc"], np.float64).round(3).tolist()
+                rec = {
+                    "step": done,
+                    "loss": float(loss),
+                    "acc": acc,
+                    "lr": float(sched(step)),
+                    "tok_per_s": seen / (time.perf_counter() - t0),
+                }
+                if "ce" in metrics:
+                    rec["ce"] = np.asarray(metrics["ce"], np.float64).round(4).tolist()
+                history.append(rec)
+                _append_history(out, rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=acc, tok_s=f"{rec['tok_per_s']:.0f}")
+            if tc.eval_every and done % tc.eval_every == 0 and heldout_prompts:
+                _log_tau(target, recipe, dcfg, params, heldout_prompts, tc, done, out, history, log)
+            if done % tc.save_every == 0 or done == end:
+                _save(mgr, done, params, opt_state)
+            bar.update(1)
+        bar.close()
+        if end == tc.steps:
+            if heldout_prompts and (not tc.eval_every or tc.steps % tc.eval_every):
+                _log_tau(
+                    target, recipe, dcfg, params, heldout_prompts, tc, tc.steps, out, history, log
+                )
+            recipe.export(out / "drafter", dcfg, jax.device_get(params), target.config)
+        return dcfg, params, history
+    finally:
+        mgr.close()
 
 
 def _read_history(out: Path, upto: int) -> list:
