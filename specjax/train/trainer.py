@@ -329,7 +329,8 @@ def _check_run_config(out: Path, record: dict) -> None:
         old = json.loads(f.read_text())
         # A run saved before a TrainConfig field existed ran with that field's default.
         known = _flatten({"train": json.loads(json.dumps(dataclasses.asdict(TrainConfig())))})
-        old, new = {**known, **_flatten(old)}, _flatten(record)
+        old, new = _flatten(old), _flatten(record)
+        old.update({k: known[k] for k in new.keys() - old.keys() if k in known})
         diff = {
             k: (old.get(k), new.get(k))
             for k in sorted(set(old) | set(new))
