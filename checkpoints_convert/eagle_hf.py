@@ -29,11 +29,11 @@ EAGLE-3 (SafeAILab `cnets.py`, AngelSlim, SpecForge, vLLM `llama_eagle3`)::
     input_norm.weight [3D]                    speculators `norm_before_fc`: a norm over the concat
 
   Some exports name the layer `layers.0.` instead of `midlayer.`; both are read.
+  `draft_vocab_size` in config.json gives Vd (absent: the vocabulary size).
 
 Deeper drafters (either version; `num_hidden_layers` N > 1 in config.json): layers 1..N-1 are
 plain Llama decoder layers over the first one's output, under `layers.{i}.` with their own
 `input_layernorm.weight` (the layout SGLang's multi-layer EAGLE-3 work uses for the added layers).
-  `draft_vocab_size` in config.json gives Vd (absent: the vocabulary size).
 
 Producers (`PRODUCERS`; detected from config.json by `detect_producer`, or named by the caller)
 differ in three things the tensors do not show: which target layers the ids in config.json mean,
