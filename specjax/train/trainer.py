@@ -299,9 +299,8 @@ def _grown(ecfg: Any, got: dict, dcfg: Any, fresh: dict) -> tuple[Any, dict]:
     if depth is None or want is None or depth >= want:
         return ecfg, got
     layers = list(got.get("layers", ())) + list(fresh["layers"][depth - 1 :])
-    return dataclasses.replace(ecfg, layer=dataclasses.replace(ecfg.layer, num_layers=want)), dict(
-        got, layers=layers
-    )
+    deeper = dataclasses.replace(ecfg, layer=dataclasses.replace(ecfg.layer, num_layers=want))
+    return deeper, dict(got, layers=layers)
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:
