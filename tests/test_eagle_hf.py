@@ -447,7 +447,7 @@ def test_extra_key_or_wrong_shape(target, tmp_path, version, key, shape, message
         _load(target, tmp_path / "x", hf_config(target, version), sd)
 
 
-def add_layers(target, version, sd, depth, seed=9):
+def add_layers(target, sd, depth, seed=9):
     """Layers 1..depth-1 of a deeper drafter (`layers.{i}.`, their own input norm) added to
     `sd`: plain layers over the hidden size, taken from EAGLE-1 states of other seeds."""
     for i in range(1, depth):
@@ -463,7 +463,7 @@ def test_deeper_drafter_matches_torch_reference(target, tmp_path, version):
     """num_hidden_layers 3: layer 0 as EAGLE defines it, then two plain Llama layers over its
     output (input norm, attention, MLP); the head reads the last one."""
     cfg_json = hf_config(target, version, num_hidden_layers=3)
-    sd = add_layers(target, version, hf_state(target, version, seed=7, cfg=cfg_json), 3)
+    sd = add_layers(target, hf_state(target, version, seed=7, cfg=cfg_json), 3)
     cfg, params = load_eagle_hf(
         write_ckpt(tmp_path / "deep", cfg_json, sd),
         target.config,
@@ -496,7 +496,7 @@ def test_deeper_drafter_matches_torch_reference(target, tmp_path, version):
 
 
 def test_layer_count_disagrees_with_config(target, tmp_path):
-    sd = add_layers(target, 1, hf_state(target, 1), 2)
+    sd = add_layers(target, hf_state(target, 1), 2)
     # Two layers' tensors under a config that claims one: caught from the keys.
     with pytest.raises(CheckpointMismatch, match=r"decoder layers \[0, 1\].*'layers\.1\..*=1"):
         _load(target, tmp_path / "y", hf_config(target, 1), sd)
