@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 
+from compare import exact_then_timed
+
 import specjax
-from specjax import autotune, bench, drafters
+from specjax import bench, drafters
 from specjax.drafters import registry
 
 
@@ -40,25 +42,7 @@ def main() -> None:
             for label, tree in trees.items():
                 d = drafters.hybrid(drafters.ngram(k=8), tree, "switch", mm)
                 cands[f"hybrid ngram+{label} min_match={mm}"] = d
-    ref = {}
-    for name, d in cands.items():  # exactness first (and the compile of every bucket)
-        for i, p in enumerate(prompts):
-            out = specjax.generate(model, p, max_new_tokens=args.max_new_tokens, drafter=d)
-            ref.setdefault(i, out.tokens)
-            assert out.tokens == ref[i], f"{name} differs from plain decoding on prompt {i}"
-    _, table = autotune.tune_tree(
-        model,
-        cands.get,
-        prompts,
-        candidates=list(cands),
-        max_new_tokens=args.max_new_tokens,
-        repeats=args.repeats,
-    )
-    plain = table[0]["tokens_per_s"]
-    print("| candidate | tokens/s | vs plain | tau |\n|---|---|---|---|")
-    for r in table:
-        v = r["tokens_per_s"]
-        print(f"| {r['candidate']} | {v:.1f} | {v / plain:.2f}x | {r['tau']:.2f} |")
+    print(exact_then_timed(model, cands, prompts, args.max_new_tokens, args.repeats))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ import glob
 from pathlib import Path
 
 import numpy as np
+from compare import exact_then_timed
 
 import specjax
-from specjax import autotune, bench, drafters
+from specjax import bench, drafters
 
 SHARDS = Path(__file__).resolve().parents[1] / "specjax/train/selfdistill"
 
@@ -50,20 +51,7 @@ def main() -> None:
     for spec in args.settings:
         kw = {k: int(v) for k, v in (x.split("=") for x in spec.split(","))}
         cands[f"store {spec}"] = drafters.ngram(datastore=docs, **kw)
-    ref = {}
-    for name, d in cands.items():  # exactness first (and every bucket's compilation)
-        for i, p in enumerate(prompts):
-            out = specjax.generate(model, p, max_new_tokens=args.max_new_tokens, drafter=d)
-            ref.setdefault(i, out.tokens)
-            assert out.tokens == ref[i], f"{name} differs from plain decoding on prompt {i}"
-    _, table = autotune.tune_tree(
-        model, cands.get, prompts, candidates=list(cands), max_new_tokens=args.max_new_tokens
-    )
-    plain = table[0]["tokens_per_s"]
-    print("| candidate | tokens/s | vs plain | tau |\n|---|---|---|---|")
-    for r in table:
-        v = r["tokens_per_s"]
-        print(f"| {r['candidate']} | {v:.1f} | {v / plain:.2f}x | {r['tau']:.2f} |")
+    print(exact_then_timed(model, cands, prompts, args.max_new_tokens))
 
 
 if __name__ == "__main__":
