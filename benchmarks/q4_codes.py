@@ -1,0 +1,159 @@
+"""Products over the GGUF's 4-bit codes against float32 weights, at SmolLM2-135M's shapes.
+
+SmolLM2's bundled GGUF stores its layer matrices as Q4_1: per block of 32 weights a float16
+scale `d` and minimum `m` and 4-bit codes `q`, the weight being `d * q + m`. `d * q` is exact in
+float32 (11 x 4 significant bits), so a program that reads the codes and rebuilds the weights
+inside its products computes with exactly the float32 weights the engine loads, from ~5 bits a
+weight instead of 32. This times whether XLA CPU makes that pay: a jitted chain of the 30
+layers' four products ([out, in] = qkv [960, 576], attention output [576, 576], gate/up
+[3072, 576], down [576, 1536]; distinct random codes) for T rows, written as
+
+- `f32`: float32 weights, the engine's forms (a matrix-vector product for one row, a row
+  reduction for 2-16);
+- `rebuilt`: codes one a byte [out, in/32, 32], rebuilt inside the row reduction;
+- `block_minor`: codes stored [out, 32, in/32], so the scales broadcast along a middle axis;
+- `dot`: rebuilt, then a matrix product;
+- `factored`: the scale taken out of each block's sum (sum_j q x, then d and m once a block);
+- `packed`: two codes a byte, unpacked with shifts inside the same fusion.
+
+The printed `diff` is the largest difference of each chain's output from `f32`'s.
+
+    python benchmarks/q4_codes.py [--rows 1,8] [--forms f32,rebuilt,...] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LAYERS = 30
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) of each layer product
+F32 = jnp.float32
+
+
+def random_layers(seed: int = 0) -> list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """Per layer and product: codes [out, in/32, 32] uint8 in [0, 16), d and m [out, in/32]."""
+    rng = np.random.default_rng(seed)
+    return [
+        [
+            (
+                rng.integers(0, 16, (o, i // 32, 32), dtype=np.uint8),
+                (rng.random((o, i // 32)) * 0.01).astype(np.float16),
+                (-rng.random((o, i // 32)) * 0.05).astype(np.float16),
+            )
+            for o, i in SHAPES
+        ]
+        for _ in range(LAYERS)
+    ]
+
+
+def rebuild(c: jax.Array, d: jax.Array, m: jax.Array) -> jax.Array:
+    """[out, nb, 32] codes -> float32 weights [out, nb, 32], exactly as the GGUF reader does."""
+    return c.astype(F32) * d.astype(F32)[..., None] + m.astype(F32)[..., None]
+
+
+def times_f32(x: jax.Array, w: jax.Array) -> jax.Array:
+    if x.shape[0] == 1:
+        return jnp.einsum("ti,oi->to", x, w)
+    return jnp.sum(w[None] * x[:, None, :], axis=-1)
+
+
+def times_rebuilt(x: jax.Array, q: tuple) -> jax.Array:
+    w = rebuild(*q)
+    return jnp.sum(w[None] * x.reshape(x.shape[0], 1, *w.shape[1:]), axis=(-2, -1))
+
+
+def times_block_minor(x: jax.Array, q: tuple) -> jax.Array:
+    c, d, m = q  # c [out, 32, nb]
+    w = c.astype(F32) * d.astype(F32)[:, None, :] + m.astype(F32)[:, None, :]
+    xt = x.reshape(x.shape[0], -1, 32).transpose(0, 2, 1)  # [T, 32, nb]
+    return jnp.sum(w[None] * xt[:, None], axis=(-2, -1))
+
+
+def times_dot(x: jax.Array, q: tuple) -> jax.Array:
+    w = rebuild(*q)
+    return jnp.einsum("ti,oi->to", x, w.reshape(w.shape[0], -1))
+
+
+def times_factored(x: jax.Array, q: tuple) -> jax.Array:
+    c, d, m = q
+    x3 = x.reshape(x.shape[0], -1, 32)  # [T, nb, 32]
+    inner = jnp.sum(c.astype(F32)[None] * x3[:, None], -1)  # [T, out, nb]
+    return jnp.sum(inner * d.astype(F32) + x3.sum(-1)[:, None] * m.astype(F32), -1)
+
+
+def times_packed(x: jax.Array, q: tuple) -> jax.Array:
+    p, d, m = q  # p [out, nb, 16]: the low nibble holds the even code
+    c = jnp.stack([p & 15, p >> 4], -1).reshape(*p.shape[:-1], 32)
+    return times_rebuilt(x, (c, d, m))
+
+
+FORMS = {
+    "f32": times_f32,
+    "rebuilt": times_rebuilt,
+    "block_minor": times_block_minor,
+    "dot": times_dot,
+    "factored": times_factored,
+    "packed": times_packed,
+}
+
+
+def operands(form: str, layers: list) -> list:
+    """Each form's stored weights, on device."""
+
+    def one(c: np.ndarray, d: np.ndarray, m: np.ndarray) -> object:
+        if form == "f32":
+            w = c.astype(np.float32) * d.astype(np.float32)[..., None]
+            return jnp.asarray((w + m.astype(np.float32)[..., None]).reshape(c.shape[0], -1))
+        if form == "block_minor":
+            c = np.ascontiguousarray(c.transpose(0, 2, 1))
+        if form == "packed":
+            c = c[..., 0::2] | (c[..., 1::2] << 4)
+        return tuple(jnp.asarray(a) for a in (c, d, m))
+
+    return [[one(*q) for q in layer] for layer in layers]
+
+
+def chain(times: object, weights: list, x: jax.Array) -> jax.Array:
+    """Every product of every layer in order, each feeding the next input (x [T, 1536])."""
+    for layer in weights:
+        for w, (_, n_in) in zip(layer, SHAPES):
+            y = times(x[:, :n_in], w)
+            x = x + 1e-3 * jnp.concatenate([y[:, :576]] * 3, axis=1)[:, :1536]
+    return x
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default="1,8")
+    ap.add_argument("--forms", default=",".join(FORMS))
+    ap.add_argument("--repeats", type=int, default=7)
+    a = ap.parse_args()
+    layers = random_layers()
+    forms = a.forms.split(",")
+    weights = {f: operands(f, layers) for f in forms}
+    for rows in [int(r) for r in a.rows.split(",")]:
+        x = jnp.full((rows, 1536), 0.01, F32)
+        ref = None
+        for form in forms:
+            fn = jax.jit(functools.partial(chain, FORMS[form]))
+            out = fn(weights[form], x).block_until_ready()
+            times = []
+            for _ in range(a.repeats):
+                t = time.perf_counter()
+                fn(weights[form], x).block_until_ready()
+                times.append(time.perf_counter() - t)
+            ref = out if ref is None else ref
+            diff = float(jnp.abs(out - ref).max())
+            ms = statistics.median(times) * 1e3
+            print(f"T={rows:<3d} {form:<12s} {ms:8.2f} ms   diff {diff:.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
