@@ -362,8 +362,9 @@ AUTO_PROMPTS = (
 AUTO_MARGIN = 0.05
 # Bumped when what a candidate means changes, so that an older cached choice is measured again
 # (2: the EAGLE-3 candidate is eagle3_tree_sized, which sizes its verify per step; 3: the hybrid
-# of prompt lookup and that tree joined the candidates; 4: EAGLE trees default to 7 nodes).
-AUTO_VERSION = 4
+# of prompt lookup and that tree joined the candidates; 4: EAGLE trees default to 7 nodes;
+# 5: the n-gram chain's default rule verifies 7 tokens after 4-token matches, 3 after 2-3).
+AUTO_VERSION = 5
 
 
 def auto_candidates(model: Model) -> list[str]:

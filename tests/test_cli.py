@@ -281,6 +281,27 @@ def test_ngram_names():
     assert not spec.adaptive and spec.k == 4
 
 
+def test_ngram_verify_rule():
+    """Tokens the chain asks to verify by match length n (0: none) and copied tokens known."""
+    from specjax.drafters.ngram import NgramSpec
+
+    n = np.array([0, 1, 2, 3, 4, 4])
+    known = np.array([9, 9, 9, 9, 9, 2])  # the last match's copy runs out after 2 tokens
+    default = cli.make_drafter("ngram", None).binder(None)[0]  # k 7, 3 from 2-token matches
+    assert default.verify_sizes == (3, 7)
+    assert default.request(n, known).tolist() == [0, 0, 3, 3, 7, 2]
+    old = NgramSpec(k=8, short=1, short_from=3)  # the rule before 2026-12-06
+    assert old.request(n, known).tolist() == [0, 0, 0, 1, 8, 2]
+    # max_ngram 2: short_from defaults to min_ngram (1); k 2 caps the default short at 2
+    assert NgramSpec(k=2, max_ngram=2).request(n, known).tolist() == [0, 2, 2, 2, 2, 2]
+    assert NgramSpec(k=5, adaptive=False).request(n, known).tolist() == [0, 5, 5, 5, 5, 5]
+    for bad in (0, 4, 2.5):
+        with pytest.raises(
+            ValueError, match=rf"short_from must be an int in \[min_ngram=1, .*=3\], got {bad}"
+        ):
+            NgramSpec(k=4, short_from=bad)
+
+
 def test_cli_errors(tiny_dir, capsys):
     # Argument errors are argparse's (exit 2, message on stderr), before the model loads.
     with pytest.raises(SystemExit):

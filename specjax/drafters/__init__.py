@@ -77,16 +77,18 @@ EagleSource = tuple[eagle_net.EagleConfig, dict] | str | os.PathLike
 def ngram(
     max_ngram: int = 4,
     min_ngram: int = 1,
-    k: int = 8,
+    k: int = 7,
     branches: int = 1,
     adaptive: bool = True,
-    short: int = 1,
+    short: int | None = None,
     datastore: Sequence[Sequence[int]] | None = None,
+    short_from: int | None = None,
 ) -> Drafter:
     """Prompt-lookup drafting over the prompt and the generated tokens. With `branches` > 1 it
     drafts a tree of that many candidate continuations of k tokens (shared prefixes merged).
-    `adaptive` (chains): verify k tokens after a max_ngram match, `short` after a one shorter
-    match, and take a plain step after shorter ones (see `NgramSpec.adaptive`); False verifies
+    `adaptive` (chains): verify k tokens after a max_ngram match, `short` (default min(3, k))
+    after a match of `short_from` (default max(min_ngram, max_ngram - 2)) to max_ngram - 1
+    tokens, and take a plain step after shorter ones (see `NgramSpec.adaptive`); False verifies
     k tokens after any match. `datastore` (chains): documents of token ids (e.g. a code base or
     earlier answers, tokenized with the target's tokenizer) indexed once and searched on device
     besides the history, REST-style (`ngram.index_datastore`); the longer match drafts."""
@@ -97,6 +99,7 @@ def ngram(
         branches=branches,
         adaptive=adaptive,
         short=short,
+        short_from=short_from,
         datastore=datastore is not None,
     )
     tree = f", branches={branches}" if branches > 1 else ""

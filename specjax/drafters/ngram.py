@@ -230,15 +230,19 @@ class NgramSpec(DrafterSpec):
     # > 1: propose a tree of that many candidate continuations (k tokens each, common prefixes
     # merged) instead of one chain.
     branches: int = 1
-    # Chains only: verify fewer tokens when the match is weak. The longest n-gram match
-    # (n = max_ngram) verifies k tokens, n = max_ngram - 1 verifies `short` tokens, shorter
-    # matches take a plain step. Why: on a CPU a 9-token verify costs 2.2-2.8x one token
-    # (`specjax bench-verify`), and on SmolLM2-135M's Spec-Bench outputs only long matches are
-    # accepted often enough to pay for it. Replaying the drafter over AR outputs of 26 held-out
-    # Spec-Bench prompts with the measured verify costs ranked (max_ngram 4, short 1) first on
-    # the AMD VM (decode 1.17x AR; 1.11x for the earlier (3, 2)) and within 2% on the Intel VM.
+    # Chains only: verify fewer tokens when the match is weak. A match of max_ngram tokens
+    # verifies k tokens, one of `short_from` to max_ngram - 1 tokens `short` tokens, shorter
+    # matches take a plain step. Why: on a CPU verifying T tokens costs far more than one (this
+    # 2-core VM, weights [out, in]: T = 4 1.38x, T = 8 1.68x, T = 9 2.17x: a second pass of the
+    # reduction kernel), so a weak match earns only a short verify. The defaults (k 7, so a
+    # verify stays within one pass; short 3 from 2-token matches) were chosen by replaying rules
+    # over SmolLM2's greedy answers to 9,861 training prompts at the measured costs
+    # (`benchmarks/ngram_rules.py`: 1.26x -> 1.39x of plain decoding against the earlier k 8,
+    # short 1 after 3-token matches, 1.37x for k after any 2-token match) and confirmed end to
+    # end on 16 held-out training prompts (1.09x -> 1.20x, README).
     adaptive: bool = True
-    short: int = 1
+    short: int | None = None  # None: min(3, k)
+    short_from: int | None = None  # None: max(min_ngram, max_ngram - 2)
     # The params are a `Datastore` searched besides the history (chains only).
     datastore: bool = False
 
@@ -253,8 +257,26 @@ class NgramSpec(DrafterSpec):
             )
         if not isinstance(self.branches, int) or self.branches < 1:
             raise ValueError(f"branches must be a positive int, got {self.branches!r}")
-        if not isinstance(self.short, int) or not 0 <= self.short <= self.k:
+        if not isinstance(self.short_size, int) or not 0 <= self.short_size <= self.k:
             raise ValueError(f"short must be an int in [0, k={self.k}], got {self.short!r}")
+        lo, hi = self.min_ngram, self.max_ngram
+        if not isinstance(self.short_min, int) or not lo <= self.short_min <= max(lo, hi - 1):
+            raise ValueError(
+                f"short_from must be an int in [min_ngram={lo}, max(min_ngram, max_ngram - 1)="
+                f"{max(lo, hi - 1)}], got {self.short_from!r}"
+            )
+
+    @property
+    def short_size(self) -> int:
+        """Tokens verified after a weak match (`short`, resolved)."""
+        return min(3, self.k) if self.short is None else self.short
+
+    @property
+    def short_min(self) -> int:
+        """The shortest match that verifies `short_size` tokens (`short_from`, resolved)."""
+        if self.short_from is None:
+            return max(self.min_ngram, self.max_ngram - 2)
+        return self.short_from
 
     @property
     def is_tree(self) -> bool:
@@ -272,7 +294,7 @@ class NgramSpec(DrafterSpec):
     def verify_sizes(self) -> tuple:
         # Trees: the whole tree or (size 0) a plain step when no branch found a match.
         if self.adaptive and not self.is_tree and self.max_ngram > self.min_ngram:
-            return tuple(sorted({s for s in (self.short, self.k) if s > 0}))
+            return tuple(sorted({s for s in (self.short_size, self.k) if s > 0}))
         return (self.nodes,)
 
     def request(self, n: jax.Array, known: jax.Array) -> jax.Array:
@@ -280,9 +302,8 @@ class NgramSpec(DrafterSpec):
         continuation has `known` [B] tokens in the history."""
         if not self.adaptive or self.max_ngram == self.min_ngram:
             return jnp.where(n > 0, self.k, 0).astype(jnp.int32)
-        size = jnp.where(
-            n >= self.max_ngram, self.k, jnp.where(n == self.max_ngram - 1, self.short, 0)
-        )
+        short = jnp.where(n >= self.short_min, self.short_size, 0)
+        size = jnp.where(n >= self.max_ngram, self.k, short)
         return jnp.minimum(size, known).astype(jnp.int32)
 
     def init(self, params: Params, prefill: TargetPrefill, max_len: int) -> NgramState:

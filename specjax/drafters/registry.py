@@ -160,7 +160,7 @@ def _ngram(arg: str, k: int | None, model: Model | None, tree: DynamicTree | Non
     if tree is not None:  # a tune-tree candidate of N nodes, top_k K: K branches of N // K
         return ngram(k=max(1, tree.nodes // tree.top_k), branches=tree.top_k)
     branches = int(arg) if arg else 1
-    return ngram(k=_or(k, 8 if branches == 1 else 4), branches=branches)
+    return ngram(k=_or(k, 7 if branches == 1 else 4), branches=branches)
 
 
 def _ngram_fixed(  # always verifies k tokens after a match
@@ -188,7 +188,7 @@ def _ngram_store(arg: str, k: int | None, model: Model | None, tree: DynamicTree
     if model is None or getattr(model, "tokenizer", None) is None:
         raise ValueError("ngram_store needs a target with a tokenizer to tokenize its documents")
     docs = [model.encode(text, chat=False) for text in read_documents(arg)]
-    return ngram(k=_or(k, 8), datastore=docs)
+    return ngram(k=_or(k, 7), datastore=docs)
 
 
 def _dynamic(tree: DynamicTree | None, k: int | None, default: dict | None = None) -> DynamicTree:
