@@ -6,7 +6,7 @@ in `specjax.engine`, drafters in `specjax.drafters`, model families in `specjax.
 
     model = specjax.load_model("smollm2-135m")
     out = specjax.generate(model, "Hello!", max_new_tokens=64,
-                           drafter=specjax.drafters.ngram(k=8))
+                           drafter=specjax.drafters.ngram())
 """
 
 # autotune registers the drafter names that measure on the device ("auto", "eagle3_tree_sized").

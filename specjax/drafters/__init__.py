@@ -1,6 +1,6 @@
 """Drafters. Each constructor returns a `Drafter` to pass as `generate(..., drafter=...)`.
 
-    specjax.drafters.ngram(max_ngram=4, k=8)
+    specjax.drafters.ngram(max_ngram=4, k=7)
     specjax.drafters.small_model(model_b, k=5)
     specjax.drafters.layer_skip(layers=8, k=4)
     specjax.drafters.eagle("smollm2-135m-eagle3", tree=DynamicTree(nodes=7, depth=4, top_k=3))
