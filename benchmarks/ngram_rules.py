@@ -17,9 +17,12 @@ Data: the self-distillation rows committed under `specjax/train/selfdistill/` (t
 answered greedily by SmolLM2; no eval file). `--e2e` then decodes the held-out prompts of the
 stage-4 recipe (training-pool prompts never trained on; needs SPECJAX_DATA) with plain decoding
 and each rule, checks every output against plain decoding's and prints `autotune.tune_tree`'s
-interleaved timing.
+interleaved timing. `--spec-bench N` measures (only measures: it chooses nothing) plain decoding,
+the old rule and the default on Spec-Bench's first turns, N per category, in one `specjax bench`
+run (`--out DIR`: its report).
 
     python benchmarks/ngram_rules.py [--rows 20000] [--costs 1:1,2:1.32,...] [--e2e]
+    python benchmarks/ngram_rules.py --spec-bench 2 --out DIR
 """
 
 from __future__ import annotations
@@ -120,6 +123,26 @@ def e2e(rules: list[tuple], new_tokens: int) -> str:
     return exact_then_timed(model, cands, heldout_prompts("eagle3_smollm2_general_c"), new_tokens)
 
 
+def spec_bench(limit: int, out: str, new_tokens: int) -> str:
+    import specjax
+    from specjax import bench, drafters
+    from specjax.cli import _questions
+
+    path = bench.default_questions()
+    prompts = _questions(path, limit, None)
+    model = specjax.load_model("smollm2-135m")
+    old = drafters.ngram(k=8, short=1, short_from=3)
+    methods = {
+        "ar": bench._spec_runner(model, None, new_tokens),
+        "ngram_old": bench._spec_runner(model, old, new_tokens),
+        "ngram": bench._spec_runner(model, drafters.ngram(), new_tokens),
+    }
+    records = bench.run_bench(model, prompts, methods)
+    meta = {"model": "smollm2-135m", "questions": path, "limit": limit}
+    meta.update(max_new_tokens=new_tokens, machine=bench.machine())
+    return meta["machine"] + "\n" + bench.write_report(records, list(methods), out, meta)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=20000)
@@ -127,7 +150,12 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--spec-bench", type=int, metavar="N", help="questions per category")
+    ap.add_argument("--out", default="bench_out/ngram_rule")
     a = ap.parse_args()
+    if a.spec_bench:
+        print(spec_bench(a.spec_bench, a.out, a.new_tokens))
+        return
     rows = answers(a.rows)
     feats = [replay_features(p, ans) for p, ans in rows]
     tune, check = feats[0::2], feats[1::2]
