@@ -212,9 +212,10 @@ TP_SCRIPT = textwrap.dedent("""
     }
     medusa_cfg = medusa_heads.MedusaConfig(num_heads=2, hidden=model.config.hidden_size)
     sampled = {"temperature": 1.0, "top_k": 20, "key": 5}
-    for name, make in makers.items():
+    for name in data["makers"]:
+        make = makers[name]
         for how, kw in (("greedy", {}), ("sampled", sampled)):
-            if how == "sampled" and name not in ("ar", "layer_skip_tree"):
+            if how == "sampled" and name not in data["sampled"]:
                 continue
             one = generate(model, prompts, max_new_tokens=new, drafter=make(), **kw)
             tp = generate(sm, prompts, max_new_tokens=new, drafter=make(), mesh=mesh, **kw)
@@ -228,11 +229,9 @@ TP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_tensor_parallel_matches_single_device(make_hf_model, tmp_path):
-    """A 4 x 2 (data x model) mesh of 8 CPU devices: params split over "model" (per-device bytes
-    about half), the KV cache by rows and KV heads, and greedy tokens (and sampled tokens with the
-    same key) identical to one device for plain decoding, an n-gram chain, a layer-skip tree, a
-    cascade, an EAGLE-3 tree, a Medusa tree and an independent draft model."""
+def _tensor_parallel(make_hf_model, tmp_path, makers: tuple, sampled: tuple) -> dict:
+    """TP_SCRIPT's results for a tiny Llama on a 4 x 2 mesh, decoding with `makers` greedily
+    (and `sampled` with a fixed key too), each also on one device."""
     hf = make_hf_model("llama", seed=3, vocab_size=128, eos_token_id=None)
     hf.save_pretrained(tmp_path / "hf")
     model = specjax.model_from_hf(hf)
@@ -242,12 +241,34 @@ def test_tensor_parallel_matches_single_device(make_hf_model, tmp_path):
         [20, 21, 22, 23] * 2 + [20],
     ]
     new = 16
-    blob = _write_blob(tmp_path / "model.pkl", model, prompts, new, hf_dir=str(tmp_path / "hf"))
+    blob = _write_blob(
+        tmp_path / "model.pkl",
+        model,
+        prompts,
+        new,
+        hf_dir=str(tmp_path / "hf"),
+        makers=makers,
+        sampled=sampled,
+    )
     res = _run_script(TP_SCRIPT, blob)
+    for name in makers:
+        one, tp, h_one, h_tp = res[f"{name}_greedy"]
+        assert one == tp and h_one == h_tp, name
+    for name in sampled:
+        one, tp, h_one, h_tp = res[f"{name}_sampled"]
+        assert one == tp and h_one == h_tp, name
+    return res
 
+
+def test_tensor_parallel_matches_single_device(make_hf_model, tmp_path):
+    """A 4 x 2 (data x model) mesh of 8 CPU devices: params split over "model" (per-device bytes
+    about half), the KV cache by rows and KV heads, and greedy tokens (and sampled tokens with the
+    same key) identical to one device for plain decoding, an n-gram chain, a cascade and an
+    EAGLE-3 tree (more drafters: the test below, extended tier)."""
+    res = _tensor_parallel(
+        make_hf_model, tmp_path, ("ar", "ngram", "cascade", "eagle3_tree"), sampled=("ar",)
+    )
     assert res["mesh"] == {"data": 4, "model": 2} and res["shards"] == 2
-    makers_names = ("ar", "ngram", "layer_skip_tree", "cascade", "eagle3_tree", "medusa_tree")
-    makers_names += ("small_model",)
     assert res["streamed_equal"]
     assert "P(None, 'model')" in res["eagle_specs"], res["eagle_specs"]
     assert res["eagle_split"] == res["eagle_single"]
@@ -267,14 +288,19 @@ def test_tensor_parallel_matches_single_device(make_hf_model, tmp_path):
     spec, shape, shards = res["cache"]
     assert spec == "P('data', 'model')"
     assert shards == [[shape[0] // 4, shape[1] // 2, shape[2], shape[3]]]
-    for name in makers_names:
-        one, tp, h_one, h_tp = res[f"{name}_greedy"]
-        assert one == tp and h_one == h_tp, name
     assert sum(res["ngram_greedy"][2][1:]) > 0  # the drafter's tokens were accepted
-    for name in ("ar", "layer_skip_tree"):
-        one, tp, h_one, h_tp = res[f"{name}_sampled"]
-        assert one == tp and h_one == h_tp, name
     assert "not divisible by the 8 tensor-parallel shards" in res["error"]
+
+
+def test_tensor_parallel_more_drafters(make_hf_model, tmp_path):
+    """The same mesh for a layer-skip tree (greedy and sampled), a Medusa tree and an
+    independent draft model (extended tier)."""
+    _tensor_parallel(
+        make_hf_model,
+        tmp_path,
+        ("layer_skip_tree", "medusa_tree", "small_model"),
+        sampled=("layer_skip_tree",),
+    )
 
 
 MULTIHOST_SCRIPT = textwrap.dedent("""
