@@ -360,11 +360,33 @@ AUTO_PROMPTS = (
 # A drafter must beat plain decoding by this fraction of its tokens/s to be chosen (run-to-run
 # noise of a calibration on the 2-core VM is ~2-4%).
 AUTO_MARGIN = 0.05
+# `auto` measures in two rounds: every candidate on the first `AUTO_SCREEN_PROMPTS` prompts,
+# then plain decoding and the candidates at least `AUTO_SCREEN` times its speed there on the
+# rest. Six short answers (~300 tokens) alone were too few to choose by: the n-gram chain
+# measured 0.97x plain decoding on them and 1.18x on Spec-Bench (2026-12-06); the second round
+# adds the package's 16 tuning questions (2 per MT-bench category) without paying them for the
+# candidates that are clearly slower.
+AUTO_SCREEN_PROMPTS = 6
+AUTO_SCREEN = 0.85
 # Bumped when what a candidate means changes, so that an older cached choice is measured again
 # (2: the EAGLE-3 candidate is eagle3_tree_sized, which sizes its verify per step; 3: the hybrid
 # of prompt lookup and that tree joined the candidates; 4: EAGLE trees default to 7 nodes;
-# 5: the n-gram chain's default rule verifies 7 tokens after 4-token matches, 3 after 2-3).
-AUTO_VERSION = 5
+# 5: the n-gram chain's default rule verifies 7 tokens after 4-token matches, 3 after 2-3;
+# 6: two rounds over the six prompts and the tuning questions, 96 new tokens each).
+AUTO_VERSION = 6
+
+
+def auto_prompts() -> list[str]:
+    """What `auto` measures on: `AUTO_PROMPTS` (the screening round), then the first turns of
+    the package's tuning questions (`bench.tune_questions()`, never the eval files) that are
+    not among them."""
+    import json
+
+    from specjax.bench import tune_questions
+
+    with open(tune_questions()) as f:
+        questions = [json.loads(line)["turns"][0] for line in f if line.strip()]
+    return list(AUTO_PROMPTS) + [q for q in questions if q not in AUTO_PROMPTS]
 
 
 def auto_candidates(model: Model) -> list[str]:
@@ -467,17 +489,20 @@ def auto_key(model: Model) -> str:
 def choose_drafter(
     model: Model,
     *,
-    prompts: Sequence[str] = AUTO_PROMPTS,
-    max_new_tokens: int = 64,
+    prompts: Sequence[str] | None = None,
+    max_new_tokens: int = 96,
     refresh: bool = False,
     progress: bool = True,
 ) -> tuple[str, list[dict]]:
     """The drafter `drafter="auto"` uses for `model` on this device -> (registry name, table).
 
-    Measured once per model and device by `tune_tree` over `auto_candidates(model)` on
-    `prompts` (tokens/s, interleaved, compilation excluded), then cached as JSON under
-    $SPECJAX_CACHE/auto/ (a damaged or foreign cache file is measured again). A drafter is
-    chosen only if it beats plain decoding ("none") by `AUTO_MARGIN`.
+    Measured once per model and device by `tune_tree` over `auto_candidates(model)` (tokens/s,
+    interleaved, compilation excluded) on `prompts` (default `auto_prompts()`), in two rounds:
+    all candidates on the first `AUTO_SCREEN_PROMPTS` prompts, then plain decoding and the
+    candidates at least `AUTO_SCREEN` times as fast as it there, on the rest; a candidate's row
+    sums both rounds (`screened_out`: measured in the first only). A drafter is chosen only if
+    it beats plain decoding ("none") by `AUTO_MARGIN`. Cached as JSON under
+    $SPECJAX_CACHE/auto/ (a damaged or foreign cache file is measured again).
     """
     import json
     import os
@@ -495,17 +520,10 @@ def choose_drafter(
                 return rec["choice"], rec["table"]
         except (OSError, ValueError, KeyError, TypeError):
             pass  # measured again below
-    names = auto_candidates(model)
-    _, table = tune_tree(
-        model,
-        lambda name: registry.make(name, None, model),
-        list(prompts),
-        candidates=names,
-        max_new_tokens=max_new_tokens,
-        progress=progress,
-    )
+    prompts = list(auto_prompts() if prompts is None else prompts)
+    table = _race(model, auto_candidates(model), prompts, max_new_tokens, progress)
     plain = next(r["tokens_per_s"] for r in table if r["candidate"] == "none")
-    best = max(table, key=lambda r: r["tokens_per_s"])
+    best = max((r for r in table if not r["screened_out"]), key=lambda r: r["tokens_per_s"])
     choice = best["candidate"] if best["tokens_per_s"] >= (1 + AUTO_MARGIN) * plain else "none"
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -520,6 +538,39 @@ def choose_drafter(
         json.dump(rec, f, indent=1)
     os.replace(tmp, path)  # atomic: a crash leaves the old file or none
     return choice, table
+
+
+def _race(
+    model: Model, names: list[str], prompts: list[str], max_new_tokens: int, progress: bool
+) -> list[dict]:
+    """`choose_drafter`'s two rounds -> one row per candidate (in `names`' order): tokens/s and
+    seconds over every prompt it ran, tau averaged over them, `screened_out` when it ran only
+    the first round. A screened-out row's speed comes from fewer prompts: it is never chosen
+    (it was slower than plain decoding by more than the screen allows)."""
+    if "none" not in names:
+        raise ValueError(f"auto's candidates must include plain decoding ('none'): {names}")
+    if not prompts:
+        raise ValueError("auto needs at least one prompt to measure on")
+    factory = lambda name: registry.make(name, None, model)  # noqa: E731
+    screen, rest = prompts[:AUTO_SCREEN_PROMPTS], prompts[AUTO_SCREEN_PROMPTS:]
+    kw = dict(max_new_tokens=max_new_tokens, progress=progress)
+    _, first = tune_tree(model, factory, screen, candidates=names, **kw)
+    rows = {r["candidate"]: dict(r, prompts=len(screen), screened_out=False) for r in first}
+    plain = rows["none"]["tokens_per_s"]
+    keep = [n for n in names if n == "none" or rows[n]["tokens_per_s"] >= AUTO_SCREEN * plain]
+    if rest and len(keep) > 1:
+        _, second = tune_tree(model, factory, rest, candidates=keep, **kw)
+        for r in second:
+            row = rows[r["candidate"]]
+            n1, n2 = row["prompts"], len(rest)
+            row["tau"] = (row["tau"] * n1 + r["tau"] * n2) / (n1 + n2)
+            row["new_tokens"] += r["new_tokens"]
+            row["seconds"] += r["seconds"]
+            row["tokens_per_s"] = row["new_tokens"] / row["seconds"]
+            row["prompts"] = n1 + n2
+    for n in names:
+        rows[n]["screened_out"] = bool(rest) and n not in keep
+    return [rows[n] for n in names]
 
 
 def auto_drafter(model: Model, **kw: Any) -> Drafter | None:

@@ -225,11 +225,24 @@ def test_auto_measures_once_then_reads_its_cache(tiny_dir, tmp_path, monkeypatch
     assert named.tokens == ar.tokens
 
 
-def _fake_table(none, ngram):
-    return [
-        {"candidate": "none", "drafter": "none", "tokens_per_s": none, "tau": 1.0},
-        {"candidate": "ngram", "drafter": "ngram", "tokens_per_s": ngram, "tau": 1.4},
-    ]
+def _fake_tune(speeds: dict, calls: list):
+    """A `tune_tree` stand-in: candidate -> tokens/s from `speeds` (a number, or a pair: its
+    speed in the first and in the second round), 100 new tokens per prompt."""
+
+    def tune(model, factory, prompts, candidates, **kw):
+        second = bool(calls) and calls[-1][1] == autotune.AUTO_SCREEN_PROMPTS
+        calls.append((list(candidates), len(prompts)))
+        rows = []
+        for c in candidates:
+            v = speeds[c]
+            tps = v[int(second)] if isinstance(v, tuple) else v
+            toks = 100.0 * len(prompts)
+            tau = 1.0 if c == "none" else 1.5
+            row = dict(candidate=c, drafter=c, tokens_per_s=tps, tau=tau, new_tokens=toks)
+            rows.append(dict(row, seconds=toks / tps))
+        return None, rows
+
+    return tune
 
 
 @pytest.mark.parametrize(
@@ -237,34 +250,65 @@ def _fake_table(none, ngram):
 )
 def test_auto_needs_a_margin_over_plain_decoding(model, tmp_path, monkeypatch, speeds, want):
     monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
-    monkeypatch.setattr(autotune, "tune_tree", lambda *a, **k: (None, _fake_table(*speeds)))
+    speeds = dict(zip(("none", "ngram"), speeds))
+    monkeypatch.setattr(autotune, "tune_tree", _fake_tune(speeds, []))
     assert autotune.choose_drafter(model, progress=False)[0] == want
+
+
+@pytest.mark.parametrize(
+    "ngram, slow, want",
+    [
+        ((130.0, 100.0), 70.0, "ngram"),  # both rounds: 107 tok/s against 100
+        ((120.0, 95.0), 70.0, "none"),  # ahead on the screen only: 101 against 100
+        ((100.0, 50.0), 84.0, "none"),  # screened out, though faster than plain over all
+    ],
+)
+def test_auto_measures_in_two_rounds(model, tmp_path, monkeypatch, ngram, slow, want):
+    """The screening round measures every candidate on `AUTO_SCREEN_PROMPTS` prompts; the second
+    only plain decoding and those at least `AUTO_SCREEN` times its speed, on the rest; the choice
+    is made on both rounds together, never for a screened-out candidate."""
+    monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
+    monkeypatch.setattr(autotune, "auto_candidates", lambda m: ["none", "ngram", "slow"])
+    calls = []
+    plain = (100.0, 100.0) if slow == 70.0 else (100.0, 50.0)
+    speeds = {"none": plain, "ngram": ngram, "slow": slow}
+    monkeypatch.setattr(autotune, "tune_tree", _fake_tune(speeds, calls))
+    choice, table = autotune.choose_drafter(model, progress=False)
+    assert choice == want
+    n = len(autotune.auto_prompts())
+    assert n > autotune.AUTO_SCREEN_PROMPTS + 10  # the tuning questions joined the six
+    six = autotune.AUTO_SCREEN_PROMPTS
+    assert calls == [(["none", "ngram", "slow"], six), (["none", "ngram"], n - six)]
+    rows = {r["candidate"]: r for r in table}
+    assert rows["slow"]["screened_out"] and rows["slow"]["prompts"] == six
+    assert not rows["ngram"]["screened_out"] and rows["ngram"]["prompts"] == n
+    want_tps = 100.0 * n / (100.0 * six / ngram[0] + 100.0 * (n - six) / ngram[1])
+    assert rows["ngram"]["tokens_per_s"] == pytest.approx(want_tps)
 
 
 def test_auto_measures_again_after_a_damaged_cache_file(model, tmp_path, monkeypatch):
     monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
     calls = []
+    monkeypatch.setattr(autotune, "tune_tree", _fake_tune({"none": 100.0, "ngram": 120.0}, calls))
 
-    def fake(*a, **k):
-        calls.append(1)
-        return None, _fake_table(100.0, 120.0)
+    def measured():  # how many times `auto` measured (two rounds each)
+        return sum(n == autotune.AUTO_SCREEN_PROMPTS for _, n in calls)
 
-    monkeypatch.setattr(autotune, "tune_tree", fake)
     assert autotune.choose_drafter(model, progress=False)[0] == "ngram"
     (path,) = (tmp_path / "auto").iterdir()
     older = {"key": autotune.auto_key(model), "choice": "none"}  # before AUTO_VERSION
     for damage in ("{not json", json.dumps(dict(older, key="another model")), json.dumps(older)):
         path.write_text(damage)
         assert autotune.choose_drafter(model, progress=False)[0] == "ngram"
-    assert len(calls) == 4
+    assert measured() == 4 and len(calls) == 8
     assert autotune.choose_drafter(model, progress=False, refresh=True)[0] == "ngram"
-    assert len(calls) == 5
+    assert measured() == 5
     # A release with retrained bundled drafters: the choice measured on the old ones is stale.
     assert autotune.choose_drafter(model, progress=False)[0] == "ngram"
-    assert len(calls) == 5
+    assert measured() == 5
     monkeypatch.setattr(autotune, "candidates_fingerprint", lambda m: "retrained")
     assert autotune.choose_drafter(model, progress=False)[0] == "ngram"
-    assert len(calls) == 6
+    assert measured() == 6
 
 
 def test_verify_sizing_is_measured_once_per_device(model, tmp_path, monkeypatch):
