@@ -286,6 +286,36 @@ def test_auto_measures_in_two_rounds(model, tmp_path, monkeypatch, ngram, slow, 
     assert rows["ngram"]["tokens_per_s"] == pytest.approx(want_tps)
 
 
+@pytest.mark.parametrize(
+    "speeds, want",
+    [
+        ((100.0, 106.0, 108.0, 112.0), "hybrid"),  # 112 >= 1.05 x 106
+        ((100.0, 106.0, 108.0, 110.0), "ngram"),  # neither costlier one beats 106 by 5%
+        ((100.0, 103.0, 101.0, 104.0), "none"),
+        ((100.0, 103.0, 101.0, 106.0), "hybrid"),  # against plain: the n-gram was not taken
+    ],
+)
+def test_a_costlier_drafter_must_beat_the_cheaper_one_by_the_margin(speeds, want):
+    names = ("none", "ngram", "eagle3_tree_sized", "hybrid")
+    table = [{"candidate": n, "tokens_per_s": v} for n, v in zip(names, speeds)]
+    assert autotune._choose(table) == want
+
+
+def test_the_cached_table_is_read_by_this_releases_rule(model, tmp_path, monkeypatch):
+    """A cached measurement is chosen from again (its `choice` field is what an older rule
+    took): a rule change needs no new measurement."""
+    monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
+    monkeypatch.setattr(autotune, "auto_candidates", lambda m: ["none", "ngram", "hybrid"])
+    speeds = {"none": 100.0, "ngram": 108.0, "hybrid": 110.0}
+    monkeypatch.setattr(autotune, "tune_tree", _fake_tune(speeds, []))
+    assert autotune.choose_drafter(model, progress=False)[0] == "ngram"
+    (path,) = (tmp_path / "auto").iterdir()
+    rec = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(rec, choice="hybrid")))
+    monkeypatch.setattr(autotune, "tune_tree", None)  # no measuring
+    assert autotune.choose_drafter(model, progress=False)[0] == "ngram"
+
+
 def test_auto_measures_again_after_a_damaged_cache_file(model, tmp_path, monkeypatch):
     monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
     calls = []
