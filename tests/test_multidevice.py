@@ -392,9 +392,8 @@ def test_two_processes_one_global_mesh(make_hf_model, tmp_path):
 
 def test_cli_generate_on_a_mesh(tiny_dir, capsys):
     """`specjax generate --mesh 4x2` (8 CPU devices, tensor parallel) prints what one device
-    prints (the one-device run is this process: a second 8-device subprocess cost ~8 s); a bad
-    --mesh is refused before anything loads (argparse checks it: in this process, no need for 8
-    devices)."""
+    prints (the one-device run is this process: a second 8-device subprocess cost ~8 s).
+    Extended tier: the API's mesh decoding is checked by the tests above."""
     from specjax import cli
 
     args = ["generate", "the cat sat", "the dog", "--model", tiny_dir, "--max-new-tokens", "8"]
@@ -412,6 +411,13 @@ def test_cli_generate_on_a_mesh(tiny_dir, capsys):
     one_device = capsys.readouterr().out
     assert run.stdout == one_device and "### the dog" in one_device
 
+
+def test_cli_refuses_a_bad_mesh(tiny_dir, capsys):
+    """A bad --mesh is refused before anything loads (argparse checks it: in this process, no
+    need for 8 devices)."""
+    from specjax import cli
+
+    args = ["generate", "the cat sat", "--model", tiny_dir, "--mesh", "4y2"]
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(args + ["--mesh", "4y2"])
+        cli.main(args)
     assert exit_info.value.code != 0 and "bad mesh '4y2'" in capsys.readouterr().err

@@ -112,27 +112,28 @@ def test_scan_layout_ragged_batch_equals_unrolled(smol, smol_scan, ar_outputs):
 
 
 @pytest.mark.parametrize(
-    "make, single",
+    "make",
     [
-        (lambda: drafters.ngram(k=6), True),
+        lambda: drafters.ngram(k=6),
         # 28 of 30 layers, k=1: accepts in about half of the steps (tau 1.52 here), so both the
         # accept and the reject paths are checked; with 10 layers (k=3) SmolLM2 accepted no
         # draft at all (tau 1.0). 26 layers with k=2: the same tau, 35% more time.
-        (lambda: drafters.layer_skip(layers=28, k=1), False),
+        lambda: drafters.layer_skip(layers=28, k=1),
     ],
     ids=["ngram", "layer_skip"],
 )
-def test_speculative_greedy_equals_ar(smol_scan, ar_outputs, make, single):
-    # The ragged batch for both drafters; one batch-1 run (a program of its own) for the n-gram
-    # only: a layer-skip drafter at batch 1 is checked on a tiny model (`specjax bench` in
-    # tests/test_cli.py compares each prompt alone with AR). Batch-1 runs of both drafters over
-    # two prompts each cost ~20 s of this file's ~180.
-    d = make()
-    if single:
-        assert scan_generate(smol_scan, PROMPTS[0], d).tokens[0] == ar_outputs[0]
-    batch = scan_generate(smol_scan, PROMPTS, d)
+def test_speculative_greedy_equals_ar(smol_scan, ar_outputs, make):
+    # The ragged batch for both drafters (batch-1 runs: the test below, extended tier; drafters
+    # at batch 1 are checked on tiny models, and `specjax bench` in tests/test_cli.py compares
+    # each prompt alone with AR).
+    batch = scan_generate(smol_scan, PROMPTS, make())
     assert batch.tokens == ar_outputs
     assert batch.stats["tau"] >= 1.0
+
+
+def test_ngram_at_batch_1_equals_ar(smol_scan, ar_outputs):
+    # one batch-1 run (a program of its own) of the n-gram chain
+    assert scan_generate(smol_scan, PROMPTS[0], drafters.ngram(k=6)).tokens[0] == ar_outputs[0]
 
 
 def test_small_model_drafter_equals_ar(smol_scan, ar_outputs):
