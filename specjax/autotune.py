@@ -372,8 +372,9 @@ AUTO_SCREEN = 0.85
 # (2: the EAGLE-3 candidate is eagle3_tree_sized, which sizes its verify per step; 3: the hybrid
 # of prompt lookup and that tree joined the candidates; 4: EAGLE trees default to 7 nodes;
 # 5: the n-gram chain's default rule verifies 7 tokens after 4-token matches, 3 after 2-3;
-# 6: two rounds over the six prompts and the tuning questions, 96 new tokens each).
-AUTO_VERSION = 6
+# 6: two rounds over the six prompts and the tuning questions, 96 new tokens each; 7: the
+# hybrid's chain rows verify what the n-gram chain's own rule asks for).
+AUTO_VERSION = 7
 
 
 def auto_prompts() -> list[str]:
