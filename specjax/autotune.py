@@ -379,11 +379,11 @@ AUTO_VERSION = 7
 
 def auto_prompts() -> list[str]:
     """What `auto` measures on: `AUTO_PROMPTS` (the screening round), then the first turns of
-    the package's tuning questions (`bench.tune_questions()`, never the eval files) that are
-    not among them."""
+    the package's tuning questions (`paths.tune_questions()`, never the eval files) that are not
+    among them."""
     import json
 
-    from specjax.bench import tune_questions
+    from specjax.paths import tune_questions
 
     with open(tune_questions()) as f:
         questions = [json.loads(line)["turns"][0] for line in f if line.strip()]

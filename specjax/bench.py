@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from specjax.paths import DATA_ENV, data_file  # noqa: F401  (re-exported)
+from specjax.paths import DATA_ENV, data_file, tune_questions  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     import transformers
@@ -39,14 +39,6 @@ def default_questions() -> str:
         "Spec-Bench questions not found: pass --questions FILE or set "
         f"${DATA_ENV} to the data folder (holding eval/spec_bench.jsonl)"
     )
-
-
-def tune_questions() -> str:
-    """Questions for choosing settings (tree shapes, `tune-tree`'s default): 16 of our own, 2 per
-    MT-bench category, shipped in the package (specjax/configs/tune_questions.jsonl). Settings
-    are never picked on the eval files, which only measure; no 6-word n-gram of these occurs in
-    them (`specjax.train.magpie.leaks`)."""
-    return os.path.join(os.path.dirname(__file__), "configs", "tune_questions.jsonl")
 
 
 def load_questions(

@@ -1,4 +1,5 @@
-"""Where the benchmark and training data live (the shared data folder, outside the package)."""
+"""Where the benchmark and training data live (the shared data folder, outside the package),
+and the tuning questions shipped inside it."""
 
 from __future__ import annotations
 
@@ -23,3 +24,11 @@ def data_file(sub: str) -> str | None:
         if root and os.path.exists(path):
             return os.path.abspath(path)
     return None
+
+
+def tune_questions() -> str:
+    """Questions for choosing settings (`auto`'s second round, tree shapes, `tune-tree`'s
+    default): 16 of our own, 2 per MT-bench category, shipped in the package
+    (specjax/configs/tune_questions.jsonl). Settings are never picked on the eval files, which
+    only measure; no 6-word n-gram of these occurs in them (`specjax.train.magpie.leaks`)."""
+    return os.path.join(os.path.dirname(__file__), "configs", "tune_questions.jsonl")
