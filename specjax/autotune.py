@@ -520,9 +520,10 @@ def choose_drafter(
                 rec = json.load(f)
             fresh = rec["key"] == auto_key(model) and rec.get("version") == AUTO_VERSION
             fresh = fresh and rec.get("drafters") == candidates_fingerprint(model)
-            choice = _choose(rec["table"])  # the rule of this release, on the cached table
-            if fresh and choice in auto_candidates(model):
-                return choice, rec["table"]
+            if fresh:
+                choice = _choose(rec["table"])  # this release's rule, on the cached table
+                if choice in auto_candidates(model):
+                    return choice, rec["table"]
         except (OSError, ValueError, KeyError, TypeError, StopIteration):
             pass  # measured again below
     prompts = list(auto_prompts() if prompts is None else prompts)
@@ -573,7 +574,7 @@ def _race(
     screen, rest = prompts[:AUTO_SCREEN_PROMPTS], prompts[AUTO_SCREEN_PROMPTS:]
     kw = dict(max_new_tokens=max_new_tokens, progress=progress)
     _, first = tune_tree(model, factory, screen, candidates=names, **kw)
-    rows = {r["candidate"]: dict(r, prompts=len(screen), screened_out=False) for r in first}
+    rows = {r["candidate"]: dict(r, prompts=len(screen)) for r in first}
     plain = rows["none"]["tokens_per_s"]
     keep = [n for n in names if n == "none" or rows[n]["tokens_per_s"] >= AUTO_SCREEN * plain]
     if rest and len(keep) > 1:
