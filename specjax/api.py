@@ -237,13 +237,16 @@ def bind_drafter(model: Model, drafter: Drafter | None) -> tuple[DrafterSpec | N
     return spec, dparams
 
 
-def resolve_drafter(model: Model, drafter: Drafter | str | None) -> Drafter | None:
+def resolve_drafter(
+    model: Model, drafter: Drafter | str | None, temperature: float = 0.0
+) -> Drafter | None:
     """A registry name ("ngram", "eagle3_tree@8", "auto", ...) -> its Drafter for `model`;
-    anything else unchanged (checked by `check_args`)."""
+    anything else unchanged (checked by `check_args`). "auto" is the drafter measured fastest
+    at the decode's `temperature` (greedy and sampled choices are measured apart)."""
     if isinstance(drafter, str):
         from specjax.drafters import registry
 
-        return registry.make(drafter, None, model)
+        return registry.make(drafter, None, model, temperature=temperature)
     return drafter
 
 
@@ -274,7 +277,7 @@ def prepare(
     rows, items = multimodal.prepare_rows(
         model, rows, images, videos, pixel_values, pixel_values_videos
     )
-    drafter = resolve_drafter(model, drafter)
+    drafter = resolve_drafter(model, drafter, temperature)
     budgets = check_args(model, rows, max_new_tokens, drafter)
     spec, dparams = bind_drafter(model, drafter)
     n = len(rows)
@@ -331,7 +334,8 @@ def generate(
     (sampling) plain decoding of `model`.
     `drafter` is a `specjax.drafters` Drafter or a registry name as on the command line
     ("ngram", "eagle3_tree", ...); "auto" picks the drafter measured fastest for this model
-    on this device (measured once, then cached; see `autotune.choose_drafter`).
+    on this device at this `temperature` (greedy, or sampling at the temperature rounded to
+    one decimal; each measured once, then cached; see `autotune.choose_drafter`).
     With `mesh` (a `jax.sharding.Mesh` with a "data" axis) the batch is sharded over it; with
     a "model" axis too (`specjax.make_mesh(data=D, model=M)`), the model is tensor parallel
     (`specjax.shard_model`; pass a model already sharded for the mesh to skip regrouping).
@@ -642,7 +646,7 @@ def decode_fn(
     `fn.params` / `fn.dparams` are the params to pass unless you place or update them."""
     _one_budget(max_new_tokens, "decode_fn")
     mode, sp = make_sampling(temperature, top_k, top_p)
-    drafter = resolve_drafter(model, drafter)
+    drafter = resolve_drafter(model, drafter, temperature)
     check_args(model, [], max_new_tokens, drafter)
     spec, dparams = bind_drafter(model, drafter)
     return DecodeFn(

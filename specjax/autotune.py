@@ -278,6 +278,8 @@ def tune_tree(
     chat: bool = True,
     impl: str = "xla",
     progress: bool = True,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> tuple[Any, list[dict]]:
     """Pick the draft tree with the best measured tokens/s -> (best candidate, table).
 
@@ -287,7 +289,9 @@ def tune_tree(
     prompt (`repeats` times), interleaved with the other candidates. The table has one row per
     candidate, in order: candidate, drafter name, tokens_per_s (new tokens over wall time,
     prefill included, as `specjax bench`), tau (mean tokens per target forward), new_tokens,
-    seconds.
+    seconds. `temperature` > 0 samples: prompt i draws with the key `seed + i` for every
+    candidate (the same prompts and keys for all; speculative outputs still differ between
+    candidates, each following the target's distribution).
     """
     from tqdm import tqdm
 
@@ -300,19 +304,22 @@ def tune_tree(
     rows = [model.encode(p, chat=chat) for p in prompts]
     if not rows:
         raise ValueError("tune_tree needs at least one prompt")
-    run = functools.partial(generate, model, max_new_tokens=max_new_tokens, impl=impl)
+    run = functools.partial(
+        generate, model, max_new_tokens=max_new_tokens, impl=impl, temperature=temperature
+    )
     warm = {bucket(len(ids), MIN_PROMPT_BUCKET, half_steps=True): ids for ids in rows}
     for d in tqdm(drafters, desc="compile trees", disable=not progress):
         for ids in warm.values():
-            run([ids], drafter=d)
-    toks, secs, taus = np.zeros(len(drafters)), np.zeros(len(drafters)), [[] for _ in drafters]
+            run([ids], drafter=d, key=seed)
+    toks, secs = np.zeros((len(drafters), len(rows))), np.zeros((len(drafters), len(rows)))
+    taus = [[] for _ in drafters]
     bar = tqdm(total=repeats * len(rows) * len(drafters), desc="tune tree", disable=not progress)
     for _ in range(repeats):
-        for ids in rows:
+        for p, ids in enumerate(rows):
             for i, d in enumerate(drafters):
-                s = run([ids], drafter=d).stats
-                toks[i] += s["new_tokens"]
-                secs[i] += s["total_s"]
+                s = run([ids], drafter=d, key=seed + p).stats
+                toks[i, p] += s["new_tokens"]
+                secs[i, p] += s["total_s"]
                 taus[i].append(s["tau"])
                 bar.update()
     bar.close()
@@ -320,10 +327,12 @@ def tune_tree(
         {
             "candidate": c,
             "drafter": "none" if d is None else d.name,
-            "tokens_per_s": float(toks[i] / secs[i]),
+            "tokens_per_s": float(toks[i].sum() / secs[i].sum()),
             "tau": float(np.mean(taus[i])),
-            "new_tokens": int(toks[i]),
-            "seconds": float(secs[i]),
+            "new_tokens": int(toks[i].sum()),
+            "seconds": float(secs[i].sum()),
+            # each prompt's own speed: `auto` compares candidates prompt by prompt
+            "prompt_tokens_per_s": (toks[i] / secs[i]).tolist(),
         }
         for i, (c, d) in enumerate(zip(candidates, drafters))
     ]
@@ -344,22 +353,26 @@ def tune_markdown(table: Sequence[dict], best: Any = None) -> str:
 
 # Prompts `auto` measures on: written for it, one per kind of request users make (never taken
 # from the eval files). Two of them give the model text to copy from, as summaries, RAG and
-# extraction do.
+# extraction do. Each fits in 64 tokens with SmolLM2's chat template, the bucket the tuning
+# questions reach: a prompt in a bucket of its own costs every candidate one more compilation
+# (~0.45 min each on the 2-core VM; tests/test_smollm2.py checks it).
 AUTO_PROMPTS = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
-    "A shop sells pens at 3 dollars and notebooks at 5 dollars. Tom buys 4 pens and 2 "
-    "notebooks. How much does he pay? Think step by step.",
-    "Summarize in two sentences: The city council met on Tuesday to discuss the new bus "
-    "routes. The council approved two new routes that connect the university to the train "
-    "station, and asked the transport office to publish the timetable by next month.",
-    "Extract the names and ages from this text as a list: Anna is 34 and works as a nurse. "
-    "Her brother Ben, 29, is a teacher, and their neighbour Carla is 41.",
+    "Pens cost 3 dollars and notebooks 5 dollars. Tom buys 4 pens and 2 notebooks. What does "
+    "he pay? Think step by step.",
+    "Summarize in two sentences: The city council approved two new bus routes that connect "
+    "the university to the train station, and asked for a timetable by next month.",
+    "List the names and ages: Anna, 34, is a nurse. Her brother Ben is 29, and their "
+    "neighbour Carla is 41.",
     "Explain why the sky is blue to a ten-year-old.",
 )
 # A drafter must beat plain decoding by this fraction of its tokens/s to be chosen (run-to-run
 # noise of a calibration on the 2-core VM is ~2-4%).
 AUTO_MARGIN = 0.05
+# ... and be faster prompt by prompt by this many standard errors (`_clearly_faster`: a paired
+# test of the per-prompt log speed ratios; 2 is a one-sided ~97% test for 21 prompts).
+AUTO_T = 2.0
 # `auto` measures in two rounds: every candidate on the first `AUTO_SCREEN_PROMPTS` prompts,
 # then plain decoding and the candidates at least `AUTO_SCREEN` times its speed there on the
 # rest. Six short answers (~300 tokens) alone were too few to choose by: the n-gram chain
@@ -373,8 +386,11 @@ AUTO_SCREEN = 0.85
 # of prompt lookup and that tree joined the candidates; 4: EAGLE trees default to 7 nodes;
 # 5: the n-gram chain's default rule verifies 7 tokens after 4-token matches, 3 after 2-3;
 # 6: two rounds over the six prompts and the tuning questions, 96 new tokens each; 7: the
-# hybrid's chain rows verify what the n-gram chain's own rule asks for).
-AUTO_VERSION = 7
+# hybrid's chain rows verify what the n-gram chain's own rule asks for; 8: the screening
+# prompts shortened to SmolLM2's 64-token bucket, as the tuning questions are, so the first
+# call compiles each candidate for 2 prompt-length buckets instead of 3; the tables keep each
+# prompt's speed and a costlier candidate must be faster prompt by prompt beyond the noise).
+AUTO_VERSION = 8
 
 
 def auto_prompts() -> list[str]:
@@ -495,8 +511,10 @@ def choose_drafter(
     max_new_tokens: int = 96,
     refresh: bool = False,
     progress: bool = True,
+    temperature: float = 0.0,
 ) -> tuple[str, list[dict]]:
-    """The drafter `drafter="auto"` uses for `model` on this device -> (registry name, table).
+    """The drafter `drafter="auto"` uses for `model` on this device at `temperature` ->
+    (registry name, table).
 
     Measured once per model and device by `tune_tree` over `auto_candidates(model)` (tokens/s,
     interleaved, compilation excluded) on `prompts` (default `auto_prompts()`), in two rounds:
@@ -507,19 +525,26 @@ def choose_drafter(
     cheaper one so chosen by as much (`_choose`). The table is cached as JSON under
     $SPECJAX_CACHE/auto/ (a damaged or foreign cache file is measured again) and the choice
     made from it by this release's rule.
+
+    `temperature` > 0: measured with sampled decoding at `auto_temperature(temperature)`
+    (fixed keys), and cached apart from the greedy choice: what pays when greedy (copies of
+    the prompt accepted whole) need not pay when sampling, where every drafted token is
+    accepted only with the target's probability for it.
     """
     import json
     import os
 
     from specjax.model import cache_root
 
-    path = os.path.join(cache_root(), "auto", auto_key(model) + ".json")
+    temp = auto_temperature(temperature)
+    path = os.path.join(cache_root(), "auto", auto_key(model) + _temperature_tag(temp) + ".json")
     if not refresh and os.path.exists(path):
         try:
             with open(path) as f:
                 rec = json.load(f)
             fresh = rec["key"] == auto_key(model) and rec.get("version") == AUTO_VERSION
             fresh = fresh and rec.get("drafters") == candidates_fingerprint(model)
+            fresh = fresh and rec.get("temperature", 0.0) == temp
             if fresh:
                 choice = _choose(rec["table"])  # this release's rule, on the cached table
                 if choice in auto_candidates(model):
@@ -527,7 +552,7 @@ def choose_drafter(
         except (OSError, ValueError, KeyError, TypeError, StopIteration):
             pass  # measured again below
     prompts = list(auto_prompts() if prompts is None else prompts)
-    table = _race(model, auto_candidates(model), prompts, max_new_tokens, progress)
+    table = _race(model, auto_candidates(model), prompts, max_new_tokens, progress, temp)
     choice = _choose(table)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -536,6 +561,7 @@ def choose_drafter(
             "key": auto_key(model),
             "version": AUTO_VERSION,
             "drafters": candidates_fingerprint(model),  # the bundled drafters measured
+            "temperature": temp,
             "choice": choice,
             "table": table,
         }
@@ -546,21 +572,46 @@ def choose_drafter(
 
 def _choose(table: Sequence[dict]) -> str:
     """The candidate `auto` takes from a measured table (rows in `auto_candidates` order, from
-    the simplest): plain decoding unless a candidate beats it by `AUTO_MARGIN`, and a later
-    (costlier) candidate only if it beats the one taken so far by `AUTO_MARGIN` too. A gain
-    under the measurement's noise is no reason for a drafter with more to lose where it drafts
-    badly (on the 2026-12-06 calibration the hybrid led the n-gram chain by 0.9%: 34.1 against
-    33.8 tok/s). Screened-out rows are never taken."""
+    the simplest): plain decoding unless a candidate beats it, and a later (costlier) candidate
+    only if it beats the one taken so far, where beating means both: `AUTO_MARGIN` faster over
+    all prompts, and faster prompt by prompt beyond the measurement's noise (`_clearly_faster`).
+    A gain under the noise is no reason for a drafter with more to lose where it drafts badly:
+    on 2026-12-06 the hybrid led the n-gram chain by 0.9%, then by 9.4% in a slower hour, and
+    measured 6-10% slower than it on Spec-Bench both times. Screened-out rows are never taken."""
     rows = [r for r in table if not r.get("screened_out")]
     taken = next(r for r in rows if r["candidate"] == "none")
     for r in rows:
-        if r["tokens_per_s"] >= (1 + AUTO_MARGIN) * taken["tokens_per_s"]:
+        faster = r["tokens_per_s"] >= (1 + AUTO_MARGIN) * taken["tokens_per_s"]
+        if faster and _clearly_faster(r, taken):
             taken = r
     return taken["candidate"]
 
 
+def _clearly_faster(row: dict, than: dict) -> bool:
+    """A paired test over the prompts both ran (`prompt_tokens_per_s`, in the same order): the
+    mean log speed ratio of `row` over `than` is at least `AUTO_T` standard errors above 0.
+    One prompt's speed on the 2-core VM varies a lot between two runs of the same decoder (sd
+    of the log ratio 0.28 over auto's 21 prompts, plain decoding against itself, 2026-12-06),
+    so a lead in the total can be two or three prompts' luck. Rows without per-prompt speeds
+    for at least 3 common prompts (tables made by hand) pass."""
+    mine, base = row.get("prompt_tokens_per_s") or [], than.get("prompt_tokens_per_s") or []
+    n = min(len(mine), len(base))
+    if n < 3:
+        return True
+    x = np.log(np.asarray(mine[:n], np.float64) / np.asarray(base[:n], np.float64))
+    sd = float(np.std(x, ddof=1))
+    if sd == 0.0:
+        return float(np.mean(x)) > 0.0
+    return float(np.mean(x)) / (sd / np.sqrt(n)) >= AUTO_T
+
+
 def _race(
-    model: Model, names: list[str], prompts: list[str], max_new_tokens: int, progress: bool
+    model: Model,
+    names: list[str],
+    prompts: list[str],
+    max_new_tokens: int,
+    progress: bool,
+    temperature: float = 0.0,
 ) -> list[dict]:
     """`choose_drafter`'s two rounds -> one row per candidate (in `names`' order): tokens/s and
     seconds over every prompt it ran, tau averaged over them, `screened_out` when it ran only
@@ -572,13 +623,14 @@ def _race(
         raise ValueError("auto needs at least one prompt to measure on")
     factory = lambda name: registry.make(name, None, model)  # noqa: E731
     screen, rest = prompts[:AUTO_SCREEN_PROMPTS], prompts[AUTO_SCREEN_PROMPTS:]
-    kw = dict(max_new_tokens=max_new_tokens, progress=progress)
+    kw = dict(max_new_tokens=max_new_tokens, progress=progress, temperature=temperature)
     _, first = tune_tree(model, factory, screen, candidates=names, **kw)
     rows = {r["candidate"]: dict(r, prompts=len(screen)) for r in first}
     plain = rows["none"]["tokens_per_s"]
     keep = [n for n in names if n == "none" or rows[n]["tokens_per_s"] >= AUTO_SCREEN * plain]
     if rest and len(keep) > 1:
-        _, second = tune_tree(model, factory, rest, candidates=keep, **kw)
+        # other keys than the screen's: prompt i of the second round draws with seed i + 6
+        _, second = tune_tree(model, factory, rest, candidates=keep, seed=len(screen), **kw)
         for r in second:
             row = rows[r["candidate"]]
             n1, n2 = row["prompts"], len(rest)
@@ -587,14 +639,33 @@ def _race(
             row["seconds"] += r["seconds"]
             row["tokens_per_s"] = row["new_tokens"] / row["seconds"]
             row["prompts"] = n1 + n2
+            both = row.get("prompt_tokens_per_s", []) + r.get("prompt_tokens_per_s", [])
+            row["prompt_tokens_per_s"] = both  # the same prompts, in order, as plain decoding's
     for n in names:
         rows[n]["screened_out"] = bool(rest) and n not in keep
     return [rows[n] for n in names]
 
 
 def auto_drafter(model: Model, **kw: Any) -> Drafter | None:
-    """`drafter="auto"`: the drafter `choose_drafter` picks for `model` (None: plain)."""
+    """`drafter="auto"`: the drafter `choose_drafter` picks for `model` (None: plain); `kw`
+    as `choose_drafter`'s (`temperature=` the decoding's)."""
     return registry.make(choose_drafter(model, **kw)[0], None, model)
+
+
+def auto_temperature(temperature: float) -> float:
+    """The temperature `auto` measures for a decode at `temperature`: 0 (greedy) for 0, else
+    rounded to one decimal (at least 0.1), so that nearby temperatures share one measurement
+    (each costs minutes) rather than measuring per value."""
+    t = float(temperature)
+    if not t >= 0.0 or t == float("inf"):  # NaN fails the first test
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    return 0.0 if t == 0.0 else max(round(t, 1), 0.1)
+
+
+def _temperature_tag(temp: float) -> str:
+    """The cache file suffix of `auto_temperature`'s value: none for greedy (the file greedy
+    choices were always cached in), "-t1.0" for 1.0."""
+    return "" if temp == 0.0 else f"-t{temp:.1f}"
 
 
 # ----------------------------------------------------------------------------- registry entries
@@ -625,16 +696,23 @@ def _sized_eagle(kind: str, gate: bool = False) -> Callable[..., Drafter]:
     return make
 
 
-def _auto(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter | None:
-    """The drafter measured fastest for `model` on this device (`choose_drafter`); None (plain
-    decoding) when none beats it. `k` is not used: each candidate has its own."""
+def _auto(
+    arg: str,
+    k: int | None,
+    model: Model | None,
+    tree: DynamicTree | None,
+    temperature: float = 0.0,
+) -> Drafter | None:
+    """The drafter measured fastest for `model` on this device at `temperature`
+    (`choose_drafter`); None (plain decoding) when none beats it. `k` is not used: each
+    candidate has its own."""
     if model is None:
         raise ValueError("drafter 'auto' needs the target model (it measures on it)")
-    return auto_drafter(model)
+    return auto_drafter(model, temperature=temperature)
 
 
 registry.register(registry.DrafterEntry("eagle3_tree_sized", _sized_eagle("eagle3"), arg="PATH"))
 registry.register(
     registry.DrafterEntry("eagle3_tree_gated", _sized_eagle("eagle3", gate=True), arg="PATH")
 )
-registry.register(registry.DrafterEntry("auto", _auto))
+registry.register(registry.DrafterEntry("auto", _auto, per_temperature=True))

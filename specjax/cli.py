@@ -36,13 +36,15 @@ DEMO_PROMPTS = [
 ]
 
 
-def make_drafter(name: str, k: int | None, model: Model | None = None) -> Drafter | None:
+def make_drafter(
+    name: str, k: int | None, model: Model | None = None, temperature: float = 0.0
+) -> Drafter | None:
     """A `--drafter` value -> Drafter (None for none): `NAME[:ARG][@K]` from the drafter registry
-    (`specjax.drafters.registry`); `@K` overrides `k`."""
+    (`specjax.drafters.registry`); `@K` overrides `k`. `auto` is chosen for `temperature`."""
     from specjax.drafters import registry
 
     try:
-        return registry.make(name, k, model)
+        return registry.make(name, k, model, temperature=temperature)
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
@@ -162,7 +164,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
         raise ValueError("--stream does not take --image; drop one")
     mesh = _start_distributed(a)
     model = load_model(a.model)
-    drafter = make_drafter(a.drafter, a.k, model)
+    drafter = make_drafter(a.drafter, a.k, model, a.temperature)
     prompts = list(a.prompts)
     images = None
     if a.image:
@@ -312,7 +314,7 @@ def cmd_bench(a: argparse.Namespace, ar_only: bool = False) -> None:
     if not ar_only:
         for name in [d for d in a.drafters.split(",") if d]:
             methods[name] = bench._spec_runner(
-                model, make_drafter(name, a.k, model), a.max_new_tokens, sampling
+                model, make_drafter(name, a.k, model, a.temperature), a.max_new_tokens, sampling
             )
     if ar_only or a.hf_baseline:
         hf = bench.load_hf_twin(model)

@@ -239,7 +239,7 @@ def _fake_tune(speeds: dict, calls: list):
             toks = 100.0 * len(prompts)
             tau = 1.0 if c == "none" else 1.5
             row = dict(candidate=c, drafter=c, tokens_per_s=tps, tau=tau, new_tokens=toks)
-            rows.append(dict(row, seconds=toks / tps))
+            rows.append(dict(row, seconds=toks / tps, prompt_tokens_per_s=[tps] * len(prompts)))
         return None, rows
 
     return tune
@@ -284,6 +284,61 @@ def test_auto_measures_in_two_rounds(model, tmp_path, monkeypatch, ngram, slow, 
     assert not rows["ngram"]["screened_out"] and rows["ngram"]["prompts"] == n
     want_tps = 100.0 * n / (100.0 * six / ngram[0] + 100.0 * (n - six) / ngram[1])
     assert rows["ngram"]["tokens_per_s"] == pytest.approx(want_tps)
+    # each prompt's speed, both rounds in order (what `_holds_up` compares with plain's)
+    assert rows["ngram"]["prompt_tokens_per_s"] == [ngram[0]] * six + [ngram[1]] * (n - six)
+    assert len(rows["slow"]["prompt_tokens_per_s"]) == six
+
+
+def _noisy(speed: float, n: int, sd: float, seed: int) -> list[float]:
+    """`n` per-prompt speeds around `speed`, log-normal noise of standard deviation `sd`."""
+    rng = np.random.default_rng(seed)
+    return (speed * np.exp(rng.normal(0.0, sd, n))).tolist()
+
+
+@pytest.mark.parametrize(
+    "gain, sd, want",
+    [
+        (1.20, 0.05, "ngram"),  # 20% faster on every prompt, a little noise
+        (1.20, 0.0, "ngram"),  # exactly 20% faster everywhere
+        (1.00, 0.28, "none"),  # the same speed: the noise measured between two plain runs
+        (0.90, 0.05, "none"),
+    ],
+)
+def test_auto_takes_only_a_lead_beyond_per_prompt_noise(gain, sd, want):
+    plain = _noisy(10.0, 21, 0.0, 0)
+    mine = [v * gain for v in _noisy(10.0, 21, sd, 1)]
+    # the total alone would take it: a lucky lead of 10% (two or three prompts' noise)
+    table = [
+        {"candidate": "none", "tokens_per_s": 10.0, "prompt_tokens_per_s": plain},
+        {"candidate": "ngram", "tokens_per_s": 11.0, "prompt_tokens_per_s": mine},
+    ]
+    assert autotune._choose(table) == want
+    # where the per-prompt speeds are missing (hand-made tables), the margin decides
+    bare = [{k: v for k, v in r.items() if k != "prompt_tokens_per_s"} for r in table]
+    assert autotune._choose(bare) == "ngram"
+
+
+def test_auto_lead_test_on_measured_speeds():
+    """Per-prompt speeds measured on auto's 21 prompts (2026-12-06 10:07, greedy, 96 tokens):
+    the n-gram chain's lead over plain decoding is clear (t 3.3), the hybrid's over the chain
+    is not (t 0.55), and plain decoding against itself shows none (t -0.54). The ratios are
+    each prompt's speed over plain decoding's, as printed by that run (README, `auto`)."""
+    plain = [10.0] * 21  # the test reads ratios only: each prompt's speed over plain's
+    again = [1.85, 0.94, 0.93, 1.13, 0.94, 1.40, 0.65, 1.01, 1.05, 0.98, 1.04]
+    again += [0.89, 1.04, 1.00, 0.98, 0.80, 0.42, 1.12, 1.09, 0.93, 0.87]
+    ngram = [1.65, 0.97, 1.06, 2.60, 1.19, 1.17, 1.86, 1.28, 1.62, 1.05, 1.18]
+    ngram += [0.94, 0.95, 1.02, 1.02, 2.17, 1.55, 1.11, 0.98, 0.88, 1.05]
+    hybrid = [1.39, 0.90, 1.19, 2.41, 1.26, 0.81, 2.88, 1.25, 1.45, 0.95, 1.49]
+    hybrid += [1.04, 1.11, 1.71, 1.54, 1.78, 1.17, 0.94, 0.96, 0.95, 1.10]
+
+    def row(name, ratios):
+        return {"candidate": name, "prompt_tokens_per_s": [p * r for p, r in zip(plain, ratios)]}
+
+    base = row("none", [1.0] * 21)
+    assert autotune._clearly_faster(row("ngram", ngram), base)
+    assert not autotune._clearly_faster(row("none", again), base)
+    assert not autotune._clearly_faster(row("hybrid", hybrid), row("ngram", ngram))
+    assert autotune._clearly_faster(row("hybrid", hybrid), base)
 
 
 @pytest.mark.parametrize(
@@ -314,6 +369,56 @@ def test_the_cached_table_is_read_by_this_releases_rule(model, tmp_path, monkeyp
     path.write_text(json.dumps(dict(rec, choice="hybrid")))
     monkeypatch.setattr(autotune, "tune_tree", None)  # no measuring
     assert autotune.choose_drafter(model, progress=False)[0] == "ngram"
+
+
+def test_auto_chooses_per_temperature(model, tmp_path, monkeypatch):
+    """Greedy and sampled decoding are measured apart (a copy pays when greedy and may not when
+    sampling), each cached in its own file; nearby temperatures share one measurement, and
+    `generate(drafter="auto", temperature=T)` and the CLI take the choice for T."""
+    from specjax import api, cli
+
+    monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
+    temps = []
+
+    def tune(model, factory, prompts, candidates, temperature=0.0, **kw):
+        temps.append(temperature)
+        speeds = {"none": 100.0, "ngram": 120.0 if temperature == 0 else 90.0}
+        return _fake_tune(speeds, [])(model, factory, prompts, candidates, **kw)
+
+    monkeypatch.setattr(autotune, "tune_tree", tune)
+    assert autotune.choose_drafter(model, progress=False)[0] == "ngram"
+    assert set(temps) == {0.0}
+    assert autotune.choose_drafter(model, progress=False, temperature=0.97)[0] == "none"
+    assert set(temps) == {0.0, 1.0}  # measured at 1.0, the rounded temperature
+    greedy = autotune.auto_key(model) + ".json"
+    files = {p.name for p in (tmp_path / "auto").iterdir()}
+    assert files == {greedy, greedy.replace(".json", "-t1.0.json")}
+    sampled = json.loads((tmp_path / "auto" / greedy.replace(".json", "-t1.0.json")).read_text())
+    assert sampled["temperature"] == 1.0 and sampled["choice"] == "none"
+
+    def no_measuring(*a, **k):
+        raise AssertionError("measured again although the choice is cached")
+
+    monkeypatch.setattr(autotune, "tune_tree", no_measuring)
+    assert autotune.choose_drafter(model, progress=False, temperature=1.04)[0] == "none"
+    assert api.resolve_drafter(model, "auto", 1.0) is None
+    assert api.resolve_drafter(model, "auto").name.startswith("ngram")
+    assert cli.make_drafter("auto", None, model, 1.0) is None
+    assert cli.make_drafter("auto", None, model).name.startswith("ngram")
+    out = specjax.generate(model, [[5, 6, 7]], max_new_tokens=4, drafter="auto", temperature=1.0)
+    assert out.stats["new_tokens"] == 4
+    with pytest.raises(AssertionError, match="measured again"):  # 0.5: not measured yet
+        specjax.generate(model, [[5, 6, 7]], max_new_tokens=4, drafter="auto", temperature=0.5)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            autotune.auto_temperature(bad)
+    assert [autotune.auto_temperature(t) for t in (0, 0.01, 0.24, 0.7, 1.5)] == [
+        0.0,
+        0.1,
+        0.2,
+        0.7,
+        1.5,
+    ]
 
 
 def test_auto_measures_again_after_a_damaged_cache_file(model, tmp_path, monkeypatch):

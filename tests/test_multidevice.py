@@ -320,9 +320,7 @@ MULTIHOST_SCRIPT = textwrap.dedent("""
     res = {"process": jax.process_index(), "devices": jax.device_count(),
            "local": jax.local_device_count(),
            "mesh_processes": sorted({d.process_index for d in mesh.devices.ravel()})}
-    tree = drafters.DynamicTree(nodes=5, depth=3, top_k=2)
-    for name, make in (("ar", lambda: None), ("ngram", lambda: drafters.ngram(k=4)),
-                       ("layer_skip_tree", lambda: drafters.layer_skip(layers=1, tree=tree))):
+    for name, make in (("ar", lambda: None), ("ngram", lambda: drafters.ngram(k=4))):
         out = specjax.generate(sm, prompts, max_new_tokens=new, drafter=make(), mesh=mesh)
         res[name] = [out.tokens, out.stats["acceptance_histogram"]]
     out = specjax.generate(sm, prompts, max_new_tokens=new, mesh=mesh, temperature=1.0, key=5)
@@ -343,7 +341,11 @@ def _free_port() -> int:
 def test_two_processes_one_global_mesh(make_hf_model, tmp_path):
     """Two processes on localhost (4 CPU devices each, JAX's gloo CPU collectives) joined by
     `specjax.distributed.initialize` decode on one 4 x 2 (data x model) mesh over all 8 devices:
-    every process gets the tokens of a single-process, single-device run."""
+    every process gets the tokens of a single-process, single-device run. Plain decoding,
+    greedy and sampled, and the n-gram chain: the cross-process collectives are those of any
+    decode; tree drafters on a mesh are checked in one process (`test_tensor_parallel_*`: an
+    EAGLE-3 tree here, more in the extended tier); without a tree decode of their own the two
+    processes take 18.3 s instead of 22.8 (alone on the 2-core VM, 2026-12-06)."""
     model = specjax.model_from_hf(make_hf_model("llama", seed=3, vocab_size=128, eos_token_id=None))
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, 128, n).tolist() for n in (4, 11, 7)] + [[5, 6, 7] * 3]
@@ -370,14 +372,10 @@ def test_two_processes_one_global_mesh(make_hf_model, tmp_path):
             raise
         outs.append(_result(stdout, stderr, p.returncode))
 
-    tree = specjax.drafters.DynamicTree(nodes=5, depth=3, top_k=2)
     ref = {
         "ar": specjax.generate(model, prompts, max_new_tokens=new),
         "ngram": specjax.generate(
             model, prompts, max_new_tokens=new, drafter=specjax.drafters.ngram(k=4)
-        ),
-        "layer_skip_tree": specjax.generate(
-            model, prompts, max_new_tokens=new, drafter=specjax.drafters.layer_skip(1, tree=tree)
         ),
     }
     sampled = specjax.generate(model, prompts, max_new_tokens=new, temperature=1.0, key=5)

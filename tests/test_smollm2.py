@@ -231,3 +231,18 @@ def test_horizontal_equals_ar(smol_scan, ar_outputs):
         out = specjax.generate(smol_scan, PROMPTS[:2], max_new_tokens=NEW, drafter=d)
     assert out.tokens == ar_outputs[:2]
     assert sum(out.stats["acceptance_histogram"][1:]) > 0
+
+
+def test_auto_prompts_add_no_prompt_bucket(smol):
+    """`auto`'s screening prompts fall in the prompt-length buckets of the tuning questions it
+    measures on next: a bucket of their own would cost each candidate one more compilation on
+    the first call (~0.45 min each on the 2-core VM)."""
+    from specjax import autotune
+    from specjax.decode import MIN_PROMPT_BUCKET, bucket
+
+    def buckets(prompts):
+        return {bucket(len(smol.encode(p)), MIN_PROMPT_BUCKET, half_steps=True) for p in prompts}
+
+    questions = autotune.auto_prompts()[len(autotune.AUTO_PROMPTS) :]
+    assert len(questions) >= 10
+    assert buckets(autotune.AUTO_PROMPTS) <= buckets(questions), buckets(autotune.AUTO_PROMPTS)

@@ -34,7 +34,9 @@ class DrafterEntry:
     `make(arg, k, model, tree)` -> Drafter: `arg` is the text after ':' ("" when absent), `k` the
     draft size from `@K` or `--k` (None: the drafter's default), `model` the target (some
     drafters read its name or dtype), `tree` a `DynamicTree` to use instead of the default (only
-    for entries with `tree=True`; `tune-tree` passes its candidates)."""
+    for entries with `tree=True`; `tune-tree` passes its candidates). Entries with
+    `per_temperature=True` are also given the decode's `temperature=` ("auto": what pays when
+    greedy need not when sampling)."""
 
     name: str
     make: Callable[..., Drafter]
@@ -42,6 +44,7 @@ class DrafterEntry:
     arg_required: bool = False
     arg_type: Callable = str  # checks ARG before any model is loaded (raises ValueError)
     tree: bool = False  # drafts a dynamic tree (`tune-tree` can size it)
+    per_temperature: bool = False  # make(..., temperature=) chooses for the decode's temperature
 
     @property
     def usage(self) -> str:
@@ -111,9 +114,14 @@ def parse(text: str) -> DrafterName | None:
 
 
 def make(
-    text: str, k: int | None = None, model: Model | None = None, tree: DynamicTree | None = None
+    text: str,
+    k: int | None = None,
+    model: Model | None = None,
+    tree: DynamicTree | None = None,
+    temperature: float = 0.0,
 ) -> Drafter | None:
-    """Build the drafter `text` names for target `model`. `@K` in the name overrides `k`."""
+    """Build the drafter `text` names for target `model`. `@K` in the name overrides `k`;
+    `temperature` (the decode's) reaches the entries that choose by it ("auto")."""
     parsed = parse(text)
     if parsed is None:
         return None
@@ -122,7 +130,10 @@ def make(
             f"drafter {parsed.entry.name!r} drafts no dynamic tree; tree drafters: "
             f"{', '.join(e.usage for e in REGISTRY.values() if e.tree)}"
         )
-    return parsed.entry.make(parsed.arg, parsed.k if parsed.k is not None else k, model, tree)
+    k = parsed.k if parsed.k is not None else k
+    if parsed.entry.per_temperature:
+        return parsed.entry.make(parsed.arg, k, model, tree, temperature=temperature)
+    return parsed.entry.make(parsed.arg, k, model, tree)
 
 
 # ----------------------------------------------------------------------------- built-ins
