@@ -286,7 +286,8 @@ def tune_tree(
     `drafter_factory(candidate)` builds the drafter of one candidate (usually a `DynamicTree`),
     e.g. `lambda t: drafters.layer_skip(8, tree=t)`; it may return None (plain decoding). Each
     candidate first runs `generate` once per prompt-length bucket (compilation), then on every
-    prompt (`repeats` times), interleaved with the other candidates. The table has one row per
+    prompt (`repeats` times), interleaved with the other candidates (prompt p starting
+    with candidate p mod n). The table has one row per
     candidate, in order: candidate, drafter name, tokens_per_s (new tokens over wall time,
     prefill included, as `specjax bench`), tau (mean tokens per target forward), new_tokens,
     seconds. `temperature` > 0 samples: prompt i draws with the key `seed + i` for every
@@ -316,7 +317,12 @@ def tune_tree(
     bar = tqdm(total=repeats * len(rows) * len(drafters), desc="tune tree", disable=not progress)
     for _ in range(repeats):
         for p, ids in enumerate(rows):
-            for i, d in enumerate(drafters):
+            # Each prompt starts with another candidate: the first run after a prompt change is
+            # slower on the 2-core VM (plain decoding run twice in a row, always first and
+            # second: the second 7% faster, t 2.5 per prompt, 2026-12-06), which a fixed order
+            # charges to the first candidate, plain decoding.
+            for i in np.roll(np.arange(len(drafters)), -p):
+                d = drafters[i]
                 s = run([ids], drafter=d, key=seed + p).stats
                 toks[i, p] += s["new_tokens"]
                 secs[i, p] += s["total_s"]
@@ -590,10 +596,10 @@ def _choose(table: Sequence[dict]) -> str:
 def _clearly_faster(row: dict, than: dict) -> bool:
     """A paired test over the prompts both ran (`prompt_tokens_per_s`, in the same order): the
     mean log speed ratio of `row` over `than` is at least `AUTO_T` standard errors above 0.
-    One prompt's speed on the 2-core VM varies a lot between two runs of the same decoder (sd
-    of the log ratio 0.28 over auto's 21 prompts, plain decoding against itself, 2026-12-06),
-    so a lead in the total can be two or three prompts' luck. Rows without per-prompt speeds
-    for at least 3 common prompts (tables made by hand) pass."""
+    One prompt's speed on the 2-core VM varies between two runs of the same decoder (sd of the
+    log ratio over auto's 21 prompts, plain decoding against itself, 2026-12-06: 0.28 in a slow
+    hour, 0.07 in faster ones), so a lead in the total can be two or three prompts' luck. Rows
+    without per-prompt speeds for at least 3 common prompts (tables made by hand) pass."""
     mine, base = row.get("prompt_tokens_per_s") or [], than.get("prompt_tokens_per_s") or []
     n = min(len(mine), len(base))
     if n < 3:

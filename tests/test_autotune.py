@@ -72,6 +72,28 @@ def test_random_tree_nodes_see_their_root_path(model):
             np.testing.assert_allclose(tree_logits[b, i + 1], ref, rtol=1e-5, atol=1e-5)
 
 
+def test_tune_tree_rotates_which_candidate_runs_first(model, monkeypatch):
+    """The first decode after a prompt change ran slower on the 2-core VM: prompt p starts with
+    candidate p mod n, so that cost is spread over the candidates, not always plain decoding's."""
+    import types
+
+    from specjax import api
+
+    order = []
+
+    def fake_generate(model, prompts, *, drafter=None, **kw):
+        order.append(drafter.name)
+        return types.SimpleNamespace(stats={"new_tokens": 4, "total_s": 1.0, "tau": 1.0})
+
+    monkeypatch.setattr(api, "generate", fake_generate)
+    make = lambda c: types.SimpleNamespace(name=c)  # noqa: E731
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]  # one prompt-length bucket
+    _, table = autotune.tune_tree(model, make, prompts, candidates=["a", "b", "c"], progress=False)
+    assert order[:3] == ["a", "b", "c"]  # compiling, once per bucket
+    assert order[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [r["prompt_tokens_per_s"] for r in table] == [[4.0] * 3] * 3
+
+
 def test_tune_tree_returns_a_candidate(model):
     cands = (
         drafters.DynamicTree(nodes=2, depth=2, top_k=2),
