@@ -4,7 +4,7 @@ candidates on `auto`'s 21 prompts (`autotune.auto_prompts()`, never the eval fil
 96 new tokens, interleaved after compiling each (`autotune.tune_tree`), with plain decoding
 run twice in a row as the noise control. Prints each candidate's per-prompt speed over plain
 decoding's and the paired test `auto` applies (`autotune._clearly_faster`: mean log ratio in
-standard errors), against plain decoding and against the n-gram chain.
+standard errors, `autotune.lead_t`), against plain decoding and against the n-gram chain.
 
     python benchmarks/auto_noise.py [--out table.json]
 """
@@ -21,11 +21,6 @@ from specjax import autotune
 from specjax.drafters import registry
 
 NAMES = ["none", "none (again)", "ngram", "eagle3_tree_sized", "hybrid:ngram+eagle3_tree_sized"]
-
-
-def t_stat(a: list[float], b: list[float]) -> float:
-    x = np.log(np.asarray(a) / np.asarray(b))
-    return float(x.mean() / (x.std(ddof=1) / np.sqrt(len(x))))
 
 
 def main() -> None:
@@ -48,11 +43,11 @@ def main() -> None:
         vs_ngram = (
             ""
             if r["candidate"] == "ngram"
-            else f"{t_stat(speeds[r['candidate']], speeds['ngram']):.2f}"
+            else f"{autotune.lead_t(speeds[r['candidate']], speeds['ngram']):.2f}"
         )
         print(
             f"| {r['candidate']} | {r['tokens_per_s']:.1f} | {ratios} | "
-            f"{t_stat(speeds[r['candidate']], speeds['none']):.2f} | {vs_ngram} |"
+            f"{autotune.lead_t(speeds[r['candidate']], speeds['none']):.2f} | {vs_ngram} |"
         )
 
 

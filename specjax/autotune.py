@@ -601,14 +601,21 @@ def _clearly_faster(row: dict, than: dict) -> bool:
     hour, 0.07 in faster ones), so a lead in the total can be two or three prompts' luck. Rows
     without per-prompt speeds for at least 3 common prompts (tables made by hand) pass."""
     mine, base = row.get("prompt_tokens_per_s") or [], than.get("prompt_tokens_per_s") or []
-    n = min(len(mine), len(base))
-    if n < 3:
+    if min(len(mine), len(base)) < 3:
         return True
+    return lead_t(mine, base) >= AUTO_T
+
+
+def lead_t(mine: Sequence[float], base: Sequence[float]) -> float:
+    """The paired t statistic of per-prompt speeds `mine` over `base` (the same prompts, in
+    order; the longer list cut to the shorter): mean log speed ratio over its standard error
+    (+-inf when every prompt has the same nonzero ratio, 0 when all are equal)."""
+    n = min(len(mine), len(base))
     x = np.log(np.asarray(mine[:n], np.float64) / np.asarray(base[:n], np.float64))
-    sd = float(np.std(x, ddof=1))
+    mean, sd = float(np.mean(x)), float(np.std(x, ddof=1))
     if sd == 0.0:
-        return float(np.mean(x)) > 0.0
-    return float(np.mean(x)) / (sd / np.sqrt(n)) >= AUTO_T
+        return 0.0 if mean == 0.0 else float(np.copysign(np.inf, mean))
+    return mean / (sd / np.sqrt(n))
 
 
 def _race(
