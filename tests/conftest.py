@@ -181,6 +181,22 @@ EXTENDED = {
     # 3 levels greedy: test_eagle_top_greedy_equals_ar (n-gram > layer skip > EAGLE), and 3
     # levels sampled: test_cascade_sampling_matches_target[ngram>model>model]
     "test_cascade.py::test_cascade_greedy_equals_ar[ngram>layer_skip>layer_skip]": 11.2,
+    # an EAGLE chain's own law (reduced draft vocabulary): the EAGLE top of a cascade by that
+    # law (test_cascade.py::test_eagle_top_sampling_matches_target[None-topk5_topp0.8])
+    "test_eagle.py::test_sampling_matches_target[eagle3-chain-reduced-2layers-topk5_topp0.8]": 14.5,
+    # text-only drafters on a VLM (the text path: test_generate.py); the vision-feature
+    # drafters (EAGLE, Medusa, layer-skip tree) stay
+    "test_vlm.py::test_drafters_greedy_equal_plain[small_model]": 2.1,
+    "test_vlm.py::test_drafters_greedy_equal_plain[ngram]": 2.0,
+    "test_vlm.py::test_drafters_greedy_equal_plain[layer_skip]": 2.4,
+    # the short verify's plain mode stays; Medusa keeps one mode per shape, both modes covered
+    "test_spec_sampling.py::test_first_tokens_match_target[short_verify-topk5_topp0.8]": 6.0,
+    "test_medusa.py::test_sampling_matches_target[chain-topk5_topp0.8]": 3.0,
+    "test_medusa.py::test_sampling_matches_target[tree-plain]": 4.7,
+    # merge's greedy identity stays (test_hybrid_merge_greedy_equals_ar), so does switch's here
+    "test_hybrid.py::test_hybrid_with_a_sized_model_tree_greedy_equals_ar[merge]": 4.6,
+    # the sized EAGLE-3 chain stays
+    "test_verify_sizing.py::test_sized_trees_greedy_equal_ar[layer_skip_chain]": 3.0,
 }
 
 
