@@ -185,8 +185,8 @@ EXTENDED = {
     # an EAGLE chain's own law (reduced draft vocabulary): the EAGLE top of a cascade by that
     # law (test_cascade.py::test_eagle_top_sampling_matches_target[None-topk5_topp0.8])
     "test_eagle.py::test_sampling_matches_target[eagle3-chain-reduced-2layers-topk5_topp0.8]": 14.5,
-    # text-only drafters on a VLM (the text path: test_generate.py); the vision-feature
-    # drafters (EAGLE, Medusa, layer-skip tree) stay
+    # three more drafters on a VLM (their text path: test_generate.py); the EAGLE chain and
+    # tree, the Medusa tree and the layer-skip tree stay
     "test_vlm.py::test_drafters_greedy_equal_plain[small_model]": 2.1,
     "test_vlm.py::test_drafters_greedy_equal_plain[ngram]": 2.0,
     "test_vlm.py::test_drafters_greedy_equal_plain[layer_skip]": 2.4,
