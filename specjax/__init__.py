@@ -9,7 +9,7 @@ in `specjax.engine`, drafters in `specjax.drafters`, model families in `specjax.
                            drafter=specjax.drafters.ngram())
 """
 
-# autotune registers the drafter names that measure on the device ("auto", "eagle3_tree_sized").
+# autotune registers the drafter names that measure on the device ("auto", "*_sized", "*_gated").
 from specjax import autotune, distributed, drafters
 from specjax.api import GenerateOutput, decode_fn, generate, generate_pmap, generate_stream
 from specjax.decode import DecodeFn

@@ -9,6 +9,7 @@ specjax bench-verify               cost of one verify forward of T tokens, causa
 specjax bench-step                 step anatomy: ms of propose, verify, accept/emit, commit
 specjax tune-tree                  pick the draft-tree size with the best measured tokens/s
 specjax train-drafter              train an EAGLE / EAGLE-3 / Medusa drafter for a target (optax)
+specjax magpie                     Magpie-style training requests the target writes itself
 """
 
 from __future__ import annotations
