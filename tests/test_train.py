@@ -140,6 +140,12 @@ def test_resume_gives_the_same_loss_curve(target, dataset, tmp_path):
     assert not np.any(np.asarray(p_deep["layers"][0]["wo"]))
     for a, b in zip(jax.tree.leaves(p_full), jax.tree.leaves({**p_deep, "layers": []})):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    # A wider MLP grown from it: fresh gate/up columns over zero w_down rows, the same drafter.
+    wide = small(init_from=str(tmp_path / "a" / "drafter"), intermediate_size=64)
+    wcfg, p_wide, _ = trainer.train(target, wide, ds, tmp_path / "v", progress=False, stop_after=0)
+    assert wcfg.layer.intermediate_size == 64 and p_wide["layer"]["w_down"].shape[0] == 64
+    assert not np.any(np.asarray(p_wide["layer"]["w_down"][48:]))
+    assert np.any(np.asarray(p_wide["layer"]["w_gate_up"][:, 48:64]))
     cfg1 = dataclasses.replace(dcfg, layer=dataclasses.replace(dcfg.layer, num_layers=1))
     feats = jax.random.normal(jax.random.key(0), (1, 5, cfg1.hidden))
     toks, pos = jnp.arange(5)[None], jnp.arange(5)[None]
@@ -152,9 +158,10 @@ def test_resume_gives_the_same_loss_curve(target, dataset, tmp_path):
             pos,
             init_cache(c.layer, 1, 8, per_layer=True),
         )[0]
-        for c, p in ((cfg1, p_full), (dcfg, p_deep))
+        for c, p in ((cfg1, p_full), (dcfg, p_deep), (wcfg, p_wide))
     ]
     np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(outs[1]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(outs[2]), atol=1e-6)
     _, p_deep, _ = trainer.train(target, deep, ds, tmp_path / "d", progress=False, stop_after=2)
     assert np.any(np.asarray(p_deep["layers"][0]["wo"]))
     with pytest.raises(trainer.CheckpointError, match="another drafter .*intermediate_size"):

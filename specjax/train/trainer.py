@@ -291,9 +291,10 @@ def _warm_start(
 
 
 def _grown(ecfg: Any, got: dict, dcfg: Any, fresh: dict) -> tuple[Any, dict]:
-    """An exported EAGLE drafter with fewer layers than this run's, deepened by this run's
-    fresh added layers (identity at init: `eagle.init_params`), so it drafts as before; any
-    other exported drafter as it is."""
+    """An exported EAGLE drafter smaller than this run's, grown so that it drafts as before:
+    deepened by this run's fresh added layers (identity at init: `eagle.init_params`) and
+    widened (`_widened`); any other exported drafter as it is."""
+    ecfg, got = _widened(ecfg, got, dcfg, fresh)
     depth = getattr(getattr(ecfg, "layer", None), "num_layers", None)
     want = getattr(getattr(dcfg, "layer", None), "num_layers", None)
     if depth is None or want is None or depth >= want:
@@ -301,6 +302,26 @@ def _grown(ecfg: Any, got: dict, dcfg: Any, fresh: dict) -> tuple[Any, dict]:
     layers = list(got.get("layers", ())) + list(fresh["layers"][depth - 1 :])
     deeper = dataclasses.replace(ecfg, layer=dataclasses.replace(ecfg.layer, num_layers=want))
     return deeper, dict(got, layers=layers)
+
+
+def _widened(ecfg: Any, got: dict, dcfg: Any, fresh: dict) -> tuple[Any, dict]:
+    """An exported EAGLE drafter whose MLP is narrower than this run's `intermediate_size`,
+    with this run's fresh gate/up columns added and zero rows of `w_down` under them: the new
+    units start silent (the drafter computes what it did) and the gradient reaches their
+    `w_down` rows first. Only a one-layer drafter (its `layer`); deeper ones as they are."""
+    have = getattr(getattr(ecfg, "layer", None), "intermediate_size", None)
+    want = getattr(getattr(dcfg, "layer", None), "intermediate_size", None)
+    if have is None or want is None or have >= want or "layers" in got:
+        return ecfg, got
+    old, new = got["layer"], fresh["layer"]
+    gate, up = np.split(np.asarray(old["w_gate_up"]), 2, axis=1)  # [D, F] each: gate then up
+    f_gate, f_up = np.split(np.asarray(new["w_gate_up"]), 2, axis=1)
+    w_gate_up = np.concatenate([gate, f_gate[:, have:], up, f_up[:, have:]], axis=1)
+    down = np.asarray(old["w_down"])
+    w_down = np.concatenate([down, np.zeros((want - have, down.shape[1]), down.dtype)], axis=0)
+    layer = dict(old, w_gate_up=jnp.asarray(w_gate_up), w_down=jnp.asarray(w_down))
+    wider = dataclasses.replace(ecfg, layer=dataclasses.replace(ecfg.layer, intermediate_size=want))
+    return wider, dict(got, layer=layer)
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:
