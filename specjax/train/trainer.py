@@ -65,7 +65,7 @@ class TrainConfig:
     ttt_steps: int = 3  # training-time test steps (1: plain teacher forcing)
     ttt_decay: float = 0.8
     draft_vocab: int = 8192  # eagle3: the most frequent response tokens
-    intermediate_size: int | None = None  # the drafter's MLP width (default: the target's)
+    intermediate_size: int | None = None  # drafter MLP width (default: the target's; may grow)
     draft_layers: int = 1  # eagle/eagle3: decoder layers (a warm start may add layers: identity)
     medusa_heads: int = 4  # medusa: number of heads
     medusa_positions: int = 512  # medusa: positions sampled per step (heads need no context)
