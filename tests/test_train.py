@@ -15,6 +15,7 @@ import pytest
 
 from specjax.models import eagle as F
 from specjax.models.cache import init_cache
+from specjax.models.family import Hiddens
 from specjax.models.llama import forward_hidden
 from specjax.train import data, losses, trainer
 
@@ -93,6 +94,36 @@ def test_ttt_steps_equal_incremental_drafting(target, version):
         cache = cache.replace(lengths=cache.lengths + 1)
         prev = o[:, 0]
         np.testing.assert_allclose(outs[i, 0, j], prev[0], atol=1e-4)
+
+
+def test_hard_weight_adds_the_argmax_cross_entropy(target):
+    """`hard_weight` w adds w x (each TTT step's cross-entropy to the target's argmax, weighted
+    0.8^i) to the soft loss, on the rows the soft loss trains."""
+    cfg = F.make_config(target.config, 3, draft_vocab=50)
+    p = F.bind_target(F.init_params(cfg, jax.random.key(1)), target.params)
+    rng = np.random.default_rng(3)
+    B, S, D = 2, 9, cfg.hidden
+    hid = Hiddens(
+        last=jnp.asarray(rng.normal(size=(B, S - 1, D)), jnp.float32),
+        layers=jnp.asarray(rng.normal(size=(3, B, S - 1, D)), jnp.float32),
+    )
+    tl = jnp.asarray(rng.normal(size=(B, S - 1, 50)) * 3, jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, 101, (B, S)), jnp.int32)
+    mask = jnp.asarray(np.arange(S)[None] >= np.array([[3], [5]]))
+    args = (cfg, p, target.config, hid, tl, tokens, mask)
+    soft, _ = losses.eagle_loss(*args)
+    both, _ = losses.eagle_loss(*args, hard_weight=0.5)
+    outs = losses.draft_steps(cfg, p, F.target_features(cfg, p, hid), tokens, 3)
+    valid = np.concatenate([np.asarray(mask)[:, 2:], np.zeros((B, 1), bool)], axis=1)
+    extra = 0.0
+    for i in range(3):
+        lp = jax.nn.log_softmax(F.draft_logits(cfg, p, outs[i], target.config, full=False))
+        hard = -np.take_along_axis(np.asarray(lp), np.asarray(tl.argmax(-1))[..., None], -1)
+        rows = valid & (np.arange(S - 1)[None] >= i)
+        extra += 0.8**i * hard[..., 0][rows].mean()
+    np.testing.assert_allclose(float(both - soft), 0.5 * extra, rtol=1e-4)
+    with pytest.raises(ValueError, match="hard_weight must be >= 0, got -1"):
+        small(hard_weight=-1.0)
 
 
 def test_ttt_mask_structure():

@@ -94,6 +94,7 @@ def eagle_loss(
     steps: int = 3,
     decay: float = 0.8,
     feature_weight: float = 1.0,
+    hard_weight: float = 0.0,
     embeds: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """-> (loss, metrics {"acc": [steps] top-1 agreement with the target, "ce": [steps]}).
@@ -102,7 +103,9 @@ def eagle_loss(
     trained fc; version 1 reads `last`). target_logits [B, S-1, V']: the target's
     logits l_1..l_{S-1} (over the draft vocabulary for version 3, the full one for version 1).
     tokens, loss_mask [B, S]: rows j with loss_mask[j + 2] are trained (the drafted token is a
-    response token). Version 1 adds a smooth-L1 regression of o_j onto g_{j+1} (EAGLE-1)."""
+    response token). Version 1 adds a smooth-L1 regression of o_j onto g_{j+1} (EAGLE-1).
+    `hard_weight` adds that multiple of the cross-entropy against the target's argmax (what a
+    greedy draft must hit) to each step's soft cross-entropy."""
     feats = F.target_features(cfg, params, hiddens)  # [B, S-1, D]
     outs = draft_steps(cfg, params, feats, tokens, steps, embeds)  # [steps, B, T, D]
     T = feats.shape[1]
@@ -116,6 +119,11 @@ def eagle_loss(
         logits = F.draft_logits(cfg, params, outs[i], target_cfg, full=False)
         ce = jnp.sum(_soft_ce(logits, target_logits) * w) / n
         step_loss = ce
+        if hard_weight:
+            hard = -jnp.take_along_axis(
+                jax.nn.log_softmax(logits, axis=-1), tgt_top[..., None], axis=-1
+            )[..., 0]
+            step_loss = step_loss + hard_weight * jnp.sum(hard * w) / n
         if cfg.version == 1:
             nxt = jnp.concatenate([feats[:, 1:], feats[:, -1:]], axis=1)
             sl1 = jnp.sum(_smooth_l1(outs[i] - nxt).mean(-1) * w) / n

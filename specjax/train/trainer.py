@@ -64,6 +64,7 @@ class TrainConfig:
     clip: float = 1.0  # global-norm gradient clipping
     ttt_steps: int = 3  # training-time test steps (1: plain teacher forcing)
     ttt_decay: float = 0.8
+    hard_weight: float = 0.0  # eagle/eagle3: + this x cross-entropy to the target's argmax
     draft_vocab: int = 8192  # eagle3: the most frequent response tokens
     intermediate_size: int | None = None  # drafter MLP width (default: the target's; may grow)
     draft_layers: int = 1  # eagle/eagle3: decoder layers (a warm start may add layers: identity)
@@ -94,6 +95,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not self.hard_weight >= 0:
+            raise ValueError(f"hard_weight must be >= 0, got {self.hard_weight!r}")
 
     @classmethod
     def from_yaml(cls, path: StrPath, **overrides: Any) -> TrainConfig:

@@ -103,6 +103,7 @@ class Eagle:
                 mask,
                 steps=tc.ttt_steps,
                 decay=tc.ttt_decay,
+                hard_weight=tc.hard_weight,
                 embeds=None if embeds is None else (embeds.astype(compute), emask),
             )
             return value.astype(jnp.float32), metrics
