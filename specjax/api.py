@@ -238,15 +238,16 @@ def bind_drafter(model: Model, drafter: Drafter | None) -> tuple[DrafterSpec | N
 
 
 def resolve_drafter(
-    model: Model, drafter: Drafter | str | None, temperature: float = 0.0
+    model: Model, drafter: Drafter | str | None, temperature: float = 0.0, batch: int = 1
 ) -> Drafter | None:
     """A registry name ("ngram", "eagle3_tree@8", "auto", ...) -> its Drafter for `model`;
     anything else unchanged (checked by `check_args`). "auto" is the drafter measured fastest
-    at the decode's `temperature` (greedy and sampled choices are measured apart)."""
+    at the decode's `temperature` and `batch` (rows per device; greedy and sampled choices,
+    and batch buckets, are measured apart)."""
     if isinstance(drafter, str):
         from specjax.drafters import registry
 
-        return registry.make(drafter, None, model, temperature=temperature)
+        return registry.make(drafter, None, model, temperature=temperature, batch=batch)
     return drafter
 
 
@@ -277,12 +278,12 @@ def prepare(
     rows, items = multimodal.prepare_rows(
         model, rows, images, videos, pixel_values, pixel_values_videos
     )
-    drafter = resolve_drafter(model, drafter, temperature)
+    n = len(rows)
+    B = 1 << (max(n, 1) - 1).bit_length()  # batch: next power of two
+    B = -(-B // batch_multiple) * batch_multiple
+    drafter = resolve_drafter(model, drafter, temperature, batch=B // batch_multiple)
     budgets = check_args(model, rows, max_new_tokens, drafter)
     spec, dparams = bind_drafter(model, drafter)
-    n = len(rows)
-    B = 1 << (n - 1).bit_length()  # batch: next power of two
-    B = -(-B // batch_multiple) * batch_multiple
     P = bucket(max(len(r) for r in rows), MIN_PROMPT_BUCKET, half_steps=True)
     ec = engine_config(model, mode, max(budgets), spec, impl)  # the largest budget's bucket
     max_len = cache_len(P, ec)
@@ -640,13 +641,16 @@ def decode_fn(
     top_p: float | None = None,
     impl: str = "xla",
     pad_id: int = 0,
+    batch: int = 1,
 ) -> DecodeFn:
     """The decode program of `model` (and `drafter`: a Drafter or a registry name) as a pure
     function `fn(params, dparams, tokens, lengths, key) -> (tokens_out, lengths_out, stats)`;
-    `fn.params` / `fn.dparams` are the params to pass unless you place or update them."""
+    `fn.params` / `fn.dparams` are the params to pass unless you place or update them.
+    `batch`: the rows `fn` will decode per call, which only `drafter="auto"` reads (it chooses
+    per batch bucket)."""
     _one_budget(max_new_tokens, "decode_fn")
     mode, sp = make_sampling(temperature, top_k, top_p)
-    drafter = resolve_drafter(model, drafter, temperature)
+    drafter = resolve_drafter(model, drafter, temperature, batch=batch)
     check_args(model, [], max_new_tokens, drafter)
     spec, dparams = bind_drafter(model, drafter)
     return DecodeFn(

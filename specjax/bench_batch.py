@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -83,13 +83,14 @@ def usable_rows(n_prompts: int, sizes: Sequence[int]) -> int:
 def run_batch_bench(
     model: Model,
     prompts: Sequence[str],
-    methods: dict[str, Drafter | None],
+    methods: dict[str, Drafter | None | Callable[[int], Drafter | None]],
     sizes: Sequence[int],
     max_new_tokens: int,
     *,
     progress: bool = True,
 ) -> list[BatchRecord]:
-    """methods: name -> drafter (None: plain decoding; the "ar" method is the reference)."""
+    """methods: name -> drafter (None: plain decoding; the "ar" method is the reference), or a
+    function of the batch size returning one (`auto` chooses per batch)."""
     from tqdm import tqdm
 
     from specjax.api import generate
@@ -104,7 +105,8 @@ def run_batch_bench(
     bar = tqdm(total=calls, desc="batch bench (timed calls)", disable=not progress)
     for b in sizes:
         batches = groups(encoded, b)
-        for name, drafter in methods.items():
+        for name, method in methods.items():
+            drafter = method(b) if callable(method) else method
 
             def run(rows: list[list[int]], drafter: Drafter | None = drafter) -> dict:
                 out = generate(model, rows, max_new_tokens=max_new_tokens, drafter=drafter)

@@ -38,14 +38,19 @@ DEMO_PROMPTS = [
 
 
 def make_drafter(
-    name: str, k: int | None, model: Model | None = None, temperature: float = 0.0
+    name: str,
+    k: int | None,
+    model: Model | None = None,
+    temperature: float = 0.0,
+    batch: int = 1,
 ) -> Drafter | None:
     """A `--drafter` value -> Drafter (None for none): `NAME[:ARG][@K]` from the drafter registry
-    (`specjax.drafters.registry`); `@K` overrides `k`. `auto` is chosen for `temperature`."""
+    (`specjax.drafters.registry`); `@K` overrides `k`. `auto` is chosen for `temperature` and
+    `batch` rows."""
     from specjax.drafters import registry
 
     try:
-        return registry.make(name, k, model, temperature=temperature)
+        return registry.make(name, k, model, temperature=temperature, batch=batch)
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
@@ -379,9 +384,15 @@ def _bench_batches(a: argparse.Namespace, path: str, prompts: list[dict]) -> Non
     except ValueError as e:
         raise SystemExit(f"specjax: {e}") from None
     model = load_model(a.model)
-    methods = {"ar": None}
+    from specjax.drafters import registry
+
+    methods: dict = {"ar": None}
     for name in [d for d in a.drafters.split(",") if d]:
-        methods[name] = make_drafter(name, a.k, model)
+        parsed = registry.parse(name)
+        if parsed is not None and parsed.entry.per_decode:  # `auto`: chosen per batch size
+            methods[name] = lambda b, name=name: make_drafter(name, a.k, model, batch=b)
+        else:
+            methods[name] = make_drafter(name, a.k, model)
     records = bench_batch.run_batch_bench(
         model, [p["prompt"] for p in prompts], methods, a.batch, a.max_new_tokens
     )

@@ -109,9 +109,19 @@ def test_bench_writes_reports(tiny_dir, tmp_path, capsys):
         assert why in capsys.readouterr().err
 
 
-def test_bench_batch_sizes(tiny_dir, tmp_path, capsys):
-    """`bench --batch 1,2`: AR and a drafter at each batch size on the same rows; greedy rows
-    equal AR's at batch 1 whatever batch they share; bad sizes and HF baselines are refused."""
+def test_bench_batch_sizes(tiny_dir, tmp_path, capsys, monkeypatch):
+    """`bench --batch 1,2`: AR and drafters at each batch size on the same rows (`auto` chosen
+    for each size); greedy rows equal AR's at batch 1 whatever batch they share; bad sizes and
+    HF baselines are refused."""
+    from specjax import autotune
+
+    asked = []
+
+    def choose(model, batch=1, **kw):  # auto's measured choice: the n-gram chain at batch 1
+        asked.append(batch)
+        return ("ngram" if batch == 1 else "none"), []
+
+    monkeypatch.setattr(autotune, "choose_drafter", choose)
     q = tmp_path / "q.jsonl"
     texts = ["the cat sat on", "the dog", "on the mat the cat", "a b c a b c a"]
     q.write_text(
@@ -122,11 +132,18 @@ def test_bench_batch_sizes(tiny_dir, tmp_path, capsys):
     )
     out = tmp_path / "bench"
     base = ["bench", "--model", tiny_dir, "--questions", str(q), "--max-new-tokens", "8"]
-    cli.main(base + ["--drafters", "ngram", "--batch", "2,1", "--out", str(out)])
+    cli.main(base + ["--drafters", "ngram,auto", "--batch", "2,1", "--out", str(out)])
     table = capsys.readouterr().out
     res = json.load(open(out / "results_batch.json"))
     got = [(r["batch"], r["method"], r["rows"], r["same_as_ar"]) for r in res["records"]]
-    assert got == [(1, "ar", 4, 4), (1, "ngram", 4, 4), (2, "ar", 4, 4), (2, "ngram", 4, 4)]
+    assert got == [
+        (b, m, 4, 4) for b in (1, 2) for m in ("ar", "ngram", "auto")
+    ]  # fmt: skip
+    assert asked == [1, 2]
+    auto = {r["batch"]: r for r in res["records"] if r["method"] == "auto"}
+    ngram = {r["batch"]: r for r in res["records"] if r["method"] == "ngram"}
+    assert ngram[2]["tau"] > 1.0 and auto[1]["tau"] == ngram[1]["tau"]
+    assert auto[2]["tau"] == 1.0  # plain decoding at batch 2
     assert not any(r["compiled"] for r in res["records"])  # the warm-up compiled every shape
     assert all(r["new_tokens"] == sum(map(len, r["tokens"])) > 0 for r in res["records"])
     assert all(0 < r["decode_s"] < r["seconds"] for r in res["records"])

@@ -35,8 +35,8 @@ class DrafterEntry:
     draft size from `@K` or `--k` (None: the drafter's default), `model` the target (some
     drafters read its name or dtype), `tree` a `DynamicTree` to use instead of the default (only
     for entries with `tree=True`; `tune-tree` passes its candidates). Entries with
-    `per_temperature=True` are also given the decode's `temperature=` ("auto": what pays when
-    greedy need not when sampling)."""
+    `per_decode=True` are also given the decode's `temperature=` and `batch=` (rows) ("auto":
+    what pays when greedy need not when sampling, nor at a larger batch)."""
 
     name: str
     make: Callable[..., Drafter]
@@ -44,7 +44,7 @@ class DrafterEntry:
     arg_required: bool = False
     arg_type: Callable = str  # checks ARG before any model is loaded (raises ValueError)
     tree: bool = False  # drafts a dynamic tree (`tune-tree` can size it)
-    per_temperature: bool = False  # make(..., temperature=) chooses for the decode's temperature
+    per_decode: bool = False  # make(..., temperature=, batch=) chooses for the decode
 
     @property
     def usage(self) -> str:
@@ -119,9 +119,11 @@ def make(
     model: Model | None = None,
     tree: DynamicTree | None = None,
     temperature: float = 0.0,
+    batch: int = 1,
 ) -> Drafter | None:
     """Build the drafter `text` names for target `model`. `@K` in the name overrides `k`;
-    `temperature` (the decode's) reaches the entries that choose by it ("auto")."""
+    `temperature` and `batch` (the decode's, in rows) reach the entries that choose by them
+    ("auto")."""
     parsed = parse(text)
     if parsed is None:
         return None
@@ -131,8 +133,8 @@ def make(
             f"{', '.join(e.usage for e in REGISTRY.values() if e.tree)}"
         )
     k = parsed.k if parsed.k is not None else k
-    if parsed.entry.per_temperature:
-        return parsed.entry.make(parsed.arg, k, model, tree, temperature=temperature)
+    if parsed.entry.per_decode:
+        return parsed.entry.make(parsed.arg, k, model, tree, temperature=temperature, batch=batch)
     return parsed.entry.make(parsed.arg, k, model, tree)
 
 
