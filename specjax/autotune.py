@@ -404,8 +404,9 @@ AUTO_SCREEN = 0.85
 # hybrid's chain rows verify what the n-gram chain's own rule asks for; 8: the screening
 # prompts shortened to SmolLM2's 64-token bucket, as the tuning questions are, so the first
 # call compiles each candidate for 2 prompt-length buckets instead of 3; the tables keep each
-# prompt's speed and a costlier candidate must be faster prompt by prompt beyond the noise).
-AUTO_VERSION = 8
+# prompt's speed and a costlier candidate must be faster prompt by prompt beyond the noise;
+# 9: the sized EAGLE tree skips its growth when its first level promises nothing).
+AUTO_VERSION = 9
 
 
 def auto_prompts() -> list[str]:
@@ -774,7 +775,9 @@ def _temperature_tag(temp: float) -> str:
 
 def _sized_eagle(kind: str, gate: bool = False) -> Callable[..., Drafter]:
     """`KIND_tree_sized[:PATH]`: the EAGLE tree verified per step only as far as it is worth it,
-    at this device's step costs (measured on the target once, then cached: `cached_sizing`).
+    at this device's step costs (measured on the target once, then cached: `cached_sizing`),
+    grown past its first level only when that level promises a draft worth it
+    (`VerifySizing.early_exit`).
     `KIND_tree_gated[:PATH]`: the same, and drafting only while it pays (`DraftGate`)."""
 
     suffix = "gated" if gate else "sized"
@@ -789,6 +792,8 @@ def _sized_eagle(kind: str, gate: bool = False) -> Callable[..., Drafter]:
         build = lambda t: eagle(src, tree=t, name=src)  # noqa: E731
         label = f"{kind}_tree:{src}" if isinstance(src, str) else f"{kind}_tree"
         sizing = cached_sizing(model, label, build, shape, gate=gate)
+        if not gate:  # a step whose first level promises nothing skips the tree's growth
+            sizing = dataclasses.replace(sizing, early_exit=True)
         return build(dataclasses.replace(shape, sizing=sizing))
 
     return make

@@ -5,6 +5,7 @@ No timing assertions: speed is for benchmarks, not unit tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -623,7 +624,8 @@ def test_measure_sizing_on_a_real_drafter(model):
 
 
 def test_sized_eagle3_tree_by_name(model, tmp_path, monkeypatch):
-    """`eagle3_tree_sized` is the EAGLE-3 tree with the cached measured sizing."""
+    """`eagle3_tree_sized` is the EAGLE-3 tree with the cached measured sizing, skipping its
+    growth when the first level promises nothing (`early_exit`)."""
     from test_eagle import random_eagle
 
     from specjax.drafters import DraftGate, VerifySizing, registry
@@ -644,7 +646,8 @@ def test_sized_eagle3_tree_by_name(model, tmp_path, monkeypatch):
     )
     d = registry.make("eagle3_tree_sized", None, model)
     spec, _ = d.bind(model)
-    assert spec.sizing == want and spec.verify_sizes == sizes == (1, 2, 4, 7)
+    assert spec.sizing == dataclasses.replace(want, early_exit=True)
+    assert spec.verify_sizes == sizes == (1, 2, 4, 7)
     # `eagle3_tree_gated`: the same sizing (read back from the cache) with a gate at the
     # measured plain step.
     gated, _ = registry.make("eagle3_tree_gated", None, model).bind(model)

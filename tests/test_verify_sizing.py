@@ -153,6 +153,61 @@ def test_sized_trees_greedy_equal_ar(name, target, ar):
     assert all(sizes[i] > 0 for i in taken), sizes
 
 
+# ------------------------------------------------------------------ early exit
+
+
+def test_worth_growing_estimates_from_the_first_level():
+    """A tree grows past its first level only if some size would beat a plain step with the
+    chain top, top^2, .. (`VerifySizing.worth_growing`), brute-forced here."""
+    sizing = VerifySizing(sizes=(1, 2, 4), costs=(1.0, 1.3, 1.5, 2.0))
+    top = np.linspace(0.0, 1.0, 101)
+    got = np.asarray(sizing.worth_growing(jnp.asarray(top, jnp.float32)))
+    chain = np.cumsum(top[:, None] ** np.arange(1, 5)[None], axis=1)
+    want = np.any((1 + chain[:, [0, 1, 3]]) / np.array([1.3, 1.5, 2.0]) > 1.0, axis=1)
+    np.testing.assert_array_equal(got, want)
+    assert not got[:31].any() and got[31:].all()  # (1 + top) / 1.3 > 1 from top 0.31
+    assert not VerifySizing((2,), (1.0, 100.0)).worth_growing(jnp.ones(1))[0]
+
+
+def _early(costs: tuple, early_exit: bool = True):
+    sizing = VerifySizing((2, 6), costs, early_exit=early_exit)
+    return lambda target: drafters.eagle(echo_eagle1(target), tree=DynamicTree(6, 4, 2, sizing))
+
+
+def test_early_exit_greedy_equal_ar(target, ar):
+    """Greedy identity with the tree's growth skipped always (no size can pay), never (every
+    size pays: the same steps as without the early exit), and sometimes (the echo drafter is
+    sure where the target repeats itself: skipped and grown steps, drafts accepted)."""
+    always = specjax.generate(
+        target, RAGGED_PROMPTS, max_new_tokens=NEW, drafter=_early((1.0, 100.0, 100.0))(target)
+    )
+    assert always.tokens == ar.tokens
+    st = always.stats
+    assert st["tree_growth_skipped_steps"] == st["steps"]
+    assert st["verify_size_histogram"] == [st["steps"], 0, 0]
+    cheap = (1.0, 1.0001, 1.0002)
+    grown = specjax.generate(
+        target, RAGGED_PROMPTS, max_new_tokens=NEW, drafter=_early(cheap)(target)
+    )
+    plain = specjax.generate(
+        target, RAGGED_PROMPTS, max_new_tokens=NEW, drafter=_early(cheap, False)(target)
+    )
+    assert grown.tokens == ar.tokens and grown.stats["tree_growth_skipped_steps"] == 0
+    for k in ("verify_size_histogram", "acceptance_histogram", "steps"):
+        assert grown.stats[k] == plain.stats[k], k
+    assert "tree_growth_skipped_steps" not in plain.stats
+    d = _early((1.0, 1.1, 1.2))(target)
+    for rows in (slice(None), slice(1, 2), slice(3, 4)):  # the ragged batch, two rows alone
+        out = specjax.generate(target, RAGGED_PROMPTS[rows], max_new_tokens=NEW, drafter=d)
+        assert out.tokens == ar.tokens[rows]
+        st = out.stats
+        sizes, skipped = st["verify_size_histogram"], st["tree_growth_skipped_steps"]
+        print(f"early exit rows {rows}: verify sizes {sizes}, skipped growth {skipped}")
+        assert 0 < skipped < st["steps"] and sum(sizes[1:]) > 0, (sizes, skipped)
+        if rows == slice(None):
+            assert sum(st["acceptance_histogram"][1:]) > 0, st["acceptance_histogram"]
+
+
 # ------------------------------------------------------------------ the draft gate
 
 

@@ -53,6 +53,8 @@ class EagleState:
     cache: KVCache  # the drafter layer's cache; committed length = the target's
     feat: jax.Array  # [B, D] drafter output at the last committed slot
     gate: GateState | None = None  # with a gated sizing (`VerifySizing.gate`)
+    # [B] int32: steps whose tree growth was skipped (`VerifySizing.early_exit`), else None
+    skipped_growth: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +158,14 @@ class EagleSpec(DrafterSpec):
             params, cache, feat, pair_tok, prefill.lengths - 1, embeds
         )
         gate = None if self._gate is None else self._gate.init(B)
-        return EagleState(cache=cache.replace(lengths=prefill.lengths), feat=out, gate=gate)
+        early = self.sizing is not None and self.sizing.early_exit and self.is_tree
+        skipped = jnp.zeros((B,), jnp.int32) if early else None
+        return EagleState(
+            cache=cache.replace(lengths=prefill.lengths),
+            feat=out,
+            gate=gate,
+            skipped_growth=skipped,
+        )
 
     @property
     def _gate(self) -> DraftGate | None:
@@ -264,14 +273,17 @@ class EagleSpec(DrafterSpec):
         if gate is not None:  # what this step paid, by the size this drafter asked for
             cost = self.sizing.step_cost(jnp.maximum(gate.asked, 0), active)
             gate = self._gate.update(gate, n + 1, cost, active)
-        return EagleState(cache=cache.replace(lengths=lengths), feat=feat, gate=gate)
+        return state.replace(cache=cache.replace(lengths=lengths), feat=feat, gate=gate)
 
     def stats(self, state: EagleState, rows: int) -> dict:
-        if state.gate is None:
-            return {}
         from specjax.sharding import to_host
 
-        return {"draft_skipped_steps": int(to_host(state.gate.skipped)[:rows].sum())}
+        out = {}
+        if state.gate is not None:
+            out["draft_skipped_steps"] = int(to_host(state.gate.skipped)[:rows].sum())
+        if state.skipped_growth is not None:  # a batch-wide choice: every row counts it
+            out["tree_growth_skipped_steps"] = int(to_host(state.skipped_growth)[:rows].max())
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,17 +348,33 @@ class EagleTreeSpec(EagleSpec):
             )
             return rank(out), out, cache
 
-        tree, _, cache, score = grow_dynamic_tree(
-            rank(state.feat),
-            feed,
-            state.cache,
-            state.feat,
-            top_k=self.top_k,
-            depth=self.depth,
-            nodes=self.k,
-            token_map=token_map,
-        )
-        # The window's K/V are scratch (`lengths` did not move): commit re-feeds the accepted
-        # path with the target's features.
-        size = None if self.sizing is None else self.sizing.choose(score)
-        return TreeDraft(tree=tree, size=size), state.replace(cache=cache)
+        root = rank(state.feat)
+
+        def grow(_: None) -> tuple[TreeDraft, EagleState]:
+            tree, _, cache, score = grow_dynamic_tree(
+                root,
+                feed,
+                state.cache,
+                state.feat,
+                top_k=self.top_k,
+                depth=self.depth,
+                nodes=self.k,
+                token_map=token_map,
+            )
+            # The window's K/V are scratch (`lengths` did not move): commit re-feeds the
+            # accepted path with the target's features.
+            size = None if self.sizing is None else self.sizing.choose(score)
+            return TreeDraft(tree=tree, size=size), state.replace(cache=cache)
+
+        if self.sizing is None or not self.sizing.early_exit:
+            return grow(None)
+        shape = jax.eval_shape(grow, None)
+
+        def plain(_: None) -> tuple[TreeDraft, EagleState]:
+            # No row's first level promises a draft worth verifying: a plain step (size 0)
+            # without the deeper levels' drafter forwards (the state is as the commit left it).
+            nothing = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shape[0])
+            return nothing, state.replace(skipped_growth=state.skipped_growth + 1)
+
+        top = jnp.exp(jnp.max(root, axis=-1))  # [B] the best first-level candidate
+        return jax.lax.cond(jnp.any(self.sizing.worth_growing(top)), grow, plain, None)
