@@ -560,23 +560,27 @@ def choose_drafter(
     from specjax.model import cache_root
 
     temp, B = auto_temperature(temperature), auto_batch(batch)
+    names = auto_candidates(model)
+    if B > 1:  # plain decoding against the batch-1 choice (read from its cache once measured)
+        kw = dict(prompts=prompts, max_new_tokens=max_new_tokens, progress=progress)
+        single, _ = choose_drafter(model, temperature=temp, **kw)
+        if single == "none":  # nothing beat plain decoding at batch 1: nothing to race
+            return "none", []
+        names = ["none", single]
     tag = _temperature_tag(temp) + ("" if B == 1 else f"-b{B}")
     path = os.path.join(cache_root(), "auto", auto_key(model) + tag + ".json")
     if not refresh:
         table = _cached_table(path, model, temp, B)
-        if table is not None:
+        # A batch table raced another batch-1 choice than today's: measured again.
+        if table is not None and (B == 1 or [r["candidate"] for r in table] == names):
             choice = _choose(table)  # this release's rule, on the cached table
             if choice in auto_candidates(model):
                 return choice, table
     prompts = list(auto_prompts() if prompts is None else prompts)
     if B == 1:
-        table = _race(model, auto_candidates(model), prompts, max_new_tokens, progress, temp)
+        table = _race(model, names, prompts, max_new_tokens, progress, temp)
     else:
-        kw = dict(prompts=prompts, max_new_tokens=max_new_tokens, progress=progress)
-        single, _ = choose_drafter(model, temperature=temp, **kw)
-        if single == "none":  # nothing beat plain decoding at batch 1: nothing to race
-            return "none", []
-        table = _batch_race(model, ["none", single], prompts, B, max_new_tokens, progress, temp)
+        table = _batch_race(model, names, prompts, B, max_new_tokens, progress, temp)
     choice = _choose(table)
     rec = {
         "key": auto_key(model),

@@ -170,7 +170,10 @@ def cmd_generate(a: argparse.Namespace) -> None:
         raise ValueError("--stream does not take --image; drop one")
     mesh = _start_distributed(a)
     model = load_model(a.model)
-    drafter = make_drafter(a.drafter, a.k, model, a.temperature)
+    rows = 1 if a.stream else len(a.prompts)  # `auto` chooses for the rows each device decodes
+    if mesh is not None:
+        rows = -(-rows // dict(mesh.shape).get("data", 1))
+    drafter = make_drafter(a.drafter, a.k, model, a.temperature, batch=rows)
     prompts = list(a.prompts)
     images = None
     if a.image:

@@ -528,6 +528,13 @@ def test_auto_chooses_per_batch(model, tmp_path, monkeypatch):
     auto = specjax.generate(model, [[5, 6, 7]] * 3, max_new_tokens=4, drafter="auto")
     assert auto.tokens == ar.tokens and auto.stats["verify_size_histogram"] == [auto.stats["steps"]]
     assert len(calls) == measured
+    # A batch table that raced another batch-1 choice than today's is measured again.
+    b2 = tmp_path / "auto" / greedy.replace(".json", "-b2.json")
+    rec = json.loads(b2.read_text())
+    rec["table"][1]["candidate"] = "eagle3_tree_sized"
+    b2.write_text(json.dumps(rec))
+    assert autotune.choose_drafter(model, progress=False, batch=2)[0] == "ngram"
+    assert len(calls) == measured + 1 and calls[-1][0] == ["none", "ngram"]
     # A batch-1 choice of plain decoding: nothing races at any batch, nothing is cached for it.
     monkeypatch.setattr(autotune, "auto_candidates", lambda m: ["none"])
     monkeypatch.setattr(autotune, "candidates_fingerprint", lambda m: "no drafters")

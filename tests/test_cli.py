@@ -159,6 +159,25 @@ def test_bench_batch_sizes(tiny_dir, tmp_path, capsys, monkeypatch):
         assert why in str(e.value) + capsys.readouterr().err
 
 
+def test_generate_auto_chooses_for_its_batch(tiny_dir, capsys, monkeypatch):
+    """`specjax generate --drafter auto` asks `auto` for the rows it decodes at once: all its
+    prompts, or one at a time with --stream."""
+    from specjax import autotune
+
+    asked = []
+
+    def choose(model, batch=1, **kw):
+        asked.append(batch)
+        return "none", []
+
+    monkeypatch.setattr(autotune, "choose_drafter", choose)
+    base = ["generate", "--model", tiny_dir, "a b", "c d", "e f", "--max-new-tokens", "3"]
+    cli.main(base + ["--drafter", "auto"])
+    cli.main(base + ["--drafter", "auto", "--stream"])
+    assert asked == [3, 1]
+    capsys.readouterr()
+
+
 def test_bench_samples_with_one_key_per_run(tiny_dir, tmp_path, capsys):
     """`bench --temperature T --top-k K --top-p P --seed S`: every method samples with the same
     settings and key (two runs give the same draws), the report says the outputs are draws, and

@@ -20,6 +20,8 @@ that treats the deterministic siblings as draws from q.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from test_eagle import random_eagle
@@ -83,19 +85,30 @@ def test_hybrid_greedy_equals_ar(target, min_match):
 SIZED_TREE = drafters.DynamicTree(
     nodes=6, depth=3, top_k=2, sizing=drafters.VerifySizing((2, 6), (1.0, 1.1, 1.12))
 )
+EARLY_SIZING = drafters.VerifySizing((2, 6), (1.0, 1.1, 1.12), early_exit=True)
 
 
-@pytest.mark.parametrize("mode", ["switch", "merge"])
+@pytest.mark.parametrize("mode", ["switch", "merge", "switch_early", "merge_early"])
 def test_hybrid_with_a_sized_model_tree_greedy_equals_ar(target, mode):
+    """`_early`: the model tree skips its growth where its first level promises nothing
+    (`VerifySizing.early_exit`): such steps are the chain's, or plain."""
     from conftest import RAGGED_PROMPTS
 
     ar = specjax.generate(target, RAGGED_PROMPTS[1:2], max_new_tokens=NEW)
-    model = drafters.eagle(random_eagle(target, 3, seed=2), tree=SIZED_TREE)
+    tree = SIZED_TREE
+    if mode.endswith("_early"):
+        mode = mode.removesuffix("_early")
+        tree = dataclasses.replace(tree, sizing=EARLY_SIZING)
+    model = drafters.eagle(random_eagle(target, 3, seed=2), tree=tree)
     d = drafters.hybrid(drafters.ngram(max_ngram=3, k=5), model, mode=mode, min_match=2)
     out = specjax.generate(target, RAGGED_PROMPTS[1:2], max_new_tokens=NEW, drafter=d)
     assert out.tokens == ar.tokens
     sizes, h = out.stats["verify_size_histogram"], out.stats["hybrid"]
-    print(mode, sizes, h, out.stats["tau"])
+    print(mode, sizes, h, out.stats["tau"], out.stats.get("tree_growth_skipped_steps"))
+    if tree.sizing.early_exit:  # skipped and grown model trees both happened
+        skipped = out.stats["tree_growth_skipped_steps"]
+        assert 0 < skipped and sizes[-1] > 0 and h["retrieval_steps"] > 0, (sizes, h, skipped)
+        return
     if mode == "switch":  # plain, the tree's best 2, the chain's 3 or 5, the whole tree (6)
         assert sizes[2] + sizes[3] == h["retrieval_steps"] > 0, (sizes, h)
         assert sizes[0] + sizes[1] + sizes[4] == h["model_steps"], (sizes, h)

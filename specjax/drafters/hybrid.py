@@ -228,7 +228,8 @@ class HybridSpec(DrafterSpec):
                 "retrieval_accepted": c[1],
                 "model_steps": c[2],
                 "model_accepted": c[3],
-            }
+            },
+            **self.model.stats(state.model, rows),  # e.g. the tree's skipped growths
         }
 
 
