@@ -237,6 +237,13 @@ def bind_drafter(model: Model, drafter: Drafter | None) -> tuple[DrafterSpec | N
     return spec, dparams
 
 
+def padded_batch(rows: int, multiple: int = 1) -> int:
+    """The batch `generate` compiles for `rows` prompts: the next power of two, rounded up to a
+    multiple of `multiple` (the mesh's data axis; each device decodes B // multiple rows)."""
+    B = 1 << (max(rows, 1) - 1).bit_length()
+    return -(-B // multiple) * multiple
+
+
 def resolve_drafter(
     model: Model, drafter: Drafter | str | None, temperature: float = 0.0, batch: int = 1
 ) -> Drafter | None:
@@ -278,9 +285,7 @@ def prepare(
     rows, items = multimodal.prepare_rows(
         model, rows, images, videos, pixel_values, pixel_values_videos
     )
-    n = len(rows)
-    B = 1 << (max(n, 1) - 1).bit_length()  # batch: next power of two
-    B = -(-B // batch_multiple) * batch_multiple
+    B = padded_batch(len(rows), batch_multiple)
     drafter = resolve_drafter(model, drafter, temperature, batch=B // batch_multiple)
     budgets = check_args(model, rows, max_new_tokens, drafter)
     spec, dparams = bind_drafter(model, drafter)

@@ -162,7 +162,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     import jax
 
     from specjax import load_model
-    from specjax.api import generate, generate_stream
+    from specjax.api import generate, generate_stream, padded_batch
 
     if a.stream and a.mesh is not None:
         raise ValueError("--stream decodes on one device; drop --mesh or --stream")
@@ -170,9 +170,9 @@ def cmd_generate(a: argparse.Namespace) -> None:
         raise ValueError("--stream does not take --image; drop one")
     mesh = _start_distributed(a)
     model = load_model(a.model)
-    rows = 1 if a.stream else len(a.prompts)  # `auto` chooses for the rows each device decodes
-    if mesh is not None:
-        rows = -(-rows // dict(mesh.shape).get("data", 1))
+    # `auto` chooses for the rows each device decodes, as `generate` pads and splits them
+    data = 1 if mesh is None else dict(mesh.shape).get("data", 1)
+    rows = 1 if a.stream else padded_batch(len(a.prompts), data) // data
     drafter = make_drafter(a.drafter, a.k, model, a.temperature, batch=rows)
     prompts = list(a.prompts)
     images = None
