@@ -38,6 +38,7 @@ from specjax.engine.protocol import (
     TargetStep,
     TreeDraft,
     Verified,
+    no_draft,
 )
 from specjax.models.cache import KVCache, init_cache
 from specjax.models.config import ModelConfig
@@ -192,7 +193,7 @@ class EagleSpec(DrafterSpec):
         shape = jax.eval_shape(drafted, None)
 
         def skipped(_: None) -> tuple[Draft | TreeDraft, EagleState]:
-            nothing = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shape[0])
+            nothing = no_draft(shape[0])
             return nothing, state.replace(
                 gate=state.gate._replace(asked=jnp.full_like(state.gate.asked, -1))
             )
@@ -373,7 +374,7 @@ class EagleTreeSpec(EagleSpec):
         def plain(_: None) -> tuple[TreeDraft, EagleState]:
             # No row's first level promises a draft worth verifying: a plain step (size 0)
             # without the deeper levels' drafter forwards (the state is as the commit left it).
-            nothing = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shape[0])
+            nothing = no_draft(shape[0])
             return nothing, state.replace(skipped_growth=state.skipped_growth + 1)
 
         top = jnp.exp(jnp.max(root, axis=-1))  # [B] the best first-level candidate

@@ -60,6 +60,7 @@ from specjax.engine.protocol import (
     Tree,
     TreeDraft,
     Verified,
+    no_draft,
 )
 from specjax.models.config import ModelConfig
 
@@ -151,7 +152,7 @@ class HybridSpec(DrafterSpec):
         # chain's own rule would verify some of it, as many tokens as that rule asks for (k
         # after a long match, fewer after a weak one: on a CPU a verify of 8 costs 1.68 plain
         # steps, and the hybrid verifying all k after every 2-token match lost to the n-gram
-        # chain alone where the model's drafts were weak, README).
+        # chain alone where the model's drafts were weak, benchmarks/RESULTS.md).
         want = ret.request(n, known)  # [B]
         use = (n >= self.min_match) & (want > 0)  # [B]
 
@@ -168,7 +169,7 @@ class HybridSpec(DrafterSpec):
         def skip(_: None) -> tuple[TreeDraft, Any]:
             # Every row takes the chain: the model's drafting is not run (its state only
             # wrote cache slots past its committed length, which its commit overwrites).
-            draft = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape[0])
+            draft = no_draft(shape[0])
             return draft, state.model
 
         if self.mode == "merge":

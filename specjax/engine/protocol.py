@@ -91,6 +91,13 @@ class TreeDraft(NamedTuple):
         return TreeDraft(tree=tree, child_logp=logp, size=None)
 
 
+def no_draft(shape: Draft | TreeDraft) -> Draft | TreeDraft:
+    """A draft of `shape` (the `jax.eval_shape` of a propose) with every field zero, so size 0:
+    what a `lax.cond` branch that skips drafting returns beside the branch that drafts (both
+    branches must return the same shapes; the engine then takes a plain step)."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+
+
 class Verified(NamedTuple):
     """The outcome of verifying one draft, the same record for every draft shape (a plain step
     is a draft of nothing: n = 0). Padded to A = the most draft tokens one step can accept."""
