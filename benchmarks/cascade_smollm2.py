@@ -1,7 +1,8 @@
-"""Cascades against their top level alone on SmolLM2 (README "Cascades"), exact and with a
-lenient middle level: 2 prompts, 64 new tokens, greedy; the second call of each is timed;
-outputs checked against plain decoding. `--eagle`: the n-gram drafting for the bundled EAGLE-3
-chain instead, by 1, 2 and a pass per slot (`passes`), against the EAGLE chain alone.
+"""Cascades against their top level alone on SmolLM2 (README "Cascades"; the runs:
+benchmarks/RESULTS.md), exact and with a lenient middle level: 2 prompts, 64 new tokens, greedy;
+the second call of each is timed; outputs checked against plain decoding. `--eagle`: the n-gram
+drafting for the bundled EAGLE-3 chain instead, by 1, 2 and a pass per slot (`passes`), against
+the EAGLE chain alone.
 
     python benchmarks/cascade_smollm2.py [--eagle]
 """

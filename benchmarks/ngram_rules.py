@@ -9,10 +9,10 @@ match and how many of its copied tokens the answer confirms are computed once (t
 the prompt plus the answer so far), and each rule is then a walk over the answer: a step at
 position p verifies `size` tokens, emits min(accepted, size) + 1 and costs what verifying size +
 1 tokens costs relative to one (`--costs`; the default is this 2-core VM's measured table with
-weights [out, in], README "Weights stored [out, in]": T = 1, 2, 4, 8, 9 measured, 3 and 5-7
-interpolated linearly). The replayed speedup = answer tokens / cost (decode only: no prefill, no
-drafter time; the drafter also caps a request at the copy's tokens the history holds, which the
-replay does not).
+weights [out, in], benchmarks/RESULTS.md "Weights stored [out, in]": T = 1, 2, 4, 8, 9
+measured, 3 and 5-7 interpolated linearly). The replayed speedup = answer tokens / cost
+(decode only: no prefill, no drafter time; the drafter also caps a request at the copy's
+tokens the history holds, which the replay does not).
 
 Data: the self-distillation rows committed under `specjax/train/selfdistill/` (training prompts
 answered greedily by SmolLM2; no eval file). `--e2e` then decodes the held-out prompts of the

@@ -3,8 +3,8 @@ forward (the engine's, `autotune.verify_forward`: a causal block of T tokens aga
 256 committed tokens, the block written) traced with `jax.profiler.trace` and read back with
 `jax.profiler.ProfileData`. Every traced XLA operation is grouped by its kind, result shape and
 the ops of its fused computation (from the compiled HLO) and summed per forward; a product's
-read rate is its matrix bytes over its time (README: "Where a verify of 8 tokens spends its
-time").
+read rate is its matrix bytes over its time (benchmarks/RESULTS.md: "Where a verify of 8
+tokens spends its time").
 
     python benchmarks/verify_profile.py [--sizes 1,8] [--runs 8] [--top 12]
 

@@ -239,7 +239,7 @@ class NgramSpec(DrafterSpec):
     # over SmolLM2's greedy answers to 9,861 training prompts at the measured costs
     # (`benchmarks/ngram_rules.py`: 1.26x -> 1.39x of plain decoding against the earlier k 8,
     # short 1 after 3-token matches, 1.37x for k after any 2-token match) and confirmed end to
-    # end on 16 held-out training prompts (1.09x -> 1.20x, README).
+    # end on 16 held-out training prompts (1.09x -> 1.20x, benchmarks/RESULTS.md).
     adaptive: bool = True
     short: int | None = None  # None: min(3, k)
     short_from: int | None = None  # None: max(min_ngram, max_ngram - 2)

@@ -53,7 +53,8 @@ class DraftGate:
 
     Exact at any temperature: whether a step drafts depends only on earlier steps, and a step
     without a draft is a plain step. Measured on the 2-core CPU it neither wins nor loses (what
-    it saves on skipped drafts it loses in drafts it does not make; README), so it is opt-in."""
+    it saves on skipped drafts it loses in drafts it does not make; benchmarks/RESULTS.md), so
+    it is opt-in."""
 
     plain: float  # a plain decode step without drafting, in the unit of `VerifySizing.costs`
     decay: float = 0.5  # weight of the newest drafted step in `value`

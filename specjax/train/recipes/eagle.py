@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from specjax.train.recipes import LossFn
     from specjax.train.trainer import TrainConfig
 
-# Held-out tau drafts an EAGLE-2 dynamic tree of 8 nodes, as the README's tables report it.
+# Held-out tau drafts an EAGLE-2 dynamic tree of 8 nodes, as the tables of
+# benchmarks/RESULTS.md report it.
 EVAL_TREE = drafters.DynamicTree(nodes=8, depth=4, top_k=3)
 
 
