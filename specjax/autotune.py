@@ -577,6 +577,8 @@ def choose_drafter(
             if choice in auto_candidates(model):
                 return choice, table
     prompts = list(auto_prompts() if prompts is None else prompts)
+    if progress:
+        _say_measuring(model, names, temp, B, path)
     if B == 1:
         table = _race(model, names, prompts, max_new_tokens, progress, temp)
     else:
@@ -593,6 +595,23 @@ def choose_drafter(
     }
     _store(path, rec)
     return choice, table
+
+
+def _say_measuring(model: Model, names: list[str], temp: float, batch: int, path: str) -> None:
+    """Tell the user, before the progress bars, why the first `auto` call waits and how to
+    skip it: measuring compiles and times every candidate (6-9 minutes for SmolLM2 on a 2-core
+    CPU, once per model, device, release, temperature and batch)."""
+    import sys
+
+    how = "greedy" if temp == 0 else f"temperature {temp}"
+    print(
+        f"specjax: drafter='auto' is measuring {', '.join(names)} for "
+        f"{getattr(model, 'name', None) or model.config.model_type} on this device ({how}, "
+        f"batch {batch}) to pick the fastest; once, then cached in {path}. This takes minutes "
+        "on a small CPU; name a drafter (e.g. drafter='ngram') to skip it.",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _cached_table(path: str, model: Model, temp: float, batch: int) -> list[dict] | None:

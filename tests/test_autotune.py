@@ -313,6 +313,20 @@ def test_auto_needs_a_margin_over_plain_decoding(model, tmp_path, monkeypatch, s
     assert autotune.choose_drafter(model, progress=False)[0] == want
 
 
+def test_auto_says_why_it_waits_only_when_it_measures(model, tmp_path, monkeypatch, capsys):
+    """The first `auto` call (minutes on a small CPU) says on stderr what it measures, where it
+    caches the choice and how to skip it; a cached choice and `progress=False` say nothing."""
+    monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
+    monkeypatch.setattr(autotune, "tune_tree", _fake_tune({"none": 100.0, "ngram": 120.0}, []))
+    assert autotune.choose_drafter(model)[0] == "ngram"
+    err = capsys.readouterr().err
+    assert "drafter='auto' is measuring none, ngram" in err and "greedy, batch 1" in err
+    assert str(tmp_path / "auto") in err and "drafter='ngram'" in err
+    assert autotune.choose_drafter(model)[0] == "ngram"  # cached: nothing to say
+    autotune.choose_drafter(model, progress=False, temperature=0.7)  # measured, but quiet
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize(
     "ngram, slow, want",
     [
