@@ -38,27 +38,25 @@ def softmax_masked(s: jax.Array, m: jax.Array) -> jax.Array:
     return jax.nn.softmax(jnp.where(m[:, None, None], s, LO), axis=-1)
 
 
-def engine(q: jax.Array, k: jax.Array, v: jax.Array, m: jax.Array) -> jax.Array:
-    """k, v [1, KV, S, hd]."""
-    T = q.shape[1]
-    qg = q.reshape(1, T, KV, G, HD) / np.sqrt(HD)
-    p = softmax_masked(jnp.einsum("btkgd,bksd->bkgts", qg, k), m)
-    return jnp.einsum("bksd,bkgts->btkgd", v, p).reshape(1, T, -1)
+def einsum_form(scores: str, values: str, p_left: bool = False) -> Callable:
+    """A form with both products as einsums: `scores` (q, K) -> [1, KV, G, T, S], then
+    `values` (V, p), or (p, V) when `p_left`."""
+
+    def form(q: jax.Array, k: jax.Array, v: jax.Array, m: jax.Array) -> jax.Array:
+        T = q.shape[1]
+        qg = q.reshape(1, T, KV, G, HD) / np.sqrt(HD)
+        p = softmax_masked(jnp.einsum(scores, qg, k), m)
+        o = jnp.einsum(values, p, v) if p_left else jnp.einsum(values, v, p)
+        return o.reshape(1, T, -1)
+
+    return form
 
 
-def k_t(q: jax.Array, kt: jax.Array, v: jax.Array, m: jax.Array) -> jax.Array:
-    """kt [1, KV, hd, S]."""
-    T = q.shape[1]
-    qg = q.reshape(1, T, KV, G, HD) / np.sqrt(HD)
-    p = softmax_masked(jnp.einsum("btkgd,bkds->bkgts", qg, kt), m)
-    return jnp.einsum("bksd,bkgts->btkgd", v, p).reshape(1, T, -1)
-
-
-def k_t_p_left(q: jax.Array, kt: jax.Array, v: jax.Array, m: jax.Array) -> jax.Array:
-    T = q.shape[1]
-    qg = q.reshape(1, T, KV, G, HD) / np.sqrt(HD)
-    p = softmax_masked(jnp.einsum("btkgd,bkds->bkgts", qg, kt), m)
-    return jnp.einsum("bkgts,bksd->btkgd", p, v).reshape(1, T, -1)
+# k, v [1, KV, S, hd]: what llama.attention_xla does (values as the left operand)
+engine = einsum_form("btkgd,bksd->bkgts", "bksd,bkgts->btkgd")
+# K stored [1, KV, hd, S]
+k_t = einsum_form("btkgd,bkds->bkgts", "bksd,bkgts->btkgd")
+k_t_p_left = einsum_form("btkgd,bkds->bkgts", "bkgts,bksd->btkgd", p_left=True)
 
 
 def mul_sum(q: jax.Array, k: jax.Array, v: jax.Array, m: jax.Array) -> jax.Array:
