@@ -604,8 +604,9 @@ def _say_measuring(model: Model, names: list[str], temp: float, batch: int, path
     import sys
 
     how = "greedy" if temp == 0 else f"temperature {temp}"
+    rivals = ", ".join(n for n in names if n != "none")
     print(
-        f"specjax: drafter='auto' is measuring {', '.join(names)} for "
+        f"specjax: drafter='auto' is timing {rivals} against plain decoding for "
         f"{getattr(model, 'name', None) or model.config.model_type} on this device ({how}, "
         f"batch {batch}) to pick the fastest; once, then cached in {path}. This takes minutes "
         "on a small CPU; name a drafter (e.g. drafter='ngram') to skip it.",
