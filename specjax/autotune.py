@@ -599,7 +599,7 @@ def choose_drafter(
 
 def _say_measuring(model: Model, names: list[str], temp: float, batch: int, path: str) -> None:
     """Tell the user, before the progress bars, why the first `auto` call waits and how to
-    skip it: measuring compiles and times every candidate (6-9 minutes for SmolLM2 on a 2-core
+    skip it: measuring compiles and times every candidate (5-9 minutes for SmolLM2 on a 2-core
     CPU, once per model, device, release, temperature and batch)."""
     import sys
 
