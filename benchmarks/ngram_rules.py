@@ -22,7 +22,7 @@ interleaved timing. `--spec-bench N` measures (only measures: it chooses nothing
 the old rule and the default on Spec-Bench's first turns, N per category, in one `specjax bench`
 run (`--out DIR`: its report).
 
-    python benchmarks/ngram_rules.py [--rows 20000] [--costs 1:1,2:1.32,...] [--e2e]
+    python benchmarks/ngram_rules.py [--rows 20000] [--costs 1:1,2:1.32,...] [--adaptive] [--e2e]
     python benchmarks/ngram_rules.py --spec-bench 2 --out DIR
 """
 
@@ -101,6 +101,35 @@ def replay(feats: list[np.ndarray], rule: tuple, costs: dict) -> float:
     return tokens / cost
 
 
+def replay_adaptive(
+    feats: list[np.ndarray], rule: tuple, costs: dict, theta: float, decay: float, init: float
+) -> float:
+    """Replayed speedup of `rule` made adaptive per answer: a weak (short_from <= n < 4) match
+    is verified only while a running mean of how often such matches' first copied token was
+    right is at least `theta`, and a 4-token match verifies k only while the same mean for those
+    is at least `theta` (else `short`). The mean is observable on every step, verified or not:
+    the emitted token shows whether the copy's first token was right. Exact as any rule of the
+    history is (the choice depends only on tokens already emitted)."""
+    k, short, short_from = rule
+    tokens = cost = 0.0
+    for f in feats:
+        p, weak, strong = 0, init, init
+        while p < len(f):
+            n, acc = f[p]
+            if n >= MAX_NGRAM:
+                size = k if strong >= theta else short
+                strong = (1 - decay) * strong + decay * float(acc >= 1)
+            elif n >= short_from:
+                size = short if weak >= theta else 0
+                weak = (1 - decay) * weak + decay * float(acc >= 1)
+            else:
+                size = 0
+            cost += costs[size + 1]
+            p += min(acc, size) + 1
+        tokens += len(f)
+    return tokens / cost
+
+
 def parse_costs(text: str) -> dict:
     return {int(t): float(c) for t, c in (item.split(":") for item in text.split(","))}
 
@@ -150,6 +179,7 @@ def main() -> None:
     ap.add_argument("--costs", type=parse_costs, default=COSTS)
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--e2e", action="store_true")
+    ap.add_argument("--adaptive", action="store_true", help="the best rule, adaptive per answer")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--spec-bench", type=int, metavar="N", help="questions per category")
     ap.add_argument("--out", default="bench_out/ngram_rule")
@@ -172,6 +202,16 @@ def main() -> None:
     print("|---|---|---|")
     for r in [*ranked[: a.top], old]:
         print(f"| {r} | {replay(tune, r, a.costs):.3f}x | {replay(check, r, a.costs):.3f}x |")
+    if a.adaptive:
+        best = ranked[0]
+        print(f"\n{best} made adaptive (`replay_adaptive`), the best 6 settings on the tune half:")
+        print("| theta, decay, init | tune half | check half |")
+        print("|---|---|---|")
+        grid = itertools.product((0.0, 0.2, 0.3, 0.4, 0.5), (0.2, 0.35, 0.5), (0.5, 1.0))
+        scored = sorted(grid, key=lambda g: -replay_adaptive(tune, best, a.costs, *g))
+        for g in scored[:6]:
+            t, c = (replay_adaptive(x, best, a.costs, *g) for x in (tune, check))
+            print(f"| {g} | {t:.3f}x | {c:.3f}x |")
     if a.e2e:
         print(e2e([old, (7, 1, 3), *ranked[:2]], a.new_tokens))
 
