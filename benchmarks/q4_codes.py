@@ -14,7 +14,16 @@ layers' four products ([out, in] = qkv [960, 576], attention output [576, 576], 
 - `block_minor`: codes stored [out, 32, in/32], so the scales broadcast along a middle axis;
 - `dot`: rebuilt, then a matrix product;
 - `factored`: the scale taken out of each block's sum (sum_j q x, then d and m once a block);
-- `packed`: two codes a byte, unpacked with shifts inside the same fusion.
+- `packed`: two codes a byte, unpacked with shifts inside the same fusion;
+- `pieces`: each float32 matrix as the exact sum of bfloat16 matrices (two for every Q4_1
+  matrix, here as in SmolLM2's GGUF: ~16 significant bits a weight; the script stacks as many
+  as a matrix needs), stored [P, out, in], and `x` as the exact sum of three
+  bfloat16 rows, so one bfloat16 product with float32 accumulation (YNNPACK's bf16 kernel on
+  this AVX-512-BF16 / AMX CPU) forms every exact partial product `x_a w_b`: float32's result
+  summed in another order, at float32's bytes;
+- `bf16`: the weights rounded to one bfloat16 (half the bytes; a different model, so its `diff`
+  is the rounding's, not the product's), `x` in three pieces as above: what a bfloat16
+  checkpoint (exactly one piece) would cost computed exactly in float32.
 
 The printed `diff` is the largest difference of each chain's output from `f32`'s.
 
@@ -38,19 +47,18 @@ F32 = jnp.float32
 
 
 def random_layers(seed: int = 0) -> list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """Per layer and product: codes [out, in/32, 32] uint8 in [0, 16), d and m [out, in/32]."""
+    """Per layer and product: codes [out, in/32, 32] uint8 in [0, 16), d and m [out, in/32],
+    quantized as Q4_1 does it from random weights (m the block's minimum, d its range / 15)."""
     rng = np.random.default_rng(seed)
-    return [
-        [
-            (
-                rng.integers(0, 16, (o, i // 32, 32), dtype=np.uint8),
-                (rng.random((o, i // 32)) * 0.01).astype(np.float16),
-                (-rng.random((o, i // 32)) * 0.05).astype(np.float16),
-            )
-            for o, i in SHAPES
-        ]
-        for _ in range(LAYERS)
-    ]
+
+    def q4_1(o: int, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        w = rng.normal(0.0, 0.05, (o, i // 32, 32)).astype(np.float32)
+        m = w.min(-1).astype(np.float16)
+        d = ((w.max(-1) - m.astype(np.float32)) / 15).astype(np.float16)
+        q = np.rint((w - m[..., None]) / d.astype(np.float32)[..., None])
+        return np.clip(q, 0, 15).astype(np.uint8), d, m
+
+    return [[q4_1(o, i) for o, i in SHAPES] for _ in range(LAYERS)]
 
 
 def rebuild(c: jax.Array, d: jax.Array, m: jax.Array) -> jax.Array:
@@ -94,6 +102,23 @@ def times_packed(x: jax.Array, q: tuple) -> jax.Array:
     return times_rebuilt(x, (c, d, m))
 
 
+def split3(x: jax.Array) -> jax.Array:
+    """x [T, in] float32 -> [3T, in] bfloat16 rows whose float32 sum per row block is x exactly
+    (8 + 8 + 8 significant bits; bfloat16 has float32's exponent range)."""
+    a = x.astype(jnp.bfloat16)
+    r = x - a.astype(F32)
+    b = r.astype(jnp.bfloat16)
+    return jnp.concatenate([a, b, (r - b.astype(F32)).astype(jnp.bfloat16)])
+
+
+def times_pieces(x: jax.Array, w: jax.Array) -> jax.Array:
+    """w [P, out, in] bfloat16 -> x @ (the sum of the P pieces).T, float32 [T, out]."""
+    T, (P, out, n_in) = x.shape[0], w.shape
+    y = jnp.einsum("oi,ti->ot", w.reshape(P * out, n_in), split3(x), preferred_element_type=F32)
+    y = y.reshape(P, out, 3, T)
+    return jnp.sum(y[::-1, :, ::-1], axis=(0, 2)).T  # smallest pieces first
+
+
 FORMS = {
     "f32": times_f32,
     "rebuilt": times_rebuilt,
@@ -101,6 +126,8 @@ FORMS = {
     "dot": times_dot,
     "factored": times_factored,
     "packed": times_packed,
+    "pieces": times_pieces,
+    "bf16": times_pieces,
 }
 
 
@@ -108,9 +135,16 @@ def operands(form: str, layers: list) -> list:
     """Each form's stored weights, on device."""
 
     def one(c: np.ndarray, d: np.ndarray, m: np.ndarray) -> object:
-        if form == "f32":
+        if form in ("f32", "pieces", "bf16"):
             w = c.astype(np.float32) * d.astype(np.float32)[..., None]
-            return jnp.asarray((w + m.astype(np.float32)[..., None]).reshape(c.shape[0], -1))
+            w = jnp.asarray((w + m.astype(np.float32)[..., None]).reshape(c.shape[0], -1))
+            if form == "f32":
+                return w
+            parts, rest = [], w
+            while bool(jnp.any(rest != 0)) and (form == "pieces" or not parts):
+                parts.append(rest.astype(jnp.bfloat16))
+                rest = rest - parts[-1].astype(F32)
+            return jnp.stack(parts)
         if form == "block_minor":
             c = np.ascontiguousarray(c.transpose(0, 2, 1))
         if form == "packed":

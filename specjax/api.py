@@ -228,8 +228,11 @@ def bind_drafter(model: Model, drafter: Drafter | None) -> tuple[DrafterSpec | N
     if drafter is None:
         return None, None
     spec, dparams = drafter.bind(model)
+    # The drafter computes in the target's dtype; arrays it takes from the target (embedding,
+    # head, layers) may be stored in another dtype the target stores (`Model.with_storage`).
     dtypes = {x.dtype for x in jax.tree.leaves(dparams) if jnp.issubdtype(x.dtype, jnp.floating)}
-    if dtypes and dtypes != {model.dtype}:
+    stored = {x.dtype for x in jax.tree.leaves(model.params)}
+    if dtypes and (model.dtype not in dtypes or not dtypes <= stored | {model.dtype}):
         raise ValueError(
             f"drafter {drafter.name!r} has dtype {sorted(map(str, dtypes))} but the "
             f"target is {model.dtype}: convert one with Model.astype(...)"

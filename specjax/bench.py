@@ -182,8 +182,9 @@ def _hf_runner(
     return run
 
 
-def load_hf_twin(model: Model) -> transformers.PreTrainedModel:
-    """The HF transformers model with the same weights as a named specjax model (GGUF)."""
+def load_hf_twin(model: Model, bf16_weights: bool = False) -> transformers.PreTrainedModel:
+    """The HF transformers model with the same weights as a named specjax model (GGUF), in
+    float32; `bf16_weights`: each rounded to bfloat16 as `specjax bench --bf16-weights` does."""
     import torch
     import transformers
 
@@ -201,6 +202,10 @@ def load_hf_twin(model: Model) -> transformers.PreTrainedModel:
         hf = transformers.AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=fname, dtype=torch.float32
         ).eval()
+    if bf16_weights:
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.copy_(p.to(torch.bfloat16).to(torch.float32))
     return hf
 
 

@@ -276,8 +276,32 @@ def cmd_demo(a: argparse.Namespace) -> None:
         print(line + "]")
 
 
+def _add_bf16_weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bf16-weights",
+        action="store_true",
+        help="round the model's weights to bfloat16, as a bfloat16 checkpoint holds them (a "
+        "model of its own, not the float32 one), and store them so while computing in float32 "
+        "(Model.with_storage): what a bfloat16 checkpoint decodes at; HF gets the same weights",
+    )
+
+
+def _bench_model(a: argparse.Namespace) -> Model:
+    """The model a bench command measures: `--model`, with `--bf16-weights` rounded to
+    bfloat16 and stored so."""
+    import jax.numpy as jnp
+
+    from specjax import load_model
+
+    model = load_model(a.model)
+    if getattr(a, "bf16_weights", False):
+        model = model.astype(jnp.bfloat16).astype(model.dtype).with_storage(jnp.bfloat16)
+    return model
+
+
 def _bench_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
+    _add_bf16_weights(p)
     p.add_argument("--questions", default=None, help="question .jsonl (default: Spec-Bench)")
     p.add_argument("--limit", type=positive_int, default=None, help="questions per category")
     p.add_argument("--categories", default=None, help="comma-separated subset")
@@ -317,7 +341,7 @@ def cmd_bench(a: argparse.Namespace, ar_only: bool = False) -> None:
     prompts = _questions(path, a.limit, cats)  # a bad file is reported before the model loads
     if not ar_only and a.batch != (1,):
         return _bench_batches(a, path, prompts)
-    model = load_model(a.model)
+    model = _bench_model(a)
     sampling = _bench_sampling(a)
     methods = {"ar": bench._spec_runner(model, None, a.max_new_tokens, sampling)}
     if not ar_only:
@@ -326,7 +350,7 @@ def cmd_bench(a: argparse.Namespace, ar_only: bool = False) -> None:
                 model, make_drafter(name, a.k, model, a.temperature), a.max_new_tokens, sampling
             )
     if ar_only or a.hf_baseline:
-        hf = bench.load_hf_twin(model)
+        hf = bench.load_hf_twin(model, bf16_weights=a.bf16_weights)
         eos = model.eos_token_ids
         methods["hf"] = bench._hf_runner(hf, a.max_new_tokens, eos, sampling)
         if not ar_only:
@@ -373,7 +397,7 @@ def _bench_meta(a: argparse.Namespace, path: str, model: Model, **extra: object)
 
 def _bench_batches(a: argparse.Namespace, path: str, prompts: list[dict]) -> None:
     """`bench --batch 1,4,16`: AR and the drafters at each batch size (bench_batch.py)."""
-    from specjax import bench_batch, load_model
+    from specjax import bench_batch
 
     if a.hf_baseline:
         raise SystemExit("specjax: --hf-baseline runs at batch 1 only; drop it or use --batch 1")
@@ -386,7 +410,7 @@ def _bench_batches(a: argparse.Namespace, path: str, prompts: list[dict]) -> Non
         bench_batch.usable_rows(len(prompts), a.batch)
     except ValueError as e:
         raise SystemExit(f"specjax: {e}") from None
-    model = load_model(a.model)
+    model = _bench_model(a)
     from specjax.drafters import registry
 
     methods: dict = {"ar": None}
@@ -418,9 +442,9 @@ def _batch_arg(text: str) -> tuple[int, ...]:
 def cmd_bench_verify(a: argparse.Namespace) -> None:
     import jax
 
-    from specjax import autotune, load_model
+    from specjax import autotune
 
-    model = load_model(a.model)
+    model = _bench_model(a)
     sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
     table = autotune.verify_cost_table(
         model, sizes, prompt_len=a.prompt_len, batch=a.batch, impl=a.impl, repeats=a.repeats
@@ -438,9 +462,9 @@ def cmd_bench_verify(a: argparse.Namespace) -> None:
 def cmd_bench_step(a: argparse.Namespace) -> None:
     import jax
 
-    from specjax import anatomy, load_model
+    from specjax import anatomy
 
-    model = load_model(a.model)
+    model = _bench_model(a)
     names = [d for d in a.drafters.split(",") if d]
     results = [
         anatomy.measure_step(
@@ -648,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench-verify", help="cost of one verify forward of T tokens, causal vs tree mask"
     )
     bv.add_argument("--model", default="smollm2-135m")
+    _add_bf16_weights(bv)
     bv.add_argument("--sizes", default="1,2,4,8,16,32", help="comma-separated block lengths T")
     bv.add_argument(
         "--prompt-len", type=positive_int, default=256, help="committed tokens in the cache"
@@ -659,6 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bs = sub.add_parser("bench-step", help="step anatomy: ms of each piece of one decode step")
     bs.add_argument("--model", default="smollm2-135m")
+    _add_bf16_weights(bs)
     bs.add_argument(
         "--drafters",
         default="none,ngram,eagle3_tree",

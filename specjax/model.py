@@ -22,7 +22,14 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from specjax.engine import xla
-from specjax.models import family_of, full_logits, is_unrolled, stack_layers, unstack_layers
+from specjax.models import (
+    compute_dtype,
+    family_of,
+    full_logits,
+    is_unrolled,
+    stack_layers,
+    unstack_layers,
+)
 from specjax.models.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -53,7 +60,7 @@ class Model:
 
     @property
     def dtype(self) -> np.dtype:
-        return self.params["embed"].dtype
+        return compute_dtype(self.params)
 
     @property
     def layout(self) -> str:
@@ -70,6 +77,18 @@ class Model:
         """The same model with its layer matrices stored as `orientation` says (the same
         function; products of a few rows accumulate in another order)."""
         params = family_of(self.config).orient(self.params, orientation)
+        return dataclasses.replace(self, params=params)
+
+    def with_storage(self, dtype: DTypeLike) -> Model:
+        """The same model with its matrices (layer products, embedding, head) stored in `dtype`
+        while it computes in its own dtype (`Model.dtype`, the norms'): for a float32 model whose
+        weights are all bfloat16 numbers (a bfloat16 checkpoint loaded in float32),
+        `with_storage(jnp.bfloat16)` is lossless and on CPUs with AVX-512-BF16 / AMX faster:
+        each product reads half the bytes and forms float32's result exactly from bfloat16
+        pieces (`llama.exact_bf16_product`). ValueError naming a matrix `dtype` cannot hold
+        exactly; `with_storage(model.dtype)` stores them back."""
+        dtype = float_dtype(dtype, "Model.with_storage(dtype)")
+        params = family_of(self.config).matrices_stored(self.params, dtype)
         return dataclasses.replace(self, params=params)
 
     def with_layout(self, layout: str) -> Model:

@@ -23,7 +23,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from specjax.model import Model, register_dir_loader
-from specjax.models import forward, init_cache, is_unrolled
+from specjax.models import compute_dtype, forward, init_cache, is_unrolled
 from specjax.models import vlm as vlm_fns
 from specjax.models.vlm import VLMConfig
 from specjax.prefix_cache import PrefixCache
@@ -81,7 +81,7 @@ def _full_logits_impl(
     params: dict, cfg: Any, tokens: jax.Array, embeds: jax.Array | None, mask: jax.Array | None
 ) -> jax.Array:
     B, T = tokens.shape
-    cache = init_cache(cfg, B, T, params["embed"].dtype, per_layer=is_unrolled(params))
+    cache = init_cache(cfg, B, T, compute_dtype(params), per_layer=is_unrolled(params))
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     logits, _, _ = forward(
         params, cfg, tokens, positions, cache, fresh=True, embeds=embeds, embed_mask=mask

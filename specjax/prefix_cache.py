@@ -26,7 +26,7 @@ import numpy as np
 
 from specjax import engine
 from specjax.decode import MIN_PROMPT_BUCKET, bucket
-from specjax.models import Hiddens, KVCache, init_cache, is_unrolled
+from specjax.models import Hiddens, KVCache, compute_dtype, init_cache, is_unrolled
 from specjax.vision_cache import ByteLRU, content_hash
 
 if TYPE_CHECKING:
@@ -113,8 +113,8 @@ def _restore(
     cache once per row: 8192 rows sharing one image took minutes)."""
     B = len(entries)
     unrolled = is_unrolled(params)
-    cache = init_cache(pc.target, B, P + width, params["embed"].dtype, per_layer=unrolled)
-    dtype = params["embed"].dtype
+    dtype = compute_dtype(params)
+    cache = init_cache(pc.target, B, P + width, dtype, per_layer=unrolled)
     uniq: list[dict] = []
     slot = {}
     rows = np.zeros(B, np.int32)  # 0: the all-zero entry

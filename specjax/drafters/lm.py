@@ -40,7 +40,7 @@ from specjax.engine.protocol import (
     TreeDraft,
     Verified,
 )
-from specjax.models import forward, is_unrolled
+from specjax.models import compute_dtype, forward, is_unrolled
 from specjax.models.cache import KVCache, gather_slots, init_cache
 from specjax.models.config import ModelConfig
 from specjax.sampling import SamplingMode, chosen_logp, pick_token, rank_logp
@@ -89,7 +89,7 @@ class LMDrafterSpec(DrafterSpec):
             cache = KVCache(k=tc.k[:n], v=tc.v[:n], lengths=prefill.lengths)
         else:
             cache = init_cache(
-                self.cfg, B, max_len, params["embed"].dtype, per_layer=is_unrolled(params)
+                self.cfg, B, max_len, compute_dtype(params), per_layer=is_unrolled(params)
             )
             positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
             inp = prefill.input

@@ -21,7 +21,7 @@ from specjax.engine import xla
 from specjax.engine.protocol import Params, PrefillInput, TargetPrefill, Verified
 from specjax.engine.state import EngineConfig, LoopState, PrefillConfig
 from specjax.engine.verify import verify, verify_index
-from specjax.models import Hiddens, forward, is_unrolled
+from specjax.models import Hiddens, compute_dtype, forward, is_unrolled
 from specjax.models.cache import KVCache, constrain_cache, grow_cache, init_cache
 from specjax.sampling import sample_token
 
@@ -48,7 +48,7 @@ def target_prefill(
     every output budget and drafter slack share one compiled prefill. `start_loop` grows it."""
     TRACE_COUNTS["prefill"] += 1
     B, P = inp.tokens.shape
-    cache = init_cache(pc.target, B, P, params["embed"].dtype, per_layer=is_unrolled(params))
+    cache = init_cache(pc.target, B, P, compute_dtype(params), per_layer=is_unrolled(params))
     cache = constrain_cache(cache, pc.kv_sharding)
     logits, hiddens, cache = forward(
         params,

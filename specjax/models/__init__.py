@@ -18,6 +18,7 @@ from specjax.models.family import (
     FAMILIES,
     Family,
     Hiddens,
+    compute_dtype,
     family_of,
     forward,
     forward_hidden,
@@ -28,6 +29,7 @@ from specjax.models.family import (
 )
 
 __all__ = [
+    "compute_dtype",
     "FAMILIES",
     "Family",
     "Hiddens",

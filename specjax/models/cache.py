@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import DTypeLike
 
 from specjax.models.config import ModelConfig
-from specjax.models.family import forward, is_unrolled
+from specjax.models.family import compute_dtype, forward, is_unrolled
 
 
 @struct.dataclass
@@ -172,7 +172,7 @@ def full_logits(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     """Logits [B, T, V] of a full causal forward over `tokens` in a fresh cache (for tests and
     users)."""
     B, T = tokens.shape
-    cache = init_cache(cfg, B, T, params["embed"].dtype, per_layer=is_unrolled(params))
+    cache = init_cache(cfg, B, T, compute_dtype(params), per_layer=is_unrolled(params))
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     logits, _, _ = forward(params, cfg, tokens, positions, cache, fresh=True)
     return logits

@@ -91,6 +91,36 @@ class Family:
         layers = [layer(lp) for lp in layers] if is_unrolled(params) else layer(layers)
         return dict(params, layers=layers)
 
+    def matrices_stored(self, params: dict, dtype: Any) -> dict:
+        """The same params with every matrix (layer products, embedding, head) stored in
+        `dtype`, the norms and biases as they are: what `Model.with_storage` keeps. ValueError
+        naming the first matrix that `dtype` cannot hold exactly."""
+        names = set(self.out_in_names) | set(self.out_in_names.values())
+
+        def store(where: str, w: Any) -> Any:
+            if w.dtype == dtype:
+                return w
+            stored = jnp.asarray(w).astype(dtype)
+            bad = int(jnp.sum(stored.astype(w.dtype) != w))
+            if bad:
+                raise ValueError(
+                    f"{where} is not exactly representable in {jnp.dtype(dtype).name}: {bad} of "
+                    f"{w.size} weights would round; with_storage only stores weights losslessly "
+                    "(a bfloat16 checkpoint loaded in float32 is); Model.astype rounds them"
+                )
+            return stored
+
+        def layer(i: int | str, lp: dict) -> dict:
+            return {n: store(f"layer {i} {n}", w) if n in names else w for n, w in lp.items()}
+
+        layers = params["layers"]
+        if is_unrolled(params):
+            layers = [layer(i, lp) for i, lp in enumerate(layers)]
+        else:
+            layers = layer("(stacked)", layers)
+        top = {n: store(n, params[n]) for n in ("embed", "lm_head") if n in params}
+        return dict(params, layers=layers, **top)
+
 
 def register_family(family: Family) -> Family:
     FAMILIES[family.name] = family
@@ -131,6 +161,13 @@ def lm_head(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
 
 def is_unrolled(params: dict) -> bool:
     return isinstance(params["layers"], (list, tuple))
+
+
+def compute_dtype(params: dict) -> Any:
+    """The dtype a model's activations and KV cache run in: its final norm's. That is the
+    params' dtype, except where `Model.with_storage` keeps the matrices in bfloat16 and the
+    norms (with the computation) in float32."""
+    return params["final_norm"].dtype
 
 
 def unstack_layers(params: dict) -> dict:

@@ -18,6 +18,12 @@ where a product of 2-16 rows against an [out, in] matrix runs ~20% faster as a r
 than XLA's small-M matrix product (see `linear`). The names say the orientation, so a traced
 function knows it from the pytree's structure.
 
+The matrices (layer products, embedding, head) may be stored in bfloat16 while the model
+computes in float32 (`Model.with_storage`): where every weight is exactly a bfloat16 number,
+as in a bfloat16 checkpoint, `times_out_in` forms the float32 products exactly from bfloat16
+pieces (`exact_bf16_product`) at half the bytes. `compute_dtype` is the activations' dtype (the
+norms', which always keep it).
+
 Axis letters used in einsums: b batch, t query tokens, s key slots, k kv heads, g query heads per
 kv head, d head dim.
 """
@@ -35,7 +41,7 @@ import numpy as np
 from pallas_kernels import tree_attention
 from specjax.models.cache import BlockKV, KVCache, write_block
 from specjax.models.config import ModelConfig
-from specjax.models.family import Family, Hiddens, is_unrolled, register_family
+from specjax.models.family import Family, Hiddens, compute_dtype, is_unrolled, register_family
 
 ATTENTION_IMPLS = ("xla", "pallas")
 # Query block of a causal prefill (`_causal_blocks`); 0 computes the full T x T scores.
@@ -357,16 +363,70 @@ def linear(x: jax.Array, lp: dict, name: str) -> jax.Array:
     """x [..., in] times the layer matrix `name`, stored [in, out] under `name` or [out, in]
     under `OUT_IN_NAMES[name]` -> [..., out]."""
     if name in lp:
-        return x @ lp[name]
+        return times_in_out(x, lp[name])
     return times_out_in(x, lp[OUT_IN_NAMES[name]])
+
+
+# `exact_bf16_product` puts the matrix on the left for up to this many bfloat16 rows (3 per
+# float32 row). SmolLM2-135M rounded to bfloat16, verify forward, prefix 256 (scratch
+# comparison in one process, 2026-12-07, 2 rounds): T = 1 / 2 / 4 / 8 26.6-29.5 / 28.9-29.4 /
+# 35.3-36.5 / 66.6-71.5 ms with the matrix on the left, 35.3-35.7 / 35.5-37.3 / 42.8-43.5 /
+# 58.1-60.7 with x on the left.
+EXACT_BF16_W_LEFT_ROWS = 16
+
+
+def split_bf16(x: jax.Array) -> jax.Array:
+    """float32 x [rows, n] -> bfloat16 [3 rows, n]: three blocks of rows whose float32 sum is x
+    exactly (8 + 8 + 8 significant bits, and bfloat16 has float32's exponent range)."""
+    hi = x.astype(jnp.bfloat16)
+    rest = x - hi.astype(jnp.float32)
+    mid = rest.astype(jnp.bfloat16)
+    lo = (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)
+    return jnp.concatenate([hi, mid, lo])
+
+
+def exact_bf16_product(x: jax.Array, w: jax.Array, w_axes: str = "oi") -> jax.Array:
+    """float32 x [rows, in] times bfloat16 w ([out, in] for `w_axes` "oi", [in, out] for "io")
+    -> float32 [rows, out], exact to float32.
+
+    x is split into three bfloat16 pieces (`split_bf16`), so every partial product x_i w_i is an
+    8 x 8-bit product, exact in float32, and one bfloat16 product accumulating in float32 forms
+    all of them: the float32 product of x and w summed in another order. On CPUs with
+    AVX-512-BF16 or AMX it reads 2 bytes a weight where float32 reads 4, and 3-48 rows run at
+    about one row's cost (a bfloat16 product of one row, or bfloat16 activations, would be ~10x
+    slower or inexact). SmolLM2-135M's four layer products x 30 layers, weights rounded to
+    bfloat16 (`python benchmarks/q4_codes.py --forms f32,bf16 --rows 1,2,4,8`, 2026-12-07, the
+    2-core Xeon VM): T = 1 / 4 / 8 16.4-18.7 / 20.2-22.6 / 30.4-30.8 ms against 23.5 / 30.3-37.0
+    / 39.0-40.3 ms in float32."""
+    rows, pieces = x.shape[0], split_bf16(x)
+    if w_axes == "oi" and 3 * rows <= EXACT_BF16_W_LEFT_ROWS:
+        # The matrix as the left operand: for a few rows its kernel streams the weights at
+        # ~the memory rate (SmolLM2, T = 1: 26.6-29.5 ms against 35.3-35.7 with x on the left).
+        y = jnp.einsum("oi,ti->ot", w, pieces, preferred_element_type=jnp.float32)
+        y = y.reshape(-1, 3, rows).transpose(1, 2, 0)
+    else:
+        y = jnp.einsum(f"ti,{w_axes}->to", pieces, w, preferred_element_type=jnp.float32)
+        y = y.reshape(3, rows, y.shape[-1])
+    return (y[2] + y[1]) + y[0]  # the small pieces first
+
+
+def times_in_out(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] @ w for w stored [in, out] (`exact_bf16_product` for a bfloat16-stored w)."""
+    if w.dtype == jnp.bfloat16 and x.dtype == jnp.float32:
+        y = exact_bf16_product(x.reshape(-1, x.shape[-1]), w, "io")
+        return y.reshape(*x.shape[:-1], w.shape[-1])
+    return x @ w
 
 
 def times_out_in(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., in] @ w.T for w stored [out, in] -> [..., out], in the form XLA runs fastest for
-    this many rows (on CPU: `ROW_REDUCE_ROWS`; a matrix-vector product for one row)."""
+    this many rows (on CPU: `ROW_REDUCE_ROWS`; a matrix-vector product for one row); a float32 x
+    against a bfloat16-stored w is `exact_bf16_product`."""
     lead, n_in = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
     x2 = x.reshape(rows, n_in)
+    if w.dtype == jnp.bfloat16 and x.dtype == jnp.float32:
+        return exact_bf16_product(x2, w).reshape(*lead, w.shape[0])
     lo, hi = ROW_REDUCE_ROWS
     cpu = jax.default_backend() == "cpu"
     if cpu and lo <= rows <= hi:
@@ -404,12 +464,13 @@ def embed_tokens(
 ) -> jax.Array:
     """Input embeddings [B, T, D]: the token embeddings, with `embeds` [B, T, D] in their place
     everywhere (no mask) or where `embed_mask` [B, T] is True."""
+    dtype = compute_dtype(params)
     if embeds is None:
-        return params["embed"][tokens]
-    embeds = embeds.astype(params["embed"].dtype)
+        return params["embed"][tokens].astype(dtype)
+    embeds = embeds.astype(dtype)
     if embed_mask is None:
         return embeds
-    return jnp.where(embed_mask[..., None], embeds, params["embed"][tokens])
+    return jnp.where(embed_mask[..., None], embeds, params["embed"][tokens].astype(dtype))
 
 
 def forward_hidden(
@@ -594,7 +655,7 @@ def lm_head(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     if cfg.tie_word_embeddings:
         out = times_out_in(h, params["embed"])  # embed [V, D] is already [out, in]
     else:
-        out = h @ params["lm_head"]
+        out = times_in_out(h, params["lm_head"])
     return out.astype(jnp.float32)
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.models import forward_hidden
+from specjax.models import compute_dtype, forward_hidden
 from specjax.models.cache import init_cache
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def _feature_fn(target: Model, layers: tuple) -> Callable[..., tuple[jax.Array, 
         B, S = tokens.shape
         pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         cache = init_cache(
-            cfg, B, S, params["embed"].dtype, per_layer=isinstance(params["layers"], (list, tuple))
+            cfg, B, S, compute_dtype(params), per_layer=isinstance(params["layers"], (list, tuple))
         )
         hid, _ = forward_hidden(
             params,

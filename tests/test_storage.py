@@ -1,0 +1,130 @@
+"""Matrices stored in bfloat16 while the model computes in float32 (`Model.with_storage`): the
+products are float32's exactly (`llama.exact_bf16_product`), so a bfloat16 checkpoint runs at
+half the bytes with float32's logits and every drafter stays exact against it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import specjax
+from specjax import drafters
+from specjax.models.llama import exact_bf16_product, split_bf16
+
+from conftest import RAGGED_PROMPTS
+from test_eagle import echo_eagle1
+
+NEW = 16
+
+
+def bf16_checkpoint(hf):
+    """The HF model with every parameter rounded to bfloat16 (kept float32): what a bfloat16
+    checkpoint is once loaded in float32."""
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    return hf
+
+
+@pytest.fixture(scope="module")
+def hf_bf16(make_hf_model):
+    return bf16_checkpoint(make_hf_model("llama", seed=5))
+
+
+@pytest.fixture(scope="module")
+def pair(hf_bf16):
+    """(float32 model, the same with its matrices stored in bfloat16)."""
+    f32 = specjax.model_from_hf(hf_bf16)
+    return f32, f32.with_storage(jnp.bfloat16)
+
+
+def test_split_bf16_is_exact():
+    rng = np.random.default_rng(0)
+    # Values over a wide exponent range, and the three pieces of each sum back exactly.
+    x = (rng.standard_normal((4, 257)) * 10.0 ** rng.integers(-20, 20, (4, 257))).astype(
+        np.float32
+    )
+    pieces = split_bf16(jnp.asarray(x))
+    assert pieces.dtype == jnp.bfloat16 and pieces.shape == (12, 257)
+    p = np.asarray(pieces.astype(jnp.float32)).reshape(3, 4, 257)
+    assert np.array_equal((p[0] + p[1]) + p[2], x)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
+def test_exact_bf16_product_is_float32_accurate(rows):
+    """Against a float64 reference, the product errs no more than float32's own (a few ulps
+    of the sum of |x w|); one bfloat16 piece of x alone (what bfloat16 activations would do)
+    errs ~2^-9 of it and fails the same bound."""
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 576)).astype(np.float32)
+    w = jnp.asarray(rng.standard_normal((96, 576)) / 24, jnp.bfloat16)
+    w64 = np.asarray(w.astype(jnp.float32), np.float64)
+    ref = x.astype(np.float64) @ w64.T
+    scale = np.abs(x).astype(np.float64) @ np.abs(w64).T  # error bounds scale with sum |x w|
+    bound = 16 * np.finfo(np.float32).eps * scale
+    ours = np.asarray(exact_bf16_product(jnp.asarray(x), w), np.float64)
+    assert ours.dtype == np.float64 and np.all(np.abs(ours - ref) <= bound)
+    # Negative control: the high piece only.
+    x_hi = np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    assert np.any(np.abs(x_hi @ w64.T - ref) > bound)
+    # The [in, out] orientation (another kernel, another summation order) is as accurate.
+    io = np.asarray(exact_bf16_product(jnp.asarray(x), w.T, "io"), np.float64)
+    assert np.all(np.abs(io - ref) <= bound)
+
+
+def test_with_storage_keeps_the_computation(pair, hf_bf16):
+    f32, b16 = pair
+    lp = b16.params["layers"][0]
+    assert b16.params["embed"].dtype == jnp.bfloat16
+    assert {lp[n].dtype for n in ("wqkv_t", "wo_t", "w_gate_up_t", "w_down_t")} == {
+        jnp.dtype(jnp.bfloat16)
+    }
+    assert lp["attn_norm"].dtype == jnp.float32 and b16.dtype == jnp.float32
+    # Half the bytes of the matrices, losslessly: storing back gives the float32 params.
+    size = sum(x.nbytes for x in jax.tree.leaves(b16.params))
+    assert size < 0.6 * sum(x.nbytes for x in jax.tree.leaves(f32.params))
+    back = b16.with_storage(jnp.float32)
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(f32.params))
+    )
+    # float32 logits: HF's and the float32-stored model's, to float32 rounding.
+    ids = RAGGED_PROMPTS[2]
+    ours = np.asarray(b16.logits(ids))
+    np.testing.assert_allclose(ours, np.asarray(f32.logits(ids)), rtol=0, atol=2e-5)
+    with torch.no_grad():
+        hf = hf_bf16(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(ours, hf, rtol=0, atol=1e-4)
+
+
+def test_with_storage_refuses_to_round(make_hf_model):
+    model = specjax.model_from_hf(make_hf_model("llama", seed=6))
+    with pytest.raises(ValueError, match=r"layer 0 \w+ is not exactly representable in bfloat16"):
+        model.with_storage(jnp.bfloat16)
+    with pytest.raises(TypeError, match="floating dtype"):
+        model.with_storage(jnp.int8)
+
+
+@pytest.mark.parametrize("layout", ["unrolled", "scan"])
+def test_bf16_storage_greedy_equals_ar(pair, layout):
+    """Every drafter kind against the bfloat16-stored target, ragged batch: its greedy output
+    is the same target's plain greedy output, and that is the float32-stored model's."""
+    f32, b16 = pair
+    b16 = b16.with_layout(layout)
+    ar = specjax.generate(b16, RAGGED_PROMPTS, max_new_tokens=NEW).tokens
+    assert ar == specjax.generate(f32, RAGGED_PROMPTS, max_new_tokens=NEW).tokens
+    makers = {
+        "ngram": lambda: drafters.ngram(k=4),
+        "layer_skip": lambda: drafters.layer_skip(layers=1, k=3),
+        # EAGLE-1 reads the target's (bfloat16-stored) embedding and head.
+        "eagle_tree": lambda: drafters.eagle(
+            echo_eagle1(b16), tree=drafters.DynamicTree(nodes=5, depth=3, top_k=2)
+        ),
+    }
+    for name, make in makers.items():
+        out = specjax.generate(b16, RAGGED_PROMPTS, max_new_tokens=NEW, drafter=make())
+        assert out.tokens == ar, name
+        assert sum(out.stats["acceptance_histogram"][1:]) > 0, name
