@@ -23,7 +23,9 @@ layers' four products ([out, in] = qkv [960, 576], attention output [576, 576], 
   summed in another order, at float32's bytes;
 - `bf16`: the weights rounded to one bfloat16 (half the bytes; a different model, so its `diff`
   is the rounding's, not the product's), `x` in three pieces as above: what a bfloat16
-  checkpoint (exactly one piece) would cost computed exactly in float32.
+  checkpoint (exactly one piece) costs computed exactly in float32 (`Model.with_storage`:
+  `llama.exact_bf16_product`); `bf16_wleft` / `bf16_xleft` the same with the matrix / the
+  pieces always on the left of the product (the engine picks by rows).
 
 The printed `diff` is the largest difference of each chain's output from `f32`'s.
 
@@ -40,6 +42,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from specjax.models import llama
 
 LAYERS = 30
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) of each layer product
@@ -102,21 +106,15 @@ def times_packed(x: jax.Array, q: tuple) -> jax.Array:
     return times_rebuilt(x, (c, d, m))
 
 
-def split3(x: jax.Array) -> jax.Array:
-    """x [T, in] float32 -> [3T, in] bfloat16 rows whose float32 sum per row block is x exactly
-    (8 + 8 + 8 significant bits; bfloat16 has float32's exponent range)."""
-    a = x.astype(jnp.bfloat16)
-    r = x - a.astype(F32)
-    b = r.astype(jnp.bfloat16)
-    return jnp.concatenate([a, b, (r - b.astype(F32)).astype(jnp.bfloat16)])
-
-
 def times_pieces(x: jax.Array, w: jax.Array) -> jax.Array:
     """w [P, out, in] bfloat16 -> x @ (the sum of the P pieces).T, float32 [T, out]."""
-    T, (P, out, n_in) = x.shape[0], w.shape
-    y = jnp.einsum("oi,ti->ot", w.reshape(P * out, n_in), split3(x), preferred_element_type=F32)
-    y = y.reshape(P, out, 3, T)
-    return jnp.sum(y[::-1, :, ::-1], axis=(0, 2)).T  # smallest pieces first
+    P, out, n_in = w.shape
+    y = llama.exact_bf16_product(x, w.reshape(P * out, n_in))
+    return jnp.sum(y.reshape(x.shape[0], P, out)[:, ::-1], axis=1)  # smallest pieces first
+
+
+def times_bf16(x: jax.Array, w: jax.Array, w_left: bool | None = None) -> jax.Array:
+    return llama.exact_bf16_product(x, w[0], w_left=w_left)
 
 
 FORMS = {
@@ -127,7 +125,9 @@ FORMS = {
     "factored": times_factored,
     "packed": times_packed,
     "pieces": times_pieces,
-    "bf16": times_pieces,
+    "bf16": times_bf16,
+    "bf16_wleft": functools.partial(times_bf16, w_left=True),
+    "bf16_xleft": functools.partial(times_bf16, w_left=False),
 }
 
 
@@ -135,7 +135,7 @@ def operands(form: str, layers: list) -> list:
     """Each form's stored weights, on device."""
 
     def one(c: np.ndarray, d: np.ndarray, m: np.ndarray) -> object:
-        if form in ("f32", "pieces", "bf16"):
+        if form == "f32" or form.startswith(("pieces", "bf16")):
             w = c.astype(np.float32) * d.astype(np.float32)[..., None]
             w = jnp.asarray((w + m.astype(np.float32)[..., None]).reshape(c.shape[0], -1))
             if form == "f32":

@@ -367,11 +367,10 @@ def linear(x: jax.Array, lp: dict, name: str) -> jax.Array:
     return times_out_in(x, lp[OUT_IN_NAMES[name]])
 
 
-# `exact_bf16_product` puts the matrix on the left for up to this many bfloat16 rows (3 per
-# float32 row). SmolLM2-135M rounded to bfloat16, verify forward, prefix 256 (scratch
-# comparison in one process, 2026-12-07, 2 rounds): T = 1 / 2 / 4 / 8 26.6-29.5 / 28.9-29.4 /
-# 35.3-36.5 / 66.6-71.5 ms with the matrix on the left, 35.3-35.7 / 35.5-37.3 / 42.8-43.5 /
-# 58.1-60.7 with x on the left.
+# `exact_bf16_product` puts an [out, in] matrix on the left of the product for up to this many
+# bfloat16 rows (3 per float32 row): there its kernel streams the weights faster, beyond it the
+# pieces on the left run faster (`python benchmarks/q4_codes.py --forms bf16_wleft,bf16_xleft`,
+# benchmarks/RESULTS.md section 8).
 EXACT_BF16_W_LEFT_ROWS = 16
 
 
@@ -385,24 +384,24 @@ def split_bf16(x: jax.Array) -> jax.Array:
     return jnp.concatenate([hi, mid, lo])
 
 
-def exact_bf16_product(x: jax.Array, w: jax.Array, w_axes: str = "oi") -> jax.Array:
+def exact_bf16_product(
+    x: jax.Array, w: jax.Array, w_axes: str = "oi", w_left: bool | None = None
+) -> jax.Array:
     """float32 x [rows, in] times bfloat16 w ([out, in] for `w_axes` "oi", [in, out] for "io")
     -> float32 [rows, out], exact to float32.
 
     x is split into three bfloat16 pieces (`split_bf16`), so every partial product x_i w_i is an
     8 x 8-bit product, exact in float32, and one bfloat16 product accumulating in float32 forms
     all of them: the float32 product of x and w summed in another order. On CPUs with
-    AVX-512-BF16 or AMX it reads 2 bytes a weight where float32 reads 4, and 3-48 rows run at
-    about one row's cost (a bfloat16 product of one row, or bfloat16 activations, would be ~10x
-    slower or inexact). SmolLM2-135M's four layer products x 30 layers, weights rounded to
-    bfloat16 (`python benchmarks/q4_codes.py --forms f32,bf16 --rows 1,2,4,8`, 2026-12-07, the
-    2-core Xeon VM): T = 1 / 4 / 8 16.4-18.7 / 20.2-22.6 / 30.4-30.8 ms against 23.5 / 30.3-37.0
-    / 39.0-40.3 ms in float32."""
+    AVX-512-BF16 or AMX it reads 2 bytes a weight where float32 reads 4 (a bfloat16 product of
+    one row would be ~10x slower, bfloat16 activations inexact). `w_left` puts an [out, in]
+    matrix on the left of the product (default: for up to `EXACT_BF16_W_LEFT_ROWS` bfloat16
+    rows). Measured: benchmarks/RESULTS.md, section 8."""
     rows, pieces = x.shape[0], split_bf16(x)
-    if w_axes == "oi" and 3 * rows <= EXACT_BF16_W_LEFT_ROWS:
-        # The matrix as the left operand: for a few rows its kernel streams the weights at
-        # ~the memory rate (SmolLM2, T = 1: 26.6-29.5 ms against 35.3-35.7 with x on the left).
-        y = jnp.einsum("oi,ti->ot", w, pieces, preferred_element_type=jnp.float32)
+    if w_left is None:
+        w_left = w_axes == "oi" and 3 * rows <= EXACT_BF16_W_LEFT_ROWS
+    if w_left:
+        y = jnp.einsum(f"{w_axes},ti->ot", w, pieces, preferred_element_type=jnp.float32)
         y = y.reshape(-1, 3, rows).transpose(1, 2, 0)
     else:
         y = jnp.einsum(f"ti,{w_axes}->to", pieces, w, preferred_element_type=jnp.float32)
