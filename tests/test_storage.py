@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from test_eagle import echo_eagle1
 
 import specjax
 from specjax import drafters
 from specjax.models.llama import exact_bf16_product, split_bf16
 
 from conftest import RAGGED_PROMPTS
-from test_eagle import echo_eagle1
 
 NEW = 16
 
@@ -44,9 +44,7 @@ def pair(hf_bf16):
 def test_split_bf16_is_exact():
     rng = np.random.default_rng(0)
     # Values over a wide exponent range, and the three pieces of each sum back exactly.
-    x = (rng.standard_normal((4, 257)) * 10.0 ** rng.integers(-20, 20, (4, 257))).astype(
-        np.float32
-    )
+    x = (rng.standard_normal((4, 257)) * 10.0 ** rng.integers(-20, 20, (4, 257))).astype(np.float32)
     pieces = split_bf16(jnp.asarray(x))
     assert pieces.dtype == jnp.bfloat16 and pieces.shape == (12, 257)
     p = np.asarray(pieces.astype(jnp.float32)).reshape(3, 4, 257)
@@ -110,15 +108,15 @@ def test_with_storage_refuses_to_round(make_hf_model):
 
 @pytest.mark.parametrize("layout", ["unrolled", "scan"])
 def test_bf16_storage_greedy_equals_ar(pair, layout):
-    """Every drafter kind against the bfloat16-stored target, ragged batch: its greedy output
-    is the same target's plain greedy output, and that is the float32-stored model's."""
+    """A token-level drafter and a feature-level tree against the bfloat16-stored target,
+    ragged batch: its greedy output is the same target's plain greedy output, and that is the
+    float32-stored model's."""
     f32, b16 = pair
     b16 = b16.with_layout(layout)
     ar = specjax.generate(b16, RAGGED_PROMPTS, max_new_tokens=NEW).tokens
     assert ar == specjax.generate(f32, RAGGED_PROMPTS, max_new_tokens=NEW).tokens
     makers = {
         "ngram": lambda: drafters.ngram(k=4),
-        "layer_skip": lambda: drafters.layer_skip(layers=1, k=3),
         # EAGLE-1 reads the target's (bfloat16-stored) embedding and head.
         "eagle_tree": lambda: drafters.eagle(
             echo_eagle1(b16), tree=drafters.DynamicTree(nodes=5, depth=3, top_k=2)
