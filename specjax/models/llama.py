@@ -368,15 +368,17 @@ def linear(x: jax.Array, lp: dict, name: str) -> jax.Array:
 
 
 # `exact_bf16_product` puts an [out, in] matrix on the left of the product for up to this many
-# bfloat16 rows (3 per float32 row): there its kernel streams the weights faster, beyond it the
-# pieces on the left run faster (`python benchmarks/q4_codes.py --forms bf16_wleft,bf16_xleft`,
-# benchmarks/RESULTS.md section 8).
+# bfloat16 rows (3 per float32 row, so T <= 5), the pieces beyond: with the matrix on the left
+# T <= 4 ran faster in every run; for T = 8-16 the runs disagreed (`python
+# benchmarks/bf16_left_operand.py`, `python benchmarks/q4_codes.py --forms
+# bf16_wleft,bf16_xleft`; benchmarks/RESULTS.md section 8).
 EXACT_BF16_W_LEFT_ROWS = 16
 
 
 def split_bf16(x: jax.Array) -> jax.Array:
     """float32 x [rows, n] -> bfloat16 [3 rows, n]: three blocks of rows whose float32 sum is x
-    exactly (8 + 8 + 8 significant bits, and bfloat16 has float32's exponent range)."""
+    exactly (8 + 8 + 8 significant bits, and bfloat16 has float32's exponent range; only values
+    below ~2^-110, whose smallest piece would be subnormal, may lose it)."""
     hi = x.astype(jnp.bfloat16)
     rest = x - hi.astype(jnp.float32)
     mid = rest.astype(jnp.bfloat16)
