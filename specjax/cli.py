@@ -294,7 +294,7 @@ def _bench_model(a: argparse.Namespace) -> Model:
     from specjax import load_model
 
     model = load_model(a.model)
-    if getattr(a, "bf16_weights", False):
+    if a.bf16_weights:  # every bench command has the flag
         model = model.astype(jnp.bfloat16).astype(model.dtype).with_storage(jnp.bfloat16)
     return model
 
