@@ -228,11 +228,14 @@ def bind_drafter(model: Model, drafter: Drafter | None) -> tuple[DrafterSpec | N
     if drafter is None:
         return None, None
     spec, dparams = drafter.bind(model)
-    # The drafter computes in the target's dtype; arrays it takes from the target (embedding,
-    # head, layers) may be stored in another dtype the target stores (`Model.with_storage`).
+    # The drafter computes in the target's dtype; its matrices may be stored in another dtype
+    # (`Model.with_storage`): one the target stores (arrays it takes from the target) or, for a
+    # float32 target, bfloat16 (a small-model drafter `load_model` stored so).
     dtypes = {x.dtype for x in jax.tree.leaves(dparams) if jnp.issubdtype(x.dtype, jnp.floating)}
-    stored = {x.dtype for x in jax.tree.leaves(model.params)}
-    if dtypes and (model.dtype not in dtypes or not dtypes <= stored | {model.dtype}):
+    stored = {x.dtype for x in jax.tree.leaves(model.params)} | {model.dtype}
+    if model.dtype == jnp.float32:
+        stored.add(jnp.dtype(jnp.bfloat16))
+    if dtypes and (model.dtype not in dtypes or not dtypes <= stored):
         raise ValueError(
             f"drafter {drafter.name!r} has dtype {sorted(map(str, dtypes))} but the "
             f"target is {model.dtype}: convert one with Model.astype(...)"

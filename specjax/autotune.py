@@ -30,6 +30,7 @@ from specjax.drafters import DraftGate, DynamicTree, VerifySizing, registry
 from specjax.engine import tree as tree_lib
 from specjax.models import forward, is_unrolled
 from specjax.models.cache import KVCache, init_cache
+from specjax.paths import cache_root, store_json
 
 if TYPE_CHECKING:
     from specjax.engine.protocol import Drafter
@@ -480,8 +481,6 @@ def cached_sizing(
     import os
     import re
 
-    from specjax.model import cache_root
-
     key = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{auto_key(model)}-{name}-{tree.nodes}_{tree.depth}")
     key += f"_{tree.top_k}"
     path = os.path.join(cache_root(), "auto", f"sizing-{key}.json")
@@ -493,11 +492,7 @@ def cached_sizing(
     except (OSError, ValueError, KeyError, TypeError):
         pass  # measured below
     _, rec = measure_sizing(model, make, tree, progress=progress)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(rec, key=key), f, indent=1)
-    os.replace(tmp, path)  # atomic: a crash leaves the old file or none
+    store_json(path, dict(rec, key=key))
     return _sizing(rec, gate)
 
 
@@ -557,8 +552,6 @@ def choose_drafter(
     """
     import os
 
-    from specjax.model import cache_root
-
     temp, B = auto_temperature(temperature), auto_batch(batch)
     names = auto_candidates(model)
     if B > 1:  # plain decoding against the batch-1 choice (read from its cache once measured)
@@ -593,7 +586,7 @@ def choose_drafter(
         "choice": choice,
         "table": table,
     }
-    _store(path, rec)
+    store_json(path, rec)
     return choice, table
 
 
@@ -632,18 +625,6 @@ def _cached_table(path: str, model: Model, temp: float, batch: int) -> list[dict
     except (OSError, ValueError, KeyError, TypeError, StopIteration):
         pass
     return None
-
-
-def _store(path: str, rec: dict) -> None:
-    """Write `rec` as JSON at `path` atomically: a crash leaves the old file or none."""
-    import json
-    import os
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(rec, f, indent=1)
-    os.replace(tmp, path)
 
 
 # A batch race times each candidate on at least this many batches: the paired test of

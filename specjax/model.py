@@ -31,6 +31,7 @@ from specjax.models import (
     unstack_layers,
 )
 from specjax.models.config import ModelConfig
+from specjax.paths import cache_root
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -151,12 +152,6 @@ class Model:
 
 
 _full_logits_jit = xla.jit(static_argnums=1)(full_logits)
-
-
-def cache_root() -> str:
-    return os.environ.get(
-        "SPECJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "specjax")
-    )
 
 
 def float_dtype(dtype: DTypeLike, what: str = "dtype") -> np.dtype:
@@ -452,10 +447,37 @@ def load_model(
     *,
     dtype: DTypeLike | None = None,
     layout: str = "unrolled",
+    storage: str | DTypeLike = "auto",
 ) -> Model:
     """Load a model by name ("smollm2-135m"), HF checkpoint directory, GGUF file, or a directory
     written by `specjax convert`. Named models are converted once and cached as orbax checkpoints
-    under $SPECJAX_CACHE (default ~/.cache/specjax). `layout`: see `Model.with_layout`."""
+    under $SPECJAX_CACHE (default ~/.cache/specjax). `layout`: see `Model.with_layout`.
+
+    `storage`: the dtype the matrices are kept in while the model computes in `dtype`. "auto"
+    (default): a model computing in float32 whose weights are all bfloat16 numbers (a bfloat16
+    checkpoint) keeps them in bfloat16 if that measured faster on this device
+    (`specjax.storage`; lossless either way); "float32" / "bfloat16" choose
+    (`Model.with_storage`)."""
+    from specjax.storage import auto_storage, storage_dtype
+
+    storage = storage_dtype(storage)  # a bad value fails before any slow conversion
+    model = _load_model(name_or_path, dtype, layout)
+    if storage == "auto":
+        return auto_storage(model) if isinstance(model, Model) else model
+    if not isinstance(model, Model):
+        raise ValueError(
+            f"storage={storage!r} applies to language models; {type(model).__name__} keeps its "
+            "dtype (pass storage='auto')"
+        )
+    if storage == "float32" and model.dtype != jnp.float32:
+        raise ValueError(
+            f"storage='float32' for a model computing in {model.dtype}: its matrices cannot be "
+            "wider than its computation; load it with dtype='float32' instead"
+        )
+    return model.with_storage(storage)
+
+
+def _load_model(name_or_path: str | os.PathLike, dtype: DTypeLike | None, layout: str) -> Model:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     from checkpoints_convert import is_converted_dir, load_converted, load_gguf, load_hf_dir

@@ -32,3 +32,22 @@ def tune_questions() -> str:
     (specjax/configs/tune_questions.jsonl). Settings are never picked on the eval files, which
     only measure; no 6-word n-gram of these occurs in them (`specjax.train.magpie.leaks`)."""
     return os.path.join(os.path.dirname(__file__), "configs", "tune_questions.jsonl")
+
+
+def cache_root() -> str:
+    """Where specjax caches converted models and measurements: $SPECJAX_CACHE, default
+    ~/.cache/specjax."""
+    return os.environ.get(
+        "SPECJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "specjax")
+    )
+
+
+def store_json(path: str, rec: dict) -> None:
+    """Write `rec` as JSON at `path` atomically: a crash leaves the old file or none."""
+    import json
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(rec, f, indent=1)
+    os.replace(tmp, path)

@@ -126,3 +126,96 @@ def test_bf16_storage_greedy_equals_ar(pair, layout):
         out = specjax.generate(b16, RAGGED_PROMPTS, max_new_tokens=NEW, drafter=make())
         assert out.tokens == ar, name
         assert sum(out.stats["acceptance_histogram"][1:]) > 0, name
+
+
+# ----------------------------------------------------------------------------- load_model's choice
+
+
+@pytest.fixture
+def bf16_dir(tmp_path, hf_bf16, monkeypatch):
+    """A bfloat16 checkpoint on disk (saved as torch bfloat16) and an empty $SPECJAX_CACHE."""
+    monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path / "cache"))
+    path = str(tmp_path / "hf")
+    hf_bf16.to(torch.bfloat16).save_pretrained(path)
+    hf_bf16.to(torch.float32)
+    return path
+
+
+def _matrix_dtype(model):
+    return model.params["layers"][0]["wqkv_t"].dtype
+
+
+def _says(choice):
+    """A stand-in for the timing probe: bfloat16 storage 30% faster, or 30% slower."""
+    fast, slow = [7.0, 14.0], [10.0, 20.0]
+    return lambda f32, b16, **kw: {
+        "float32": slow if choice == "bfloat16" else fast,
+        "bfloat16": fast if choice == "bfloat16" else slow,
+    }
+
+
+def _no_probe(*a, **kw):
+    raise AssertionError("the storage probe ran")
+
+
+def test_load_model_measures_storage_once(bf16_dir, pair, monkeypatch):
+    """A bfloat16 checkpoint: load_model measures once (cached per device and model shape)
+    and keeps what measured faster; the output is the float32-stored model's either way."""
+    from specjax import storage
+
+    f32, _ = pair
+    monkeypatch.setattr(storage, "measure", _says("bfloat16"))
+    b16 = specjax.load_model(bf16_dir)
+    assert _matrix_dtype(b16) == jnp.bfloat16 and b16.dtype == jnp.float32
+    path = storage.cache_path(b16)
+    with open(path) as f:
+        assert '"choice": "bfloat16"' in f.read()
+    monkeypatch.setattr(storage, "measure", _no_probe)  # read from the cache now
+    assert _matrix_dtype(specjax.load_model(bf16_dir)) == jnp.bfloat16
+    ar = specjax.generate(f32, RAGGED_PROMPTS[:2], max_new_tokens=8).tokens
+    assert specjax.generate(b16, RAGGED_PROMPTS[:2], max_new_tokens=8).tokens == ar
+    # A small-model drafter stored in bfloat16 against the float32-stored target.
+    out = specjax.generate(
+        f32, RAGGED_PROMPTS[:2], max_new_tokens=8, drafter=drafters.small_model(b16, k=3)
+    )
+    assert out.tokens == ar and sum(out.stats["acceptance_histogram"][1:]) > 0
+    # The slower choice cached: float32 storage, without measuring again.
+    storage.store_json(path, {"version": storage.STORAGE_VERSION, "choice": "float32"})
+    assert _matrix_dtype(specjax.load_model(bf16_dir)) == jnp.float32
+    # Asked for: no measurement.
+    assert _matrix_dtype(specjax.load_model(bf16_dir, storage="bfloat16")) == jnp.bfloat16
+    # A damaged cache is measured again.
+    with open(path, "w") as f:
+        f.write("{not json")
+    monkeypatch.setattr(storage, "measure", _says("float32"))
+    assert _matrix_dtype(specjax.load_model(bf16_dir)) == jnp.float32
+
+
+def test_storage_probe_runs_both_storages(pair):
+    """The real probe: both storages timed at every probed size (which wins is the device's)."""
+    from specjax import storage
+
+    f32, b16 = pair
+    ms = storage.measure(f32, b16, sizes=(1, 4), prefix=16, repeats=2)
+    assert set(ms) == {"float32", "bfloat16"}
+    assert all(len(v) == 2 and min(v) > 0 for v in ms.values())
+    assert storage.choose(ms) in ("float32", "bfloat16")
+    assert storage.choose({"float32": [10.0, 20.0], "bfloat16": [9.0, 19.8]}) == "float32"
+    assert storage.choose({"float32": [10.0, 20.0], "bfloat16": [9.0, 18.0]}) == "bfloat16"
+    assert 1 <= storage.probe_layers(f32) <= f32.config.num_layers
+
+
+def test_float32_weights_are_not_measured(tmp_path, tiny_dir, monkeypatch):
+    """Weights bfloat16 cannot hold stay in float32 without a probe; bad storage values and a
+    rounding request fail with the valid values named."""
+    from specjax import storage
+
+    monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
+    monkeypatch.setattr(storage, "measure", _no_probe)
+    assert _matrix_dtype(specjax.load_model(tiny_dir)) == jnp.float32
+    assert not (tmp_path / "auto").exists()
+    with pytest.raises(ValueError, match=r"storage='int8': valid values are 'auto'"):
+        specjax.load_model(tiny_dir, storage="int8")
+    with pytest.raises(ValueError, match="is not exactly representable in bfloat16"):
+        specjax.load_model(tiny_dir, storage=jnp.bfloat16)
+    assert _matrix_dtype(specjax.load_model(tiny_dir, storage="float32")) == jnp.float32

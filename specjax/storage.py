@@ -1,0 +1,213 @@
+"""Which dtype a float32 model stores its matrices in, chosen by measurement on this device.
+
+A bfloat16 checkpoint loaded in float32 holds weights that are all bfloat16 numbers. Stored in
+bfloat16 (`Model.with_storage`) they compute float32's products exactly at half the bytes
+(`llama.exact_bf16_product`), which pays where the processor multiplies bfloat16 fast (AMX,
+AVX-512-BF16: a plain step of SmolLM2 rounded to bfloat16 took 0.77-0.79x the float32-stored
+one, benchmarks/RESULTS.md section 8) and costs where it does not (a bfloat16 product of one row
+without those instructions is ~10x slower). So `load_model` measures, once per device and model
+shape: a verify forward of 1 and 8 tokens with the matrices stored each way, on the model's
+first layers; bfloat16 storage is kept only if it is clearly faster at both sizes. The choice is
+cached in $SPECJAX_CACHE/auto/ like `drafter="auto"`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax.models import forward, init_cache, is_unrolled
+from specjax.models.config import ModelConfig
+from specjax.paths import cache_root, store_json
+
+if TYPE_CHECKING:
+    from specjax.model import Model
+
+STORAGE_CHOICES = ("auto", "float32", "bfloat16")
+PROBE_SIZES = (1, 8)  # a plain step, and a verify block of a typical tree
+PROBE_BYTES = 384 << 20  # float32 layer bytes the probe runs through: well past the caches
+CLEAR_MARGIN = 0.95  # bfloat16 storage must take at most this fraction of float32's time
+STORAGE_VERSION = 1  # bump when the rule or the probe changes: cached choices are re-measured
+
+
+def storage_dtype(storage: Any) -> str:
+    """`load_model(storage=...)` -> "auto", "float32" or "bfloat16"; ValueError naming the
+    valid values otherwise."""
+    if isinstance(storage, str) and storage in STORAGE_CHOICES:
+        return storage
+    try:
+        name = jnp.dtype(storage).name
+    except TypeError:
+        name = None
+    if name in STORAGE_CHOICES:
+        return name
+    raise ValueError(
+        f"storage={storage!r}: valid values are 'auto' (measured on this device), 'float32' "
+        "and 'bfloat16' (or the jnp dtypes)"
+    )
+
+
+def device_tag() -> str:
+    """The device a storage choice holds for: platform, kind, processor model on a CPU (every
+    CPU calls itself 'cpu'), jax version."""
+    dev = jax.devices()[0]
+    kind = getattr(dev, "device_kind", "")
+    if dev.platform == "cpu":
+        kind = _cpu_model() or kind
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{dev.platform}-{kind}-{jax.__version__}")
+
+
+@functools.cache
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor()
+
+
+def probe_layers(model: Model, budget: int = PROBE_BYTES) -> int:
+    """How many of the model's first layers the probe runs: enough that their float32
+    matrices exceed `budget` bytes (a memory-bound regime, as the whole model is), at most all."""
+    cfg = model.config
+    layer_bytes = 4 * sum(
+        int(np.prod(x.shape[-2:])) for x in jax.tree.leaves(_layer(model.params, 0)) if x.ndim >= 2
+    )
+    return max(1, min(cfg.num_layers, -(-budget // max(layer_bytes, 1))))
+
+
+def _layer(params: dict, i: int) -> dict:
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return layers[i]
+    return jax.tree.map(lambda x: x[i], layers)
+
+
+def _truncated(model: Model, n: int) -> Model:
+    """The model's first `n` layers with its embedding, final norm and head."""
+    layers = model.params["layers"]
+    if isinstance(layers, (list, tuple)):
+        layers = list(layers[:n])
+    else:
+        layers = jax.tree.map(lambda x: x[:n], layers)
+    cfg = dataclasses.replace(model.config, num_layers=n)
+    return dataclasses.replace(model, params=dict(model.params, layers=layers), config=cfg)
+
+
+def cache_path(model: Model) -> str:
+    shape = hashlib.sha256(repr(model.config).encode()).hexdigest()[:12]
+    name = f"storage-{model.config.model_type}-{shape}-{device_tag()}.json"
+    return os.path.join(cache_root(), "auto", name)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _verify(params: dict, tokens: jax.Array, cache: Any, cfg: ModelConfig) -> tuple:
+    """The engine's chain verify forward of `tokens` [1, T] at the cache's length."""
+    T = tokens.shape[1]
+    positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    logits, _, cache = forward(params, cfg, tokens, positions, cache)
+    return logits, cache
+
+
+def measure(
+    f32: Model,
+    b16: Model,
+    sizes: Sequence[int] = PROBE_SIZES,
+    prefix: int = 256,
+    repeats: int = 7,
+) -> dict[str, list[float]]:
+    """Median ms of a verify forward of each of `sizes` tokens over a `prefix`-token cache, for
+    the two storages of the same model -> {"float32": [...], "bfloat16": [...]}. Every program
+    is compiled and run twice first; the timed calls alternate between storages and sizes."""
+    rng = np.random.default_rng(0)
+    cfg = f32.config
+    per_layer = is_unrolled(f32.params)
+    cache = init_cache(cfg, 1, prefix + max(sizes) + 2, f32.dtype, per_layer=per_layer)
+    cache = cache.replace(lengths=jnp.full((1,), prefix, jnp.int32))  # cost, not values, counts
+    calls = {}
+    for name, model in (("float32", f32), ("bfloat16", b16)):
+        for T in sizes:
+            tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, T)), jnp.int32)
+            calls[name, T] = functools.partial(_verify, model.params, tokens, cfg=cfg)
+    times: dict[tuple[str, int], list[float]] = {k: [] for k in calls}
+    for r in range(2 + repeats):
+        order = list(calls.items())
+        for key, fn in order if r % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            logits, cache = fn(cache)
+            logits.block_until_ready()
+            if r >= 2:
+                times[key].append((time.perf_counter() - t0) * 1e3)
+    return {
+        name: [statistics.median(times[name, T]) for T in sizes] for name in ("float32", "bfloat16")
+    }
+
+
+def choose(ms: dict[str, list[float]]) -> str:
+    """bfloat16 when it takes at most `CLEAR_MARGIN` of float32's time at every probed size."""
+    pairs = zip(ms["bfloat16"], ms["float32"], strict=True)
+    return "bfloat16" if all(b <= CLEAR_MARGIN * f for b, f in pairs) else "float32"
+
+
+def _cached_choice(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+        if rec.get("version") == STORAGE_VERSION and rec["choice"] in ("float32", "bfloat16"):
+            return rec["choice"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # missing or damaged: measured again
+    return None
+
+
+def auto_storage(model: Model, progress: bool = True) -> Model:
+    """`model` (computing in float32) with its matrices in the storage this device runs
+    fastest: bfloat16 only if every matrix is a bfloat16 number (lossless) and the measured
+    probe says so. Models computing in another dtype, and weights bfloat16 cannot hold, are
+    returned as they are (no measurement)."""
+    if model.dtype != jnp.float32:
+        return model
+    path = cache_path(model)
+    choice = _cached_choice(path)
+    if choice == "float32":
+        return model
+    try:
+        b16 = model.with_storage(jnp.bfloat16)
+    except ValueError:  # not a bfloat16 checkpoint: float32 storage is the only lossless one
+        return model
+    if choice is None:
+        n = probe_layers(model)
+        if progress:
+            print(
+                f"specjax: {model.name or model.config.model_type} holds bfloat16 weights; "
+                f"timing its first {n} layers stored in float32 and in bfloat16 on this "
+                f"device (once, cached in {path})",
+                file=sys.stderr,
+                flush=True,
+            )
+        ms = measure(_truncated(model, n), _truncated(b16, n))
+        choice = choose(ms)
+        store_json(
+            path,
+            {"version": STORAGE_VERSION, "choice": choice, "sizes": list(PROBE_SIZES), **ms}
+            | {"layers": n, "device": device_tag()},
+        )
+    return b16 if choice == "bfloat16" else model
