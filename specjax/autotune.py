@@ -503,16 +503,19 @@ def _sizing(rec: dict, gate: bool) -> VerifySizing:
 
 
 def auto_key(model: Model) -> str:
-    """What `auto`'s choice depends on: the model (name, config, a weight fingerprint), the
-    device kind, and the jax version."""
+    """What `auto`'s choice depends on: the model (name, config, a weight fingerprint and the
+    dtypes its weights are stored in), the device (on a CPU its processor model: every CPU
+    calls itself 'cpu'), and the jax version."""
     import hashlib
     import re
 
-    embed = np.asarray(jax.tree.leaves(model.params)[0]).ravel()[:64]
-    h = hashlib.sha256(repr(model.config).encode() + embed.tobytes()).hexdigest()[:12]
-    dev = jax.devices()[0]
-    kind = f"{dev.platform}-{getattr(dev, 'device_kind', '')}-{jax.__version__}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model.name}-{h}-{kind}")
+    from specjax.storage import device_tag
+
+    leaves = jax.tree.leaves(model.params)
+    embed = np.asarray(leaves[0]).ravel()[:64]
+    stored = ",".join(sorted({str(x.dtype) for x in leaves}))
+    h = hashlib.sha256(repr(model.config).encode() + embed.tobytes() + stored.encode())
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model.name}-{h.hexdigest()[:12]}-{device_tag()}")
 
 
 def choose_drafter(
