@@ -140,9 +140,9 @@ class EagleSpec(DrafterSpec):
 
     def init(self, params: dict, prefill: TargetPrefill, max_len: int) -> EagleState:
         B, P = prefill.tokens.shape
-        cache = init_cache(
-            self.eagle.layer, B, max_len, params["layer"]["wo"].dtype, per_layer=True
-        )
+        # The drafter computes in the target's dtype, whatever its matrices are stored in.
+        dtype = prefill.hiddens.last.dtype
+        cache = init_cache(self.eagle.layer, B, max_len, dtype, per_layer=True)
         feat = target_features(self.eagle, params, prefill.hiddens)  # [B, P, D]
         j = jnp.arange(P)[None, :]
         nxt = jnp.concatenate([prefill.tokens[:, 1:], jnp.zeros((B, 1), jnp.int32)], axis=1)
