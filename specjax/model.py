@@ -458,7 +458,7 @@ def load_model(
     checkpoint) keeps them in bfloat16 if that measured faster on this device
     (`specjax.storage`; lossless either way); "float32" / "bfloat16" choose
     (`Model.with_storage`)."""
-    from specjax.storage import auto_storage, storage_dtype
+    from specjax.storage import auto_storage, storage_dtype, stored
 
     storage = storage_dtype(storage)  # a bad value fails before any slow conversion
     model = _load_model(name_or_path, dtype, layout)
@@ -474,7 +474,7 @@ def load_model(
             f"storage='float32' for a model computing in {model.dtype}: its matrices cannot be "
             "wider than its computation; load it with dtype='float32' instead"
         )
-    return model.with_storage(storage)
+    return stored(model, storage)
 
 
 def _load_model(name_or_path: str | os.PathLike, dtype: DTypeLike | None, layout: str) -> Model:

@@ -2,13 +2,14 @@
 
 A bfloat16 checkpoint loaded in float32 holds weights that are all bfloat16 numbers. Stored in
 bfloat16 (`Model.with_storage`) they compute float32's products exactly at half the bytes
-(`llama.exact_bf16_product`), which pays where the processor multiplies bfloat16 fast (AMX,
-AVX-512-BF16: a plain step of SmolLM2 rounded to bfloat16 took 0.77-0.79x the float32-stored
-one, benchmarks/RESULTS.md section 8) and costs where it does not (a bfloat16 product of one row
-without those instructions is ~10x slower). So `load_model` measures, once per device and model
-shape: a verify forward of 1 and 8 tokens with the matrices stored each way, on the model's
-first layers; bfloat16 storage is kept only if it is clearly faster at both sizes. The choice is
-cached in $SPECJAX_CACHE/auto/ like `drafter="auto"`'s.
+(`llama.exact_bf16_product`). Whether that pays depends on the processor: on an Intel Xeon
+with AMX a plain step of SmolLM2 rounded to bfloat16 took 0.77-0.79x the float32-stored one
+(benchmarks/RESULTS.md section 8), on an AMD EPYC with AVX-512-BF16 but no AMX 1.3-1.5x
+(section 9), and a CPU without bfloat16 instructions runs one-row bfloat16 products ~10x
+slower. So `load_model` measures, once per device and model shape, a verify forward of 1 and
+8 tokens with the matrices stored each way on the model's first layers, and keeps bfloat16
+storage only if it is clearly faster at both sizes. The choice is cached in
+$SPECJAX_CACHE/auto/ like `drafter="auto"`'s.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.models import forward, init_cache, is_unrolled
+from specjax.models import family_of, forward, init_cache, is_unrolled
 from specjax.models.config import ModelConfig
 from specjax.paths import cache_root, store_json
 
@@ -178,21 +179,29 @@ def _cached_choice(path: str) -> str | None:
     return None
 
 
+def stored(model: Model, dtype: Any) -> Model:
+    """`model.with_storage(dtype)`, converting in `model`'s own param dicts (each float32
+    matrix dropped as its copy is made, so the peak holds one matrix twice rather than the
+    model): for a model nothing else holds (`load_model`'s). ValueError, nothing converted, if
+    `dtype` would round a weight."""
+    family = family_of(model.config)
+    params = family.matrices_stored(model.params, jnp.dtype(dtype), consume=True)
+    return dataclasses.replace(model, params=params)
+
+
 def auto_storage(model: Model, progress: bool = True) -> Model:
     """`model` (computing in float32) with its matrices in the storage this device runs
     fastest: bfloat16 only if every matrix is a bfloat16 number (lossless) and the measured
     probe says so. Models computing in another dtype, and weights bfloat16 cannot hold, are
-    returned as they are (no measurement)."""
+    returned as they are (no measurement). Converts in `model`'s own dicts (`stored`)."""
     if model.dtype != jnp.float32:
         return model
     path = cache_path(model)
     choice = _cached_choice(path)
     if choice == "float32":
         return model
-    try:
-        b16 = model.with_storage(jnp.bfloat16)
-    except ValueError:  # not a bfloat16 checkpoint: float32 storage is the only lossless one
-        return model
+    if family_of(model.config).rounded_matrix(model.params, jnp.bfloat16) is not None:
+        return model  # not a bfloat16 checkpoint: float32 storage is the only lossless one
     if choice is None:
         n = probe_layers(model)
         if progress:
@@ -203,11 +212,10 @@ def auto_storage(model: Model, progress: bool = True) -> Model:
                 file=sys.stderr,
                 flush=True,
             )
-        ms = measure(_truncated(model, n), _truncated(b16, n))
+        probe = _truncated(model, n)
+        ms = measure(probe, probe.with_storage(jnp.bfloat16))
+        del probe
         choice = choose(ms)
-        store_json(
-            path,
-            {"version": STORAGE_VERSION, "choice": choice, "sizes": list(PROBE_SIZES), **ms}
-            | {"layers": n, "device": device_tag()},
-        )
-    return b16 if choice == "bfloat16" else model
+        rec = {"version": STORAGE_VERSION, "choice": choice, "sizes": list(PROBE_SIZES), **ms}
+        store_json(path, rec | {"layers": n, "device": device_tag()})
+    return stored(model, jnp.bfloat16) if choice == "bfloat16" else model

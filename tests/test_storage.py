@@ -4,6 +4,8 @@ half the bytes with float32's logits and every drafter stays exact against it.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ import torch
 from test_eagle import echo_eagle1
 
 import specjax
-from specjax import drafters
+from specjax import drafters, storage
 from specjax.models.llama import exact_bf16_product, split_bf16
 
 from conftest import RAGGED_PROMPTS
@@ -104,6 +106,19 @@ def test_with_storage_refuses_to_round(make_hf_model):
         model.with_storage(jnp.bfloat16)
     with pytest.raises(TypeError, match="floating dtype"):
         model.with_storage(jnp.int8)
+    # load_model's conversion in the model's own dicts: refused before anything is converted.
+    with pytest.raises(ValueError, match="not exactly representable in bfloat16"):
+        storage.stored(model, jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(model.params)} == {jnp.dtype(jnp.float32)}
+
+
+def test_stored_in_place_equals_with_storage(pair):
+    f32, b16 = pair
+    copy = dataclasses.replace(f32, params=f32.with_storage(jnp.float32).params)  # own dicts
+    mine = storage.stored(copy, jnp.bfloat16)
+    assert mine.params["layers"] is copy.params["layers"]  # converted where it was
+    for a, b in zip(jax.tree.leaves(mine.params), jax.tree.leaves(b16.params), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("layout", ["unrolled", "scan"])
@@ -161,8 +176,6 @@ def _no_probe(*a, **kw):
 def test_load_model_measures_storage_once(bf16_dir, pair, monkeypatch):
     """A bfloat16 checkpoint: load_model measures once (cached per device and model shape)
     and keeps what measured faster; the output is the float32-stored model's either way."""
-    from specjax import storage
-
     f32, _ = pair
     monkeypatch.setattr(storage, "measure", _says("bfloat16"))
     b16 = specjax.load_model(bf16_dir)
@@ -193,8 +206,6 @@ def test_load_model_measures_storage_once(bf16_dir, pair, monkeypatch):
 
 def test_storage_probe_runs_both_storages(pair):
     """The real probe: both storages timed at every probed size (which wins is the device's)."""
-    from specjax import storage
-
     f32, b16 = pair
     ms = storage.measure(f32, b16, sizes=(1, 4), prefix=16, repeats=2)
     assert set(ms) == {"float32", "bfloat16"}
@@ -208,8 +219,6 @@ def test_storage_probe_runs_both_storages(pair):
 def test_float32_weights_are_not_measured(tmp_path, tiny_dir, monkeypatch):
     """Weights bfloat16 cannot hold stay in float32 without a probe; bad storage values and a
     rounding request fail with the valid values named."""
-    from specjax import storage
-
     monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
     monkeypatch.setattr(storage, "measure", _no_probe)
     assert _matrix_dtype(specjax.load_model(tiny_dir)) == jnp.float32

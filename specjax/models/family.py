@@ -91,35 +91,53 @@ class Family:
         layers = [layer(lp) for lp in layers] if is_unrolled(params) else layer(layers)
         return dict(params, layers=layers)
 
-    def matrices_stored(self, params: dict, dtype: Any) -> dict:
-        """The same params with every matrix (layer products, embedding, head) stored in
-        `dtype`, the norms and biases as they are: what `Model.with_storage` keeps. ValueError
-        naming the first matrix that `dtype` cannot hold exactly."""
+    def _matrix_slots(self, params: dict) -> list[tuple[str, dict, str]]:
+        """(what to call it, the dict holding it, its key) for every matrix `matrices_stored`
+        stores: the layer products (layer by layer), then the embedding and the head."""
         names = set(self.out_in_names) | set(self.out_in_names.values())
-
-        def store(where: str, w: Any) -> Any:
-            if w.dtype == dtype:
-                return w
-            stored = jnp.asarray(w).astype(dtype)
-            bad = int(jnp.sum(stored.astype(w.dtype) != w))
-            if bad:
-                raise ValueError(
-                    f"{where} is not exactly representable in {jnp.dtype(dtype).name}: {bad} of "
-                    f"{w.size} weights would round; with_storage only stores weights losslessly "
-                    "(a bfloat16 checkpoint loaded in float32 is); Model.astype rounds them"
-                )
-            return stored
-
-        def layer(i: int | str, lp: dict) -> dict:
-            return {n: store(f"layer {i} {n}", w) if n in names else w for n, w in lp.items()}
-
         layers = params["layers"]
         if is_unrolled(params):
-            layers = [layer(i, lp) for i, lp in enumerate(layers)]
+            slots = [(f"layer {i} {n}", lp, n) for i, lp in enumerate(layers) for n in lp]
         else:
-            layers = layer("(stacked)", layers)
-        top = {n: store(n, params[n]) for n in ("embed", "lm_head") if n in params}
-        return dict(params, layers=layers, **top)
+            slots = [(f"layer (stacked) {n}", layers, n) for n in layers]
+        slots = [s for s in slots if s[2] in names]
+        return slots + [(n, params, n) for n in ("embed", "lm_head") if n in params]
+
+    def rounded_matrix(self, params: dict, dtype: Any) -> str | None:
+        """None if `dtype` holds every matrix exactly, else what the first one it would round
+        is and how many of its weights (one matrix converted at a time: no copy of the model)."""
+        for where, holder, n in self._matrix_slots(params):
+            w = holder[n]
+            if w.dtype != dtype:
+                bad = int(jnp.sum(jnp.asarray(w).astype(dtype).astype(w.dtype) != w))
+                if bad:
+                    name = jnp.dtype(dtype).name
+                    return (
+                        f"{where} is not exactly representable in {name}: {bad} of {w.size} "
+                        "weights would round"
+                    )
+        return None
+
+    def matrices_stored(self, params: dict, dtype: Any, consume: bool = False) -> dict:
+        """The same params with every matrix (layer products, embedding, head) stored in
+        `dtype`, the norms and biases as they are: what `Model.with_storage` keeps. ValueError
+        naming the first matrix that `dtype` cannot hold exactly (nothing converted then).
+        `consume`: convert in the dicts of `params` themselves, each old matrix dropped as its
+        copy is made (the peak holds one matrix twice, not the model; `params` is then the
+        result's)."""
+        rounded = self.rounded_matrix(params, dtype)
+        if rounded is not None:
+            raise ValueError(
+                f"{rounded}; with_storage only stores weights losslessly "
+                "(a bfloat16 checkpoint loaded in float32 is); Model.astype rounds them"
+            )
+        if not consume:  # new dicts over the same arrays
+            layers = params["layers"]
+            layers = [dict(lp) for lp in layers] if is_unrolled(params) else dict(layers)
+            params = dict(params, layers=layers)
+        for _, holder, n in self._matrix_slots(params):
+            holder[n] = jnp.asarray(holder[n]).astype(dtype)
+        return params
 
 
 def register_family(family: Family) -> Family:
