@@ -226,7 +226,7 @@ def cmd_convert(a: argparse.Namespace) -> None:
         check_destination(a.dst, a.overwrite, sources)
     except FileExistsError as e:
         raise SystemExit(f"specjax convert: {e}") from None
-    model = load_model(a.src)
+    model = load_model(a.src, storage=None)  # stored as computed; the loader chooses later
     if getattr(model, "vlm_config", None) is not None:
         # The orbax format holds a language model only: converting would drop the towers.
         raise SystemExit(

@@ -447,7 +447,7 @@ def load_model(
     *,
     dtype: DTypeLike | None = None,
     layout: str = "unrolled",
-    storage: str | DTypeLike = "auto",
+    storage: str | DTypeLike | None = "auto",
 ) -> Model:
     """Load a model by name ("smollm2-135m"), HF checkpoint directory, GGUF file, or a directory
     written by `specjax convert`. Named models are converted once and cached as orbax checkpoints
@@ -457,23 +457,29 @@ def load_model(
     (default): a model computing in float32 whose weights are all bfloat16 numbers (a bfloat16
     checkpoint) keeps them in bfloat16 if that measured faster on this device
     (`specjax.storage`; lossless either way); "float32" / "bfloat16" choose
-    (`Model.with_storage`)."""
+    (`Model.with_storage`); None keeps the computing dtype without a probe. Vision-language
+    models keep their dtype ("auto" and None only)."""
     from specjax.storage import auto_storage, storage_dtype, stored
 
-    storage = storage_dtype(storage)  # a bad value fails before any slow conversion
-    model = _load_model(name_or_path, dtype, layout)
-    if storage == "auto":
-        return auto_storage(model) if isinstance(model, Model) else model
-    if not isinstance(model, Model):
+    storage = storage_dtype(storage)  # bad values fail before any slow conversion
+    compute = jnp.dtype(default_dtype() if dtype is None else float_dtype(dtype, "dtype"))
+    if storage == "float32" and compute != jnp.float32:
         raise ValueError(
-            f"storage={storage!r} applies to language models; {type(model).__name__} keeps its "
-            "dtype (pass storage='auto')"
-        )
-    if storage == "float32" and model.dtype != jnp.float32:
-        raise ValueError(
-            f"storage='float32' for a model computing in {model.dtype}: its matrices cannot be "
+            f"storage='float32' for a model computing in {compute.name}: its matrices cannot be "
             "wider than its computation; load it with dtype='float32' instead"
         )
+    model = _load_model(name_or_path, dtype, layout)
+    if type(model) is not Model:  # a VisionLanguageModel: its towers are not covered
+        if storage not in ("auto", None):
+            raise ValueError(
+                f"storage={storage!r} applies to language models; {type(model).__name__} keeps "
+                "its dtype (pass storage='auto' or None)"
+            )
+        return model
+    if storage is None:
+        return model
+    if storage == "auto":
+        return auto_storage(model)
     return stored(model, storage)
 
 

@@ -44,20 +44,20 @@ CLEAR_MARGIN = 0.95  # bfloat16 storage must take at most this fraction of float
 STORAGE_VERSION = 1  # bump when the rule or the probe changes: cached choices are re-measured
 
 
-def storage_dtype(storage: Any) -> str:
-    """`load_model(storage=...)` -> "auto", "float32" or "bfloat16"; ValueError naming the
-    valid values otherwise."""
-    if isinstance(storage, str) and storage in STORAGE_CHOICES:
+def storage_dtype(storage: Any) -> str | None:
+    """`load_model(storage=...)` -> "auto", "float32", "bfloat16" or None (the computing
+    dtype, no probe); ValueError naming the valid values otherwise."""
+    if storage is None or (isinstance(storage, str) and storage in STORAGE_CHOICES):
         return storage
     try:
         name = jnp.dtype(storage).name
-    except TypeError:
+    except (TypeError, ValueError, KeyError):
         name = None
     if name in STORAGE_CHOICES:
         return name
     raise ValueError(
-        f"storage={storage!r}: valid values are 'auto' (measured on this device), 'float32' "
-        "and 'bfloat16' (or the jnp dtypes)"
+        f"storage={storage!r}: valid values are 'auto' (measured on this device), 'float32', "
+        "'bfloat16' (or the jnp dtypes) and None (the computing dtype, no probe)"
     )
 
 
@@ -114,7 +114,12 @@ def _truncated(model: Model, n: int) -> Model:
 
 
 def cache_path(model: Model) -> str:
-    shape = hashlib.sha256(repr(model.config).encode()).hexdigest()[:12]
+    """The cached choice's file: per model shape, layout and weight orientation (each a
+    different program), processor model and jax version."""
+    family = family_of(model.config)
+    layout = "unrolled" if is_unrolled(model.params) else "scan"
+    what = f"{model.config!r}-{layout}-{family.orientation(model.params)}"
+    shape = hashlib.sha256(what.encode()).hexdigest()[:12]
     name = f"storage-{model.config.model_type}-{shape}-{device_tag()}.json"
     return os.path.join(cache_root(), "auto", name)
 
@@ -179,13 +184,13 @@ def _cached_choice(path: str) -> str | None:
     return None
 
 
-def stored(model: Model, dtype: Any) -> Model:
+def stored(model: Model, dtype: Any, checked: bool = False) -> Model:
     """`model.with_storage(dtype)`, converting in `model`'s own param dicts (each float32
     matrix dropped as its copy is made, so the peak holds one matrix twice rather than the
     model): for a model nothing else holds (`load_model`'s). ValueError, nothing converted, if
-    `dtype` would round a weight."""
+    `dtype` would round a weight (`checked`: the caller has checked that already)."""
     family = family_of(model.config)
-    params = family.matrices_stored(model.params, jnp.dtype(dtype), consume=True)
+    params = family.matrices_stored(model.params, jnp.dtype(dtype), consume=True, check=not checked)
     return dataclasses.replace(model, params=params)
 
 
@@ -213,9 +218,13 @@ def auto_storage(model: Model, progress: bool = True) -> Model:
                 flush=True,
             )
         probe = _truncated(model, n)
-        ms = measure(probe, probe.with_storage(jnp.bfloat16))
+        try:
+            ms = measure(probe, probe.with_storage(jnp.bfloat16))
+        except Exception as e:  # noqa: BLE001 - the model loads in float32 whatever went wrong
+            print(f"specjax: the storage probe failed ({e!r}); keeping float32", file=sys.stderr)
+            return model  # nothing cached: measured again next time
         del probe
         choice = choose(ms)
         rec = {"version": STORAGE_VERSION, "choice": choice, "sizes": list(PROBE_SIZES), **ms}
         store_json(path, rec | {"layers": n, "device": device_tag()})
-    return stored(model, jnp.bfloat16) if choice == "bfloat16" else model
+    return stored(model, jnp.bfloat16, checked=True) if choice == "bfloat16" else model

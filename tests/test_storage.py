@@ -4,6 +4,7 @@ half the bytes with float32's logits and every drafter stays exact against it.""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import jax
@@ -106,15 +107,22 @@ def test_with_storage_refuses_to_round(make_hf_model):
         model.with_storage(jnp.bfloat16)
     with pytest.raises(TypeError, match="floating dtype"):
         model.with_storage(jnp.int8)
-    # load_model's conversion in the model's own dicts: refused before anything is converted.
-    with pytest.raises(ValueError, match="not exactly representable in bfloat16"):
-        storage.stored(model, jnp.bfloat16)
-    assert {x.dtype for x in jax.tree.leaves(model.params)} == {jnp.dtype(jnp.float32)}
+
+
+def _own_dicts(model):
+    return dataclasses.replace(model, params=model.with_storage(jnp.float32).params)
 
 
 def test_stored_in_place_equals_with_storage(pair):
     f32, b16 = pair
-    copy = dataclasses.replace(f32, params=f32.with_storage(jnp.float32).params)  # own dicts
+    # load_model's conversion in the model's own dicts: refused before anything is converted,
+    # here with every layer exact and only the last matrix converted (the embedding) inexact.
+    bad = _own_dicts(f32)
+    bad.params["embed"] = bad.params["embed"].at[0, 0].add(1e-6)
+    with pytest.raises(ValueError, match="embed is not exactly representable in bfloat16"):
+        storage.stored(bad, jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(bad.params)} == {jnp.dtype(jnp.float32)}
+    copy = _own_dicts(f32)
     mine = storage.stored(copy, jnp.bfloat16)
     assert mine.params["layers"] is copy.params["layers"]  # converted where it was
     for a, b in zip(jax.tree.leaves(mine.params), jax.tree.leaves(b16.params), strict=True):
@@ -151,8 +159,7 @@ def bf16_dir(tmp_path, hf_bf16, monkeypatch):
     """A bfloat16 checkpoint on disk (saved as torch bfloat16) and an empty $SPECJAX_CACHE."""
     monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path / "cache"))
     path = str(tmp_path / "hf")
-    hf_bf16.to(torch.bfloat16).save_pretrained(path)
-    hf_bf16.to(torch.float32)
+    copy.deepcopy(hf_bf16).to(torch.bfloat16).save_pretrained(path)  # the fixture stays as is
     return path
 
 
@@ -214,6 +221,11 @@ def test_storage_probe_runs_both_storages(pair):
     assert storage.choose({"float32": [10.0, 20.0], "bfloat16": [9.0, 19.8]}) == "float32"
     assert storage.choose({"float32": [10.0, 20.0], "bfloat16": [9.0, 18.0]}) == "bfloat16"
     assert 1 <= storage.probe_layers(f32) <= f32.config.num_layers
+    # The scan layout (stacked layers, one cache for all) probes too, its choice kept apart.
+    scan = storage._truncated(f32.with_layout("scan"), 1)
+    ms = storage.measure(scan, scan.with_storage(jnp.bfloat16), sizes=(2,), prefix=8, repeats=1)
+    assert all(len(v) == 1 and v[0] > 0 for v in ms.values())
+    assert storage.cache_path(f32.with_layout("scan")) != storage.cache_path(f32)
 
 
 def test_float32_weights_are_not_measured(tmp_path, tiny_dir, monkeypatch):
@@ -228,3 +240,7 @@ def test_float32_weights_are_not_measured(tmp_path, tiny_dir, monkeypatch):
     with pytest.raises(ValueError, match="is not exactly representable in bfloat16"):
         specjax.load_model(tiny_dir, storage=jnp.bfloat16)
     assert _matrix_dtype(specjax.load_model(tiny_dir, storage="float32")) == jnp.float32
+    assert _matrix_dtype(specjax.load_model(tiny_dir, storage=None)) == jnp.float32
+    # Refused before loading anything (the path does not exist).
+    with pytest.raises(ValueError, match="storage='float32' for a model computing in bfloat16"):
+        specjax.load_model(str(tmp_path / "absent"), dtype=jnp.bfloat16, storage="float32")

@@ -118,14 +118,16 @@ class Family:
                     )
         return None
 
-    def matrices_stored(self, params: dict, dtype: Any, consume: bool = False) -> dict:
+    def matrices_stored(
+        self, params: dict, dtype: Any, consume: bool = False, check: bool = True
+    ) -> dict:
         """The same params with every matrix (layer products, embedding, head) stored in
         `dtype`, the norms and biases as they are: what `Model.with_storage` keeps. ValueError
         naming the first matrix that `dtype` cannot hold exactly (nothing converted then).
         `consume`: convert in the dicts of `params` themselves, each old matrix dropped as its
         copy is made (the peak holds one matrix twice, not the model; `params` is then the
-        result's)."""
-        rounded = self.rounded_matrix(params, dtype)
+        result's). `check` False: the caller has found every matrix exact already."""
+        rounded = self.rounded_matrix(params, dtype) if check else None
         if rounded is not None:
             raise ValueError(
                 f"{rounded}; with_storage only stores weights losslessly "
