@@ -27,15 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax.drafters import DraftGate, DynamicTree, VerifySizing, registry
-from specjax.engine import tree as tree_lib
-from specjax.models import forward, is_unrolled
+from specjax.engine.verify import verify_forward
+from specjax.models import is_unrolled
 from specjax.models.cache import KVCache, init_cache
 from specjax.paths import cache_root, store_json
 
 if TYPE_CHECKING:
     from specjax.engine.protocol import Drafter
     from specjax.model import Model
-    from specjax.models.config import ModelConfig
 
 DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32)
 # Small trees first: on a 2-core CPU a verify block of 32 tokens costs ~3x one of 1 token.
@@ -50,35 +49,6 @@ DEFAULT_CANDIDATES = (
 
 
 # ----------------------------------------------------------------------------- verify cost
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
-def verify_forward(
-    params: dict,
-    tokens: jax.Array,
-    parents: jax.Array | None,
-    cache: KVCache,
-    *,
-    cfg: ModelConfig,
-    impl: str = "xla",
-) -> tuple[jax.Array, KVCache]:
-    """The engine's verify forward over the block `tokens` [B, T] written at `cache.lengths`.
-
-    `parents` None: a chain (causal mask, positions length + i; the engine's chain verifier).
-    `parents` [B, T-1]: a tree whose nodes are tokens[:, 1:] under the root tokens[:, 0]
-    (ancestor-or-self mask and positions built from `parents` on device, as the tree path does).
-    -> (logits [B, T, V], cache with the block's K/V written; the cache is donated).
-    """
-    lengths, T = cache.lengths, tokens.shape[1]
-    if parents is None:
-        positions = lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-        mask = None
-    else:
-        depth = tree_lib.depth_from_parents(parents)
-        positions = tree_lib.block_positions(depth, lengths)
-        mask = tree_lib.block_mask(parents)
-    logits, _, cache = forward(params, cfg, tokens, positions, cache, block_mask=mask, impl=impl)
-    return logits, cache
 
 
 def random_parents(rng: np.random.Generator, batch: int, n: int) -> np.ndarray:

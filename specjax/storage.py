@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.models import family_of, forward, init_cache, is_unrolled
-from specjax.models.config import ModelConfig
+from specjax.engine.verify import verify_forward
+from specjax.models import family_of, init_cache, is_unrolled
 from specjax.paths import cache_root, store_json
 
 if TYPE_CHECKING:
@@ -124,15 +124,6 @@ def cache_path(model: Model) -> str:
     return os.path.join(cache_root(), "auto", name)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _verify(params: dict, tokens: jax.Array, cache: Any, cfg: ModelConfig) -> tuple:
-    """The engine's chain verify forward of `tokens` [1, T] at the cache's length."""
-    T = tokens.shape[1]
-    positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    logits, _, cache = forward(params, cfg, tokens, positions, cache)
-    return logits, cache
-
-
 def measure(
     f32: Model,
     b16: Model,
@@ -152,7 +143,7 @@ def measure(
     for name, model in (("float32", f32), ("bfloat16", b16)):
         for T in sizes:
             tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, T)), jnp.int32)
-            calls[name, T] = functools.partial(_verify, model.params, tokens, cfg=cfg)
+            calls[name, T] = functools.partial(verify_forward, model.params, tokens, None, cfg=cfg)
     times: dict[tuple[str, int], list[float]] = {k: [] for k in calls}
     for r in range(2 + repeats):
         order = list(calls.items())

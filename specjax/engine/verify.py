@@ -11,6 +11,7 @@ Draft shapes and their verifiers:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -22,6 +23,7 @@ from specjax.engine.protocol import Draft, TargetStep, TreeDraft, Verified
 from specjax.engine.state import EngineConfig, LoopState
 from specjax.models import forward
 from specjax.models.cache import BlockKV, KVCache, gather_slots, pad_block, write_kv
+from specjax.models.config import ModelConfig
 from specjax.sampling import process_logits, sample_token
 
 AnyDraft = Draft | TreeDraft | None
@@ -251,3 +253,33 @@ def verify(
     verified, kv, step = jax.lax.switch(idx, [read_only(p) for p in parts])
     cache = write_kv(state.cache, kv, state.cache.lengths)
     return verified, verifier_for(draft).commit(cache, verified, ~state.done), step
+
+
+# A verify forward on its own, outside the loop: what `autotune` and `specjax.storage` time.
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
+def verify_forward(
+    params: dict,
+    tokens: jax.Array,
+    parents: jax.Array | None,
+    cache: KVCache,
+    *,
+    cfg: ModelConfig,
+    impl: str = "xla",
+) -> tuple[jax.Array, KVCache]:
+    """The engine's verify forward over the block `tokens` [B, T] written at `cache.lengths`.
+
+    `parents` None: a chain (causal mask, positions length + i; the engine's chain verifier).
+    `parents` [B, T-1]: a tree whose nodes are tokens[:, 1:] under the root tokens[:, 0]
+    (ancestor-or-self mask and positions built from `parents` on device, as the tree path does).
+    -> (logits [B, T, V], cache with the block's K/V written; the cache is donated).
+    """
+    lengths, T = cache.lengths, tokens.shape[1]
+    if parents is None:
+        positions = lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        mask = None
+    else:
+        depth = tree_lib.depth_from_parents(parents)
+        positions = tree_lib.block_positions(depth, lengths)
+        mask = tree_lib.block_mask(parents)
+    logits, _, cache = forward(params, cfg, tokens, positions, cache, block_mask=mask, impl=impl)
+    return logits, cache
