@@ -459,16 +459,29 @@ def load_model(
     (`specjax.storage`; lossless either way); "float32" / "bfloat16" choose
     (`Model.with_storage`); None keeps the computing dtype without a probe. Vision-language
     models keep their dtype ("auto" and None only)."""
-    from specjax.storage import auto_storage, storage_dtype, stored
+    storage = _storage_choice(storage, dtype)  # bad values fail before any slow conversion
+    return _stored_as(_load_model(name_or_path, dtype, layout), storage)
 
-    storage = storage_dtype(storage)  # bad values fail before any slow conversion
+
+def _storage_choice(storage: Any, dtype: DTypeLike | None) -> str | None:
+    """`storage` checked against the computing `dtype` (see `load_model`)."""
+    from specjax.storage import storage_dtype
+
+    storage = storage_dtype(storage)
     compute = jnp.dtype(default_dtype() if dtype is None else float_dtype(dtype, "dtype"))
     if storage == "float32" and compute != jnp.float32:
         raise ValueError(
             f"storage='float32' for a model computing in {compute.name}: its matrices cannot be "
             "wider than its computation; load it with dtype='float32' instead"
         )
-    model = _load_model(name_or_path, dtype, layout)
+    return storage
+
+
+def _stored_as(model: Model, storage: str | None) -> Model:
+    """`model` (which nothing else holds: converted in its own dicts) in the checked
+    `storage`."""
+    from specjax.storage import auto_storage, stored
+
     if type(model) is not Model:  # a VisionLanguageModel: its towers are not covered
         if storage not in ("auto", None):
             raise ValueError(
@@ -541,10 +554,15 @@ def model_from_hf(
     dtype: DTypeLike | None = None,
     name: str = "hf-model",
     layout: str = "unrolled",
+    storage: str | DTypeLike | None = "auto",
 ) -> Model:
-    """Convert an in-memory transformers model (tests, notebooks)."""
+    """Convert an in-memory transformers model (tests, notebooks). `storage` as in
+    `load_model`: a bfloat16 model (or float32 weights that are all bfloat16 numbers) computing
+    in float32 keeps its matrices in bfloat16 where that measured faster on this device."""
     from checkpoints_convert import convert_state_dict
 
+    storage = _storage_choice(storage, dtype)
     cfg = ModelConfig.from_hf(hf_model.config)
     state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
-    return _to_model(convert_state_dict(state, cfg), cfg, tokenizer, name, dtype, layout)
+    model = _to_model(convert_state_dict(state, cfg), cfg, tokenizer, name, dtype, layout)
+    return _stored_as(model, storage)

@@ -40,7 +40,7 @@ def hf_bf16(make_hf_model):
 @pytest.fixture(scope="module")
 def pair(hf_bf16):
     """(float32 model, the same with its matrices stored in bfloat16)."""
-    f32 = specjax.model_from_hf(hf_bf16)
+    f32 = specjax.model_from_hf(hf_bf16, storage=None)  # float32 storage on every device
     return f32, f32.with_storage(jnp.bfloat16)
 
 
@@ -101,8 +101,16 @@ def test_with_storage_keeps_the_computation(pair, hf_bf16):
     np.testing.assert_allclose(ours, hf, rtol=0, atol=1e-4)
 
 
-def test_with_storage_refuses_to_round(make_hf_model):
-    model = specjax.model_from_hf(make_hf_model("llama", seed=6))
+def test_with_storage_refuses_to_round(make_hf_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
+    monkeypatch.setattr(storage, "measure", _no_probe)  # float32 weights: nothing to measure
+    hf = make_hf_model("llama", seed=6)
+    model = specjax.model_from_hf(hf)
+    assert _matrix_dtype(model) == jnp.float32 and not (tmp_path / "auto").exists()
+    with pytest.raises(ValueError, match=r"storage='int8': valid values are 'auto'"):
+        specjax.model_from_hf(hf, storage="int8")
+    with pytest.raises(ValueError, match="storage='float32' for a model computing in bfloat16"):
+        specjax.model_from_hf(hf, dtype=jnp.bfloat16, storage="float32")
     with pytest.raises(ValueError, match=r"layer 0 \w+ is not exactly representable in bfloat16"):
         model.with_storage(jnp.bfloat16)
     with pytest.raises(TypeError, match="floating dtype"):
@@ -180,9 +188,10 @@ def _no_probe(*a, **kw):
     raise AssertionError("the storage probe ran")
 
 
-def test_load_model_measures_storage_once(bf16_dir, pair, monkeypatch):
+def test_load_model_measures_storage_once(bf16_dir, pair, hf_bf16, monkeypatch):
     """A bfloat16 checkpoint: load_model measures once (cached per device and model shape)
-    and keeps what measured faster; the output is the float32-stored model's either way."""
+    and keeps what measured faster; the output is the float32-stored model's either way.
+    model_from_hf (an in-memory HF model) chooses the same way."""
     f32, _ = pair
     monkeypatch.setattr(storage, "measure", _says("bfloat16"))
     b16 = specjax.load_model(bf16_dir)
@@ -192,6 +201,8 @@ def test_load_model_measures_storage_once(bf16_dir, pair, monkeypatch):
         assert '"choice": "bfloat16"' in f.read()
     monkeypatch.setattr(storage, "measure", _no_probe)  # read from the cache now
     assert _matrix_dtype(specjax.load_model(bf16_dir)) == jnp.bfloat16
+    assert _matrix_dtype(specjax.model_from_hf(hf_bf16)) == jnp.bfloat16  # the same cache entry
+    assert _matrix_dtype(specjax.model_from_hf(hf_bf16, storage=None)) == jnp.float32
     ar = specjax.generate(f32, RAGGED_PROMPTS[:2], max_new_tokens=8).tokens
     assert specjax.generate(b16, RAGGED_PROMPTS[:2], max_new_tokens=8).tokens == ar
     # A small-model drafter stored in bfloat16 against the float32-stored target.
