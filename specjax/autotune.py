@@ -19,7 +19,7 @@ import functools
 import numbers
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -187,10 +187,36 @@ def cost_markdown(table: dict[int, tuple[float, float]]) -> str:
 # ----------------------------------------------------------------------------- verify sizing
 
 
+# A verify size below the tree's gets a branch only if it costs at most this fraction of every
+# larger size (timing noise between neighbouring sizes is a few percent).
+SIZE_MARGIN = 0.97
+# Bumped when how a sizing is measured changes, so that cached ones are measured again (2: the
+# sizes are chosen from every size's measured cost, `frontier_sizes`).
+SIZING_VERSION = 2
+
+
 def default_verify_sizes(nodes: int) -> tuple[int, ...]:
     """Powers of two below `nodes`, then `nodes` (8 -> (1, 2, 4, 8)): each is one compiled
     verify branch."""
     return tuple(1 << i for i in range(max(nodes - 1, 1).bit_length()) if 1 << i < nodes) + (nodes,)
+
+
+def frontier_sizes(nodes: int, verify_ms: Mapping[int, float]) -> tuple[int, ...]:
+    """The verify sizes (in nodes) worth a compiled branch, from `verify_ms` {T: ms} of a
+    verify forward of T = 2 .. nodes + 1 tokens on this device: each of
+    `default_verify_sizes(nodes)` moved down to the largest size at or below it whose verify
+    costs at most `SIZE_MARGIN` of every larger size's, then `nodes`. Costs need not grow with
+    T: on the 2-core EPYC a verify of 5 tokens cost 1.84x a plain step and one of 8 1.67x
+    (`specjax bench-verify`, 2026-12-07), so verifying 4 of 7 nodes never paid and 3 may."""
+    worth = [
+        s
+        for s in range(1, nodes)
+        if verify_ms[s + 1] <= SIZE_MARGIN * min(verify_ms[t + 1] for t in range(s + 1, nodes + 1))
+    ]
+    picked = {
+        max((u for u in worth if u <= s), default=0) for s in default_verify_sizes(nodes)[:-1]
+    }
+    return tuple(sorted(picked - {0, nodes})) + (nodes,)
 
 
 def measure_sizing(
@@ -209,10 +235,12 @@ def measure_sizing(
     A step at verify size s costs D + plain + verify(s + 1) - verify(1), and a plain step
     D + plain: D is the drafter's propose + commit (`anatomy.measure_step`, the drafting is
     paid whatever is verified), plain a whole plain decode step, verify(T) one tree-masked
-    verify forward of T tokens (`verify_cost_table`, prefix 256)."""
+    verify forward of T tokens (`verify_cost_table`, prefix 256). `sizes` None: every size is
+    timed and `frontier_sizes` picks those worth a branch here."""
     from specjax import anatomy
 
-    sizes = tuple(sorted(set(sizes or default_verify_sizes(tree.nodes))))
+    given = sizes is not None
+    sizes = tuple(sorted(set(sizes))) if given else tuple(range(1, tree.nodes + 1))
     if sizes[-1] != tree.nodes:
         raise ValueError(f"the largest verify size must be the tree's {tree.nodes} nodes: {sizes}")
     whole = make(dataclasses.replace(tree, sizing=None))
@@ -223,6 +251,8 @@ def measure_sizing(
     table = verify_cost_table(
         model, (1,) + tuple(s + 1 for s in sizes), repeats=repeats, progress=progress
     )
+    if not given:
+        sizes = frontier_sizes(tree.nodes, {T: tree_ms for T, (_, tree_ms) in table.items()})
     v1 = table[1][0]
     costs = (D + plain,) + tuple(D + plain + max(table[s + 1][1] - v1, 0.0) for s in sizes)
     record = {
@@ -376,8 +406,9 @@ AUTO_SCREEN = 0.85
 # prompts shortened to SmolLM2's 64-token bucket, as the tuning questions are, so the first
 # call compiles each candidate for 2 prompt-length buckets instead of 3; the tables keep each
 # prompt's speed and a costlier candidate must be faster prompt by prompt beyond the noise;
-# 9: the sized EAGLE tree skips its growth when its first level promises nothing).
-AUTO_VERSION = 9
+# 9: the sized EAGLE tree skips its growth when its first level promises nothing; 10: its
+# verify sizes are chosen from this device's measured costs, `frontier_sizes`).
+AUTO_VERSION = 10
 
 
 def auto_prompts() -> list[str]:
@@ -452,7 +483,7 @@ def cached_sizing(
     import re
 
     key = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{auto_key(model)}-{name}-{tree.nodes}_{tree.depth}")
-    key += f"_{tree.top_k}"
+    key += f"_{tree.top_k}_v{SIZING_VERSION}"
     path = os.path.join(cache_root(), "auto", f"sizing-{key}.json")
     try:
         with open(path) as f:

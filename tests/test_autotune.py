@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -643,6 +644,42 @@ def test_measure_sizing_on_a_real_drafter(model):
     assert sizing.costs[0] == pytest.approx(rec["draft_ms"] + rec["plain_ms"])
     assert all(c >= sizing.costs[0] for c in sizing.costs[1:])  # a verify adds to a plain step
     assert set(rec["verify_ms"]) == {"1", "3", "5"}
+
+
+def test_frontier_sizes_follow_the_measured_costs():
+    """A size gets a verify branch only if it costs clearly less than every larger size: where
+    5 tokens cost more than 8 (the 2-core EPYC), 4 of 7 nodes give way to 3."""
+    epyc = {2: 1.27, 3: 1.32, 4: 1.37, 5: 1.84, 6: 1.80, 7: 1.75, 8: 1.67}
+    assert autotune.frontier_sizes(7, epyc) == (1, 2, 3, 7)
+    growing = {T: 1.0 + 0.1 * T for T in range(2, 9)}  # costs that grow with T: the defaults
+    assert autotune.frontier_sizes(7, growing) == autotune.default_verify_sizes(7) == (1, 2, 4, 7)
+    flat = {T: 1.0 for T in range(2, 9)}  # nothing cheaper than the whole tree: one branch
+    assert autotune.frontier_sizes(7, flat) == (7,)
+    within_noise = {**growing, 5: growing[6] * 0.99}  # 4 nodes no clear saving over 5
+    assert autotune.frontier_sizes(7, within_noise) == (1, 2, 3, 7)
+
+
+def test_measure_sizing_picks_the_frontier(model, monkeypatch):
+    """Without `sizes`, every size is timed and the branches are `frontier_sizes`' (the
+    costs a stand-in table: the real timing is the test above)."""
+    from specjax import anatomy, drafters
+
+    an = types.SimpleNamespace(ms={"propose": 1.0, "commit": 1.0, "plain step": 10.0})
+    monkeypatch.setattr(anatomy, "measure_step", lambda *a, **k: an)
+    ms = {1: 10.0, 2: 12.0, 3: 17.0, 4: 14.0, 5: 16.0}  # 2 nodes cost more than 3 and 4
+    asked = []
+
+    def table(model, sizes, **kw):
+        asked.append(tuple(sizes))
+        return {T: (ms[T], ms[T]) for T in sizes}
+
+    monkeypatch.setattr(autotune, "verify_cost_table", table)
+    tree = drafters.DynamicTree(nodes=4, depth=2, top_k=2)
+    sizing, rec = autotune.measure_sizing(model, lambda t: drafters.layer_skip(1, tree=t), tree)
+    assert asked == [(1, 2, 3, 4, 5)]
+    assert sizing.sizes == (1, 4) and rec["sizes"] == [1, 4]
+    assert sizing.costs == pytest.approx((12.0, 14.0, 18.0))
+    assert set(rec["verify_ms"]) == {"1", "2", "3", "4", "5"}
 
 
 def test_sized_eagle3_tree_by_name(model, tmp_path, monkeypatch):
