@@ -28,9 +28,8 @@ def main() -> None:
     build = lambda t: eagle(src, tree=t, name=src)  # noqa: E731
     frontier, rec = autotune.measure_sizing(model, build, shape)
     v = {int(T): ms for T, ms in rec["verify_ms"].items()}
-    base = rec["draft_ms"] + rec["plain_ms"]
     fixed = (1, 2, 4, shape.nodes)
-    costs = (base,) + tuple(base + max(v[s + 1][1] - v[1][0], 0.0) for s in fixed)
+    costs = autotune.step_costs(rec["draft_ms"] + rec["plain_ms"], v, fixed)
     print(
         f"verify ms (tree mask) by T: { {T: round(ms[1], 2) for T, ms in sorted(v.items())} }; "
         f"frontier sizes {frontier.sizes}, costs {tuple(round(c, 2) for c in frontier.costs)}; "

@@ -219,6 +219,15 @@ def frontier_sizes(nodes: int, verify_ms: Mapping[int, float]) -> tuple[int, ...
     return tuple(sorted(picked - {0, nodes})) + (nodes,)
 
 
+def step_costs(
+    base: float, table: Mapping[int, Sequence[float]], sizes: Sequence[int]
+) -> tuple[float, ...]:
+    """A plain step's cost `base` (drafting + plain step), then one per verify size s:
+    `base` + the tree-masked verify of s + 1 tokens less the causal one of 1 (`table` as
+    `verify_cost_table` returns it)."""
+    return (base,) + tuple(base + max(table[s + 1][1] - table[1][0], 0.0) for s in sizes)
+
+
 def measure_sizing(
     model: Model,
     make: Callable[[DynamicTree], Drafter],
@@ -253,8 +262,7 @@ def measure_sizing(
     )
     if not given:
         sizes = frontier_sizes(tree.nodes, {T: tree_ms for T, (_, tree_ms) in table.items()})
-    v1 = table[1][0]
-    costs = (D + plain,) + tuple(D + plain + max(table[s + 1][1] - v1, 0.0) for s in sizes)
+    costs = step_costs(D + plain, table, sizes)
     record = {
         "drafter": whole.name,
         "sizes": list(sizes),
