@@ -17,7 +17,7 @@ from compare import exact_then_timed
 
 import specjax
 from specjax import autotune, bench
-from specjax.drafters import VerifySizing, eagle, registry
+from specjax.drafters import Drafter, VerifySizing, eagle, registry
 
 
 def main() -> None:
@@ -35,9 +35,10 @@ def main() -> None:
         f"frontier sizes {frontier.sizes}, costs {tuple(round(c, 2) for c in frontier.costs)}; "
         f"fixed sizes {fixed}, costs {tuple(round(c, 2) for c in costs)}"
     )
-    sized = lambda s: build(
-        dataclasses.replace(shape, sizing=dataclasses.replace(s, early_exit=True))
-    )  # noqa: E731
+
+    def sized(s: VerifySizing) -> Drafter:  # as `eagle3_tree_sized` builds it: with the early exit
+        return build(dataclasses.replace(shape, sizing=dataclasses.replace(s, early_exit=True)))
+
     cands = {
         "none": None,
         "ngram": registry.make("ngram", None, model),
