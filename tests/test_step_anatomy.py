@@ -9,8 +9,11 @@ test catches the copy itself in the optimized HLO.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import pytest
+from test_eagle import random_eagle
 
 import specjax
 from specjax import anatomy, cli, drafters, engine
@@ -56,11 +59,33 @@ DRAFTERS = {
     "ngram_sized": lambda: drafters.ngram(k=4),
     "ngram_tree_sized": lambda: drafters.ngram(k=3, branches=2),
 }
+# EAGLE drafters whose propose may skip drafting: each skip is one `lax.cond` inside the draft
+# (the tree's early exit, a closed gate, a hybrid step where every row takes the chain); a
+# second cond around the whole propose made XLA copy the drafter's cache every step.
+SIZING = drafters.VerifySizing((2, 4), (1.0, 1.1, 1.2))
+GATE = drafters.DraftGate(plain=1.0)
+TREE = drafters.DynamicTree(nodes=4, depth=2, top_k=2)
+EAGLE = {
+    "eagle_tree_early_exit": dict(
+        tree=dataclasses.replace(TREE, sizing=dataclasses.replace(SIZING, early_exit=True))
+    ),
+    "eagle_tree_gated": dict(
+        tree=dataclasses.replace(TREE, sizing=dataclasses.replace(SIZING, gate=GATE))
+    ),
+    "eagle_chain_gated": dict(k=4, sizing=dataclasses.replace(SIZING, gate=GATE)),
+    "hybrid": dict(tree=TREE),
+}
 
 
-@pytest.mark.parametrize("which", list(DRAFTERS))
+def eagle_drafter(target, which):
+    d = drafters.eagle(random_eagle(target, 3, seed=1, draft_vocab=12), **EAGLE[which])
+    return drafters.hybrid(drafters.ngram(max_ngram=3, k=3), d) if which == "hybrid" else d
+
+
+@pytest.mark.parametrize("which", list(DRAFTERS) + list(EAGLE))
 def test_no_cache_copy_in_the_decode_loop(small_target, which):
-    hlo, shapes = compiled_decode(small_target, DRAFTERS[which]())
+    d = eagle_drafter(small_target, which) if which in EAGLE else DRAFTERS[which]()
+    hlo, shapes = compiled_decode(small_target, d)
     assert all(len(s) == 4 for s in shapes)  # unrolled layers: per-layer [B, KV, S, hd]
     copies = anatomy.loop_body_copies(hlo)
     assert copies, "the parser found no copy at all in the loop: it reads the wrong thing"

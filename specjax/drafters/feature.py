@@ -180,25 +180,24 @@ class EagleSpec(DrafterSpec):
         key: jax.Array,
         mode: SamplingMode,
         sp: dict,
+        need: jax.Array | None = None,
     ) -> tuple[Draft | TreeDraft, EagleState]:
         """`draft`, or with a gate (`DraftGate`) nothing when it is closed: a draft of the same
-        shapes asking for no verify (size 0), and the state as the last commit left it."""
+        shapes asking for no verify (size 0), and the state as the last commit left it.
+        `need` [B] bool: the rows that want a draft (a hybrid's model rows); when none does,
+        the step drafts nothing."""
         if self._gate is None:
-            return self.draft(params, state, last, key, mode, sp)
-
-        def drafted(_: None) -> tuple[Draft | TreeDraft, EagleState]:
-            draft, st = self.draft(params, state, last, key, mode, sp)
-            return draft, st.replace(gate=st.gate._replace(asked=draft.size))
-
-        shape = jax.eval_shape(drafted, None)
-
-        def skipped(_: None) -> tuple[Draft | TreeDraft, EagleState]:
-            nothing = no_draft(shape[0])
-            return nothing, state.replace(
-                gate=state.gate._replace(asked=jnp.full_like(state.gate.asked, -1))
-            )
-
-        return jax.lax.cond(self._gate.closed(state.gate), skipped, drafted, None)
+            if need is None:
+                return self.draft(params, state, last, key, mode, sp)
+            return self.draft(params, state, last, key, mode, sp, need=need)
+        # The draft's own cond does the skipping, after the first level's ranking: a second
+        # cond around the whole draft made XLA copy the drafter's cache in the decode loop
+        # every step (`anatomy.cache_copies`), as a hybrid's did.
+        rows = self._gate.open_rows(state.gate)  # [B]
+        rows = rows if need is None else rows & need
+        draft, st = self.draft(params, state, last, key, mode, sp, need=rows)
+        asked = jnp.where(jnp.any(rows), draft.size, -1)  # -1: the step did not draft
+        return draft, st.replace(gate=st.gate._replace(asked=asked))
 
     def draft(
         self,
@@ -208,11 +207,36 @@ class EagleSpec(DrafterSpec):
         key: jax.Array,
         mode: SamplingMode,
         sp: dict,
+        need: jax.Array | None = None,
     ) -> tuple[Draft, EagleState]:
-        """Draft a chain of k tokens (sized: `Draft.size` asks for the prefix worth verifying)."""
-        K, cache = self.k, state.cache
+        """Draft a chain of k tokens (sized: `Draft.size` asks for the prefix worth verifying).
+        `need` [B] bool: when no row needs a draft, nothing (size 0) after the first token's
+        ranking, as `EagleTreeSpec.draft` does."""
+        K = self.k
         keys = jax.random.split(key, K)
         tok, logp, conf = self._choose(params, state.feat, keys[0], mode, sp)
+        if need is None:
+            return self._chain(params, state, tok, logp, conf, keys, mode, sp)
+
+        def full(_: None) -> tuple[Draft, EagleState]:
+            return self._chain(params, state, tok, logp, conf, keys, mode, sp)
+
+        shape = jax.eval_shape(full, None)
+        return jax.lax.cond(jnp.any(need), full, lambda _: (no_draft(shape[0]), state), None)
+
+    def _chain(
+        self,
+        params: dict,
+        state: EagleState,
+        tok: jax.Array,
+        logp: jax.Array | None,
+        conf: jax.Array,
+        keys: jax.Array,
+        mode: SamplingMode,
+        sp: dict,
+    ) -> tuple[Draft, EagleState]:
+        """The chain after its first token (tok, logp, conf from `_choose`)."""
+        K, cache = self.k, state.cache
 
         def step(
             carry: tuple[KVCache, jax.Array, jax.Array], k: jax.Array
@@ -319,8 +343,11 @@ class EagleTreeSpec(EagleSpec):
         key: jax.Array,
         mode: SamplingMode,
         sp: dict,
+        need: jax.Array | None = None,
     ) -> tuple[TreeDraft, EagleState]:
-        """Grow the dynamic tree (sized: `TreeDraft.size` asks for the prefix worth it)."""
+        """Grow the dynamic tree (sized: `TreeDraft.size` asks for the prefix worth it).
+        `need` [B] bool (a hybrid's rows that take the model's tree): when no row needs it,
+        the step drafts nothing (size 0) after the root's ranking."""
         B = last.shape[0]
 
         # Rank candidates over the drafter's own vocabulary (version 3: 4096 of 49152 ids)
@@ -367,15 +394,27 @@ class EagleTreeSpec(EagleSpec):
             size = None if self.sizing is None else self.sizing.choose(score)
             return TreeDraft(tree=tree, size=size), state.replace(cache=cache)
 
-        if self.sizing is None or not self.sizing.early_exit:
+        early = self.sizing is not None and self.sizing.early_exit
+        if need is None and not early:
             return grow(None)
         shape = jax.eval_shape(grow, None)
 
         def plain(_: None) -> tuple[TreeDraft, EagleState]:
-            # No row's first level promises a draft worth verifying: a plain step (size 0)
-            # without the deeper levels' drafter forwards (the state is as the commit left it).
+            # No row's first level promises a draft worth verifying (or no row needs one): a
+            # plain step (size 0) without the deeper levels' drafter forwards (the state is as
+            # the commit left it). This one `lax.cond` is where every skip of the growth goes:
+            # a second cond around the whole propose (a hybrid's chain-only steps) made XLA
+            # copy the drafter's cache in the loop every step (`anatomy.cache_copies`).
             nothing = no_draft(shape[0])
-            return nothing, state.replace(skipped_growth=state.skipped_growth + 1)
+            if state.skipped_growth is None:
+                return nothing, state
+            # counted when some row wanted a draft and the early exit said no
+            wanted = jnp.any(rows_wanting).astype(jnp.int32)
+            return nothing, state.replace(skipped_growth=state.skipped_growth + wanted)
 
-        top = jnp.exp(jnp.max(root, axis=-1))  # [B] the best first-level candidate
-        return jax.lax.cond(jnp.any(self.sizing.worth_growing(top)), grow, plain, None)
+        rows_wanting = jnp.ones((B,), bool) if need is None else need
+        rows = rows_wanting
+        if early:
+            top = jnp.exp(jnp.max(root, axis=-1))  # [B] the best first-level candidate
+            rows = rows & self.sizing.worth_growing(top)
+        return jax.lax.cond(jnp.any(rows), grow, plain, None)

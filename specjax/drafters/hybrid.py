@@ -60,7 +60,6 @@ from specjax.engine.protocol import (
     Tree,
     TreeDraft,
     Verified,
-    no_draft,
 )
 from specjax.models.config import ModelConfig
 
@@ -156,8 +155,8 @@ class HybridSpec(DrafterSpec):
         want = ret.request(n, known)  # [B]
         use = (n >= self.min_match) & (want > 0)  # [B]
 
-        def model_propose(_: None) -> tuple[TreeDraft, Any]:
-            return self.model.propose(params["model"], state.model, last, key, mode, sp)
+        def model_propose(need: jax.Array | None) -> tuple[TreeDraft, Any]:
+            return self.model.propose(params["model"], state.model, last, key, mode, sp, need=need)
 
         shape = jax.eval_shape(model_propose, None)
         if isinstance(shape[0], Draft) or shape[0].child_logp is not None:
@@ -165,12 +164,6 @@ class HybridSpec(DrafterSpec):
                 "a hybrid's model drafter must draft a tree of deterministic candidates "
                 "(an EAGLE dynamic tree)"
             )
-
-        def skip(_: None) -> tuple[TreeDraft, Any]:
-            # Every row takes the chain: the model's drafting is not run (its state only
-            # wrote cache slots past its committed length, which its commit overwrites).
-            draft = no_draft(shape[0])
-            return draft, state.model
 
         if self.mode == "merge":
             mdraft, mstate = model_propose(None)
@@ -181,7 +174,8 @@ class HybridSpec(DrafterSpec):
             size = jnp.where(drafted, self.k, self._model_size(mdraft)).astype(jnp.int32)
             draft = TreeDraft(tree=tree, size=size)
             return draft, state.replace(model=mstate, chose=drafted)
-        mdraft, mstate = jax.lax.cond(jnp.all(use), skip, model_propose, None)
+        # A step where every row takes the chain skips the tree's growth (its root is ranked).
+        mdraft, mstate = model_propose(~use)
         tree = _select(use, _chain_tree(chain, self.k), _pad(mdraft.tree, self.k))
         size = jnp.where(use, want, self._model_size(mdraft, self.k)).astype(jnp.int32)
         draft = TreeDraft(tree=tree, size=size)

@@ -74,9 +74,13 @@ class DraftGate:
         zeros = jnp.zeros((batch,), jnp.int32)
         return GateState(jnp.ones((batch,), jnp.float32), zeros, zeros + 1, zeros - 1, zeros)
 
+    def open_rows(self, g: GateState) -> jax.Array:
+        """[B] bool: the rows that draft this step (finished rows always wait)."""
+        return g.wait <= 0
+
     def closed(self, g: GateState) -> jax.Array:
-        """[] bool: skip this step's drafting (every row waits; finished rows always do)."""
-        return jnp.all(g.wait > 0)
+        """[] bool: skip this step's drafting (every row waits)."""
+        return ~jnp.any(self.open_rows(g))
 
     def update(
         self, g: GateState, tokens: jax.Array, cost: jax.Array, active: jax.Array
