@@ -16,8 +16,9 @@ real prompt, then a few real steps), and so does the whole step:
                      `generate` pays; its own trajectory, so acceptance may differ from the state
     call overhead    an empty jitted call with the same arguments (each part pays it once, the
                      spec step once: the sum of parts holds three more of it than the step)
-    cache copies in loop   copies of a whole KV-cache buffer XLA put in the compiled loop body
-                     (`cache_copies`): each one is a pass over a layer's cache per step
+    cache copies in loop   copies of a whole KV-cache buffer (the target's, or a drafter's
+                     own) XLA put in the compiled loop body (`cache_copies`): each one is a
+                     pass over a layer's cache per step
 
 A remainder well above zero means the step does work none of its parts does alone: copies of
 buffers XLA could not update in place, or a `lax.switch` over verify sizes. Every piece donates
@@ -358,6 +359,8 @@ def time_loop_step(
     lec = dataclasses.replace(ec, max_new=steps0 + loop_steps)
     compiled = engine.decode.lower(params, dparams, state, sp, ec=lec).compile()
     shapes = {x.shape for x in jax.tree.leaves((state.cache.k, state.cache.v))}
+    # and a drafter's own per-layer caches [B, KV, S, hd] (an EAGLE drafter's)
+    shapes |= {x.shape for x in jax.tree.leaves(state.dstate) if x.ndim == 4}
     copies = tuple(cache_copies(compiled.as_text(), shapes))
     out = compiled(params, dparams, _fresh(state), sp)  # warm up
     per_step = []
