@@ -358,10 +358,7 @@ def time_loop_step(
     steps0, n0 = int(state.steps), int(state.n_out.sum())
     lec = dataclasses.replace(ec, max_new=steps0 + loop_steps)
     compiled = engine.decode.lower(params, dparams, state, sp, ec=lec).compile()
-    shapes = {x.shape for x in jax.tree.leaves((state.cache.k, state.cache.v))}
-    # and a drafter's own per-layer caches [B, KV, S, hd] (an EAGLE drafter's)
-    shapes |= {x.shape for x in jax.tree.leaves(state.dstate) if x.ndim == 4}
-    copies = tuple(cache_copies(compiled.as_text(), shapes))
+    copies = tuple(cache_copies(compiled.as_text(), cache_shapes(state)))
     out = compiled(params, dparams, _fresh(state), sp)  # warm up
     per_step = []
     for _ in range(repeats):
@@ -489,6 +486,14 @@ def loop_body_copies(hlo: str) -> list:
                 )
                 copies.append(HloCopy(shapes, name, line.strip()))
     return copies
+
+
+def cache_shapes(state: LoopState) -> set:
+    """The shapes of the KV-cache buffers a decode loop carries (`state` or its
+    `jax.eval_shape`): the target's, and a drafter's own per-layer caches [B, KV, S, hd] (an
+    EAGLE drafter's, which may be longer than the target's)."""
+    target = {x.shape for x in jax.tree.leaves((state.cache.k, state.cache.v))}
+    return target | {x.shape for x in jax.tree.leaves(state.dstate) if x.ndim == 4}
 
 
 def cache_copies(hlo: str, cache_shapes: Iterable[Sequence[int]]) -> list:

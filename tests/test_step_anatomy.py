@@ -43,10 +43,7 @@ def compiled_decode(model, drafter):
         args,
     )
     hlo = engine.decode.lower(model.params, dparams, state, sp, ec=ec).compile().as_text()
-    shapes = {x.shape for x in jax.tree.leaves((state.cache.k, state.cache.v))}
-    # a drafter's own per-layer caches [B, KV, S, hd] (an EAGLE drafter's may be longer)
-    drafter = {x.shape for x in jax.tree.leaves(state.dstate) if x.ndim == 4}
-    return hlo, shapes | drafter
+    return hlo, anatomy.cache_shapes(state)
 
 
 DRAFTERS = {
