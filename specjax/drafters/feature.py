@@ -187,8 +187,6 @@ class EagleSpec(DrafterSpec):
         `need` [B] bool: the rows that want a draft (a hybrid's model rows); when none does,
         the step drafts nothing."""
         if self._gate is None:
-            if need is None:
-                return self.draft(params, state, last, key, mode, sp)
             return self.draft(params, state, last, key, mode, sp, need=need)
         # The draft's own cond does the skipping, after the first level's ranking: a second
         # cond around the whole draft made XLA copy the drafter's cache in the decode loop
