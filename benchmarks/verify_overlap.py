@@ -21,13 +21,10 @@ takes stream(1) + resident(T) - resident(1). Run with `taskset -c 0` for one cor
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+from device_check import timed_median
 
 from specjax.models.llama import times_out_in
 
@@ -74,17 +71,6 @@ def stream_touch(ws: list, x: jax.Array) -> jax.Array:
     return x + 0 * acc
 
 
-def _ms(fn: Callable[..., jax.Array], *args: Any, repeats: int) -> float:
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1,2,4,8,16")
@@ -101,9 +87,9 @@ def main() -> None:
     for T in sizes:
         x = jax.random.normal(keys[-1], (T, IN))
         rows[T] = (
-            _ms(stream, ws, x, repeats=a.repeats),
-            _ms(resident, ws[0], x, repeats=a.repeats),
-            _ms(stream_touch, ws, x, repeats=a.repeats),
+            timed_median(stream, ws, x, repeats=a.repeats),
+            timed_median(resident, ws[0], x, repeats=a.repeats),
+            timed_median(stream_touch, ws, x, repeats=a.repeats),
         )
     s1, r1 = rows[sizes[0]][0], rows[sizes[0]][1]
     for T, (s, r, st) in rows.items():
