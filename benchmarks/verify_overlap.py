@@ -1,8 +1,8 @@
 """Why a verify block of T tokens costs more than one token on XLA CPU: is a small-row
 product's time its memory stream plus its arithmetic, or the larger of the two?
 
-Thirty [6144, 576] float32 matrices (14 MiB each, 424 MiB in all, a SmolLM2-135M step's weight
-bytes) multiply a block of T rows one after the other, each product in the engine's form
+Thirty [6144, 576] float32 matrices (13.5 MiB each, 405 MiB in all: about SmolLM2-135M's
+layer weights) multiply a block of T rows one after the other, each product in the engine's form
 (`specjax.models.llama.times_out_in`: a matrix-vector product for one row, a row reduction
 for 2-16). Three programs per T:
 
