@@ -396,6 +396,7 @@ class EagleTreeSpec(EagleSpec):
         if need is None and not early:
             return grow(None)
         shape = jax.eval_shape(grow, None)
+        rows_wanting = jnp.ones((B,), bool) if need is None else need
 
         def plain(_: None) -> tuple[TreeDraft, EagleState]:
             # No row's first level promises a draft worth verifying (or no row needs one): a
@@ -410,7 +411,6 @@ class EagleTreeSpec(EagleSpec):
             wanted = jnp.any(rows_wanting).astype(jnp.int32)
             return nothing, state.replace(skipped_growth=state.skipped_growth + wanted)
 
-        rows_wanting = jnp.ones((B,), bool) if need is None else need
         rows = rows_wanting
         if early:
             top = jnp.exp(jnp.max(root, axis=-1))  # [B] the best first-level candidate
