@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_tree_sampling import cell_counts, exact, sample_tokens  # noqa: F401  (a fixture)
+from test_tree_sampling import PROMPT, cell_counts, exact, sample_tokens  # noqa: F401  (a fixture)
 
 import specjax
 from specjax import drafters
@@ -263,6 +263,81 @@ def test_sampling_matches_target(models, exact, name, mode):
         print(f"  verify sizes (0, 2, 6): {sizes.tolist()}, skipped {st['draft_skipped_steps']}")
         assert sizes[2] == 0 and sizes[1] >= 2 and sizes[0] >= 1, sizes
         assert st["draft_skipped_steps"] >= 8192 // 2, st["draft_skipped_steps"]
+
+
+# ------------------------------------------------------- sized sampled chains, one row at a time
+
+# A chain whose tokens are sampled from the drafter's law may verify only a prefix of itself
+# (`VerifySizing`), but the choice must not read the drawn tokens: a token is tested against
+# the law it was drawn from, so a size that keeps likely draws and drops unlikely ones biases
+# what is emitted (`VerifySizing.choose_before_drawing`). A batch verifies the largest size any
+# row asks for, which hides one row's choice among 8192 rows; so these rows are decoded one at
+# a time (`N_BATCH1` calls at batch 1, keys seed + i). The costs (a plain step, one token, two)
+# split each drafter's range of first-law best probabilities t so that a row asks for nothing,
+# one token or both (small model: t < 0.45 / < 0.55 / above; the random EAGLE-3: 0.28 / 0.33),
+# each in >= 5% of the steps (asserted; measured 49/14/37% and 69/22/9%).
+N_BATCH1 = 4096
+CHAIN_SIZING = {
+    "small_model": drafters.VerifySizing((1, 2), (1.0, 1.45, 1.73)),
+    "eagle3": drafters.VerifySizing((1, 2), (1.0, 1.28, 1.385)),
+}
+
+
+def sized_chain(kind: str, target, draft, sizing=None):
+    sizing = sizing or CHAIN_SIZING[kind]
+    if kind == "small_model":
+        return drafters.small_model(draft, k=2, sizing=sizing)
+    return drafters.eagle(random_eagle(target, 3, 11, 12), k=2, sizing=sizing)
+
+
+def sample_one_at_a_time(target, drafter, mode_kw, seed, n=N_BATCH1):
+    """-> (tokens [n, 3] of n rows decoded at batch 1, steps per verify size summed)."""
+    rows, sizes = [], 0
+    for i in range(n):
+        out = specjax.generate(
+            target, [PROMPT], max_new_tokens=3, key=seed + i, drafter=drafter, **mode_kw
+        )
+        rows.append(out.tokens[0])
+        sizes = sizes + np.asarray(out.stats["verify_size_histogram"])
+    return np.asarray(rows), sizes
+
+
+@pytest.mark.parametrize("kind", ["small_model", "eagle3"])
+def test_sized_sampled_chain_matches_target(models, exact, kind):
+    """Chi-square of (t1, t2, t3) against the exact target law (temperature 0.7), 4096 rows:
+    90 cells after pooling, so any law at TV >= 0.078 from the target fails with probability
+    >= 0.99 (`detectable_tv(89, 4096)`); the rule that read the drawn tokens (below) gave
+    p = 3e-54."""
+    target, draft = models
+    toks, sizes = sample_one_at_a_time(
+        target, sized_chain(kind, target, draft), MODES["plain"], 5000
+    )
+    fit = chi_square(cell_counts(toks, (0, 1, 2)), exact["plain"]["joint123"])
+    print(f"sized chain {kind}: {fit}, verify sizes (0, 1, 2) {sizes.tolist()}")
+    assert fit.impossible == 0
+    assert fit.pvalue > ALPHA, f"sized {kind} chain differs from the target: {fit}"
+    assert (sizes >= 0.05 * sizes.sum()).all(), sizes  # plain, 1 and 2 tokens all taken
+
+
+def test_sized_sampled_chain_reading_its_draws_is_detected(models, exact, monkeypatch):
+    """Negative control: the same small-model chain sized from its drawn tokens' probabilities
+    (`VerifySizing.choose` on them, the rule before 2026-12-07) fails the same test, on half
+    the rows (p = 3e-54 on 4096)."""
+    from specjax.drafters import lm
+
+    def from_draws(sizing, confs, first_logp):
+        return sizing.choose(jnp.cumsum(jnp.concatenate(list(confs), axis=1), axis=1))
+
+    monkeypatch.setattr(lm, "chain_size", from_draws)
+    target, draft = models
+    # other costs than the test above: a drafter of its own, so a program of its own
+    sizing = drafters.VerifySizing((1, 2), (1.0, 1.3, 1.61))
+    toks, sizes = sample_one_at_a_time(
+        target, sized_chain("small_model", target, draft, sizing), MODES["plain"], 5000, 2048
+    )
+    fit = chi_square(cell_counts(toks, (0, 1, 2)), exact["plain"]["joint123"])
+    print(f"sized from the draws: {fit}, verify sizes (0, 1, 2) {sizes.tolist()}")
+    assert fit.pvalue < ALPHA, fit
 
 
 # ------------------------------------------------------------------ bad input

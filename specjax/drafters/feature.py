@@ -28,6 +28,7 @@ from specjax.drafters.shapes import (
     DraftGate,
     GateState,
     VerifySizing,
+    chain_size,
     check_dynamic_tree,
     grow_dynamic_tree,
 )
@@ -261,9 +262,7 @@ class EagleSpec(DrafterSpec):
         # The draft slots are scratch after the committed length, which does not move: the next
         # commit overwrites them with the accepted path's target features.
         draft_logp = None if mode.greedy else jnp.concatenate(logps, axis=1)
-        size = None  # the chain's cumulative log-probs are its nodes' scores, best first
-        if self.sizing is not None:
-            size = self.sizing.choose(jnp.cumsum(jnp.concatenate(confs, axis=1), axis=1))
+        size = None if self.sizing is None else chain_size(self.sizing, confs, logp)
         draft = Draft(tokens=jnp.concatenate(toks, axis=1), logp=draft_logp, size=size)
         return draft, state.replace(cache=cache.replace(lengths=state.cache.lengths))
 

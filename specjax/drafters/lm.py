@@ -25,6 +25,7 @@ from flax import struct
 from specjax.drafters.shapes import (
     StaticSchedule,
     VerifySizing,
+    chain_size,
     check_dynamic_tree,
     check_static_tree,
     dynamic_pool_size,
@@ -167,9 +168,7 @@ class LMDrafterSpec(DrafterSpec):
         tokens = jnp.concatenate(toks, axis=1)  # [B, K]
         draft_logp = None if mode.greedy else jnp.concatenate(logps, axis=1)
         new_state = state.replace(cache=cache, len_before=state.cache.lengths)
-        size = None  # the chain's cumulative log-probs are its nodes' scores, best first
-        if self.sizing is not None:
-            size = self.sizing.choose(jnp.cumsum(jnp.concatenate(confs, axis=1), axis=1))
+        size = None if self.sizing is None else chain_size(self.sizing, confs, logp)
         return Draft(tokens=tokens, logp=draft_logp, size=size), new_state
 
     def rewind(

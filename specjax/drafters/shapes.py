@@ -117,7 +117,8 @@ class VerifySizing:
     one short. `costs` are what a whole step costs at verify size 0 (plain), sizes[0], ...
     (drafting included, in any unit): measured per device by `specjax.autotune.measure_sizing`.
     Exactness does not depend on them: any prefix of a tree (or chain) is one, verified
-    exactly."""
+    exactly, provided a chain whose tokens were sampled chooses its prefix before drawing them
+    (`chain_size`: `choose_before_drawing`)."""
 
     sizes: tuple[int, ...]  # ascending verify sizes in nodes; the last is the tree's nodes
     costs: tuple[float, ...]  # len(sizes) + 1 step costs: plain step first, then per size
@@ -153,6 +154,24 @@ class VerifySizing:
         gain = 1.0 + jnp.concatenate([jnp.zeros((B, 1), jnp.float32), take], axis=1)
         best = jnp.argmax(gain / jnp.asarray(self.costs, jnp.float32)[None], axis=1)
         return jnp.asarray((0,) + self.sizes, jnp.int32)[best]
+
+    def choose_before_drawing(self, first_logp: jax.Array) -> jax.Array:
+        """For a chain whose tokens are sampled from the drafter's law (temperature > 0):
+        first_logp [B, V], the first position's draft log-probs, known before any token is
+        drawn -> [B] int32 nodes worth verifying (0: a plain step), estimated as if every
+        position were as likely as that law's best token (the chain top, top^2, ..).
+
+        Why not `choose` on the drawn tokens' probabilities: a sampled token is tested against
+        the draft law it was drawn from (accepted with probability min(1, p/q)), which is exact
+        only if whether it is tested does not depend on the token itself. A size read from the
+        drawn tokens keeps likely draws and drops unlikely ones, so the tested tokens no longer
+        follow q and the output no longer follows the target (measured: a chi-square p-value of
+        1e-14 at batch 1, tests/test_spec_sampling.py). Deterministic candidates (greedy
+        drafts, trees' top-k, n-gram tokens) are tested as point masses, exact whatever chose
+        them: they keep `choose`."""
+        top = jnp.exp(jnp.max(first_logp.astype(jnp.float32), axis=-1))  # [B]
+        j = jnp.arange(1, self.sizes[-1] + 1, dtype=jnp.float32)
+        return self.choose(jnp.log(top)[:, None] * j[None])
 
     def worth_growing(self, top: jax.Array) -> jax.Array:
         """top [B]: the best first-level candidate's draft probability -> [B] bool: some size
@@ -193,6 +212,20 @@ class DynamicTree:
                     f"the largest verify size must be the tree's {self.nodes} nodes, got "
                     f"sizes {self.sizing.sizes}"
                 )
+
+
+def chain_size(
+    sizing: VerifySizing, confs: Sequence[jax.Array], first_logp: jax.Array | None
+) -> jax.Array:
+    """[B] int32: how many tokens of a drafted chain are worth verifying. `confs`: the drawn
+    tokens' draft log-probs ([B, n] pieces, in chain order); `first_logp`: the first position's
+    draft log-probs [B, V] when the tokens were sampled, None when they are deterministic
+    (greedy). Deterministic tokens: `VerifySizing.choose` on their cumulative probabilities;
+    sampled ones: `VerifySizing.choose_before_drawing` (a choice that read the drawn tokens
+    would bias what is emitted)."""
+    if first_logp is None:
+        return sizing.choose(jnp.cumsum(jnp.concatenate(list(confs), axis=1), axis=1))
+    return sizing.choose_before_drawing(first_logp)
 
 
 def _is_rank(c: object) -> bool:
