@@ -16,6 +16,8 @@ is a count, so it is the same on a busy machine, unlike tokens/s):
 
     python benchmarks/heldout_tau.py --questions ../shared/data/eval/eagle_mt_bench.jsonl \
         --limit 2 --new-tokens 128 smollm2-135m-eagle3 runs/eagle3_general/drafter
+
+`--nodes`, `--depth` and `--top-k` set the dynamic tree (default: the trainer's 8 / 4 / 3).
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ def main() -> None:
     ap.add_argument("--config", default="eagle3_smollm2_general", help="training recipe")
     ap.add_argument("--target", default="smollm2-135m")
     ap.add_argument("--nodes", type=int, default=8, help="dynamic tree nodes (trainer: 8)")
+    ap.add_argument("--depth", type=int, default=4, help="dynamic tree depth (trainer: 4)")
+    ap.add_argument("--top-k", type=int, default=3, help="dynamic tree top-k (trainer: 3)")
     ap.add_argument("--run", help="a training run directory: print its tau table")
     ap.add_argument("--questions", help="benchmark .jsonl: tau per category on its first turns")
     ap.add_argument("--limit", type=int, default=1, help="questions per category")
@@ -104,10 +108,11 @@ def main() -> None:
     questions = load_questions(a.questions, a.limit) if a.questions else None
     prompts = heldout_prompts(a.config)
     for src in a.drafters:
-        d = drafters.eagle(src, tree=drafters.DynamicTree(nodes=a.nodes, depth=4, top_k=3))
+        d = drafters.eagle(src, tree=drafters.DynamicTree(a.nodes, a.depth, a.top_k))
         if questions:
             taus = category_tau(target, d, questions, new)
             rec = {"drafter": src, "questions": len(questions), "new_tokens": new}
+            rec |= {"nodes": a.nodes, "depth": a.depth, "top_k": a.top_k}
             print(json.dumps(rec | {k: round(v, 3) for k, v in taus.items()}), flush=True)
         else:
             tau = evaluate_tau(target, d, prompts, new_tokens=new)
