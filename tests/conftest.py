@@ -208,6 +208,11 @@ EXTENDED = {
     "test_train.py::test_ttt_steps_equal_incremental_drafting[1]": 12.8,
     # the drafter state against its cache-free reference: EAGLE-3 with two layers stays
     "test_eagle.py::test_state_follows_cache_free_reference[1-1]": 11.7,
+    # Added 2026-12-07 (stop 59): sized drafts decoded one row at a time. The chains sized by
+    # their first law alone (small model, EAGLE-3) and the old rule's control stay; the gated
+    # chain and the sized tree keep their 8192-row fits (test_sampling_matches_target)
+    "test_eagle.py::test_sized_drafts_at_batch_1_match_target[eagle3_gated]": 18.7,
+    "test_eagle.py::test_sized_drafts_at_batch_1_match_target[eagle3_tree]": 20.6,
 }
 
 
