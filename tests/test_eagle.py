@@ -343,7 +343,7 @@ def test_sized_drafts_at_batch_1_match_target(models, exact, kind):
 
 
 def test_sized_chain_reading_its_draws_is_detected(models, exact, monkeypatch):
-    """Negative control: the same small-model chain sized from its drawn tokens' probabilities
+    """Negative control: a small-model chain sized from its drawn tokens' probabilities
     (`VerifySizing.choose` on them, the rule before 2026-12-07) fails the same test, on half
     the rows (p = 3e-54 on 4096)."""
     from specjax.drafters import lm
