@@ -16,7 +16,7 @@ from test_eagle import echo_eagle1, random_eagle
 
 import specjax
 from specjax import drafters
-from specjax.drafters import DraftGate, DynamicTree, VerifySizing
+from specjax.drafters import DraftGate, DynamicTree, VerifySizing, shapes
 from specjax.drafters.shapes import grow_dynamic_tree
 
 from conftest import RAGGED_PROMPTS
@@ -151,6 +151,26 @@ def test_sized_trees_greedy_equal_ar(name, target, ar):
     print(f"{name}: verify sizes {sizes}, acceptance {out.stats['acceptance_histogram']}")
     assert sum(sizes) == out.stats["steps"]
     assert all(sizes[i] > 0 for i in taken), sizes
+
+
+def test_sampled_chain_size_reads_only_the_first_law():
+    """A sampled chain's size comes from its first position's law alone
+    (`VerifySizing.choose_before_drawing`: the chain top, top^2, .. of that law's best token),
+    brute-forced here; the drawn tokens' probabilities do not enter (`shapes.chain_size`)."""
+    sizing = VerifySizing(sizes=(1, 2, 4), costs=(1.0, 1.3, 1.5, 2.0))
+    top = np.linspace(0.05, 0.95, 19)
+    rest = (1 - top) / 7  # the other 7 tokens of an 8-token law share the remainder
+    logp = np.log(np.concatenate([top[:, None], np.repeat(rest[:, None], 7, axis=1)], axis=1))
+    got = np.asarray(sizing.choose_before_drawing(jnp.asarray(logp, jnp.float32)))
+    chain = np.cumsum(top[:, None] ** np.arange(1, 5)[None], axis=1)[:, [0, 1, 3]]
+    gain = np.concatenate([np.ones((len(top), 1)), 1 + chain], axis=1) / np.array(sizing.costs)
+    np.testing.assert_array_equal(got, np.array([0, 1, 2, 4])[np.argmax(gain, axis=1)])
+    assert set(got.tolist()) == {0, 1, 2, 4}  # every choice occurs over this range
+    # the drawn tokens (their log-probs) do not matter for a sampled chain; they do when greedy
+    confs = [jnp.full((len(top), 4), -5.0, jnp.float32)]
+    sampled = shapes.chain_size(sizing, confs, jnp.asarray(logp, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(sampled), got)
+    assert not np.asarray(shapes.chain_size(sizing, confs, None)).any()  # greedy: plain steps
 
 
 # ------------------------------------------------------------------ early exit
