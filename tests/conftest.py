@@ -211,8 +211,8 @@ EXTENDED = {
     # Added 2026-12-07 (stop 59): sized drafts decoded one row at a time. The chains sized by
     # their first law alone (small model, EAGLE-3) and the old rule's control stay; the gated
     # chain and the sized tree keep their 8192-row fits (test_sampling_matches_target)
-    "test_eagle.py::test_sized_drafts_at_batch_1_match_target[eagle3_gated]": 18.7,
-    "test_eagle.py::test_sized_drafts_at_batch_1_match_target[eagle3_tree]": 20.6,
+    "test_eagle.py::test_sized_drafts_at_batch_1_match_target[eagle3_gated]": 24.9,
+    "test_eagle.py::test_sized_drafts_at_batch_1_match_target[eagle3_tree]": 7.0,
 }
 
 
