@@ -274,7 +274,7 @@ def test_sampling_matches_target(models, exact, name, mode):
 # the law it was drawn from, so a size that keeps likely draws and drops unlikely ones biases
 # what is emitted (`VerifySizing.choose_before_drawing`). A batch verifies the largest size any
 # row asks for, which hides one row's choice among 8192 rows; so these rows are decoded one at
-# a time (`N_BATCH1` calls at batch 1, keys seed + i). The costs (a plain step, one token, two)
+# a time (`N_BATCH1` batch-1 decodes, each with its own key). The costs (a plain step, one, two)
 # split each drafter's range of first-law best probabilities t so that a row asks for nothing,
 # one token or both (small model: t < 0.45 / < 0.55 / above; the random EAGLE-3: 0.28 / 0.33),
 # each in >= 5% of the steps (asserted; measured 48/14/38% and 69/23/9%). Two more cases whose
