@@ -61,6 +61,9 @@ class Draft(NamedTuple):
     # [B] int32, optional: how many leading draft tokens are worth verifying (0: none). The
     # engine verifies the smallest of the spec's `verify_sizes` (or 0: a plain one-token step)
     # that covers every active row's request, so a weak draft costs a short verify forward.
+    # With `logp` set (tokens sampled from it), whether token i is verified must not depend on
+    # token i or later ones: choose the size before drawing them (exactness; see
+    # `VerifySizing.choose_before_drawing`). Deterministic tokens may be sized on anything.
     size: jax.Array | None = None
 
     def truncated(self, n: int) -> Draft:
