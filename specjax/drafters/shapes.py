@@ -148,12 +148,22 @@ class VerifySizing:
     def choose(self, score: jax.Array) -> jax.Array:
         """score [B, N]: each node's cumulative draft log-prob, nodes best first -> [B] int32
         nodes worth verifying (0: a plain step)."""
-        B = score.shape[0]
         expected = jnp.cumsum(jnp.exp(score.astype(jnp.float32)), axis=1)  # [B, N]
-        take = expected[:, jnp.asarray(self.sizes) - 1]  # [B, S]
-        gain = 1.0 + jnp.concatenate([jnp.zeros((B, 1), jnp.float32), take], axis=1)
-        best = jnp.argmax(gain / jnp.asarray(self.costs, jnp.float32)[None], axis=1)
-        return jnp.asarray((0,) + self.sizes, jnp.int32)[best]
+        return self._best(1.0 + expected[:, jnp.asarray(self.sizes) - 1])
+
+    def _best(self, gain: jax.Array) -> jax.Array:
+        """gain [B, S]: expected tokens of verifying each size -> [B] int32 the size (or 0, a
+        plain step's 1 token) with the most tokens per unit of cost."""
+        plain = jnp.ones((gain.shape[0], 1), jnp.float32)
+        ratio = jnp.concatenate([plain, gain], axis=1) / jnp.asarray(self.costs, jnp.float32)[None]
+        return jnp.asarray((0,) + self.sizes, jnp.int32)[jnp.argmax(ratio, axis=1)]
+
+    def _chain_gain(self, top: jax.Array) -> jax.Array:
+        """top [B] -> [B, S] expected tokens of each size for a chain whose every position is
+        as likely as `top` (top, top^2, ..): the estimate before the chain is drawn."""
+        j = jnp.arange(1, self.sizes[-1] + 1, dtype=jnp.float32)
+        chain = jnp.cumsum(top.astype(jnp.float32)[:, None] ** j[None], axis=1)  # [B, N]
+        return 1.0 + chain[:, jnp.asarray(self.sizes) - 1]
 
     def choose_before_drawing(self, first_logp: jax.Array) -> jax.Array:
         """For a chain whose tokens are sampled from the drafter's law (temperature > 0):
@@ -170,8 +180,7 @@ class VerifySizing:
         drafts, trees' top-k, n-gram tokens) are tested as point masses, exact whatever chose
         them: they keep `choose`."""
         top = jnp.exp(jnp.max(first_logp.astype(jnp.float32), axis=-1))  # [B]
-        j = jnp.arange(1, self.sizes[-1] + 1, dtype=jnp.float32)
-        return self.choose(jnp.log(top)[:, None] * j[None])
+        return self._best(self._chain_gain(top))
 
     def worth_growing(self, top: jax.Array) -> jax.Array:
         """top [B]: the best first-level candidate's draft probability -> [B] bool: some size
@@ -179,11 +188,8 @@ class VerifySizing:
         chain top, top^2, ..: the estimate a tree's first level allows; `choose` then decides
         on the grown tree). Only an estimate: which drafts are verified never changes what is
         emitted."""
-        j = jnp.arange(1, self.sizes[-1] + 1, dtype=jnp.float32)
-        chain = jnp.cumsum(top.astype(jnp.float32)[:, None] ** j[None], axis=1)  # [B, N]
-        gain = 1.0 + chain[:, jnp.asarray(self.sizes) - 1]  # [B, S]
         costs = jnp.asarray(self.costs, jnp.float32)
-        return jnp.any(gain / costs[None, 1:] > 1.0 / costs[0], axis=1)
+        return jnp.any(self._chain_gain(top) / costs[None, 1:] > 1.0 / costs[0], axis=1)
 
     def step_cost(self, asked: jax.Array, active: jax.Array) -> jax.Array:
         """[] the cost of the step that verifies the smallest size covering every active row's
