@@ -64,12 +64,17 @@ def echo_eagle1(target):
     return cfg, p
 
 
+# A static tree of 7 nodes: three children under `last`, a spine below the first.
+STATIC_7 = ([0], [1], [2], [0, 0], [1, 0], [0, 0, 0], [0, 0, 0, 0])
+
 CASES = {  # name -> (version, draft vocab, chain k or tree[, decoder layers])
     "eagle1-chain-k3": (1, None, 3),
     "eagle3-chain-k4": (3, 80, 4),
     "eagle1-tree-8": (1, None, drafters.DynamicTree(nodes=8, depth=3, top_k=3)),
     # three decoder layers (one-layer EAGLE-3 trees: tests/test_smollm2.py, bundled drafter)
     "eagle3-tree-6-3layers": (3, 80, drafters.DynamicTree(nodes=6, depth=4, top_k=2), 3),
+    # a static tree (`EagleStaticTreeSpec`): top candidates when greedy
+    "eagle3-static-7": (3, 80, drafters.StaticTree(STATIC_7)),
 }
 
 
@@ -194,8 +199,14 @@ def test_state_follows_cache_free_reference(target, version, depth):
 
 # ------------------------------------------------------------------ sampling law
 
+SAMPLED_TREE = ([0], [1], [2], [0, 0], [0, 1], [1, 0])
+
 SAMPLING = {  # drafter -> (version, draft vocab, chain k or tree[, decoder layers])
     "eagle3-chain-reduced-2layers": (3, 12, 2, 2),
+    # A static tree whose children are drawn without replacement (Gumbel-top-k) from the
+    # drafter's processed law (both modes: the mode changes that law): three draws under
+    # `last`, two under the first, one under the second.
+    "eagle3-static-sampled": (3, 12, drafters.StaticTree(SAMPLED_TREE)),
     "eagle1-tree": (1, None, drafters.DynamicTree(nodes=6, depth=3, top_k=2)),
     # Verify sizes 2 or 6 nodes or a plain step, chosen per step (`VerifySizing`); with 8192
     # rows a step verifies the largest size any row asks for, and the whole tree's cost here is
@@ -225,10 +236,11 @@ SAMPLING = {  # drafter -> (version, draft vocab, chain k or tree[, decoder laye
 }
 
 
-# The chain in both modes (it samples its drafts from the drafter's processed law, which the
-# mode changes); the trees in one mode (top-k/top-p, the processed distributions): their
-# candidates are deterministic, verified by the tree rule that tests/test_tree_sampling.py fits
-# in both modes, and the sized and gated trees' choice of verify size does not depend on it.
+# The chain and the sampled static tree in both modes (they draw their drafts from the
+# drafter's processed law, which the mode changes); the dynamic trees in one mode (top-k/top-p,
+# the processed distributions): their candidates are deterministic, verified by the tree rule
+# that tests/test_tree_sampling.py fits in both modes, and the sized and gated trees' choice of
+# verify size does not depend on it.
 SAMPLING_CASES = [
     (name, mode) for name in SAMPLING for mode in MODES if not ("tree" in name and mode == "plain")
 ]
@@ -265,6 +277,38 @@ def test_sampling_matches_target(models, exact, name, mode):
         print(f"  verify sizes (0, 2, 6): {sizes.tolist()}, skipped {st['draft_skipped_steps']}")
         assert sizes[2] == 0 and sizes[1] >= 2 and sizes[0] >= 1, sizes
         assert st["draft_skipped_steps"] >= 8192 // 2, st["draft_skipped_steps"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _WrongLaw(E.EagleStaticTreeSpec):
+    """The broken rule: children drawn from the processed law q but handed to the verifier with
+    the law at twice the temperature (a flatter q', as when a drafter reports its raw
+    distribution instead of the one it sampled from). (Dropping the law altogether would not
+    do: the verifier would test each draw as a deterministic candidate, which is exact
+    whatever chose the candidates, only less often accepted.)"""
+
+    def draft(self, *args, **kwargs):
+        draft, state = super().draft(*args, **kwargs)
+        flat = jax.nn.log_softmax(draft.child_logp / 2.0, axis=-1)
+        return draft._replace(child_logp=flat), state
+
+
+def test_sampled_static_tree_with_a_wrong_law_is_detected(models, exact):
+    """Negative control: the sampled static tree verified against a law its children were not
+    drawn from fails the same test."""
+    target, _ = models
+    d = drafters.eagle(random_eagle(target, 3, 11, 12), tree=drafters.StaticTree(SAMPLED_TREE))
+
+    def bind(t):
+        spec, params = d.bind(t)
+        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+        return _WrongLaw(**fields), params
+
+    broken = drafters.Drafter(name="wrong-law", k=d.k, binder=bind)
+    toks, _ = sample_tokens(target, broken, MODES["plain"], seed=2024 + 21 + 5)
+    fit = chi_square(cell_counts(toks, (0, 1, 2)), exact["plain"]["joint123"])
+    print(f"wrong law: {fit}")
+    assert fit.pvalue < ALPHA, fit
 
 
 # ------------------------------------------------------- sized sampled chains, one row at a time
@@ -387,8 +431,19 @@ def test_bad_eagle_input(target, make_hf_model):
     cfg, p = random_eagle(target, 3, draft_vocab=50)
     with pytest.raises(ValueError, match="positive int"):
         drafters.eagle((cfg, p), k=0)
-    with pytest.raises(TypeError, match="DynamicTree"):
-        drafters.eagle((cfg, p), tree=drafters.StaticTree([[0]]))
+    with pytest.raises(TypeError, match="a DynamicTree, a StaticTree or None"):
+        drafters.eagle((cfg, p), tree="eagle_small")
+    from specjax.drafters import registry
+
+    with pytest.raises(ValueError, match="eagle3_static drafts the 7-node tree 'eagle_static7'"):
+        registry.make("eagle3_static@5", None, target)
+    with pytest.raises(ValueError, match=r"the root have ranks \[0, 2\]: .* ranks 0, 1, \.\."):
+        specjax.generate(
+            target,
+            [[1, 2, 3]],
+            max_new_tokens=4,
+            drafter=drafters.eagle((cfg, p), tree=drafters.StaticTree([[0], [2]])),
+        )
     wide = specjax.model_from_hf(
         make_hf_model(
             "llama", hidden_size=48, num_attention_heads=4, num_key_value_heads=2, eos_token_id=None

@@ -233,7 +233,7 @@ def layer_skip(
 def eagle(
     source: EagleSource,
     k: int = 5,
-    tree: DynamicTree | None = None,
+    tree: DynamicTree | StaticTree | None = None,
     name: str = "",
     *,
     producer: str | None = None,
@@ -245,8 +245,11 @@ def eagle(
     `source`: an (EagleConfig, params) pair (e.g. from `specjax.train`), a directory holding a
     drafter in the HF EAGLE format (config.json + safetensors/bin, as SafeAILab, vLLM and
     SGLang ship them, and as `specjax train-drafter` exports), or the name of a drafter bundled
-    with specjax (see `BUNDLED_DRAFTERS`). Drafts a chain of k tokens, or an EAGLE-2 dynamic
-    tree when `tree=DynamicTree(...)` is given.
+    with specjax (see `BUNDLED_DRAFTERS`). Drafts a chain of k tokens, an EAGLE-2 dynamic tree
+    when `tree=DynamicTree(...)` is given, or a fixed tree for `tree=StaticTree(...)`
+    (`feature.EagleStaticTreeSpec`: the top candidates when greedy; at temperature > 0 each
+    node's children are drawn without replacement from the drafter's law and verified
+    against it).
 
     For a directory, `producer` (one of `checkpoints_convert.eagle_hf.PRODUCERS`) overrides the
     producer detected from its config.json, and `capture_layers` (the target's HF
@@ -259,8 +262,8 @@ def eagle(
             "producer / capture_layers apply to checkpoint directories; an "
             "(EagleConfig, params) pair already fixes them"
         )
-    if tree is not None and not isinstance(tree, DynamicTree):
-        raise TypeError(f"EAGLE drafts dynamic trees: tree must be a DynamicTree, got {tree!r}")
+    if tree is not None and not isinstance(tree, (DynamicTree, StaticTree)):
+        raise TypeError(f"tree must be a DynamicTree, a StaticTree or None, got {tree!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise ValueError(f"draft length k must be a positive int, got {k!r}")
     sizing = _chain_sizing(k, tree, sizing)
@@ -272,6 +275,11 @@ def eagle(
         )
         if tree is None:
             spec = eagle_lib.EagleSpec(k=k, eagle=cfg, target_cfg=target.config, sizing=sizing)
+        elif isinstance(tree, StaticTree):
+            parents, rank = tree.parents_rank
+            spec = eagle_lib.EagleStaticTreeSpec(
+                k=tree.nodes, parents=parents, rank=rank, eagle=cfg, target_cfg=target.config
+            )
         else:
             spec = eagle_lib.EagleTreeSpec(
                 k=tree.nodes,

@@ -18,25 +18,29 @@ pairs (static size: the longest accept plus the bonus, extra slots ignored).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from specjax.drafters.shapes import (
     DraftGate,
     GateState,
+    StaticSchedule,
     VerifySizing,
     chain_size,
     check_dynamic_tree,
+    check_static_tree,
     grow_dynamic_tree,
+    static_tree_schedule,
 )
 from specjax.engine.protocol import (
     Draft,
     DrafterSpec,
     TargetPrefill,
     TargetStep,
+    Tree,
     TreeDraft,
     Verified,
     no_draft,
@@ -45,9 +49,6 @@ from specjax.models.cache import KVCache, init_cache
 from specjax.models.config import ModelConfig
 from specjax.models.eagle import EagleConfig, draft_block, draft_logits, target_features
 from specjax.sampling import SamplingMode, argmax, chosen_logp, pick_token, rank_logp
-
-if TYPE_CHECKING:
-    import numpy as np
 
 
 @struct.dataclass
@@ -415,3 +416,150 @@ class EagleTreeSpec(EagleSpec):
             top = jnp.exp(jnp.max(root, axis=-1))  # [B] the best first-level candidate
             rows = rows & self.sizing.worth_growing(top)
         return jax.lax.cond(jnp.any(rows), grow, plain, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleStaticTreeSpec(EagleSpec):
+    """A static tree (a Medusa / EAGLE-1 choice list, `StaticTree`) drafted by an EAGLE drafter:
+    node i hangs under `parents[i]` (-1: under `last`) and every node drafts from its parent's
+    output feature, depth by depth (each depth's fed nodes one block, window mask as in
+    `EagleTreeSpec`).
+
+    Greedy: node i takes the `rank[i]`-th best token of its parent's draft distribution
+    (deterministic candidates). Sampling: each fed position's children are *drawn without
+    replacement* from the drafter's processed law q (the temperature / top-k / top-p of the
+    target's sampling; Gumbel-top-k, so rank r is the r-th draw), and the draft carries q
+    (`TreeDraft.child_logp`). The verifier then tests each sibling against the law it was
+    drawn from (q less the earlier siblings' tokens; `engine.accept.verify_tree_sampling`),
+    which is exact because (1) the tree's shape is fixed before any token is drawn (a shape or
+    verify size chosen from drawn tokens would bias the output, as sized chains did), and (2)
+    siblings are tried in the order drawn with ranks 0, 1, .. (checked here): a rank-2 sibling
+    without its rank-1 one would be a draw whose law the verifier does not know.
+
+    Where q is sure (high confidence) top-k candidates and draws coincide; where it is
+    spread, draws follow the target's own law more closely than the top-k list does, which is
+    what raises acceptance at temperature > 0 (SpecInfer; Jeon et al. 2024).
+    """
+
+    parents: tuple = ()
+    rank: tuple = ()
+
+    is_tree = True
+    siblings_without_replacement = True  # Gumbel-top-k draws
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_static_tree(self.k, self.parents, self.rank)
+        if self.sizing is not None:
+            raise ValueError(
+                "a static EAGLE tree verifies all its nodes (sizing=None): its sampled children "
+                "would bias any size chosen after they were drawn"
+            )
+        kids: dict = {}
+        for p, r in zip(self.parents, self.rank):
+            kids.setdefault(p, []).append(r)
+        for p, ranks in kids.items():
+            if ranks != list(range(len(ranks))):
+                where = "the root" if p < 0 else f"node {p}"
+                raise ValueError(
+                    f"the children of {where} have ranks {ranks}: a static EAGLE tree needs "
+                    f"ranks 0, 1, .. in order under every node (sampled siblings are verified "
+                    f"in the order they were drawn)"
+                )
+
+    @property
+    def _schedule(self) -> StaticSchedule:
+        return static_tree_schedule(tuple(self.parents), tuple(self.rank))
+
+    @property
+    def max_accept(self) -> int:
+        return len(self._schedule[0])  # the tree depth
+
+    @property
+    def cache_slack(self) -> int:
+        return max(self.max_accept + 1, self._schedule[3]) + 2  # the commit block or the window
+
+    def draft(
+        self,
+        params: dict,
+        state: EagleState,
+        last: jax.Array,
+        key: jax.Array,
+        mode: SamplingMode,
+        sp: dict,
+        need: jax.Array | None = None,
+    ) -> tuple[TreeDraft, EagleState]:
+        """Draft the tree (`need` [B] bool: when no row needs it, nothing after the root's law,
+        as `EagleTreeSpec.draft`)."""
+        exps, depth, _, _ = self._schedule
+        B, N = last.shape[0], self.k
+        keys = jax.random.split(key, len(exps))
+        # EAGLE-3 draws on its own vocabulary (4096 of SmolLM2's 49152 ids: the Gumbel noise
+        # and the top-k read 12x less) and maps the draws to target ids; its law over the
+        # target's vocabulary is the same one, -inf outside the draft vocabulary.
+        small = self.eagle.version == 3
+        V = self.target_cfg.vocab_size
+
+        def law(out: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V'] log q, drafting ids
+            logits = draft_logits(self.eagle, params, out, self.target_cfg, full=not small)
+            return rank_logp(logits, mode, sp)
+
+        def target_ids(lq: jax.Array) -> jax.Array:  # log q [B, T, V'] -> [B, T, V]
+            if not small:
+                return lq
+            return jnp.full(lq.shape[:-1] + (V,), -jnp.inf, lq.dtype).at[..., params["d2t"]].set(lq)
+
+        root = law(state.feat[:, None])  # [B, 1, V']
+
+        def grow(_: None) -> tuple[TreeDraft, EagleState]:
+            cache = state.cache
+            tokens = jnp.zeros((B, N), jnp.int32)
+            valid = jnp.ones((B, N), bool)
+            # q at block offset 0 (`last`) and i + 1 (node i); leaves keep the root's (unread).
+            child_logp = None if mode.greedy else jnp.broadcast_to(target_ids(root), (B, N + 1, V))
+            outs = jnp.zeros((B, N) + state.feat.shape[1:], state.feat.dtype)
+            lq = root
+            for d, e in enumerate(exps, start=1):
+                if d > 1:  # depth d - 1's nodes with children, each on its parent's output
+                    par = np.asarray(self.parents)[e.fed]
+                    feat = jnp.where(
+                        jnp.asarray(par < 0)[None, :, None],
+                        state.feat[:, None],
+                        outs[:, np.maximum(par, 0)],
+                    )
+                    pos = jnp.broadcast_to(cache.lengths[:, None] + (d - 2), (B, len(e.fed)))
+                    out, cache = draft_block(
+                        self.eagle,
+                        params,
+                        feat,
+                        tokens[:, e.fed],
+                        pos,
+                        cache,
+                        block_mask=jnp.broadcast_to(jnp.asarray(e.vis), (B,) + e.vis.shape),
+                        write_offset=jnp.full((B,), e.off, jnp.int32),
+                    )
+                    outs = outs.at[:, e.fed].set(out)
+                    lq = law(out)  # [B, T, V']
+                    if child_logp is not None:
+                        child_logp = child_logp.at[:, e.fed + 1].set(target_ids(lq))
+                # Greedy: the top candidates. Sampling: draws without replacement (Gumbel-top-k).
+                noise = 0.0 if mode.greedy else jax.random.gumbel(keys[d - 1], lq.shape)
+                _, cand = jax.lax.top_k(lq + noise, e.top)  # [B, T, top]
+                kid = cand[:, e.slot, e.rank]  # [B, C] drafting ids
+                kid_lq = jnp.take_along_axis(lq[:, e.slot], kid[:, :, None], axis=2)[:, :, 0]
+                kid = params["d2t"][kid] if small else kid
+                tokens = tokens.at[:, e.kids].set(kid.astype(jnp.int32))
+                # a draw past q's support (fewer tokens than siblings) is no candidate
+                valid = valid.at[:, e.kids].set(kid_lq > -jnp.inf)
+            row = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (B, N))  # noqa: E731
+            tree = Tree(tokens=tokens, parents=row(self.parents), depth=row(depth), valid=valid)
+            # The window's K/V are scratch (`lengths` did not move), as in `EagleTreeSpec`.
+            # With `need`, a size (all nodes), so that the skipping branch's size 0 is a plain step.
+            size = None if need is None else jnp.full((B,), N, jnp.int32)
+            draft = TreeDraft(tree=tree, child_logp=child_logp, size=size)
+            return draft, state.replace(cache=cache)
+
+        if need is None:
+            return grow(None)
+        shape = jax.eval_shape(grow, None)
+        return jax.lax.cond(jnp.any(need), grow, lambda _: (no_draft(shape[0]), state), None)

@@ -25,6 +25,9 @@ MEDUSA_TREE = "eagle_small"
 # 7 nodes 42.0 tok/s, 8 nodes 33.8; with the root a verify block of 8 tokens, which CPU's
 # row-reduction kernel reads the weights once for, `llama.ROW_REDUCE_ROWS`).
 EAGLE_TREE = dict(nodes=7, depth=4, top_k=3)
+# The static EAGLE tree (`eagle3_static`; specjax/configs/trees/), whose children are drawn from
+# the drafter's law at temperature > 0: chosen by tau at temperature 1 (the preset says how).
+EAGLE_STATIC_TREE = "eagle_static7"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +250,23 @@ def _eagle(kind: str, is_tree: bool) -> Callable[..., Drafter]:
     return make
 
 
+def _eagle_static(kind: str) -> Callable[..., Drafter]:
+    def make(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
+        from specjax.drafters import eagle
+
+        shape = StaticTree(EAGLE_STATIC_TREE)
+        if k is not None and k != shape.nodes:
+            raise ValueError(
+                f"{kind}_static drafts the {shape.nodes}-node tree {EAGLE_STATIC_TREE!r} "
+                f"(specjax/configs/trees/), got @{k}; for another shape use "
+                f"drafters.eagle(..., tree=drafters.StaticTree(choices))"
+            )
+        src = arg or bundled_for(kind, model)
+        return eagle(src, tree=shape, name=src)
+
+    return make
+
+
 def _medusa(is_tree: bool) -> Callable[..., Drafter]:
     def make(arg: str, k: int | None, model: Model | None, tree: DynamicTree | None) -> Drafter:
         from specjax.drafters import medusa
@@ -274,6 +294,7 @@ register(DrafterEntry("model", _small_model(False), arg="PATH", arg_required=Tru
 register(DrafterEntry("model_tree", _small_model(True), arg="PATH", arg_required=True, tree=True))
 register(DrafterEntry("eagle3", _eagle("eagle3", False), arg="PATH"))
 register(DrafterEntry("eagle3_tree", _eagle("eagle3", True), arg="PATH", tree=True))
+register(DrafterEntry("eagle3_static", _eagle_static("eagle3"), arg="PATH"))
 register(DrafterEntry("eagle", _eagle("eagle", False), arg="PATH"))
 register(DrafterEntry("eagle_tree", _eagle("eagle", True), arg="PATH", tree=True))
 register(DrafterEntry("medusa", _medusa(False), arg="PATH"))
