@@ -213,6 +213,11 @@ EXTENDED = {
     # chain and the sized tree keep their 8192-row fits (test_sampling_matches_target)
     "test_eagle.py::test_sized_drafts_at_batch_1_match_target[eagle3_gated]": 24.9,
     "test_eagle.py::test_sized_drafts_at_batch_1_match_target[eagle3_tree]": 7.0,
+    # Added 2026-12-07 (stop 60): trees whose children are drawn without replacement. The
+    # static EAGLE-3 tree keeps its plain mode and its wrong-law control; the hybrid keeps
+    # merge (drawn and chain nodes as siblings) and its control (chain nodes left unmarked)
+    "test_eagle.py::test_sampling_matches_target[eagle3-static-sampled-topk5_topp0.8]": 9.0,
+    "test_hybrid.py::test_hybrid_sampling_matches_target[switch_sampled]": 12.0,
 }
 
 

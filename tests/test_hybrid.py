@@ -10,7 +10,10 @@ with probability >= 0.99), with a random EAGLE-3 tree as the model drafter and m
 rows take both branches (asserted: each branch serves >= 10% of the verify steps). Negative
 control: the tree rule changed to accept the first valid child of each node always
 (test_tree_sampling's `accept_first`) is rejected by the same fit. The same three checks run
-for `merge` (with both node origins accepted, asserted from its statistics).
+for `merge` (with both node origins accepted, asserted from its statistics). Both modes again
+with a model tree whose children are drawn without replacement from the drafter's law (an
+EAGLE static tree): chain nodes beside drawn ones are tested as point masses; control: the
+chain's nodes left unmarked (tested as draws from q) fail the fit (p = 0).
 
 The verifier's rule for siblings of mixed proposal laws (a deterministic retrieval node among
 children sampled from q: `verify_tree_sampling(point_mass=...)`) is tested on its own, with a
@@ -24,7 +27,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from test_eagle import random_eagle
+from test_eagle import SAMPLED_TREE, random_eagle
 from test_tree_sampling import (  # noqa: F401  (`exact` is a fixture)
     cell_counts,
     exact,
@@ -176,16 +179,22 @@ TRUNCATED_TREE = drafters.DynamicTree(
 )
 
 
-@pytest.mark.parametrize("mode", ["switch", "merge", "switch_sized"])
+# A model tree whose children are drawn without replacement from the drafter's law (an EAGLE
+# static tree at temperature > 0): the chain's nodes beside them are tested as point masses.
+SAMPLED = drafters.StaticTree(SAMPLED_TREE)
+MODEL_TREES = {"sized": TRUNCATED_TREE, "sampled": SAMPLED}
+
+
+@pytest.mark.parametrize(
+    "mode", ["switch", "merge", "switch_sized", "switch_sampled", "merge_sampled"]
+)
 def test_hybrid_sampling_matches_target(models, exact, mode):
     target, _ = models
-    seed = {"switch": 5151, "merge": 5153, "switch_sized": 5155}[mode]
-    if mode == "switch_sized":
-        d = make_hybrid(target, mode="switch", tree=TRUNCATED_TREE)
-    else:
-        d = make_hybrid(target, mode=mode)
+    seed = {"switch": 5151, "merge": 5153, "switch_sized": 5155}.get(mode, 5157 + len(mode))
+    mode, _, tree = mode.partition("_")
+    d = make_hybrid(target, mode=mode, tree=MODEL_TREES.get(tree, TREE))
     toks, st = sample_tokens(target, d, MODES["plain"], seed=seed)
-    if mode == "switch_sized":  # sizes: plain, 2, 3 (the chain's), 6
+    if tree == "sized":  # sizes: plain, 2, 3 (the chain's), 6
         sizes = st["verify_size_histogram"]
         assert sizes[0] == sizes[3] == 0 and sizes[1] + sizes[2] == st["steps"], sizes
     h = st["hybrid"]
@@ -213,6 +222,24 @@ def test_hybrid_broken_rule_is_detected(models, exact, monkeypatch, mode):
     assert broken.traced > 0
     fit = chi_square(cell_counts(toks, (0, 1, 2)), exact["plain"]["joint123"])
     print(f"hybrid with accept_first: {fit}")
+    assert fit.pvalue < ALPHA, fit
+
+
+def test_hybrid_chain_nodes_as_draws_is_detected(models, exact, monkeypatch):
+    """Negative control for the sampled model tree: the chain's nodes left unmarked, so the
+    verifier tests them as draws from the model's law q (accepting c with min(1, p(c) / q(c))
+    where p(c) is right), fail the same fit."""
+    import importlib
+
+    H = importlib.import_module("specjax.drafters.hybrid")  # the module, not the function
+    keep = H._with_law
+    monkeypatch.setattr(H, "_with_law", lambda draft, logp, mark: keep(draft, logp, mark & False))
+    target, _ = models
+    # min_match 1: a spec (so a program) of its own, not the one the test above compiled
+    d = make_hybrid(target, mode="merge", tree=SAMPLED, min_match=1)
+    toks, st = sample_tokens(target, d, MODES["plain"], seed=5160)
+    fit = chi_square(cell_counts(toks, (0, 1, 2)), exact["plain"]["joint123"])
+    print(f"hybrid with unmarked chain nodes: {fit}, branches {st['hybrid']}")
     assert fit.pvalue < ALPHA, fit
 
 

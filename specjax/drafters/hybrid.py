@@ -26,17 +26,25 @@ commit reuses the K/V its own nodes left in its cache, so it cannot follow a pat
 retrieval: the model drafter is an EAGLE tree.)
 
 Why both are exact at any temperature. Which draft a row takes, and which chain nodes a merged
-tree holds, depend only on the sequence so far (the match length), never on the target. Both
-candidate sets are deterministic: the
-retrieval chain is copied from the history, and the model's tree holds top-k candidates
-(its `child_logp` is None). Verification of deterministic candidates is the engine's exact
-one-hot construction (recursive rejection with q = the candidate's point mass), so every
-row's output follows the target's law whichever draft it took, and a merged tree's siblings of
-either origin are each tested against their own (point-mass) law. A model drafter whose tree
-children are sampled (`child_logp` set) is refused: no drafter here drafts so today; the
-verifier's rule for siblings of mixed laws (`engine.accept.verify_tree_sampling`'s
-`point_mass`, a deterministic retrieval node among sampled model children) is what such a
-drafter would use.
+tree holds, depend only on the sequence so far (the match length) and, in `merge`, on the model
+nodes that come before them, never on the target. The retrieval chain is copied from the
+history: its nodes are deterministic candidates, tested as point masses (the engine's exact
+one-hot construction: recursive rejection with q = the candidate's point mass). A model tree
+of top-k candidates (an EAGLE dynamic tree, `child_logp` None) is tested the same way. A model
+tree whose children are drawn from the drafter's law (an EAGLE static tree at temperature > 0,
+`child_logp` set, siblings drawn without replacement) keeps that law, and the chain's nodes are
+marked (`TreeDraft.point_mass`), so the verifier tests every sibling against its own proposal
+law: q (less the earlier rejected draws) for a drawn one, the point mass for a chain node
+(`engine.accept.verify_tree_sampling`). That is exact when each sibling, given the siblings
+tried before it and their coins, follows the law it is tested against. A chain node always
+comes after the model's nodes (switch: a row is all chain or all model; merge: chain nodes are
+numbered after the model's M), so under any node the drawn siblings come first, and the chain
+node, when present, last: its presence and place depend only on the history and on the draws
+before it (the graft follows the chain down the model's tree while its tokens were drawn there,
+a shared node staying a drawn node), and its token is fixed by the history, so its law is the
+point mass; the draws after it, of which there are none, cannot be conditioned by it. Tested by
+chi-square (tests/test_hybrid.py), with the chain nodes tested as draws from q as the negative
+control.
 """
 
 from __future__ import annotations
@@ -159,27 +167,31 @@ class HybridSpec(DrafterSpec):
             return self.model.propose(params["model"], state.model, last, key, mode, sp, need=need)
 
         shape = jax.eval_shape(model_propose, None)
-        if isinstance(shape[0], Draft) or shape[0].child_logp is not None:
-            raise ValueError(
-                "a hybrid's model drafter must draft a tree of deterministic candidates "
-                "(an EAGLE dynamic tree)"
-            )
+        if isinstance(shape[0], Draft):
+            raise ValueError("a hybrid's model drafter must draft a tree (an EAGLE tree)")
+        M = self.model.nodes
 
         if self.mode == "merge":
             mdraft, mstate = model_propose(None)
             tree = _graft(mdraft.tree, chain, use, self.k)
-            drafted = jnp.any(tree.valid[:, self.model.nodes :], axis=1)  # [B] chain nodes kept
+            drafted = jnp.any(tree.valid[:, M:], axis=1)  # [B] chain nodes kept
             # Chain nodes come last: a step where no row kept any verifies the model's tree
             # (or the prefix of it its sizing chose).
             size = jnp.where(drafted, self.k, self._model_size(mdraft)).astype(jnp.int32)
-            draft = TreeDraft(tree=tree, size=size)
+            marked = jnp.broadcast_to(jnp.arange(self.k) >= M, tree.tokens.shape)
+            draft = _with_law(TreeDraft(tree=tree, size=size), mdraft.child_logp, marked)
             return draft, state.replace(model=mstate, chose=drafted)
         # A step where every row takes the chain skips the tree's growth (its root is ranked).
         mdraft, mstate = model_propose(~use)
         tree = _select(use, _chain_tree(chain, self.k), _pad(mdraft.tree, self.k))
         size = jnp.where(use, want, self._model_size(mdraft, self.k)).astype(jnp.int32)
-        draft = TreeDraft(tree=tree, size=size)
+        marked = jnp.broadcast_to(use[:, None], tree.tokens.shape)  # a chain row: all its nodes
+        draft = _with_law(TreeDraft(tree=tree, size=size), mdraft.child_logp, marked)
         return draft, state.replace(model=mstate, chose=use)
+
+    @property
+    def siblings_without_replacement(self) -> bool:  # how the model drafter draws its children
+        return self.model.siblings_without_replacement
 
     def _model_size(self, mdraft: TreeDraft, whole: int | None = None) -> jax.Array | int:
         """Nodes a row drafting the model's tree asks to verify: its sizing's choice ([B], 0 =
@@ -283,15 +295,29 @@ def _graft(model: Tree, chain: jax.Array, use: jax.Array, N: int) -> Tree:
     )
 
 
+def _with_law(draft: TreeDraft, child_logp: jax.Array | None, marked: jax.Array) -> TreeDraft:
+    """A hybrid's draft of N nodes with the model's sampling law [B, M + 1, V] (None: its
+    candidates are deterministic, and so is every node) padded to N + 1 positions (the padding
+    repeats the root's law; no drawn child reads it: chain nodes' children are chain nodes),
+    and `marked` [B, N] (the chain's nodes) tested as point masses."""
+    if child_logp is None:
+        return draft
+    B, M1, V = child_logp.shape
+    N = draft.tree.tokens.shape[1]
+    pad = jnp.broadcast_to(child_logp[:, :1], (B, N + 1 - M1, V))
+    return draft._replace(child_logp=jnp.concatenate([child_logp, pad], axis=1), point_mass=marked)
+
+
 def _select(use: jax.Array, a: Tree, b: Tree) -> Tree:
     return Tree(*(jnp.where(use[:, None], x, y) for x, y in zip(a, b)))
 
 
 def hybrid(retrieval: Drafter, model: Drafter, mode: str = "switch", min_match: int = 2) -> Drafter:
     """`switch`: per step and row, `retrieval`'s chain (an n-gram drafter) when its longest
-    suffix match has >= `min_match` tokens, else `model`'s tree (an EAGLE dynamic tree).
-    `merge`: `model`'s tree with that chain grafted onto it (where the match is long enough),
-    verified in one forward. Lossless at any temperature (see the module docstring)."""
+    suffix match has >= `min_match` tokens, else `model`'s tree (an EAGLE tree: dynamic, or
+    static, whose children are drawn from the drafter's law at temperature > 0). `merge`:
+    `model`'s tree with that chain grafted onto it (where the match is long enough), verified
+    in one forward. Lossless at any temperature (see the module docstring)."""
     if mode not in MODES:
         raise ValueError(f"unknown hybrid mode {mode!r}; valid: {', '.join(MODES)}")
 
@@ -307,7 +333,7 @@ def hybrid(retrieval: Drafter, model: Drafter, mode: str = "switch", min_match: 
         if not (isinstance(mspec, EagleSpec) and mspec.is_tree):
             raise ValueError(
                 f"a hybrid's model drafter must be an EAGLE tree (eagle / eagle3 with a "
-                f"DynamicTree), got {model.name!r}"
+                f"DynamicTree or a StaticTree), got {model.name!r}"
             )
         k = rspec.k + mspec.nodes if mode == "merge" else max(rspec.k, mspec.nodes)
         spec = HybridSpec(

@@ -85,13 +85,18 @@ class TreeDraft(NamedTuple):
     # [B] int32, optional, as `Draft.size`: how many leading nodes are worth verifying (0: the
     # tree is not worth a verify forward and the engine may take a plain step instead).
     size: jax.Array | None = None
+    # [B, N] bool, only with `child_logp`: nodes that are deterministic candidates among
+    # children drawn from it (a retrieval chain beside a sampled model tree, `drafters.hybrid`);
+    # each is tested as a point mass (`engine.accept.verify_tree_sampling`).
+    point_mass: jax.Array | None = None
 
     def truncated(self, n: int) -> TreeDraft:
         """The first n nodes (static n): a tree again, since parents come before children."""
         t = self.tree
         tree = Tree(t.tokens[:, :n], t.parents[:, :n], t.depth[:, :n], t.valid[:, :n])
         logp = None if self.child_logp is None else self.child_logp[:, : n + 1]
-        return TreeDraft(tree=tree, child_logp=logp, size=None)
+        marked = None if self.point_mass is None else self.point_mass[:, :n]
+        return TreeDraft(tree=tree, child_logp=logp, size=None, point_mass=marked)
 
 
 def no_draft(shape: Draft | TreeDraft) -> Draft | TreeDraft:

@@ -110,6 +110,8 @@ def _tree_accept(
     if ec.mode.greedy:
         acc = ec.rules.tree_greedy(logits, t, D)
     else:
+        # `point_mass` only when a draft marks nodes (rules written without it keep working)
+        marked = {} if draft.point_mass is None else {"point_mass": draft.point_mass}
         acc = ec.rules.tree_sampling(
             key,
             process_logits(logits, ec.mode, sp),
@@ -117,6 +119,7 @@ def _tree_accept(
             draft.child_logp,
             D,
             ec.drafter.siblings_without_replacement,
+            **marked,
         )
     tokens = jnp.take_along_axis(t.tokens, jnp.maximum(acc.path, 0), axis=1)  # [B, D]
     return Verified(tokens=tokens, n=acc.n, bonus=acc.bonus, path=acc.path)
