@@ -432,17 +432,22 @@ def auto_prompts() -> list[str]:
     return list(AUTO_PROMPTS) + [q for q in questions if q not in AUTO_PROMPTS]
 
 
-def auto_candidates(model: Model) -> list[str]:
+def auto_candidates(model: Model, temperature: float = 0.0) -> list[str]:
     """Drafter names `auto` measures for `model`, from the cheapest to draft (the order
     `_choose` walks): plain decoding, prompt lookup, and, when the model has a bundled trained
     EAGLE-3 drafter, its tuned tree verified per step only as far as it is worth it at this
     device's costs, alone and as the model half of a hybrid with prompt lookup (the lookup's
-    chain where the text repeats, else that sized tree)."""
+    chain where the text repeats, else that sized tree). When sampling (`temperature` > 0)
+    also its static tree whose children are drawn from the drafter's law (`eagle3_static`:
+    tau 1.77 against the sized tree's 1.40 at temperature 1, benchmarks/RESULTS.md section
+    14), which a greedy decode would draft as top-k candidates like the others."""
     from specjax.drafters.bundled import BUNDLED_DRAFTERS
 
     names = ["none", "ngram"]
     if f"{model.name}-eagle3" in BUNDLED_DRAFTERS:
-        names += ["eagle3_tree_sized", "hybrid:ngram+eagle3_tree_sized"]
+        names += ["eagle3_tree_sized"]
+        names += ["eagle3_static"] if temperature > 0 else []
+        names += ["hybrid:ngram+eagle3_tree_sized"]
     return names
 
 
@@ -540,7 +545,7 @@ def choose_drafter(
     """The drafter `drafter="auto"` uses for `model` on this device at `temperature` and
     `batch` rows -> (registry name, table).
 
-    Measured once per model and device by `tune_tree` over `auto_candidates(model)` (tokens/s,
+    Measured once per model and device by `tune_tree` over `auto_candidates` (tokens/s,
     interleaved, compilation excluded) on `prompts` (default `auto_prompts()`), in two rounds:
     all candidates on the first `AUTO_SCREEN_PROMPTS` prompts, then plain decoding and the
     candidates at least `AUTO_SCREEN` times as fast as it there, on the rest; a candidate's row
@@ -565,7 +570,7 @@ def choose_drafter(
     import os
 
     temp, B = auto_temperature(temperature), auto_batch(batch)
-    names = auto_candidates(model)
+    names = auto_candidates(model, temperature=temp)
     if B > 1:  # plain decoding against the batch-1 choice (read from its cache once measured)
         kw = dict(prompts=prompts, max_new_tokens=max_new_tokens, progress=progress)
         single, _ = choose_drafter(model, temperature=temp, **kw)
@@ -576,10 +581,12 @@ def choose_drafter(
     path = os.path.join(cache_root(), "auto", auto_key(model) + tag + ".json")
     if not refresh:
         table = _cached_table(path, model, temp, B)
-        # A batch table raced another batch-1 choice than today's: measured again.
-        if table is not None and (B == 1 or [r["candidate"] for r in table] == names):
+        # A table of other candidates than today's (a batch table that raced another batch-1
+        # choice, a sampling table from before `eagle3_static` joined) is measured again.
+        measured = None if table is None else [r["candidate"] for r in table]
+        if measured is not None and (measured == names if B > 1 else set(measured) == set(names)):
             choice = _choose(table)  # this release's rule, on the cached table
-            if choice in auto_candidates(model):
+            if choice in names:
                 return choice, table
     prompts = list(auto_prompts() if prompts is None else prompts)
     if progress:

@@ -343,7 +343,7 @@ def test_auto_measures_in_two_rounds(model, tmp_path, monkeypatch, ngram, slow, 
     only plain decoding and those at least `AUTO_SCREEN` times its speed, on the rest; the choice
     is made on both rounds together, never for a screened-out candidate."""
     monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
-    monkeypatch.setattr(autotune, "auto_candidates", lambda m: ["none", "ngram", "slow"])
+    monkeypatch.setattr(autotune, "auto_candidates", lambda m, **kw: ["none", "ngram", "slow"])
     calls = []
     plain = (100.0, 100.0) if slow == 70.0 else (100.0, 50.0)
     speeds = {"none": plain, "ngram": ngram, "slow": slow}
@@ -435,7 +435,7 @@ def test_the_cached_table_is_read_by_this_releases_rule(model, tmp_path, monkeyp
     """A cached measurement is chosen from again (its `choice` field is what an older rule
     took): a rule change needs no new measurement."""
     monkeypatch.setenv("SPECJAX_CACHE", str(tmp_path))
-    monkeypatch.setattr(autotune, "auto_candidates", lambda m: ["none", "ngram", "hybrid"])
+    monkeypatch.setattr(autotune, "auto_candidates", lambda m, **kw: ["none", "ngram", "hybrid"])
     speeds = {"none": 100.0, "ngram": 108.0, "hybrid": 110.0}
     monkeypatch.setattr(autotune, "tune_tree", _fake_tune(speeds, []))
     assert autotune.choose_drafter(model, progress=False)[0] == "ngram"
@@ -444,6 +444,18 @@ def test_the_cached_table_is_read_by_this_releases_rule(model, tmp_path, monkeyp
     path.write_text(json.dumps(dict(rec, choice="hybrid")))
     monkeypatch.setattr(autotune, "tune_tree", None)  # no measuring
     assert autotune.choose_drafter(model, progress=False)[0] == "ngram"
+
+
+def test_auto_candidates_when_sampling():
+    """A model with a bundled EAGLE-3 drafter: the drawn static tree joins the candidates only
+    when sampling (greedy, its children would be top-k candidates like the sized tree's)."""
+    import types
+
+    smol = types.SimpleNamespace(name="smollm2-135m")
+    greedy = ["none", "ngram", "eagle3_tree_sized", "hybrid:ngram+eagle3_tree_sized"]
+    assert autotune.auto_candidates(smol) == greedy
+    sampled = autotune.auto_candidates(smol, temperature=0.7)
+    assert sampled == greedy[:3] + ["eagle3_static"] + greedy[3:]
 
 
 def test_auto_chooses_per_temperature(model, tmp_path, monkeypatch):
@@ -494,6 +506,13 @@ def test_auto_chooses_per_temperature(model, tmp_path, monkeypatch):
         0.7,
         1.5,
     ]
+    # A release whose sampling candidates differ (`eagle3_static` joined them in stop 60)
+    # measures a cached sampling table of other candidates again; the greedy one still holds.
+    more = lambda m, temperature=0.0: ["none", "ngram"] + (["x"] if temperature else [])  # noqa: E731
+    monkeypatch.setattr(autotune, "auto_candidates", more)
+    with pytest.raises(AssertionError, match="measured again"):
+        autotune.choose_drafter(model, progress=False, temperature=1.0)
+    assert autotune.choose_drafter(model, progress=False)[0] == "ngram"
 
 
 def test_auto_chooses_per_batch(model, tmp_path, monkeypatch):
@@ -553,7 +572,7 @@ def test_auto_chooses_per_batch(model, tmp_path, monkeypatch):
     assert autotune.choose_drafter(model, progress=False, batch=2)[0] == "ngram"
     assert len(calls) == measured + 1 and calls[-1][0] == ["none", "ngram"]
     # A batch-1 choice of plain decoding: nothing races at any batch, nothing is cached for it.
-    monkeypatch.setattr(autotune, "auto_candidates", lambda m: ["none"])
+    monkeypatch.setattr(autotune, "auto_candidates", lambda m, **kw: ["none"])
     monkeypatch.setattr(autotune, "candidates_fingerprint", lambda m: "no drafters")
     assert autotune.choose_drafter(model, progress=False)[0] == "none"
     assert autotune.choose_drafter(model, progress=False, batch=16) == ("none", [])
