@@ -27,13 +27,12 @@ from flax import struct
 from specjax.drafters.shapes import (
     DraftGate,
     GateState,
-    StaticSchedule,
+    StaticShaped,
     VerifySizing,
     chain_size,
     check_dynamic_tree,
     check_static_tree,
     grow_dynamic_tree,
-    static_tree_schedule,
 )
 from specjax.engine.protocol import (
     Draft,
@@ -419,7 +418,7 @@ class EagleTreeSpec(EagleSpec):
 
 
 @dataclasses.dataclass(frozen=True)
-class EagleStaticTreeSpec(EagleSpec):
+class EagleStaticTreeSpec(StaticShaped, EagleSpec):
     """A static tree (a Medusa / EAGLE-1 choice list, `StaticTree`) drafted by an EAGLE drafter:
     node i hangs under `parents[i]` (-1: under `last`) and every node drafts from its parent's
     output feature, depth by depth (each depth's fed nodes one block, window mask as in
@@ -466,14 +465,6 @@ class EagleStaticTreeSpec(EagleSpec):
                     f"ranks 0, 1, .. in order under every node (sampled siblings are verified "
                     f"in the order they were drawn)"
                 )
-
-    @property
-    def _schedule(self) -> StaticSchedule:
-        return static_tree_schedule(tuple(self.parents), tuple(self.rank))
-
-    @property
-    def max_accept(self) -> int:
-        return len(self._schedule[0])  # the tree depth
 
     @property
     def cache_slack(self) -> int:

@@ -23,14 +23,13 @@ import jax.numpy as jnp
 from flax import struct
 
 from specjax.drafters.shapes import (
-    StaticSchedule,
+    StaticShaped,
     VerifySizing,
     chain_size,
     check_dynamic_tree,
     check_static_tree,
     dynamic_pool_size,
     grow_dynamic_tree,
-    static_tree_schedule,
 )
 from specjax.engine.protocol import (
     Draft,
@@ -366,7 +365,7 @@ class LMTreeSpec(LMTreeBase):
 
 
 @dataclasses.dataclass(frozen=True)
-class LMStaticTreeSpec(LMTreeBase):
+class LMStaticTreeSpec(StaticShaped, LMTreeBase):
     """A static tree from an LM drafter (Medusa / EAGLE-1 style choice lists).
 
     Node i hangs under `parents[i]` (-1: under `last`) and takes the `rank[i]`-th best token
@@ -385,14 +384,6 @@ class LMStaticTreeSpec(LMTreeBase):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_static_tree(self.k, self.parents, self.rank)
-
-    @property
-    def _schedule(self) -> StaticSchedule:
-        return static_tree_schedule(tuple(self.parents), tuple(self.rank))
-
-    @property
-    def max_accept(self) -> int:
-        return len(self._schedule[0])  # the tree depth
 
     @property
     def cache_slack(self) -> int:

@@ -459,6 +459,19 @@ def static_tree_schedule(parents: tuple, rank: tuple) -> StaticSchedule:
     return tuple(exps), depth, fed_off, W
 
 
+class StaticShaped:
+    """What a drafter of a static tree derives from its `parents` and `rank` fields (LM and
+    EAGLE static trees): the depth-by-depth schedule and the longest accept (the depth)."""
+
+    @property
+    def _schedule(self) -> StaticSchedule:
+        return static_tree_schedule(tuple(self.parents), tuple(self.rank))
+
+    @property
+    def max_accept(self) -> int:
+        return len(self._schedule[0])  # the tree depth
+
+
 def grow_dynamic_tree(
     root_lp: jax.Array,
     feed: Callable[..., tuple[jax.Array, jax.Array | None, Any]],
