@@ -73,8 +73,10 @@ CASES = {  # name -> (version, draft vocab, chain k or tree[, decoder layers])
     "eagle1-tree-8": (1, None, drafters.DynamicTree(nodes=8, depth=3, top_k=3)),
     # three decoder layers (one-layer EAGLE-3 trees: tests/test_smollm2.py, bundled drafter)
     "eagle3-tree-6-3layers": (3, 80, drafters.DynamicTree(nodes=6, depth=4, top_k=2), 3),
-    # a static tree (`EagleStaticTreeSpec`): top candidates when greedy
+    # a static tree (`EagleStaticTreeSpec`): top candidates when greedy; EAGLE-3 ranks its own
+    # vocabulary and maps the winners to target ids, EAGLE-1 ranks the target's
     "eagle3-static-7": (3, 80, drafters.StaticTree(STATIC_7)),
+    "eagle1-static-7": (1, None, drafters.StaticTree(STATIC_7)),
 }
 
 
@@ -207,6 +209,7 @@ SAMPLING = {  # drafter -> (version, draft vocab, chain k or tree[, decoder laye
     # drafter's processed law (both modes: the mode changes that law): three draws under
     # `last`, two under the first, one under the second.
     "eagle3-static-sampled": (3, 12, drafters.StaticTree(SAMPLED_TREE)),
+    "eagle1-static-sampled": (1, None, drafters.StaticTree(SAMPLED_TREE)),  # target vocabulary
     "eagle1-tree": (1, None, drafters.DynamicTree(nodes=6, depth=3, top_k=2)),
     # Verify sizes 2 or 6 nodes or a plain step, chosen per step (`VerifySizing`); with 8192
     # rows a step verifies the largest size any row asks for, and the whole tree's cost here is
